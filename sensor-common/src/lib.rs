@@ -1,0 +1,370 @@
+//! Types shared by the kernel programs (`sensor-ebpf`) and the agent (`sensor-user`).
+//!
+//! Everything here is `#[repr(C)]` with explicit padding so that both sides agree on
+//! the byte layout of map keys, map values and ring-buffer events.
+#![no_std]
+
+/// Capacity of the flow table (LRU hash). Evictions of flows the agent has not yet
+/// recorded are reported as loss.
+pub const FLOW_TABLE_SIZE: u32 = 65_536;
+/// Ring buffer size in bytes (must be a power of two and a multiple of the page size).
+pub const EVENTS_RINGBUF_BYTES: u32 = 1 << 22;
+/// Most bytes of payload the kernel copies to userspace for a flow it could not
+/// classify on its own (split ClientHello, QUIC Initial).
+pub const PAYLOAD_COPY_MAX: usize = 1536;
+/// Maximum number of interfaces that can be watched at once.
+pub const MAX_WATCHED_IFACES: u32 = 64;
+/// Maximum number of local addresses of the gateway the kernel knows about.
+pub const MAX_LOCAL_ADDRS: u32 = 256;
+
+/// Address family tag stored in [`FlowKey::family`].
+pub const FAMILY_IPV4: u8 = 4;
+/// Address family tag stored in [`FlowKey::family`].
+pub const FAMILY_IPV6: u8 = 6;
+
+/// Index into [`FlowStats::packets`] and [`FlowStats::bytes`]: what the initiator sent.
+pub const DIR_FORWARD: usize = 0;
+/// Index into [`FlowStats::packets`] and [`FlowStats::bytes`]: what came back.
+pub const DIR_REVERSE: usize = 1;
+
+/// Direction-normalised five-tuple (+ outer VLAN): both directions of a flow map to
+/// the same key. The `lo` side is the numerically smaller (address, port) pair.
+///
+/// Addresses are in network byte order; IPv4 uses the first 4 bytes, the rest is zero.
+/// Ports are in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub addr_lo: [u8; 16],
+    pub addr_hi: [u8; 16],
+    pub port_lo: u16,
+    pub port_hi: u16,
+    /// Outer VLAN id, 0 when untagged.
+    pub vlan: u16,
+    /// IP protocol number (6 TCP, 17 UDP).
+    pub protocol: u8,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
+}
+
+/// TCP flag bits as they appear in the TCP header's flag byte.
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
+    pub const ACK: u8 = 0x10;
+    pub const URG: u8 = 0x20;
+    pub const ECE: u8 = 0x40;
+    pub const CWR: u8 = 0x80;
+}
+
+/// Bits of [`FlowStats::state`].
+pub mod flow_state {
+    /// The initiator sent a FIN.
+    pub const FIN_FORWARD: u8 = 0x01;
+    /// The responder sent a FIN.
+    pub const FIN_REVERSE: u8 = 0x02;
+    /// Either side sent a RST.
+    pub const RST: u8 = 0x04;
+    /// The kernel has already emitted a [`super::EVENT_FLOW_END`] for this flow.
+    pub const END_REPORTED: u8 = 0x08;
+}
+
+/// Classification progress, [`FlowStats::sni_state`].
+pub mod sni_state {
+    /// No payload seen yet.
+    pub const NONE: u8 = 0;
+    /// Payload copied to userspace; waiting for the agent to finish classification.
+    pub const PENDING: u8 = 1;
+    /// Classification is final (SNI found, or the flow is not TLS/QUIC).
+    pub const DONE: u8 = 2;
+}
+
+/// Verdicts, [`FlowStats::verdict`]. Values are part of the kernel/user ABI.
+pub mod verdict {
+    pub const UNCLASSIFIED: u8 = 0;
+    pub const AUTHORIZED: u8 = 1;
+    pub const VIOLATION: u8 = 2;
+    pub const BLOCKED: u8 = 3;
+}
+
+/// Application protocol detected on the flow, [`FlowStats::app_protocol`].
+pub mod app_protocol {
+    pub const UNKNOWN: u8 = 0;
+    pub const TLS: u8 = 1;
+    pub const QUIC: u8 = 2;
+}
+
+/// Per-flow state kept in the kernel flow table (value of the LRU hash).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    /// `bpf_ktime_get_boot_ns` of the first packet.
+    pub first_seen_ns: u64,
+    /// `bpf_ktime_get_boot_ns` of the latest packet.
+    pub last_seen_ns: u64,
+    /// Packets per direction, indexed by [`DIR_FORWARD`] / [`DIR_REVERSE`].
+    pub packets: [u64; 2],
+    /// Sum of IP total lengths per direction (IPFIX octetDeltaCount).
+    pub bytes: [u64; 2],
+    /// Hash of the lower-cased SNI (see [`sni_hash`]), 0 when unknown.
+    pub sni_hash: u64,
+    /// Interface on which the flow's first packet was observed.
+    pub ifindex: u32,
+    /// Zone of the initiator (index into the agent's zone table, 0 = none).
+    pub zone_id: u16,
+    /// AI endpoint class of the responder (0 = none).
+    pub endpoint_id: u16,
+    /// Conduit that matched (0 = none).
+    pub conduit_id: u16,
+    /// TCP flags seen, OR-ed per direction.
+    pub tcp_flags: [u8; 2],
+    /// 1 when the initiator is the `lo` side of the [`FlowKey`].
+    pub initiator_is_lo: u8,
+    /// [`flow_state`] bits.
+    pub state: u8,
+    /// [`verdict`] value.
+    pub verdict: u8,
+    /// [`sni_state`] value.
+    pub sni_state: u8,
+    /// [`app_protocol`] value.
+    pub app_protocol: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Ring-buffer event kinds ([`EventHeader::kind`]).
+pub const EVENT_FLOW_NEW: u8 = 1;
+/// The flow saw FIN from both sides or a RST.
+pub const EVENT_FLOW_END: u8 = 2;
+/// Payload the kernel could not classify on its own ([`PayloadEvent`]).
+pub const EVENT_PAYLOAD: u8 = 3;
+/// The kernel classified a flow by itself (SNI in one packet, or endpoint CIDR).
+pub const EVENT_FLOW_CLASSIFIED: u8 = 4;
+
+/// Common prefix of every ring-buffer event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventHeader {
+    /// One of the `EVENT_*` constants.
+    pub kind: u8,
+    /// [`DIR_FORWARD`] or [`DIR_REVERSE`] of the packet that caused the event.
+    pub direction: u8,
+    pub _pad: [u8; 2],
+    /// Interface the packet was observed on.
+    pub ifindex: u32,
+    /// `bpf_ktime_get_boot_ns` when the event was emitted.
+    pub ts_ns: u64,
+    pub key: FlowKey,
+}
+
+/// A flow lifecycle event (new, end, classified).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowEvent {
+    pub header: EventHeader,
+    pub stats: FlowStats,
+}
+
+/// Payload copied for userspace classification.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PayloadEvent {
+    pub header: EventHeader,
+    /// TCP sequence number of the first payload byte (host order), 0 for UDP.
+    pub tcp_seq: u32,
+    /// Bytes of payload the packet carried (may exceed `data`).
+    pub payload_len: u32,
+    /// Bytes copied into `data` (at most [`PAYLOAD_COPY_MAX`]).
+    pub copied_len: u32,
+    pub _pad: u32,
+    pub data: [u8; PAYLOAD_COPY_MAX],
+}
+
+/// Key of the local-address map: the gateway's own addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LocalAddr {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Per-CPU counters (index into the `COUNTERS` per-CPU array).
+///
+/// Every place where the kernel drops information has one; the agent turns increases
+/// into signed `loss` records and metrics.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Packets the programs were invoked on.
+    PacketsSeen = 0,
+    /// Packets accounted to a flow.
+    PacketsCounted,
+    /// Not IPv4/IPv6 (ARP, LLDP, ...): passed, not an error.
+    NonIp,
+    /// IP but neither TCP nor UDP (ICMP, ...): passed, not an error.
+    NonTcpUdp,
+    /// Frame shorter than an Ethernet header.
+    ErrEthTruncated,
+    /// VLAN tag truncated.
+    ErrVlanTruncated,
+    /// More than two VLAN tags.
+    ErrVlanTooDeep,
+    /// IPv4 header truncated.
+    ErrIpv4Truncated,
+    /// IPv4 IHL < 5 or total length inconsistent.
+    ErrIpv4BadHeader,
+    /// IPv6 header truncated.
+    ErrIpv6Truncated,
+    /// IPv6 extension header truncated.
+    ErrIpv6ExtTruncated,
+    /// More IPv6 extension headers than the bounded walk follows.
+    ErrIpv6ExtTooDeep,
+    /// TCP/UDP header truncated.
+    ErrL4Truncated,
+    /// Non-first IP fragments (no L4 header to key on).
+    IpFragment,
+    /// The ring buffer was full; an event was lost.
+    LossRingbufFull,
+    /// The flow table refused an insert.
+    LossFlowTableFull,
+    /// Egress packets skipped because the ingress program already counted them.
+    SkippedAlreadyCounted,
+    /// Ingress packets to a gateway-local address, handed to the egress program.
+    HandedOffLocal,
+    /// Payload longer than [`PAYLOAD_COPY_MAX`]; the copy was truncated.
+    LossPayloadTruncated,
+    /// Packets dropped by enforcement (`block` verdict).
+    PacketsDropped,
+}
+
+impl Counter {
+    /// Number of counters (size of the per-CPU array).
+    pub const COUNT: u32 = Counter::PacketsDropped as u32 + 1;
+
+    /// Every counter in index order.
+    pub const ALL: [Counter; Counter::COUNT as usize] = [
+        Counter::PacketsSeen,
+        Counter::PacketsCounted,
+        Counter::NonIp,
+        Counter::NonTcpUdp,
+        Counter::ErrEthTruncated,
+        Counter::ErrVlanTruncated,
+        Counter::ErrVlanTooDeep,
+        Counter::ErrIpv4Truncated,
+        Counter::ErrIpv4BadHeader,
+        Counter::ErrIpv6Truncated,
+        Counter::ErrIpv6ExtTruncated,
+        Counter::ErrIpv6ExtTooDeep,
+        Counter::ErrL4Truncated,
+        Counter::IpFragment,
+        Counter::LossRingbufFull,
+        Counter::LossFlowTableFull,
+        Counter::SkippedAlreadyCounted,
+        Counter::HandedOffLocal,
+        Counter::LossPayloadTruncated,
+        Counter::PacketsDropped,
+    ];
+
+    /// Stable snake_case name used in metrics and `loss` records.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::PacketsSeen => "packets_seen",
+            Counter::PacketsCounted => "packets_counted",
+            Counter::NonIp => "non_ip",
+            Counter::NonTcpUdp => "non_tcp_udp",
+            Counter::ErrEthTruncated => "eth_truncated",
+            Counter::ErrVlanTruncated => "vlan_truncated",
+            Counter::ErrVlanTooDeep => "vlan_too_deep",
+            Counter::ErrIpv4Truncated => "ipv4_truncated",
+            Counter::ErrIpv4BadHeader => "ipv4_bad_header",
+            Counter::ErrIpv6Truncated => "ipv6_truncated",
+            Counter::ErrIpv6ExtTruncated => "ipv6_ext_truncated",
+            Counter::ErrIpv6ExtTooDeep => "ipv6_ext_too_deep",
+            Counter::ErrL4Truncated => "l4_truncated",
+            Counter::IpFragment => "ip_fragment",
+            Counter::LossRingbufFull => "ringbuf_full",
+            Counter::LossFlowTableFull => "flow_table_full",
+            Counter::SkippedAlreadyCounted => "skipped_already_counted",
+            Counter::HandedOffLocal => "handed_off_local",
+            Counter::LossPayloadTruncated => "payload_truncated",
+            Counter::PacketsDropped => "packets_dropped",
+        }
+    }
+
+    /// Whether an increase of this counter means information was lost and must
+    /// become a `loss` record (as opposed to plain traffic statistics).
+    pub const fn is_loss(self) -> bool {
+        matches!(
+            self,
+            Counter::LossRingbufFull | Counter::LossFlowTableFull | Counter::LossPayloadTruncated
+        )
+    }
+
+    /// Whether this counter counts a packet the parser could not handle.
+    pub const fn is_parse_error(self) -> bool {
+        matches!(
+            self,
+            Counter::ErrEthTruncated
+                | Counter::ErrVlanTruncated
+                | Counter::ErrVlanTooDeep
+                | Counter::ErrIpv4Truncated
+                | Counter::ErrIpv4BadHeader
+                | Counter::ErrIpv6Truncated
+                | Counter::ErrIpv6ExtTruncated
+                | Counter::ErrIpv6ExtTooDeep
+                | Counter::ErrL4Truncated
+        )
+    }
+}
+
+/// FNV-1a 64 over the SNI, lower-cased, without a trailing dot. The kernel and the
+/// agent must hash names identically, so this is the one definition both use.
+pub const fn sni_hash(name: &[u8]) -> u64 {
+    let mut len = name.len();
+    if len > 0 && name[len - 1] == b'.' {
+        len -= 1;
+    }
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < len {
+        let b = name[i].to_ascii_lowercase();
+        hash ^= b as u64;
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        i += 1;
+    }
+    hash
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], contain only integers and byte arrays, and
+    // have no implicit padding (explicit `_pad` fields fill every gap).
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowStats {}
+    unsafe impl aya::Pod for super::LocalAddr {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 2 + 1 + 1);
+        assert_eq!(core::mem::size_of::<FlowStats>(), 8 * 7 + 4 + 2 * 3 + 2 + 5 + 7);
+        assert_eq!(core::mem::size_of::<EventHeader>(), 4 + 4 + 8 + 40);
+        assert_eq!(core::mem::size_of::<LocalAddr>(), 20);
+    }
+
+    #[test]
+    fn sni_hash_ignores_case_and_trailing_dot() {
+        assert_eq!(sni_hash(b"API.OpenAI.com."), sni_hash(b"api.openai.com"));
+        assert_ne!(sni_hash(b"api.openai.com"), sni_hash(b"api.openai.co"));
+        assert_eq!(Counter::ALL.len(), Counter::COUNT as usize);
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+    }
+}

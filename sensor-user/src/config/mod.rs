@@ -1,0 +1,1 @@
+//! Configuration: sensor.yaml (operations) and conduits.yaml (network team).

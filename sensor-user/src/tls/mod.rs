@@ -1,0 +1,1 @@
+//! TLS ClientHello and QUIC Initial parsing, reassembly, JA4.
