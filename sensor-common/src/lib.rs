@@ -319,22 +319,33 @@ impl Counter {
     }
 }
 
-/// FNV-1a 64 over the SNI, lower-cased, without a trailing dot. The kernel and the
-/// agent must hash names identically, so this is the one definition both use.
+/// FNV-1a 64 over the name's bytes **from last to first**, lower-cased, ignoring one
+/// trailing dot. The kernel and the agent must hash names identically, so this is the
+/// one definition both use.
+///
+/// Hashing from the right lets the kernel match `*.suffix` patterns in one pass over
+/// the SNI: walking right to left, each time it has just hashed a `.`, the running
+/// hash equals `sni_hash(".suffix")` of the suffix starting at that dot.
 pub const fn sni_hash(name: &[u8]) -> u64 {
     let mut len = name.len();
     if len > 0 && name[len - 1] == b'.' {
         len -= 1;
     }
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut i = 0;
-    while i < len {
-        let b = name[i].to_ascii_lowercase();
-        hash ^= b as u64;
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        i += 1;
+    let mut hash = SNI_HASH_INIT;
+    while len > 0 {
+        len -= 1;
+        hash = sni_hash_step(hash, name[len]);
     }
     hash
+}
+
+/// Initial value of [`sni_hash`] (FNV-1a 64 offset basis).
+pub const SNI_HASH_INIT: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// One step of [`sni_hash`]: folds in one byte (lower-cased).
+#[inline(always)]
+pub const fn sni_hash_step(hash: u64, byte: u8) -> u64 {
+    (hash ^ byte.to_ascii_lowercase() as u64).wrapping_mul(0x0000_0100_0000_01b3)
 }
 
 #[cfg(feature = "user")]
@@ -362,6 +373,15 @@ mod tests {
     fn sni_hash_ignores_case_and_trailing_dot() {
         assert_eq!(sni_hash(b"API.OpenAI.com."), sni_hash(b"api.openai.com"));
         assert_ne!(sni_hash(b"api.openai.com"), sni_hash(b"api.openai.co"));
+        // A right-to-left walk of "x.openai.com" passes through the hash of ".openai.com".
+        let name = b"x.openai.com";
+        let mut h = SNI_HASH_INIT;
+        let mut seen = false;
+        for &b in name.iter().rev() {
+            h = sni_hash_step(h, b);
+            seen |= b == b'.' && h == sni_hash(b".openai.com");
+        }
+        assert!(seen);
         assert_eq!(Counter::ALL.len(), Counter::COUNT as usize);
         for (i, c) in Counter::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i);
