@@ -364,7 +364,10 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 2 + 1 + 1);
-        assert_eq!(core::mem::size_of::<FlowStats>(), 8 * 7 + 4 + 2 * 3 + 2 + 5 + 7);
+        assert_eq!(
+            core::mem::size_of::<FlowStats>(),
+            8 * 7 + 4 + 2 * 3 + 2 + 5 + 7
+        );
         assert_eq!(core::mem::size_of::<EventHeader>(), 4 + 4 + 8 + 40);
         assert_eq!(core::mem::size_of::<LocalAddr>(), 20);
     }

@@ -1,1 +1,462 @@
-//! TODO(skeleton): filled in by its owner.
+//! Flow lifecycle: turns kernel flow-table snapshots and events into `flow_start`,
+//! `flow_update` and `flow_end` decisions, with IPFIX end reasons.
+//!
+//! Pure logic over `(FlowKey, FlowStats)` snapshots, so it is tested without a kernel.
+//! Times are `CLOCK_BOOTTIME` nanoseconds, the kernel's `bpf_ktime_get_boot_ns`.
+
+use std::{collections::HashMap, time::Duration};
+
+use conduit_proto::v1::{FlowEndReason, RecordKind, Verdict};
+use sensor_common::{FlowKey, FlowStats, flow_state};
+
+/// Timeouts and recording scope.
+#[derive(Clone, Debug)]
+pub struct TrackerOptions {
+    /// A flow with no packet for this long ends (`idle`).
+    pub idle_timeout: Duration,
+    /// A long flow gets a `flow_update` this often (IPFIX active timeout).
+    pub active_timeout: Duration,
+    /// After FIN from both sides or a RST, wait this long for the last ACKs before
+    /// the `flow_end` (so its totals include them).
+    pub end_grace: Duration,
+    /// Record flows that match no AI endpoint too.
+    pub record_all: bool,
+}
+
+impl Default for TrackerOptions {
+    fn default() -> Self {
+        TrackerOptions {
+            idle_timeout: Duration::from_secs(30),
+            active_timeout: Duration::from_secs(60),
+            end_grace: Duration::from_secs(2),
+            record_all: false,
+        }
+    }
+}
+
+/// What is known about a flow's application and policy.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Classification {
+    pub app_protocol: Option<String>,
+    pub server_name: Option<String>,
+    pub ja4: Option<String>,
+    pub tls_version: Option<String>,
+    pub alpn: Vec<String>,
+    pub ech: bool,
+    pub zone: Option<String>,
+    pub endpoint: Option<String>,
+    pub conduit_id: Option<String>,
+    pub verdict: Verdict,
+    pub policy_hash: Vec<u8>,
+}
+
+impl Classification {
+    /// Whether the flow goes to an AI endpoint (anything but unclassified).
+    pub fn is_ai(&self) -> bool {
+        !matches!(self.verdict, Verdict::Unspecified | Verdict::Unclassified)
+    }
+}
+
+/// A flow record to write.
+#[derive(Clone, Debug)]
+pub struct FlowOut {
+    pub kind: RecordKind,
+    pub flow_id: u64,
+    pub key: FlowKey,
+    pub stats: FlowStats,
+    pub class: Classification,
+    pub end_reason: FlowEndReason,
+}
+
+/// Result of a sweep over the kernel flow table.
+#[derive(Debug, Default)]
+pub struct Sweep {
+    /// Records to write, in order.
+    pub out: Vec<FlowOut>,
+    /// Kernel entries the agent must delete (ended flows).
+    pub remove: Vec<FlowKey>,
+    /// Recorded flows that vanished from the kernel table before they ended
+    /// (LRU eviction): their last packets are lost.
+    pub evicted: u64,
+    /// Flows that ended without ever being recorded (not AI traffic).
+    pub unrecorded_ended: u64,
+}
+
+#[derive(Debug)]
+struct Tracked {
+    flow_id: u64,
+    recorded: bool,
+    /// Seen in at least one table snapshot (so absence later means eviction).
+    in_table: bool,
+    last_report_ns: u64,
+    end_since_ns: Option<u64>,
+    stats: FlowStats,
+    class: Classification,
+}
+
+/// The agent's view of live flows.
+#[derive(Debug)]
+pub struct FlowTracker {
+    opts: TrackerOptions,
+    /// With no conduit map every flow is recorded (foundation behaviour).
+    policy_loaded: bool,
+    flows: HashMap<FlowKey, Tracked>,
+    next_flow_id: u64,
+}
+
+impl FlowTracker {
+    pub fn new(opts: TrackerOptions, policy_loaded: bool) -> Self {
+        FlowTracker {
+            opts,
+            policy_loaded,
+            flows: HashMap::new(),
+            // Flow ids are unique per agent run; the chain position makes records unique.
+            next_flow_id: 1,
+        }
+    }
+
+    pub fn set_policy_loaded(&mut self, loaded: bool) {
+        self.policy_loaded = loaded;
+    }
+
+    /// Number of live flows.
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
+    fn recordable(&self, class: &Classification) -> bool {
+        !self.policy_loaded || self.opts.record_all || class.is_ai()
+    }
+
+    fn track(&mut self, key: FlowKey, stats: FlowStats, now_ns: u64) -> &mut Tracked {
+        let next_id = &mut self.next_flow_id;
+        self.flows.entry(key).or_insert_with(|| {
+            let flow_id = *next_id;
+            *next_id += 1;
+            Tracked {
+                flow_id,
+                recorded: false,
+                in_table: false,
+                last_report_ns: now_ns,
+                end_since_ns: None,
+                stats,
+                class: Classification::default(),
+            }
+        })
+    }
+
+    /// A new flow reported by the kernel. Returns its `flow_start` if it is recorded
+    /// right away (no conduit map, or `--record-all`).
+    pub fn on_new(&mut self, key: FlowKey, stats: FlowStats, now_ns: u64) -> Option<FlowOut> {
+        let recordable = self.recordable(&Classification::default());
+        let t = self.track(key, stats, now_ns);
+        if t.recorded || !recordable {
+            return None;
+        }
+        Some(start(t, key))
+    }
+
+    /// Classification finished (kernel or agent). Returns the `flow_start` if this
+    /// makes the flow recordable, so a violation is visible at once.
+    pub fn on_classified(
+        &mut self,
+        key: FlowKey,
+        stats: FlowStats,
+        class: Classification,
+        now_ns: u64,
+    ) -> Option<FlowOut> {
+        let recordable = self.recordable(&class);
+        let t = self.track(key, stats, now_ns);
+        t.class = class;
+        merge_stats(&mut t.stats, &stats);
+        if t.recorded || !recordable {
+            return None;
+        }
+        Some(start(t, key))
+    }
+
+    /// Current classification of a flow, if tracked.
+    pub fn classification(&self, key: &FlowKey) -> Option<&Classification> {
+        self.flows.get(key).map(|t| &t.class)
+    }
+
+    /// Walks a snapshot of the kernel table taken at `now_ns`.
+    ///
+    /// `kernel_class` turns a kernel-side classification (ids in [`FlowStats`]) into
+    /// names, for flows the agent has no classification of its own for.
+    pub fn sweep(
+        &mut self,
+        now_ns: u64,
+        entries: &[(FlowKey, FlowStats)],
+        kernel_class: &dyn Fn(&FlowKey, &FlowStats) -> Option<Classification>,
+    ) -> Sweep {
+        let mut sweep = Sweep::default();
+        let idle = nanos(self.opts.idle_timeout);
+        let active = nanos(self.opts.active_timeout);
+        let grace = nanos(self.opts.end_grace);
+        let mut present = std::collections::HashSet::with_capacity(entries.len());
+
+        for (key, stats) in entries {
+            present.insert(*key);
+            let policy_loaded = self.policy_loaded;
+            let record_all = self.opts.record_all;
+            let t = self.track(*key, *stats, now_ns);
+            t.in_table = true;
+            merge_stats(&mut t.stats, stats);
+            if !t.class.is_ai()
+                && let Some(class) = kernel_class(key, stats)
+            {
+                t.class = class;
+            }
+            let recordable = !policy_loaded || record_all || t.class.is_ai();
+            if !t.recorded && recordable {
+                sweep.out.push(start(t, *key));
+            }
+
+            let ended = stats.state & (flow_state::RST) != 0
+                || stats.state & (flow_state::FIN_FORWARD | flow_state::FIN_REVERSE)
+                    == (flow_state::FIN_FORWARD | flow_state::FIN_REVERSE);
+            let reason = if ended {
+                let since = *t.end_since_ns.get_or_insert(now_ns);
+                (now_ns.saturating_sub(since) >= grace).then_some(FlowEndReason::EndOfFlow)
+            } else if now_ns.saturating_sub(stats.last_seen_ns) >= idle {
+                Some(FlowEndReason::IdleTimeout)
+            } else {
+                None
+            };
+
+            if let Some(reason) = reason {
+                sweep.remove.push(*key);
+                if let Some(t) = self.flows.remove(key) {
+                    if t.recorded {
+                        sweep.out.push(out(&t, *key, RecordKind::FlowEnd, reason));
+                    } else {
+                        sweep.unrecorded_ended += 1;
+                    }
+                }
+            } else if t.recorded && now_ns.saturating_sub(t.last_report_ns) >= active {
+                t.last_report_ns = now_ns;
+                sweep.out.push(out(
+                    t,
+                    *key,
+                    RecordKind::FlowUpdate,
+                    FlowEndReason::Unspecified,
+                ));
+            }
+        }
+
+        // Flows that were in the table before and are gone: the LRU evicted them.
+        let gone: Vec<FlowKey> = self
+            .flows
+            .iter()
+            .filter(|(k, t)| t.in_table && !present.contains(*k))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in gone {
+            if let Some(t) = self.flows.remove(&key) {
+                if t.recorded {
+                    sweep.evicted += 1;
+                    sweep.out.push(out(
+                        &t,
+                        key,
+                        RecordKind::FlowEnd,
+                        FlowEndReason::LackOfResources,
+                    ));
+                } else {
+                    sweep.unrecorded_ended += 1;
+                }
+            }
+        }
+        sweep
+    }
+
+    /// Ends every recorded flow (`forced`), e.g. on shutdown, with the totals of the
+    /// final snapshot.
+    pub fn drain(&mut self, entries: &[(FlowKey, FlowStats)]) -> Vec<FlowOut> {
+        for (key, stats) in entries {
+            if let Some(t) = self.flows.get_mut(key) {
+                merge_stats(&mut t.stats, stats);
+            }
+        }
+        let mut flows: Vec<(FlowKey, Tracked)> = self.flows.drain().collect();
+        flows.sort_by_key(|(_, t)| t.flow_id);
+        flows
+            .into_iter()
+            .filter(|(_, t)| t.recorded)
+            .map(|(key, t)| out(&t, key, RecordKind::FlowEnd, FlowEndReason::ForcedEnd))
+            .collect()
+    }
+}
+
+fn start(t: &mut Tracked, key: FlowKey) -> FlowOut {
+    t.recorded = true;
+    out(t, key, RecordKind::FlowStart, FlowEndReason::Unspecified)
+}
+
+fn out(t: &Tracked, key: FlowKey, kind: RecordKind, end_reason: FlowEndReason) -> FlowOut {
+    FlowOut {
+        kind,
+        flow_id: t.flow_id,
+        key,
+        stats: t.stats,
+        class: t.class.clone(),
+        end_reason,
+    }
+}
+
+/// Counters only grow; a snapshot read while packets arrive may be older than the
+/// one already held, so keep the larger of each.
+fn merge_stats(held: &mut FlowStats, new: &FlowStats) {
+    let older = *held;
+    *held = *new;
+    for d in 0..2 {
+        held.packets[d] = older.packets[d].max(new.packets[d]);
+        held.bytes[d] = older.bytes[d].max(new.bytes[d]);
+        held.tcp_flags[d] = older.tcp_flags[d] | new.tcp_flags[d];
+    }
+    held.last_seen_ns = older.last_seen_ns.max(new.last_seen_ns);
+    held.state |= older.state;
+    if held.first_seen_ns == 0 {
+        held.first_seen_ns = older.first_seen_ns;
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn key(port: u16) -> FlowKey {
+        FlowKey {
+            addr_lo: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            addr_hi: [10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            port_lo: port,
+            port_hi: 443,
+            vlan: 0,
+            protocol: 6,
+            family: 4,
+        }
+    }
+
+    fn stats(last_seen: u64, packets: u64, state: u8) -> FlowStats {
+        FlowStats {
+            first_seen_ns: S,
+            last_seen_ns: last_seen,
+            packets: [packets, packets],
+            bytes: [packets * 60, packets * 60],
+            ..FlowStats::default()
+        }
+        .with_state(state)
+    }
+
+    trait WithState {
+        fn with_state(self, state: u8) -> Self;
+    }
+    impl WithState for FlowStats {
+        fn with_state(mut self, state: u8) -> Self {
+            self.state = state;
+            self
+        }
+    }
+
+    fn none(_: &FlowKey, _: &FlowStats) -> Option<Classification> {
+        None
+    }
+
+    fn opts() -> TrackerOptions {
+        TrackerOptions {
+            idle_timeout: Duration::from_secs(10),
+            active_timeout: Duration::from_secs(60),
+            end_grace: Duration::from_secs(2),
+            record_all: false,
+        }
+    }
+
+    #[test]
+    fn without_policy_every_flow_starts_updates_and_ends_idle() {
+        let mut tr = FlowTracker::new(opts(), false);
+        let start = tr.on_new(key(1), stats(S, 1, 0), S);
+        assert_eq!(start.map(|o| o.kind), Some(RecordKind::FlowStart));
+
+        let sw = tr.sweep(5 * S, &[(key(1), stats(4 * S, 3, 0))], &none);
+        assert!(sw.out.is_empty() && sw.remove.is_empty());
+
+        let sw = tr.sweep(62 * S, &[(key(1), stats(61 * S, 9, 0))], &none);
+        assert_eq!(sw.out.len(), 1);
+        assert_eq!(sw.out[0].kind, RecordKind::FlowUpdate);
+        assert_eq!(sw.out[0].stats.packets, [9, 9]);
+
+        let sw = tr.sweep(72 * S, &[(key(1), stats(61 * S, 9, 0))], &none);
+        assert_eq!(sw.out[0].kind, RecordKind::FlowEnd);
+        assert_eq!(sw.out[0].end_reason, FlowEndReason::IdleTimeout);
+        assert_eq!(sw.remove, vec![key(1)]);
+        assert!(tr.is_empty());
+    }
+
+    #[test]
+    fn fin_from_both_sides_ends_after_grace() {
+        let mut tr = FlowTracker::new(opts(), false);
+        tr.on_new(key(2), stats(S, 1, 0), S);
+        let fin = flow_state::FIN_FORWARD | flow_state::FIN_REVERSE;
+        assert!(
+            tr.sweep(3 * S, &[(key(2), stats(3 * S, 5, fin))], &none)
+                .out
+                .is_empty()
+        );
+        let sw = tr.sweep(5 * S, &[(key(2), stats(3 * S, 6, fin))], &none);
+        assert_eq!(sw.out[0].end_reason, FlowEndReason::EndOfFlow);
+        assert_eq!(sw.out[0].stats.packets, [6, 6]);
+    }
+
+    #[test]
+    fn with_policy_only_ai_flows_are_recorded() {
+        let mut tr = FlowTracker::new(opts(), true);
+        assert!(tr.on_new(key(3), stats(S, 1, 0), S).is_none());
+        let class = Classification {
+            verdict: Verdict::Violation,
+            server_name: Some("api.openai.com".into()),
+            ..Classification::default()
+        };
+        let start = tr.on_classified(key(3), stats(S, 2, 0), class, S);
+        assert_eq!(start.map(|o| o.class.verdict), Some(Verdict::Violation));
+        // Unclassified flow ends unrecorded.
+        tr.on_new(key(4), stats(S, 1, 0), S);
+        let sw = tr.sweep(
+            20 * S,
+            &[(key(3), stats(19 * S, 2, 0)), (key(4), stats(S, 1, 0))],
+            &none,
+        );
+        assert_eq!(sw.unrecorded_ended, 1);
+        assert!(sw.out.is_empty());
+    }
+
+    #[test]
+    fn vanished_recorded_flow_is_an_eviction() {
+        let mut tr = FlowTracker::new(opts(), false);
+        tr.on_new(key(5), stats(S, 1, 0), S);
+        tr.sweep(2 * S, &[(key(5), stats(2 * S, 4, 0))], &none);
+        let sw = tr.sweep(3 * S, &[], &none);
+        assert_eq!(sw.evicted, 1);
+        assert_eq!(sw.out[0].end_reason, FlowEndReason::LackOfResources);
+        assert_eq!(sw.out[0].stats.packets, [4, 4]);
+    }
+
+    #[test]
+    fn drain_forces_end_with_final_totals() {
+        let mut tr = FlowTracker::new(opts(), false);
+        tr.on_new(key(6), stats(S, 1, 0), S);
+        let out = tr.drain(&[(key(6), stats(2 * S, 7, 0))]);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].end_reason, FlowEndReason::ForcedEnd);
+        assert_eq!(out[0].stats.packets, [7, 7]);
+    }
+}

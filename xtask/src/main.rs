@@ -1,0 +1,328 @@
+//! `cargo xtask`: the project's automation. `setup` installs everything a fresh
+//! Debian 12 machine lacks; `test`, `demo` and `bench` run setup first, so each of the
+//! README's two commands works on a fresh machine.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Conduit Sensor project automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what a fresh machine lacks (Debian packages, LLVM 22, bpf-linker,
+    /// nightly rust-src, Python tools). Idempotent; seconds when all is there.
+    Setup,
+    /// Build release binaries.
+    Build,
+    /// Setup, then every check and test: fmt, clippy, unit, kernel (BPF_PROG_TEST_RUN)
+    /// and end-to-end tests in network namespaces.
+    Test {
+        /// Skip fmt and clippy.
+        #[arg(long)]
+        no_lint: bool,
+    },
+    /// Setup, then the demo: a lab of namespaces with OT hosts, a gateway running the
+    /// sensor, fake AI endpoints; prints the flow records; leaves nothing behind.
+    Demo,
+    /// Setup, then every benchmark, each printed next to its baseline.
+    Bench,
+}
+
+/// Debian packages the build, the tests and the demo use.
+const DEBIAN_PACKAGES: &[&str] = &[
+    // Building: bpf-linker against LLVM 22, protobuf for prost-build.
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "protobuf-compiler",
+    "pkg-config",
+    // The lab: namespaces, veth, offload settings, NAT, counters.
+    "iproute2",
+    "ethtool",
+    "iptables",
+    "nftables",
+    "tcpdump",
+    // Real clients and servers.
+    "curl",
+    "openssl",
+    "nginx-light",
+    "socat",
+    "chromium",
+    "rsyslog",
+    "rsyslog-gnutls",
+    "nats-server",
+];
+
+/// Python packages the tests use as real peers (aioquic: QUIC client and server).
+const PYTHON_PACKAGES: &[(&str, &str)] = &[("aioquic", "aioquic"), ("scapy", "scapy")];
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Setup => setup(),
+        Cmd::Build => build_release(),
+        Cmd::Test { no_lint } => setup().and_then(|()| test(!no_lint)),
+        Cmd::Demo => setup().and_then(|()| demo()),
+        Cmd::Bench => setup().and_then(|()| bench()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn step(msg: &str) {
+    println!("==> {msg}");
+}
+
+/// Runs a command, echoing it, failing on a non-zero exit.
+fn run(cmd: &mut Command) -> Result<()> {
+    println!("    $ {}", display(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {}", display(cmd)))?;
+    if !status.success() {
+        bail!("{} failed with {status}", display(cmd));
+    }
+    Ok(())
+}
+
+/// Runs a command quietly and says whether it succeeded.
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn display(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for arg in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&arg.to_string_lossy());
+    }
+    s
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+fn setup() -> Result<()> {
+    let started = Instant::now();
+    if !nix_is_root() {
+        bail!("setup installs packages and the tests create network namespaces: run as root");
+    }
+    step("Debian packages");
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| !debian_package_installed(pkg))
+        .collect();
+    if missing.is_empty() {
+        println!("    all {} present", DEBIAN_PACKAGES.len());
+    } else {
+        println!("    missing: {}", missing.join(" "));
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    // The lab starts its own nginx/rsyslog/nats processes; the distribution's
+    // services are not needed and would hold the ports.
+    for service in ["nginx", "rsyslog", "nats-server"] {
+        let _ = Command::new("systemctl")
+            .args(["disable", "--now", "--quiet", service])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+
+    step("Rust nightly with rust-src (the eBPF crate is built with -Z build-std=core)");
+    let has_rust_src = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("rust-src"));
+    if has_rust_src {
+        println!("    present");
+    } else {
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
+    }
+
+    step("bpf-linker built against LLVM 22");
+    if succeeds(Command::new("bpf-linker").arg("--version")) {
+        println!("    present");
+    } else {
+        let path = format!(
+            "/usr/lib/llvm-22/bin:{}",
+            std::env::var("PATH").unwrap_or_default()
+        );
+        run(cargo()
+            .args([
+                "install",
+                "--locked",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+            .env("PATH", path))?;
+    }
+
+    step("Python packages (real QUIC peers)");
+    for (module, package) in PYTHON_PACKAGES {
+        if succeeds(Command::new("python3").args(["-c", &format!("import {module}")])) {
+            println!("    {package} present");
+        } else {
+            run(Command::new("python3").args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                package,
+            ]))?;
+        }
+    }
+
+    step("Kernel");
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        println!("    warning: no BTF at /sys/kernel/btf/vmlinux; `conduit-sensor probe` explains");
+    } else {
+        println!("    BTF present");
+    }
+    println!("==> setup done in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+fn debian_package_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+fn build_release() -> Result<()> {
+    step("Release build");
+    run(cargo().args(["build", "--release", "--workspace", "--bins"]))
+}
+
+fn test(lint: bool) -> Result<()> {
+    remove_stale_labs();
+    if lint {
+        step("cargo fmt --check");
+        run(cargo().args(["fmt", "--all", "--check"]))?;
+        step("cargo clippy --all-targets -- -D warnings");
+        run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
+    step("Unit and kernel-program tests (BPF_PROG_TEST_RUN)");
+    run(cargo().args(["test", "--workspace", "--exclude", "conduit-tests"]))?;
+    step("End-to-end tests (network namespaces, real clients and servers)");
+    // The binaries under test are the release ones the demo uses.
+    build_release()?;
+    let result = run(cargo().args([
+        "test",
+        "--release",
+        "-p",
+        "conduit-tests",
+        "--",
+        "--test-threads=1",
+    ]));
+    remove_stale_labs();
+    result
+}
+
+fn demo() -> Result<()> {
+    build_release()?;
+    remove_stale_labs();
+    step("Demo");
+    let result = run(cargo().args(["run", "--release", "-p", "conduit-tests", "--bin", "demo"]));
+    remove_stale_labs();
+    result
+}
+
+fn bench() -> Result<()> {
+    for example in ["bench_kernel", "bench_chain", "bench_tls"] {
+        step(example);
+        run(cargo().args([
+            "run",
+            "--release",
+            "-p",
+            "sensor-user",
+            "--example",
+            example,
+        ]))?;
+    }
+    Ok(())
+}
+
+/// Namespaces left by a lab whose process died (killed test, power loss). Labs name
+/// their namespaces `cs<pid>-...`; a namespace whose pid is gone is stale.
+fn remove_stale_labs() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(pid) = name
+            .strip_prefix("cs")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            println!("    removing stale namespace {name}");
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+}
