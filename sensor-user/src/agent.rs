@@ -1,0 +1,518 @@
+//! `conduit-sensor run`: one event loop that owns the kernel programs, the flow
+//! tracker, the classifier and the recorder, so no state is shared behind locks.
+//!
+//! Inputs: ring-buffer events (new flows, payload to classify), a periodic sweep of
+//! the kernel flow table (updates, ends, evictions, loss counters), timers for
+//! checkpoints and group commit, and signals (SIGHUP reload, SIGTERM/SIGINT drain).
+
+use std::{
+    collections::HashMap,
+    fs::{File, OpenOptions},
+    io::{BufWriter, Write as _},
+    net::IpAddr,
+    path::PathBuf,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context as _, Result};
+use conduit_proto::v1::{Loss, PolicyChange, Record, RecordKind, Verdict, record::Body};
+use sensor_common::{Counter, FlowKey, FlowStats, app_protocol, sni_state, verdict};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::{
+    chain::{Appended, Recorder, RecorderOptions},
+    config::{self, AppProto, ConduitMap},
+    flows::{Classification, FlowOut, FlowTracker, TrackerOptions},
+    kernel::{Kernel, KernelEvent},
+    metrics::Metrics,
+    record::{BootClock, ChainPosition, ecs_json, endpoints, flow_record},
+    tls::{
+        client_hello::ClientHelloInfo,
+        quic::QuicInitialTable,
+        reassembly::{Push, ReassemblyTable},
+    },
+};
+
+/// Everything `run` needs, after sensor.yaml and the flags are merged.
+#[derive(Clone, Debug)]
+pub struct AgentSettings {
+    pub sensor_id: String,
+    pub ifaces: Vec<String>,
+    pub conduits: Option<PathBuf>,
+    pub recorder: RecorderOptions,
+    pub jsonl: Option<PathBuf>,
+    pub tracker: TrackerOptions,
+    pub enforcement: bool,
+    pub metrics: Option<std::net::SocketAddr>,
+    pub xdp_generic: bool,
+    pub collector: Option<String>,
+}
+
+/// How often the kernel flow table is swept.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the recorder gets a tick (timed checkpoints, group commit).
+const RECORDER_TICK: Duration = Duration::from_millis(100);
+
+struct Agent {
+    settings: AgentSettings,
+    kernel: Kernel,
+    tracker: FlowTracker,
+    recorder: Recorder,
+    jsonl: Option<BufWriter<File>>,
+    policy: Option<ConduitMap>,
+    metrics: Arc<Metrics>,
+    tcp_hellos: ReassemblyTable<FlowKey>,
+    quic_hellos: QuicInitialTable<FlowKey>,
+    /// Kernel counter values already reported, to report only increases as loss.
+    reported_counters: [u64; Counter::COUNT as usize],
+    ifnames: HashMap<u32, String>,
+    site: String,
+}
+
+/// Runs the agent until SIGTERM/SIGINT; returns after a clean drain.
+pub async fn run(settings: AgentSettings) -> Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    if let Some(addr) = settings.metrics {
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(err) = crate::metrics::serve(addr, m).await {
+                tracing::error!(%addr, "metrics server: {err}");
+            }
+        });
+    }
+    if let Some(url) = &settings.collector {
+        tracing::warn!(%url, "collector streaming is not available in this build; records stay in the spool");
+    }
+
+    let policy = match &settings.conduits {
+        Some(path) => {
+            let map = ConduitMap::load(path, None).map_err(ConfigExit)?;
+            tracing::info!(path = %path.display(), policy_hash = %hex::encode(map.policy_hash()), zones = map.zones.len(), endpoints = map.endpoints.len(), conduits = map.conduits.len(), "conduit map loaded");
+            Some(map)
+        }
+        None => {
+            tracing::warn!("no conduit map: every flow is recorded");
+            None
+        }
+    };
+
+    let (recorder, opened) = Recorder::open(settings.recorder.clone())
+        .with_context(|| format!("opening the spool in {}", settings.recorder.spool_dir.display()))?;
+    tracing::info!(public_key = %hex::encode(recorder.public_key()), spool = %settings.recorder.spool_dir.display(), "recorder ready");
+
+    let mut kernel = Kernel::load(crate::kernel::LoadOptions {
+        enforcement: settings.enforcement,
+        ..Default::default()
+    })
+    .context("loading the kernel programs (needs CAP_BPF and CAP_NET_ADMIN)")?;
+    let mut ifnames = HashMap::new();
+    for iface in &settings.ifaces {
+        let info = kernel
+            .attach(iface, settings.xdp_generic)
+            .with_context(|| format!("attaching to {iface}"))?;
+        tracing::info!(iface, mode = ?info.xdp_mode, "attached");
+        ifnames.insert(info.ifindex, iface.clone());
+    }
+    kernel.set_local_addrs(&local_addresses()).context("local addresses")?;
+
+    let jsonl = match &settings.jsonl {
+        Some(path) => Some(BufWriter::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?,
+        )),
+        None => None,
+    };
+
+    let site = policy.as_ref().map(|p| p.site.clone()).unwrap_or_default();
+    let mut agent = Agent {
+        tracker: FlowTracker::new(settings.tracker.clone(), policy.is_some()),
+        settings,
+        kernel,
+        recorder,
+        jsonl,
+        policy: None,
+        metrics: metrics.clone(),
+        tcp_hellos: ReassemblyTable::new(),
+        quic_hellos: QuicInitialTable::new(),
+        reported_counters: [0; Counter::COUNT as usize],
+        ifnames,
+        site,
+    };
+    agent.emit_appended(opened)?;
+    if let Some(map) = policy {
+        agent.install_policy(map, "startup")?;
+    }
+    metrics.ready.store(true, Ordering::Relaxed);
+    tracing::info!("sensor running");
+    agent.event_loop().await?;
+    tracing::info!("sensor stopped");
+    Ok(())
+}
+
+/// A configuration error: `main` exits 64 for it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigExit(pub config::ConfigError);
+
+impl Agent {
+    async fn event_loop(&mut self) -> Result<()> {
+        let mut events = AsyncFd::new(self.kernel.take_events()?).context("ring buffer fd")?;
+        let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+        let mut tick = tokio::time::interval(RECORDER_TICK);
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        loop {
+            tokio::select! {
+                guard = events.readable_mut() => {
+                    let mut guard = guard?;
+                    let mut batch = Vec::new();
+                    while let Some(item) = guard.get_inner_mut().next() {
+                        if let Some(ev) = KernelEvent::decode(&item) {
+                            batch.push(ev);
+                        }
+                    }
+                    guard.clear_ready();
+                    for ev in batch {
+                        self.on_event(ev)?;
+                    }
+                }
+                _ = sweep.tick() => self.sweep()?,
+                _ = tick.tick() => {
+                    let written = self.recorder.tick(SystemTime::now())?;
+                    self.emit_appended(written)?;
+                }
+                _ = hup.recv() => self.reload(),
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
+        self.drain()
+    }
+
+    fn on_event(&mut self, ev: KernelEvent) -> Result<()> {
+        let now = BootClock::boot_now_ns();
+        match ev {
+            KernelEvent::Flow(fe) => {
+                if fe.header.kind == sensor_common::EVENT_FLOW_NEW
+                    && let Some(out) = self.tracker.on_new(fe.header.key, fe.stats, now)
+                {
+                    self.write_flow(out)?;
+                }
+            }
+            KernelEvent::Payload(pe) => {
+                let key = pe.header.key;
+                let copied = (pe.copied_len as usize).min(pe.data.len());
+                let data = &pe.data[..copied];
+                let push = if key.protocol == 17 {
+                    self.quic_hellos.push(key, data, Instant::now())
+                } else {
+                    self.tcp_hellos.push(key, pe.tcp_seq, data, Instant::now())
+                };
+                match push {
+                    Push::Done(info) => self.classified(key, *info, if key.protocol == 17 { AppProto::Quic } else { AppProto::Tls })?,
+                    Push::NeedMore => {}
+                    Push::NotTls | Push::Failed(_) => self.finish_unclassified(key),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The ClientHello is known: classify with the conduit map, write the result back
+    /// into the kernel (so later packets are attributed and blocked flows dropped) and
+    /// record `flow_start` at once.
+    fn classified(&mut self, key: FlowKey, info: ClientHelloInfo, proto: AppProto) -> Result<()> {
+        let Some(mut stats) = self.kernel.flow(&key) else {
+            return Ok(());
+        };
+        let ep = endpoints(&key, &stats);
+        let mut class = Classification {
+            app_protocol: Some(proto.as_str().to_string()),
+            server_name: info.sni.clone(),
+            ja4: Some(info.ja4.clone()),
+            tls_version: Some(info.tls_version.clone()),
+            alpn: info.alpn.clone(),
+            ech: info.ech,
+            ..Classification::default()
+        };
+        if let Some(map) = &self.policy {
+            let vlan = (key.vlan != 0).then_some(key.vlan);
+            let c = map.classify(ep.src, vlan, ep.dst, ep.dst_port, proto, info.sni.as_deref(), self.settings.enforcement);
+            class.zone = c.zone.as_ref().map(|z| z.id.clone());
+            class.endpoint = c.endpoint.as_ref().map(|e| e.id.clone());
+            class.conduit_id = c.conduit.as_ref().map(|c| c.id.clone());
+            class.verdict = proto_verdict(c.verdict);
+            class.policy_hash = map.policy_hash().to_vec();
+            stats.zone_id = c.zone.as_ref().map_or(0, |z| z.index);
+            stats.endpoint_id = c.endpoint.as_ref().map_or(0, |e| e.index);
+            stats.conduit_id = c.conduit.as_ref().map_or(0, |c| c.index);
+            stats.verdict = kernel_verdict(c.verdict);
+        }
+        stats.sni_state = sni_state::DONE;
+        stats.app_protocol = if proto == AppProto::Quic { app_protocol::QUIC } else { app_protocol::TLS };
+        if let Some(name) = &info.sni {
+            stats.sni_hash = sensor_common::sni_hash(name.as_bytes());
+        }
+        self.kernel.write_classification(&key, &stats)?;
+        self.count_verdict(class.verdict);
+        if let Some(out) = self.tracker.on_classified(key, stats, class, BootClock::boot_now_ns()) {
+            self.write_flow(out)?;
+        }
+        Ok(())
+    }
+
+    fn finish_unclassified(&mut self, key: FlowKey) {
+        if let Some(mut stats) = self.kernel.flow(&key) {
+            stats.sni_state = sni_state::DONE;
+            let _ = self.kernel.write_classification(&key, &stats);
+        }
+    }
+
+    fn count_verdict(&self, v: Verdict) {
+        let m = &self.metrics;
+        match v {
+            Verdict::Authorized => m.verdict_authorized.fetch_add(1, Ordering::Relaxed),
+            Verdict::Violation => m.verdict_violation.fetch_add(1, Ordering::Relaxed),
+            Verdict::Blocked => m.verdict_blocked.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
+    }
+
+    fn sweep(&mut self) -> Result<()> {
+        let now = BootClock::boot_now_ns();
+        let entries = self.kernel.flow_entries();
+        let policy = self.policy.as_ref();
+        let resolve = |_: &FlowKey, s: &FlowStats| kernel_classification(policy, s);
+        let sweep = self.tracker.sweep(now, &entries, &resolve);
+        for key in &sweep.remove {
+            self.kernel.remove_flow(key);
+        }
+        let m = &self.metrics;
+        m.flows_unrecorded.fetch_add(sweep.unrecorded_ended, Ordering::Relaxed);
+        m.flows_evicted.fetch_add(sweep.evicted, Ordering::Relaxed);
+        m.flows_active.store(self.tracker.len() as u64, Ordering::Relaxed);
+        for out in sweep.out {
+            self.write_flow(out)?;
+        }
+        if sweep.evicted > 0 {
+            self.write_loss("flow_table_eviction", sweep.evicted, "flow", "kernel", "recorded flows evicted from the kernel flow table before they ended; their last packets are not counted")?;
+        }
+        let expired = self.tcp_hellos.expire(Instant::now()) + self.quic_hellos.expire(Instant::now());
+        if expired > 0 {
+            self.write_loss("reassembly_limit", expired as u64, "flow", "agent", "ClientHello reassembly gave up (time or memory bound)")?;
+        }
+        self.report_kernel_counters()
+    }
+
+    /// Kernel loss counters that grew become signed `loss` records.
+    fn report_kernel_counters(&mut self) -> Result<()> {
+        let counters = self.kernel.counters();
+        for c in Counter::ALL {
+            let i = c as usize;
+            self.metrics.kernel[i].store(counters[i], Ordering::Relaxed);
+            let delta = counters[i].saturating_sub(self.reported_counters[i]);
+            if delta > 0 && c.is_loss() {
+                let unit = if c == Counter::LossRingbufFull { "event" } else if c == Counter::LossFlowTableFull { "flow" } else { "packet" };
+                self.write_loss(c.name(), delta, unit, "kernel", "")?;
+            }
+        }
+        self.reported_counters = counters;
+        Ok(())
+    }
+
+    fn reload(&mut self) {
+        let Some(path) = self.settings.conduits.clone() else {
+            tracing::warn!("SIGHUP: no conduit map configured; nothing to reload");
+            return;
+        };
+        match ConduitMap::load(&path, None) {
+            Ok(map) => {
+                tracing::info!(path = %path.display(), policy_hash = %hex::encode(map.policy_hash()), "conduit map reloaded");
+                if let Err(err) = self.install_policy(map, "reload") {
+                    self.metrics.policy_reload_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!("reload: {err:#}; the previous map stays in force");
+                } else {
+                    self.metrics.policy_reloads.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(err) => {
+                self.metrics.policy_reload_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("reload rejected, the previous map stays in force:\n{err}");
+            }
+        }
+    }
+
+    fn install_policy(&mut self, map: ConduitMap, trigger: &str) -> Result<()> {
+        self.kernel
+            .install_policy(&crate::kernel::policy_from_map(&map, self.settings.enforcement))
+            .context("installing the conduit map into the kernel")?;
+        self.site = map.site.clone();
+        let record = Record {
+            kind: RecordKind::PolicyChange as i32,
+            body: Some(Body::PolicyChange(PolicyChange {
+                policy_hash: map.policy_hash().to_vec(),
+                path: map.file.clone(),
+                zones: map.zones.len() as u32,
+                endpoints: map.endpoints.len() as u32,
+                conduits: map.conduits.len() as u32,
+                enforcement: self.settings.enforcement,
+                trigger: trigger.to_string(),
+            })),
+            ..Record::default()
+        };
+        self.policy = Some(map);
+        self.tracker.set_policy_loaded(true);
+        self.append(record)
+    }
+
+    fn write_flow(&mut self, out: FlowOut) -> Result<()> {
+        let m = &self.metrics;
+        match out.kind {
+            RecordKind::FlowStart => m.flows_started.fetch_add(1, Ordering::Relaxed),
+            RecordKind::FlowEnd => m.flows_ended.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
+        let ifname = self.ifnames.get(&out.stats.ifindex).cloned().unwrap_or_default();
+        let record = flow_record(&out, &BootClock::now(), &ifname);
+        self.append(record)
+    }
+
+    fn write_loss(&mut self, reason: &str, count: u64, unit: &str, origin: &str, detail: &str) -> Result<()> {
+        tracing::warn!(reason, count, origin, "loss");
+        self.metrics.loss_records.fetch_add(1, Ordering::Relaxed);
+        self.append(Record {
+            kind: RecordKind::Loss as i32,
+            body: Some(Body::Loss(Loss {
+                reason: reason.to_string(),
+                count,
+                unit: unit.to_string(),
+                origin: origin.to_string(),
+                detail: detail.to_string(),
+            })),
+            ..Record::default()
+        })
+    }
+
+    fn append(&mut self, mut record: Record) -> Result<()> {
+        if record.site.is_empty() {
+            record.site = self.site.clone();
+        }
+        let written = self.recorder.append(record)?;
+        self.emit_appended(written)
+    }
+
+    /// Mirrors chained records to the JSON-lines file and metrics.
+    fn emit_appended(&mut self, written: Vec<Appended>) -> Result<()> {
+        if written.is_empty() {
+            return Ok(());
+        }
+        self.metrics.records_written.fetch_add(written.len() as u64, Ordering::Relaxed);
+        if let Some(last) = written.last() {
+            self.metrics.chain_seq.store(last.seq, Ordering::Relaxed);
+        }
+        let stats = self.recorder.stats();
+        self.metrics.spool_bytes.store(stats.bytes, Ordering::Relaxed);
+        if let Some(out) = &mut self.jsonl {
+            for a in &written {
+                let pos = ChainPosition {
+                    seq: a.seq,
+                    hash: a.hash,
+                    prev_hash: a.prev_hash,
+                };
+                serde_json::to_writer(&mut *out, &ecs_json(&a.record, &pos))?;
+                out.write_all(b"\n")?;
+            }
+            out.flush()?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM: final sweep, forced end of every recorded flow, final loss report,
+    /// fsync, detach.
+    fn drain(&mut self) -> Result<()> {
+        tracing::info!("draining");
+        self.metrics.ready.store(false, Ordering::Relaxed);
+        self.sweep()?;
+        let entries = self.kernel.flow_entries();
+        for out in self.tracker.drain(&entries) {
+            self.write_flow(out)?;
+        }
+        self.report_kernel_counters()?;
+        self.recorder.sync()?;
+        if let Some(out) = &mut self.jsonl {
+            out.flush()?;
+            out.get_ref().sync_all()?;
+        }
+        self.kernel.detach_all();
+        Ok(())
+    }
+}
+
+fn proto_verdict(v: config::Verdict) -> Verdict {
+    match v {
+        config::Verdict::Unclassified => Verdict::Unclassified,
+        config::Verdict::Authorized => Verdict::Authorized,
+        config::Verdict::Violation => Verdict::Violation,
+        config::Verdict::Blocked => Verdict::Blocked,
+    }
+}
+
+fn kernel_verdict(v: config::Verdict) -> u8 {
+    match v {
+        config::Verdict::Unclassified => verdict::UNCLASSIFIED,
+        config::Verdict::Authorized => verdict::AUTHORIZED,
+        config::Verdict::Violation => verdict::VIOLATION,
+        config::Verdict::Blocked => verdict::BLOCKED,
+    }
+}
+
+/// Names for a classification the kernel made on its own (ids in `FlowStats`).
+fn kernel_classification(policy: Option<&ConduitMap>, s: &FlowStats) -> Option<Classification> {
+    let map = policy?;
+    if s.verdict == verdict::UNCLASSIFIED {
+        return None;
+    }
+    Some(Classification {
+        app_protocol: match s.app_protocol {
+            app_protocol::TLS => Some("tls".into()),
+            app_protocol::QUIC => Some("quic".into()),
+            _ => None,
+        },
+        zone: map.zone_by_index(s.zone_id).map(|z| z.id.clone()),
+        endpoint: map.endpoint_by_index(s.endpoint_id).map(|e| e.id.clone()),
+        conduit_id: map.conduit_by_index(s.conduit_id).map(|c| c.id.clone()),
+        verdict: match s.verdict {
+            verdict::AUTHORIZED => Verdict::Authorized,
+            verdict::VIOLATION => Verdict::Violation,
+            verdict::BLOCKED => Verdict::Blocked,
+            _ => Verdict::Unclassified,
+        },
+        policy_hash: map.policy_hash().to_vec(),
+        ..Classification::default()
+    })
+}
+
+/// The gateway's own addresses: packets to them are NAT return traffic or local.
+fn local_addresses() -> Vec<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    addrs
+        .filter_map(|a| a.address)
+        .filter_map(|sa| {
+            if let Some(v4) = sa.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,231 @@
+//! The subcommands of `conduit-sensor`, each returning its exit code.
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+
+use crate::{
+    agent::{AgentSettings, ConfigExit},
+    chain::RecorderOptions,
+    cli::{CheckConfigArgs, Cli, Command, EXIT_CHAIN_BROKEN, EXIT_CONFIG, KeygenArgs, ProbeArgs, RunArgs, VerifyChainArgs},
+    config::{ConduitMap, ConfigError, SensorConfig},
+    flows::TrackerOptions,
+};
+
+/// Runs a parsed command line.
+pub fn dispatch(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::CheckConfig(args) => check_config(args),
+        Command::VerifyChain(args) => verify_chain(args),
+        Command::Keygen(args) => keygen(args),
+        Command::Probe(args) => probe(args),
+        Command::Schema => schema(),
+        Command::Version => {
+            println!("conduit-sensor {}", env!("CARGO_PKG_VERSION"));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Replay(_) => {
+            eprintln!("conduit-sensor replay: not available in this build yet (see README, 'Status')");
+            Ok(ExitCode::from(2))
+        }
+    };
+    result.unwrap_or_else(|err| {
+        if let Some(ConfigExit(cfg)) = err.downcast_ref::<ConfigExit>() {
+            eprintln!("{cfg}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        if let Some(cfg) = err.downcast_ref::<ConfigError>() {
+            eprintln!("{cfg}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        eprintln!("conduit-sensor: error: {err:#}");
+        ExitCode::FAILURE
+    })
+}
+
+/// sensor.yaml (if given) with environment overrides.
+fn load_sensor_config(path: Option<&Path>) -> Result<SensorConfig, ConfigError> {
+    let mut cfg = match path {
+        Some(p) => SensorConfig::load(p)?,
+        None => SensorConfig::default(),
+    };
+    cfg.apply_env(|k| std::env::var(k).ok())?;
+    Ok(cfg)
+}
+
+/// Merges sensor.yaml and the flags (flags win).
+pub fn settings_from(args: &RunArgs) -> Result<AgentSettings, ConfigError> {
+    let cfg = load_sensor_config(args.config.as_deref())?;
+    let conduits = args.conduits.clone().or_else(|| {
+        // The default map path is used only when it exists or a config file named it.
+        (args.config.is_some() || cfg.conduits.exists()).then(|| cfg.conduits.clone())
+    });
+    let spool_dir = args.spool.clone().unwrap_or_else(|| cfg.spool.dir.clone());
+    let sensor_id = args.sensor_id.clone().unwrap_or_else(|| cfg.sensor_id.clone());
+    let ifaces = if args.ifaces.is_empty() { cfg.interfaces.clone() } else { args.ifaces.clone() };
+    let mut recorder = RecorderOptions::new(spool_dir, sensor_id.clone());
+    recorder.key_path = cfg.signing_key.clone();
+    recorder.max_spool_bytes = cfg.spool.max_bytes;
+    recorder.segment_bytes = cfg.spool.segment_bytes;
+    recorder.checkpoint_every_records = cfg.checkpoint.every_records;
+    recorder.checkpoint_every = Duration::from_secs(cfg.checkpoint.every_seconds);
+    recorder.sync = crate::spool::SyncPolicy::Group {
+        interval: Duration::from_millis(cfg.spool.sync.interval_ms),
+        records: cfg.spool.sync.records,
+    };
+    Ok(AgentSettings {
+        sensor_id,
+        ifaces,
+        conduits,
+        recorder,
+        jsonl: args.jsonl.clone().or(cfg.jsonl.clone()),
+        tracker: TrackerOptions {
+            idle_timeout: args.idle_timeout.unwrap_or(cfg.timeouts.idle),
+            active_timeout: args.active_timeout.unwrap_or(cfg.timeouts.active),
+            end_grace: cfg.timeouts.tcp_end_grace,
+            record_all: args.record_all || cfg.record_all,
+        },
+        enforcement: args.enforce || cfg.enforcement,
+        metrics: args.metrics.or(cfg.metrics.map(|m| m.listen)),
+        xdp_generic: args.xdp_generic,
+        collector: args.collector.clone().or(cfg.collector.map(|c| c.url)),
+    })
+}
+
+fn run(args: RunArgs) -> Result<ExitCode> {
+    let settings = settings_from(&args).map_err(ConfigExit)?;
+    if settings.ifaces.is_empty() {
+        anyhow::bail!("no interface to watch: give --iface NAME (repeatable) or `interfaces:` in sensor.yaml");
+    }
+    if let Some(url) = &settings.collector
+        && url.starts_with("http://")
+    {
+        tracing::warn!(%url, "PLAIN-TEXT collector link: records travel unencrypted and unauthenticated; use https:// with --tls-cert/--tls-key/--tls-ca");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    runtime.block_on(crate::agent::run(settings))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check_config(args: CheckConfigArgs) -> Result<ExitCode> {
+    let mut errors = Vec::new();
+    let cfg = match load_sensor_config(args.config.as_deref()) {
+        Ok(cfg) => Some(cfg),
+        Err(err) => {
+            errors.push(err.to_string());
+            None
+        }
+    };
+    let conduits: Option<PathBuf> = args
+        .conduits
+        .clone()
+        .or_else(|| cfg.as_ref().filter(|_| args.config.is_some()).map(|c| c.conduits.clone()));
+    if let Some(path) = &conduits {
+        match ConduitMap::load(path, None) {
+            Ok(map) => println!(
+                "{}: ok: site {}, {} zones, {} endpoints, {} conduits, policy hash {}",
+                path.display(),
+                map.site,
+                map.zones.len(),
+                map.endpoints.len(),
+                map.conduits.len(),
+                hex::encode(map.policy_hash())
+            ),
+            Err(err) => errors.push(err.to_string()),
+        }
+    }
+    if let (Some(path), true) = (&args.config, cfg.is_some()) {
+        println!("{}: ok", path.display());
+    }
+    if errors.is_empty() {
+        if args.config.is_none() && conduits.is_none() {
+            println!("nothing to check: give --config and/or --conduits");
+        }
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for e in errors {
+            eprintln!("{e}");
+        }
+        Ok(ExitCode::from(EXIT_CONFIG))
+    }
+}
+
+fn verify_chain(args: VerifyChainArgs) -> Result<ExitCode> {
+    let key = match &args.public_key {
+        Some(path) => Some(crate::chain::read_public_key(path)?),
+        None => None,
+    };
+    let report = crate::chain::verify::verify_dir(&args.dir, key)?;
+    print!("{report}");
+    Ok(if report.is_ok() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_CHAIN_BROKEN) })
+}
+
+fn keygen(args: KeygenArgs) -> Result<ExitCode> {
+    let public = crate::chain::keygen(&args.out)?;
+    println!("wrote {}/signing.key (0600) and signing.pub; public key {}", args.out.display(), hex::encode(public));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn schema() -> Result<ExitCode> {
+    println!("{}", serde_json::to_string_pretty(&crate::config::schema::json_schema())?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn probe(args: ProbeArgs) -> Result<ExitCode> {
+    let uname = nix::sys::utsname::uname()?;
+    let release = uname.release().to_string_lossy().into_owned();
+    println!("kernel: {release}");
+    let (major, minor) = {
+        let mut it = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+        (it.next().unwrap_or(0), it.next().unwrap_or(0))
+    };
+    if (major, minor) < (5, 15) {
+        println!("  UNSUPPORTED: needs 5.15 or newer (ring buffer, BPF_PROG_TEST_RUN for XDP, bpf_ktime_get_boot_ns)");
+    } else {
+        println!("  ok (5.15 or newer)");
+    }
+    let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
+    println!("BTF: {}", if btf { "present" } else { "absent (programs still load; CO-RE relocations unavailable)" });
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    for (name, bit) in [("CAP_NET_ADMIN", 12), ("CAP_SYS_ADMIN", 21), ("CAP_PERFMON", 38), ("CAP_BPF", 39)] {
+        println!("{name}: {}", if cap_eff & (1 << bit) != 0 { "yes" } else { "no" });
+    }
+    match crate::kernel::Kernel::load(crate::kernel::LoadOptions::default()) {
+        Ok(_) => println!("kernel programs: load ok (verifier accepted XDP and TC programs)"),
+        Err(err) => println!("kernel programs: FAILED to load: {err}"),
+    }
+    let ifaces: Vec<String> = if args.ifaces.is_empty() {
+        std::fs::read_dir("/sys/class/net")
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default()
+    } else {
+        args.ifaces
+    };
+    for iface in ifaces {
+        let driver = std::fs::read_link(format!("/sys/class/net/{iface}/device/driver"))
+            .ok()
+            .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
+            .or_else(|| {
+                let uevent = std::fs::read_to_string(format!("/sys/class/net/{iface}/uevent")).ok()?;
+                uevent.lines().find_map(|l| l.strip_prefix("DEVTYPE=").map(str::to_string))
+            })
+            .unwrap_or_else(|| "virtual".into());
+        let mtu = std::fs::read_to_string(format!("/sys/class/net/{iface}/mtu")).unwrap_or_default();
+        println!("interface {iface}: driver {driver}, mtu {}", mtu.trim());
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,100 @@
+//! Prometheus metrics, `/livez` and `/readyz`, on an opt-in (normally localhost)
+//! address. Counters are atomics the agent updates; the server only reads them.
+
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
+
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpListener,
+};
+
+/// Everything the agent exports.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub ready: AtomicBool,
+    /// Kernel per-CPU counters summed, by `sensor_common::Counter` index.
+    pub kernel: [AtomicU64; sensor_common::Counter::COUNT as usize],
+    pub flows_active: AtomicU64,
+    pub flows_started: AtomicU64,
+    pub flows_ended: AtomicU64,
+    pub flows_unrecorded: AtomicU64,
+    pub flows_evicted: AtomicU64,
+    pub verdict_authorized: AtomicU64,
+    pub verdict_violation: AtomicU64,
+    pub verdict_blocked: AtomicU64,
+    pub records_written: AtomicU64,
+    pub loss_records: AtomicU64,
+    pub spool_bytes: AtomicU64,
+    pub spool_max_bytes: AtomicU64,
+    pub spool_records_refused: AtomicU64,
+    pub policy_reloads: AtomicU64,
+    pub policy_reload_failures: AtomicU64,
+    pub chain_seq: AtomicU64,
+}
+
+impl Metrics {
+    /// Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let mut gauge = |name: &str, help: &str, kind: &str, v: u64| {
+            let _ = writeln!(s, "# HELP conduit_sensor_{name} {help}\n# TYPE conduit_sensor_{name} {kind}\nconduit_sensor_{name} {v}");
+        };
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        gauge("flows_active", "Flows the agent is tracking.", "gauge", get(&self.flows_active));
+        gauge("flows_started_total", "Flows recorded (flow_start written).", "counter", get(&self.flows_started));
+        gauge("flows_ended_total", "Recorded flows that ended.", "counter", get(&self.flows_ended));
+        gauge("flows_unrecorded_total", "Flows that ended without a record (not AI traffic).", "counter", get(&self.flows_unrecorded));
+        gauge("flows_evicted_total", "Recorded flows evicted from the kernel flow table.", "counter", get(&self.flows_evicted));
+        gauge("verdict_authorized_total", "Flows authorized by a conduit.", "counter", get(&self.verdict_authorized));
+        gauge("verdict_violation_total", "AI flows no conduit allows.", "counter", get(&self.verdict_violation));
+        gauge("verdict_blocked_total", "AI flows blocked by enforcement.", "counter", get(&self.verdict_blocked));
+        gauge("records_written_total", "Records appended to the chain.", "counter", get(&self.records_written));
+        gauge("loss_records_total", "Signed loss records written.", "counter", get(&self.loss_records));
+        gauge("spool_bytes", "Bytes in the spool.", "gauge", get(&self.spool_bytes));
+        gauge("spool_max_bytes", "Configured spool bound.", "gauge", get(&self.spool_max_bytes));
+        gauge("spool_records_refused_total", "Records refused because the spool was full.", "counter", get(&self.spool_records_refused));
+        gauge("policy_reloads_total", "Conduit map reloads that succeeded.", "counter", get(&self.policy_reloads));
+        gauge("policy_reload_failures_total", "Conduit map reloads rejected.", "counter", get(&self.policy_reload_failures));
+        gauge("chain_sequence", "Sequence number of the chain head.", "gauge", get(&self.chain_seq));
+        let _ = writeln!(s, "# HELP conduit_sensor_kernel_total Kernel counters by reason.\n# TYPE conduit_sensor_kernel_total counter");
+        for (i, c) in sensor_common::Counter::ALL.iter().enumerate() {
+            let _ = writeln!(s, "conduit_sensor_kernel_total{{reason=\"{}\"}} {}", c.name(), get(&self.kernel[i]));
+        }
+        s
+    }
+}
+
+/// Serves `/metrics`, `/livez`, `/readyz` until the task is dropped.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "metrics listening");
+    loop {
+        let (mut stream, _) = listener.accept().await?;
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = stream.read(&mut buf).await.unwrap_or(0);
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let path = request.split_whitespace().nth(1).unwrap_or("/");
+            let (status, body) = match path {
+                "/metrics" => ("200 OK", metrics.render()),
+                "/livez" => ("200 OK", "ok\n".to_string()),
+                "/readyz" if metrics.ready.load(Ordering::Relaxed) => ("200 OK", "ready\n".to_string()),
+                "/readyz" => ("503 Service Unavailable", "not ready\n".to_string()),
+                _ => ("404 Not Found", "not found\n".to_string()),
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+        });
+    }
+}
