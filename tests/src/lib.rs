@@ -328,3 +328,70 @@ pub fn last_flow_records(records: &[Value]) -> BTreeMap<(String, IpAddr, u64, Ip
     }
     flows
 }
+
+/// Path of a file under `tests/peers/`.
+pub fn peer_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("peers").join(name)
+}
+
+/// A running `conduit-sensor run` in a lab namespace.
+pub struct SensorRun {
+    pub label: String,
+    pub spool: PathBuf,
+    pub jsonl: PathBuf,
+}
+
+impl SensorRun {
+    /// Starts the sensor in `ns` with `extra` arguments and waits until it says
+    /// it is running.
+    pub fn start(lab: &mut Lab, ns: &Ns, label: &str, extra: &[&str]) -> Result<SensorRun> {
+        let spool = lab.workdir.join(format!("{label}-spool"));
+        let jsonl = lab.workdir.join(format!("{label}.jsonl"));
+        let bin = workspace_bin("conduit-sensor");
+        let mut args: Vec<String> = vec![
+            bin.display().to_string(),
+            "run".into(),
+            "--spool".into(),
+            spool.display().to_string(),
+            "--jsonl".into(),
+            jsonl.display().to_string(),
+            "--sensor-id".into(),
+            format!("{label}-gw"),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        lab.spawn(ns, label, &refs)?;
+        lab.wait_for_log(label, "sensor running", Duration::from_secs(30))?;
+        Ok(SensorRun {
+            label: label.to_string(),
+            spool,
+            jsonl,
+        })
+    }
+
+    /// SIGTERM, expect exit 0 (a clean drain), return every JSON record.
+    pub fn stop(self, lab: &mut Lab) -> Result<Vec<Value>> {
+        let code = lab.stop(&self.label, nix::sys::signal::Signal::SIGTERM, Duration::from_secs(30))?;
+        if code != Some(0) {
+            let log = fs::read_to_string(lab.log_path(&self.label)).unwrap_or_default();
+            bail!("sensor exited with {code:?} after SIGTERM; log:\n{log}");
+        }
+        read_jsonl(&self.jsonl)
+    }
+}
+
+/// Named nftables counters of a table, as (packets, bytes).
+pub fn nft_counters(lab: &Lab, ns: &Ns, family: &str, table: &str) -> Result<BTreeMap<String, (u64, u64)>> {
+    let out = lab.exec(ns, &["nft", "-j", "list", "counters", "table", family, table])?;
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    let mut counters = BTreeMap::new();
+    for item in v["nftables"].as_array().into_iter().flatten() {
+        if let Some(c) = item.get("counter") {
+            counters.insert(
+                c["name"].as_str().unwrap_or_default().to_string(),
+                (c["packets"].as_u64().unwrap_or(0), c["bytes"].as_u64().unwrap_or(0)),
+            );
+        }
+    }
+    Ok(counters)
+}
