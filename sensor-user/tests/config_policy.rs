@@ -456,3 +456,19 @@ fn kernel_indexes_and_keys() {
         None
     );
 }
+
+#[test]
+fn ipv4_mapped_source_is_the_ipv4_host() {
+    let m = map(MAP);
+    let c = m.classify(
+        ip("::ffff:10.20.1.1"),
+        None,
+        ip("203.0.113.1"),
+        443,
+        AppProto::Tls,
+        Some("api.openai.com"),
+        false,
+    );
+    assert_eq!(c.zone.map(|z| z.id).as_deref(), Some("mes"));
+    assert_eq!(c.verdict, Verdict::Authorized);
+}

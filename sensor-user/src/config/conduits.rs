@@ -11,7 +11,7 @@ use std::str::FromStr;
 use ipnet::IpNet;
 
 use super::catalogue::Catalogue;
-use super::pattern::SniPattern;
+use super::pattern::{KernelSniKey, SniPattern};
 use super::yaml::{self, Ctx, Node, Pos, Value, describe};
 use super::{ConfigError, read_file};
 
@@ -900,13 +900,15 @@ fn check_zone_overlaps(ctx: &mut Ctx, zones: &[Zone], net_pos: &[Vec<Pos>]) {
     }
 }
 
-/// One SNI pattern in two endpoints is ambiguous (the kernel's SNI map holds
-/// one endpoint per key).
+/// One SNI pattern (or one CIDR) in two endpoints is ambiguous: the kernel's
+/// SNI map and LPM trie hold one endpoint per key.
 fn check_duplicate_patterns(ctx: &mut Ctx, endpoints: &[Endpoint]) {
-    let mut seen: HashMap<&str, &str> = HashMap::new();
+    let mut seen: HashMap<String, &str> = HashMap::new();
+    let mut keys: HashMap<KernelSniKey, &str> = HashMap::new();
+    let mut nets: HashMap<IpNet, &str> = HashMap::new();
     for e in endpoints {
         for p in &e.sni {
-            if let Some(first) = seen.insert(p.as_str(), &e.id) {
+            if let Some(first) = seen.get(p.as_str()) {
                 ctx.err(
                     e.pos,
                     format!(
@@ -915,8 +917,81 @@ fn check_duplicate_patterns(ctx: &mut Ctx, endpoints: &[Endpoint]) {
                     ),
                     "keep each name in one endpoint (an endpoint with `catalogue:` already has the catalogue's names)",
                 );
+                continue;
+            }
+            seen.insert(p.as_str().to_owned(), &e.id);
+            // Distinct names whose 64-bit hashes collide cannot both be in the kernel map.
+            if let Some(key) = p.kernel_key()
+                && let Some(other) = keys.insert(key, p.as_str())
+                && other != p.as_str()
+            {
+                ctx.err(
+                    e.pos,
+                    format!("SNI pattern `{p}` has the same kernel hash as `{other}`"),
+                    "report this; as a workaround write one of them as an inner-`*` pattern",
+                );
             }
         }
+        for n in &e.networks {
+            match nets.get(n) {
+                Some(first) if *first != e.id => ctx.err(
+                    e.pos,
+                    format!(
+                        "network {n} of endpoint `{}` is already used by endpoint `{first}`",
+                        e.id
+                    ),
+                    "keep each network in one endpoint",
+                ),
+                _ => {
+                    nets.insert(*n, &e.id);
+                }
+            }
+        }
+    }
+}
+
+/// Views of the map in the shapes the kernel maps take.
+impl ConduitMap {
+    /// Exact and `*.suffix` SNI keys with their endpoint index.
+    pub fn kernel_sni_entries(&self) -> Vec<(KernelSniKey, u16)> {
+        self.endpoints
+            .iter()
+            .flat_map(|e| {
+                e.sni
+                    .iter()
+                    .filter_map(|p| Some((p.kernel_key()?, e.index)))
+            })
+            .collect()
+    }
+
+    /// Inner-`*` patterns, which only the agent can match; when there are
+    /// any, flows with an SNI the kernel did not recognise go to userspace.
+    pub fn userspace_sni_patterns(&self) -> Vec<(&SniPattern, u16)> {
+        self.endpoints
+            .iter()
+            .flat_map(|e| {
+                e.sni
+                    .iter()
+                    .filter(|p| p.kernel_key().is_none())
+                    .map(|p| (p, e.index))
+            })
+            .collect()
+    }
+
+    /// Zone LPM entries: network, zone index, VLANs (empty = any).
+    pub fn zone_networks(&self) -> Vec<(IpNet, u16, &[u16])> {
+        self.zones
+            .iter()
+            .flat_map(|z| z.networks.iter().map(|n| (*n, z.index, z.vlans.as_slice())))
+            .collect()
+    }
+
+    /// Endpoint LPM entries: network, endpoint index.
+    pub fn endpoint_networks(&self) -> Vec<(IpNet, u16)> {
+        self.endpoints
+            .iter()
+            .flat_map(|e| e.networks.iter().map(|n| (*n, e.index)))
+            .collect()
     }
 }
 
@@ -977,5 +1052,47 @@ mod tests {
         assert_eq!(m.endpoints[1].id, "anthropic");
         assert_eq!(m.endpoints[1].index, 2);
         assert!(m.catalogue_version.is_some());
+    }
+
+    #[test]
+    fn ambiguous_endpoints_are_rejected() {
+        let err = parse(
+            "version: 1\nsite: s\nendpoints:\n  - id: a\n    sni: [x.example.com]\n    networks: [192.0.2.0/24]\n\
+             \x20 - id: b\n    sni: [X.Example.com.]\n    networks: [192.0.2.0/24]\n",
+        )
+        .expect_err("ambiguous");
+        let text = err.to_string();
+        assert!(text.contains("m.yaml:7:5: SNI pattern `x.example.com` of endpoint `b` is already used by endpoint `a`"), "{text}");
+        assert!(
+            text.contains(
+                "m.yaml:7:5: network 192.0.2.0/24 of endpoint `b` is already used by endpoint `a`"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn kernel_views() {
+        let m = parse(
+            "version: 1\nsite: s\nzones:\n  - id: z\n    networks: [10.0.0.0/8, \"fd00::/8\"]\n    vlans: [7]\n\
+             endpoints:\n  - id: e\n    sni: [a.example.com, \"*.example.org\", \"b.*.example.net\"]\n    networks: [192.0.2.0/24]\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(m.kernel_sni_entries().len(), 2);
+        assert_eq!(m.userspace_sni_patterns().len(), 1);
+        assert_eq!(m.zone_networks().len(), 2);
+        assert_eq!(m.zone_networks()[0].2, &[7]);
+        assert_eq!(m.endpoint_networks().len(), 1);
+    }
+
+    #[test]
+    fn empty_and_non_mapping_files() {
+        let err = parse("").expect_err("empty");
+        assert!(
+            err.to_string()
+                .starts_with("m.yaml:1:1: the conduit map is empty")
+        );
+        let err = parse("- a\n").expect_err("list");
+        assert!(err.to_string().contains("must be a mapping"), "{err}");
     }
 }

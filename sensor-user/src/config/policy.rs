@@ -129,6 +129,8 @@ impl ConduitMap {
         sni: Option<&str>,
         enforcement: bool,
     ) -> Classification {
+        // An IPv4-mapped IPv6 address is the IPv4 host (as the kernel sees it).
+        let (src, dst) = (src.to_canonical(), dst.to_canonical());
         let zone = self.zone_of(src, vlan);
         let Some(endpoint) = self.endpoint_of(dst, sni) else {
             return Classification {

@@ -45,6 +45,7 @@ pub const ENV_VARS: &[&str] = &[
     "CONDUIT_SENSOR_JSONL",
 ];
 
+pub const DEFAULT_CONFIG: &str = "/etc/conduit-sensor/sensor.yaml";
 pub const DEFAULT_CONDUITS: &str = "/etc/conduit-sensor/conduits.yaml";
 pub const DEFAULT_SPOOL_DIR: &str = "/var/lib/conduit-sensor/spool";
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
@@ -188,11 +189,43 @@ fn default_sensor_id() -> String {
 
 impl SensorConfig {
     /// Reads `path`, then applies `CONDUIT_SENSOR_*` overrides. The file must exist.
+    /// Relative paths in the file are taken from the file's directory (the
+    /// agent runs with `/` as its working directory under systemd).
     pub fn load(path: &Path) -> Result<SensorConfig, ConfigError> {
         let bytes = read_file(path)?;
         let mut cfg = SensorConfig::from_bytes(&path.display().to_string(), &bytes)?;
+        if let Some(base) = path.parent() {
+            cfg.resolve_relative(base);
+        }
         cfg.apply_env(|k| std::env::var(k).ok())?;
         Ok(cfg)
+    }
+
+    /// `--config` given: that file; not given: [`DEFAULT_CONFIG`] if it
+    /// exists, else the defaults. Environment overrides apply in all cases.
+    pub fn load_opt(path: Option<&Path>) -> Result<SensorConfig, ConfigError> {
+        match path {
+            Some(p) => SensorConfig::load(p),
+            None => SensorConfig::load_or_default(Path::new(DEFAULT_CONFIG)),
+        }
+    }
+
+    /// Makes the file's relative paths relative to `base`.
+    pub fn resolve_relative(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.conduits);
+        fix(&mut self.spool.dir);
+        self.signing_key.as_mut().map(fix);
+        self.jsonl.as_mut().map(fix);
+        if let Some(tls) = self.collector.as_mut().and_then(|c| c.tls.as_mut()) {
+            tls.cert.as_mut().map(fix);
+            tls.key.as_mut().map(fix);
+            tls.ca.as_mut().map(fix);
+        }
     }
 
     /// Like [`SensorConfig::load`], but a missing file gives the defaults.
@@ -638,5 +671,18 @@ mod tests {
             err.to_string()
                 .starts_with("environment variable CONDUIT_SENSOR_RECORD_ALL: ")
         );
+    }
+
+    #[test]
+    fn relative_paths_follow_the_file() {
+        let mut cfg = SensorConfig::from_bytes(
+            "s.yaml",
+            b"conduits: conduits.yaml\nspool: {dir: /abs/spool}\njsonl: out/r.jsonl\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        cfg.resolve_relative(Path::new("/etc/cs"));
+        assert_eq!(cfg.conduits, Path::new("/etc/cs/conduits.yaml"));
+        assert_eq!(cfg.spool.dir, Path::new("/abs/spool"));
+        assert_eq!(cfg.jsonl.as_deref(), Some(Path::new("/etc/cs/out/r.jsonl")));
     }
 }
