@@ -163,7 +163,11 @@ fn unknown_catalogue_id() {
     check(
         "unknown_catalogue.yaml",
         &[
-            (4, 24, "unknown catalogue id `opneai`"),
+            (
+                4,
+                24,
+                "unknown catalogue id `opneai` — did you mean openai?",
+            ),
             (7, 16, "unknown catalogue id `not-a-provider`"),
         ],
     );

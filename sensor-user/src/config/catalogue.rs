@@ -14,6 +14,9 @@ use super::{ConfigError, read_file};
 /// conduit map works on a gateway without the repository.
 pub const EMBEDDED_CATALOGUE: &str = include_str!("../../../deploy/catalogue/ai-endpoints.yaml");
 
+/// How the built-in copy is named in messages.
+pub const EMBEDDED_NAME: &str = "built-in deploy/catalogue/ai-endpoints.yaml";
+
 /// File name looked for next to the map and in a catalogue directory.
 pub const CATALOGUE_FILE: &str = "ai-endpoints.yaml";
 
@@ -134,7 +137,7 @@ impl Catalogue {
 
     /// The catalogue compiled into the binary.
     pub fn embedded() -> Result<Catalogue, ConfigError> {
-        Catalogue::parse("<embedded>/ai-endpoints.yaml", EMBEDDED_CATALOGUE)
+        Catalogue::parse(EMBEDDED_NAME, EMBEDDED_CATALOGUE)
     }
 
     pub fn get(&self, id: &str) -> Option<&CatalogueEntry> {

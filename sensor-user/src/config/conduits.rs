@@ -705,16 +705,17 @@ fn list_or_none(ids: &[&str]) -> String {
 }
 
 fn unknown_catalogue_id(ctx: &mut Ctx, cat: &Catalogue, id: &str, pos: Pos) {
-    let mut close: Vec<&str> = cat
-        .entries
-        .iter()
-        .map(|e| e.id.as_str())
-        .filter(|c| c.contains(id) || id.contains(*c))
-        .collect();
-    close.truncate(5);
+    let ids: Vec<&str> = cat.entries.iter().map(|e| e.id.as_str()).collect();
+    let best = yaml::suggest(id, &ids);
+    let mut close: Vec<&str> = best.into_iter().collect();
+    close.extend(
+        ids.iter()
+            .filter(|c| Some(**c) != best && (c.contains(id) || id.contains(**c)))
+            .take(4),
+    );
     let fix = if close.is_empty() {
         format!(
-            "see {} for the ids ({} entries)",
+            "use an id from the catalogue {} ({} entries)",
             cat.file,
             cat.entries.len()
         )

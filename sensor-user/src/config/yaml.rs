@@ -422,7 +422,7 @@ pub fn describe(node: &Node) -> String {
 }
 
 /// The allowed key closest to a misspelt one (edit distance ≤ 2).
-fn suggest<'a>(key: &str, allowed: &[&'a str]) -> Option<&'a str> {
+pub(crate) fn suggest<'a>(key: &str, allowed: &[&'a str]) -> Option<&'a str> {
     allowed
         .iter()
         .map(|a| (edit_distance(key, a), *a))
