@@ -1,0 +1,175 @@
+//! The userspace classifier: used for flows the kernel left pending, and as
+//! the reference the kernel's verdicts are tested against.
+
+use std::net::IpAddr;
+
+use super::conduits::{Action, AppProto, ConduitMap, DefaultAction};
+
+/// A zone by id and 1-based index (the kernel's zone id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZoneRef {
+    pub id: String,
+    pub index: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointRef {
+    pub id: String,
+    pub index: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConduitRef {
+    pub id: String,
+    pub index: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    /// Not AI traffic: counted, not recorded per flow.
+    Unclassified,
+    /// A conduit allows it.
+    Authorized,
+    /// AI traffic that no conduit allows (or an `alert` conduit).
+    Violation,
+    /// A violation while enforcement is on (dropped).
+    Blocked,
+}
+
+impl Verdict {
+    /// The name used in records and JSON (`conduit.verdict`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Unclassified => "unclassified",
+            Verdict::Authorized => "authorized",
+            Verdict::Violation => "violation",
+            Verdict::Blocked => "blocked",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Classification {
+    pub zone: Option<ZoneRef>,
+    pub endpoint: Option<EndpointRef>,
+    pub conduit: Option<ConduitRef>,
+    pub verdict: Verdict,
+}
+
+impl ConduitMap {
+    /// Zone of a source address: the most specific network that contains it,
+    /// among zones whose `vlans` (if any) include `vlan`.
+    pub fn zone_of(&self, src: IpAddr, vlan: Option<u16>) -> Option<ZoneRef> {
+        self.zones
+            .iter()
+            .filter(|z| z.vlans.is_empty() || vlan.is_some_and(|v| z.vlans.contains(&v)))
+            .filter_map(|z| {
+                z.networks
+                    .iter()
+                    .filter(|n| n.contains(&src))
+                    .map(|n| n.prefix_len())
+                    .max()
+                    .map(|len| (len, z))
+            })
+            // Longest prefix wins; on a tie the first zone in the file.
+            .max_by(|(la, za), (lb, zb)| la.cmp(lb).then(zb.index.cmp(&za.index)))
+            .map(|(_, z)| ZoneRef {
+                id: z.id.clone(),
+                index: z.index,
+            })
+    }
+
+    /// AI endpoint of a destination: by SNI first (the most specific matching
+    /// pattern, as the kernel's exact-then-longest-suffix lookup; ties go to
+    /// the first endpoint), else by the most specific network containing `dst`.
+    pub fn endpoint_of(&self, dst: IpAddr, sni: Option<&str>) -> Option<EndpointRef> {
+        let by_sni = sni.filter(|s| !s.is_empty()).and_then(|name| {
+            self.endpoints
+                .iter()
+                .flat_map(|e| e.sni.iter().map(move |p| (p, e)))
+                .filter(|(p, _)| p.matches(name))
+                .max_by(|(pa, ea), (pb, eb)| {
+                    pa.specificity()
+                        .cmp(&pb.specificity())
+                        .then(eb.index.cmp(&ea.index))
+                })
+                .map(|(_, e)| e)
+        });
+        let found = by_sni.or_else(|| {
+            self.endpoints
+                .iter()
+                .filter_map(|e| {
+                    e.networks
+                        .iter()
+                        .filter(|n| n.contains(&dst))
+                        .map(|n| n.prefix_len())
+                        .max()
+                        .map(|len| (len, e))
+                })
+                .max_by(|(la, ea), (lb, eb)| la.cmp(lb).then(eb.index.cmp(&ea.index)))
+                .map(|(_, e)| e)
+        });
+        found.map(|e| EndpointRef {
+            id: e.id.clone(),
+            index: e.index,
+        })
+    }
+
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the signature mirrors the flow tuple the kernel classifies on"
+    )]
+    pub fn classify(
+        &self,
+        src: IpAddr,
+        vlan: Option<u16>,
+        dst: IpAddr,
+        dst_port: u16,
+        proto: AppProto,
+        sni: Option<&str>,
+        enforcement: bool,
+    ) -> Classification {
+        // An IPv4-mapped IPv6 address is the IPv4 host (as the kernel sees it).
+        let (src, dst) = (src.to_canonical(), dst.to_canonical());
+        let zone = self.zone_of(src, vlan);
+        let Some(endpoint) = self.endpoint_of(dst, sni) else {
+            return Classification {
+                zone,
+                endpoint: None,
+                conduit: None,
+                verdict: Verdict::Unclassified,
+            };
+        };
+        let conduit = zone.as_ref().and_then(|z| {
+            self.conduits.iter().find(|c| {
+                c.from_index == z.index
+                    && c.to_index == endpoint.index
+                    && (c.ports.is_empty() || c.ports.iter().any(|r| r.contains(dst_port)))
+                    && (c.protocols.is_empty() || c.protocols.contains(&proto))
+            })
+        });
+        let block = if enforcement {
+            Verdict::Blocked
+        } else {
+            Verdict::Violation
+        };
+        let verdict = match conduit.map(|c| c.action) {
+            Some(Action::Allow) => Verdict::Authorized,
+            Some(Action::Alert) => Verdict::Violation,
+            Some(Action::Block) => block,
+            None => match self.default_action {
+                DefaultAction::Alert => Verdict::Violation,
+                DefaultAction::Block => block,
+            },
+        };
+        Classification {
+            zone,
+            endpoint: Some(endpoint),
+            conduit: conduit.map(|c| ConduitRef {
+                id: c.id.clone(),
+                index: c.index,
+            }),
+            verdict,
+        }
+    }
+}
