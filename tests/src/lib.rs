@@ -20,6 +20,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
+pub mod ai;
 pub mod topology;
 
 static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -331,7 +332,9 @@ pub fn last_flow_records(records: &[Value]) -> BTreeMap<(String, IpAddr, u64, Ip
 
 /// Path of a file under `tests/peers/`.
 pub fn peer_script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("peers").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("peers")
+        .join(name)
 }
 
 /// A running `conduit-sensor run` in a lab namespace.
@@ -371,7 +374,11 @@ impl SensorRun {
 
     /// SIGTERM, expect exit 0 (a clean drain), return every JSON record.
     pub fn stop(self, lab: &mut Lab) -> Result<Vec<Value>> {
-        let code = lab.stop(&self.label, nix::sys::signal::Signal::SIGTERM, Duration::from_secs(30))?;
+        let code = lab.stop(
+            &self.label,
+            nix::sys::signal::Signal::SIGTERM,
+            Duration::from_secs(30),
+        )?;
         if code != Some(0) {
             let log = fs::read_to_string(lab.log_path(&self.label)).unwrap_or_default();
             bail!("sensor exited with {code:?} after SIGTERM; log:\n{log}");
@@ -381,15 +388,26 @@ impl SensorRun {
 }
 
 /// Named nftables counters of a table, as (packets, bytes).
-pub fn nft_counters(lab: &Lab, ns: &Ns, family: &str, table: &str) -> Result<BTreeMap<String, (u64, u64)>> {
-    let out = lab.exec(ns, &["nft", "-j", "list", "counters", "table", family, table])?;
+pub fn nft_counters(
+    lab: &Lab,
+    ns: &Ns,
+    family: &str,
+    table: &str,
+) -> Result<BTreeMap<String, (u64, u64)>> {
+    let out = lab.exec(
+        ns,
+        &["nft", "-j", "list", "counters", "table", family, table],
+    )?;
     let v: Value = serde_json::from_slice(&out.stdout)?;
     let mut counters = BTreeMap::new();
     for item in v["nftables"].as_array().into_iter().flatten() {
         if let Some(c) = item.get("counter") {
             counters.insert(
                 c["name"].as_str().unwrap_or_default().to_string(),
-                (c["packets"].as_u64().unwrap_or(0), c["bytes"].as_u64().unwrap_or(0)),
+                (
+                    c["packets"].as_u64().unwrap_or(0),
+                    c["bytes"].as_u64().unwrap_or(0),
+                ),
             );
         }
     }

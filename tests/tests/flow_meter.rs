@@ -10,7 +10,10 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, ensure};
 use conduit_lab::{
     SensorRun, last_flow_records, nft_counters, peer_script, skip_unless_root,
-    topology::{AI_V4, AI_V6, GW_OT1_IF, GW_OT2_IF, GW_UPLINK_IF, GatewayLab, GatewayLabOptions, OT1_V4, OT1_V6},
+    topology::{
+        AI_V4, AI_V6, GW_OT1_IF, GW_OT2_IF, GW_UPLINK_IF, GatewayLab, GatewayLabOptions, OT1_V4,
+        OT1_V6,
+    },
 };
 
 const NFT_RULES: &str = r#"
@@ -37,15 +40,30 @@ fn scenario(tag: &str, masquerade: bool, watch: &[&str]) -> Result<()> {
     let mut lab = GatewayLab::build(tag, GatewayLabOptions { masquerade })?;
     let rules = lab.lab.workdir.join("acct.nft");
     std::fs::write(&rules, NFT_RULES)?;
-    lab.lab.exec(&lab.gw, &["nft", "-f", &rules.display().to_string()])?;
+    lab.lab
+        .exec(&lab.gw, &["nft", "-f", &rules.display().to_string()])?;
 
     let echo = peer_script("echo.py").display().to_string();
     let (net, ot1, gw) = (lab.net.clone(), lab.ot1.clone(), lab.gw.clone());
-    lab.lab.spawn(&net, "udp4-server", &["python3", &echo, "server", "udp", AI_V4[0], "5000"])?;
-    lab.lab.spawn(&net, "tcp4-server", &["python3", &echo, "server", "tcp", AI_V4[0], "7000"])?;
-    lab.lab.spawn(&net, "udp6-server", &["python3", &echo, "server", "udp", AI_V6, "5000"])?;
-    lab.lab.wait_for_port(&net, "udp", 5000, Duration::from_secs(10))?;
-    lab.lab.wait_for_port(&net, "tcp", 7000, Duration::from_secs(10))?;
+    lab.lab.spawn(
+        &net,
+        "udp4-server",
+        &["python3", &echo, "server", "udp", AI_V4[0], "5000"],
+    )?;
+    lab.lab.spawn(
+        &net,
+        "tcp4-server",
+        &["python3", &echo, "server", "tcp", AI_V4[0], "7000"],
+    )?;
+    lab.lab.spawn(
+        &net,
+        "udp6-server",
+        &["python3", &echo, "server", "udp", AI_V6, "5000"],
+    )?;
+    lab.lab
+        .wait_for_port(&net, "udp", 5000, Duration::from_secs(10))?;
+    lab.lab
+        .wait_for_port(&net, "tcp", 7000, Duration::from_secs(10))?;
 
     let mut args = Vec::new();
     for iface in watch {
@@ -54,9 +72,22 @@ fn scenario(tag: &str, masquerade: bool, watch: &[&str]) -> Result<()> {
     args.extend(["--idle-timeout", "120s"]);
     let sensor = SensorRun::start(&mut lab.lab, &gw, "sensor", &args)?;
 
-    lab.lab.exec(&ot1, &["python3", &echo, "client", "udp", AI_V4[0], "5000", "10", "100"])?;
-    lab.lab.exec(&ot1, &["python3", &echo, "client", "tcp", AI_V4[0], "7000", "5", "1000"])?;
-    lab.lab.exec(&ot1, &["python3", &echo, "client", "udp", AI_V6, "5000", "7", "333"])?;
+    lab.lab.exec(
+        &ot1,
+        &[
+            "python3", &echo, "client", "udp", AI_V4[0], "5000", "10", "100",
+        ],
+    )?;
+    lab.lab.exec(
+        &ot1,
+        &[
+            "python3", &echo, "client", "tcp", AI_V4[0], "7000", "5", "1000",
+        ],
+    )?;
+    lab.lab.exec(
+        &ot1,
+        &["python3", &echo, "client", "udp", AI_V6, "5000", "7", "333"],
+    )?;
     // Let the last ACKs of the TCP close pass before the drain.
     std::thread::sleep(Duration::from_millis(500));
 
@@ -64,13 +95,26 @@ fn scenario(tag: &str, masquerade: bool, watch: &[&str]) -> Result<()> {
     let records = sensor.stop(&mut lab.lab)?;
     let flows = last_flow_records(&records);
 
-    let expect = |transport: &str, src: &str, dst: &str, port: u64, fwd: &str, rev: &str| -> Result<()> {
+    let expect = |transport: &str,
+                  src: &str,
+                  dst: &str,
+                  port: u64,
+                  fwd: &str,
+                  rev: &str|
+     -> Result<()> {
         let (src_ip, dst_ip) = (src.parse()?, dst.parse()?);
         let rec = flows
             .iter()
-            .find(|((t, s, _, d, dp), _)| t == transport && *s == src_ip && *d == dst_ip && *dp == port)
+            .find(|((t, s, _, d, dp), _)| {
+                t == transport && *s == src_ip && *d == dst_ip && *dp == port
+            })
             .map(|(_, r)| r)
-            .with_context(|| format!("{tag}: no {transport} flow {src} -> {dst}:{port} in {} records: {records:#?}", records.len()))?;
+            .with_context(|| {
+                format!(
+                    "{tag}: no {transport} flow {src} -> {dst}:{port} in {} records: {records:#?}",
+                    records.len()
+                )
+            })?;
         let (fp, fb) = counters[fwd];
         let (rp, rb) = counters[rev];
         ensure!(fp > 0 && rp > 0, "{tag}: nft saw no traffic: {counters:?}");
@@ -84,22 +128,48 @@ fn scenario(tag: &str, masquerade: bool, watch: &[&str]) -> Result<()> {
             got == (Some(fp), Some(fb), Some(rp), Some(rb)),
             "{tag}: {transport} {src}->{dst}:{port}: sensor (pkts, bytes, pkts, bytes) = {got:?}, nft = ({fp}, {fb}, {rp}, {rb})\n{rec:#}"
         );
-        ensure!(rec["observer"]["ingress"]["interface"]["name"] == GW_OT1_IF, "{tag}: wrong interface: {rec:#}");
-        ensure!(rec["network"]["community_id"].as_str().is_some_and(|c| c.starts_with("1:")), "{tag}: no community id");
+        ensure!(
+            rec["observer"]["ingress"]["interface"]["name"] == GW_OT1_IF,
+            "{tag}: wrong interface: {rec:#}"
+        );
+        ensure!(
+            rec["network"]["community_id"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("1:")),
+            "{tag}: no community id"
+        );
         Ok(())
     };
     expect("udp", OT1_V4, AI_V4[0], 5000, "udp4_fwd", "udp4_rev")?;
     expect("tcp", OT1_V4, AI_V4[0], 7000, "tcp4_fwd", "tcp4_rev")?;
     expect("udp", OT1_V6, AI_V6, 5000, "udp6_fwd", "udp6_rev")?;
     // UDP payloads are known exactly: IPv4 20 + UDP 8 + 100 bytes, 10 each way.
-    ensure!(counters["udp4_fwd"] == (10, 10 * 128), "{tag}: nft udp4 {:?}", counters["udp4_fwd"]);
+    ensure!(
+        counters["udp4_fwd"] == (10, 10 * 128),
+        "{tag}: nft udp4 {:?}",
+        counters["udp4_fwd"]
+    );
 
     // Every record is chained: sequence numbers are contiguous from the first.
-    let seqs: Vec<u64> = records.iter().filter_map(|r| r["event"]["sequence"].as_u64()).collect();
-    ensure!(!seqs.is_empty() && seqs.windows(2).all(|w| w[1] == w[0] + 1), "{tag}: sequence not contiguous: {seqs:?}");
+    let seqs: Vec<u64> = records
+        .iter()
+        .filter_map(|r| r["event"]["sequence"].as_u64())
+        .collect();
+    ensure!(
+        !seqs.is_empty() && seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "{tag}: sequence not contiguous: {seqs:?}"
+    );
     for r in &records {
-        ensure!(r["event"]["hash"].as_str().is_some_and(|h| h.len() == 64), "{tag}: record without hash: {r}");
-        ensure!(r["chain"]["prev_hash"].as_str().is_some_and(|h| h.len() == 64), "{tag}: record without prev_hash: {r}");
+        ensure!(
+            r["event"]["hash"].as_str().is_some_and(|h| h.len() == 64),
+            "{tag}: record without hash: {r}"
+        );
+        ensure!(
+            r["chain"]["prev_hash"]
+                .as_str()
+                .is_some_and(|h| h.len() == 64),
+            "{tag}: record without prev_hash: {r}"
+        );
     }
     Ok(())
 }

@@ -1,0 +1,17 @@
+#!/usr/bin/env python3
+"""Python's ssl module as a TLS client: connect ADDR PORT with SNI, verify with CAFILE."""
+import socket
+import ssl
+import sys
+
+addr, port, sni, cafile = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+ctx = ssl.create_default_context(cafile=cafile)
+ctx.set_alpn_protocols(["http/1.1"])
+with socket.create_connection((addr, port), timeout=5) as raw:
+    with ctx.wrap_socket(raw, server_hostname=sni) as tls:
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: " + sni.encode() + b"\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while chunk := tls.recv(4096):
+            reply += chunk
+head, _, body = reply.partition(b"\r\n\r\n")
+print(head.split(b"\r\n", 1)[0].decode(), body.decode().strip(), flush=True)

@@ -1,0 +1,288 @@
+//! Fake AI endpoints in the lab's `net` namespace: nginx (TLS over TCP) and an
+//! aioquic server (QUIC), with certificates from a lab CA made with the openssl CLI.
+//! And the real clients that call them from an OT host: curl, openssl s_client,
+//! Python ssl, headless Chromium, aioquic.
+
+use std::{fs, path::PathBuf, time::Duration};
+
+use anyhow::{Result, bail};
+
+use crate::{
+    Lab, Ns, peer_script, sh,
+    topology::{AI_V4, AI_V6},
+};
+
+/// Names the lab's endpoints answer to (every one resolves to [`AI_V4`] addresses
+/// through client-side pinning; no DNS is involved).
+pub const LAB_NAMES: &[&str] = &[
+    "api.openai.com",
+    "plant01.openai.azure.com",
+    "api.anthropic.com",
+    "generativelanguage.googleapis.com",
+    "api.mistral.ai",
+    "updates.vendor.example",
+];
+
+/// The lab CA and server certificate.
+pub struct LabPki {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl LabPki {
+    /// Makes a CA and one server certificate with every name in [`LAB_NAMES`].
+    pub fn create(lab: &Lab) -> Result<LabPki> {
+        let dir = lab.workdir.join("pki");
+        fs::create_dir_all(&dir)?;
+        let p = |n: &str| dir.join(n).display().to_string();
+        sh(std::process::Command::new("openssl").args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &p("ca.key"),
+            "-out",
+            &p("ca.pem"),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=Conduit Lab CA",
+        ]))?;
+        let san: Vec<String> = LAB_NAMES.iter().map(|n| format!("DNS:{n}")).collect();
+        fs::write(
+            dir.join("ext.cnf"),
+            format!(
+                "subjectAltName={}\nextendedKeyUsage=serverAuth\n",
+                san.join(",")
+            ),
+        )?;
+        sh(std::process::Command::new("openssl").args([
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &p("server.key"),
+            "-out",
+            &p("server.csr"),
+            "-subj",
+            "/CN=api.openai.com",
+        ]))?;
+        sh(std::process::Command::new("openssl").args([
+            "x509",
+            "-req",
+            "-in",
+            &p("server.csr"),
+            "-CA",
+            &p("ca.pem"),
+            "-CAkey",
+            &p("ca.key"),
+            "-CAcreateserial",
+            "-out",
+            &p("server.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &p("ext.cnf"),
+        ]))?;
+        Ok(LabPki {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+        })
+    }
+}
+
+/// Starts nginx (TLS on 443 of every AI address) and the QUIC server (UDP 443) in
+/// `net`. Both are stopped when the lab drops.
+pub fn start_endpoints(lab: &mut Lab, net: &Ns, pki: &LabPki) -> Result<()> {
+    let root = lab.workdir.join("nginx");
+    fs::create_dir_all(root.join("tmp"))?;
+    let mut listens = String::new();
+    for a in AI_V4 {
+        listens.push_str(&format!("    listen {a}:443 ssl;\n"));
+    }
+    listens.push_str(&format!("    listen [{AI_V6}]:443 ssl;\n"));
+    let conf = format!(
+        r#"daemon off;
+worker_processes 1;
+user root;
+pid {root}/nginx.pid;
+error_log {root}/error.log;
+events {{ worker_connections 64; }}
+http {{
+  access_log off;
+  client_body_temp_path {root}/tmp; proxy_temp_path {root}/tmp; fastcgi_temp_path {root}/tmp;
+  uwsgi_temp_path {root}/tmp; scgi_temp_path {root}/tmp;
+  server {{
+{listens}    server_name _;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    location / {{ default_type text/plain; return 200 "ok from the lab's fake AI endpoint\n"; }}
+  }}
+}}
+"#,
+        root = root.display(),
+        cert = pki.cert.display(),
+        key = pki.key.display(),
+    );
+    let conf_path = root.join("nginx.conf");
+    fs::write(&conf_path, conf)?;
+    lab.spawn(
+        net,
+        "nginx",
+        &[
+            "nginx",
+            "-c",
+            &conf_path.display().to_string(),
+            "-e",
+            &root.join("error.log").display().to_string(),
+        ],
+    )?;
+    lab.wait_for_port(net, "tcp", 443, Duration::from_secs(10))?;
+
+    let quic = peer_script("quic.py").display().to_string();
+    let (cert, key) = (
+        pki.cert.display().to_string(),
+        pki.key.display().to_string(),
+    );
+    let addrs = format!("{},{AI_V6}", AI_V4.join(","));
+    lab.spawn(
+        net,
+        "quic-server",
+        &["python3", &quic, "server", &addrs, "443", &cert, &key],
+    )?;
+    lab.wait_for_log("quic-server", "listening", Duration::from_secs(20))?;
+    Ok(())
+}
+
+/// A real TLS or QUIC client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Client {
+    Curl,
+    OpensslSClient,
+    PythonSsl,
+    Chromium,
+    Aioquic,
+}
+
+impl Client {
+    pub fn name(self) -> &'static str {
+        match self {
+            Client::Curl => "curl",
+            Client::OpensslSClient => "openssl",
+            Client::PythonSsl => "python-ssl",
+            Client::Chromium => "chromium",
+            Client::Aioquic => "aioquic",
+        }
+    }
+}
+
+/// Calls `https://<name>/` at `addr` from `ns` with `client`; fails if the call does.
+pub fn call(
+    lab: &Lab,
+    ns: &Ns,
+    client: Client,
+    name: &str,
+    addr: &str,
+    pki: &LabPki,
+) -> Result<String> {
+    let ca = pki.ca.display().to_string();
+    let host = if addr.contains(':') {
+        format!("[{addr}]")
+    } else {
+        addr.to_string()
+    };
+    let out = match client {
+        Client::Curl => lab.exec_any(
+            ns,
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+                "--http1.1",
+                "--cacert",
+                &ca,
+                "--resolve",
+                &format!("{name}:443:{host}"),
+                &format!("https://{name}/"),
+            ],
+        )?,
+        Client::OpensslSClient => {
+            // s_client reads stdin; give it a request and let it close.
+            let cmd = format!(
+                "printf 'GET / HTTP/1.1\\r\\nHost: {name}\\r\\nConnection: close\\r\\n\\r\\n' | timeout 10 openssl s_client -quiet -connect {host}:443 -servername {name} -CAfile {ca} -verify_return_error"
+            );
+            lab.exec_any(ns, &["sh", "-c", &cmd])?
+        }
+        Client::PythonSsl => {
+            let script = peer_script("tls_client.py").display().to_string();
+            lab.exec_any(ns, &["python3", &script, addr, "443", name, &ca])?
+        }
+        Client::Chromium => {
+            let profile = lab.workdir.join(format!("chromium-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&profile);
+            lab.exec_any(
+                ns,
+                &[
+                    "timeout",
+                    "40",
+                    "chromium",
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-quic",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    "--ignore-certificate-errors",
+                    &format!("--user-data-dir={}", profile.display()),
+                    &format!("--host-resolver-rules=MAP {name} {addr}"),
+                    "--dump-dom",
+                    &format!("https://{name}/"),
+                ],
+            )?
+        }
+        Client::Aioquic => {
+            let script = peer_script("quic.py").display().to_string();
+            lab.exec_any(ns, &["python3", &script, "client", addr, "443", name, &ca])?
+        }
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() || stdout.trim().is_empty() {
+        bail!(
+            "{} to {name} at {addr} failed ({}): {stdout}{}",
+            client.name(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(stdout)
+}
+
+/// Like [`call`] but expects failure (a blocked flow); returns the error text.
+pub fn call_expect_failure(
+    lab: &Lab,
+    ns: &Ns,
+    client: Client,
+    name: &str,
+    addr: &str,
+    pki: &LabPki,
+) -> Result<String> {
+    match call(lab, ns, client, name, addr, pki) {
+        Ok(out) => bail!(
+            "{} to {name} succeeded but should have been blocked: {out}",
+            client.name()
+        ),
+        Err(err) => Ok(format!("{err:#}")),
+    }
+}
