@@ -16,6 +16,7 @@ use crate::{
 /// through client-side pinning; no DNS is involved).
 pub const LAB_NAMES: &[&str] = &[
     "api.openai.com",
+    "chat.openai.com",
     "plant01.openai.azure.com",
     "api.anthropic.com",
     "generativelanguage.googleapis.com",
@@ -267,6 +268,13 @@ pub fn call(
         );
     }
     Ok(stdout)
+}
+
+/// Path of the lab's conduit map (`tests/lab/conduits.yaml`).
+pub fn lab_conduits() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("lab")
+        .join("conduits.yaml")
 }
 
 /// Like [`call`] but expects failure (a blocked flow); returns the error text.

@@ -158,6 +158,24 @@ impl Lab {
         Ok(())
     }
 
+    /// Pid of a spawned process (`ip netns exec` execs the program, so this is the
+    /// program's own pid).
+    pub fn pid(&self, label: &str) -> Option<nix::unistd::Pid> {
+        self.processes
+            .iter()
+            .find(|(l, _)| l == label)
+            .map(|(_, c)| nix::unistd::Pid::from_raw(c.id() as i32))
+    }
+
+    /// Sends a signal to a spawned process.
+    pub fn signal(&self, label: &str, signal: nix::sys::signal::Signal) -> Result<()> {
+        let pid = self
+            .pid(label)
+            .with_context(|| format!("no process {label}"))?;
+        nix::sys::signal::kill(pid, signal)?;
+        Ok(())
+    }
+
     /// Path of a spawned process's log.
     pub fn log_path(&self, label: &str) -> PathBuf {
         self.workdir.join(format!("{label}.log"))

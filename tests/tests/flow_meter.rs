@@ -102,7 +102,7 @@ fn scenario(tag: &str, masquerade: bool, watch: &[&str]) -> Result<()> {
                   fwd: &str,
                   rev: &str|
      -> Result<()> {
-        let (src_ip, dst_ip) = (src.parse()?, dst.parse()?);
+        let (src_ip, dst_ip): (std::net::IpAddr, std::net::IpAddr) = (src.parse()?, dst.parse()?);
         let rec = flows
             .iter()
             .find(|((t, s, _, d, dp), _)| {
