@@ -16,6 +16,12 @@ pub const PAYLOAD_COPY_MAX: usize = 1536;
 pub const MAX_WATCHED_IFACES: u32 = 64;
 /// Maximum number of local addresses of the gateway the kernel knows about.
 pub const MAX_LOCAL_ADDRS: u32 = 256;
+/// Capacity of each CIDR trie (zones, endpoint networks; per address family).
+pub const MAX_POLICY_CIDRS: u32 = 4096;
+/// Capacity of each SNI map (exact names, suffixes).
+pub const MAX_POLICY_SNI: u32 = 8192;
+/// Capacity of the conduit map.
+pub const MAX_POLICY_CONDUITS: u32 = 8192;
 
 /// Address family tag stored in [`FlowKey::family`].
 pub const FAMILY_IPV4: u8 = 4;
@@ -112,18 +118,19 @@ pub struct FlowStats {
     pub sni_hash: u64,
     /// Interface on which the flow's first packet was observed.
     pub ifindex: u32,
+    /// TCP flags seen, OR-ed per direction.
+    pub tcp_flags: [u8; 2],
+    /// 1 when the initiator is the `lo` side of the [`FlowKey`].
+    pub initiator_is_lo: u8,
+    /// [`flow_state`] bits. `ifindex..=state` form one 8-byte aligned word that the
+    /// kernel updates with a single atomic OR.
+    pub state: u8,
     /// Zone of the initiator (index into the agent's zone table, 0 = none).
     pub zone_id: u16,
     /// AI endpoint class of the responder (0 = none).
     pub endpoint_id: u16,
     /// Conduit that matched (0 = none).
     pub conduit_id: u16,
-    /// TCP flags seen, OR-ed per direction.
-    pub tcp_flags: [u8; 2],
-    /// 1 when the initiator is the `lo` side of the [`FlowKey`].
-    pub initiator_is_lo: u8,
-    /// [`flow_state`] bits.
-    pub state: u8,
     /// [`verdict`] value.
     pub verdict: u8,
     /// [`sni_state`] value.
@@ -180,6 +187,62 @@ pub struct PayloadEvent {
     pub _pad: u32,
     pub data: [u8; PAYLOAD_COPY_MAX],
 }
+
+/// Conduit actions ([`ConduitValue::action`], [`KernelConfig::default_action`]).
+pub mod action {
+    pub const ALLOW: u8 = 0;
+    pub const ALERT: u8 = 1;
+    pub const BLOCK: u8 = 2;
+}
+
+/// Protocol of a [`ConduitKey`] (the conduit map's `protocols: [tls, quic]`).
+pub mod conduit_proto {
+    pub const TLS: u8 = 1;
+    pub const QUIC: u8 = 2;
+}
+
+/// Key of the `CONDUITS` map: (source zone, endpoint, destination port, protocol).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConduitKey {
+    pub zone: u16,
+    pub endpoint: u16,
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// [`conduit_proto`] value.
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of the `CONDUITS` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConduitValue {
+    pub conduit_id: u16,
+    /// [`action`] value.
+    pub action: u8,
+    pub _pad: u8,
+}
+
+/// Runtime switches, the single entry of the `CONFIG` array map (set by the agent).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelConfig {
+    /// 1: XDP_DROP later forward packets of flows whose verdict is `BLOCKED`.
+    pub enforce: u8,
+    /// 1: the agent records every flow (informational for the kernel).
+    pub record_all: u8,
+    /// [`action`] for AI traffic that no conduit allows.
+    pub default_action: u8,
+    /// 1 when `LOCAL_ADDRS` has entries; lets the fast path skip that lookup.
+    pub has_local_addrs: u8,
+    pub _pad: [u8; 4],
+}
+
+/// IPv4 LPM trie key data (address in network byte order).
+pub type LpmV4 = [u8; 4];
+/// IPv6 LPM trie key data (address in network byte order).
+pub type LpmV6 = [u8; 16];
 
 /// Key of the local-address map: the gateway's own addresses.
 #[repr(C)]
@@ -355,6 +418,9 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowStats {}
     unsafe impl aya::Pod for super::LocalAddr {}
+    unsafe impl aya::Pod for super::ConduitKey {}
+    unsafe impl aya::Pod for super::ConduitValue {}
+    unsafe impl aya::Pod for super::KernelConfig {}
 }
 
 #[cfg(test)]
@@ -370,6 +436,13 @@ mod tests {
         );
         assert_eq!(core::mem::size_of::<EventHeader>(), 4 + 4 + 8 + 40);
         assert_eq!(core::mem::size_of::<LocalAddr>(), 20);
+        assert_eq!(core::mem::size_of::<ConduitKey>(), 8);
+        assert_eq!(core::mem::size_of::<ConduitValue>(), 4);
+        assert_eq!(core::mem::size_of::<KernelConfig>(), 8);
+        // The kernel ORs TCP flags and state bits into the 8-byte word at 56 atomically.
+        assert_eq!(core::mem::offset_of!(FlowStats, ifindex), 56);
+        assert_eq!(core::mem::offset_of!(FlowStats, tcp_flags), 60);
+        assert_eq!(core::mem::offset_of!(FlowStats, state), 63);
     }
 
     #[test]

@@ -1,10 +1,269 @@
+//! Conduit Sensor kernel programs: `conduit_xdp` (XDP, ingress) and `conduit_tc`
+//! (TC clsact, egress). Both are fail-open: every path ends in PASS / TC_ACT_OK,
+//! except enforcement of a `blocked` verdict.
 #![no_std]
 #![no_main]
+// BPF has no compare-and-swap, so core's Atomic* lack fetch_add/fetch_or here; the
+// intrinsics lower to BPF atomic add/or.
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "atomic intrinsics, see above")]
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+mod flow;
+mod parse;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, xdp_action},
+    macros::{classifier, map, xdp},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
+    programs::{TcContext, XdpContext},
+};
+use sensor_common::{
+    ConduitKey, ConduitValue, Counter, EVENTS_RINGBUF_BYTES, FLOW_TABLE_SIZE, FlowKey, FlowStats,
+    KernelConfig, LocalAddr, LpmV4, LpmV6, MAX_LOCAL_ADDRS, MAX_POLICY_CIDRS, MAX_POLICY_CONDUITS,
+    MAX_POLICY_SNI, MAX_WATCHED_IFACES,
+};
+
+use crate::parse::{Bounds, IPPROTO_TCP, Packet};
+
+/// The flow table.
+#[map]
+static FLOWS: LruHashMap<FlowKey, FlowStats> = LruHashMap::with_max_entries(FLOW_TABLE_SIZE, 0);
+
+/// Flow and payload events to the agent.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RINGBUF_BYTES, 0);
+
+/// Per-CPU counters indexed by [`Counter`].
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+/// ifindex -> 1 for every interface the agent attached to.
+#[map]
+static WATCHED_IFACES: HashMap<u32, u8> = HashMap::with_max_entries(MAX_WATCHED_IFACES, 0);
+
+/// The gateway's own addresses.
+#[map]
+static LOCAL_ADDRS: HashMap<LocalAddr, u8> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
+
+/// Runtime switches (one entry).
+#[map]
+static CONFIG: Array<KernelConfig> = Array::with_max_entries(1, 0);
+
+/// Packets to a gateway-local address that XDP saw on a watched interface and left
+/// for the egress program to count after conntrack undid the NAT. Keyed by fields NAT
+/// does not rewrite.
+#[map]
+static HANDOFF: LruPerCpuHashMap<HandoffKey, u8> = LruPerCpuHashMap::with_max_entries(4096, 0);
+
+/// Source zone by initiator address (CIDR -> zone id).
+#[map]
+static ZONES_V4: LpmTrie<LpmV4, u16> = LpmTrie::with_max_entries(MAX_POLICY_CIDRS, 0);
+#[map]
+static ZONES_V6: LpmTrie<LpmV6, u16> = LpmTrie::with_max_entries(MAX_POLICY_CIDRS, 0);
+/// AI endpoint by responder address (CIDR -> endpoint id).
+#[map]
+static ENDPOINT_NETS_V4: LpmTrie<LpmV4, u16> = LpmTrie::with_max_entries(MAX_POLICY_CIDRS, 0);
+#[map]
+static ENDPOINT_NETS_V6: LpmTrie<LpmV6, u16> = LpmTrie::with_max_entries(MAX_POLICY_CIDRS, 0);
+/// `sni_hash(name)` -> endpoint id.
+#[map]
+static SNI_EXACT: HashMap<u64, u16> = HashMap::with_max_entries(MAX_POLICY_SNI, 0);
+/// `sni_hash(".suffix")` -> endpoint id.
+#[map]
+static SNI_SUFFIX: HashMap<u64, u16> = HashMap::with_max_entries(MAX_POLICY_SNI, 0);
+/// (zone, endpoint, port, proto) -> conduit.
+#[map]
+static CONDUITS: HashMap<ConduitKey, ConduitValue> =
+    HashMap::with_max_entries(MAX_POLICY_CONDUITS, 0);
+
+/// Per-CPU scratch for building a new flow's value (BPF stack is 512 bytes).
+#[map]
+static SCRATCH_STATS: PerCpuArray<FlowStats> = PerCpuArray::with_max_entries(1, 0);
+
+/// Baseline for the benchmark: one LRU lookup + update on a fixed key.
+#[map]
+static BENCH_LRU: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct HandoffKey {
+    /// Source address of the packet (the remote peer; SNAT undo rewrites only the destination).
+    remote: [u8; 16],
+    /// IPv4 id or UDP length (UDP), TCP sequence and acknowledgement numbers (TCP).
+    disc: u64,
+    remote_port: u16,
+    protocol: u8,
+    family: u8,
+    _pad: u32,
+}
+
+#[inline(always)]
+fn bump(c: Counter) {
+    bump_by(c, 1);
+}
+
+#[inline(always)]
+fn bump_by(c: Counter, n: u64) {
+    if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *p += n };
+    }
+}
+
+#[inline(always)]
+fn config() -> KernelConfig {
+    match CONFIG.get(0) {
+        Some(c) => *c,
+        None => KernelConfig::default(),
+    }
+}
+
+#[inline(always)]
+fn handoff_key(p: &Packet) -> HandoffKey {
+    let disc = if p.protocol == IPPROTO_TCP {
+        ((p.tcp_seq as u64) << 32) | p.tcp_ack as u64
+    } else {
+        ((p.payload_len as u64) << 16) | p.ip_id as u64
+    };
+    HandoffKey {
+        remote: p.src,
+        disc,
+        remote_port: p.sport,
+        protocol: p.protocol,
+        family: p.family,
+        _pad: 0,
+    }
+}
 
 #[xdp]
-pub fn conduit_xdp(_ctx: XdpContext) -> u32 {
+pub fn conduit_xdp(ctx: XdpContext) -> u32 {
+    match try_xdp(&ctx) {
+        Ok(v) => v,
+        Err(c) => {
+            bump(c);
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+#[inline(always)]
+fn try_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
+    bump(Counter::PacketsSeen);
+    let b = Bounds {
+        start: ctx.data(),
+        end: ctx.data_end(),
+    };
+    let p = parse::parse(&b)?;
+    let (key, src_lo) = flow::key_of(&p);
+    let ifindex = ctx.ingress_ifindex() as u32;
+    let cfg = config();
+
+    // Known flow: count it. Unknown flow to a gateway-local address: the masqueraded
+    // return path of a flow that TC egress will see de-NATed; leave it to TC.
+    if cfg.has_local_addrs != 0 && FLOWS.get_ptr(key).is_none() {
+        let mut la = LocalAddr {
+            addr: p.dst,
+            family: p.family,
+            _pad: [0; 3],
+        };
+        la.family = p.family;
+        if LOCAL_ADDRS.get_ptr(la).is_some() {
+            let _ = HANDOFF.insert(handoff_key(&p), 1, 0);
+            bump(Counter::HandedOffLocal);
+            return Ok(xdp_action::XDP_PASS);
+        }
+    }
+    let Some(_acc) = flow::account(&p, &key, src_lo, 1, p.ip_len as u64, ifindex) else {
+        return Ok(xdp_action::XDP_PASS);
+    };
+    bump(Counter::PacketsCounted);
+    Ok(xdp_action::XDP_PASS)
+}
+
+#[classifier]
+pub fn conduit_tc(ctx: TcContext) -> i32 {
+    match try_tc(&ctx) {
+        Ok(v) => v,
+        Err(c) => {
+            bump(c);
+            TC_ACT_OK
+        }
+    }
+}
+
+/// Headers we want in the linear area for direct access.
+const TC_PULL_LEN: u32 = 128;
+
+#[inline(always)]
+fn try_tc(ctx: &TcContext) -> Result<i32, Counter> {
+    bump(Counter::PacketsSeen);
+    // SAFETY: reading plain fields of the __sk_buff context.
+    let (ingress_ifindex, ifindex, gso_segs, skb_len) = unsafe {
+        let skb = ctx.skb.skb;
+        (
+            (*skb).ingress_ifindex,
+            (*skb).ifindex,
+            (*skb).gso_segs,
+            (*skb).len,
+        )
+    };
+    let mut b = Bounds {
+        start: ctx.data(),
+        end: ctx.data_end(),
+    };
+    // Headers of GSO / paged skbs may not be in the linear area; pull them once.
+    let want = if skb_len < TC_PULL_LEN {
+        skb_len
+    } else {
+        TC_PULL_LEN
+    };
+    if ((b.end - b.start) as u32) < want {
+        let _ = ctx.pull_data(want);
+        b = Bounds {
+            start: ctx.data(),
+            end: ctx.data_end(),
+        };
+    }
+    let p = parse::parse(&b)?;
+
+    // Count once: skip what XDP already counted on a watched ingress interface,
+    // unless XDP handed it over (addressed to the gateway before de-NAT).
+    if ingress_ifindex != 0 && WATCHED_IFACES.get_ptr(ingress_ifindex).is_some() {
+        let hk = handoff_key(&p);
+        if HANDOFF.get_ptr(hk).is_none() {
+            bump(Counter::SkippedAlreadyCounted);
+            return Ok(TC_ACT_OK);
+        }
+        let _ = HANDOFF.remove(hk);
+    }
+
+    let (key, src_lo) = flow::key_of(&p);
+    let segs = if gso_segs > 1 { gso_segs } else { 1 };
+    // A GSO aggregate carries one set of headers for `segs` wire packets.
+    let bytes = p.ip_len as u64 + (segs as u64 - 1) * p.hdr_len as u64;
+    if flow::account(&p, &key, src_lo, segs as u64, bytes, ifindex).is_none() {
+        return Ok(TC_ACT_OK);
+    }
+    bump_by(Counter::PacketsCounted, segs as u64);
+    Ok(TC_ACT_OK)
+}
+
+/// Benchmark baseline: does nothing.
+#[xdp]
+pub fn bench_empty(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+/// Benchmark baseline: one LRU lookup and update on a fixed key.
+#[xdp]
+pub fn bench_lru(_ctx: XdpContext) -> u32 {
+    let key = 1u64;
+    match BENCH_LRU.get_ptr_mut(key) {
+        Some(v) => unsafe { *v += 1 },
+        None => {
+            let _ = BENCH_LRU.insert(key, 1, 0);
+        }
+    }
     xdp_action::XDP_PASS
 }
 

@@ -1,1 +1,745 @@
-//! TODO(skeleton): filled in by its owner.
+//! Loader and map access for the kernel programs (`sensor-ebpf`).
+//!
+//! [`Kernel`] owns the loaded object: it attaches XDP (ingress) and TC (egress) to
+//! interfaces, fills the configuration maps, reads the flow table and counters, and
+//! runs the programs on crafted packets with `BPF_PROG_TEST_RUN` for tests,
+//! benchmarks and `replay`.
+//!
+//! Needs CAP_BPF + CAP_NET_ADMIN (CAP_PERFMON for the direct packet access the
+//! programs use when unprivileged BPF is restricted).
+
+use std::{
+    net::IpAddr,
+    time::{Duration, SystemTime},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode,
+        tc::{self, SchedClassifierLinkId},
+        xdp::XdpLinkId,
+    },
+};
+use sensor_common::{
+    ConduitKey, ConduitValue, Counter, EVENT_FLOW_CLASSIFIED, EVENT_FLOW_END, EVENT_FLOW_NEW,
+    EVENT_PAYLOAD, FAMILY_IPV4, FAMILY_IPV6, FlowEvent, FlowKey, FlowStats, KernelConfig,
+    LocalAddr, PayloadEvent,
+};
+
+/// Program names in the object.
+const PROG_XDP: &str = "conduit_xdp";
+const PROG_TC: &str = "conduit_tc";
+const PROG_BENCH_EMPTY: &str = "bench_empty";
+const PROG_BENCH_LRU: &str = "bench_lru";
+
+/// Map names in the object.
+pub mod map_names {
+    pub const FLOWS: &str = "FLOWS";
+    pub const EVENTS: &str = "EVENTS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const WATCHED_IFACES: &str = "WATCHED_IFACES";
+    pub const LOCAL_ADDRS: &str = "LOCAL_ADDRS";
+    pub const CONFIG: &str = "CONFIG";
+    pub const ZONES_V4: &str = "ZONES_V4";
+    pub const ZONES_V6: &str = "ZONES_V6";
+    pub const ENDPOINT_NETS_V4: &str = "ENDPOINT_NETS_V4";
+    pub const ENDPOINT_NETS_V6: &str = "ENDPOINT_NETS_V6";
+    pub const SNI_EXACT: &str = "SNI_EXACT";
+    pub const SNI_SUFFIX: &str = "SNI_SUFFIX";
+    pub const CONDUITS: &str = "CONDUITS";
+}
+
+/// Errors of the kernel loader.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("the eBPF object has no {0}")]
+    Missing(&'static str),
+    #[error("interface {name}: {source}")]
+    Interface {
+        name: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("attaching XDP to {name}: native and generic mode both failed: {source}")]
+    XdpAttach {
+        name: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("adding clsact qdisc to {name}: {source}")]
+    Clsact {
+        name: String,
+        #[source]
+        source: tc::TcError,
+    },
+}
+
+pub type Result<T, E = KernelError> = std::result::Result<T, E>;
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> KernelError {
+    move |source| KernelError::Map { name, source }
+}
+
+fn prog_err(name: &'static str) -> impl FnOnce(ProgramError) -> KernelError {
+    move |source| KernelError::Program { name, source }
+}
+
+/// Load-time options.
+#[derive(Clone, Debug, Default)]
+pub struct KernelOptions {
+    /// Drop later forward packets of flows with a `blocked` verdict.
+    pub enforce: bool,
+    /// The agent records every flow, not only AI traffic.
+    pub record_all: bool,
+    /// [`sensor_common::action`] for AI traffic no conduit allows.
+    pub default_action: u8,
+}
+
+/// XDP attach mode that was used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpAttachMode {
+    /// Native (driver) mode.
+    Driver,
+    /// Generic (skb) mode: slower, used when the driver has no XDP support.
+    Skb,
+}
+
+/// What [`Kernel::attach`] did.
+#[derive(Clone, Debug)]
+pub struct AttachInfo {
+    pub ifname: String,
+    pub ifindex: u32,
+    pub xdp_mode: XdpAttachMode,
+}
+
+/// Which program [`Kernel::test_run`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Program {
+    /// `conduit_xdp` (ingress).
+    Xdp,
+    /// `conduit_tc` (egress).
+    Tc,
+    /// Benchmark baseline: returns XDP_PASS.
+    BenchEmpty,
+    /// Benchmark baseline: one LRU lookup + update.
+    BenchLru,
+}
+
+impl Program {
+    const fn name(self) -> &'static str {
+        match self {
+            Program::Xdp => PROG_XDP,
+            Program::Tc => PROG_TC,
+            Program::BenchEmpty => PROG_BENCH_EMPTY,
+            Program::BenchLru => PROG_BENCH_LRU,
+        }
+    }
+}
+
+/// A decoded ring-buffer event.
+#[derive(Clone, Debug)]
+pub enum KernelEvent {
+    /// `EVENT_FLOW_NEW`, `EVENT_FLOW_END` or `EVENT_FLOW_CLASSIFIED` (see `header.kind`).
+    Flow(FlowEvent),
+    /// `EVENT_PAYLOAD`.
+    Payload(Box<PayloadEvent>),
+}
+
+impl KernelEvent {
+    /// Decodes one ring-buffer record; `None` for unknown kinds or short records.
+    pub fn decode(bytes: &[u8]) -> Option<KernelEvent> {
+        match *bytes.first()? {
+            EVENT_FLOW_NEW | EVENT_FLOW_END | EVENT_FLOW_CLASSIFIED => {
+                if bytes.len() < size_of::<FlowEvent>() {
+                    return None;
+                }
+                // SAFETY: length checked; FlowEvent is repr(C) plain data, any bit
+                // pattern is valid.
+                Some(KernelEvent::Flow(unsafe {
+                    bytes.as_ptr().cast::<FlowEvent>().read_unaligned()
+                }))
+            }
+            EVENT_PAYLOAD => {
+                if bytes.len() < size_of::<PayloadEvent>() {
+                    return None;
+                }
+                // SAFETY: as above.
+                let ev = unsafe { bytes.as_ptr().cast::<PayloadEvent>().read_unaligned() };
+                Some(KernelEvent::Payload(Box::new(ev)))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Converts `bpf_ktime_get_boot_ns` timestamps to wall-clock time.
+#[derive(Clone, Copy, Debug)]
+pub struct BootClock {
+    /// CLOCK_REALTIME - CLOCK_BOOTTIME, in ns, sampled at construction.
+    offset_ns: i128,
+}
+
+impl BootClock {
+    /// Samples the offset between the boot clock and the wall clock now. Re-create it
+    /// after wall-clock steps (NTP) to stay accurate.
+    pub fn now() -> BootClock {
+        let boot = clock_ns(libc::CLOCK_BOOTTIME);
+        let real = clock_ns(libc::CLOCK_REALTIME);
+        BootClock {
+            offset_ns: real - boot,
+        }
+    }
+
+    /// Wall-clock time of a boot-clock timestamp.
+    pub fn to_system_time(&self, boot_ns: u64) -> SystemTime {
+        let ns = boot_ns as i128 + self.offset_ns;
+        if ns >= 0 {
+            SystemTime::UNIX_EPOCH + Duration::from_nanos(ns as u64)
+        } else {
+            SystemTime::UNIX_EPOCH
+        }
+    }
+
+    /// Current boot-clock time in ns (same clock as the kernel's timestamps).
+    pub fn boot_now_ns() -> u64 {
+        clock_ns(libc::CLOCK_BOOTTIME) as u64
+    }
+}
+
+fn clock_ns(clock: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec; CLOCK_BOOTTIME/REALTIME always exist on Linux.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+}
+
+/// Classification written back by the agent (see [`Kernel::update_classification`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Classification {
+    pub sni_hash: u64,
+    pub zone_id: u16,
+    pub endpoint_id: u16,
+    pub conduit_id: u16,
+    pub verdict: u8,
+    pub sni_state: u8,
+    pub app_protocol: u8,
+}
+
+/// IPv4 or IPv6 CIDR with a 16-bit id, as installed in the LPM tries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CidrEntry {
+    pub addr: IpAddr,
+    pub prefix_len: u8,
+    pub id: u16,
+}
+
+/// Everything the kernel needs from the conduit map. Ids are the agent's indexes
+/// (0 means "none" and must not be used).
+#[derive(Clone, Debug, Default)]
+pub struct KernelPolicy {
+    pub zones: Vec<CidrEntry>,
+    pub endpoint_nets: Vec<CidrEntry>,
+    /// `sni_hash(exact name)` -> endpoint id.
+    pub sni_exact: Vec<(u64, u16)>,
+    /// `sni_hash(".suffix")` (leading dot included) -> endpoint id.
+    pub sni_suffix: Vec<(u64, u16)>,
+    pub conduits: Vec<(ConduitKey, ConduitValue)>,
+    /// [`sensor_common::action`] for AI traffic no conduit allows.
+    pub default_action: u8,
+    pub enforce: bool,
+}
+
+/// The loaded kernel programs and their maps.
+pub struct Kernel {
+    ebpf: Ebpf,
+    config: KernelConfig,
+    xdp_links: Vec<(String, XdpLinkId)>,
+    tc_links: Vec<(String, SchedClassifierLinkId)>,
+    watched: Vec<u32>,
+    events: Option<RingBuf<MapData>>,
+}
+
+impl std::fmt::Debug for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kernel")
+            .field("config", &self.config)
+            .field("watched", &self.watched)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Kernel {
+    /// Loads the embedded object and all its programs (nothing is attached yet).
+    pub fn load(opts: &KernelOptions) -> Result<Kernel> {
+        let mut ebpf = EbpfLoader::new().load(aya::include_bytes_aligned!(concat!(
+            env!("OUT_DIR"),
+            "/sensor"
+        )))?;
+        for name in [PROG_XDP, PROG_BENCH_EMPTY, PROG_BENCH_LRU] {
+            let p: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or(KernelError::Missing(name))?
+                .try_into()
+                .map_err(prog_err(name))?;
+            p.load().map_err(prog_err(name))?;
+        }
+        let p: &mut SchedClassifier = ebpf
+            .program_mut(PROG_TC)
+            .ok_or(KernelError::Missing(PROG_TC))?
+            .try_into()
+            .map_err(prog_err(PROG_TC))?;
+        p.load().map_err(prog_err(PROG_TC))?;
+        let events = ebpf
+            .take_map(map_names::EVENTS)
+            .ok_or(KernelError::Missing(map_names::EVENTS))?;
+        let events = RingBuf::try_from(events).map_err(map_err(map_names::EVENTS))?;
+        let mut k = Kernel {
+            ebpf,
+            config: KernelConfig::default(),
+            xdp_links: Vec::new(),
+            tc_links: Vec::new(),
+            watched: Vec::new(),
+            events: Some(events),
+        };
+        k.config.enforce = opts.enforce as u8;
+        k.config.record_all = opts.record_all as u8;
+        k.config.default_action = opts.default_action;
+        k.write_config()?;
+        Ok(k)
+    }
+
+    fn write_config(&mut self) -> Result<()> {
+        let name = map_names::CONFIG;
+        let mut m: Array<&mut MapData, KernelConfig> =
+            Array::try_from(self.ebpf.map_mut(name).ok_or(KernelError::Missing(name))?)
+                .map_err(map_err(name))?;
+        m.set(0, self.config, 0).map_err(map_err(name))
+    }
+
+    /// Current runtime switches.
+    pub fn config(&self) -> KernelConfig {
+        self.config
+    }
+
+    /// Turns enforcement (XDP_DROP of `blocked` flows) on or off.
+    pub fn set_enforce(&mut self, on: bool) -> Result<()> {
+        self.config.enforce = on as u8;
+        self.write_config()
+    }
+
+    /// Attaches XDP (native, else generic with a warning) and TC egress to `ifname`
+    /// and marks it watched.
+    pub fn attach(&mut self, ifname: &str) -> Result<AttachInfo> {
+        let ifindex =
+            nix::net::if_::if_nametoindex(ifname).map_err(|source| KernelError::Interface {
+                name: ifname.to_owned(),
+                source,
+            })?;
+        // Watched first, so TC never sees the interface half-registered.
+        self.watch_ifindex(ifindex)?;
+
+        let xdp: &mut Xdp = self
+            .ebpf
+            .program_mut(PROG_XDP)
+            .ok_or(KernelError::Missing(PROG_XDP))?
+            .try_into()
+            .map_err(prog_err(PROG_XDP))?;
+        let (link, mode) = match xdp.attach(ifname, XdpMode::Driver) {
+            Ok(link) => (link, XdpAttachMode::Driver),
+            Err(e) => {
+                tracing::warn!(
+                    iface = ifname,
+                    error = %e,
+                    "native XDP not available, falling back to generic (skb) mode"
+                );
+                let link =
+                    xdp.attach(ifname, XdpMode::Skb)
+                        .map_err(|source| KernelError::XdpAttach {
+                            name: ifname.to_owned(),
+                            source,
+                        })?;
+                (link, XdpAttachMode::Skb)
+            }
+        };
+        self.xdp_links.push((ifname.to_owned(), link));
+
+        // Kernels >= 6.6 attach through TCX and need no qdisc; older ones need clsact.
+        let tcx = aya::util::KernelVersion::current()
+            .map(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+            .unwrap_or(false);
+        if !tcx {
+            match tc::qdisc_add_clsact(ifname) {
+                Ok(()) => {}
+                Err(e) if is_exists(&e) => {}
+                Err(source) => {
+                    return Err(KernelError::Clsact {
+                        name: ifname.to_owned(),
+                        source,
+                    });
+                }
+            }
+        }
+        let tc: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(PROG_TC)
+            .ok_or(KernelError::Missing(PROG_TC))?
+            .try_into()
+            .map_err(prog_err(PROG_TC))?;
+        let link = tc
+            .attach(ifname, TcAttachType::Egress)
+            .map_err(prog_err(PROG_TC))?;
+        self.tc_links.push((ifname.to_owned(), link));
+        Ok(AttachInfo {
+            ifname: ifname.to_owned(),
+            ifindex,
+            xdp_mode: mode,
+        })
+    }
+
+    /// Marks `ifindex` as watched (done by [`Kernel::attach`]; tests use it directly,
+    /// e.g. for loopback, the ingress interface of `BPF_PROG_TEST_RUN`).
+    pub fn watch_ifindex(&mut self, ifindex: u32) -> Result<()> {
+        let name = map_names::WATCHED_IFACES;
+        let mut m: HashMap<&mut MapData, u32, u8> =
+            HashMap::try_from(self.ebpf.map_mut(name).ok_or(KernelError::Missing(name))?)
+                .map_err(map_err(name))?;
+        m.insert(ifindex, 1, 0).map_err(map_err(name))?;
+        if !self.watched.contains(&ifindex) {
+            self.watched.push(ifindex);
+        }
+        Ok(())
+    }
+
+    /// Detaches every program from every interface (also done on drop). Errors are
+    /// logged: on shutdown we detach as much as we can.
+    pub fn detach_all(&mut self) {
+        if let Some(Ok(xdp)) = self.ebpf.program_mut(PROG_XDP).map(<&mut Xdp>::try_from) {
+            for (ifname, link) in self.xdp_links.drain(..) {
+                if let Err(e) = xdp.detach(link) {
+                    tracing::warn!(iface = %ifname, error = %e, "detaching XDP");
+                }
+            }
+        }
+        if let Some(Ok(tc)) = self
+            .ebpf
+            .program_mut(PROG_TC)
+            .map(<&mut SchedClassifier>::try_from)
+        {
+            for (ifname, link) in self.tc_links.drain(..) {
+                if let Err(e) = tc.detach(link) {
+                    tracing::warn!(iface = %ifname, error = %e, "detaching TC");
+                }
+            }
+        }
+        if let Some(m) = self.ebpf.map_mut(map_names::WATCHED_IFACES)
+            && let Ok(mut m) = HashMap::<&mut MapData, u32, u8>::try_from(m)
+        {
+            for ifindex in self.watched.drain(..) {
+                let _ = m.remove(&ifindex);
+            }
+        }
+    }
+
+    /// Replaces the set of the gateway's own addresses.
+    pub fn set_local_addrs(&mut self, addrs: &[IpAddr]) -> Result<()> {
+        let name = map_names::LOCAL_ADDRS;
+        let new: Vec<LocalAddr> = addrs.iter().map(|a| local_addr(*a)).collect();
+        {
+            let mut m: HashMap<&mut MapData, LocalAddr, u8> =
+                HashMap::try_from(self.ebpf.map_mut(name).ok_or(KernelError::Missing(name))?)
+                    .map_err(map_err(name))?;
+            for a in &new {
+                m.insert(a, 1, 0).map_err(map_err(name))?;
+            }
+            let stale: Vec<LocalAddr> = m
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| !new.contains(k))
+                .collect();
+            for k in stale {
+                let _ = m.remove(&k);
+            }
+        }
+        self.config.has_local_addrs = (!new.is_empty()) as u8;
+        self.write_config()
+    }
+
+    fn flows(&self) -> Result<HashMap<&MapData, FlowKey, FlowStats>> {
+        let name = map_names::FLOWS;
+        HashMap::try_from(self.ebpf.map(name).ok_or(KernelError::Missing(name))?)
+            .map_err(map_err(name))
+    }
+
+    fn flows_mut(&mut self) -> Result<HashMap<&mut MapData, FlowKey, FlowStats>> {
+        let name = map_names::FLOWS;
+        HashMap::try_from(self.ebpf.map_mut(name).ok_or(KernelError::Missing(name))?)
+            .map_err(map_err(name))
+    }
+
+    /// Every flow in the table. Entries evicted or deleted during the walk are skipped.
+    pub fn flow_entries(&self) -> Result<Vec<(FlowKey, FlowStats)>> {
+        let flows = self.flows()?;
+        let mut out = Vec::new();
+        for r in flows.iter() {
+            match r {
+                Ok(kv) => out.push(kv),
+                // The key vanished between get_next_key and lookup (LRU eviction).
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(map_names::FLOWS)(e)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// One flow, if present.
+    pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowStats>> {
+        match self.flows()?.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(map_names::FLOWS)(e)),
+        }
+    }
+
+    /// Deletes a flow (after the agent recorded its end). Missing keys are fine.
+    pub fn remove_flow(&mut self, key: &FlowKey) -> Result<()> {
+        match self.flows_mut()?.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(map_names::FLOWS)(e)),
+        }
+    }
+
+    /// Overwrites a flow's value (only if it still exists). Counters the kernel added
+    /// since `stats` was read are lost; prefer [`Kernel::update_classification`].
+    pub fn update_flow(&mut self, key: &FlowKey, stats: &FlowStats) -> Result<()> {
+        const BPF_EXIST: u64 = 2;
+        self.flows_mut()?
+            .insert(key, stats, BPF_EXIST)
+            .map_err(map_err(map_names::FLOWS))
+    }
+
+    /// Writes the agent's classification into a flow: read, modify, write back within
+    /// microseconds (packets counted by the kernel inside that window can be lost; BPF
+    /// offers no partial update of a hash value from userspace). Returns false if the
+    /// flow is gone.
+    pub fn update_classification(&mut self, key: &FlowKey, c: &Classification) -> Result<bool> {
+        let Some(mut s) = self.flow(key)? else {
+            return Ok(false);
+        };
+        s.sni_hash = c.sni_hash;
+        s.zone_id = c.zone_id;
+        s.endpoint_id = c.endpoint_id;
+        s.conduit_id = c.conduit_id;
+        s.verdict = c.verdict;
+        s.sni_state = c.sni_state;
+        s.app_protocol = c.app_protocol;
+        match self.update_flow(key, &s) {
+            Ok(()) => Ok(true),
+            Err(KernelError::Map {
+                source: MapError::KeyNotFound,
+                ..
+            }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Counters summed over CPUs, indexed by [`Counter`].
+    pub fn counters(&self) -> Result<[u64; Counter::COUNT as usize]> {
+        let name = map_names::COUNTERS;
+        let m: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map(name).ok_or(KernelError::Missing(name))?)
+                .map_err(map_err(name))?;
+        let mut out = [0u64; Counter::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let v = m.get(&(i as u32), 0).map_err(map_err(name))?;
+            *slot = v.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Hands the event ring buffer to the caller (once), e.g. to wrap its fd in
+    /// `tokio::io::unix::AsyncFd` and drain it with `next()` + [`KernelEvent::decode`].
+    pub fn take_ring_buf(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// Drains the ring buffer synchronously (if it was not taken).
+    pub fn drain_events(&mut self) -> Vec<KernelEvent> {
+        let mut out = Vec::new();
+        if let Some(rb) = self.events.as_mut() {
+            while let Some(item) = rb.next() {
+                if let Some(ev) = KernelEvent::decode(&item) {
+                    out.push(ev);
+                }
+            }
+        }
+        out
+    }
+
+    /// Runs `program` once on `packet` with `BPF_PROG_TEST_RUN`; returns its verdict.
+    /// XDP runs see ingress ifindex 1 (loopback).
+    pub fn test_run(&self, program: Program, packet: &[u8]) -> Result<u32> {
+        Ok(self.test_run_opts(program, packet, 1, None)?.return_value)
+    }
+
+    /// `BPF_PROG_TEST_RUN` with `repeat` and an optional context (`struct xdp_md` or
+    /// `struct __sk_buff`, e.g. to set `ingress_ifindex` or `gso_segs` for TC). The
+    /// result's duration is the mean per run.
+    pub fn test_run_opts(
+        &self,
+        program: Program,
+        packet: &[u8],
+        repeat: u32,
+        ctx_in: Option<&[u8]>,
+    ) -> Result<aya::programs::TestRunResult> {
+        let name = program.name();
+        let prog = self.ebpf.program(name).ok_or(KernelError::Missing(name))?;
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            ctx_in,
+            repeat,
+            ..TestRunOptions::default()
+        };
+        match program {
+            Program::Tc => {
+                let p: &SchedClassifier = prog.try_into().map_err(prog_err(name))?;
+                p.test_run(opts).map_err(prog_err(name))
+            }
+            _ => {
+                let p: &Xdp = prog.try_into().map_err(prog_err(name))?;
+                p.test_run(opts).map_err(prog_err(name))
+            }
+        }
+    }
+
+    /// Installs the kernel part of a conduit map. Each map gets its new entries first
+    /// and loses its stale ones afterwards, so lookups never see an empty map.
+    pub fn install_policy(&mut self, p: &KernelPolicy) -> Result<()> {
+        let split = |v: &[CidrEntry]| {
+            let mut v4 = Vec::new();
+            let mut v6 = Vec::new();
+            for e in v {
+                match e.addr {
+                    IpAddr::V4(a) => {
+                        v4.push((Key::new(e.prefix_len.min(32) as u32, a.octets()), e.id))
+                    }
+                    IpAddr::V6(a) => {
+                        v6.push((Key::new(e.prefix_len.min(128) as u32, a.octets()), e.id))
+                    }
+                }
+            }
+            (v4, v6)
+        };
+        let (z4, z6) = split(&p.zones);
+        let (e4, e6) = split(&p.endpoint_nets);
+        replace_lpm(&mut self.ebpf, map_names::ZONES_V4, &z4)?;
+        replace_lpm(&mut self.ebpf, map_names::ZONES_V6, &z6)?;
+        replace_lpm(&mut self.ebpf, map_names::ENDPOINT_NETS_V4, &e4)?;
+        replace_lpm(&mut self.ebpf, map_names::ENDPOINT_NETS_V6, &e6)?;
+        replace_hash(&mut self.ebpf, map_names::SNI_EXACT, &p.sni_exact)?;
+        replace_hash(&mut self.ebpf, map_names::SNI_SUFFIX, &p.sni_suffix)?;
+        replace_hash(&mut self.ebpf, map_names::CONDUITS, &p.conduits)?;
+        self.config.default_action = p.default_action;
+        self.config.enforce = p.enforce as u8;
+        self.write_config()
+    }
+}
+
+impl Drop for Kernel {
+    fn drop(&mut self) {
+        self.detach_all();
+    }
+}
+
+fn is_exists(e: &tc::TcError) -> bool {
+    // aya reports netlink errors with the raw errno; EEXIST means clsact is there.
+    match e {
+        tc::TcError::NetlinkError(n) => n.raw_os_error() == Some(libc::EEXIST),
+        _ => e.to_string().contains("exists"),
+    }
+}
+
+fn local_addr(a: IpAddr) -> LocalAddr {
+    let mut addr = [0u8; 16];
+    let family = match a {
+        IpAddr::V4(v4) => {
+            addr[..4].copy_from_slice(&v4.octets());
+            FAMILY_IPV4
+        }
+        IpAddr::V6(v6) => {
+            addr = v6.octets();
+            FAMILY_IPV6
+        }
+    };
+    LocalAddr {
+        addr,
+        family,
+        _pad: [0; 3],
+    }
+}
+
+fn replace_lpm<K: aya::Pod + PartialEq>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    entries: &[(Key<K>, u16)],
+) -> Result<()> {
+    let mut m: LpmTrie<&mut MapData, K, u16> =
+        LpmTrie::try_from(ebpf.map_mut(name).ok_or(KernelError::Missing(name))?)
+            .map_err(map_err(name))?;
+    for (k, v) in entries {
+        m.insert(k, v, 0).map_err(map_err(name))?;
+    }
+    let stale: Vec<Key<K>> = m
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| {
+            !entries
+                .iter()
+                .any(|(e, _)| e.prefix_len() == k.prefix_len() && e.data() == k.data())
+        })
+        .collect();
+    for k in stale {
+        let _ = m.remove(&k);
+    }
+    Ok(())
+}
+
+fn replace_hash<K: aya::Pod + PartialEq, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    entries: &[(K, V)],
+) -> Result<()> {
+    let mut m: HashMap<&mut MapData, K, V> =
+        HashMap::try_from(ebpf.map_mut(name).ok_or(KernelError::Missing(name))?)
+            .map_err(map_err(name))?;
+    for (k, v) in entries {
+        m.insert(k, v, 0).map_err(map_err(name))?;
+    }
+    let stale: Vec<K> = m
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| !entries.iter().any(|(e, _)| e == k))
+        .collect();
+    for k in stale {
+        let _ = m.remove(&k);
+    }
+    Ok(())
+}
