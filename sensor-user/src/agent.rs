@@ -25,16 +25,14 @@ use tokio::{
 
 use crate::{
     chain::{Appended, Recorder, RecorderOptions},
-    config::{self, AppProto, ConduitMap},
+    completion::{Completion, Completed},
+    config::{self, AppProto, ConduitMap, DefaultAction},
     flows::{Classification, FlowOut, FlowTracker, TrackerOptions},
-    kernel::{Kernel, KernelEvent},
+    kernel::{self, Kernel, KernelEvent, KernelOptions},
+    kernel_policy::kernel_policy,
     metrics::Metrics,
     record::{BootClock, ChainPosition, ecs_json, endpoints, flow_record},
-    tls::{
-        client_hello::ClientHelloInfo,
-        quic::QuicInitialTable,
-        reassembly::{Push, ReassemblyTable},
-    },
+    tls::ClientHelloInfo,
 };
 
 /// Everything `run` needs, after sensor.yaml and the flags are merged.
@@ -48,7 +46,6 @@ pub struct AgentSettings {
     pub tracker: TrackerOptions,
     pub enforcement: bool,
     pub metrics: Option<std::net::SocketAddr>,
-    pub xdp_generic: bool,
     pub collector: Option<String>,
 }
 
@@ -65,8 +62,7 @@ struct Agent {
     jsonl: Option<BufWriter<File>>,
     policy: Option<ConduitMap>,
     metrics: Arc<Metrics>,
-    tcp_hellos: ReassemblyTable<FlowKey>,
-    quic_hellos: QuicInitialTable<FlowKey>,
+    completion: Completion,
     /// Kernel counter values already reported, to report only increases as loss.
     reported_counters: [u64; Counter::COUNT as usize],
     ifnames: HashMap<u32, String>,
@@ -104,15 +100,19 @@ pub async fn run(settings: AgentSettings) -> Result<()> {
         .with_context(|| format!("opening the spool in {}", settings.recorder.spool_dir.display()))?;
     tracing::info!(public_key = %hex::encode(recorder.public_key()), spool = %settings.recorder.spool_dir.display(), "recorder ready");
 
-    let mut kernel = Kernel::load(crate::kernel::LoadOptions {
-        enforcement: settings.enforcement,
-        ..Default::default()
+    let mut kernel = Kernel::load(&KernelOptions {
+        enforce: settings.enforcement,
+        record_all: settings.tracker.record_all,
+        default_action: match policy.as_ref().map(|p| p.default_action) {
+            Some(DefaultAction::Block) => sensor_common::action::BLOCK,
+            _ => sensor_common::action::ALERT,
+        },
     })
     .context("loading the kernel programs (needs CAP_BPF and CAP_NET_ADMIN)")?;
     let mut ifnames = HashMap::new();
     for iface in &settings.ifaces {
         let info = kernel
-            .attach(iface, settings.xdp_generic)
+            .attach(iface)
             .with_context(|| format!("attaching to {iface}"))?;
         tracing::info!(iface, mode = ?info.xdp_mode, "attached");
         ifnames.insert(info.ifindex, iface.clone());
@@ -139,8 +139,7 @@ pub async fn run(settings: AgentSettings) -> Result<()> {
         jsonl,
         policy: None,
         metrics: metrics.clone(),
-        tcp_hellos: ReassemblyTable::new(),
-        quic_hellos: QuicInitialTable::new(),
+        completion: Completion::new(),
         reported_counters: [0; Counter::COUNT as usize],
         ifnames,
         site,
@@ -163,7 +162,8 @@ pub struct ConfigExit(pub config::ConfigError);
 
 impl Agent {
     async fn event_loop(&mut self) -> Result<()> {
-        let mut events = AsyncFd::new(self.kernel.take_events()?).context("ring buffer fd")?;
+        let ring = self.kernel.take_ring_buf().context("the EVENTS ring buffer was already taken")?;
+        let mut events = AsyncFd::new(ring).context("ring buffer fd")?;
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
         let mut tick = tokio::time::interval(RECORDER_TICK);
         let mut hup = signal(SignalKind::hangup())?;
@@ -209,17 +209,10 @@ impl Agent {
             }
             KernelEvent::Payload(pe) => {
                 let key = pe.header.key;
-                let copied = (pe.copied_len as usize).min(pe.data.len());
-                let data = &pe.data[..copied];
-                let push = if key.protocol == 17 {
-                    self.quic_hellos.push(key, data, Instant::now())
-                } else {
-                    self.tcp_hellos.push(key, pe.tcp_seq, data, Instant::now())
-                };
-                match push {
-                    Push::Done(info) => self.classified(key, *info, if key.protocol == 17 { AppProto::Quic } else { AppProto::Tls })?,
-                    Push::NeedMore => {}
-                    Push::NotTls | Push::Failed(_) => self.finish_unclassified(key),
+                match self.completion.push(&pe, Instant::now()) {
+                    Completed::Hello(info, proto) => self.classified(key, *info, proto)?,
+                    Completed::NeedMore => {}
+                    Completed::NotTls => self.finish_unclassified(key)?,
                 }
             }
         }
@@ -230,7 +223,7 @@ impl Agent {
     /// into the kernel (so later packets are attributed and blocked flows dropped) and
     /// record `flow_start` at once.
     fn classified(&mut self, key: FlowKey, info: ClientHelloInfo, proto: AppProto) -> Result<()> {
-        let Some(mut stats) = self.kernel.flow(&key) else {
+        let Some(mut stats) = self.kernel.flow(&key)? else {
             return Ok(());
         };
         let ep = endpoints(&key, &stats);
@@ -261,7 +254,15 @@ impl Agent {
         if let Some(name) = &info.sni {
             stats.sni_hash = sensor_common::sni_hash(name.as_bytes());
         }
-        self.kernel.write_classification(&key, &stats)?;
+        self.kernel.update_classification(&key, &kernel::Classification {
+            sni_hash: stats.sni_hash,
+            zone_id: stats.zone_id,
+            endpoint_id: stats.endpoint_id,
+            conduit_id: stats.conduit_id,
+            verdict: stats.verdict,
+            sni_state: stats.sni_state,
+            app_protocol: stats.app_protocol,
+        })?;
         self.count_verdict(class.verdict);
         if let Some(out) = self.tracker.on_classified(key, stats, class, BootClock::boot_now_ns()) {
             self.write_flow(out)?;
@@ -269,11 +270,20 @@ impl Agent {
         Ok(())
     }
 
-    fn finish_unclassified(&mut self, key: FlowKey) {
-        if let Some(mut stats) = self.kernel.flow(&key) {
-            stats.sni_state = sni_state::DONE;
-            let _ = self.kernel.write_classification(&key, &stats);
+    /// Not TLS/QUIC after all: tell the kernel to stop copying payload.
+    fn finish_unclassified(&mut self, key: FlowKey) -> Result<()> {
+        if let Some(s) = self.kernel.flow(&key)? {
+            self.kernel.update_classification(&key, &kernel::Classification {
+                sni_hash: s.sni_hash,
+                zone_id: s.zone_id,
+                endpoint_id: s.endpoint_id,
+                conduit_id: s.conduit_id,
+                verdict: s.verdict,
+                sni_state: sni_state::DONE,
+                app_protocol: s.app_protocol,
+            })?;
         }
+        Ok(())
     }
 
     fn count_verdict(&self, v: Verdict) {
@@ -288,12 +298,12 @@ impl Agent {
 
     fn sweep(&mut self) -> Result<()> {
         let now = BootClock::boot_now_ns();
-        let entries = self.kernel.flow_entries();
+        let entries = self.kernel.flow_entries()?;
         let policy = self.policy.as_ref();
         let resolve = |_: &FlowKey, s: &FlowStats| kernel_classification(policy, s);
         let sweep = self.tracker.sweep(now, &entries, &resolve);
         for key in &sweep.remove {
-            self.kernel.remove_flow(key);
+            self.kernel.remove_flow(key)?;
         }
         let m = &self.metrics;
         m.flows_unrecorded.fetch_add(sweep.unrecorded_ended, Ordering::Relaxed);
@@ -305,7 +315,7 @@ impl Agent {
         if sweep.evicted > 0 {
             self.write_loss("flow_table_eviction", sweep.evicted, "flow", "kernel", "recorded flows evicted from the kernel flow table before they ended; their last packets are not counted")?;
         }
-        let expired = self.tcp_hellos.expire(Instant::now()) + self.quic_hellos.expire(Instant::now());
+        let expired = self.completion.expire(Instant::now());
         if expired > 0 {
             self.write_loss("reassembly_limit", expired as u64, "flow", "agent", "ClientHello reassembly gave up (time or memory bound)")?;
         }
@@ -314,7 +324,7 @@ impl Agent {
 
     /// Kernel loss counters that grew become signed `loss` records.
     fn report_kernel_counters(&mut self) -> Result<()> {
-        let counters = self.kernel.counters();
+        let counters = self.kernel.counters()?;
         for c in Counter::ALL {
             let i = c as usize;
             self.metrics.kernel[i].store(counters[i], Ordering::Relaxed);
@@ -352,7 +362,7 @@ impl Agent {
 
     fn install_policy(&mut self, map: ConduitMap, trigger: &str) -> Result<()> {
         self.kernel
-            .install_policy(&crate::kernel::policy_from_map(&map, self.settings.enforcement))
+            .install_policy(&kernel_policy(&map, self.settings.enforcement))
             .context("installing the conduit map into the kernel")?;
         self.site = map.site.clone();
         let record = Record {
@@ -441,7 +451,7 @@ impl Agent {
         tracing::info!("draining");
         self.metrics.ready.store(false, Ordering::Relaxed);
         self.sweep()?;
-        let entries = self.kernel.flow_entries();
+        let entries = self.kernel.flow_entries()?;
         for out in self.tracker.drain(&entries) {
             self.write_flow(out)?;
         }

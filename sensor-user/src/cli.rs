@@ -85,9 +85,6 @@ pub struct RunArgs {
     /// Active timeout: a flow_update this often (e.g. 60s).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub active_timeout: Option<std::time::Duration>,
-    /// Attach XDP in generic (skb) mode instead of trying native first.
-    #[arg(long)]
-    pub xdp_generic: bool,
 }
 
 #[derive(Debug, Args)]

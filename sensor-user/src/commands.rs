@@ -92,7 +92,6 @@ pub fn settings_from(args: &RunArgs) -> Result<AgentSettings, ConfigError> {
         },
         enforcement: args.enforce || cfg.enforcement,
         metrics: args.metrics.or(cfg.metrics.map(|m| m.listen)),
-        xdp_generic: args.xdp_generic,
         collector: args.collector.clone().or(cfg.collector.map(|c| c.url)),
     })
 }
@@ -161,17 +160,21 @@ fn check_config(args: CheckConfigArgs) -> Result<ExitCode> {
 
 fn verify_chain(args: VerifyChainArgs) -> Result<ExitCode> {
     let key = match &args.public_key {
-        Some(path) => Some(crate::chain::read_public_key(path)?),
+        Some(path) => Some(crate::chain::keys::read_public_key(path)?),
         None => None,
     };
-    let report = crate::chain::verify::verify_dir(&args.dir, key)?;
+    let report = crate::chain::verify::verify_dir(&args.dir, key);
     print!("{report}");
-    Ok(if report.is_ok() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_CHAIN_BROKEN) })
+    Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_CHAIN_BROKEN) })
 }
 
 fn keygen(args: KeygenArgs) -> Result<ExitCode> {
-    let public = crate::chain::keygen(&args.out)?;
-    println!("wrote {}/signing.key (0600) and signing.pub; public key {}", args.out.display(), hex::encode(public));
+    let key = crate::chain::keys::keygen(&args.out)?;
+    println!(
+        "wrote {}/signing.key (0600) and signing.pub; public key {}",
+        args.out.display(),
+        hex::encode(key.verifying_key().to_bytes())
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -204,7 +207,7 @@ fn probe(args: ProbeArgs) -> Result<ExitCode> {
     for (name, bit) in [("CAP_NET_ADMIN", 12), ("CAP_SYS_ADMIN", 21), ("CAP_PERFMON", 38), ("CAP_BPF", 39)] {
         println!("{name}: {}", if cap_eff & (1 << bit) != 0 { "yes" } else { "no" });
     }
-    match crate::kernel::Kernel::load(crate::kernel::LoadOptions::default()) {
+    match crate::kernel::Kernel::load(&crate::kernel::KernelOptions::default()) {
         Ok(_) => println!("kernel programs: load ok (verifier accepted XDP and TC programs)"),
         Err(err) => println!("kernel programs: FAILED to load: {err}"),
     }

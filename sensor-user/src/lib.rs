@@ -1,12 +1,17 @@
 //! The Conduit Sensor agent library: everything `conduit-sensor` does, as modules
 //! the binary's thin `main` and the tests can call.
 
+pub mod agent;
 pub mod chain;
 pub mod cli;
+pub mod commands;
 pub mod community_id;
+pub mod completion;
 pub mod config;
 pub mod flows;
 pub mod kernel;
+pub mod kernel_policy;
+pub mod metrics;
 pub mod record;
 pub mod spool;
 pub mod tls;
