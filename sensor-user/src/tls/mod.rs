@@ -1,1 +1,13 @@
 //! TLS ClientHello and QUIC Initial parsing, reassembly, JA4.
+//!
+//! The kernel hands over payloads it could not classify itself (ClientHello
+//! split over TCP segments, QUIC Initials); this module finishes the job:
+//! [`reassembly`] for TCP, [`quic`] for QUIC, both ending in [`client_hello`].
+
+pub mod client_hello;
+pub mod ja4;
+pub mod reassembly;
+
+pub use client_hello::{ClientHelloInfo, ParseError, parse_client_hello, parse_handshake};
+pub use ja4::Transport;
+pub use reassembly::{ClientHelloAssembler, Limits, Push, ReassemblyTable};

@@ -1,0 +1,510 @@
+//! Bounded reassembly of a ClientHello split over TCP segments.
+//!
+//! The kernel sends the payload of the first data segment of a TLS flow (with the
+//! sequence number of its first byte) and of the following segments while the
+//! flow is pending. Segments may be reordered, retransmitted or overlap; bytes
+//! before the first segment's sequence number are ignored (the kernel only
+//! starts a flow on a segment that begins a TLS record).
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::time::{Duration, Instant};
+
+use super::client_hello::{ClientHelloInfo, ParseError, parse_client_hello};
+
+/// Outcome of feeding bytes to a reassembler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Push {
+    /// Valid so far; wait for more bytes.
+    NeedMore,
+    /// The ClientHello is complete and parsed; the flow entry is released.
+    Done(Box<ClientHelloInfo>),
+    /// The stream does not start with a TLS handshake record (or the datagram
+    /// is not a QUIC Initial); the flow entry is released.
+    NotTls,
+    /// Malformed ClientHello or undecryptable Initial; the flow entry is released.
+    Failed(ParseError),
+    /// A memory bound was hit (bytes or fragments per flow, or the table is
+    /// full): the agent reports it as loss reason `reassembly_limit`.
+    Limit,
+}
+
+/// Bounds for a reassembly table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Flows tracked at once; new flows beyond it get [`Push::Limit`].
+    pub max_flows: usize,
+    /// Bytes buffered per flow (window from the first byte).
+    pub max_bytes_per_flow: usize,
+    /// Disjoint byte ranges per flow (bounds work against tiny-segment floods).
+    pub max_fragments: usize,
+    /// Lifetime of an incomplete entry.
+    pub timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_flows: 1024,
+            max_bytes_per_flow: 16 * 1024,
+            max_fragments: 64,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Result of inserting bytes into a [`RangeBuf`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Insert {
+    Ok,
+    /// Some bytes fell beyond the window or the fragment limit was hit.
+    Limit,
+}
+
+/// Bytes at offsets `0..cap`, possibly with holes; first write wins on overlap
+/// (a retransmission must not rewrite bytes that were already parsed).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RangeBuf {
+    data: Vec<u8>,
+    /// Sorted, disjoint, non-adjacent filled ranges `[start, end)`.
+    ranges: Vec<(usize, usize)>,
+    cap: usize,
+    max_fragments: usize,
+}
+
+impl RangeBuf {
+    pub(crate) fn new(cap: usize, max_fragments: usize) -> Self {
+        RangeBuf {
+            data: Vec::new(),
+            ranges: Vec::new(),
+            cap,
+            max_fragments: max_fragments.max(1),
+        }
+    }
+
+    pub(crate) fn insert(&mut self, off: u64, bytes: &[u8]) -> Insert {
+        if bytes.is_empty() {
+            return Insert::Ok;
+        }
+        let Ok(start) = usize::try_from(off) else {
+            return Insert::Limit;
+        };
+        if start >= self.cap {
+            return Insert::Limit;
+        }
+        let want_end = start.saturating_add(bytes.len());
+        let end = want_end.min(self.cap);
+        if self.data.len() < end {
+            self.data.resize(end, 0);
+        }
+        // Copy only into the holes of [start, end).
+        let mut cursor = start;
+        for &(s, e) in &self.ranges {
+            if e <= cursor {
+                continue;
+            }
+            if s >= end {
+                break;
+            }
+            if s > cursor {
+                copy_part(&mut self.data, bytes, start, cursor, s);
+            }
+            cursor = cursor.max(e);
+        }
+        if cursor < end {
+            copy_part(&mut self.data, bytes, start, cursor, end);
+        }
+        // Merge [start, end) into the range list.
+        let mut merged = (start, end);
+        let mut out = Vec::with_capacity(self.ranges.len() + 1);
+        let mut placed = false;
+        for &(s, e) in &self.ranges {
+            if e < merged.0 {
+                out.push((s, e));
+            } else if s > merged.1 {
+                if !placed {
+                    out.push(merged);
+                    placed = true;
+                }
+                out.push((s, e));
+            } else {
+                merged = (merged.0.min(s), merged.1.max(e));
+            }
+        }
+        if !placed {
+            out.push(merged);
+        }
+        self.ranges = out;
+        if self.ranges.len() > self.max_fragments || want_end > self.cap {
+            return Insert::Limit;
+        }
+        Insert::Ok
+    }
+
+    /// The filled prefix starting at offset 0.
+    pub(crate) fn contiguous(&self) -> &[u8] {
+        match self.ranges.first() {
+            Some(&(0, e)) => self.data.get(..e).unwrap_or(&[]),
+            _ => &[],
+        }
+    }
+
+    /// Whether the contiguous prefix fills the whole window.
+    pub(crate) fn is_full(&self) -> bool {
+        self.contiguous().len() >= self.cap
+    }
+
+    pub(crate) fn buffered(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Copy `bytes` (which start at stream offset `base`) for offsets `[from, to)`.
+fn copy_part(data: &mut [u8], bytes: &[u8], base: usize, from: usize, to: usize) {
+    let (Some(dst), Some(src)) = (
+        data.get_mut(from..to),
+        bytes.get(from.saturating_sub(base)..to.saturating_sub(base)),
+    ) else {
+        return;
+    };
+    if dst.len() == src.len() {
+        dst.copy_from_slice(src);
+    }
+}
+
+/// Reassembles one TCP flow's ClientHello.
+#[derive(Debug, Clone)]
+pub struct ClientHelloAssembler {
+    first_seq: u32,
+    buf: RangeBuf,
+    parsed_len: usize,
+}
+
+impl ClientHelloAssembler {
+    /// `first_seq`: sequence number of the first payload byte of the flow.
+    pub fn new(first_seq: u32, limits: &Limits) -> Self {
+        ClientHelloAssembler {
+            first_seq,
+            buf: RangeBuf::new(limits.max_bytes_per_flow, limits.max_fragments),
+            parsed_len: 0,
+        }
+    }
+
+    /// Bytes buffered (memory accounting).
+    pub fn buffered(&self) -> usize {
+        self.buf.buffered()
+    }
+
+    /// Feed one segment's payload.
+    pub fn push(&mut self, seq: u32, payload: &[u8]) -> Push {
+        // Signed distance handles sequence number wrap-around.
+        let rel = seq.wrapping_sub(self.first_seq) as i32;
+        let (off, bytes) = if rel < 0 {
+            // Starts before the first byte: keep only the part after it.
+            let skip = usize::try_from(rel.unsigned_abs()).unwrap_or(usize::MAX);
+            (0u64, payload.get(skip..).unwrap_or(&[]))
+        } else {
+            (u64::from(rel.unsigned_abs()), payload)
+        };
+        let inserted = self.buf.insert(off, bytes);
+        let data = self.buf.contiguous();
+        if let Some(&first) = data.first()
+            && first != 0x16
+        {
+            return Push::NotTls;
+        }
+        if data.len() > self.parsed_len {
+            self.parsed_len = data.len();
+            match parse_client_hello(data) {
+                Ok(info) => return Push::Done(Box::new(info)),
+                Err(ParseError::Incomplete { .. }) => {}
+                Err(ParseError::NotHandshake(_)) => return Push::NotTls,
+                Err(ParseError::TooLarge(_)) => return Push::Limit,
+                Err(e) => return Push::Failed(e),
+            }
+        }
+        if inserted == Insert::Limit || self.buf.is_full() {
+            return Push::Limit;
+        }
+        Push::NeedMore
+    }
+}
+
+#[derive(Debug)]
+struct Entry<T> {
+    state: T,
+    created: Instant,
+}
+
+/// Bounded map of in-progress flows (shared by the TCP and QUIC tables).
+#[derive(Debug)]
+pub(crate) struct BoundedTable<K, T> {
+    flows: HashMap<K, Entry<T>>,
+    pub(crate) limits: Limits,
+    /// Entries expired while making room, reported by the next `expire`.
+    expired_pending: usize,
+}
+
+impl<K: Hash + Eq, T> BoundedTable<K, T> {
+    pub(crate) fn new(limits: Limits) -> Self {
+        BoundedTable {
+            flows: HashMap::new(),
+            limits,
+            expired_pending: 0,
+        }
+    }
+
+    /// Run `f` on the flow's state (created by `make` if new); the entry is
+    /// removed unless the result is [`Push::NeedMore`].
+    pub(crate) fn with_entry(
+        &mut self,
+        key: K,
+        now: Instant,
+        make: impl FnOnce() -> T,
+        f: impl FnOnce(&mut T) -> Push,
+    ) -> Push {
+        if !self.flows.contains_key(&key) && self.flows.len() >= self.limits.max_flows {
+            self.expired_pending += self.expire_now(now);
+            if self.flows.len() >= self.limits.max_flows {
+                // Refuse the newcomer rather than evict: a flood of new flows
+                // must not push out flows that are about to complete.
+                return Push::Limit;
+            }
+        }
+        match self.flows.entry(key) {
+            std::collections::hash_map::Entry::Occupied(mut o) => {
+                let r = f(&mut o.get_mut().state);
+                if r != Push::NeedMore {
+                    o.remove();
+                }
+                r
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let mut state = make();
+                let r = f(&mut state);
+                if r == Push::NeedMore {
+                    v.insert(Entry {
+                        state,
+                        created: now,
+                    });
+                }
+                r
+            }
+        }
+    }
+
+    fn expire_now(&mut self, now: Instant) -> usize {
+        let before = self.flows.len();
+        let timeout = self.limits.timeout;
+        self.flows
+            .retain(|_, e| now.saturating_duration_since(e.created) < timeout);
+        before - self.flows.len()
+    }
+
+    pub(crate) fn expire(&mut self, now: Instant) -> usize {
+        let n = self.expire_now(now) + self.expired_pending;
+        self.expired_pending = 0;
+        n
+    }
+
+    pub(crate) fn remove(&mut self, key: &K) -> bool {
+        self.flows.remove(key).is_some()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.flows.len()
+    }
+}
+
+/// Per-flow TCP ClientHello reassembly with bounded memory and time.
+#[derive(Debug)]
+pub struct ReassemblyTable<K> {
+    table: BoundedTable<K, ClientHelloAssembler>,
+}
+
+impl<K: Hash + Eq> ReassemblyTable<K> {
+    pub fn new(limits: Limits) -> Self {
+        ReassemblyTable {
+            table: BoundedTable::new(limits),
+        }
+    }
+
+    /// Feed a segment. The first push for a key fixes the flow's first sequence
+    /// number. Any result other than [`Push::NeedMore`] releases the entry.
+    pub fn push(&mut self, key: K, seq: u32, payload: &[u8], now: Instant) -> Push {
+        let limits = self.table.limits;
+        self.table.with_entry(
+            key,
+            now,
+            || ClientHelloAssembler::new(seq, &limits),
+            |asm| asm.push(seq, payload),
+        )
+    }
+
+    /// Drop entries older than the timeout; returns how many were dropped
+    /// (including ones dropped to make room since the last call). Each is a
+    /// `reassembly_limit` loss.
+    pub fn expire(&mut self, now: Instant) -> usize {
+        self.table.expire(now)
+    }
+
+    /// Forget a flow (e.g. it ended).
+    pub fn remove(&mut self, key: &K) -> bool {
+        self.table.remove(key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.table.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::client_hello::tests::{records, rfc_client_hello};
+
+    fn stream() -> Vec<u8> {
+        records(&rfc_client_hello(), 100)
+    }
+
+    fn done_sni(p: &Push) -> Option<&str> {
+        match p {
+            Push::Done(info) => info.sni.as_deref(),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn range_buf_overlaps() {
+        let mut b = RangeBuf::new(32, 8);
+        assert_eq!(b.insert(4, b"efgh"), Insert::Ok);
+        assert_eq!(b.contiguous(), b"");
+        assert_eq!(b.insert(2, b"XXXXXXij"), Insert::Ok); // overlap keeps "efgh"
+        assert_eq!(b.insert(0, b"ab"), Insert::Ok);
+        assert_eq!(b.contiguous(), b"abXXefghij");
+        assert_eq!(b.insert(30, b"0123"), Insert::Limit);
+        assert_eq!(b.contiguous(), b"abXXefghij");
+    }
+
+    #[test]
+    fn in_order_segments() {
+        let s = stream();
+        let mut t = ReassemblyTable::new(Limits::default());
+        let now = Instant::now();
+        let isn = 1000u32;
+        let mut last = Push::NeedMore;
+        for (i, chunk) in s.chunks(60).enumerate() {
+            last = t.push(7u32, isn + (i * 60) as u32, chunk, now);
+        }
+        assert_eq!(done_sni(&last), Some("example.com"));
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn out_of_order_retransmit_overlap_and_wrap() {
+        let s = stream();
+        let isn = u32::MAX - 50; // sequence numbers wrap inside the hello
+        let mut t = ReassemblyTable::new(Limits::default());
+        let now = Instant::now();
+        // First segment (the kernel's), then the rest reversed with duplicates
+        // and overlapping ranges.
+        assert_eq!(t.push(1u8, isn, &s[..40], now), Push::NeedMore);
+        let mut segs: Vec<(usize, usize)> = Vec::new();
+        let mut off = 40;
+        while off < s.len() {
+            let end = (off + 37).min(s.len());
+            segs.push((off, end));
+            off = end;
+        }
+        segs.reverse();
+        let last = segs.pop().unwrap_or((40, 40));
+        for &(a, b) in &segs {
+            assert_eq!(
+                t.push(1u8, isn.wrapping_add(a as u32), &s[a..b], now),
+                Push::NeedMore
+            );
+            // Retransmission overlapping the previous segment start.
+            let a2 = a.saturating_sub(10).max(40);
+            assert_eq!(
+                t.push(1u8, isn.wrapping_add(a2 as u32), &s[a2..b], now),
+                Push::NeedMore
+            );
+        }
+        // Old retransmission reaching back before the first byte.
+        let p = t.push(1u8, isn.wrapping_sub(5), &[0u8; 5], now);
+        assert_eq!(p, Push::NeedMore);
+        let p = t.push(
+            1u8,
+            isn.wrapping_add(last.0 as u32),
+            &s[last.0..last.1],
+            now,
+        );
+        assert_eq!(done_sni(&p), Some("example.com"));
+    }
+
+    #[test]
+    fn not_tls_and_failed() {
+        let mut t = ReassemblyTable::new(Limits::default());
+        let now = Instant::now();
+        assert_eq!(t.push(1u8, 5, b"SSH-2.0-OpenSSH", now), Push::NotTls);
+        // ServerHello is a handshake, but not a ClientHello.
+        let p = t.push(2u8, 5, &[0x16, 3, 3, 0, 4, 2, 0, 0, 0], now);
+        assert_eq!(p, Push::Failed(ParseError::NotClientHello(2)));
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn limits_and_expiry() {
+        let limits = Limits {
+            max_flows: 2,
+            max_bytes_per_flow: 64,
+            max_fragments: 4,
+            timeout: Duration::from_secs(5),
+        };
+        let mut t = ReassemblyTable::new(limits);
+        let now = Instant::now();
+        let s = stream();
+        assert_eq!(t.push(1u8, 0, &s[..10], now), Push::NeedMore);
+        assert_eq!(t.push(2u8, 0, &s[..10], now), Push::NeedMore);
+        assert_eq!(t.push(3u8, 0, &s[..10], now), Push::Limit);
+        // Window overflow: the hello is larger than 64 bytes.
+        assert_eq!(t.push(1u8, 10, &s[10..100], now), Push::Limit);
+        // Fragment flood.
+        for i in 0..4u32 {
+            let _ = t.push(2u8, 20 + i * 3, &s[20..21], now);
+        }
+        assert_eq!(t.len(), 0);
+        assert_eq!(t.push(4u8, 0, &s[..10], now), Push::NeedMore);
+        let later = now + Duration::from_secs(6);
+        assert_eq!(t.push(5u8, 0, &s[..10], later), Push::NeedMore);
+        // Full table: the stale entry is expired to admit the new one.
+        assert_eq!(t.push(6u8, 0, &s[..10], later), Push::NeedMore);
+        assert_eq!(t.expire(later), 1);
+        assert_eq!(t.expire(later + Duration::from_secs(6)), 2);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn random_segments_never_panic() {
+        let s = stream();
+        let mut t = ReassemblyTable::new(Limits::default());
+        let now = Instant::now();
+        let mut state = 0x9e37_79b9_u32;
+        for flow in 0..200u32 {
+            for _ in 0..20 {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                let a = state as usize % s.len();
+                let b = (a + (state >> 20) as usize % 200).min(s.len());
+                let seq = if state & 1 == 0 { a as u32 } else { state };
+                let _ = t.push(flow, seq, &s[a..b], now);
+            }
+        }
+        assert!(t.len() <= Limits::default().max_flows);
+    }
+}
