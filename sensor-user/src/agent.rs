@@ -25,7 +25,7 @@ use tokio::{
 
 use crate::{
     chain::{Appended, Recorder, RecorderOptions},
-    completion::{Completion, Completed},
+    completion::{Completed, Completion},
     config::{self, AppProto, ConduitMap, DefaultAction},
     flows::{Classification, FlowOut, FlowTracker, TrackerOptions},
     kernel::{self, Kernel, KernelEvent, KernelOptions},
@@ -96,8 +96,12 @@ pub async fn run(settings: AgentSettings) -> Result<()> {
         }
     };
 
-    let (recorder, opened) = Recorder::open(settings.recorder.clone())
-        .with_context(|| format!("opening the spool in {}", settings.recorder.spool_dir.display()))?;
+    let (recorder, opened) = Recorder::open(settings.recorder.clone()).with_context(|| {
+        format!(
+            "opening the spool in {}",
+            settings.recorder.spool_dir.display()
+        )
+    })?;
     tracing::info!(public_key = %hex::encode(recorder.public_key()), spool = %settings.recorder.spool_dir.display(), "recorder ready");
 
     let mut kernel = Kernel::load(&KernelOptions {
@@ -117,7 +121,9 @@ pub async fn run(settings: AgentSettings) -> Result<()> {
         tracing::info!(iface, mode = ?info.xdp_mode, "attached");
         ifnames.insert(info.ifindex, iface.clone());
     }
-    kernel.set_local_addrs(&local_addresses()).context("local addresses")?;
+    kernel
+        .set_local_addrs(&local_addresses())
+        .context("local addresses")?;
 
     let jsonl = match &settings.jsonl {
         Some(path) => Some(BufWriter::new(
@@ -162,8 +168,14 @@ pub struct ConfigExit(pub config::ConfigError);
 
 impl Agent {
     async fn event_loop(&mut self) -> Result<()> {
-        let ring = self.kernel.take_ring_buf().context("the EVENTS ring buffer was already taken")?;
-        let mut events = AsyncFd::new(ring).context("ring buffer fd")?;
+        let ring = self
+            .kernel
+            .take_ring_buf()
+            .context("the EVENTS ring buffer was already taken")?;
+        // SAFETY: the RingBuf owns its map fd and is moved into the AsyncFd, which
+        // keeps it open until the loop ends.
+        let mut events = unsafe { AsyncFd::register(ring) }
+            .map_err(|e| anyhow::anyhow!("registering the ring buffer fd: {e}"))?;
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
         let mut tick = tokio::time::interval(RECORDER_TICK);
         let mut hup = signal(SignalKind::hangup())?;
@@ -213,6 +225,16 @@ impl Agent {
                     Completed::Hello(info, proto) => self.classified(key, *info, proto)?,
                     Completed::NeedMore => {}
                     Completed::NotTls => self.finish_unclassified(key)?,
+                    Completed::Limit => {
+                        self.finish_unclassified(key)?;
+                        self.write_loss(
+                            "reassembly_limit",
+                            1,
+                            "flow",
+                            "agent",
+                            "ClientHello reassembly memory bound reached; flow left unclassified",
+                        )?;
+                    }
                 }
             }
         }
@@ -238,7 +260,15 @@ impl Agent {
         };
         if let Some(map) = &self.policy {
             let vlan = (key.vlan != 0).then_some(key.vlan);
-            let c = map.classify(ep.src, vlan, ep.dst, ep.dst_port, proto, info.sni.as_deref(), self.settings.enforcement);
+            let c = map.classify(
+                ep.src,
+                vlan,
+                ep.dst,
+                ep.dst_port,
+                proto,
+                info.sni.as_deref(),
+                self.settings.enforcement,
+            );
             class.zone = c.zone.as_ref().map(|z| z.id.clone());
             class.endpoint = c.endpoint.as_ref().map(|e| e.id.clone());
             class.conduit_id = c.conduit.as_ref().map(|c| c.id.clone());
@@ -250,21 +280,31 @@ impl Agent {
             stats.verdict = kernel_verdict(c.verdict);
         }
         stats.sni_state = sni_state::DONE;
-        stats.app_protocol = if proto == AppProto::Quic { app_protocol::QUIC } else { app_protocol::TLS };
+        stats.app_protocol = if proto == AppProto::Quic {
+            app_protocol::QUIC
+        } else {
+            app_protocol::TLS
+        };
         if let Some(name) = &info.sni {
             stats.sni_hash = sensor_common::sni_hash(name.as_bytes());
         }
-        self.kernel.update_classification(&key, &kernel::Classification {
-            sni_hash: stats.sni_hash,
-            zone_id: stats.zone_id,
-            endpoint_id: stats.endpoint_id,
-            conduit_id: stats.conduit_id,
-            verdict: stats.verdict,
-            sni_state: stats.sni_state,
-            app_protocol: stats.app_protocol,
-        })?;
+        self.kernel.update_classification(
+            &key,
+            &kernel::Classification {
+                sni_hash: stats.sni_hash,
+                zone_id: stats.zone_id,
+                endpoint_id: stats.endpoint_id,
+                conduit_id: stats.conduit_id,
+                verdict: stats.verdict,
+                sni_state: stats.sni_state,
+                app_protocol: stats.app_protocol,
+            },
+        )?;
         self.count_verdict(class.verdict);
-        if let Some(out) = self.tracker.on_classified(key, stats, class, BootClock::boot_now_ns()) {
+        if let Some(out) = self
+            .tracker
+            .on_classified(key, stats, class, BootClock::boot_now_ns())
+        {
             self.write_flow(out)?;
         }
         Ok(())
@@ -273,15 +313,18 @@ impl Agent {
     /// Not TLS/QUIC after all: tell the kernel to stop copying payload.
     fn finish_unclassified(&mut self, key: FlowKey) -> Result<()> {
         if let Some(s) = self.kernel.flow(&key)? {
-            self.kernel.update_classification(&key, &kernel::Classification {
-                sni_hash: s.sni_hash,
-                zone_id: s.zone_id,
-                endpoint_id: s.endpoint_id,
-                conduit_id: s.conduit_id,
-                verdict: s.verdict,
-                sni_state: sni_state::DONE,
-                app_protocol: s.app_protocol,
-            })?;
+            self.kernel.update_classification(
+                &key,
+                &kernel::Classification {
+                    sni_hash: s.sni_hash,
+                    zone_id: s.zone_id,
+                    endpoint_id: s.endpoint_id,
+                    conduit_id: s.conduit_id,
+                    verdict: s.verdict,
+                    sni_state: sni_state::DONE,
+                    app_protocol: s.app_protocol,
+                },
+            )?;
         }
         Ok(())
     }
@@ -306,9 +349,11 @@ impl Agent {
             self.kernel.remove_flow(key)?;
         }
         let m = &self.metrics;
-        m.flows_unrecorded.fetch_add(sweep.unrecorded_ended, Ordering::Relaxed);
+        m.flows_unrecorded
+            .fetch_add(sweep.unrecorded_ended, Ordering::Relaxed);
         m.flows_evicted.fetch_add(sweep.evicted, Ordering::Relaxed);
-        m.flows_active.store(self.tracker.len() as u64, Ordering::Relaxed);
+        m.flows_active
+            .store(self.tracker.len() as u64, Ordering::Relaxed);
         for out in sweep.out {
             self.write_flow(out)?;
         }
@@ -317,7 +362,13 @@ impl Agent {
         }
         let expired = self.completion.expire(Instant::now());
         if expired > 0 {
-            self.write_loss("reassembly_limit", expired as u64, "flow", "agent", "ClientHello reassembly gave up (time or memory bound)")?;
+            self.write_loss(
+                "reassembly_limit",
+                expired as u64,
+                "flow",
+                "agent",
+                "ClientHello reassembly gave up (time or memory bound)",
+            )?;
         }
         self.report_kernel_counters()
     }
@@ -330,7 +381,13 @@ impl Agent {
             self.metrics.kernel[i].store(counters[i], Ordering::Relaxed);
             let delta = counters[i].saturating_sub(self.reported_counters[i]);
             if delta > 0 && c.is_loss() {
-                let unit = if c == Counter::LossRingbufFull { "event" } else if c == Counter::LossFlowTableFull { "flow" } else { "packet" };
+                let unit = if c == Counter::LossRingbufFull {
+                    "event"
+                } else if c == Counter::LossFlowTableFull {
+                    "flow"
+                } else {
+                    "packet"
+                };
                 self.write_loss(c.name(), delta, unit, "kernel", "")?;
             }
         }
@@ -347,14 +404,18 @@ impl Agent {
             Ok(map) => {
                 tracing::info!(path = %path.display(), policy_hash = %hex::encode(map.policy_hash()), "conduit map reloaded");
                 if let Err(err) = self.install_policy(map, "reload") {
-                    self.metrics.policy_reload_failures.fetch_add(1, Ordering::Relaxed);
+                    self.metrics
+                        .policy_reload_failures
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::error!("reload: {err:#}; the previous map stays in force");
                 } else {
                     self.metrics.policy_reloads.fetch_add(1, Ordering::Relaxed);
                 }
             }
             Err(err) => {
-                self.metrics.policy_reload_failures.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .policy_reload_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::error!("reload rejected, the previous map stays in force:\n{err}");
             }
         }
@@ -390,12 +451,23 @@ impl Agent {
             RecordKind::FlowEnd => m.flows_ended.fetch_add(1, Ordering::Relaxed),
             _ => 0,
         };
-        let ifname = self.ifnames.get(&out.stats.ifindex).cloned().unwrap_or_default();
+        let ifname = self
+            .ifnames
+            .get(&out.stats.ifindex)
+            .cloned()
+            .unwrap_or_default();
         let record = flow_record(&out, &BootClock::now(), &ifname);
         self.append(record)
     }
 
-    fn write_loss(&mut self, reason: &str, count: u64, unit: &str, origin: &str, detail: &str) -> Result<()> {
+    fn write_loss(
+        &mut self,
+        reason: &str,
+        count: u64,
+        unit: &str,
+        origin: &str,
+        detail: &str,
+    ) -> Result<()> {
         tracing::warn!(reason, count, origin, "loss");
         self.metrics.loss_records.fetch_add(1, Ordering::Relaxed);
         self.append(Record {
@@ -424,12 +496,16 @@ impl Agent {
         if written.is_empty() {
             return Ok(());
         }
-        self.metrics.records_written.fetch_add(written.len() as u64, Ordering::Relaxed);
+        self.metrics
+            .records_written
+            .fetch_add(written.len() as u64, Ordering::Relaxed);
         if let Some(last) = written.last() {
             self.metrics.chain_seq.store(last.seq, Ordering::Relaxed);
         }
         let stats = self.recorder.stats();
-        self.metrics.spool_bytes.store(stats.bytes, Ordering::Relaxed);
+        self.metrics
+            .spool_bytes
+            .store(stats.bytes, Ordering::Relaxed);
         if let Some(out) = &mut self.jsonl {
             for a in &written {
                 let pos = ChainPosition {

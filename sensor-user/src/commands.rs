@@ -11,7 +11,10 @@ use anyhow::{Context as _, Result};
 use crate::{
     agent::{AgentSettings, ConfigExit},
     chain::RecorderOptions,
-    cli::{CheckConfigArgs, Cli, Command, EXIT_CHAIN_BROKEN, EXIT_CONFIG, KeygenArgs, ProbeArgs, RunArgs, VerifyChainArgs},
+    cli::{
+        CheckConfigArgs, Cli, Command, EXIT_CHAIN_BROKEN, EXIT_CONFIG, KeygenArgs, ProbeArgs,
+        RunArgs, VerifyChainArgs,
+    },
     config::{ConduitMap, ConfigError, SensorConfig},
     flows::TrackerOptions,
 };
@@ -30,7 +33,9 @@ pub fn dispatch(cli: Cli) -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }
         Command::Replay(_) => {
-            eprintln!("conduit-sensor replay: not available in this build yet (see README, 'Status')");
+            eprintln!(
+                "conduit-sensor replay: not available in this build yet (see README, 'Status')"
+            );
             Ok(ExitCode::from(2))
         }
     };
@@ -66,8 +71,15 @@ pub fn settings_from(args: &RunArgs) -> Result<AgentSettings, ConfigError> {
         (args.config.is_some() || cfg.conduits.exists()).then(|| cfg.conduits.clone())
     });
     let spool_dir = args.spool.clone().unwrap_or_else(|| cfg.spool.dir.clone());
-    let sensor_id = args.sensor_id.clone().unwrap_or_else(|| cfg.sensor_id.clone());
-    let ifaces = if args.ifaces.is_empty() { cfg.interfaces.clone() } else { args.ifaces.clone() };
+    let sensor_id = args
+        .sensor_id
+        .clone()
+        .unwrap_or_else(|| cfg.sensor_id.clone());
+    let ifaces = if args.ifaces.is_empty() {
+        cfg.interfaces.clone()
+    } else {
+        args.ifaces.clone()
+    };
     let mut recorder = RecorderOptions::new(spool_dir, sensor_id.clone());
     recorder.key_path = cfg.signing_key.clone();
     recorder.max_spool_bytes = cfg.spool.max_bytes;
@@ -99,7 +111,9 @@ pub fn settings_from(args: &RunArgs) -> Result<AgentSettings, ConfigError> {
 fn run(args: RunArgs) -> Result<ExitCode> {
     let settings = settings_from(&args).map_err(ConfigExit)?;
     if settings.ifaces.is_empty() {
-        anyhow::bail!("no interface to watch: give --iface NAME (repeatable) or `interfaces:` in sensor.yaml");
+        anyhow::bail!(
+            "no interface to watch: give --iface NAME (repeatable) or `interfaces:` in sensor.yaml"
+        );
     }
     if let Some(url) = &settings.collector
         && url.starts_with("http://")
@@ -124,10 +138,11 @@ fn check_config(args: CheckConfigArgs) -> Result<ExitCode> {
             None
         }
     };
-    let conduits: Option<PathBuf> = args
-        .conduits
-        .clone()
-        .or_else(|| cfg.as_ref().filter(|_| args.config.is_some()).map(|c| c.conduits.clone()));
+    let conduits: Option<PathBuf> = args.conduits.clone().or_else(|| {
+        cfg.as_ref()
+            .filter(|_| args.config.is_some())
+            .map(|c| c.conduits.clone())
+    });
     if let Some(path) = &conduits {
         match ConduitMap::load(path, None) {
             Ok(map) => println!(
@@ -165,7 +180,11 @@ fn verify_chain(args: VerifyChainArgs) -> Result<ExitCode> {
     };
     let report = crate::chain::verify::verify_dir(&args.dir, key);
     print!("{report}");
-    Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_CHAIN_BROKEN) })
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_CHAIN_BROKEN)
+    })
 }
 
 fn keygen(args: KeygenArgs) -> Result<ExitCode> {
@@ -179,7 +198,10 @@ fn keygen(args: KeygenArgs) -> Result<ExitCode> {
 }
 
 fn schema() -> Result<ExitCode> {
-    println!("{}", serde_json::to_string_pretty(&crate::config::schema::json_schema())?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&crate::config::schema::json_schema())?
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -188,24 +210,47 @@ fn probe(args: ProbeArgs) -> Result<ExitCode> {
     let release = uname.release().to_string_lossy().into_owned();
     println!("kernel: {release}");
     let (major, minor) = {
-        let mut it = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+        let mut it = release
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|p| p.parse::<u32>().ok());
         (it.next().unwrap_or(0), it.next().unwrap_or(0))
     };
     if (major, minor) < (5, 15) {
-        println!("  UNSUPPORTED: needs 5.15 or newer (ring buffer, BPF_PROG_TEST_RUN for XDP, bpf_ktime_get_boot_ns)");
+        println!(
+            "  UNSUPPORTED: needs 5.15 or newer (ring buffer, BPF_PROG_TEST_RUN for XDP, bpf_ktime_get_boot_ns)"
+        );
     } else {
         println!("  ok (5.15 or newer)");
     }
     let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
-    println!("BTF: {}", if btf { "present" } else { "absent (programs still load; CO-RE relocations unavailable)" });
+    println!(
+        "BTF: {}",
+        if btf {
+            "present"
+        } else {
+            "absent (programs still load; CO-RE relocations unavailable)"
+        }
+    );
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let cap_eff = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .unwrap_or(0);
-    for (name, bit) in [("CAP_NET_ADMIN", 12), ("CAP_SYS_ADMIN", 21), ("CAP_PERFMON", 38), ("CAP_BPF", 39)] {
-        println!("{name}: {}", if cap_eff & (1 << bit) != 0 { "yes" } else { "no" });
+    for (name, bit) in [
+        ("CAP_NET_ADMIN", 12),
+        ("CAP_SYS_ADMIN", 21),
+        ("CAP_PERFMON", 38),
+        ("CAP_BPF", 39),
+    ] {
+        println!(
+            "{name}: {}",
+            if cap_eff & (1 << bit) != 0 {
+                "yes"
+            } else {
+                "no"
+            }
+        );
     }
     match crate::kernel::Kernel::load(&crate::kernel::KernelOptions::default()) {
         Ok(_) => println!("kernel programs: load ok (verifier accepted XDP and TC programs)"),
@@ -213,7 +258,11 @@ fn probe(args: ProbeArgs) -> Result<ExitCode> {
     }
     let ifaces: Vec<String> = if args.ifaces.is_empty() {
         std::fs::read_dir("/sys/class/net")
-            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default()
     } else {
         args.ifaces
@@ -223,11 +272,15 @@ fn probe(args: ProbeArgs) -> Result<ExitCode> {
             .ok()
             .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
             .or_else(|| {
-                let uevent = std::fs::read_to_string(format!("/sys/class/net/{iface}/uevent")).ok()?;
-                uevent.lines().find_map(|l| l.strip_prefix("DEVTYPE=").map(str::to_string))
+                let uevent =
+                    std::fs::read_to_string(format!("/sys/class/net/{iface}/uevent")).ok()?;
+                uevent
+                    .lines()
+                    .find_map(|l| l.strip_prefix("DEVTYPE=").map(str::to_string))
             })
             .unwrap_or_else(|| "virtual".into());
-        let mtu = std::fs::read_to_string(format!("/sys/class/net/{iface}/mtu")).unwrap_or_default();
+        let mtu =
+            std::fs::read_to_string(format!("/sys/class/net/{iface}/mtu")).unwrap_or_default();
         println!("interface {iface}: driver {driver}, mtu {}", mtu.trim());
     }
     Ok(ExitCode::SUCCESS)

@@ -1,12 +1,18 @@
 //! Finishing what the kernel left pending: ClientHellos split over TCP segments and
 //! QUIC Initials (decryption, CRYPTO reassembly), parsed for SNI, ALPN, version,
-//! ECH and JA4.
+//! ECH and JA4. Bounded in memory and time by the tables' limits.
 
 use std::time::Instant;
 
-use sensor_common::PayloadEvent;
+use sensor_common::{FlowKey, PayloadEvent};
 
-use crate::{config::AppProto, tls::ClientHelloInfo};
+use crate::{
+    config::AppProto,
+    tls::{
+        ClientHelloInfo,
+        reassembly::{Limits, Push, ReassemblyTable},
+    },
+};
 
 /// Outcome of feeding one payload event.
 #[derive(Debug)]
@@ -15,13 +21,30 @@ pub enum Completed {
     Hello(Box<ClientHelloInfo>, AppProto),
     /// More segments or packets are needed.
     NeedMore,
-    /// Not TLS/QUIC (or malformed beyond repair): stop copying payload.
+    /// Not TLS/QUIC, or malformed: stop copying payload.
     NotTls,
+    /// A memory bound was hit: the agent writes a `loss` record.
+    Limit,
 }
 
-/// Per-flow reassembly state for TCP and QUIC, bounded in memory and time.
-#[derive(Debug, Default)]
-pub struct Completion {}
+/// Per-flow reassembly state for TCP and QUIC.
+pub struct Completion {
+    tcp: ReassemblyTable<FlowKey>,
+}
+
+impl Default for Completion {
+    fn default() -> Self {
+        Completion {
+            tcp: ReassemblyTable::new(Limits::default()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Completion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Completion").finish_non_exhaustive()
+    }
+}
 
 impl Completion {
     pub fn new() -> Self {
@@ -29,12 +52,25 @@ impl Completion {
     }
 
     /// Feeds one payload event.
-    pub fn push(&mut self, _event: &PayloadEvent, _now: Instant) -> Completed {
-        Completed::NotTls
+    pub fn push(&mut self, event: &PayloadEvent, now: Instant) -> Completed {
+        let key = event.header.key;
+        let copied = (event.copied_len as usize).min(event.data.len());
+        let data = &event.data[..copied];
+        let (push, proto) = if key.protocol == 17 {
+            (Push::NotTls, AppProto::Quic)
+        } else {
+            (self.tcp.push(key, event.tcp_seq, data, now), AppProto::Tls)
+        };
+        match push {
+            Push::Done(info) => Completed::Hello(info, proto),
+            Push::NeedMore => Completed::NeedMore,
+            Push::NotTls | Push::Failed(_) => Completed::NotTls,
+            Push::Limit => Completed::Limit,
+        }
     }
 
     /// Drops entries past their time bound; returns how many gave up.
-    pub fn expire(&mut self, _now: Instant) -> usize {
-        0
+    pub fn expire(&mut self, now: Instant) -> usize {
+        self.tcp.expire(now)
     }
 }

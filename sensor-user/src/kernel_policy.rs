@@ -25,8 +25,16 @@ pub fn kernel_policy(map: &ConduitMap, enforce: bool) -> KernelPolicy {
         id,
     };
     let mut policy = KernelPolicy {
-        zones: map.zone_networks().iter().map(|(net, id, _vlans)| cidr(net, *id)).collect(),
-        endpoint_nets: map.endpoint_networks().iter().map(|(net, id)| cidr(net, *id)).collect(),
+        zones: map
+            .zone_networks()
+            .iter()
+            .map(|(net, id, _vlans)| cidr(net, *id))
+            .collect(),
+        endpoint_nets: map
+            .endpoint_networks()
+            .iter()
+            .map(|(net, id)| cidr(net, *id))
+            .collect(),
         default_action: match map.default_action {
             DefaultAction::Alert => action::ALERT,
             DefaultAction::Block => action::BLOCK,
@@ -62,7 +70,12 @@ pub fn kernel_policy(map: &ConduitMap, enforce: bool) -> KernelPolicy {
                 .collect()
         };
         // Port 0 stands for "any port" (a conduit without `ports:`).
-        let mut ports: Vec<u16> = c.ports.iter().flat_map(|r| r.first..=r.last).take(MAX_PORTS_PER_CONDUIT).collect();
+        let mut ports: Vec<u16> = c
+            .ports
+            .iter()
+            .flat_map(|r| r.first..=r.last)
+            .take(MAX_PORTS_PER_CONDUIT)
+            .collect();
         if c.ports.is_empty() {
             ports.push(0);
         }
@@ -113,15 +126,26 @@ conduits:
     to: e
     action: block
 "#;
-        let map = ConduitMap::from_bytes("t.yaml", yaml, None, None).unwrap_or_else(|e| panic!("{e}"));
+        let map =
+            ConduitMap::from_bytes("t.yaml", yaml, None, None).unwrap_or_else(|e| panic!("{e}"));
         let p = kernel_policy(&map, true);
         assert_eq!(p.zones.len(), 2);
         assert_eq!(p.endpoint_nets.len(), 1);
-        assert_eq!(p.sni_exact, vec![(sensor_common::sni_hash(b"api.example.com"), 1)]);
-        assert_eq!(p.sni_suffix, vec![(sensor_common::sni_hash(b".example.net"), 1)]);
+        assert_eq!(
+            p.sni_exact,
+            vec![(sensor_common::sni_hash(b"api.example.com"), 1)]
+        );
+        assert_eq!(
+            p.sni_suffix,
+            vec![(sensor_common::sni_hash(b".example.net"), 1)]
+        );
         assert_eq!(p.default_action, action::BLOCK);
         // C1: 3 ports x quic; C2: any port x (tls, quic).
         assert_eq!(p.conduits.len(), 3 + 2);
-        assert!(p.conduits.iter().any(|(k, v)| k.port == 0 && v.action == action::BLOCK && v.conduit_id == 2));
+        assert!(
+            p.conduits
+                .iter()
+                .any(|(k, v)| k.port == 0 && v.action == action::BLOCK && v.conduit_id == 2)
+        );
     }
 }

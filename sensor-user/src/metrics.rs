@@ -44,28 +44,119 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut s = String::new();
         let mut gauge = |name: &str, help: &str, kind: &str, v: u64| {
-            let _ = writeln!(s, "# HELP conduit_sensor_{name} {help}\n# TYPE conduit_sensor_{name} {kind}\nconduit_sensor_{name} {v}");
+            let _ = writeln!(
+                s,
+                "# HELP conduit_sensor_{name} {help}\n# TYPE conduit_sensor_{name} {kind}\nconduit_sensor_{name} {v}"
+            );
         };
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        gauge("flows_active", "Flows the agent is tracking.", "gauge", get(&self.flows_active));
-        gauge("flows_started_total", "Flows recorded (flow_start written).", "counter", get(&self.flows_started));
-        gauge("flows_ended_total", "Recorded flows that ended.", "counter", get(&self.flows_ended));
-        gauge("flows_unrecorded_total", "Flows that ended without a record (not AI traffic).", "counter", get(&self.flows_unrecorded));
-        gauge("flows_evicted_total", "Recorded flows evicted from the kernel flow table.", "counter", get(&self.flows_evicted));
-        gauge("verdict_authorized_total", "Flows authorized by a conduit.", "counter", get(&self.verdict_authorized));
-        gauge("verdict_violation_total", "AI flows no conduit allows.", "counter", get(&self.verdict_violation));
-        gauge("verdict_blocked_total", "AI flows blocked by enforcement.", "counter", get(&self.verdict_blocked));
-        gauge("records_written_total", "Records appended to the chain.", "counter", get(&self.records_written));
-        gauge("loss_records_total", "Signed loss records written.", "counter", get(&self.loss_records));
-        gauge("spool_bytes", "Bytes in the spool.", "gauge", get(&self.spool_bytes));
-        gauge("spool_max_bytes", "Configured spool bound.", "gauge", get(&self.spool_max_bytes));
-        gauge("spool_records_refused_total", "Records refused because the spool was full.", "counter", get(&self.spool_records_refused));
-        gauge("policy_reloads_total", "Conduit map reloads that succeeded.", "counter", get(&self.policy_reloads));
-        gauge("policy_reload_failures_total", "Conduit map reloads rejected.", "counter", get(&self.policy_reload_failures));
-        gauge("chain_sequence", "Sequence number of the chain head.", "gauge", get(&self.chain_seq));
-        let _ = writeln!(s, "# HELP conduit_sensor_kernel_total Kernel counters by reason.\n# TYPE conduit_sensor_kernel_total counter");
+        gauge(
+            "flows_active",
+            "Flows the agent is tracking.",
+            "gauge",
+            get(&self.flows_active),
+        );
+        gauge(
+            "flows_started_total",
+            "Flows recorded (flow_start written).",
+            "counter",
+            get(&self.flows_started),
+        );
+        gauge(
+            "flows_ended_total",
+            "Recorded flows that ended.",
+            "counter",
+            get(&self.flows_ended),
+        );
+        gauge(
+            "flows_unrecorded_total",
+            "Flows that ended without a record (not AI traffic).",
+            "counter",
+            get(&self.flows_unrecorded),
+        );
+        gauge(
+            "flows_evicted_total",
+            "Recorded flows evicted from the kernel flow table.",
+            "counter",
+            get(&self.flows_evicted),
+        );
+        gauge(
+            "verdict_authorized_total",
+            "Flows authorized by a conduit.",
+            "counter",
+            get(&self.verdict_authorized),
+        );
+        gauge(
+            "verdict_violation_total",
+            "AI flows no conduit allows.",
+            "counter",
+            get(&self.verdict_violation),
+        );
+        gauge(
+            "verdict_blocked_total",
+            "AI flows blocked by enforcement.",
+            "counter",
+            get(&self.verdict_blocked),
+        );
+        gauge(
+            "records_written_total",
+            "Records appended to the chain.",
+            "counter",
+            get(&self.records_written),
+        );
+        gauge(
+            "loss_records_total",
+            "Signed loss records written.",
+            "counter",
+            get(&self.loss_records),
+        );
+        gauge(
+            "spool_bytes",
+            "Bytes in the spool.",
+            "gauge",
+            get(&self.spool_bytes),
+        );
+        gauge(
+            "spool_max_bytes",
+            "Configured spool bound.",
+            "gauge",
+            get(&self.spool_max_bytes),
+        );
+        gauge(
+            "spool_records_refused_total",
+            "Records refused because the spool was full.",
+            "counter",
+            get(&self.spool_records_refused),
+        );
+        gauge(
+            "policy_reloads_total",
+            "Conduit map reloads that succeeded.",
+            "counter",
+            get(&self.policy_reloads),
+        );
+        gauge(
+            "policy_reload_failures_total",
+            "Conduit map reloads rejected.",
+            "counter",
+            get(&self.policy_reload_failures),
+        );
+        gauge(
+            "chain_sequence",
+            "Sequence number of the chain head.",
+            "gauge",
+            get(&self.chain_seq),
+        );
+        let _ = writeln!(
+            s,
+            "# HELP conduit_sensor_kernel_total Kernel counters by reason.\n# TYPE conduit_sensor_kernel_total counter"
+        );
         for (i, c) in sensor_common::Counter::ALL.iter().enumerate() {
-            let _ = writeln!(s, "conduit_sensor_kernel_total{{reason=\"{}\"}} {}", c.name(), get(&self.kernel[i]));
+            let _ = writeln!(
+                s,
+                "conduit_sensor_kernel_total{{reason=\"{}\"}} {}",
+                c.name(),
+                get(&self.kernel[i])
+            );
         }
         s
     }
@@ -86,7 +177,9 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
             let (status, body) = match path {
                 "/metrics" => ("200 OK", metrics.render()),
                 "/livez" => ("200 OK", "ok\n".to_string()),
-                "/readyz" if metrics.ready.load(Ordering::Relaxed) => ("200 OK", "ready\n".to_string()),
+                "/readyz" if metrics.ready.load(Ordering::Relaxed) => {
+                    ("200 OK", "ready\n".to_string())
+                }
                 "/readyz" => ("503 Service Unavailable", "not ready\n".to_string()),
                 _ => ("404 Not Found", "not found\n".to_string()),
             };

@@ -24,7 +24,7 @@ table inet acct {
   counter tcp4_rev {}
   counter udp6_fwd {}
   counter udp6_rev {}
-  chain fwd {
+  chain forward_acct {
     type filter hook forward priority 0; policy accept;
     ip saddr 10.10.1.10 udp dport 5000 counter name udp4_fwd
     ip daddr 10.10.1.10 udp sport 5000 counter name udp4_rev
