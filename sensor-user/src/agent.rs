@@ -532,6 +532,8 @@ impl Agent {
             self.write_flow(out)?;
         }
         self.report_kernel_counters()?;
+        let last = self.recorder.checkpoint_now()?;
+        self.emit_appended(last)?;
         self.recorder.sync()?;
         if let Some(out) = &mut self.jsonl {
             out.flush()?;

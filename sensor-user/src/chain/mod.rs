@@ -227,6 +227,16 @@ impl Recorder {
         Ok(out)
     }
 
+    /// Writes a checkpoint now, so that a chain that stops (shutdown) ends on a
+    /// signature rather than an unsigned tail. Nothing is written when the last
+    /// record already is a checkpoint.
+    pub fn checkpoint_now(&mut self) -> Result<Vec<Appended>, Error> {
+        if self.since_checkpoint == 0 {
+            return Ok(Vec::new());
+        }
+        Ok(self.checkpoint(SystemTime::now())?.into_iter().collect())
+    }
+
     /// Forces everything written to stable storage (shutdown).
     pub fn sync(&mut self) -> Result<(), Error> {
         Ok(self.spool.sync()?)
