@@ -260,6 +260,10 @@ impl Spool {
             Err(e) if is_enospc(&e) && class == Class::Control && self.drop_reserve() => {
                 self.write_buf().map_err(|e| self.write_failed(e))?;
             }
+            // The file system is full before our own bound: acknowledged data may go.
+            Err(e) if is_enospc(&e) && self.delete_oldest_acked()? => {
+                self.write_buf().map_err(|e| self.write_failed(e))?;
+            }
             Err(e) => return Err(self.write_failed(e)),
         }
         if let Some(seg) = self.segments.last_mut() {
@@ -284,22 +288,23 @@ impl Spool {
         (12 + self.opts.sensor_id.len() + 4) as u64
     }
 
+    /// Writes the staged frame; on error cuts any partial write off again, so that a
+    /// retry (or the next frame) starts at a frame boundary.
     fn write_buf(&mut self) -> std::io::Result<()> {
-        match self.current.as_mut() {
-            Some(f) => f.write_all(&self.buf),
-            None => Err(std::io::Error::other("no open segment")),
-        }
+        let (Some(f), Some(seg)) = (self.current.as_mut(), self.segments.last()) else {
+            return Err(std::io::Error::other("no open segment"));
+        };
+        f.write_all(&self.buf).inspect_err(|_| {
+            // Best effort: if even this fails, recovery cuts the tail on the next open.
+            let _ = f.set_len(seg.len);
+        })
     }
 
-    /// Cuts a partial write off again and maps the error.
+    /// Maps a write error (the partial write is already cut off).
     fn write_failed(&mut self, e: std::io::Error) -> Error {
         let Some(seg) = self.segments.last() else {
             return io_err(&self.opts.dir, e);
         };
-        if let Some(f) = self.current.as_ref() {
-            // Best effort: if even this fails, recovery cuts the tail on the next open.
-            let _ = f.set_len(seg.len);
-        }
         if is_enospc(&e) {
             self.stats.full = true;
             Error::NoSpace {
