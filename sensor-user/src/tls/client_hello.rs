@@ -38,6 +38,9 @@ pub enum ParseError {
     /// Structurally invalid.
     #[error("malformed ClientHello: {0}")]
     Malformed(&'static str),
+    /// The QUIC packets around the ClientHello could not be used.
+    #[error("QUIC: {0}")]
+    Quic(#[from] super::quic::QuicError),
 }
 
 impl ParseError {
