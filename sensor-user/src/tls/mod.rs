@@ -11,5 +11,5 @@ pub mod reassembly;
 
 pub use client_hello::{ClientHelloInfo, ParseError, parse_client_hello, parse_handshake};
 pub use ja4::Transport;
-pub use quic::{QuicError, QuicInitialTable};
+pub use quic::{QuicError, QuicInitialTable, protect_client_initial};
 pub use reassembly::{ClientHelloAssembler, Limits, Push, ReassemblyTable};

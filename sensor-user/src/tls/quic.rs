@@ -308,6 +308,63 @@ pub fn decrypt_initial(
     })
 }
 
+/// Build a protected client Initial packet (4-byte packet number) around
+/// `payload` (frames). The inverse of [`decrypt_initial`], for tests,
+/// benchmarks and fuzz seeds; `None` for an unknown version or oversize input.
+pub fn protect_client_initial(
+    version: u32,
+    dcid: &[u8],
+    scid: &[u8],
+    packet_number: u32,
+    payload: &[u8],
+) -> Option<Vec<u8>> {
+    let keys = client_initial_keys(version, dcid)?;
+    let type_bits: u8 = if version == QUIC_V2 { 1 } else { 0 };
+    let mut pkt = vec![0xc0 | (type_bits << 4) | 0x03];
+    pkt.extend_from_slice(&version.to_be_bytes());
+    pkt.push(u8::try_from(dcid.len()).ok()?);
+    pkt.extend_from_slice(dcid);
+    pkt.push(u8::try_from(scid.len()).ok()?);
+    pkt.extend_from_slice(scid);
+    pkt.push(0); // token length
+    // Two-byte varint length: packet number + payload + tag.
+    let length = u16::try_from(4 + payload.len() + TAG_LEN).ok()?;
+    if length > 0x3fff {
+        return None;
+    }
+    pkt.extend_from_slice(&(0x4000 | length).to_be_bytes());
+    let pn_offset = pkt.len();
+    pkt.extend_from_slice(&packet_number.to_be_bytes());
+
+    let mut nonce = keys.iv;
+    for (n, p) in nonce
+        .iter_mut()
+        .skip(4)
+        .zip(u64::from(packet_number).to_be_bytes())
+    {
+        *n ^= p;
+    }
+    let aead = Aes128Gcm::new(GenericArray::from_slice(&keys.key));
+    let mut body = payload.to_vec();
+    let tag = aead
+        .encrypt_in_place_detached(Nonce::from_slice(&nonce), &pkt, &mut body)
+        .ok()?;
+    body.extend_from_slice(&tag);
+    // With a 4-byte packet number the sample is the first 16 ciphertext bytes.
+    let sample: [u8; 16] = body.get(..16)?.try_into().ok()?;
+    let hp = Aes128::new(GenericArray::from_slice(&keys.hp));
+    let mut mask = GenericArray::from(sample);
+    hp.encrypt_block(&mut mask);
+    if let Some(b) = pkt.first_mut() {
+        *b ^= mask.first().copied().unwrap_or(0) & 0x0f;
+    }
+    for (i, b) in pkt.iter_mut().skip(pn_offset).enumerate() {
+        *b ^= mask.get(i + 1).copied().unwrap_or(0);
+    }
+    pkt.extend_from_slice(&body);
+    Some(pkt)
+}
+
 /// Walk the frames of a decrypted Initial payload, calling `crypto(offset,
 /// data)` for each CRYPTO frame. Frames not allowed in Initial packets stop
 /// the walk (their length cannot be known); what was found so far is kept.
@@ -677,6 +734,89 @@ pub(crate) mod tests {
                 let _ = a.push(&b);
             }
         }
+    }
+
+    /// CRYPTO frame with 2-byte varint offset and length.
+    pub(crate) fn crypto_frame(offset: usize, data: &[u8]) -> Vec<u8> {
+        let mut f = vec![0x06];
+        f.extend_from_slice(&(0x4000 | offset as u16).to_be_bytes());
+        f.extend_from_slice(&(0x4000 | data.len() as u16).to_be_bytes());
+        f.extend_from_slice(data);
+        f
+    }
+
+    #[test]
+    fn protect_reproduces_rfc_packets() {
+        let hello = rfc_client_hello();
+        // The RFC frame uses a 1-byte offset varint: rebuild it exactly.
+        let mut rfc_payload = vec![0x06, 0x00, 0x40, 0xf1];
+        rfc_payload.extend_from_slice(&hello);
+        rfc_payload.resize(1162, 0);
+        let v1 = protect_client_initial(QUIC_V1, &DCID, &[], 2, &rfc_payload).expect("v1");
+        assert_eq!(v1, rfc9001_packet());
+        let v2 = protect_client_initial(QUIC_V2, &DCID, &[], 2, &rfc_payload).expect("v2");
+        assert_eq!(v2, rfc9369_packet());
+    }
+
+    fn split_packets(version: u32) -> (Vec<u8>, Vec<u8>) {
+        let hello = rfc_client_hello();
+        // Packet A: PING, end of the hello, ACK, start of the hello, PADDING.
+        let mut a = vec![0x01];
+        a.extend(crypto_frame(100, &hello[100..]));
+        a.extend_from_slice(&[0x02, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00]);
+        a.extend(crypto_frame(0, &hello[..50]));
+        a.resize(400, 0);
+        // Packet B: the middle, then padding.
+        let mut b = crypto_frame(50, &hello[50..100]);
+        b.resize(300, 0);
+        let scid = [1u8, 2, 3, 4];
+        (
+            protect_client_initial(version, &DCID, &scid, 0, &a).expect("a"),
+            protect_client_initial(version, &DCID, &scid, 1, &b).expect("b"),
+        )
+    }
+
+    #[test]
+    fn crypto_split_across_packets_and_datagrams() {
+        for version in [QUIC_V1, QUIC_V2] {
+            let (a, b) = split_packets(version);
+            let now = Instant::now();
+            let mut t = QuicInitialTable::new(Limits::default());
+            // Separate datagrams, out of order.
+            assert_eq!(t.push(1u8, &b, now), Push::NeedMore);
+            assert_eq!(t.push(1u8, &b, now), Push::NeedMore); // retransmission
+            match t.push(1u8, &a, now) {
+                Push::Done(info) => assert_eq!(info.sni.as_deref(), Some("example.com")),
+                other => panic!("{other:?}"),
+            }
+            // Coalesced in one datagram, followed by a short-header packet.
+            let mut d = b.clone();
+            d.extend_from_slice(&a);
+            d.extend_from_slice(&[0x40, 0xaa, 0xbb, 0xcc]);
+            match t.push(2u8, &d, now) {
+                Push::Done(info) => assert_eq!(info.sni.as_deref(), Some("example.com")),
+                other => panic!("{other:?}"),
+            }
+            assert!(t.is_empty());
+        }
+    }
+
+    #[test]
+    fn quic_table_limits() {
+        let limits = Limits {
+            max_flows: 1,
+            max_bytes_per_flow: 120,
+            ..Limits::default()
+        };
+        let (a, b) = split_packets(QUIC_V1);
+        let now = Instant::now();
+        let mut t = QuicInitialTable::new(limits);
+        assert_eq!(t.push(1u8, &b, now), Push::NeedMore);
+        assert_eq!(t.push(2u8, &b, now), Push::Limit);
+        // CRYPTO data up to offset 241 does not fit in 120 bytes.
+        assert_eq!(t.push(1u8, &a, now), Push::Limit);
+        assert_eq!(t.push(3u8, &b, now), Push::NeedMore);
+        assert_eq!(t.expire(now + limits.timeout), 1);
     }
 
     #[test]
