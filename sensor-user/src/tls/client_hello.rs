@@ -123,6 +123,14 @@ pub fn parse_client_hello(record_bytes: &[u8]) -> Result<ClientHelloInfo, ParseE
                 return Err(ParseError::Malformed("empty handshake record"));
             }
         }
+        // Reject a non-ClientHello as soon as its type byte is visible, without
+        // waiting for the rest of the record.
+        if hs.is_empty()
+            && let Some(&ht) = rest.get(5)
+            && ht != HS_CLIENT_HELLO
+        {
+            return Err(ParseError::NotClientHello(ht));
+        }
         let (after, record) = match parse_tls_raw_record(rest) {
             Ok(v) => v,
             Err(e) => {
@@ -390,7 +398,11 @@ pub(crate) mod tests {
             parse_client_hello(b"GET / HTTP/1.1\r\n"),
             Err(ParseError::NotHandshake(b'G'))
         );
-        // ServerHello inside a handshake record.
+        // ServerHello inside a handshake record, seen early and complete.
+        assert_eq!(
+            parse_client_hello(&[0x16, 0x03, 0x03, 0x01, 0x00, 0x02]),
+            Err(ParseError::NotClientHello(2))
+        );
         assert_eq!(
             parse_client_hello(&[0x16, 0x03, 0x03, 0x00, 0x04, 0x02, 0x00, 0x00, 0x00]),
             Err(ParseError::NotClientHello(2))
