@@ -38,6 +38,9 @@ pub enum ParseError {
     /// Structurally invalid.
     #[error("malformed ClientHello: {0}")]
     Malformed(&'static str),
+    /// The QUIC packets around the ClientHello could not be used.
+    #[error("QUIC: {0}")]
+    Quic(#[from] super::quic::QuicError),
 }
 
 impl ParseError {
@@ -119,6 +122,14 @@ pub fn parse_client_hello(record_bytes: &[u8]) -> Result<ClientHelloInfo, ParseE
             if len == 0 {
                 return Err(ParseError::Malformed("empty handshake record"));
             }
+        }
+        // Reject a non-ClientHello as soon as its type byte is visible, without
+        // waiting for the rest of the record.
+        if hs.is_empty()
+            && let Some(&ht) = rest.get(5)
+            && ht != HS_CLIENT_HELLO
+        {
+            return Err(ParseError::NotClientHello(ht));
         }
         let (after, record) = match parse_tls_raw_record(rest) {
             Ok(v) => v,
@@ -387,7 +398,11 @@ pub(crate) mod tests {
             parse_client_hello(b"GET / HTTP/1.1\r\n"),
             Err(ParseError::NotHandshake(b'G'))
         );
-        // ServerHello inside a handshake record.
+        // ServerHello inside a handshake record, seen early and complete.
+        assert_eq!(
+            parse_client_hello(&[0x16, 0x03, 0x03, 0x01, 0x00, 0x02]),
+            Err(ParseError::NotClientHello(2))
+        );
         assert_eq!(
             parse_client_hello(&[0x16, 0x03, 0x03, 0x00, 0x04, 0x02, 0x00, 0x00, 0x00]),
             Err(ParseError::NotClientHello(2))
@@ -413,6 +428,66 @@ pub(crate) mod tests {
             let _ = parse_client_hello(&b);
             let _ = parse_handshake(b.get(5..).unwrap_or(&[]));
         }
+    }
+
+    fn ext(out: &mut Vec<u8>, ty: u16, body: &[u8]) {
+        out.extend_from_slice(&ty.to_be_bytes());
+        out.extend_from_slice(&u16::try_from(body.len()).unwrap_or(0).to_be_bytes());
+        out.extend_from_slice(body);
+    }
+
+    /// A Chrome 143-shaped ClientHello (wire order from a public JA4 service's
+    /// ja4_ro); other extension bodies are empty, which must not matter.
+    fn chrome_hello() -> Vec<u8> {
+        let ciphers: [u16; 16] = [
+            0x3a3a, 0x1301, 0x1302, 0x1303, 0xc02b, 0xc02f, 0xc02c, 0xc030, 0xcca9, 0xcca8, 0xc013,
+            0xc014, 0x009c, 0x009d, 0x002f, 0x0035,
+        ];
+        let mut exts = Vec::new();
+        for ty in [
+            0x5a5a, 0x002d, 0x0033, 0x0010, 0xfe0d, 0x0017, 0x44cd, 0x0000, 0x000b, 0x000a, 0x002b,
+            0xff01, 0x0023, 0x0012, 0x0005, 0x000d, 0x001b, 0xfafa,
+        ] {
+            let body: Vec<u8> = match ty {
+                0x0000 => {
+                    let name = b"API.OpenAI.com";
+                    let mut b = vec![0, 17, 0, 0, 14];
+                    b.extend_from_slice(name);
+                    b
+                }
+                0x0010 => b"\x00\x0c\x02h2\x08http/1.1".to_vec(),
+                0x002b => vec![6, 0x2a, 0x2a, 3, 4, 3, 3],
+                0x000d => vec![0, 16, 4, 3, 8, 4, 4, 1, 5, 3, 8, 5, 5, 1, 8, 6, 6, 1],
+                _ => Vec::new(),
+            };
+            ext(&mut exts, ty, &body);
+        }
+        let mut body = vec![0x03, 0x03];
+        body.extend_from_slice(&[7u8; 32]);
+        body.push(0);
+        body.extend_from_slice(&32u16.to_be_bytes());
+        for c in ciphers {
+            body.extend_from_slice(&c.to_be_bytes());
+        }
+        body.extend_from_slice(&[1, 0]);
+        body.extend_from_slice(&u16::try_from(exts.len()).unwrap_or(0).to_be_bytes());
+        body.extend_from_slice(&exts);
+        let len = u32::try_from(body.len()).unwrap_or(0).to_be_bytes();
+        let mut hs = vec![1, len[1], len[2], len[3]];
+        hs.extend_from_slice(&body);
+        hs
+    }
+
+    #[test]
+    fn chrome_shaped_hello_ja4() {
+        let info = parse_client_hello(&records(&chrome_hello(), 16384)).expect("parse");
+        assert_eq!(info.ja4, "t13d1516h2_8daaf6152771_d8a2da3f94cd");
+        assert_eq!(info.sni.as_deref(), Some("api.openai.com"));
+        assert_eq!(info.alpn, vec!["h2".to_owned(), "http/1.1".to_owned()]);
+        assert_eq!(info.tls_version, "1.3");
+        assert!(info.ech);
+        let q = parse_handshake(&chrome_hello()).expect("parse");
+        assert_eq!(q.ja4, "q13d1516h2_8daaf6152771_d8a2da3f94cd");
     }
 
     #[test]

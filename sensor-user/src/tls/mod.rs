@@ -6,8 +6,10 @@
 
 pub mod client_hello;
 pub mod ja4;
+pub mod quic;
 pub mod reassembly;
 
 pub use client_hello::{ClientHelloInfo, ParseError, parse_client_hello, parse_handshake};
 pub use ja4::Transport;
+pub use quic::{QuicError, QuicInitialTable, protect_client_initial};
 pub use reassembly::{ClientHelloAssembler, Limits, Push, ReassemblyTable};
