@@ -9,7 +9,7 @@ use sensor_common::{FlowKey, PayloadEvent};
 use crate::{
     config::AppProto,
     tls::{
-        ClientHelloInfo,
+        ClientHelloInfo, QuicInitialTable,
         reassembly::{Limits, Push, ReassemblyTable},
     },
 };
@@ -30,12 +30,14 @@ pub enum Completed {
 /// Per-flow reassembly state for TCP and QUIC.
 pub struct Completion {
     tcp: ReassemblyTable<FlowKey>,
+    quic: QuicInitialTable<FlowKey>,
 }
 
 impl Default for Completion {
     fn default() -> Self {
         Completion {
             tcp: ReassemblyTable::new(Limits::default()),
+            quic: QuicInitialTable::new(Limits::default()),
         }
     }
 }
@@ -57,7 +59,7 @@ impl Completion {
         let copied = (event.copied_len as usize).min(event.data.len());
         let data = &event.data[..copied];
         let (push, proto) = if key.protocol == 17 {
-            (Push::NotTls, AppProto::Quic)
+            (self.quic.push(key, data, now), AppProto::Quic)
         } else {
             (self.tcp.push(key, event.tcp_seq, data, now), AppProto::Tls)
         };
@@ -71,6 +73,6 @@ impl Completion {
 
     /// Drops entries past their time bound; returns how many gave up.
     pub fn expire(&mut self, now: Instant) -> usize {
-        self.tcp.expire(now)
+        self.tcp.expire(now) + self.quic.expire(now)
     }
 }
