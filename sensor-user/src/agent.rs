@@ -112,7 +112,7 @@ pub async fn run(settings: AgentSettings) -> Result<()> {
             _ => sensor_common::action::ALERT,
         },
     })
-    .context("loading the kernel programs (needs CAP_BPF and CAP_NET_ADMIN)")?;
+    .context("loading the kernel programs (needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON; `conduit-sensor probe` shows what this process has)")?;
     let mut ifnames = HashMap::new();
     for iface in &settings.ifaces {
         let info = kernel

@@ -15,11 +15,17 @@ fn bin() -> Command {
 }
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/config")
+        .join(name)
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 #[test]
@@ -40,11 +46,19 @@ fn check_config_accepts_the_examples() {
 #[test]
 fn check_config_exits_64_with_file_line_column() {
     let path = fixture("unknown_zone.yaml");
-    let out = bin().arg("check-config").arg("--conduits").arg(&path).output().expect("run");
+    let out = bin()
+        .arg("check-config")
+        .arg("--conduits")
+        .arg(&path)
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let expected = format!("{}:13:11: unknown zone `cell-2`", path.display());
-    assert!(stderr.contains(&expected), "expected {expected:?} in:\n{stderr}");
+    assert!(
+        stderr.contains(&expected),
+        "expected {expected:?} in:\n{stderr}"
+    );
 }
 
 #[test]
@@ -63,7 +77,12 @@ fn run_with_a_broken_map_exits_64_before_touching_the_kernel() {
 
 #[test]
 fn broken_sensor_yaml_exits_64() {
-    let out = bin().arg("check-config").arg("--config").arg(fixture("sensor_bad.yaml")).output().expect("run");
+    let out = bin()
+        .arg("check-config")
+        .arg("--config")
+        .arg(fixture("sensor_bad.yaml"))
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
     assert!(text(&out).contains("sensor_bad.yaml:"), "{}", text(&out));
 }
@@ -73,7 +92,10 @@ fn schema_prints_both_files() {
     let out = bin().arg("schema").output().expect("run");
     assert_eq!(out.status.code(), Some(0));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("schema is JSON");
-    assert!(v.get("conduits.yaml").is_some() && v.get("sensor.yaml").is_some(), "{v}");
+    assert!(
+        v.get("conduits.yaml").is_some() && v.get("sensor.yaml").is_some(),
+        "{v}"
+    );
 }
 
 #[test]
@@ -86,14 +108,27 @@ fn version_prints_the_version() {
 #[test]
 fn keygen_writes_a_private_key_only_the_owner_can_read() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = bin().arg("keygen").arg("--out").arg(dir.path()).output().expect("run");
+    let out = bin()
+        .arg("keygen")
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    let mode = std::fs::metadata(dir.path().join("signing.key")).expect("key").permissions().mode();
+    let mode = std::fs::metadata(dir.path().join("signing.key"))
+        .expect("key")
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
     let public = std::fs::read_to_string(dir.path().join("signing.pub")).expect("pub");
     assert_eq!(public.trim().len(), 64);
     // A second keygen must not overwrite the key.
-    let again = bin().arg("keygen").arg("--out").arg(dir.path()).output().expect("run");
+    let again = bin()
+        .arg("keygen")
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .expect("run");
     assert_ne!(again.status.code(), Some(0), "{}", text(&again));
 }
 
@@ -105,7 +140,11 @@ fn verify_chain_counts_records_and_names_the_first_bad_sequence() {
     for i in 0..20 {
         rec.append(Record {
             kind: RecordKind::Loss as i32,
-            body: Some(Body::Loss(Loss { reason: format!("test{i}"), count: i, ..Loss::default() })),
+            body: Some(Body::Loss(Loss {
+                reason: format!("test{i}"),
+                count: i,
+                ..Loss::default()
+            })),
             ..Record::default()
         })
         .expect("append");
@@ -130,5 +169,9 @@ fn verify_chain_counts_records_and_names_the_first_bad_sequence() {
     std::fs::write(&segment, bytes).expect("write");
     let out = bin().arg("verify-chain").arg(&spool).output().expect("run");
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(text(&out).contains("first bad sequence number:"), "{}", text(&out));
+    assert!(
+        text(&out).contains("first bad sequence number:"),
+        "{}",
+        text(&out)
+    );
 }

@@ -366,10 +366,24 @@ impl SensorRun {
     /// Starts the sensor in `ns` with `extra` arguments and waits until it says
     /// it is running.
     pub fn start(lab: &mut Lab, ns: &Ns, label: &str, extra: &[&str]) -> Result<SensorRun> {
-        let spool = lab.workdir.join(format!("{label}-spool"));
-        let jsonl = lab.workdir.join(format!("{label}.jsonl"));
+        Self::start_as(lab, ns, label, &[], &lab.workdir.clone(), extra)
+    }
+
+    /// Like [`SensorRun::start`], with the sensor run under `wrapper` (e.g. setpriv)
+    /// and its spool and JSON lines in `dir`.
+    pub fn start_as(
+        lab: &mut Lab,
+        ns: &Ns,
+        label: &str,
+        wrapper: &[&str],
+        dir: &Path,
+        extra: &[&str],
+    ) -> Result<SensorRun> {
+        let spool = dir.join(format!("{label}-spool"));
+        let jsonl = dir.join(format!("{label}.jsonl"));
         let bin = workspace_bin("conduit-sensor");
-        let mut args: Vec<String> = vec![
+        let mut args: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
+        args.extend([
             bin.display().to_string(),
             "run".into(),
             "--spool".into(),
@@ -378,7 +392,7 @@ impl SensorRun {
             jsonl.display().to_string(),
             "--sensor-id".into(),
             format!("{label}-gw"),
-        ];
+        ]);
         args.extend(extra.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         lab.spawn(ns, label, &refs)?;

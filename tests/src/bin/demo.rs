@@ -42,10 +42,17 @@ fn say(s: &str) {
 }
 
 fn demo() -> Result<()> {
-    say("Building the lab: ot1 (cell-1) and ot2 (mes) -> gw (sensor, NAT) -> net (fake AI endpoints)");
+    say(
+        "Building the lab: ot1 (cell-1) and ot2 (mes) -> gw (sensor, NAT) -> net (fake AI endpoints)",
+    );
     let mut lab = GatewayLab::build("demo", GatewayLabOptions { masquerade: true })?;
     let pki = LabPki::create(&lab.lab)?;
-    let (gw, ot1, ot2, net) = (lab.gw.clone(), lab.ot1.clone(), lab.ot2.clone(), lab.net.clone());
+    let (gw, ot1, ot2, net) = (
+        lab.gw.clone(),
+        lab.ot1.clone(),
+        lab.ot2.clone(),
+        lab.net.clone(),
+    );
     start_endpoints(&mut lab.lab, &net, &pki)?;
 
     say("Conduit map (tests/lab/conduits.yaml)");
@@ -55,8 +62,14 @@ fn demo() -> Result<()> {
         .arg(&map)
         .output()?;
     print!("{}", String::from_utf8_lossy(&check.stdout));
-    for line in fs::read_to_string(&map)?.lines().filter(|l| l.trim_start().starts_with("- id: C-")) {
-        println!("  conduit {}", line.trim_start().trim_start_matches("- id: "));
+    for line in fs::read_to_string(&map)?
+        .lines()
+        .filter(|l| l.trim_start().starts_with("- id: C-"))
+    {
+        println!(
+            "  conduit {}",
+            line.trim_start().trim_start_matches("- id: ")
+        );
     }
 
     say("Starting conduit-sensor on the gateway's zone-facing interfaces");
@@ -65,19 +78,62 @@ fn demo() -> Result<()> {
         &mut lab.lab,
         &gw,
         "sensor",
-        &["--iface", GW_OT1_IF, "--iface", GW_OT2_IF, "--conduits", &map_arg],
+        &[
+            "--iface",
+            GW_OT1_IF,
+            "--iface",
+            GW_OT2_IF,
+            "--conduits",
+            &map_arg,
+        ],
     )?;
 
     say("OT hosts call AI endpoints with real clients");
     let calls: &[(&str, &conduit_lab::Ns, Client, &str, &str)] = &[
         ("cell-1", &ot1, Client::Curl, "api.openai.com", AI_V4[0]),
-        ("cell-1", &ot1, Client::Chromium, "chat.openai.com", AI_V4[1]),
-        ("cell-1", &ot1, Client::PythonSsl, "api.anthropic.com", AI_V6),
-        ("cell-1", &ot1, Client::Aioquic, "generativelanguage.googleapis.com", AI_V4[2]),
-        ("mes", &ot2, Client::Curl, "plant01.openai.azure.com", AI_V4[0]),
-        ("mes", &ot2, Client::OpensslSClient, "plant01.openai.azure.com", AI_V4[1]),
+        (
+            "cell-1",
+            &ot1,
+            Client::Chromium,
+            "chat.openai.com",
+            AI_V4[1],
+        ),
+        (
+            "cell-1",
+            &ot1,
+            Client::PythonSsl,
+            "api.anthropic.com",
+            AI_V6,
+        ),
+        (
+            "cell-1",
+            &ot1,
+            Client::Aioquic,
+            "generativelanguage.googleapis.com",
+            AI_V4[2],
+        ),
+        (
+            "mes",
+            &ot2,
+            Client::Curl,
+            "plant01.openai.azure.com",
+            AI_V4[0],
+        ),
+        (
+            "mes",
+            &ot2,
+            Client::OpensslSClient,
+            "plant01.openai.azure.com",
+            AI_V4[1],
+        ),
         ("mes", &ot2, Client::Aioquic, "api.openai.com", AI_V4[2]),
-        ("cell-1", &ot1, Client::Curl, "updates.vendor.example", AI_V4[0]),
+        (
+            "cell-1",
+            &ot1,
+            Client::Curl,
+            "updates.vendor.example",
+            AI_V4[0],
+        ),
     ];
     for (zone, ns, client, name, addr) in calls {
         let result = call(&lab.lab, ns, *client, name, addr, &pki);
@@ -97,8 +153,14 @@ fn demo() -> Result<()> {
 
     say("verify-chain on the sensor's spool");
     let verify = |dir: &std::path::Path| -> Result<(i32, String)> {
-        let out = Command::new(workspace_bin("conduit-sensor")).arg("verify-chain").arg(dir).output()?;
-        Ok((out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned()))
+        let out = Command::new(workspace_bin("conduit-sensor"))
+            .arg("verify-chain")
+            .arg(dir)
+            .output()?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ))
     };
     let (code, text) = verify(&spool)?;
     print!("{text}");
@@ -107,7 +169,11 @@ fn demo() -> Result<()> {
 
     say("Tampering with a copy: one byte of a record in the middle of the spool");
     let copy = lab.lab.workdir.join("tampered-spool");
-    Command::new("cp").arg("-a").arg(&spool).arg(&copy).status()?;
+    Command::new("cp")
+        .arg("-a")
+        .arg(&spool)
+        .arg(&copy)
+        .status()?;
     let segment = fs::read_dir(&copy)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "cspool"))
@@ -117,7 +183,10 @@ fn demo() -> Result<()> {
     let at = bytes.len() / 2;
     bytes[at] ^= 0x01;
     fs::write(&segment, bytes)?;
-    println!("  flipped one bit at byte {at} of {}", segment.file_name().and_then(|n| n.to_str()).unwrap_or("?"));
+    println!(
+        "  flipped one bit at byte {at} of {}",
+        segment.file_name().and_then(|n| n.to_str()).unwrap_or("?")
+    );
     let (code, text) = verify(&copy)?;
     print!("{text}");
     println!("  exit code {code}");
@@ -130,13 +199,28 @@ fn demo() -> Result<()> {
 fn print_table(records: &[Value]) {
     println!(
         "\n  {:<5} {:<11} {:<7} {:<21} {:<24} {:<34} {:<5} {:<12} {:<18} {:>9} {:>11}",
-        "seq", "action", "zone", "source", "destination", "server name", "proto", "verdict", "conduit", "pkts →/←", "bytes →/←"
+        "seq",
+        "action",
+        "zone",
+        "source",
+        "destination",
+        "server name",
+        "proto",
+        "verdict",
+        "conduit",
+        "pkts →/←",
+        "bytes →/←"
     );
     for r in records {
         let action = r["event"]["action"].as_str().unwrap_or("");
         let s = |v: &Value| v.as_str().unwrap_or("-").to_string();
         if !action.starts_with("flow_") {
-            println!("  {:<5} {:<11} {}", r["event"]["sequence"].as_u64().unwrap_or(0), action, summary(r));
+            println!(
+                "  {:<5} {:<11} {}",
+                r["event"]["sequence"].as_u64().unwrap_or(0),
+                action,
+                summary(r)
+            );
             continue;
         }
         let verdict = s(&r["conduit"]["verdict"]);
@@ -152,7 +236,11 @@ fn print_table(records: &[Value]) {
             action,
             s(&r["conduit"]["zone"]),
             format!("{}:{}", s(&r["source"]["ip"]), r["source"]["port"]),
-            format!("{}:{}", s(&r["destination"]["ip"]), r["destination"]["port"]),
+            format!(
+                "{}:{}",
+                s(&r["destination"]["ip"]),
+                r["destination"]["port"]
+            ),
             s(&r["tls"]["client"]["server_name"]),
             s(&r["network"]["protocol"]),
             verdict,
@@ -166,7 +254,14 @@ fn print_table(records: &[Value]) {
 fn summary(r: &Value) -> String {
     let c = &r["conduit"];
     match r["event"]["action"].as_str().unwrap_or("") {
-        "policy_change" => format!("conduit map {} loaded", c["policy_hash"].as_str().unwrap_or("?").get(..16).unwrap_or("?")),
+        "policy_change" => format!(
+            "conduit map {} loaded",
+            c["policy_hash"]
+                .as_str()
+                .unwrap_or("?")
+                .get(..16)
+                .unwrap_or("?")
+        ),
         "checkpoint" => format!("signed checkpoint covering seq {}", c["checkpoint"]["seq"]),
         "chain_restart" => format!("new chain: {}", c["chain_restart"]["reason"]),
         "loss" => format!("LOSS {} x {}", c["loss"]["count"], c["loss"]["reason"]),
