@@ -83,82 +83,125 @@ pub async fn run(settings: AgentSettings) -> Result<()> {
     if let Some(url) = &settings.collector {
         tracing::warn!(%url, "collector streaming is not available in this build; records stay in the spool");
     }
-
-    let policy = match &settings.conduits {
-        Some(path) => {
-            let map = ConduitMap::load(path, None).map_err(ConfigExit)?;
-            tracing::info!(path = %path.display(), policy_hash = %hex::encode(map.policy_hash()), zones = map.zones.len(), endpoints = map.endpoints.len(), conduits = map.conduits.len(), "conduit map loaded");
-            Some(map)
-        }
-        None => {
-            tracing::warn!("no conduit map: every flow is recorded");
-            None
-        }
-    };
-
-    let (recorder, opened) = Recorder::open(settings.recorder.clone()).with_context(|| {
-        format!(
-            "opening the spool in {}",
-            settings.recorder.spool_dir.display()
-        )
-    })?;
-    tracing::info!(public_key = %hex::encode(recorder.public_key()), spool = %settings.recorder.spool_dir.display(), "recorder ready");
-
-    let mut kernel = Kernel::load(&KernelOptions {
-        enforce: settings.enforcement,
-        record_all: settings.tracker.record_all,
-        default_action: match policy.as_ref().map(|p| p.default_action) {
-            Some(DefaultAction::Block) => sensor_common::action::BLOCK,
-            _ => sensor_common::action::ALERT,
-        },
-    })
-    .context("loading the kernel programs (needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON; `conduit-sensor probe` shows what this process has)")?;
-    let mut ifnames = HashMap::new();
-    for iface in &settings.ifaces {
-        let info = kernel
-            .attach(iface)
-            .with_context(|| format!("attaching to {iface}"))?;
-        tracing::info!(iface, mode = ?info.xdp_mode, "attached");
-        ifnames.insert(info.ifindex, iface.clone());
-    }
-    kernel
-        .set_local_addrs(&local_addresses())
-        .context("local addresses")?;
-
-    let jsonl = match &settings.jsonl {
-        Some(path) => Some(BufWriter::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .with_context(|| format!("opening {}", path.display()))?,
-        )),
-        None => None,
-    };
-
-    let site = policy.as_ref().map(|p| p.site.clone()).unwrap_or_default();
-    let mut agent = Agent {
-        tracker: FlowTracker::new(settings.tracker.clone(), policy.is_some()),
-        settings,
-        kernel,
-        recorder,
-        jsonl,
-        policy: None,
-        metrics: metrics.clone(),
-        completion: Completion::new(),
-        reported_counters: [0; Counter::COUNT as usize],
-        ifnames,
-        site,
-    };
-    agent.emit_appended(opened)?;
-    if let Some(map) = policy {
-        agent.install_policy(map, "startup")?;
-    }
+    let mut agent = Agent::start(settings, metrics.clone(), Mode::Live)?;
     metrics.ready.store(true, Ordering::Relaxed);
     tracing::info!("sensor running");
     agent.event_loop().await?;
     tracing::info!("sensor stopped");
     Ok(())
+}
+
+/// `conduit-sensor replay`: runs the kernel program over every packet of a pcap with
+/// BPF_PROG_TEST_RUN and feeds its events to the same agent logic, so the records are
+/// those a live sensor would write (timestamps are the replay's clock: the kernel
+/// stamps packets when it runs them). Returns the number of packets run.
+pub fn replay(settings: AgentSettings, packets: impl Iterator<Item = Vec<u8>>) -> Result<u64> {
+    let mut agent = Agent::start(settings, Arc::new(Metrics::default()), Mode::Replay)?;
+    let mut n = 0u64;
+    for packet in packets {
+        agent.kernel.test_run(kernel::Program::Xdp, &packet)?;
+        n += 1;
+        for ev in agent.kernel.drain_events() {
+            agent.on_event(ev)?;
+        }
+    }
+    for ev in agent.kernel.drain_events() {
+        agent.on_event(ev)?;
+    }
+    agent.drain()?;
+    Ok(n)
+}
+
+/// Whether the agent attaches to interfaces or runs packets through test runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Live,
+    Replay,
+}
+
+impl Agent {
+    fn start(settings: AgentSettings, metrics: Arc<Metrics>, mode: Mode) -> Result<Agent> {
+        let policy = match &settings.conduits {
+            Some(path) => {
+                let map = ConduitMap::load(path, None).map_err(ConfigExit)?;
+                tracing::info!(path = %path.display(), policy_hash = %hex::encode(map.policy_hash()), zones = map.zones.len(), endpoints = map.endpoints.len(), conduits = map.conduits.len(), "conduit map loaded");
+                Some(map)
+            }
+            None => {
+                tracing::warn!("no conduit map: every flow is recorded");
+                None
+            }
+        };
+
+        let (recorder, opened) = Recorder::open(settings.recorder.clone()).with_context(|| {
+            format!(
+                "opening the spool in {}",
+                settings.recorder.spool_dir.display()
+            )
+        })?;
+        tracing::info!(public_key = %hex::encode(recorder.public_key()), spool = %settings.recorder.spool_dir.display(), "recorder ready");
+
+        let mut kernel = Kernel::load(&KernelOptions {
+            enforce: settings.enforcement,
+            record_all: settings.tracker.record_all,
+            default_action: match policy.as_ref().map(|p| p.default_action) {
+                Some(DefaultAction::Block) => sensor_common::action::BLOCK,
+                _ => sensor_common::action::ALERT,
+            },
+        })
+        .context("loading the kernel programs (needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON; `conduit-sensor probe` shows what this process has)")?;
+        let mut ifnames = HashMap::new();
+        match mode {
+            Mode::Live => {
+                for iface in &settings.ifaces {
+                    let info = kernel
+                        .attach(iface)
+                        .with_context(|| format!("attaching to {iface}"))?;
+                    tracing::info!(iface, mode = ?info.xdp_mode, "attached");
+                    ifnames.insert(info.ifindex, iface.clone());
+                }
+                kernel
+                    .set_local_addrs(&local_addresses())
+                    .context("local addresses")?;
+            }
+            Mode::Replay => {
+                // BPF_PROG_TEST_RUN runs XDP as if the packet arrived on loopback.
+                kernel.watch_ifindex(1)?;
+                ifnames.insert(1, "replay".to_string());
+            }
+        }
+
+        let jsonl = match &settings.jsonl {
+            Some(path) => Some(BufWriter::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("opening {}", path.display()))?,
+            )),
+            None => None,
+        };
+
+        let site = policy.as_ref().map(|p| p.site.clone()).unwrap_or_default();
+        let mut agent = Agent {
+            tracker: FlowTracker::new(settings.tracker.clone(), policy.is_some()),
+            settings,
+            kernel,
+            recorder,
+            jsonl,
+            policy: None,
+            metrics,
+            completion: Completion::new(),
+            reported_counters: [0; Counter::COUNT as usize],
+            ifnames,
+            site,
+        };
+        agent.emit_appended(opened)?;
+        if let Some(map) = policy {
+            agent.install_policy(map, "startup")?;
+        }
+        Ok(agent)
+    }
 }
 
 /// A configuration error: `main` exits 64 for it.

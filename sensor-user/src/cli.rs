@@ -108,9 +108,19 @@ pub struct VerifyChainArgs {
 pub struct ReplayArgs {
     #[arg(long)]
     pub conduits: PathBuf,
+    /// Capture file (pcap or pcapng, Ethernet link type).
     pub pcap: PathBuf,
+    /// Also write every record as one JSON line to FILE.
     #[arg(long)]
     pub jsonl: Option<PathBuf>,
+    /// Spool for the replay's chain (default: a new directory under $TMPDIR).
+    #[arg(long)]
+    pub spool: Option<PathBuf>,
+    #[arg(long, default_value = "replay")]
+    pub sensor_id: String,
+    /// Also record flows that match no AI endpoint.
+    #[arg(long)]
+    pub record_all: bool,
 }
 
 #[derive(Debug, Args)]

@@ -13,7 +13,7 @@ use crate::{
     chain::RecorderOptions,
     cli::{
         CheckConfigArgs, Cli, Command, EXIT_CHAIN_BROKEN, EXIT_CONFIG, KeygenArgs, ProbeArgs,
-        RunArgs, VerifyChainArgs,
+        ReplayArgs, RunArgs, VerifyChainArgs,
     },
     config::{ConduitMap, ConfigError, SensorConfig},
     flows::TrackerOptions,
@@ -32,12 +32,7 @@ pub fn dispatch(cli: Cli) -> ExitCode {
             println!("conduit-sensor {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Replay(_) => {
-            eprintln!(
-                "conduit-sensor replay: not available in this build yet (see README, 'Status')"
-            );
-            Ok(ExitCode::from(2))
-        }
+        Command::Replay(args) => replay(args),
     };
     result.unwrap_or_else(|err| {
         if let Some(ConfigExit(cfg)) = err.downcast_ref::<ConfigExit>() {
@@ -126,6 +121,29 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         .build()
         .context("tokio runtime")?;
     runtime.block_on(crate::agent::run(settings))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn replay(args: ReplayArgs) -> Result<ExitCode> {
+    let packets = crate::pcap::read_packets(&args.pcap)?;
+    let run_args = RunArgs {
+        conduits: Some(args.conduits.clone()),
+        jsonl: args.jsonl.clone(),
+        spool: Some(args.spool.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("conduit-replay-{}", std::process::id()))
+        })),
+        sensor_id: Some(args.sensor_id.clone()),
+        record_all: args.record_all,
+        ..RunArgs::default()
+    };
+    let settings = settings_from(&run_args).map_err(ConfigExit)?;
+    let spool = settings.recorder.spool_dir.clone();
+    let n = crate::agent::replay(settings, packets.into_iter())?;
+    eprintln!(
+        "replayed {n} packets from {}; records in {}",
+        args.pcap.display(),
+        spool.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

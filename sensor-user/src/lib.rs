@@ -12,6 +12,7 @@ pub mod flows;
 pub mod kernel;
 pub mod kernel_policy;
 pub mod metrics;
+pub mod pcap;
 pub mod record;
 pub mod spool;
 pub mod tls;
