@@ -243,6 +243,9 @@ fn after_account(
     ifindex: u32,
     cfg: &KernelConfig,
 ) -> (bool, bool) {
+    // SAFETY: live flow-table value. Read before classifying: enforcement applies
+    // to packets after the one that produced the verdict.
+    let v = unsafe { (*acc.stats).verdict };
     if acc.new {
         classify::on_new_flow(p, acc.dir, acc.stats, cfg);
         flow::announce_new(acc, ifindex, key);
@@ -250,8 +253,8 @@ fn after_account(
     if acc.dir != DIR_FORWARD {
         return (false, false);
     }
-    // SAFETY: live flow-table value.
-    let (v, state) = unsafe { ((*acc.stats).verdict, (*acc.stats).sni_state) };
+    // SAFETY: as above.
+    let state = unsafe { (*acc.stats).sni_state };
     let first_payload = state == sni_state::NONE && p.payload_len > 0;
     if first_payload {
         if let Some(job) = PAYLOAD_JOB.get_ptr_mut(0) {
