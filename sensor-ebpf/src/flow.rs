@@ -27,32 +27,26 @@ fn lower(a: &[u8; 16], ap: u16, b: &[u8; 16], bp: u16) -> bool {
     ap <= bp
 }
 
-/// Flow key of the packet and whether its source is the key's `lo` side.
+/// Writes the flow key of the packet into `key`; returns whether its source is the
+/// key's `lo` side.
 #[inline(always)]
-pub fn key_of(p: &Packet) -> (FlowKey, bool) {
+pub fn key_of(p: &Packet, key: &mut FlowKey) -> bool {
     let src_lo = lower(&p.src, p.sport, &p.dst, p.dport);
-    let key = if src_lo {
-        FlowKey {
-            addr_lo: p.src,
-            addr_hi: p.dst,
-            port_lo: p.sport,
-            port_hi: p.dport,
-            vlan: p.vlan,
-            protocol: p.protocol,
-            family: p.family,
-        }
+    if src_lo {
+        key.addr_lo = p.src;
+        key.addr_hi = p.dst;
+        key.port_lo = p.sport;
+        key.port_hi = p.dport;
     } else {
-        FlowKey {
-            addr_lo: p.dst,
-            addr_hi: p.src,
-            port_lo: p.dport,
-            port_hi: p.sport,
-            vlan: p.vlan,
-            protocol: p.protocol,
-            family: p.family,
-        }
-    };
-    (key, src_lo)
+        key.addr_lo = p.dst;
+        key.addr_hi = p.src;
+        key.port_lo = p.dport;
+        key.port_hi = p.sport;
+    }
+    key.vlan = p.vlan;
+    key.protocol = p.protocol;
+    key.family = p.family;
+    src_lo
 }
 
 /// State bits a packet with these TCP flags sets, in direction `dir`.
@@ -93,12 +87,47 @@ pub fn emit_flow_event(kind: u8, dir: usize, ifindex: u32, key: &FlowKey, stats:
                 (*ev).header._pad = [0; 2];
                 (*ev).header.ifindex = ifindex;
                 (*ev).header.ts_ns = bpf_ktime_get_boot_ns();
-                (*ev).header.key = *key;
-                (*ev).stats = *stats;
+                copy_words::<_, u16>(&raw mut (*ev).header.key, key);
+                copy_words::<_, u64>(&raw mut (*ev).stats, stats);
             }
             e.submit(0);
         }
         None => bump(Counter::LossRingbufFull),
+    }
+}
+
+/// Copies a `T` as `size_of::<T>() / size_of::<W>()` words. Volatile so that LLVM
+/// does not turn it back into a memcpy call (compiler_builtins' byte loop, which the
+/// verifier then walks byte by byte on every path).
+///
+/// # Safety
+/// `dst` and `src` valid for a `T`, aligned for `W`.
+#[inline(always)]
+pub unsafe fn copy_words<T, W: Copy>(dst: *mut T, src: *const T) {
+    let n = size_of::<T>() / size_of::<W>();
+    let d = dst.cast::<W>();
+    let s = src.cast::<W>();
+    let mut i = 0;
+    while i < n {
+        // SAFETY: i < n words inside both objects.
+        unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };
+        i += 1;
+    }
+}
+
+/// Zeroes a `T` word by word (volatile: see [`copy_words`]; memset is a byte loop).
+///
+/// # Safety
+/// `dst` valid for a `T`, aligned for `W`; all-zero must be a valid `T`.
+#[inline(always)]
+pub unsafe fn zero_words<T, W: Copy + Default>(dst: *mut T) {
+    let n = size_of::<T>() / size_of::<W>();
+    let d = dst.cast::<W>();
+    let mut i = 0;
+    while i < n {
+        // SAFETY: i < n words inside the object.
+        unsafe { core::ptr::write_volatile(d.add(i), W::default()) };
+        i += 1;
     }
 }
 
@@ -152,13 +181,12 @@ pub fn account(
     let s = SCRATCH_STATS.get_ptr_mut(0)?;
     // SAFETY: per-CPU slot, only this program invocation uses it.
     let s = unsafe { &mut *s };
-    *s = FlowStats {
-        first_seen_ns: now,
-        last_seen_ns: now,
-        ifindex,
-        initiator_is_lo: initiator_is_lo as u8,
-        ..FlowStats::default()
-    };
+    // SAFETY: `s` is an aligned FlowStats; zero is a valid FlowStats.
+    unsafe { zero_words::<_, u64>(&raw mut *s) };
+    s.first_seen_ns = now;
+    s.last_seen_ns = now;
+    s.ifindex = ifindex;
+    s.initiator_is_lo = initiator_is_lo as u8;
     s.packets[dir] = segs;
     s.bytes[dir] = bytes;
     s.tcp_flags[dir] = p.tcp_flags;
@@ -181,15 +209,22 @@ pub fn account(
         return None;
     }
     let v = FLOWS.get_ptr_mut(key)?;
-    emit_flow_event(EVENT_FLOW_NEW, dir, ifindex, key, v);
-    if ended(s.state) {
-        update_flags(v, 0, dir, ifindex, key);
-    }
     Some(Accounted {
         stats: v,
         dir,
         new: true,
     })
+}
+
+/// Announces a new flow (after the caller classified it by address); a first packet
+/// with RST also ends it.
+#[inline(always)]
+pub fn announce_new(acc: &Accounted, ifindex: u32, key: &FlowKey) {
+    emit_flow_event(EVENT_FLOW_NEW, acc.dir, ifindex, key, acc.stats);
+    // SAFETY: live flow-table value.
+    if ended(unsafe { (*acc.stats).state }) {
+        update_flags(acc.stats, 0, acc.dir, ifindex, key);
+    }
 }
 
 const BPF_NOEXIST: u64 = 1;

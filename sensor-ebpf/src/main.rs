@@ -8,19 +8,22 @@
 #![feature(core_intrinsics)]
 #![expect(internal_features, reason = "atomic intrinsics, see above")]
 
+mod classify;
 mod flow;
 mod parse;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, xdp_action},
     macros::{classifier, map, xdp},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
+    maps::{
+        Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, ProgramArray, RingBuf,
+    },
     programs::{TcContext, XdpContext},
 };
 use sensor_common::{
-    ConduitKey, ConduitValue, Counter, EVENTS_RINGBUF_BYTES, FLOW_TABLE_SIZE, FlowKey, FlowStats,
-    KernelConfig, LocalAddr, LpmV4, LpmV6, MAX_LOCAL_ADDRS, MAX_POLICY_CIDRS, MAX_POLICY_CONDUITS,
-    MAX_POLICY_SNI, MAX_WATCHED_IFACES,
+    ConduitKey, ConduitValue, Counter, DIR_FORWARD, EVENTS_RINGBUF_BYTES, FLOW_TABLE_SIZE, FlowKey,
+    FlowStats, KernelConfig, LocalAddr, LpmV4, LpmV6, MAX_LOCAL_ADDRS, MAX_POLICY_CIDRS,
+    MAX_POLICY_CONDUITS, MAX_POLICY_SNI, MAX_WATCHED_IFACES, sni_state, verdict,
 };
 
 use crate::parse::{Bounds, IPPROTO_TCP, Packet};
@@ -75,6 +78,10 @@ static SNI_SUFFIX: HashMap<u64, u16> = HashMap::with_max_entries(MAX_POLICY_SNI,
 #[map]
 static CONDUITS: HashMap<ConduitKey, ConduitValue> =
     HashMap::with_max_entries(MAX_POLICY_CONDUITS, 0);
+
+/// Per-CPU scratch for hashing the SNI.
+#[map]
+static SNI_SCRATCH: PerCpuArray<classify::SniScratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU scratch for building a new flow's value (BPF stack is 512 bytes).
 #[map]
@@ -135,6 +142,44 @@ fn handoff_key(p: &Packet) -> HandoffKey {
     }
 }
 
+/// If the packet is addressed to the gateway itself, records it in HANDOFF and
+/// returns true. Not inlined: its keys get their own stack frame.
+#[inline(never)]
+fn hand_off_if_local(p: &Packet) -> bool {
+    // Aligned wrapper + word writes: a 3-byte `_pad` literal becomes a memset call.
+    #[repr(C, align(8))]
+    struct Aligned(LocalAddr);
+    let mut la = core::mem::MaybeUninit::<Aligned>::uninit();
+    // SAFETY: 8-byte aligned; zero is a valid LocalAddr; fields set below.
+    let la = unsafe {
+        flow::zero_words::<_, u64>(la.as_mut_ptr());
+        let mut la = la.assume_init();
+        la.0.addr = p.dst;
+        la.0.family = p.family;
+        la
+    };
+    if LOCAL_ADDRS.get_ptr(la.0).is_none() {
+        return false;
+    }
+    let _ = HANDOFF.insert(handoff_key(p), 1, 0);
+    true
+}
+
+/// TC egress: whether XDP already counted this packet on a watched ingress interface
+/// (and did not hand it off). Not inlined, see above.
+#[inline(never)]
+fn counted_by_xdp(p: &Packet, ingress_ifindex: u32) -> bool {
+    if ingress_ifindex == 0 || WATCHED_IFACES.get_ptr(ingress_ifindex).is_none() {
+        return false;
+    }
+    let hk = handoff_key(p);
+    if HANDOFF.get_ptr(hk).is_none() {
+        return true;
+    }
+    let _ = HANDOFF.remove(hk);
+    false
+}
+
 #[xdp]
 pub fn conduit_xdp(ctx: XdpContext) -> u32 {
     match try_xdp(&ctx) {
@@ -153,31 +198,120 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
         start: ctx.data(),
         end: ctx.data_end(),
     };
-    let p = parse::parse(&b)?;
-    let (key, src_lo) = flow::key_of(&p);
+    let Some(job) = PAYLOAD_JOB.get_ptr_mut(0) else {
+        return Ok(xdp_action::XDP_PASS);
+    };
+    // SAFETY: per-CPU scratch, used by this invocation (and its tail call) only.
+    let job = unsafe { &mut *job };
+    parse::parse(&b, &mut job.pkt)?;
+    let src_lo = flow::key_of(&job.pkt, &mut job.key);
+    let (p, key) = (&job.pkt, &job.key);
     let ifindex = ctx.ingress_ifindex() as u32;
     let cfg = config();
 
     // Known flow: count it. Unknown flow to a gateway-local address: the masqueraded
     // return path of a flow that TC egress will see de-NATed; leave it to TC.
-    if cfg.has_local_addrs != 0 && FLOWS.get_ptr(key).is_none() {
-        let mut la = LocalAddr {
-            addr: p.dst,
-            family: p.family,
-            _pad: [0; 3],
-        };
-        la.family = p.family;
-        if LOCAL_ADDRS.get_ptr(la).is_some() {
-            let _ = HANDOFF.insert(handoff_key(&p), 1, 0);
-            bump(Counter::HandedOffLocal);
-            return Ok(xdp_action::XDP_PASS);
-        }
+    if cfg.has_local_addrs != 0 && FLOWS.get_ptr(key).is_none() && hand_off_if_local(p) {
+        bump(Counter::HandedOffLocal);
+        return Ok(xdp_action::XDP_PASS);
     }
-    let Some(_acc) = flow::account(&p, &key, src_lo, 1, p.ip_len as u64, ifindex) else {
+    let Some(acc) = flow::account(p, key, src_lo, 1, p.ip_len as u64, ifindex) else {
         return Ok(xdp_action::XDP_PASS);
     };
     bump(Counter::PacketsCounted);
+    let (blocked, first_payload) = after_account(p, key, &acc, ifindex, &cfg);
+    if blocked && cfg.enforce != 0 {
+        bump(Counter::PacketsDropped);
+        return Ok(xdp_action::XDP_DROP);
+    }
+    if first_payload {
+        // Does not return on success; on failure (not installed) just pass.
+        // SAFETY: ctx is this program's context.
+        unsafe { JUMP_XDP.tail_call(ctx, 0) };
+    }
     Ok(xdp_action::XDP_PASS)
+}
+
+/// New-flow announcement and classification by address. Returns whether the packet
+/// is a forward packet of a flow already `blocked`, and whether it is the first
+/// forward payload packet (the caller then tail-calls the payload classifier).
+#[inline(always)]
+fn after_account(
+    p: &Packet,
+    key: &FlowKey,
+    acc: &flow::Accounted,
+    ifindex: u32,
+    cfg: &KernelConfig,
+) -> (bool, bool) {
+    // SAFETY: live flow-table value. Read before classifying: enforcement applies
+    // to packets after the one that produced the verdict.
+    let v = unsafe { (*acc.stats).verdict };
+    if acc.new {
+        classify::on_new_flow(p, acc.dir, acc.stats, cfg);
+        flow::announce_new(acc, ifindex, key);
+    }
+    if acc.dir != DIR_FORWARD {
+        return (false, false);
+    }
+    // SAFETY: as above.
+    let state = unsafe { (*acc.stats).sni_state };
+    let first_payload = state == sni_state::NONE && p.payload_len > 0;
+    if first_payload {
+        if let Some(job) = PAYLOAD_JOB.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot handed to the tail-called program on this CPU; `p`
+            // and `key` already live in it.
+            unsafe { (*job).ifindex = ifindex };
+        }
+    }
+    (v == verdict::BLOCKED, first_payload)
+}
+
+/// Input of the payload classifiers (tail-called so that the verifier checks the
+/// ClientHello walk once, not once per header-parsing path).
+#[repr(C)]
+pub struct PayloadJob {
+    pkt: Packet,
+    key: FlowKey,
+    ifindex: u32,
+}
+
+#[map]
+static PAYLOAD_JOB: PerCpuArray<PayloadJob> = PerCpuArray::with_max_entries(1, 0);
+
+/// Index 0: `conduit_xdp_classify`.
+#[map]
+static JUMP_XDP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Index 0: `conduit_tc_classify`.
+#[map]
+static JUMP_TC: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn classify_job<C: classify::LoadBytes>(ctx: &C, start: usize, end: usize) {
+    let Some(job) = PAYLOAD_JOB.get_ptr(0) else {
+        return;
+    };
+    // SAFETY: per-CPU slot written by the program that tail-called us.
+    let job = unsafe { &*job };
+    let Some(s) = FLOWS.get_ptr_mut(job.key) else {
+        return;
+    };
+    let b = Bounds { start, end };
+    classify::on_first_payload(ctx, &b, &job.pkt, &job.key, s, job.ifindex, &config());
+}
+
+/// First forward payload packet of a flow (XDP): TLS ClientHello / QUIC Initial.
+#[xdp]
+pub fn conduit_xdp_classify(ctx: XdpContext) -> u32 {
+    classify_job(&ctx, ctx.data(), ctx.data_end());
+    xdp_action::XDP_PASS
+}
+
+/// First forward payload packet of a flow (TC egress).
+#[classifier]
+pub fn conduit_tc_classify(ctx: TcContext) -> i32 {
+    classify_job(&ctx, ctx.data(), ctx.data_end());
+    TC_ACT_OK
 }
 
 #[classifier]
@@ -224,27 +358,36 @@ fn try_tc(ctx: &TcContext) -> Result<i32, Counter> {
             end: ctx.data_end(),
         };
     }
-    let p = parse::parse(&b)?;
+    let Some(job) = PAYLOAD_JOB.get_ptr_mut(0) else {
+        return Ok(TC_ACT_OK);
+    };
+    // SAFETY: per-CPU scratch, used by this invocation (and its tail call) only.
+    let job = unsafe { &mut *job };
+    parse::parse(&b, &mut job.pkt)?;
+    let p = &job.pkt;
 
     // Count once: skip what XDP already counted on a watched ingress interface,
     // unless XDP handed it over (addressed to the gateway before de-NAT).
-    if ingress_ifindex != 0 && WATCHED_IFACES.get_ptr(ingress_ifindex).is_some() {
-        let hk = handoff_key(&p);
-        if HANDOFF.get_ptr(hk).is_none() {
-            bump(Counter::SkippedAlreadyCounted);
-            return Ok(TC_ACT_OK);
-        }
-        let _ = HANDOFF.remove(hk);
+    if counted_by_xdp(p, ingress_ifindex) {
+        bump(Counter::SkippedAlreadyCounted);
+        return Ok(TC_ACT_OK);
     }
 
-    let (key, src_lo) = flow::key_of(&p);
+    let src_lo = flow::key_of(&job.pkt, &mut job.key);
+    let (p, key) = (&job.pkt, &job.key);
     let segs = if gso_segs > 1 { gso_segs } else { 1 };
     // A GSO aggregate carries one set of headers for `segs` wire packets.
     let bytes = p.ip_len as u64 + (segs as u64 - 1) * p.hdr_len as u64;
-    if flow::account(&p, &key, src_lo, segs as u64, bytes, ifindex).is_none() {
+    let Some(acc) = flow::account(p, key, src_lo, segs as u64, bytes, ifindex) else {
         return Ok(TC_ACT_OK);
-    }
+    };
     bump_by(Counter::PacketsCounted, segs as u64);
+    // Egress never drops: enforcement is XDP's job.
+    let (_, first_payload) = after_account(p, key, &acc, ifindex, &config());
+    if first_payload {
+        // SAFETY: ctx is this program's context.
+        unsafe { JUMP_TC.tail_call(ctx, 0) };
+    }
     Ok(TC_ACT_OK)
 }
 

@@ -125,7 +125,7 @@ struct UdpHdr {
 /// Parses Ethernet / VLAN / IP / TCP|UDP. `Err` carries the counter to bump; the
 /// caller passes the packet in every case.
 #[inline(always)]
-pub fn parse(b: &Bounds) -> Result<Packet, Counter> {
+pub fn parse(b: &Bounds, p: &mut Packet) -> Result<(), Counter> {
     let mut ethertype = be16(b.read::<[u8; 2]>(12).ok_or(Counter::ErrEthTruncated)?);
     let mut off = 14usize;
     let mut vlan = 0u16;
@@ -144,23 +144,17 @@ pub fn parse(b: &Bounds) -> Result<Packet, Counter> {
         }
     }
 
-    let mut p = Packet {
-        src: [0; 16],
-        dst: [0; 16],
-        sport: 0,
-        dport: 0,
-        vlan,
-        protocol: 0,
-        family: 0,
-        tcp_flags: 0,
-        ip_len: 0,
-        hdr_len: 0,
-        payload_off: 0,
-        payload_len: 0,
-        tcp_seq: 0,
-        tcp_ack: 0,
-        ip_id: 0,
-    };
+    // `p` is per-CPU scratch (the BPF stack is too small): reset what some paths skip.
+    p.sport = 0;
+    p.dport = 0;
+    p.vlan = vlan;
+    p.tcp_flags = 0;
+    p.hdr_len = 0;
+    p.payload_off = 0;
+    p.payload_len = 0;
+    p.tcp_seq = 0;
+    p.tcp_ack = 0;
+    p.ip_id = 0;
     let l3_off = off;
     let l4_off;
     match ethertype {
@@ -180,8 +174,9 @@ pub fn parse(b: &Bounds) -> Result<Packet, Counter> {
             }
             p.family = FAMILY_IPV4;
             p.protocol = ip.proto;
-            p.src[..4].copy_from_slice(&ip.src);
-            p.dst[..4].copy_from_slice(&ip.dst);
+            // Via u128 so the zero tail is two stores, not a memset call.
+            p.src = (u32::from_ne_bytes(ip.src) as u128).to_ne_bytes();
+            p.dst = (u32::from_ne_bytes(ip.dst) as u128).to_ne_bytes();
             p.ip_len = tot_len as u32;
             p.ip_id = be16(ip.id);
             l4_off = off + ihl;
@@ -260,5 +255,5 @@ pub fn parse(b: &Bounds) -> Result<Packet, Counter> {
         }
         _ => return Err(Counter::NonTcpUdp),
     }
-    Ok(p)
+    Ok(())
 }

@@ -15,7 +15,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, ProgramArray, RingBuf,
+        lpm_trie::Key,
+    },
     programs::{
         ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode,
         tc::{self, SchedClassifierLinkId},
@@ -31,6 +34,8 @@ use sensor_common::{
 /// Program names in the object.
 const PROG_XDP: &str = "conduit_xdp";
 const PROG_TC: &str = "conduit_tc";
+const PROG_XDP_CLASSIFY: &str = "conduit_xdp_classify";
+const PROG_TC_CLASSIFY: &str = "conduit_tc_classify";
 const PROG_BENCH_EMPTY: &str = "bench_empty";
 const PROG_BENCH_LRU: &str = "bench_lru";
 
@@ -49,6 +54,8 @@ pub mod map_names {
     pub const SNI_EXACT: &str = "SNI_EXACT";
     pub const SNI_SUFFIX: &str = "SNI_SUFFIX";
     pub const CONDUITS: &str = "CONDUITS";
+    pub const JUMP_XDP: &str = "JUMP_XDP";
+    pub const JUMP_TC: &str = "JUMP_TC";
 }
 
 /// Errors of the kernel loader.
@@ -294,7 +301,12 @@ impl Kernel {
             env!("OUT_DIR"),
             "/sensor"
         )))?;
-        for name in [PROG_XDP, PROG_BENCH_EMPTY, PROG_BENCH_LRU] {
+        for name in [
+            PROG_XDP,
+            PROG_XDP_CLASSIFY,
+            PROG_BENCH_EMPTY,
+            PROG_BENCH_LRU,
+        ] {
             let p: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or(KernelError::Missing(name))?
@@ -302,12 +314,31 @@ impl Kernel {
                 .map_err(prog_err(name))?;
             p.load().map_err(prog_err(name))?;
         }
-        let p: &mut SchedClassifier = ebpf
-            .program_mut(PROG_TC)
-            .ok_or(KernelError::Missing(PROG_TC))?
-            .try_into()
-            .map_err(prog_err(PROG_TC))?;
-        p.load().map_err(prog_err(PROG_TC))?;
+        for name in [PROG_TC, PROG_TC_CLASSIFY] {
+            let p: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(KernelError::Missing(name))?
+                .try_into()
+                .map_err(prog_err(name))?;
+            p.load().map_err(prog_err(name))?;
+        }
+        // The payload classifiers are tail-called from slot 0 of the jump tables.
+        for (map, prog) in [
+            (map_names::JUMP_XDP, PROG_XDP_CLASSIFY),
+            (map_names::JUMP_TC, PROG_TC_CLASSIFY),
+        ] {
+            let fd = ebpf
+                .program(prog)
+                .ok_or(KernelError::Missing(prog))?
+                .fd()
+                .map_err(prog_err(prog))?
+                .try_clone()
+                .map_err(|e| prog_err(prog)(ProgramError::IOError(e)))?;
+            let mut jump: ProgramArray<&mut MapData> =
+                ProgramArray::try_from(ebpf.map_mut(map).ok_or(KernelError::Missing(map))?)
+                    .map_err(map_err(map))?;
+            jump.set(0, &fd, 0).map_err(map_err(map))?;
+        }
         let events = ebpf
             .take_map(map_names::EVENTS)
             .ok_or(KernelError::Missing(map_names::EVENTS))?;

@@ -1,0 +1,409 @@
+//! Flow classification: zone / endpoint / conduit lookups, the TLS ClientHello walk
+//! to the SNI, QUIC Initial detection, and payload copies for the agent.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::xdp_md,
+    cty::c_void,
+    helpers::{bpf_ktime_get_boot_ns, bpf_loop, bpf_skb_load_bytes, bpf_xdp_load_bytes},
+    maps::lpm_trie::Key,
+};
+use sensor_common::{
+    ConduitKey, Counter, DIR_FORWARD, EVENT_PAYLOAD, FAMILY_IPV4, FlowKey, FlowStats, KernelConfig,
+    PAYLOAD_COPY_MAX, PayloadEvent, SNI_HASH_INIT, action, app_protocol, conduit_proto,
+    sni_hash_step, sni_state, verdict,
+};
+
+use crate::{
+    CONDUITS, ENDPOINT_NETS_V4, ENDPOINT_NETS_V6, EVENTS, SNI_EXACT, SNI_SUFFIX, ZONES_V4,
+    ZONES_V6, bump,
+    parse::{Bounds, IPPROTO_TCP, Packet},
+};
+
+/// Most TLS extensions walked before the server_name one.
+const MAX_EXTENSIONS: usize = 24;
+/// Longest host name hashed (RFC 1035 limit).
+const MAX_SNI: usize = 253;
+
+const QUIC_V1: u32 = 0x0000_0001;
+const QUIC_V2: u32 = 0x6b33_43cf;
+
+/// Copies packet bytes into BPF memory: `bpf_xdp_load_bytes` / `bpf_skb_load_bytes`.
+pub trait LoadBytes: EbpfContext {
+    fn load_bytes_raw(&self, off: u32, dst: *mut u8, len: u32) -> i64;
+}
+
+impl LoadBytes for aya_ebpf::programs::XdpContext {
+    #[inline(always)]
+    fn load_bytes_raw(&self, off: u32, dst: *mut u8, len: u32) -> i64 {
+        // SAFETY: `dst` points to at least `len` writable bytes (checked by the verifier).
+        unsafe { bpf_xdp_load_bytes(self.as_ptr().cast::<xdp_md>(), off, dst.cast(), len) }
+    }
+}
+
+impl LoadBytes for aya_ebpf::programs::TcContext {
+    #[inline(always)]
+    fn load_bytes_raw(&self, off: u32, dst: *mut u8, len: u32) -> i64 {
+        // SAFETY: as above.
+        unsafe { bpf_skb_load_bytes(self.as_ptr(), off, dst.cast(), len) }
+    }
+}
+
+/// Initiator address, responder address and responder port of a packet in `dir`.
+#[inline(always)]
+fn sides(p: &Packet, dir: usize) -> (&[u8; 16], &[u8; 16], u16) {
+    if dir == DIR_FORWARD {
+        (&p.src, &p.dst, p.dport)
+    } else {
+        (&p.dst, &p.src, p.sport)
+    }
+}
+
+#[inline(always)]
+fn lpm(family: u8, addr: &[u8; 16], v4: bool) -> u16 {
+    if family == FAMILY_IPV4 {
+        let k = Key::new(32, [addr[0], addr[1], addr[2], addr[3]]);
+        let m = if v4 { &ZONES_V4 } else { &ENDPOINT_NETS_V4 };
+        m.get(k).copied().unwrap_or(0)
+    } else {
+        let k = Key::new(128, *addr);
+        let m = if v4 { &ZONES_V6 } else { &ENDPOINT_NETS_V6 };
+        m.get(k).copied().unwrap_or(0)
+    }
+}
+
+/// Zone of the initiator (LPM on its address).
+#[inline(always)]
+fn zone_of(family: u8, addr: &[u8; 16]) -> u16 {
+    lpm(family, addr, true)
+}
+
+/// Endpoint of the responder by CIDR.
+#[inline(always)]
+fn endpoint_by_net(family: u8, addr: &[u8; 16]) -> u16 {
+    lpm(family, addr, false)
+}
+
+/// Writes zone, endpoint, conduit and verdict into the flow.
+#[inline(always)]
+fn decide(s: *mut FlowStats, zone: u16, endpoint: u16, port: u16, proto: u8, cfg: &KernelConfig) {
+    let (conduit, v) = if endpoint == 0 {
+        (0, verdict::UNCLASSIFIED)
+    } else {
+        let ck = ConduitKey {
+            zone,
+            endpoint,
+            port,
+            proto,
+            _pad: 0,
+        };
+        let (conduit, act) = match CONDUITS.get_ptr(ck) {
+            // SAFETY: map value pointer from a successful lookup.
+            Some(c) => unsafe { ((*c).conduit_id, (*c).action) },
+            None => (0, cfg.default_action),
+        };
+        let v = match act {
+            action::ALLOW if conduit != 0 => verdict::AUTHORIZED,
+            action::BLOCK if cfg.enforce != 0 => verdict::BLOCKED,
+            _ => verdict::VIOLATION,
+        };
+        (conduit, v)
+    };
+    // SAFETY: live flow-table value; plain stores of classification fields.
+    unsafe {
+        (*s).zone_id = zone;
+        (*s).endpoint_id = endpoint;
+        (*s).conduit_id = conduit;
+        (*s).verdict = v;
+    }
+}
+
+/// Classification of a new flow by its responder's address (endpoint networks).
+/// Not inlined: the LPM and conduit keys get their own stack frame.
+#[inline(never)]
+pub fn on_new_flow(p: &Packet, dir: usize, s: *mut FlowStats, cfg: &KernelConfig) {
+    let (init, resp, port) = sides(p, dir);
+    let endpoint = endpoint_by_net(p.family, resp);
+    if endpoint == 0 {
+        return;
+    }
+    let zone = zone_of(p.family, init);
+    let proto = if p.protocol == IPPROTO_TCP {
+        conduit_proto::TLS
+    } else {
+        conduit_proto::QUIC
+    };
+    decide(s, zone, endpoint, port, proto, cfg);
+}
+
+/// First forward payload packet of a flow: TLS ClientHello or QUIC Initial.
+/// Called only while `sni_state == NONE`.
+#[inline(always)]
+pub fn on_first_payload<C: LoadBytes>(
+    ctx: &C,
+    b: &Bounds,
+    p: &Packet,
+    key: &FlowKey,
+    s: *mut FlowStats,
+    ifindex: u32,
+    cfg: &KernelConfig,
+) {
+    // The mask gives the verifier a bound; parse() never yields offsets above it
+    // (6 IPv6 extension headers of 2 KiB at most).
+    let Some(head) = b.read::<[u8; 6]>(p.payload_off as usize & 0x3fff) else {
+        // Payload shorter than 6 bytes: wait for a later packet.
+        return;
+    };
+    let app = if p.protocol == IPPROTO_TCP {
+        // TLS record: handshake (22), version 3.x, then handshake type ClientHello (1).
+        if head[0] == 22 && head[1] == 3 && head[5] == 1 {
+            app_protocol::TLS
+        } else {
+            app_protocol::UNKNOWN
+        }
+    } else {
+        let version = u32::from_be_bytes([head[1], head[2], head[3], head[4]]);
+        let long_fixed = head[0] & 0xc0 == 0xc0;
+        let ty = (head[0] >> 4) & 0x03;
+        if long_fixed && ((version == QUIC_V1 && ty == 0) || (version == QUIC_V2 && ty == 1)) {
+            app_protocol::QUIC
+        } else {
+            app_protocol::UNKNOWN
+        }
+    };
+    // SAFETY: live flow-table value.
+    unsafe {
+        (*s).app_protocol = app;
+        (*s).sni_state = if app == app_protocol::UNKNOWN {
+            sni_state::DONE
+        } else {
+            sni_state::PENDING
+        };
+    }
+    if app == app_protocol::UNKNOWN {
+        return;
+    }
+
+    // Copy the payload into a ring-buffer record; the agent parses SNI, ALPN, JA4.
+    let Some(mut e) = EVENTS.reserve::<PayloadEvent>(0) else {
+        bump(Counter::LossRingbufFull);
+        return;
+    };
+    let ev = e.as_mut_ptr();
+    let in_frame = (b.end - b.start) as u32;
+    let avail = in_frame.saturating_sub(p.payload_off);
+    let avail = if p.payload_len < avail {
+        p.payload_len
+    } else {
+        avail
+    };
+    let mut n = avail as usize;
+    if n > PAYLOAD_COPY_MAX {
+        n = PAYLOAD_COPY_MAX;
+        bump(Counter::LossPayloadTruncated);
+    }
+    // SAFETY: `ev` is a reservation of size_of::<PayloadEvent>(); `n` <= data.len().
+    let copied = unsafe {
+        let data = (&raw mut (*ev).data).cast::<u8>();
+        if n > 0 && n <= PAYLOAD_COPY_MAX && ctx.load_bytes_raw(p.payload_off, data, n as u32) == 0
+        {
+            n
+        } else {
+            0
+        }
+    };
+    // SAFETY: header fields of the reservation.
+    unsafe {
+        (*ev).header.kind = EVENT_PAYLOAD;
+        (*ev).header.direction = DIR_FORWARD as u8;
+        (*ev).header._pad = [0; 2];
+        (*ev).header.ifindex = ifindex;
+        (*ev).header.ts_ns = bpf_ktime_get_boot_ns();
+        crate::flow::copy_words::<_, u16>(&raw mut (*ev).header.key, key);
+        (*ev).tcp_seq = p.tcp_seq;
+        (*ev).payload_len = p.payload_len;
+        (*ev).copied_len = copied as u32;
+        (*ev)._pad = 0;
+    }
+    if app == app_protocol::TLS {
+        // SAFETY: the data array of the reservation; bytes past `copied` are never read.
+        let data = unsafe { &*(&raw const (*ev).data) };
+        if let Some((name_off, name_len)) = client_hello_sni(data, copied)
+            && let Some((hash, endpoint)) = sni_lookup(ctx, p.payload_off + name_off, name_len)
+        {
+            let (init, resp, port) = sides(p, DIR_FORWARD);
+            let endpoint = if endpoint != 0 {
+                endpoint
+            } else {
+                endpoint_by_net(p.family, resp)
+            };
+            let zone = zone_of(p.family, init);
+            decide(s, zone, endpoint, port, conduit_proto::TLS, cfg);
+            // SAFETY: live flow-table value.
+            unsafe {
+                (*s).sni_hash = hash;
+                (*s).sni_state = sni_state::DONE;
+            }
+        }
+    }
+    e.submit(0);
+}
+
+#[inline(always)]
+fn at(d: &[u8; PAYLOAD_COPY_MAX], n: usize, i: usize) -> Option<u8> {
+    if i >= n {
+        return None;
+    }
+    d.get(i).copied()
+}
+
+#[inline(always)]
+fn at16(d: &[u8; PAYLOAD_COPY_MAX], n: usize, i: usize) -> Option<usize> {
+    Some(((at(d, n, i)? as usize) << 8) | at(d, n, i + 1)? as usize)
+}
+
+/// Walks a ClientHello (TLS record at offset 0 of `d`, `n` valid bytes) to the
+/// server_name extension. Returns the host name's offset and length (without one
+/// trailing dot) if the whole name is in these bytes.
+#[inline(never)]
+fn client_hello_sni(d: &[u8; PAYLOAD_COPY_MAX], n: usize) -> Option<(u32, u32)> {
+    // 5 record header + 4 handshake header + 2 version + 32 random.
+    let mut off = 43usize;
+    let sid = at(d, n, off)? as usize;
+    off += 1 + sid;
+    let cs = at16(d, n, off)?;
+    off += 2 + cs;
+    let comp = at(d, n, off)? as usize;
+    off += 1 + comp;
+    let ext_total = at16(d, n, off)?;
+    off += 2;
+    let ext_end = off + ext_total;
+    let mut i = 0;
+    while i < MAX_EXTENSIONS {
+        i += 1;
+        if off + 4 > ext_end {
+            return None;
+        }
+        let ty = at16(d, n, off)?;
+        let len = at16(d, n, off + 2)?;
+        off += 4;
+        if ty == 0 {
+            // server_name: list length (2), name type (1) = host_name, name length (2).
+            if at(d, n, off + 2)? != 0 {
+                return None;
+            }
+            let start = off + 5;
+            let mut name_len = at16(d, n, off + 3)?;
+            if name_len == 0 || name_len > MAX_SNI + 1 {
+                return None;
+            }
+            // The whole name must be in the copied bytes.
+            if at(d, n, start + name_len - 1)? == b'.' {
+                name_len -= 1;
+            }
+            if name_len == 0 || name_len > MAX_SNI {
+                return None;
+            }
+            return Some((start as u32, name_len as u32));
+        }
+        off += len;
+    }
+    None
+}
+
+/// Per-CPU scratch for hashing the SNI: the name right-aligned at `name[256]`, and the
+/// running hashes seen just after a '.' (candidate `*.suffix` keys).
+#[repr(C)]
+pub struct SniScratch {
+    name: [u8; 512],
+    suffixes: [u64; MAX_SUFFIXES],
+}
+
+/// State of the SNI hashing loop.
+#[repr(C)]
+struct SniLoop {
+    hash: u64,
+    suffixes: u64,
+}
+
+/// One step of the SNI hash, right to left over the right-aligned name.
+#[inline(never)]
+extern "C" fn sni_step(i: u64, ctx: *mut c_void) -> i64 {
+    let Some(sc) = crate::SNI_SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: `ctx` is the `SniLoop` on sni_lookup's stack; `sc` is the per-CPU scratch.
+    unsafe {
+        let st = &mut *ctx.cast::<SniLoop>();
+        let c = (*sc).name[255 - (i as usize & 0xff)];
+        st.hash = sni_hash_step(st.hash, c);
+        if c == b'.' && st.suffixes < MAX_SUFFIXES as u64 {
+            (*sc).suffixes[st.suffixes as usize & (MAX_SUFFIXES - 1)] = st.hash;
+            st.suffixes += 1;
+        }
+    }
+    0
+}
+
+/// Most `.`-suffixes of one name checked against SNI_SUFFIX.
+const MAX_SUFFIXES: usize = 8;
+
+/// Hashes the name right to left (see `sensor_common::sni_hash`); returns the hash
+/// and the endpoint of the exact name, else of the longest matching `.suffix`.
+///
+/// The name is loaded from the packet into a fixed-size map buffer so the byte loop
+/// has constant bounds (cheap for the verifier); suffix lookups happen after it.
+#[inline(always)]
+fn sni_lookup<C: LoadBytes>(ctx: &C, pkt_off: u32, len: u32) -> Option<(u64, u16)> {
+    let sc = crate::SNI_SCRATCH.get_ptr_mut(0)?;
+    let len = len as usize;
+    if len == 0 || len > MAX_SNI {
+        return None;
+    }
+    let dst_off = (256 - len) & 0xff;
+    // SAFETY: dst_off + len <= 256 < name.len().
+    let ok = unsafe {
+        let dst = (&raw mut (*sc).name).cast::<u8>().add(dst_off);
+        ctx.load_bytes_raw(pkt_off, dst, (len & 0xff) as u32) == 0
+    };
+    if !ok {
+        return None;
+    }
+    // bpf_loop: the verifier checks the body once instead of every iteration.
+    let mut st = SniLoop {
+        hash: SNI_HASH_INIT,
+        suffixes: 0,
+    };
+    // SAFETY: `sni_step` has the callback signature bpf_loop expects; `st` lives on
+    // this stack frame for the whole call.
+    unsafe {
+        bpf_loop(
+            len as u32,
+            sni_step as *mut c_void,
+            (&raw mut st).cast::<c_void>(),
+            0,
+        )
+    };
+    let h = st.hash;
+    let k = st.suffixes as usize;
+    // SAFETY: per-CPU scratch, used by this invocation only.
+    let sc = unsafe { &*sc };
+    if let Some(ep) = SNI_EXACT.get_ptr(h) {
+        // SAFETY: map value pointer from a successful lookup.
+        return Some((h, unsafe { *ep }));
+    }
+    let mut endpoint = 0u16;
+    let mut i = 0usize;
+    while i < MAX_SUFFIXES {
+        if i >= k {
+            break;
+        }
+        // Later entries are longer (more specific) suffixes and win.
+        if let Some(ep) = SNI_SUFFIX.get_ptr(sc.suffixes[i]) {
+            // SAFETY: as above.
+            endpoint = unsafe { *ep };
+        }
+        i += 1;
+    }
+    Some((h, endpoint))
+}

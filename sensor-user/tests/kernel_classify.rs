@@ -1,0 +1,365 @@
+//! Kernel classification tests (BPF_PROG_TEST_RUN, needs root): hand-built TLS
+//! ClientHellos, QUIC Initial headers, endpoint CIDRs, conduits and enforcement.
+#![expect(clippy::unwrap_used, reason = "tests")]
+
+use std::net::IpAddr;
+
+use etherparse::PacketBuilder;
+use sensor_common::{
+    ConduitKey, ConduitValue, Counter, FAMILY_IPV4, FlowKey, FlowStats, action, app_protocol,
+    conduit_proto, sni_hash, sni_state, verdict,
+};
+use sensor_user::kernel::{CidrEntry, Kernel, KernelEvent, KernelOptions, KernelPolicy, Program};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+const CLIENT: [u8; 4] = [10, 10, 1, 5];
+const SERVER: [u8; 4] = [192, 0, 2, 10];
+const AI_NET_HOST: [u8; 4] = [198, 51, 100, 9];
+
+fn kernel(policy: &KernelPolicy) -> Option<Kernel> {
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIP: needs root");
+        return None;
+    }
+    let mut k = Kernel::load(&KernelOptions::default()).unwrap();
+    k.install_policy(policy).unwrap();
+    Some(k)
+}
+
+fn policy(default_action: u8, enforce: bool) -> KernelPolicy {
+    KernelPolicy {
+        zones: vec![CidrEntry {
+            addr: IpAddr::from([10, 10, 1, 0]),
+            prefix_len: 24,
+            id: 1,
+        }],
+        endpoint_nets: vec![CidrEntry {
+            addr: IpAddr::from([198, 51, 100, 0]),
+            prefix_len: 24,
+            id: 7,
+        }],
+        sni_exact: vec![(sni_hash(b"api.openai.com"), 5)],
+        sni_suffix: vec![
+            (sni_hash(b".azure.com"), 8),
+            (sni_hash(b".openai.azure.com"), 6),
+        ],
+        conduits: vec![(
+            ConduitKey {
+                zone: 1,
+                endpoint: 6,
+                port: 443,
+                proto: conduit_proto::TLS,
+                _pad: 0,
+            },
+            ConduitValue {
+                conduit_id: 9,
+                action: action::ALLOW,
+                _pad: 0,
+            },
+        )],
+        default_action,
+        enforce,
+    }
+}
+
+fn u16be(v: usize) -> [u8; 2] {
+    (v as u16).to_be_bytes()
+}
+
+fn ext(ty: u16, data: &[u8]) -> Vec<u8> {
+    let mut e = ty.to_be_bytes().to_vec();
+    e.extend_from_slice(&u16be(data.len()));
+    e.extend_from_slice(data);
+    e
+}
+
+fn sni_ext(name: &str) -> Vec<u8> {
+    let mut d = u16be(name.len() + 3).to_vec();
+    d.push(0);
+    d.extend_from_slice(&u16be(name.len()));
+    d.extend_from_slice(name.as_bytes());
+    ext(0, &d)
+}
+
+/// A TLS record with a ClientHello carrying `exts` (32-byte session id, 3 suites).
+fn client_hello(exts: &[Vec<u8>]) -> Vec<u8> {
+    let mut body = vec![3, 3];
+    body.extend_from_slice(&[0x11; 32]);
+    body.push(32);
+    body.extend_from_slice(&[0x22; 32]);
+    body.extend_from_slice(&[0, 6, 0x13, 0x01, 0x13, 0x02, 0x13, 0x03]);
+    body.extend_from_slice(&[1, 0]);
+    let all: Vec<u8> = exts.concat();
+    body.extend_from_slice(&u16be(all.len()));
+    body.extend_from_slice(&all);
+    let mut hs = vec![1, 0];
+    hs.extend_from_slice(&u16be(body.len()));
+    hs.extend_from_slice(&body);
+    let mut rec = vec![22, 3, 1];
+    rec.extend_from_slice(&u16be(hs.len()));
+    rec.extend_from_slice(&hs);
+    rec
+}
+
+/// Extensions before server_name, as real clients send them.
+fn filler() -> Vec<Vec<u8>> {
+    vec![
+        ext(0xff01, &[0]),
+        ext(10, &[0, 4, 0, 0x1d, 0, 0x17]),
+        ext(16, &[0, 3, 2, b'h', b'2']),
+        ext(13, &[0, 4, 4, 3, 8, 4]),
+        ext(43, &[4, 3, 4, 3, 3]),
+    ]
+}
+
+fn frame(ip: &[u8]) -> Vec<u8> {
+    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00];
+    f.extend_from_slice(ip);
+    f
+}
+
+fn tcp(src: [u8; 4], dst: [u8; 4], sp: u16, dp: u16, syn: bool, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ipv4(src, dst, 64).tcp(sp, dp, 1, 1000);
+    let b = if syn { b.syn() } else { b.ack(1).psh() };
+    let mut out = Vec::new();
+    b.write(&mut out, payload).unwrap();
+    frame(&out)
+}
+
+fn udp(src: [u8; 4], dst: [u8; 4], sp: u16, dp: u16, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ipv4(src, dst, 64)
+        .udp(sp, dp)
+        .write(&mut out, payload)
+        .unwrap();
+    frame(&out)
+}
+
+fn key(a: [u8; 4], ap: u16, b: [u8; 4], bp: u16, proto: u8) -> FlowKey {
+    let ((x, xp), (y, yp)) = if (a, ap) <= (b, bp) {
+        ((a, ap), (b, bp))
+    } else {
+        ((b, bp), (a, ap))
+    };
+    let mut lo = [0u8; 16];
+    let mut hi = [0u8; 16];
+    lo[..4].copy_from_slice(&x);
+    hi[..4].copy_from_slice(&y);
+    FlowKey {
+        addr_lo: lo,
+        addr_hi: hi,
+        port_lo: xp,
+        port_hi: yp,
+        vlan: 0,
+        protocol: proto,
+        family: FAMILY_IPV4,
+    }
+}
+
+/// SYN, then the ClientHello; returns the flow and the payload events.
+fn tls_flow(
+    k: &mut Kernel,
+    sport: u16,
+    hello: &[u8],
+) -> (FlowStats, Vec<Box<sensor_common::PayloadEvent>>) {
+    assert_eq!(
+        k.test_run(Program::Xdp, &tcp(CLIENT, SERVER, sport, 443, true, b""))
+            .unwrap(),
+        XDP_PASS
+    );
+    assert_eq!(
+        k.test_run(Program::Xdp, &tcp(CLIENT, SERVER, sport, 443, false, hello))
+            .unwrap(),
+        XDP_PASS
+    );
+    let s = k
+        .flow(&key(CLIENT, sport, SERVER, 443, 6))
+        .unwrap()
+        .unwrap();
+    let payloads = k
+        .drain_events()
+        .into_iter()
+        .filter_map(|e| match e {
+            KernelEvent::Payload(p) => Some(p),
+            KernelEvent::Flow(_) => None,
+        })
+        .collect();
+    (s, payloads)
+}
+
+#[test]
+fn sni_exact_in_later_extension_uppercase() {
+    let Some(mut k) = kernel(&policy(action::ALERT, false)) else {
+        return;
+    };
+    let mut exts = filler();
+    exts.push(sni_ext("API.OpenAI.com"));
+    let hello = client_hello(&exts);
+    let (s, payloads) = tls_flow(&mut k, 40000, &hello);
+    assert_eq!(s.sni_hash, sni_hash(b"api.openai.com"));
+    assert_eq!(s.sni_state, sni_state::DONE);
+    assert_eq!(s.app_protocol, app_protocol::TLS);
+    assert_eq!((s.zone_id, s.endpoint_id, s.conduit_id), (1, 5, 0));
+    assert_eq!(s.verdict, verdict::VIOLATION);
+    assert_eq!(payloads.len(), 1);
+    let p = &payloads[0];
+    assert_eq!(p.payload_len as usize, hello.len());
+    assert_eq!(p.copied_len as usize, hello.len());
+    assert_eq!(&p.data[..hello.len()], hello.as_slice());
+}
+
+#[test]
+fn sni_suffix_match_authorized_by_conduit() {
+    let Some(mut k) = kernel(&policy(action::ALERT, false)) else {
+        return;
+    };
+    let mut exts = filler();
+    exts.push(sni_ext("x.y.openai.azure.com"));
+    let (s, _) = tls_flow(&mut k, 40001, &client_hello(&exts));
+    // The longest suffix (.openai.azure.com) wins over .azure.com.
+    assert_eq!((s.zone_id, s.endpoint_id, s.conduit_id), (1, 6, 9));
+    assert_eq!(s.verdict, verdict::AUTHORIZED);
+    // Only .azure.com matches here.
+    let mut exts = filler();
+    exts.push(sni_ext("foo.azure.com."));
+    let (s, _) = tls_flow(&mut k, 40002, &client_hello(&exts));
+    assert_eq!(s.endpoint_id, 8);
+    assert_eq!(s.sni_hash, sni_hash(b"foo.azure.com"));
+}
+
+#[test]
+fn sni_no_match_and_not_tls() {
+    let Some(mut k) = kernel(&policy(action::ALERT, false)) else {
+        return;
+    };
+    let (s, payloads) = tls_flow(&mut k, 40003, &client_hello(&[sni_ext("example.org")]));
+    assert_eq!(s.sni_hash, sni_hash(b"example.org"));
+    assert_eq!((s.endpoint_id, s.verdict), (0, verdict::UNCLASSIFIED));
+    assert_eq!(s.sni_state, sni_state::DONE);
+    assert_eq!(payloads.len(), 1);
+    // Not TLS: done, no payload copy.
+    let (s, payloads) = tls_flow(&mut k, 40004, b"GET / HTTP/1.1\r\n\r\n");
+    assert_eq!(
+        (s.app_protocol, s.sni_state),
+        (app_protocol::UNKNOWN, sni_state::DONE)
+    );
+    assert!(payloads.is_empty());
+}
+
+#[test]
+fn truncated_client_hello_is_pending() {
+    let Some(mut k) = kernel(&policy(action::ALERT, false)) else {
+        return;
+    };
+    let mut exts = filler();
+    exts.push(ext(21, &[0u8; 600]));
+    exts.push(sni_ext("api.openai.com"));
+    let hello = client_hello(&exts);
+    // First segment ends before the server_name extension.
+    let first = &hello[..500];
+    let (s, payloads) = tls_flow(&mut k, 40005, first);
+    assert_eq!(s.app_protocol, app_protocol::TLS);
+    assert_eq!(s.sni_state, sni_state::PENDING);
+    assert_eq!(s.sni_hash, 0);
+    assert_eq!(payloads.len(), 1);
+    assert_eq!(payloads[0].copied_len, 500);
+}
+
+#[test]
+fn quic_initial_v1_v2() {
+    let Some(mut k) = kernel(&policy(action::ALERT, false)) else {
+        return;
+    };
+    for (sport, first, version) in [(50000u16, 0xc3u8, 1u32), (50001, 0xd3, 0x6b33_43cf)] {
+        let mut p = vec![first];
+        p.extend_from_slice(&version.to_be_bytes());
+        p.resize(1200, 0);
+        assert_eq!(
+            k.test_run(Program::Xdp, &udp(CLIENT, SERVER, sport, 443, &p))
+                .unwrap(),
+            XDP_PASS
+        );
+        let s = k
+            .flow(&key(CLIENT, sport, SERVER, 443, 17))
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.app_protocol, app_protocol::QUIC, "version {version:#x}");
+        assert_eq!(s.sni_state, sni_state::PENDING);
+        let ev: Vec<_> = k
+            .drain_events()
+            .into_iter()
+            .filter_map(|e| match e {
+                KernelEvent::Payload(p) => Some(p),
+                KernelEvent::Flow(_) => None,
+            })
+            .collect();
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].copied_len, 1200);
+    }
+    // A QUIC v1 Handshake packet (type 2) or a short header is not an Initial.
+    let mut p = vec![0xe3];
+    p.extend_from_slice(&1u32.to_be_bytes());
+    p.resize(100, 0);
+    k.test_run(Program::Xdp, &udp(CLIENT, SERVER, 50002, 443, &p))
+        .unwrap();
+    let s = k
+        .flow(&key(CLIENT, 50002, SERVER, 443, 17))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (s.app_protocol, s.sni_state),
+        (app_protocol::UNKNOWN, sni_state::DONE)
+    );
+}
+
+#[test]
+fn payload_truncated_counter() {
+    let Some(k) = kernel(&policy(action::ALERT, false)) else {
+        return;
+    };
+    let mut p = vec![0xc3];
+    p.extend_from_slice(&1u32.to_be_bytes());
+    p.resize(1400 + 300, 0);
+    let before = k.counters().unwrap()[Counter::LossPayloadTruncated as usize];
+    k.test_run(Program::Xdp, &udp(CLIENT, SERVER, 50003, 443, &p))
+        .unwrap();
+    let after = k.counters().unwrap()[Counter::LossPayloadTruncated as usize];
+    assert_eq!(after - before, 1);
+}
+
+#[test]
+fn endpoint_cidr_and_enforcement() {
+    let Some(mut k) = kernel(&policy(action::BLOCK, true)) else {
+        return;
+    };
+    let syn = tcp(CLIENT, AI_NET_HOST, 41000, 443, true, b"");
+    assert_eq!(k.test_run(Program::Xdp, &syn).unwrap(), XDP_PASS);
+    let fk = key(CLIENT, 41000, AI_NET_HOST, 443, 6);
+    let s = k.flow(&fk).unwrap().unwrap();
+    assert_eq!((s.zone_id, s.endpoint_id), (1, 7));
+    assert_eq!(s.verdict, verdict::BLOCKED);
+    // Later forward packets are dropped; the reverse direction is not.
+    let before = k.counters().unwrap()[Counter::PacketsDropped as usize];
+    let data = tcp(CLIENT, AI_NET_HOST, 41000, 443, false, b"x");
+    assert_eq!(k.test_run(Program::Xdp, &data).unwrap(), XDP_DROP);
+    let back = tcp(AI_NET_HOST, CLIENT, 443, 41000, false, b"y");
+    assert_eq!(k.test_run(Program::Xdp, &back).unwrap(), XDP_PASS);
+    let after = k.counters().unwrap()[Counter::PacketsDropped as usize];
+    assert_eq!(after - before, 1);
+    // Enforcement off: nothing is dropped.
+    k.set_enforce(false).unwrap();
+    assert_eq!(k.test_run(Program::Xdp, &data).unwrap(), XDP_PASS);
+    // Policy replacement removes stale entries.
+    let mut p = policy(action::ALERT, false);
+    p.endpoint_nets.clear();
+    k.install_policy(&p).unwrap();
+    let syn = tcp(CLIENT, AI_NET_HOST, 41001, 443, true, b"");
+    k.test_run(Program::Xdp, &syn).unwrap();
+    let s = k
+        .flow(&key(CLIENT, 41001, AI_NET_HOST, 443, 6))
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.endpoint_id, 0);
+}
