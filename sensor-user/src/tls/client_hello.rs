@@ -288,8 +288,7 @@ pub fn parse_handshake_for(
         first_alpn,
         signature_algorithms: &info.signature_algorithms,
     };
-    info.ja4 = ja4::ja4(&input);
-    info.ja4_r = ja4::ja4_r(&input);
+    (info.ja4, info.ja4_r) = ja4::ja4_and_raw(&input);
     Ok(info)
 }
 

@@ -10,7 +10,6 @@
 //! GREASE values (RFC 8701) are ignored everywhere.
 
 use sha2::{Digest, Sha256};
-use std::fmt::Write as _;
 
 /// Transport the ClientHello was carried on (first JA4 character).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -87,7 +86,6 @@ fn alpn_chars(first_alpn: Option<&[u8]>) -> String {
         s
     } else {
         // Spec: first and last character of the hex form of the value.
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         let hi = HEX.get(usize::from(first >> 4)).copied().unwrap_or(b'0');
         let lo = HEX.get(usize::from(last & 0x0f)).copied().unwrap_or(b'0');
         let mut s = String::with_capacity(2);
@@ -97,25 +95,49 @@ fn alpn_chars(first_alpn: Option<&[u8]>) -> String {
     }
 }
 
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn push_hex_nibble(s: &mut String, n: u8) {
+    s.push(char::from(
+        HEX.get(usize::from(n & 0x0f)).copied().unwrap_or(b'0'),
+    ));
+}
+
+/// Comma-separated 4-digit lower-case hex (hand-rolled: `write!` dominated
+/// the fingerprint cost).
 fn hex_list(values: &[u16]) -> String {
     let mut s = String::with_capacity(values.len() * 5);
     for (i, v) in values.iter().enumerate() {
         if i > 0 {
             s.push(',');
         }
-        // Writing to a String cannot fail.
-        let _ = write!(s, "{v:04x}");
+        for b in v.to_be_bytes() {
+            push_hex_nibble(&mut s, b >> 4);
+            push_hex_nibble(&mut s, b);
+        }
     }
     s
 }
 
 fn hash12(s: &str) -> String {
+    if s.is_empty() {
+        return "000000000000".to_owned();
+    }
     let digest = Sha256::digest(s.as_bytes());
     let mut out = String::with_capacity(12);
     for b in digest.iter().take(6) {
-        let _ = write!(out, "{b:02x}");
+        push_hex_nibble(&mut out, b >> 4);
+        push_hex_nibble(&mut out, *b);
     }
     out
+}
+
+/// Two decimal digits, capped at 99 (spec).
+fn push_two_digits(s: &mut String, n: usize) {
+    let n = n.min(99);
+    for d in [n / 10, n % 10] {
+        s.push(char::from(b'0' + u8::try_from(d).unwrap_or(0)));
+    }
 }
 
 /// The three JA4 parts before hashing: (`a`, sorted ciphers, sorted extensions
@@ -151,8 +173,8 @@ fn parts(input: &Ja4Input<'_>) -> (String, String, String) {
         input.supported_versions,
     )));
     a.push(if input.sni_present { 'd' } else { 'i' });
-    let _ = write!(a, "{:02}", ciphers.len().min(99));
-    let _ = write!(a, "{:02}", ext_count.min(99));
+    push_two_digits(&mut a, ciphers.len());
+    push_two_digits(&mut a, ext_count);
     a.push_str(&alpn_chars(input.first_alpn));
 
     ciphers.sort_unstable();
@@ -167,22 +189,18 @@ fn parts(input: &Ja4Input<'_>) -> (String, String, String) {
     (a, b, c)
 }
 
+/// JA4 and JA4_r (the unhashed form) computed together.
+pub fn ja4_and_raw(input: &Ja4Input<'_>) -> (String, String) {
+    let (a, b, c) = parts(input);
+    // Empty lists hash to twelve zeros (spec).
+    let hashed = format!("{a}_{}_{}", hash12(&b), hash12(&c));
+    (hashed, format!("{a}_{b}_{c}"))
+}
+
 /// JA4 fingerprint, e.g. `t13d1516h2_8daaf6152771_b186095e22b6`.
 pub fn ja4(input: &Ja4Input<'_>) -> String {
     let (a, b, c) = parts(input);
-    let hb = if b.is_empty() {
-        "000000000000".to_owned()
-    } else {
-        hash12(&b)
-    };
-    // An empty extension list hashes to zeros even if signature algorithms exist
-    // (they live inside an extension, so that cannot happen on the wire).
-    let hc = if c.is_empty() {
-        "000000000000".to_owned()
-    } else {
-        hash12(&c)
-    };
-    format!("{a}_{hb}_{hc}")
+    format!("{a}_{}_{}", hash12(&b), hash12(&c))
 }
 
 /// JA4_r: the unhashed form, useful for debugging and tests.
