@@ -47,10 +47,13 @@ fn make_spool(dir: &Path, sensor: &str, n: u64) -> u64 {
     rec.head().0
 }
 
+/// (seq, prev_hash, hash, record bytes)
+type Frame = (u64, [u8; 32], [u8; 32], Vec<u8>);
+
 struct Frames {
     path: PathBuf,
     header: Vec<u8>,
-    frames: Vec<(u64, [u8; 32], [u8; 32], Vec<u8>)>,
+    frames: Vec<Frame>,
 }
 
 /// Reads the single segment of `dir` into frames.
@@ -462,4 +465,39 @@ fn torn_tail_recovers_at_every_offset() {
         let r = verify_dir(dir.path(), None);
         assert!(r.ok(), "cut {cut}: {r}");
     }
+}
+
+#[test]
+fn batched_appends_rotate_and_verify() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut o = opts(dir.path(), "gw-01");
+    o.segment_bytes = 4096;
+    let (mut rec, opened) = Recorder::open(o).expect("open");
+    let mut seqs: Vec<u64> = opened.iter().map(|a| a.seq).collect();
+    for b in 0..20u64 {
+        let batch = (0..37).map(|i| flow_record(b * 100 + i)).collect();
+        seqs.extend(
+            rec.append_batch(batch)
+                .expect("batch")
+                .iter()
+                .map(|a| a.seq),
+        );
+        seqs.extend(
+            rec.append(flow_record(9999))
+                .expect("single")
+                .iter()
+                .map(|a| a.seq),
+        );
+    }
+    drop(rec);
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "every seq returned once"
+    );
+    let r = verify_dir(dir.path(), None);
+    assert!(r.ok(), "{r}");
+    assert!(r.segments > 5, "{r}");
+    // restart checkpoint + one per 10 non-checkpoint records (1 restart + 760 flows)
+    assert_eq!(r.checkpoints, 1 + 76, "{r}");
 }
