@@ -19,6 +19,8 @@ use crate::spool::{
 };
 pub use checkpoint::CheckpointPolicy;
 pub use hashing::{HASH_CONTEXT, ZERO_HASH, record_hash};
+pub use keys::{keygen, load_or_create, load_signing_key, read_public_key};
+pub use verify::{Report, verify_dir};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
