@@ -583,3 +583,23 @@ fn foreign_sensor_directory_is_refused_with_the_file_name() {
         "{msg}"
     );
 }
+
+#[test]
+fn second_writer_and_reserved_kinds_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut rec, _) = Recorder::open(opts(dir.path(), "gw-01")).expect("open");
+    let err = Recorder::open(opts(dir.path(), "gw-01"))
+        .err()
+        .expect("second writer must be refused");
+    assert!(
+        err.to_string().contains("in use by another process"),
+        "{err}"
+    );
+    let forged = v1::Record {
+        kind: RecordKind::Checkpoint as i32,
+        ..Default::default()
+    };
+    assert!(rec.append(forged.clone()).is_err());
+    assert!(rec.append_batch(vec![flow_record(1), forged]).is_err());
+    assert_eq!(rec.head().0, 2, "nothing written");
+}

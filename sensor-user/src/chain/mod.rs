@@ -30,6 +30,18 @@ pub enum Error {
     Key(#[from] keys::KeyError),
     #[error("record names sensor {found:?}, this recorder writes sensor {expected:?}")]
     ForeignSensor { found: String, expected: String },
+    #[error("records of kind {0:?} are written by the recorder itself, not appended")]
+    ReservedKind(RecordKind),
+}
+
+/// Kinds only the recorder writes (their bodies are signed or describe the spool).
+fn check_kind(record: &v1::Record) -> Result<(), Error> {
+    match RecordKind::try_from(record.kind) {
+        Ok(k @ (RecordKind::Checkpoint | RecordKind::ChainRestart | RecordKind::SpoolRecovery)) => {
+            Err(Error::ReservedKind(k))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Everything [`Recorder::open`] needs; [`RecorderOptions::new`] fills in the defaults.
@@ -103,7 +115,12 @@ impl Recorder {
             warn_percent: spool::DEFAULT_WARN_PERCENT,
         })?;
         let (key, key_created) = match &opts.key_path {
-            Some(path) => (keys::load_signing_key(path)?, false),
+            Some(path) => {
+                let key = keys::load_signing_key(path)?;
+                // So that `verify-chain DIR` finds the key without --public-key.
+                keys::write_public_key_if_missing(&opts.spool_dir, &key)?;
+                (key, false)
+            }
             None => keys::load_or_create(&opts.spool_dir)?,
         };
         let now = SystemTime::now();
@@ -180,6 +197,7 @@ impl Recorder {
     /// reason `spool_full` says so (once when the episode starts, and with the count of
     /// further refusals when space is available again).
     pub fn append(&mut self, mut record: v1::Record) -> Result<Vec<Appended>, Error> {
+        check_kind(&record)?;
         if record.sensor_id.is_empty() {
             record.sensor_id.clone_from(&self.sensor_id);
         } else if record.sensor_id != self.sensor_id {
@@ -220,6 +238,7 @@ impl Recorder {
         let now = SystemTime::now();
         let now_nanos = checkpoint::unix_nanos(now);
         for r in &records {
+            check_kind(r)?;
             if !r.sensor_id.is_empty() && r.sensor_id != self.sensor_id {
                 return Err(Error::ForeignSensor {
                     found: r.sensor_id.clone(),

@@ -46,6 +46,7 @@ pub const DEFAULT_WARN_PERCENT: u8 = 80;
 /// so that the `loss` record saying so can still be written.
 pub const RESERVE_FILE_BYTES: u64 = 256 * 1024;
 const RESERVE_FILE: &str = ".reserve";
+const LOCK_FILE: &str = ".lock";
 
 #[derive(Debug, Clone)]
 pub struct SpoolOptions {
@@ -128,6 +129,8 @@ pub enum Error {
     BadSensorId(usize),
     #[error("{}: {what}", path.display())]
     Corrupt { path: PathBuf, what: String },
+    #[error("{}: the spool is in use by another process (one writer per spool directory)", path.display())]
+    Locked { path: PathBuf },
 }
 
 impl Error {
@@ -175,6 +178,8 @@ pub struct Spool {
     stats: SpoolStats,
     /// Group commit runs `fdatasync` on this thread, so the writer never waits for the disk.
     syncer: Option<Syncer>,
+    /// `.lock`, held (flock) while the spool is open: one writer per directory.
+    _lock: File,
 }
 
 /// A thread that `fdatasync`s a duplicate of the segment's descriptor on request.
@@ -258,6 +263,19 @@ impl Spool {
             .mode(0o700)
             .create(&opts.dir)
             .map_err(|e| io_err(&opts.dir, e))?;
+        let lock_path = opts.dir.join(LOCK_FILE);
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| io_err(&lock_path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => return Err(Error::Locked { path: lock_path }),
+            Err(fs::TryLockError::Error(e)) => return Err(io_err(&lock_path, e)),
+        }
         let recovered = recovery::recover(&opts.dir, &opts.sensor_id)?;
         let segments: Vec<Segment> = recovered
             .segments
@@ -295,6 +313,7 @@ impl Spool {
             last_sync: Instant::now(),
             buf: Vec::with_capacity(4096),
             syncer: None,
+            _lock: lock,
         };
         if matches!(spool.opts.sync, SyncPolicy::Group { .. }) {
             spool.syncer = Some(Syncer::start().map_err(|e| io_err(&spool.opts.dir, e))?);
