@@ -47,10 +47,13 @@ fn make_spool(dir: &Path, sensor: &str, n: u64) -> u64 {
     rec.head().0
 }
 
+/// (seq, prev_hash, hash, record bytes)
+type Frame = (u64, [u8; 32], [u8; 32], Vec<u8>);
+
 struct Frames {
     path: PathBuf,
     header: Vec<u8>,
-    frames: Vec<(u64, [u8; 32], [u8; 32], Vec<u8>)>,
+    frames: Vec<Frame>,
 }
 
 /// Reads the single segment of `dir` into frames.
@@ -462,4 +465,141 @@ fn torn_tail_recovers_at_every_offset() {
         let r = verify_dir(dir.path(), None);
         assert!(r.ok(), "cut {cut}: {r}");
     }
+}
+
+#[test]
+fn batched_appends_rotate_and_verify() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut o = opts(dir.path(), "gw-01");
+    o.segment_bytes = 4096;
+    let (mut rec, opened) = Recorder::open(o).expect("open");
+    let mut seqs: Vec<u64> = opened.iter().map(|a| a.seq).collect();
+    for b in 0..20u64 {
+        let batch = (0..37).map(|i| flow_record(b * 100 + i)).collect();
+        seqs.extend(
+            rec.append_batch(batch)
+                .expect("batch")
+                .iter()
+                .map(|a| a.seq),
+        );
+        seqs.extend(
+            rec.append(flow_record(9999))
+                .expect("single")
+                .iter()
+                .map(|a| a.seq),
+        );
+    }
+    drop(rec);
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "every seq returned once"
+    );
+    let r = verify_dir(dir.path(), None);
+    assert!(r.ok(), "{r}");
+    assert!(r.segments > 5, "{r}");
+    // restart checkpoint + one per 10 non-checkpoint records (1 restart + 760 flows)
+    assert_eq!(r.checkpoints, 1 + 76, "{r}");
+}
+
+#[test]
+fn timed_checkpoint_even_without_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut o = opts(dir.path(), "gw-01");
+    o.checkpoint_every = Duration::from_secs(10);
+    let (mut rec, opened) = Recorder::open(o).expect("open");
+    let is_cp = |a: &sensor_user::chain::Appended| a.record.kind == RecordKind::Checkpoint as i32;
+    assert!(opened.last().is_some_and(is_cp), "checkpoint on open");
+    let t0 = std::time::SystemTime::now();
+    assert!(
+        rec.tick(t0 + Duration::from_secs(5))
+            .expect("tick")
+            .is_empty()
+    );
+    let out = rec.tick(t0 + Duration::from_secs(11)).expect("tick");
+    assert_eq!(out.len(), 1);
+    assert!(is_cp(&out[0]));
+    assert!(
+        rec.tick(t0 + Duration::from_secs(12))
+            .expect("tick")
+            .is_empty()
+    );
+    assert_eq!(
+        rec.tick(t0 + Duration::from_secs(22)).expect("tick").len(),
+        1
+    );
+    drop(rec);
+    let r = verify_dir(dir.path(), None);
+    assert!(r.ok(), "{r}");
+    assert_eq!(r.checkpoints, 3);
+    assert_eq!(r.unsigned_tail, 0, "the last record is a checkpoint: {r}");
+}
+
+fn restart_reason(opened: &[sensor_user::chain::Appended]) -> Option<String> {
+    opened.iter().find_map(|a| match &a.record.body {
+        Some(Body::ChainRestart(c)) => Some(c.reason.clone()),
+        _ => None,
+    })
+}
+
+#[test]
+fn chain_restart_reasons() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (rec, opened) = Recorder::open(opts(dir.path(), "gw-01")).expect("open");
+    assert_eq!(opened[0].seq, 1);
+    assert_eq!(restart_reason(&opened).as_deref(), Some("no_spool"));
+    drop(rec);
+    // Reopen: the chain continues, no restart.
+    let (rec, opened) = Recorder::open(opts(dir.path(), "gw-01")).expect("reopen");
+    assert_eq!(restart_reason(&opened), None);
+    assert_eq!(opened[0].seq, 3);
+    drop(rec);
+    // Every segment unreadable: a new chain, saying why, with the old bytes kept.
+    for (_, p) in segment::list(dir.path()).expect("list") {
+        fs::write(&p, b"garbage").expect("write");
+    }
+    let (rec, opened) = Recorder::open(opts(dir.path(), "gw-01")).expect("open unreadable");
+    assert_eq!(restart_reason(&opened).as_deref(), Some("spool_unreadable"));
+    assert_eq!(opened[0].seq, 1);
+    drop(rec);
+    assert!(verify_dir(dir.path(), None).ok());
+    assert!(fs::read_dir(dir.path()).expect("readdir").any(|e| {
+        e.expect("entry")
+            .file_name()
+            .to_string_lossy()
+            .contains(".torn-0")
+    }));
+}
+
+#[test]
+fn foreign_sensor_directory_is_refused_with_the_file_name() {
+    let (dir, _) = fresh(3);
+    let err = Recorder::open(opts(dir.path(), "gw-02"))
+        .err()
+        .expect("must refuse");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("seg-00000000000000000001.cspool") && msg.contains("gw-01"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn second_writer_and_reserved_kinds_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut rec, _) = Recorder::open(opts(dir.path(), "gw-01")).expect("open");
+    let err = Recorder::open(opts(dir.path(), "gw-01"))
+        .err()
+        .expect("second writer must be refused");
+    assert!(
+        err.to_string().contains("in use by another process"),
+        "{err}"
+    );
+    let forged = v1::Record {
+        kind: RecordKind::Checkpoint as i32,
+        ..Default::default()
+    };
+    assert!(rec.append(forged.clone()).is_err());
+    assert!(rec.append_batch(vec![flow_record(1), forged]).is_err());
+    assert_eq!(rec.head().0, 2, "nothing written");
 }
