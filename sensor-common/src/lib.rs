@@ -137,7 +137,33 @@ pub struct FlowStats {
     pub sni_state: u8,
     /// [`app_protocol`] value.
     pub app_protocol: u8,
-    pub _pad: [u8; 7],
+    /// Forward payload packets copied to the agent so far (bounded by
+    /// [`MAX_PAYLOAD_COPIES`]).
+    pub payload_copies: u8,
+    pub _pad: [u8; 6],
+}
+
+/// Most forward payload packets of one flow the kernel copies to the agent while
+/// the flow is [`sni_state::PENDING`] (a ClientHello over several TCP segments, or
+/// CRYPTO frames over several QUIC Initials).
+pub const MAX_PAYLOAD_COPIES: u8 = 8;
+
+/// Capacity of `CLASS_UPDATES`.
+pub const MAX_CLASS_UPDATES: u32 = 4096;
+
+/// The agent's classification of a flow (value of `CLASS_UPDATES`, keyed by
+/// [`FlowKey`]). The kernel merges it into the flow on the flow's next packet and
+/// sets [`sni_state::DONE`]: the agent never writes the flow table itself, so no
+/// packet the kernel counts concurrently can be lost to a read-modify-write.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClassUpdate {
+    pub sni_hash: u64,
+    pub zone_id: u16,
+    pub endpoint_id: u16,
+    pub conduit_id: u16,
+    pub verdict: u8,
+    pub app_protocol: u8,
 }
 
 /// Ring-buffer event kinds ([`EventHeader::kind`]).
@@ -417,6 +443,7 @@ mod pod {
     // have no implicit padding (explicit `_pad` fields fill every gap).
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowStats {}
+    unsafe impl aya::Pod for super::ClassUpdate {}
     unsafe impl aya::Pod for super::LocalAddr {}
     unsafe impl aya::Pod for super::ConduitKey {}
     unsafe impl aya::Pod for super::ConduitValue {}
@@ -436,6 +463,7 @@ mod tests {
         );
         assert_eq!(core::mem::size_of::<EventHeader>(), 4 + 4 + 8 + 40);
         assert_eq!(core::mem::size_of::<LocalAddr>(), 20);
+        assert_eq!(core::mem::size_of::<ClassUpdate>(), 16);
         assert_eq!(core::mem::size_of::<ConduitKey>(), 8);
         assert_eq!(core::mem::size_of::<ConduitValue>(), 4);
         assert_eq!(core::mem::size_of::<KernelConfig>(), 8);

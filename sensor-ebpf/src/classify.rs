@@ -148,38 +148,55 @@ pub fn on_first_payload<C: LoadBytes>(
     ifindex: u32,
     cfg: &KernelConfig,
 ) {
-    // The mask gives the verifier a bound; parse() never yields offsets above it
-    // (6 IPv6 extension headers of 2 KiB at most).
-    let Some(head) = b.read::<[u8; 6]>(p.payload_off as usize & 0x3fff) else {
-        // Payload shorter than 6 bytes: wait for a later packet.
-        return;
-    };
-    let app = if p.protocol == IPPROTO_TCP {
-        // TLS record: handshake (22), version 3.x, then handshake type ClientHello (1).
-        if head[0] == 22 && head[1] == 3 && head[5] == 1 {
-            app_protocol::TLS
-        } else {
-            app_protocol::UNKNOWN
-        }
-    } else {
-        let version = u32::from_be_bytes([head[1], head[2], head[3], head[4]]);
-        let long_fixed = head[0] & 0xc0 == 0xc0;
-        let ty = (head[0] >> 4) & 0x03;
-        if long_fixed && ((version == QUIC_V1 && ty == 0) || (version == QUIC_V2 && ty == 1)) {
-            app_protocol::QUIC
-        } else {
-            app_protocol::UNKNOWN
-        }
-    };
     // SAFETY: live flow-table value.
-    unsafe {
-        (*s).app_protocol = app;
-        (*s).sni_state = if app == app_protocol::UNKNOWN {
-            sni_state::DONE
-        } else {
-            sni_state::PENDING
+    let continuation = unsafe {
+        (*s).payload_copies = (*s).payload_copies.saturating_add(1);
+        (*s).sni_state == sni_state::PENDING
+    };
+    let app = if continuation {
+        // A later segment of a ClientHello (or a later Initial): copy it as it is.
+        // SAFETY: live flow-table value.
+        unsafe { (*s).app_protocol }
+    } else {
+        // The mask gives the verifier a bound; parse() never yields offsets above it
+        // (6 IPv6 extension headers of 2 KiB at most).
+        let Some(head) = b.read::<[u8; 6]>(p.payload_off as usize & 0x3fff) else {
+            // Payload shorter than 6 bytes: wait for a later packet.
+            // SAFETY: live flow-table value.
+            unsafe { (*s).payload_copies = (*s).payload_copies.saturating_sub(1) };
+            return;
         };
-    }
+        let app = if p.protocol == IPPROTO_TCP {
+            // TLS record: handshake (22), version 3.x, then handshake type ClientHello (1).
+            if head[0] == 22 && head[1] == 3 && head[5] == 1 {
+                app_protocol::TLS
+            } else {
+                app_protocol::UNKNOWN
+            }
+        } else {
+            let version = u32::from_be_bytes([head[1], head[2], head[3], head[4]]);
+            let long_fixed = head[0] & 0xc0 == 0xc0;
+            let ty = (head[0] >> 4) & 0x03;
+            if long_fixed && ((version == QUIC_V1 && ty == 0) || (version == QUIC_V2 && ty == 1)) {
+                app_protocol::QUIC
+            } else {
+                app_protocol::UNKNOWN
+            }
+        };
+        // The flow stays PENDING until the agent has parsed the whole ClientHello
+        // and written its classification (CLASS_UPDATES), even when the kernel
+        // classifies it below: the agent still needs the remaining segments.
+        // SAFETY: live flow-table value.
+        unsafe {
+            (*s).app_protocol = app;
+            (*s).sni_state = if app == app_protocol::UNKNOWN {
+                sni_state::DONE
+            } else {
+                sni_state::PENDING
+            };
+        }
+        app
+    };
     if app == app_protocol::UNKNOWN {
         return;
     }
@@ -225,7 +242,7 @@ pub fn on_first_payload<C: LoadBytes>(
         (*ev).copied_len = copied as u32;
         (*ev)._pad = 0;
     }
-    if app == app_protocol::TLS {
+    if app == app_protocol::TLS && !continuation {
         // SAFETY: the data array of the reservation; bytes past `copied` are never read.
         let data = unsafe { &*(&raw const (*ev).data) };
         if let Some((name_off, name_len)) = client_hello_sni(data, copied)
@@ -240,10 +257,7 @@ pub fn on_first_payload<C: LoadBytes>(
             let zone = zone_of(p.family, init);
             decide(s, zone, endpoint, port, conduit_proto::TLS, cfg);
             // SAFETY: live flow-table value.
-            unsafe {
-                (*s).sni_hash = hash;
-                (*s).sni_state = sni_state::DONE;
-            }
+            unsafe { (*s).sni_hash = hash };
         }
     }
     e.submit(0);

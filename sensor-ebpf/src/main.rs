@@ -21,9 +21,10 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use sensor_common::{
-    ConduitKey, ConduitValue, Counter, DIR_FORWARD, EVENTS_RINGBUF_BYTES, FLOW_TABLE_SIZE, FlowKey,
-    FlowStats, KernelConfig, LocalAddr, LpmV4, LpmV6, MAX_LOCAL_ADDRS, MAX_POLICY_CIDRS,
-    MAX_POLICY_CONDUITS, MAX_POLICY_SNI, MAX_WATCHED_IFACES, sni_state, verdict,
+    ClassUpdate, ConduitKey, ConduitValue, Counter, DIR_FORWARD, EVENTS_RINGBUF_BYTES,
+    FLOW_TABLE_SIZE, FlowKey, FlowStats, KernelConfig, LocalAddr, LpmV4, LpmV6, MAX_CLASS_UPDATES,
+    MAX_LOCAL_ADDRS, MAX_PAYLOAD_COPIES, MAX_POLICY_CIDRS, MAX_POLICY_CONDUITS, MAX_POLICY_SNI,
+    MAX_WATCHED_IFACES, sni_state, verdict,
 };
 
 use crate::parse::{Bounds, IPPROTO_TCP, Packet};
@@ -82,6 +83,12 @@ static CONDUITS: HashMap<ConduitKey, ConduitValue> =
 /// Per-CPU scratch for hashing the SNI.
 #[map]
 static SNI_SCRATCH: PerCpuArray<classify::SniScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// The agent's classifications, merged into the flow table by the kernel (see
+/// [`sensor_common::ClassUpdate`]).
+#[map]
+static CLASS_UPDATES: HashMap<FlowKey, ClassUpdate> =
+    HashMap::with_max_entries(MAX_CLASS_UPDATES, 0);
 
 /// Per-CPU scratch for building a new flow's value (BPF stack is 512 bytes).
 #[map]
@@ -243,6 +250,10 @@ fn after_account(
     ifindex: u32,
     cfg: &KernelConfig,
 ) -> (bool, bool) {
+    // SAFETY: live flow-table value.
+    if unsafe { (*acc.stats).sni_state } == sni_state::PENDING {
+        merge_class_update(key, acc.stats);
+    }
     // SAFETY: live flow-table value. Read before classifying: enforcement applies
     // to packets after the one that produced the verdict.
     let v = unsafe { (*acc.stats).verdict };
@@ -254,8 +265,12 @@ fn after_account(
         return (false, false);
     }
     // SAFETY: as above.
-    let state = unsafe { (*acc.stats).sni_state };
-    let first_payload = state == sni_state::NONE && p.payload_len > 0;
+    let (state, copies) = unsafe { ((*acc.stats).sni_state, (*acc.stats).payload_copies) };
+    // The first payload packet, and later ones while the agent still needs bytes
+    // (a ClientHello split over segments, CRYPTO frames over several Initials).
+    let first_payload = p.payload_len > 0
+        && (state == sni_state::NONE
+            || (state == sni_state::PENDING && copies < MAX_PAYLOAD_COPIES));
     if first_payload {
         if let Some(job) = PAYLOAD_JOB.get_ptr_mut(0) {
             // SAFETY: per-CPU slot handed to the tail-called program on this CPU; `p`
@@ -264,6 +279,26 @@ fn after_account(
         }
     }
     (v == verdict::BLOCKED, first_payload)
+}
+
+/// Applies the agent's classification of a flow, if it wrote one.
+#[inline(always)]
+fn merge_class_update(key: &FlowKey, s: *mut FlowStats) {
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(u) = (unsafe { CLASS_UPDATES.get(key) }).copied() else {
+        return;
+    };
+    // SAFETY: live flow-table value.
+    unsafe {
+        (*s).sni_hash = u.sni_hash;
+        (*s).zone_id = u.zone_id;
+        (*s).endpoint_id = u.endpoint_id;
+        (*s).conduit_id = u.conduit_id;
+        (*s).verdict = u.verdict;
+        (*s).app_protocol = u.app_protocol;
+        (*s).sni_state = sni_state::DONE;
+    }
+    let _ = CLASS_UPDATES.remove(key);
 }
 
 /// Input of the payload classifiers (tail-called so that the verifier checks the

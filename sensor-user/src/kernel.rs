@@ -26,9 +26,9 @@ use aya::{
     },
 };
 use sensor_common::{
-    ConduitKey, ConduitValue, Counter, EVENT_FLOW_CLASSIFIED, EVENT_FLOW_END, EVENT_FLOW_NEW,
-    EVENT_PAYLOAD, FAMILY_IPV4, FAMILY_IPV6, FlowEvent, FlowKey, FlowStats, KernelConfig,
-    LocalAddr, PayloadEvent,
+    ClassUpdate, ConduitKey, ConduitValue, Counter, EVENT_FLOW_CLASSIFIED, EVENT_FLOW_END,
+    EVENT_FLOW_NEW, EVENT_PAYLOAD, FAMILY_IPV4, FAMILY_IPV6, FlowEvent, FlowKey, FlowStats,
+    KernelConfig, LocalAddr, PayloadEvent,
 };
 
 /// Program names in the object.
@@ -54,6 +54,7 @@ pub mod map_names {
     pub const SNI_EXACT: &str = "SNI_EXACT";
     pub const SNI_SUFFIX: &str = "SNI_SUFFIX";
     pub const CONDUITS: &str = "CONDUITS";
+    pub const CLASS_UPDATES: &str = "CLASS_UPDATES";
     pub const JUMP_XDP: &str = "JUMP_XDP";
     pub const JUMP_TC: &str = "JUMP_TC";
 }
@@ -553,8 +554,17 @@ impl Kernel {
     /// Deletes a flow (after the agent recorded its end). Missing keys are fine.
     pub fn remove_flow(&mut self, key: &FlowKey) -> Result<()> {
         match self.flows_mut()?.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(map_names::FLOWS)(e)),
+        }
+        // A classification the kernel had no packet left to merge.
+        let name = map_names::CLASS_UPDATES;
+        let mut m: HashMap<&mut MapData, FlowKey, ClassUpdate> =
+            HashMap::try_from(self.ebpf.map_mut(name).ok_or(KernelError::Missing(name))?)
+                .map_err(map_err(name))?;
+        match m.remove(key) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(map_names::FLOWS)(e)),
+            Err(e) => Err(map_err(name)(e)),
         }
     }
 
@@ -567,29 +577,28 @@ impl Kernel {
             .map_err(map_err(map_names::FLOWS))
     }
 
-    /// Writes the agent's classification into a flow: read, modify, write back within
-    /// microseconds (packets counted by the kernel inside that window can be lost; BPF
-    /// offers no partial update of a hash value from userspace). Returns false if the
-    /// flow is gone.
+    /// Hands the agent's classification of a flow to the kernel, which merges it into
+    /// the flow on the flow's next packet (and stops copying payload). The agent never
+    /// rewrites a flow-table value, so no packet counted meanwhile is lost. Returns
+    /// false if the flow is gone.
     pub fn update_classification(&mut self, key: &FlowKey, c: &Classification) -> Result<bool> {
-        let Some(mut s) = self.flow(key)? else {
+        if self.flow(key)?.is_none() {
             return Ok(false);
-        };
-        s.sni_hash = c.sni_hash;
-        s.zone_id = c.zone_id;
-        s.endpoint_id = c.endpoint_id;
-        s.conduit_id = c.conduit_id;
-        s.verdict = c.verdict;
-        s.sni_state = c.sni_state;
-        s.app_protocol = c.app_protocol;
-        match self.update_flow(key, &s) {
-            Ok(()) => Ok(true),
-            Err(KernelError::Map {
-                source: MapError::KeyNotFound,
-                ..
-            }) => Ok(false),
-            Err(e) => Err(e),
         }
+        let name = map_names::CLASS_UPDATES;
+        let mut m: HashMap<&mut MapData, FlowKey, ClassUpdate> =
+            HashMap::try_from(self.ebpf.map_mut(name).ok_or(KernelError::Missing(name))?)
+                .map_err(map_err(name))?;
+        let update = ClassUpdate {
+            sni_hash: c.sni_hash,
+            zone_id: c.zone_id,
+            endpoint_id: c.endpoint_id,
+            conduit_id: c.conduit_id,
+            verdict: c.verdict,
+            app_protocol: c.app_protocol,
+        };
+        m.insert(key, update, 0).map_err(map_err(name))?;
+        Ok(true)
     }
 
     /// Counters summed over CPUs, indexed by [`Counter`].

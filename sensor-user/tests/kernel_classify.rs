@@ -199,7 +199,8 @@ fn sni_exact_in_later_extension_uppercase() {
     let hello = client_hello(&exts);
     let (s, payloads) = tls_flow(&mut k, 40000, &hello);
     assert_eq!(s.sni_hash, sni_hash(b"api.openai.com"));
-    assert_eq!(s.sni_state, sni_state::DONE);
+    // Classified by the kernel, but PENDING until the agent has the whole hello.
+    assert_eq!(s.sni_state, sni_state::PENDING);
     assert_eq!(s.app_protocol, app_protocol::TLS);
     assert_eq!((s.zone_id, s.endpoint_id, s.conduit_id), (1, 5, 0));
     assert_eq!(s.verdict, verdict::VIOLATION);
@@ -237,7 +238,7 @@ fn sni_no_match_and_not_tls() {
     let (s, payloads) = tls_flow(&mut k, 40003, &client_hello(&[sni_ext("example.org")]));
     assert_eq!(s.sni_hash, sni_hash(b"example.org"));
     assert_eq!((s.endpoint_id, s.verdict), (0, verdict::UNCLASSIFIED));
-    assert_eq!(s.sni_state, sni_state::DONE);
+    assert_eq!(s.sni_state, sni_state::PENDING);
     assert_eq!(payloads.len(), 1);
     // Not TLS: done, no payload copy.
     let (s, payloads) = tls_flow(&mut k, 40004, b"GET / HTTP/1.1\r\n\r\n");
@@ -362,4 +363,71 @@ fn endpoint_cidr_and_enforcement() {
         .unwrap()
         .unwrap();
     assert_eq!(s.endpoint_id, 0);
+}
+
+/// A ClientHello over two segments: both are copied to the agent; the agent's
+/// classification (CLASS_UPDATES) is merged on the next packet, which stops the
+/// copying; no packet count is lost to the agent's write.
+#[test]
+fn split_hello_is_copied_until_the_agent_classifies() {
+    let Some(mut k) = kernel(&policy(action::ALERT, false)) else {
+        return;
+    };
+    let mut exts = filler();
+    exts.push(sni_ext("api.openai.com"));
+    let hello = client_hello(&exts);
+    let (first, second) = hello.split_at(hello.len() / 2);
+    let sport = 40100;
+    let fkey = key(CLIENT, sport, SERVER, 443, 6);
+    for payload in [&b""[..], first, second] {
+        let syn = payload.is_empty();
+        assert_eq!(
+            k.test_run(Program::Xdp, &tcp(CLIENT, SERVER, sport, 443, syn, payload))
+                .unwrap(),
+            XDP_PASS
+        );
+    }
+    let copies: Vec<_> = k
+        .drain_events()
+        .into_iter()
+        .filter_map(|e| match e {
+            KernelEvent::Payload(p) => Some(p),
+            KernelEvent::Flow(_) => None,
+        })
+        .collect();
+    assert_eq!(copies.len(), 2, "both segments must reach the agent");
+    assert_eq!(&copies[1].data[..second.len()], second);
+    let s = k.flow(&fkey).unwrap().unwrap();
+    assert_eq!((s.sni_state, s.payload_copies), (sni_state::PENDING, 2));
+
+    // The agent classifies; the kernel merges on the next packet and stops copying.
+    let update = sensor_user::kernel::Classification {
+        sni_hash: sni_hash(b"api.openai.com"),
+        zone_id: 1,
+        endpoint_id: 5,
+        conduit_id: 0,
+        verdict: verdict::BLOCKED,
+        sni_state: sni_state::DONE,
+        app_protocol: app_protocol::TLS,
+    };
+    assert!(k.update_classification(&fkey, &update).unwrap());
+    assert_eq!(
+        k.test_run(
+            Program::Xdp,
+            &tcp(CLIENT, SERVER, sport, 443, false, b"more")
+        )
+        .unwrap(),
+        XDP_PASS
+    );
+    let s = k.flow(&fkey).unwrap().unwrap();
+    assert_eq!(
+        (s.sni_state, s.verdict),
+        (sni_state::DONE, verdict::BLOCKED)
+    );
+    assert_eq!(s.packets[0], 4, "every packet counted");
+    assert!(
+        k.drain_events()
+            .iter()
+            .all(|e| !matches!(e, KernelEvent::Payload(_)))
+    );
 }

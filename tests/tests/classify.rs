@@ -44,8 +44,8 @@ fn start_sensor(lab: &mut Lab, gw: &Ns, extra: &[&str]) -> Result<SensorRun> {
     SensorRun::start(lab, gw, "sensor", &args)
 }
 
-/// Flow records (start/update/end) of flows to `dst` with SNI `sni`.
-fn flows_to<'a>(records: &'a [Value], dst: &str, sni: &str) -> Vec<&'a Value> {
+/// Flow records (start/update/end) of flows from `src` to `dst` with SNI `sni`.
+fn flows_to<'a>(records: &'a [Value], src: &str, dst: &str, sni: &str) -> Vec<&'a Value> {
     records
         .iter()
         .filter(|r| {
@@ -53,7 +53,11 @@ fn flows_to<'a>(records: &'a [Value], dst: &str, sni: &str) -> Vec<&'a Value> {
                 .as_str()
                 .is_some_and(|a| a.starts_with("flow_"))
         })
-        .filter(|r| r["destination"]["ip"] == dst && r["tls"]["client"]["server_name"] == sni)
+        .filter(|r| {
+            r["source"]["ip"] == src
+                && r["destination"]["ip"] == dst
+                && r["tls"]["client"]["server_name"] == sni
+        })
         .collect()
 }
 
@@ -70,7 +74,7 @@ struct Expect<'a> {
 }
 
 fn check(records: &[Value], e: &Expect<'_>) -> Result<()> {
-    let flows = flows_to(records, e.dst, e.sni);
+    let flows = flows_to(records, e.src, e.dst, e.sni);
     ensure!(
         !flows.is_empty(),
         "{}: no flow record to {} with SNI {}; records:\n{}",
@@ -276,7 +280,7 @@ fn tls_and_quic_clients_are_classified() -> Result<()> {
         },
     )?;
     ensure!(
-        flows_to(&records, AI_V4[0], "updates.vendor.example").is_empty(),
+        flows_to(&records, OT1_V4, AI_V4[0], "updates.vendor.example").is_empty(),
         "non-AI flow was recorded without --record-all"
     );
     let policy = records
@@ -446,8 +450,8 @@ fn sighup_reload_keeps_the_old_map_when_the_new_one_is_broken() -> Result<()> {
         policies[0]["conduit"]["policy_hash"] != policies[1]["conduit"]["policy_hash"],
         "reload did not change the hash"
     );
-    let first = flows_to(&records, AI_V4[0], "plant01.openai.azure.com");
-    let second = flows_to(&records, AI_V4[1], "plant01.openai.azure.com");
+    let first = flows_to(&records, OT2_V4, AI_V4[0], "plant01.openai.azure.com");
+    let second = flows_to(&records, OT2_V4, AI_V4[1], "plant01.openai.azure.com");
     ensure!(
         first
             .iter()
