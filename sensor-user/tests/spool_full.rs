@@ -108,7 +108,13 @@ fn file_system_full_tmpfs() {
     let mut written = Vec::new();
     let mut i = 0;
     while rec.stats().records_refused < 20 {
-        written.extend(rec.append(flow(i)).expect("append never errors when full"));
+        // Both paths: single appends and batches (one write(2) per batch).
+        let out = if i % 2 == 0 {
+            rec.append(flow(i))
+        } else {
+            rec.append_batch(vec![flow(i), flow(i + 100_000)])
+        };
+        written.extend(out.expect("append never errors when full"));
         i += 1;
         assert!(i < 100_000, "never filled");
     }

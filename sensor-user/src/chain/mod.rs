@@ -306,7 +306,13 @@ impl Recorder {
                 record: &a.record_bytes,
             })
             .collect();
-        if self.spool.append_batch(&frames)? {
+        // A full file system is handled record by record (refusal, loss record).
+        let stored = match self.spool.append_batch(&frames) {
+            Ok(stored) => stored,
+            Err(e) if e.is_full() => false,
+            Err(e) => return Err(e.into()),
+        };
+        if stored {
             self.seq = seq;
             self.hash = hash;
             self.since_checkpoint = since;
