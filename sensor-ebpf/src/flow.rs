@@ -191,7 +191,10 @@ pub fn account(
     s.bytes[dir] = bytes;
     s.tcp_flags[dir] = p.tcp_flags;
     s.state = state_bits(p.tcp_flags, dir);
-    if FLOWS.insert(key, &*s, BPF_NOEXIST).is_err() {
+    // By reference: by value would copy the 80-byte value onto the 512-byte stack.
+    #[expect(clippy::needless_borrows_for_generic_args, reason = "BPF stack budget")]
+    let inserted = FLOWS.insert(key, &*s, BPF_NOEXIST);
+    if inserted.is_err() {
         // Lost a race with another CPU (EEXIST): account on the winner's entry.
         if let Some(v) = FLOWS.get_ptr_mut(key) {
             unsafe {

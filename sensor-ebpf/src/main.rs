@@ -271,12 +271,10 @@ fn after_account(
     let first_payload = p.payload_len > 0
         && (state == sni_state::NONE
             || (state == sni_state::PENDING && copies < MAX_PAYLOAD_COPIES));
-    if first_payload {
-        if let Some(job) = PAYLOAD_JOB.get_ptr_mut(0) {
-            // SAFETY: per-CPU slot handed to the tail-called program on this CPU; `p`
-            // and `key` already live in it.
-            unsafe { (*job).ifindex = ifindex };
-        }
+    if first_payload && let Some(job) = PAYLOAD_JOB.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot handed to the tail-called program on this CPU; `p`
+        // and `key` already live in it.
+        unsafe { (*job).ifindex = ifindex };
     }
     (v == verdict::BLOCKED, first_payload)
 }

@@ -256,7 +256,7 @@ pub fn ecs_json(record: &Record, pos: &ChainPosition) -> Value {
             }
             doc["observer"]["ingress"] =
                 json!({"interface": {"name": non_empty(&f.ingress_interface)}});
-            let counts = |c: &Option<Counts>| c.clone().unwrap_or_default();
+            let counts = |c: &Option<Counts>| c.unwrap_or_default();
             let (s, d) = (counts(&f.source), counts(&f.destination));
             doc["source"] = json!({"ip": ip_text(&f.source_ip), "port": f.source_port, "bytes": s.bytes, "packets": s.packets});
             doc["destination"] = json!({"ip": ip_text(&f.destination_ip), "port": f.destination_port, "bytes": d.bytes, "packets": d.packets});

@@ -159,6 +159,10 @@ fn key(a: [u8; 4], ap: u16, b: [u8; 4], bp: u16, proto: u8) -> FlowKey {
 }
 
 /// SYN, then the ClientHello; returns the flow and the payload events.
+#[expect(
+    clippy::vec_box,
+    reason = "payload events are 1.6 KiB; kept boxed as the kernel API hands them out"
+)]
 fn tls_flow(
     k: &mut Kernel,
     sport: u16,

@@ -136,6 +136,20 @@ fn replay_of_a_capture_gives_the_live_records() -> Result<()> {
         replay_flows.len() == live_flows.len(),
         "replay has extra flows: {replay_flows:#?}"
     );
+    // The TLS flow must really be classified, not merely equal on both sides.
+    let tls = replay_flows
+        .iter()
+        .find(|((t, _, _, d, p), _)| t == "tcp" && d.to_string() == AI_V4[0] && *p == 443)
+        .map(|(_, r)| r)
+        .context("no TLS flow in the replay")?;
+    ensure!(
+        tls["tls"]["client"]["server_name"] == "api.openai.com",
+        "{tls:#}"
+    );
+    ensure!(
+        tls["conduit"]["verdict"] == "violation" && tls["conduit"]["zone"] == "cell-1",
+        "{tls:#}"
+    );
     let out = sh(std::process::Command::new(workspace_bin("conduit-sensor"))
         .arg("verify-chain")
         .arg(&spool))?;

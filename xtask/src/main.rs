@@ -263,7 +263,14 @@ fn test(lint: bool) -> Result<()> {
         ]))?;
     }
     step("Unit and kernel-program tests (BPF_PROG_TEST_RUN)");
-    run(cargo().args(["test", "--workspace", "--exclude", "conduit-tests"]))?;
+    run(cargo().args([
+        "test",
+        "--exclude",
+        "conduit-tests",
+        "--workspace",
+        "--exclude",
+        "sensor-ebpf",
+    ]))?;
     step("End-to-end tests (network namespaces, real clients and servers)");
     // The binaries under test are the release ones the demo uses.
     build_release()?;
