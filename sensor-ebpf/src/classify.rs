@@ -227,7 +227,7 @@ pub fn on_first_payload<C: LoadBytes>(
     }
     if app == app_protocol::TLS {
         // SAFETY: the data array of the reservation; bytes past `copied` are never read.
-        let data = unsafe { &*(&raw const (*ev).data) };
+        let data = unsafe { &(*ev).data };
         if let Some((name_off, name_len)) = client_hello_sni(data, copied)
             && let Some((hash, endpoint)) = sni_lookup(ctx, p.payload_off + name_off, name_len)
         {

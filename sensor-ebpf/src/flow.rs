@@ -191,7 +191,7 @@ pub fn account(
     s.bytes[dir] = bytes;
     s.tcp_flags[dir] = p.tcp_flags;
     s.state = state_bits(p.tcp_flags, dir);
-    if FLOWS.insert(key, &*s, BPF_NOEXIST).is_err() {
+    if FLOWS.insert(key, s, BPF_NOEXIST).is_err() {
         // Lost a race with another CPU (EEXIST): account on the winner's entry.
         if let Some(v) = FLOWS.get_ptr_mut(key) {
             unsafe {

@@ -256,12 +256,10 @@ fn after_account(
     // SAFETY: as above.
     let state = unsafe { (*acc.stats).sni_state };
     let first_payload = state == sni_state::NONE && p.payload_len > 0;
-    if first_payload {
-        if let Some(job) = PAYLOAD_JOB.get_ptr_mut(0) {
-            // SAFETY: per-CPU slot handed to the tail-called program on this CPU; `p`
-            // and `key` already live in it.
-            unsafe { (*job).ifindex = ifindex };
-        }
+    if first_payload && let Some(job) = PAYLOAD_JOB.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot handed to the tail-called program on this CPU; `p`
+        // and `key` already live in it.
+        unsafe { (*job).ifindex = ifindex };
     }
     (v == verdict::BLOCKED, first_payload)
 }
