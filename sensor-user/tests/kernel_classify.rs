@@ -163,7 +163,7 @@ fn tls_flow(
     k: &mut Kernel,
     sport: u16,
     hello: &[u8],
-) -> (FlowStats, Vec<Box<sensor_common::PayloadEvent>>) {
+) -> (FlowStats, Vec<sensor_common::PayloadEvent>) {
     assert_eq!(
         k.test_run(Program::Xdp, &tcp(CLIENT, SERVER, sport, 443, true, b""))
             .unwrap(),
@@ -182,7 +182,7 @@ fn tls_flow(
         .drain_events()
         .into_iter()
         .filter_map(|e| match e {
-            KernelEvent::Payload(p) => Some(p),
+            KernelEvent::Payload(p) => Some(*p),
             KernelEvent::Flow(_) => None,
         })
         .collect();
