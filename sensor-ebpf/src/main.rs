@@ -215,7 +215,15 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
         bump(Counter::HandedOffLocal);
         return Ok(xdp_action::XDP_PASS);
     }
-    let Some(acc) = flow::account(p, key, src_lo, 1, p.ip_len as u64, ifindex) else {
+    let Some(acc) = flow::account(
+        p,
+        key,
+        src_lo,
+        1,
+        p.ip_len as u64,
+        ifindex,
+        cfg.boot_offset_ns,
+    ) else {
         return Ok(xdp_action::XDP_PASS);
     };
     bump(Counter::PacketsCounted);
@@ -376,12 +384,21 @@ fn try_tc(ctx: &TcContext) -> Result<i32, Counter> {
     let segs = if gso_segs > 1 { gso_segs } else { 1 };
     // A GSO aggregate carries one set of headers for `segs` wire packets.
     let bytes = p.ip_len as u64 + (segs as u64 - 1) * p.hdr_len as u64;
-    let Some(acc) = flow::account(p, key, src_lo, segs as u64, bytes, ifindex) else {
+    let cfg = config();
+    let Some(acc) = flow::account(
+        p,
+        key,
+        src_lo,
+        segs as u64,
+        bytes,
+        ifindex,
+        cfg.boot_offset_ns,
+    ) else {
         return Ok(TC_ACT_OK);
     };
     bump_by(Counter::PacketsCounted, segs as u64);
     // Egress never drops: enforcement is XDP's job.
-    let (_, first_payload) = after_account(p, key, &acc, ifindex, &config());
+    let (_, first_payload) = after_account(p, key, &acc, ifindex, &cfg);
     if first_payload {
         // SAFETY: ctx is this program's context.
         unsafe { JUMP_TC.tail_call(ctx, 0) };

@@ -195,7 +195,8 @@ impl KernelEvent {
     }
 }
 
-/// Converts `bpf_ktime_get_boot_ns` timestamps to wall-clock time.
+/// Converts the kernel's boot-clock timestamps (`FlowStats::first_seen_ns`,
+/// `last_seen_ns`, `EventHeader::ts_ns`) to wall-clock time.
 #[derive(Clone, Copy, Debug)]
 pub struct BootClock {
     /// CLOCK_REALTIME - CLOCK_BOOTTIME, in ns, sampled at construction.
@@ -227,6 +228,10 @@ impl BootClock {
     pub fn boot_now_ns() -> u64 {
         clock_ns(libc::CLOCK_BOOTTIME) as u64
     }
+}
+
+fn boot_offset_ns() -> u64 {
+    (clock_ns(libc::CLOCK_BOOTTIME) - clock_ns(libc::CLOCK_MONOTONIC)).max(0) as u64
 }
 
 fn clock_ns(clock: libc::clockid_t) -> i128 {
@@ -354,8 +359,16 @@ impl Kernel {
         k.config.enforce = opts.enforce as u8;
         k.config.record_all = opts.record_all as u8;
         k.config.default_action = opts.default_action;
+        k.config.boot_offset_ns = boot_offset_ns();
         k.write_config()?;
         Ok(k)
+    }
+
+    /// Re-samples CLOCK_BOOTTIME - CLOCK_MONOTONIC (changes only across suspend) for
+    /// the kernel's flow timestamps.
+    pub fn refresh_clock(&mut self) -> Result<()> {
+        self.config.boot_offset_ns = boot_offset_ns();
+        self.write_config()
     }
 
     fn write_config(&mut self) -> Result<()> {
