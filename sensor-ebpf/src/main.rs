@@ -91,6 +91,11 @@ static SCRATCH_STATS: PerCpuArray<FlowStats> = PerCpuArray::with_max_entries(1, 
 #[map]
 static BENCH_LRU: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16, 0);
 
+/// Second baseline: the same with a FlowKey-sized key (hashing 40 bytes, as the flow
+/// table does).
+#[map]
+static BENCH_LRU_FLOWKEY: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(16, 0);
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct HandoffKey {
@@ -420,6 +425,27 @@ pub fn bench_lru(_ctx: XdpContext) -> u32 {
         Some(v) => unsafe { *v += 1 },
         None => {
             let _ = BENCH_LRU.insert(key, 1, 0);
+        }
+    }
+    xdp_action::XDP_PASS
+}
+
+/// Benchmark baseline: one LRU lookup and update with a 40-byte FlowKey.
+#[xdp]
+pub fn bench_lru_flowkey(_ctx: XdpContext) -> u32 {
+    let key = FlowKey {
+        addr_lo: [1; 16],
+        addr_hi: [2; 16],
+        port_lo: 3,
+        port_hi: 4,
+        vlan: 0,
+        protocol: 6,
+        family: 4,
+    };
+    match BENCH_LRU_FLOWKEY.get_ptr_mut(key) {
+        Some(v) => unsafe { *v += 1 },
+        None => {
+            let _ = BENCH_LRU_FLOWKEY.insert(key, 1, 0);
         }
     }
     xdp_action::XDP_PASS

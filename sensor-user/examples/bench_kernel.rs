@@ -2,6 +2,8 @@
 //!
 //! `cargo run --release -p sensor-user --example bench_kernel`
 //!
+//! - lru is one LRU lookup + update with an 8-byte key; lru_flowkey the same with a
+//!   40-byte FlowKey (the flow table's key, so the hashing cost is the same).
 //! - empty, lru, established: `repeat` = 1,000,000 in one syscall; the kernel reports
 //!   the mean time per run; we print the median of 9 such runs.
 //! - new_flow: every run must create a flow, so `repeat` cannot be used (it reruns the
@@ -88,6 +90,7 @@ fn main() -> anyhow::Result<()> {
 
     let empty = repeated(&k, Program::BenchEmpty, &tcp(1, true, b"")?)?;
     let lru = repeated(&k, Program::BenchLru, &tcp(1, true, b"")?)?;
+    let lru40 = repeated(&k, Program::BenchLruFlowKey, &tcp(1, true, b"")?)?;
 
     // Established: SYN and a first (non-TLS) payload make the flow DONE; then the
     // same data packet again and again.
@@ -135,6 +138,7 @@ fn main() -> anyhow::Result<()> {
     for (name, ns) in [
         ("empty", empty),
         ("lru", lru),
+        ("lru_flowkey", lru40),
         ("established", established),
         ("new_flow", new_flow),
         ("client_hello", client_hello_ns),
@@ -148,6 +152,10 @@ fn main() -> anyhow::Result<()> {
     println!(
         "bench kernel established_ns={established:.1} lru_ns={lru:.1} ratio_vs_lru={:.2}",
         established / lru.max(1.0)
+    );
+    println!(
+        "bench kernel established_ns={established:.1} lru_flowkey_ns={lru40:.1} ratio_vs_lru_flowkey={:.2}",
+        established / lru40.max(1.0)
     );
     println!(
         "bench kernel empty_ns={empty:.1} new_flow_ns={new_flow:.1} client_hello_ns={client_hello_ns:.1} repeat={REPEAT} runs={RUNS}"

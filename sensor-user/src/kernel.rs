@@ -38,6 +38,7 @@ const PROG_XDP_CLASSIFY: &str = "conduit_xdp_classify";
 const PROG_TC_CLASSIFY: &str = "conduit_tc_classify";
 const PROG_BENCH_EMPTY: &str = "bench_empty";
 const PROG_BENCH_LRU: &str = "bench_lru";
+const PROG_BENCH_LRU_FLOWKEY: &str = "bench_lru_flowkey";
 
 /// Map names in the object.
 pub mod map_names {
@@ -144,8 +145,10 @@ pub enum Program {
     Tc,
     /// Benchmark baseline: returns XDP_PASS.
     BenchEmpty,
-    /// Benchmark baseline: one LRU lookup + update.
+    /// Benchmark baseline: one LRU lookup + update (8-byte key).
     BenchLru,
+    /// Benchmark baseline: one LRU lookup + update with a 40-byte `FlowKey`.
+    BenchLruFlowKey,
 }
 
 impl Program {
@@ -155,6 +158,7 @@ impl Program {
             Program::Tc => PROG_TC,
             Program::BenchEmpty => PROG_BENCH_EMPTY,
             Program::BenchLru => PROG_BENCH_LRU,
+            Program::BenchLruFlowKey => PROG_BENCH_LRU_FLOWKEY,
         }
     }
 }
@@ -311,6 +315,7 @@ impl Kernel {
             PROG_XDP_CLASSIFY,
             PROG_BENCH_EMPTY,
             PROG_BENCH_LRU,
+            PROG_BENCH_LRU_FLOWKEY,
         ] {
             let p: &mut Xdp = ebpf
                 .program_mut(name)
