@@ -24,6 +24,7 @@ fn kernel(policy: &KernelPolicy) -> Option<Kernel> {
         return None;
     }
     let mut k = Kernel::load(&KernelOptions::default()).unwrap();
+    assert!(k.payload_classification(), "kernel 5.18+ expected here");
     k.install_policy(policy).unwrap();
     Some(k)
 }
