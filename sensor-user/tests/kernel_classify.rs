@@ -6,8 +6,8 @@ use std::net::IpAddr;
 
 use etherparse::PacketBuilder;
 use sensor_common::{
-    ConduitKey, ConduitValue, Counter, FAMILY_IPV4, FlowKey, FlowStats, action, app_protocol,
-    conduit_proto, sni_hash, sni_state, verdict,
+    ConduitKey, ConduitValue, Counter, EVENT_FLOW_CLASSIFIED, FAMILY_IPV4, FlowKey, FlowStats,
+    action, app_protocol, conduit_proto, sni_hash, sni_state, verdict,
 };
 use sensor_user::kernel::{CidrEntry, Kernel, KernelEvent, KernelOptions, KernelPolicy, Program};
 
@@ -179,14 +179,22 @@ fn tls_flow(
         .flow(&key(CLIENT, sport, SERVER, 443, 6))
         .unwrap()
         .unwrap();
-    let payloads = k
-        .drain_events()
-        .into_iter()
-        .filter_map(|e| match e {
-            KernelEvent::Payload(p) => Some(*p),
-            KernelEvent::Flow(_) => None,
-        })
-        .collect();
+    let mut payloads = Vec::new();
+    let mut classified = 0;
+    for e in k.drain_events() {
+        match e {
+            KernelEvent::Payload(p) => payloads.push(*p),
+            // The kernel announces its own SNI classification with the final stats.
+            KernelEvent::Flow(f) if f.header.kind == EVENT_FLOW_CLASSIFIED => {
+                assert_eq!(s.sni_state, sni_state::DONE);
+                assert_eq!(f.stats.endpoint_id, s.endpoint_id);
+                assert_eq!(f.stats.sni_hash, s.sni_hash);
+                classified += 1;
+            }
+            KernelEvent::Flow(_) => {}
+        }
+    }
+    assert_eq!(classified, usize::from(s.sni_hash != 0));
     (s, payloads)
 }
 
