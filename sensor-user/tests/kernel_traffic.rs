@@ -94,7 +94,10 @@ c.close()
         }
     }
     let Some(mut c) = conn else {
-        panic!("connect to the namespace server; counters {:?}", k.counters().unwrap());
+        panic!(
+            "connect to the namespace server; counters {:?}",
+            k.counters().unwrap()
+        );
     };
     let cport = c.local_addr().unwrap().port();
     c.write_all(&vec![b'x'; 256 * 1024]).unwrap();
