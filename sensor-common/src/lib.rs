@@ -106,9 +106,10 @@ pub mod app_protocol {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowStats {
-    /// `bpf_ktime_get_boot_ns` of the first packet.
+    /// Boot-clock (CLOCK_BOOTTIME) ns of the first packet, tick resolution (see
+    /// [`KernelConfig::boot_offset_ns`]).
     pub first_seen_ns: u64,
-    /// `bpf_ktime_get_boot_ns` of the latest packet.
+    /// Boot-clock ns of the latest packet, tick resolution.
     pub last_seen_ns: u64,
     /// Packets per direction, indexed by [`DIR_FORWARD`] / [`DIR_REVERSE`].
     pub packets: [u64; 2],
@@ -263,6 +264,10 @@ pub struct KernelConfig {
     /// 1 when `LOCAL_ADDRS` has entries; lets the fast path skip that lookup.
     pub has_local_addrs: u8,
     pub _pad: [u8; 4],
+    /// CLOCK_BOOTTIME - CLOCK_MONOTONIC in ns, sampled by the agent. Flow timestamps
+    /// are `bpf_ktime_get_coarse_ns() + boot_offset_ns`: boot-clock time at tick
+    /// resolution, much cheaper than `bpf_ktime_get_boot_ns`.
+    pub boot_offset_ns: u64,
 }
 
 /// IPv4 LPM trie key data (address in network byte order).
@@ -466,7 +471,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<ClassUpdate>(), 16);
         assert_eq!(core::mem::size_of::<ConduitKey>(), 8);
         assert_eq!(core::mem::size_of::<ConduitValue>(), 4);
-        assert_eq!(core::mem::size_of::<KernelConfig>(), 8);
+        assert_eq!(core::mem::size_of::<KernelConfig>(), 16);
         // The kernel ORs TCP flags and state bits into the 8-byte word at 56 atomically.
         assert_eq!(core::mem::offset_of!(FlowStats, ifindex), 56);
         assert_eq!(core::mem::offset_of!(FlowStats, tcp_flags), 60);

@@ -9,9 +9,9 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use sensor_common::{
-    ConduitKey, Counter, DIR_FORWARD, EVENT_PAYLOAD, FAMILY_IPV4, FlowKey, FlowStats, KernelConfig,
-    PAYLOAD_COPY_MAX, PayloadEvent, SNI_HASH_INIT, action, app_protocol, conduit_proto,
-    sni_hash_step, sni_state, verdict,
+    ConduitKey, Counter, DIR_FORWARD, EVENT_FLOW_CLASSIFIED, EVENT_PAYLOAD, FAMILY_IPV4, FlowKey,
+    FlowStats, KernelConfig, PAYLOAD_COPY_MAX, PayloadEvent, SNI_HASH_INIT, action, app_protocol,
+    conduit_proto, sni_hash_step, sni_state, verdict,
 };
 
 use crate::{
@@ -258,6 +258,7 @@ pub fn on_first_payload<C: LoadBytes>(
             decide(s, zone, endpoint, port, conduit_proto::TLS, cfg);
             // SAFETY: live flow-table value.
             unsafe { (*s).sni_hash = hash };
+            crate::flow::emit_flow_event(EVENT_FLOW_CLASSIFIED, DIR_FORWARD, ifindex, key, s);
         }
     }
     e.submit(0);

@@ -98,6 +98,11 @@ static SCRATCH_STATS: PerCpuArray<FlowStats> = PerCpuArray::with_max_entries(1, 
 #[map]
 static BENCH_LRU: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16, 0);
 
+/// Second baseline: the same with a FlowKey-sized key (hashing 40 bytes, as the flow
+/// table does).
+#[map]
+static BENCH_LRU_FLOWKEY: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(16, 0);
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct HandoffKey {
@@ -222,7 +227,15 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
         bump(Counter::HandedOffLocal);
         return Ok(xdp_action::XDP_PASS);
     }
-    let Some(acc) = flow::account(p, key, src_lo, 1, p.ip_len as u64, ifindex) else {
+    let Some(acc) = flow::account(
+        p,
+        key,
+        src_lo,
+        1,
+        p.ip_len as u64,
+        ifindex,
+        cfg.boot_offset_ns,
+    ) else {
         return Ok(xdp_action::XDP_PASS);
     };
     bump(Counter::PacketsCounted);
@@ -411,12 +424,21 @@ fn try_tc(ctx: &TcContext) -> Result<i32, Counter> {
     let segs = if gso_segs > 1 { gso_segs } else { 1 };
     // A GSO aggregate carries one set of headers for `segs` wire packets.
     let bytes = p.ip_len as u64 + (segs as u64 - 1) * p.hdr_len as u64;
-    let Some(acc) = flow::account(p, key, src_lo, segs as u64, bytes, ifindex) else {
+    let cfg = config();
+    let Some(acc) = flow::account(
+        p,
+        key,
+        src_lo,
+        segs as u64,
+        bytes,
+        ifindex,
+        cfg.boot_offset_ns,
+    ) else {
         return Ok(TC_ACT_OK);
     };
     bump_by(Counter::PacketsCounted, segs as u64);
     // Egress never drops: enforcement is XDP's job.
-    let (_, first_payload) = after_account(p, key, &acc, ifindex, &config());
+    let (_, first_payload) = after_account(p, key, &acc, ifindex, &cfg);
     if first_payload {
         // SAFETY: ctx is this program's context.
         unsafe { JUMP_TC.tail_call(ctx, 0) };
@@ -438,6 +460,27 @@ pub fn bench_lru(_ctx: XdpContext) -> u32 {
         Some(v) => unsafe { *v += 1 },
         None => {
             let _ = BENCH_LRU.insert(key, 1, 0);
+        }
+    }
+    xdp_action::XDP_PASS
+}
+
+/// Benchmark baseline: one LRU lookup and update with a 40-byte FlowKey.
+#[xdp]
+pub fn bench_lru_flowkey(_ctx: XdpContext) -> u32 {
+    let key = FlowKey {
+        addr_lo: [1; 16],
+        addr_hi: [2; 16],
+        port_lo: 3,
+        port_hi: 4,
+        vlan: 0,
+        protocol: 6,
+        family: 4,
+    };
+    match BENCH_LRU_FLOWKEY.get_ptr_mut(key) {
+        Some(v) => unsafe { *v += 1 },
+        None => {
+            let _ = BENCH_LRU_FLOWKEY.insert(key, 1, 0);
         }
     }
     xdp_action::XDP_PASS

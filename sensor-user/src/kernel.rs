@@ -38,6 +38,7 @@ const PROG_XDP_CLASSIFY: &str = "conduit_xdp_classify";
 const PROG_TC_CLASSIFY: &str = "conduit_tc_classify";
 const PROG_BENCH_EMPTY: &str = "bench_empty";
 const PROG_BENCH_LRU: &str = "bench_lru";
+const PROG_BENCH_LRU_FLOWKEY: &str = "bench_lru_flowkey";
 
 /// Map names in the object.
 pub mod map_names {
@@ -145,8 +146,10 @@ pub enum Program {
     Tc,
     /// Benchmark baseline: returns XDP_PASS.
     BenchEmpty,
-    /// Benchmark baseline: one LRU lookup + update.
+    /// Benchmark baseline: one LRU lookup + update (8-byte key).
     BenchLru,
+    /// Benchmark baseline: one LRU lookup + update with a 40-byte `FlowKey`.
+    BenchLruFlowKey,
 }
 
 impl Program {
@@ -156,6 +159,7 @@ impl Program {
             Program::Tc => PROG_TC,
             Program::BenchEmpty => PROG_BENCH_EMPTY,
             Program::BenchLru => PROG_BENCH_LRU,
+            Program::BenchLruFlowKey => PROG_BENCH_LRU_FLOWKEY,
         }
     }
 }
@@ -196,7 +200,8 @@ impl KernelEvent {
     }
 }
 
-/// Converts `bpf_ktime_get_boot_ns` timestamps to wall-clock time.
+/// Converts the kernel's boot-clock timestamps (`FlowStats::first_seen_ns`,
+/// `last_seen_ns`, `EventHeader::ts_ns`) to wall-clock time.
 #[derive(Clone, Copy, Debug)]
 pub struct BootClock {
     /// CLOCK_REALTIME - CLOCK_BOOTTIME, in ns, sampled at construction.
@@ -228,6 +233,10 @@ impl BootClock {
     pub fn boot_now_ns() -> u64 {
         clock_ns(libc::CLOCK_BOOTTIME) as u64
     }
+}
+
+fn boot_offset_ns() -> u64 {
+    (clock_ns(libc::CLOCK_BOOTTIME) - clock_ns(libc::CLOCK_MONOTONIC)).max(0) as u64
 }
 
 fn clock_ns(clock: libc::clockid_t) -> i128 {
@@ -284,6 +293,7 @@ pub struct Kernel {
     tc_links: Vec<(String, SchedClassifierLinkId)>,
     watched: Vec<u32>,
     events: Option<RingBuf<MapData>>,
+    payload_classification: bool,
 }
 
 impl std::fmt::Debug for Kernel {
@@ -304,9 +314,9 @@ impl Kernel {
         )))?;
         for name in [
             PROG_XDP,
-            PROG_XDP_CLASSIFY,
             PROG_BENCH_EMPTY,
             PROG_BENCH_LRU,
+            PROG_BENCH_LRU_FLOWKEY,
         ] {
             let p: &mut Xdp = ebpf
                 .program_mut(name)
@@ -315,31 +325,25 @@ impl Kernel {
                 .map_err(prog_err(name))?;
             p.load().map_err(prog_err(name))?;
         }
-        for name in [PROG_TC, PROG_TC_CLASSIFY] {
-            let p: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(KernelError::Missing(name))?
-                .try_into()
-                .map_err(prog_err(name))?;
-            p.load().map_err(prog_err(name))?;
-        }
-        // The payload classifiers are tail-called from slot 0 of the jump tables.
-        for (map, prog) in [
-            (map_names::JUMP_XDP, PROG_XDP_CLASSIFY),
-            (map_names::JUMP_TC, PROG_TC_CLASSIFY),
-        ] {
-            let fd = ebpf
-                .program(prog)
-                .ok_or(KernelError::Missing(prog))?
-                .fd()
-                .map_err(prog_err(prog))?
-                .try_clone()
-                .map_err(|e| prog_err(prog)(ProgramError::IOError(e)))?;
-            let mut jump: ProgramArray<&mut MapData> =
-                ProgramArray::try_from(ebpf.map_mut(map).ok_or(KernelError::Missing(map))?)
-                    .map_err(map_err(map))?;
-            jump.set(0, &fd, 0).map_err(map_err(map))?;
-        }
+        let p: &mut SchedClassifier = ebpf
+            .program_mut(PROG_TC)
+            .ok_or(KernelError::Missing(PROG_TC))?
+            .try_into()
+            .map_err(prog_err(PROG_TC))?;
+        p.load().map_err(prog_err(PROG_TC))?;
+        // The payload classifiers need bpf_loop (5.17) and bpf_xdp_load_bytes (5.18).
+        // Without them the sensor still counts flows and classifies by address; the
+        // empty jump-table slot makes the tail call a no-op.
+        let payload_classification = match load_classifiers(&mut ebpf) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "payload (SNI/QUIC) classification unavailable on this kernel (needs 5.18+)"
+                );
+                false
+            }
+        };
         let events = ebpf
             .take_map(map_names::EVENTS)
             .ok_or(KernelError::Missing(map_names::EVENTS))?;
@@ -351,12 +355,21 @@ impl Kernel {
             tc_links: Vec::new(),
             watched: Vec::new(),
             events: Some(events),
+            payload_classification,
         };
         k.config.enforce = opts.enforce as u8;
         k.config.record_all = opts.record_all as u8;
         k.config.default_action = opts.default_action;
+        k.config.boot_offset_ns = boot_offset_ns();
         k.write_config()?;
         Ok(k)
+    }
+
+    /// Re-samples CLOCK_BOOTTIME - CLOCK_MONOTONIC (changes only across suspend) for
+    /// the kernel's flow timestamps.
+    pub fn refresh_clock(&mut self) -> Result<()> {
+        self.config.boot_offset_ns = boot_offset_ns();
+        self.write_config()
     }
 
     fn write_config(&mut self) -> Result<()> {
@@ -365,6 +378,11 @@ impl Kernel {
             Array::try_from(self.ebpf.map_mut(name).ok_or(KernelError::Missing(name))?)
                 .map_err(map_err(name))?;
         m.set(0, self.config, 0).map_err(map_err(name))
+    }
+
+    /// Whether the TLS/QUIC payload classifiers are loaded (kernel 5.18+).
+    pub fn payload_classification(&self) -> bool {
+        self.payload_classification
     }
 
     /// Current runtime switches.
@@ -701,6 +719,40 @@ impl Kernel {
         self.config.enforce = p.enforce as u8;
         self.write_config()
     }
+}
+
+/// Loads the tail-called payload classifiers and puts them in the jump tables.
+fn load_classifiers(ebpf: &mut Ebpf) -> Result<()> {
+    let p: &mut Xdp = ebpf
+        .program_mut(PROG_XDP_CLASSIFY)
+        .ok_or(KernelError::Missing(PROG_XDP_CLASSIFY))?
+        .try_into()
+        .map_err(prog_err(PROG_XDP_CLASSIFY))?;
+    p.load().map_err(prog_err(PROG_XDP_CLASSIFY))?;
+    let p: &mut SchedClassifier = ebpf
+        .program_mut(PROG_TC_CLASSIFY)
+        .ok_or(KernelError::Missing(PROG_TC_CLASSIFY))?
+        .try_into()
+        .map_err(prog_err(PROG_TC_CLASSIFY))?;
+    p.load().map_err(prog_err(PROG_TC_CLASSIFY))?;
+    // The payload classifiers are tail-called from slot 0 of the jump tables.
+    for (map, prog) in [
+        (map_names::JUMP_XDP, PROG_XDP_CLASSIFY),
+        (map_names::JUMP_TC, PROG_TC_CLASSIFY),
+    ] {
+        let fd = ebpf
+            .program(prog)
+            .ok_or(KernelError::Missing(prog))?
+            .fd()
+            .map_err(prog_err(prog))?
+            .try_clone()
+            .map_err(|e| prog_err(prog)(ProgramError::IOError(e)))?;
+        let mut jump: ProgramArray<&mut MapData> =
+            ProgramArray::try_from(ebpf.map_mut(map).ok_or(KernelError::Missing(map))?)
+                .map_err(map_err(map))?;
+        jump.set(0, &fd, 0).map_err(map_err(map))?;
+    }
+    Ok(())
 }
 
 impl Drop for Kernel {

@@ -6,8 +6,8 @@ use std::net::IpAddr;
 
 use etherparse::PacketBuilder;
 use sensor_common::{
-    ConduitKey, ConduitValue, Counter, FAMILY_IPV4, FlowKey, FlowStats, action, app_protocol,
-    conduit_proto, sni_hash, sni_state, verdict,
+    ConduitKey, ConduitValue, Counter, EVENT_FLOW_CLASSIFIED, FAMILY_IPV4, FlowKey, FlowStats,
+    action, app_protocol, conduit_proto, sni_hash, sni_state, verdict,
 };
 use sensor_user::kernel::{CidrEntry, Kernel, KernelEvent, KernelOptions, KernelPolicy, Program};
 
@@ -24,6 +24,7 @@ fn kernel(policy: &KernelPolicy) -> Option<Kernel> {
         return None;
     }
     let mut k = Kernel::load(&KernelOptions::default()).unwrap();
+    assert!(k.payload_classification(), "kernel 5.18+ expected here");
     k.install_policy(policy).unwrap();
     Some(k)
 }
@@ -159,15 +160,11 @@ fn key(a: [u8; 4], ap: u16, b: [u8; 4], bp: u16, proto: u8) -> FlowKey {
 }
 
 /// SYN, then the ClientHello; returns the flow and the payload events.
-#[expect(
-    clippy::vec_box,
-    reason = "payload events are 1.6 KiB; kept boxed as the kernel API hands them out"
-)]
 fn tls_flow(
     k: &mut Kernel,
     sport: u16,
     hello: &[u8],
-) -> (FlowStats, Vec<Box<sensor_common::PayloadEvent>>) {
+) -> (FlowStats, Vec<sensor_common::PayloadEvent>) {
     assert_eq!(
         k.test_run(Program::Xdp, &tcp(CLIENT, SERVER, sport, 443, true, b""))
             .unwrap(),
@@ -182,14 +179,23 @@ fn tls_flow(
         .flow(&key(CLIENT, sport, SERVER, 443, 6))
         .unwrap()
         .unwrap();
-    let payloads = k
-        .drain_events()
-        .into_iter()
-        .filter_map(|e| match e {
-            KernelEvent::Payload(p) => Some(p),
-            KernelEvent::Flow(_) => None,
-        })
-        .collect();
+    let mut payloads = Vec::new();
+    let mut classified = 0;
+    for e in k.drain_events() {
+        match e {
+            KernelEvent::Payload(p) => payloads.push(*p),
+            // The kernel announces its own SNI classification with the final stats.
+            KernelEvent::Flow(f) if f.header.kind == EVENT_FLOW_CLASSIFIED => {
+                // Still PENDING: the agent confirms once it has the whole ClientHello.
+                assert_eq!(s.sni_state, sni_state::PENDING);
+                assert_eq!(f.stats.endpoint_id, s.endpoint_id);
+                assert_eq!(f.stats.sni_hash, s.sni_hash);
+                classified += 1;
+            }
+            KernelEvent::Flow(_) => {}
+        }
+    }
+    assert_eq!(classified, usize::from(s.sni_hash != 0));
     (s, payloads)
 }
 

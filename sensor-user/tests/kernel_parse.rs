@@ -10,7 +10,7 @@ use sensor_common::{
     Counter, DIR_FORWARD, DIR_REVERSE, EVENT_FLOW_END, EVENT_FLOW_NEW, FAMILY_IPV4, FAMILY_IPV6,
     FlowKey, FlowStats, flow_state, tcp_flags,
 };
-use sensor_user::kernel::{Kernel, KernelEvent, KernelOptions, Program};
+use sensor_user::kernel::{BootClock, Kernel, KernelEvent, KernelOptions, Program};
 
 const XDP_PASS: u32 = 2;
 const TC_ACT_OK: u32 = 0;
@@ -484,6 +484,9 @@ fn tcp_conversation() {
     assert_eq!(s.state, flow_state::FIN_FORWARD);
     assert_eq!(s.ifindex, 1);
     assert!(s.first_seen_ns > 0 && s.last_seen_ns >= s.first_seen_ns);
+    // Boot-clock timestamps at tick resolution (coarse clock + agent offset).
+    let now = BootClock::boot_now_ns();
+    assert!(s.last_seen_ns <= now + 20_000_000 && s.first_seen_ns + 10_000_000_000 > now);
     assert_eq!(ev_kinds(&mut k), vec![(EVENT_FLOW_NEW, key)]);
 
     // Second FIN ends the flow: one END event, and only one.
