@@ -109,6 +109,16 @@ fn prog_err(name: &'static str) -> impl FnOnce(ProgramError) -> KernelError {
     move |source| KernelError::Program { name, source }
 }
 
+/// Whether a map error means "no such key" (aya reports a delete of a missing key
+/// as the syscall's ENOENT, a lookup as `KeyNotFound`).
+fn is_not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(err) => err.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
 /// Load-time options.
 #[derive(Clone, Debug, Default)]
 pub struct KernelOptions {
@@ -572,8 +582,8 @@ impl Kernel {
     /// Deletes a flow (after the agent recorded its end). Missing keys are fine.
     pub fn remove_flow(&mut self, key: &FlowKey) -> Result<()> {
         match self.flows_mut()?.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(map_err(map_names::FLOWS)(e)),
+            Err(e) if !is_not_found(&e) => return Err(map_err(map_names::FLOWS)(e)),
+            _ => {}
         }
         // A classification the kernel had no packet left to merge.
         let name = map_names::CLASS_UPDATES;
@@ -581,8 +591,8 @@ impl Kernel {
             HashMap::try_from(self.ebpf.map_mut(name).ok_or(KernelError::Missing(name))?)
                 .map_err(map_err(name))?;
         match m.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(name)(e)),
+            Err(e) if !is_not_found(&e) => Err(map_err(name)(e)),
+            _ => Ok(()),
         }
     }
 
