@@ -1,0 +1,382 @@
+//! The record chain: every record gets `seq`, `prev_hash` and `hash`, is appended to the
+//! spool, and is covered by signed checkpoints. The agent calls only [`Recorder`].
+//! Byte-level format: docs/spool-format.md.
+
+pub mod checkpoint;
+pub mod hashing;
+pub mod keys;
+pub mod verify;
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use conduit_proto::v1::{self, RecordKind, record::Body};
+use ed25519_dalek::SigningKey;
+use prost::Message as _;
+
+use crate::spool::{
+    self, Class, FrameRef, Spool, SpoolOptions, SpoolReader, SpoolStats, SyncPolicy,
+};
+pub use checkpoint::CheckpointPolicy;
+pub use hashing::{HASH_CONTEXT, ZERO_HASH, record_hash};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Spool(#[from] spool::Error),
+    #[error(transparent)]
+    Key(#[from] keys::KeyError),
+    #[error("record names sensor {found:?}, this recorder writes sensor {expected:?}")]
+    ForeignSensor { found: String, expected: String },
+}
+
+/// Everything [`Recorder::open`] needs; [`RecorderOptions::new`] fills in the defaults.
+#[derive(Debug, Clone)]
+pub struct RecorderOptions {
+    pub spool_dir: PathBuf,
+    pub sensor_id: String,
+    /// Signing key (PKCS#8 PEM, mode 0600). None: `spool_dir/signing.key`, created on
+    /// first start.
+    pub key_path: Option<PathBuf>,
+    pub max_spool_bytes: u64,
+    pub segment_bytes: u64,
+    pub sync: SyncPolicy,
+    pub checkpoint_every_records: u64,
+    pub checkpoint_every: Duration,
+}
+
+impl RecorderOptions {
+    pub fn new(spool_dir: impl Into<PathBuf>, sensor_id: impl Into<String>) -> Self {
+        RecorderOptions {
+            spool_dir: spool_dir.into(),
+            sensor_id: sensor_id.into(),
+            key_path: None,
+            max_spool_bytes: spool::DEFAULT_MAX_BYTES,
+            segment_bytes: spool::DEFAULT_SEGMENT_BYTES,
+            sync: SyncPolicy::default(),
+            checkpoint_every_records: checkpoint::DEFAULT_EVERY_RECORDS,
+            checkpoint_every: checkpoint::DEFAULT_EVERY,
+        }
+    }
+}
+
+/// One record as written: its chain position and the exact stored bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Appended {
+    pub seq: u64,
+    pub prev_hash: [u8; 32],
+    pub hash: [u8; 32],
+    pub record: v1::Record,
+    pub record_bytes: Vec<u8>,
+}
+
+/// Owns the chain head, the spool, the signing key and the checkpoint policy.
+pub struct Recorder {
+    spool: Spool,
+    key: SigningKey,
+    key_created: bool,
+    sensor_id: String,
+    policy: CheckpointPolicy,
+    seq: u64,
+    hash: [u8; 32],
+    since_checkpoint: u64,
+    last_checkpoint: SystemTime,
+    /// In a "spool full" episode, and refusals not yet counted in a loss record.
+    full_episode: bool,
+    refused_unreported: u64,
+    checkpoints_skipped: u64,
+}
+
+impl Recorder {
+    /// Opens the spool (recovering a torn tail), loads or creates the key, and continues
+    /// the chain, or starts a new one with a `chain_restart` record. Returns the records
+    /// written on open (restart, spool recovery, and a checkpoint).
+    pub fn open(opts: RecorderOptions) -> Result<(Recorder, Vec<Appended>), Error> {
+        let (spool, recovery) = Spool::open(SpoolOptions {
+            dir: opts.spool_dir.clone(),
+            sensor_id: opts.sensor_id.clone(),
+            max_bytes: opts.max_spool_bytes,
+            segment_bytes: opts.segment_bytes,
+            sync: opts.sync,
+            warn_percent: spool::DEFAULT_WARN_PERCENT,
+        })?;
+        let (key, key_created) = match &opts.key_path {
+            Some(path) => (keys::load_signing_key(path)?, false),
+            None => keys::load_or_create(&opts.spool_dir)?,
+        };
+        let now = SystemTime::now();
+        let (seq, hash) = recovery.head.unwrap_or((0, ZERO_HASH));
+        let mut rec = Recorder {
+            spool,
+            key,
+            key_created,
+            sensor_id: opts.sensor_id,
+            policy: CheckpointPolicy {
+                every_records: opts.checkpoint_every_records,
+                every: opts.checkpoint_every,
+            },
+            seq,
+            hash,
+            since_checkpoint: 0,
+            last_checkpoint: now,
+            full_episode: false,
+            refused_unreported: 0,
+            checkpoints_skipped: 0,
+        };
+        let mut out = Vec::new();
+        if recovery.head.is_none() {
+            let (reason, detail) = match &recovery.unreadable {
+                Some(why) => ("spool_unreadable", why.clone()),
+                None => (
+                    "no_spool",
+                    format!(
+                        "no spool segments in {} (first start, or the spool was lost)",
+                        opts.spool_dir.display()
+                    ),
+                ),
+            };
+            tracing::warn!(reason, detail, "starting a new record chain");
+            let r =
+                checkpoint::chain_restart_record(&rec.key, &rec.sensor_id, reason, &detail, now);
+            out.push(rec.write(r, Class::Control)?);
+        }
+        for t in &recovery.truncations {
+            tracing::warn!(
+                segment = t.segment,
+                bytes = t.bytes,
+                why = t.why,
+                "spool recovery cut a torn tail"
+            );
+            let r = v1::Record {
+                kind: RecordKind::SpoolRecovery as i32,
+                time_unix_nano: checkpoint::unix_nanos(now),
+                sensor_id: rec.sensor_id.clone(),
+                site: String::new(),
+                body: Some(Body::SpoolRecovery(v1::SpoolRecovery {
+                    segment: t.segment.clone(),
+                    truncated_bytes: t.bytes,
+                    last_good_seq: rec.seq,
+                    detail: format!("cut at offset {}: {}", t.offset, t.why),
+                    saved_as: t.saved_as.clone().unwrap_or_default(),
+                })),
+            };
+            out.push(rec.write(r, Class::Control)?);
+        }
+        // Sign the head at once, so that a restart is visible and the tail before the
+        // crash is covered.
+        if let Some(cp) = rec.checkpoint(now)? {
+            out.push(cp);
+        }
+        rec.spool.sync()?;
+        Ok((rec, out))
+    }
+
+    /// Chains and stores one record (filling `sensor_id` and `time_unix_nano` if
+    /// empty). Returns every record written: this one, and a checkpoint or `loss`
+    /// record if one was due. When the spool is full the record is refused: it is not
+    /// in the result, `stats().records_refused` counts it, and a `loss` record with
+    /// reason `spool_full` says so (once when the episode starts, and with the count of
+    /// further refusals when space is available again).
+    pub fn append(&mut self, mut record: v1::Record) -> Result<Vec<Appended>, Error> {
+        if record.sensor_id.is_empty() {
+            record.sensor_id.clone_from(&self.sensor_id);
+        } else if record.sensor_id != self.sensor_id {
+            return Err(Error::ForeignSensor {
+                found: record.sensor_id,
+                expected: self.sensor_id.clone(),
+            });
+        }
+        if record.time_unix_nano == 0 {
+            record.time_unix_nano = checkpoint::unix_nanos(SystemTime::now());
+        }
+        let mut out = Vec::with_capacity(1);
+        if self.full_episode {
+            self.end_full_episode(record.encoded_len(), &mut out)?;
+        }
+        match self.write(record, Class::Data) {
+            Ok(a) => out.push(a),
+            Err(Error::Spool(e)) if e.is_full() => {
+                self.refused(&e, &mut out)?;
+                return Ok(out);
+            }
+            Err(e) => return Err(e),
+        }
+        self.since_checkpoint += 1;
+        if self.policy.due_by_count(self.since_checkpoint)
+            && let Some(cp) = self.checkpoint(SystemTime::now())?
+        {
+            out.push(cp);
+        }
+        Ok(out)
+    }
+
+    /// Timer: writes a checkpoint if `checkpoint_every` has passed (even with no new
+    /// records, so silence is visible), ends a "spool full" episode if there is room
+    /// again, and runs group commit.
+    pub fn tick(&mut self, now: SystemTime) -> Result<Vec<Appended>, Error> {
+        let mut out = Vec::new();
+        if self.full_episode {
+            self.end_full_episode(0, &mut out)?;
+        }
+        if self.policy.due_by_time(self.last_checkpoint, now)
+            && let Some(cp) = self.checkpoint(now)?
+        {
+            out.push(cp);
+        }
+        self.spool.sync_if_due()?;
+        Ok(out)
+    }
+
+    /// Forces everything written to stable storage (shutdown).
+    pub fn sync(&mut self) -> Result<(), Error> {
+        Ok(self.spool.sync()?)
+    }
+
+    /// The collector has stored everything up to `seq`.
+    pub fn acknowledge(&mut self, seq: u64) -> Result<(), Error> {
+        Ok(self.spool.acknowledge(seq)?)
+    }
+
+    /// Stored frames from `seq` on (streaming).
+    pub fn read_from(&self, seq: u64) -> SpoolReader {
+        self.spool.read_from(seq)
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        self.key.verifying_key().to_bytes()
+    }
+
+    /// Whether `open` created the signing key (first start).
+    pub fn key_created(&self) -> bool {
+        self.key_created
+    }
+
+    /// Seq and hash of the last record written.
+    pub fn head(&self) -> (u64, [u8; 32]) {
+        (self.seq, self.hash)
+    }
+
+    pub fn stats(&self) -> SpoolStats {
+        self.spool.stats()
+    }
+
+    /// Checkpoints not written because even the control reserve was full.
+    pub fn checkpoints_skipped(&self) -> u64 {
+        self.checkpoints_skipped
+    }
+
+    fn write(&mut self, record: v1::Record, class: Class) -> Result<Appended, Error> {
+        let record_bytes = record.encode_to_vec();
+        let seq = self.seq + 1;
+        let hash = record_hash(seq, &self.hash, &record_bytes);
+        self.spool.append(
+            &FrameRef {
+                seq,
+                prev_hash: self.hash,
+                hash,
+                record: &record_bytes,
+            },
+            class,
+        )?;
+        let prev_hash = std::mem::replace(&mut self.hash, hash);
+        self.seq = seq;
+        Ok(Appended {
+            seq,
+            prev_hash,
+            hash,
+            record,
+            record_bytes,
+        })
+    }
+
+    /// Writes a checkpoint covering the head; None if even the control reserve is full.
+    fn checkpoint(&mut self, now: SystemTime) -> Result<Option<Appended>, Error> {
+        let r = checkpoint::checkpoint_record(
+            &self.key,
+            &self.sensor_id,
+            self.seq,
+            &self.hash,
+            now,
+            self.since_checkpoint,
+        );
+        self.last_checkpoint = now;
+        match self.write(r, Class::Control) {
+            Ok(a) => {
+                self.since_checkpoint = 0;
+                Ok(Some(a))
+            }
+            Err(Error::Spool(e)) if e.is_full() => {
+                self.checkpoints_skipped += 1;
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn loss_record(&self, count: u64, detail: String) -> v1::Record {
+        v1::Record {
+            kind: RecordKind::Loss as i32,
+            time_unix_nano: checkpoint::unix_nanos(SystemTime::now()),
+            sensor_id: self.sensor_id.clone(),
+            site: String::new(),
+            body: Some(Body::Loss(v1::Loss {
+                reason: "spool_full".to_owned(),
+                count,
+                unit: "record".to_owned(),
+                origin: "agent".to_owned(),
+                detail,
+            })),
+        }
+    }
+
+    fn refused(&mut self, why: &spool::Error, out: &mut Vec<Appended>) -> Result<(), Error> {
+        self.spool.note_refused();
+        self.refused_unreported += 1;
+        if self.full_episode {
+            return Ok(());
+        }
+        self.full_episode = true;
+        tracing::error!(error = %why, "spool full: refusing records until acknowledged segments can be deleted");
+        let r = self.loss_record(
+            self.refused_unreported,
+            format!("{why}; refusing new records until space is freed"),
+        );
+        match self.write(r, Class::Control) {
+            Ok(a) => {
+                self.refused_unreported = 0;
+                out.push(a);
+                Ok(())
+            }
+            Err(Error::Spool(e)) if e.is_full() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// If a record of `record_len` bytes fits again, writes the closing `loss` record.
+    fn end_full_episode(
+        &mut self,
+        record_len: usize,
+        out: &mut Vec<Appended>,
+    ) -> Result<(), Error> {
+        if !self.spool.has_room_for(record_len)? {
+            return Ok(());
+        }
+        if self.refused_unreported > 0 {
+            let r = self.loss_record(
+                self.refused_unreported,
+                "spool full episode ended: records refused since the last spool_full loss record"
+                    .to_owned(),
+            );
+            match self.write(r, Class::Control) {
+                Ok(a) => out.push(a),
+                Err(Error::Spool(e)) if e.is_full() => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        self.refused_unreported = 0;
+        self.full_episode = false;
+        self.spool.restore_reserve();
+        tracing::info!("spool has room again");
+        Ok(())
+    }
+}

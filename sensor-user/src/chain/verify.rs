@@ -1,0 +1,374 @@
+//! `verify-chain`: checks a directory of segments (an agent spool or a collector store;
+//! one directory holds one chain) frame by frame, link by link, signature by signature,
+//! and reports the first break.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use conduit_proto::v1::{self, RecordKind, record::Body};
+use prost::Message as _;
+
+use super::checkpoint::{signing_bytes, verify_signature};
+use super::hashing::{ZERO_HASH, record_hash};
+use super::keys;
+use crate::spool::segment;
+
+/// Where the trusted public key came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// Passed by the caller (`--public-key FILE`).
+    Given,
+    /// `signing.pub` in the verified directory.
+    SpoolFile(PathBuf),
+    /// No key: signatures are checked against the key the first signed record names,
+    /// and every later one must use the same key. Proves integrity, not origin.
+    FirstInChain,
+}
+
+/// The first thing wrong, at the first sequence number where it shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Break {
+    pub seq: u64,
+    pub what: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub dir: PathBuf,
+    pub sensor_id: Option<String>,
+    pub key_source: KeySource,
+    pub public_key: Option<[u8; 32]>,
+    pub segments: u64,
+    /// Records whose frame, seq, link and hash verified (checkpoints included).
+    pub records: u64,
+    /// Checkpoints whose signature verified.
+    pub checkpoints: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// Seq of the last verified checkpoint (0: none).
+    pub last_checkpoint_seq: u64,
+    /// Records after the last checkpoint: not (yet) covered by a signature. A warning,
+    /// not a break: a running agent always has such a tail.
+    pub unsigned_tail: u64,
+    pub first_bad: Option<Break>,
+    pub warnings: Vec<String>,
+}
+
+impl Report {
+    pub fn ok(&self) -> bool {
+        self.first_bad.is_none()
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.key_source {
+            KeySource::Given => writeln!(f, "public key: given")?,
+            KeySource::SpoolFile(p) => {
+                writeln!(f, "public key: {} (from the directory)", p.display())?
+            }
+            KeySource::FirstInChain => writeln!(
+                f,
+                "public key: none given and no signing.pub; using the key in the chain (integrity only, not origin)"
+            )?,
+        }
+        if let Some(k) = &self.public_key {
+            writeln!(f, "public key hex: {}", hex::encode(k))?;
+        }
+        writeln!(
+            f,
+            "{} records verified ({} checkpoints) in {} segments, seq {}..{}",
+            self.records, self.checkpoints, self.segments, self.first_seq, self.last_seq
+        )?;
+        for w in &self.warnings {
+            writeln!(f, "warning: {w}")?;
+        }
+        if let Some(b) = &self.first_bad {
+            writeln!(f, "first bad sequence number: {}: {}", b.seq, b.what)?;
+        }
+        Ok(())
+    }
+}
+
+struct State {
+    report: Report,
+    trusted: Option<[u8; 32]>,
+    expected: Option<u64>,
+    prev_hash: [u8; 32],
+    sensor_id: Option<String>,
+}
+
+impl State {
+    fn next_seq(&self) -> u64 {
+        self.expected.unwrap_or(1)
+    }
+
+    /// Checks the key a signed record names against the trusted one (pinning it if none).
+    fn check_key(&mut self, named: &[u8], what: &str) -> Result<(), String> {
+        match self.trusted {
+            Some(t) if t[..] == *named => Ok(()),
+            Some(t) => Err(format!(
+                "{what} signed by another key ({}), trusted key is {}",
+                hex::encode(named),
+                hex::encode(t)
+            )),
+            None => {
+                let k: [u8; 32] = named
+                    .try_into()
+                    .map_err(|_| format!("{what} names a public key of {} bytes", named.len()))?;
+                self.trusted = Some(k);
+                self.report.public_key = Some(k);
+                Ok(())
+            }
+        }
+    }
+
+    /// Checks one frame; Err is (bad seq, what).
+    fn frame(
+        &mut self,
+        seq: u64,
+        prev_hash: &[u8; 32],
+        hash: &[u8; 32],
+        bytes: &[u8],
+    ) -> Result<(), Break> {
+        let bad = |seq: u64, what: String| Break { seq, what };
+        match self.expected {
+            None if seq == 1 => {
+                if *prev_hash != ZERO_HASH {
+                    return Err(bad(1, "prev_hash of seq 1 is not all zero".to_owned()));
+                }
+            }
+            None => {
+                self.report.warnings.push(format!(
+                    "chain starts at seq {seq} (earlier segments deleted after acknowledgement?); the prev_hash of seq {seq} is not checked"
+                ));
+                self.prev_hash = *prev_hash;
+            }
+            Some(exp) if seq == exp => {}
+            Some(exp) if seq < exp => {
+                return Err(bad(
+                    exp,
+                    format!(
+                        "found seq {seq} again where {exp} was expected (duplicated or reordered record)"
+                    ),
+                ));
+            }
+            Some(exp) => {
+                return Err(bad(
+                    exp,
+                    format!(
+                        "missing: found seq {seq} where {exp} was expected (deleted or reordered records)"
+                    ),
+                ));
+            }
+        }
+        if *prev_hash != self.prev_hash {
+            return Err(bad(
+                seq,
+                format!(
+                    "prev_hash does not link to the hash of seq {} (record from another chain?)",
+                    seq - 1
+                ),
+            ));
+        }
+        if record_hash(seq, prev_hash, bytes) != *hash {
+            return Err(bad(
+                seq,
+                "hash mismatch: the record bytes or seq were changed".to_owned(),
+            ));
+        }
+        let record = v1::Record::decode(bytes)
+            .map_err(|e| bad(seq, format!("record does not decode: {e}")))?;
+        let sensor = self.sensor_id.clone().unwrap_or_default();
+        if record.sensor_id != sensor {
+            return Err(bad(
+                seq,
+                format!(
+                    "record names sensor {:?}, this chain is sensor {sensor:?} (spliced from another sensor?)",
+                    record.sensor_id
+                ),
+            ));
+        }
+        self.signed(seq, prev_hash, &record)
+            .map_err(|what| bad(seq, what))?;
+        self.report.records += 1;
+        if self.report.records == 1 {
+            self.report.first_seq = seq;
+        }
+        self.report.last_seq = seq;
+        self.prev_hash = *hash;
+        self.expected = Some(seq + 1);
+        Ok(())
+    }
+
+    /// Kind-specific checks: signatures of checkpoints and chain restarts.
+    fn signed(
+        &mut self,
+        seq: u64,
+        prev_hash: &[u8; 32],
+        record: &v1::Record,
+    ) -> Result<(), String> {
+        let sensor = record.sensor_id.as_str();
+        match (RecordKind::try_from(record.kind), &record.body) {
+            (Ok(RecordKind::Checkpoint), Some(Body::Checkpoint(cp))) => {
+                if cp.seq != seq - 1 || cp.hash != prev_hash[..] {
+                    return Err(format!(
+                        "checkpoint covers seq {} / hash {}, not the record before it (seq {})",
+                        cp.seq,
+                        hex::encode(&cp.hash),
+                        seq - 1
+                    ));
+                }
+                self.check_key(&cp.public_key, "checkpoint")?;
+                let msg = signing_bytes(sensor, cp.seq, prev_hash, cp.time_unix_nano);
+                verify_signature(&cp.public_key, &msg, &cp.signature)
+                    .map_err(|e| format!("checkpoint: {e}"))?;
+                self.report.checkpoints += 1;
+                self.report.last_checkpoint_seq = seq;
+            }
+            (Ok(RecordKind::ChainRestart), Some(Body::ChainRestart(cr))) => {
+                if seq != 1 {
+                    return Err("chain_restart record in the middle of a chain".to_owned());
+                }
+                self.check_key(&cr.public_key, "chain_restart")?;
+                let msg = signing_bytes(sensor, 0, &ZERO_HASH, record.time_unix_nano);
+                verify_signature(&cr.public_key, &msg, &cr.signature)
+                    .map_err(|e| format!("chain_restart: {e}"))?;
+            }
+            (Ok(RecordKind::Checkpoint | RecordKind::ChainRestart), _) => {
+                return Err("kind and body do not match".to_owned());
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Verifies the chain in `dir`. Without `public_key`, `dir/signing.pub` is the trusted
+/// key; without either, the key named by the chain's first signed record (reported).
+pub fn verify_dir(dir: &Path, public_key: Option<[u8; 32]>) -> Report {
+    let mut report = Report {
+        dir: dir.to_owned(),
+        sensor_id: None,
+        key_source: KeySource::Given,
+        public_key,
+        segments: 0,
+        records: 0,
+        checkpoints: 0,
+        first_seq: 0,
+        last_seq: 0,
+        last_checkpoint_seq: 0,
+        unsigned_tail: 0,
+        first_bad: None,
+        warnings: Vec::new(),
+    };
+    if public_key.is_none() {
+        let pub_path = dir.join(keys::PUB_FILE);
+        if pub_path.exists() {
+            report.key_source = KeySource::SpoolFile(pub_path.clone());
+            match keys::read_public_key(&pub_path) {
+                Ok(k) => report.public_key = Some(k),
+                Err(e) => {
+                    report.first_bad = Some(Break {
+                        seq: 0,
+                        what: e.to_string(),
+                    });
+                    return report;
+                }
+            }
+        } else {
+            report.key_source = KeySource::FirstInChain;
+        }
+    }
+    let mut st = State {
+        trusted: report.public_key,
+        report,
+        expected: None,
+        prev_hash: ZERO_HASH,
+        sensor_id: None,
+    };
+    if let Err(b) = walk(dir, &mut st) {
+        st.report.first_bad = Some(b);
+    }
+    let mut report = st.report;
+    if report.first_bad.is_none() {
+        report.unsigned_tail = report.last_seq
+            - report
+                .last_checkpoint_seq
+                .max(report.first_seq.saturating_sub(1));
+        if report.records > 0 && report.checkpoints == 0 {
+            report
+                .warnings
+                .push("no checkpoint: no record is covered by a signature".to_owned());
+        } else if report.unsigned_tail > 0 {
+            report.warnings.push(format!(
+                "unsigned tail: {} records after the last checkpoint (seq {}) are not covered by a signature yet",
+                report.unsigned_tail, report.last_checkpoint_seq
+            ));
+        }
+    }
+    report.sensor_id = st.sensor_id;
+    report
+}
+
+fn walk(dir: &Path, st: &mut State) -> Result<(), Break> {
+    let segments = segment::list(dir).map_err(|e| Break {
+        seq: 1,
+        what: format!("{}: {e}", dir.display()),
+    })?;
+    if segments.is_empty() {
+        return Err(Break {
+            seq: 1,
+            what: format!("no segment files (seg-*.cspool) in {}", dir.display()),
+        });
+    }
+    for (first, path) in segments {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        st.report.segments += 1;
+        let buf = std::fs::read(&path).map_err(|e| Break {
+            seq: st.next_seq(),
+            what: format!("{}: {e}", path.display()),
+        })?;
+        let scan = segment::scan(&buf).map_err(|e| Break {
+            seq: st.next_seq(),
+            what: format!("segment {name}: {e}"),
+        })?;
+        match &st.sensor_id {
+            None => st.sensor_id = Some(scan.sensor_id.clone()),
+            Some(id) if *id != scan.sensor_id => {
+                return Err(Break {
+                    seq: st.next_seq(),
+                    what: format!(
+                        "segment {name} belongs to sensor {:?}, this chain is sensor {id:?}",
+                        scan.sensor_id
+                    ),
+                });
+            }
+            Some(_) => {}
+        }
+        for (i, (off, f)) in scan.frames.iter().enumerate() {
+            st.frame(f.seq, &f.prev_hash, &f.hash, f.record)?;
+            if i == 0 && f.seq != first {
+                return Err(Break {
+                    seq: f.seq,
+                    what: format!(
+                        "segment {name} (offset {off}) starts with seq {} but its name says {first}",
+                        f.seq
+                    ),
+                });
+            }
+        }
+        if let Some((off, e)) = scan.bad {
+            return Err(Break {
+                seq: st.next_seq(),
+                what: format!(
+                    "segment {name} offset {off}: {e} (flipped bit, or torn tail not yet recovered)"
+                ),
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,574 @@
+//! The local spool: append-only segment files holding the chained records, crash-safe
+//! and bounded. Format: docs/spool-format.md.
+//!
+//! Durability: every frame goes to the kernel with one `write(2)` before `append`
+//! returns, so a killed process loses nothing that was appended; `fdatasync` (power
+//! loss) follows [`SyncPolicy`].
+
+pub mod frame;
+mod recovery;
+pub mod segment;
+
+use std::fs::{self, File};
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub use frame::{FrameRef, StoredFrame};
+pub use recovery::{Recovery, Truncation};
+
+/// When written frames are forced to stable storage (`fdatasync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncPolicy {
+    /// After every record: nothing acknowledged by `append` is lost on power failure.
+    EveryRecord,
+    /// Group commit: after `records` records or `interval`, whichever comes first
+    /// (checked on each append and on `tick`). Power loss loses at most that window.
+    Group { interval: Duration, records: u64 },
+    /// Only on rotation and `sync()`; the kernel writes back on its own schedule.
+    OsOnly,
+}
+
+impl Default for SyncPolicy {
+    fn default() -> Self {
+        SyncPolicy::Group {
+            interval: Duration::from_millis(200),
+            records: 1000,
+        }
+    }
+}
+
+pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
+pub const DEFAULT_WARN_PERCENT: u8 = 80;
+/// Size of `.reserve`, a placeholder file deleted when the file system itself is full
+/// so that the `loss` record saying so can still be written.
+pub const RESERVE_FILE_BYTES: u64 = 256 * 1024;
+const RESERVE_FILE: &str = ".reserve";
+
+#[derive(Debug, Clone)]
+pub struct SpoolOptions {
+    pub dir: PathBuf,
+    pub sensor_id: String,
+    /// Bound on the segment files' total size.
+    pub max_bytes: u64,
+    /// A new segment starts when the current one would grow past this.
+    pub segment_bytes: u64,
+    pub sync: SyncPolicy,
+    /// `SpoolStats::above_warning` turns on above this percentage of `max_bytes`.
+    pub warn_percent: u8,
+}
+
+impl SpoolOptions {
+    pub fn new(dir: impl Into<PathBuf>, sensor_id: impl Into<String>) -> Self {
+        SpoolOptions {
+            dir: dir.into(),
+            sensor_id: sensor_id.into(),
+            max_bytes: DEFAULT_MAX_BYTES,
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+            sync: SyncPolicy::default(),
+            warn_percent: DEFAULT_WARN_PERCENT,
+        }
+    }
+}
+
+/// Counters for metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpoolStats {
+    /// Total size of the segment files.
+    pub bytes: u64,
+    pub max_bytes: u64,
+    pub segments: u64,
+    pub records_written: u64,
+    /// Records refused because the spool (or its file system) was full.
+    pub records_refused: u64,
+    /// Whether the last data append was refused.
+    pub full: bool,
+    pub above_warning: bool,
+    pub head_seq: u64,
+    pub acked_seq: u64,
+    pub syncs: u64,
+    pub segments_deleted: u64,
+    /// Bytes cut from torn tails when the spool was opened.
+    pub truncated_bytes: u64,
+}
+
+/// What a frame is, for the size bound: control frames (loss, checkpoint, recovery,
+/// restart) may use the last part of the budget that data frames may not, so that
+/// the spool can always say that it is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    Data,
+    Control,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("spool {} is full ({bytes} of {max} bytes, nothing acknowledged to delete)", dir.display())]
+    Full { dir: PathBuf, bytes: u64, max: u64 },
+    #[error("{}: no space left on the file system", path.display())]
+    NoSpace { path: PathBuf },
+    #[error(
+        "{}: segment belongs to sensor {found:?}, this sensor is {expected:?} (one spool directory holds one sensor's chain; use another --spool directory)",
+        path.display()
+    )]
+    SensorMismatch {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+    #[error("sensor id must be 1 to {max} bytes, got {0}", max = segment::MAX_SENSOR_ID_LEN)]
+    BadSensorId(usize),
+    #[error("{}: {what}", path.display())]
+    Corrupt { path: PathBuf, what: String },
+}
+
+impl Error {
+    /// Whether this error means "no room": the record was refused, nothing was written.
+    pub fn is_full(&self) -> bool {
+        matches!(self, Error::Full { .. } | Error::NoSpace { .. })
+    }
+}
+
+pub(crate) fn io_err(path: &Path, source: std::io::Error) -> Error {
+    Error::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn is_enospc(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(libc::ENOSPC)
+}
+
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), Error> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err(dir, e))
+}
+
+struct Segment {
+    first_seq: u64,
+    path: PathBuf,
+    len: u64,
+}
+
+/// An open spool directory. One writer per directory.
+pub struct Spool {
+    opts: SpoolOptions,
+    segments: Vec<Segment>,
+    /// Open handle of the last segment and whether it holds a frame yet.
+    current: Option<File>,
+    head: Option<(u64, [u8; 32])>,
+    total_bytes: u64,
+    acked: u64,
+    pending_sync: u64,
+    last_sync: Instant,
+    buf: Vec<u8>,
+    stats: SpoolStats,
+}
+
+impl Spool {
+    /// Opens (creating if needed) and recovers the spool directory.
+    pub fn open(opts: SpoolOptions) -> Result<(Spool, Recovery), Error> {
+        if opts.sensor_id.is_empty() || opts.sensor_id.len() > segment::MAX_SENSOR_ID_LEN {
+            return Err(Error::BadSensorId(opts.sensor_id.len()));
+        }
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&opts.dir)
+            .map_err(|e| io_err(&opts.dir, e))?;
+        let recovered = recovery::recover(&opts.dir, &opts.sensor_id)?;
+        let segments: Vec<Segment> = recovered
+            .segments
+            .into_iter()
+            .map(|(first_seq, path, len)| Segment {
+                first_seq,
+                path,
+                len,
+            })
+            .collect();
+        let current = match segments.last() {
+            Some(seg) => Some(
+                fs::OpenOptions::new()
+                    .append(true)
+                    .open(&seg.path)
+                    .map_err(|e| io_err(&seg.path, e))?,
+            ),
+            None => None,
+        };
+        let recovery = recovered.recovery;
+        let total_bytes = segments.iter().map(|s| s.len).sum();
+        let mut spool = Spool {
+            stats: SpoolStats {
+                max_bytes: opts.max_bytes,
+                truncated_bytes: recovery.truncations.iter().map(|t| t.bytes).sum(),
+                ..SpoolStats::default()
+            },
+            opts,
+            segments,
+            current,
+            head: recovery.head,
+            total_bytes,
+            acked: 0,
+            pending_sync: 0,
+            last_sync: Instant::now(),
+            buf: Vec::with_capacity(4096),
+        };
+        spool.restore_reserve();
+        Ok((spool, recovery))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.opts.dir
+    }
+
+    pub fn sensor_id(&self) -> &str {
+        &self.opts.sensor_id
+    }
+
+    /// Seq and hash of the last stored frame.
+    pub fn head(&self) -> Option<(u64, [u8; 32])> {
+        self.head
+    }
+
+    /// Appends one frame with a single `write(2)`; rotates and syncs per the options.
+    /// On any error nothing of the frame stays in the file.
+    pub fn append(&mut self, frame: &FrameRef<'_>, class: Class) -> Result<(), Error> {
+        let len = frame::encoded_len(frame.record.len()) as u64;
+        let rotate = match self.segments.last() {
+            None => true,
+            Some(seg) => seg.len > self.header_len() && seg.len + len > self.opts.segment_bytes,
+        };
+        let need = len + if rotate { self.header_len() } else { 0 };
+        self.make_room(need, class)?;
+        if rotate {
+            self.rotate(frame.seq, class)?;
+        }
+        self.buf.clear();
+        frame::encode_into(frame, &mut self.buf);
+        match self.write_buf() {
+            Ok(()) => {}
+            Err(e) if is_enospc(&e) && class == Class::Control && self.drop_reserve() => {
+                self.write_buf().map_err(|e| self.write_failed(e))?;
+            }
+            Err(e) => return Err(self.write_failed(e)),
+        }
+        if let Some(seg) = self.segments.last_mut() {
+            seg.len += len;
+        }
+        self.total_bytes += len;
+        self.head = Some((frame.seq, frame.hash));
+        self.stats.records_written += 1;
+        self.pending_sync += 1;
+        match self.opts.sync {
+            SyncPolicy::EveryRecord => self.sync()?,
+            SyncPolicy::Group { records, .. } if self.pending_sync >= records => self.sync()?,
+            SyncPolicy::Group { interval, .. } if self.last_sync.elapsed() >= interval => {
+                self.sync()?
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn header_len(&self) -> u64 {
+        (12 + self.opts.sensor_id.len() + 4) as u64
+    }
+
+    fn write_buf(&mut self) -> std::io::Result<()> {
+        match self.current.as_mut() {
+            Some(f) => f.write_all(&self.buf),
+            None => Err(std::io::Error::other("no open segment")),
+        }
+    }
+
+    /// Cuts a partial write off again and maps the error.
+    fn write_failed(&mut self, e: std::io::Error) -> Error {
+        let Some(seg) = self.segments.last() else {
+            return io_err(&self.opts.dir, e);
+        };
+        if let Some(f) = self.current.as_ref() {
+            // Best effort: if even this fails, recovery cuts the tail on the next open.
+            let _ = f.set_len(seg.len);
+        }
+        if is_enospc(&e) {
+            self.stats.full = true;
+            Error::NoSpace {
+                path: seg.path.clone(),
+            }
+        } else {
+            io_err(&seg.path, e)
+        }
+    }
+
+    /// Deletes fully acknowledged old segments until `need` more bytes fit the budget
+    /// of `class`, or says the spool is full.
+    fn make_room(&mut self, need: u64, class: Class) -> Result<(), Error> {
+        let max = self.opts.max_bytes;
+        let limit = match class {
+            Class::Control => max,
+            Class::Data => max - self.control_reserve(),
+        };
+        while self.total_bytes + need > limit {
+            if !self.delete_oldest_acked()? {
+                if class == Class::Data {
+                    self.stats.full = true;
+                }
+                return Err(Error::Full {
+                    dir: self.opts.dir.clone(),
+                    bytes: self.total_bytes,
+                    max,
+                });
+            }
+        }
+        if class == Class::Data {
+            self.stats.full = false;
+        }
+        Ok(())
+    }
+
+    /// Part of the budget only control records may use.
+    fn control_reserve(&self) -> u64 {
+        (self.opts.max_bytes / 16).min(1 << 20)
+    }
+
+    /// Deletes the oldest segment if every record in it is acknowledged (never the
+    /// segment being written).
+    fn delete_oldest_acked(&mut self) -> Result<bool, Error> {
+        if self.segments.len() < 2 || self.segments[1].first_seq.saturating_sub(1) > self.acked {
+            return Ok(false);
+        }
+        let seg = self.segments.remove(0);
+        fs::remove_file(&seg.path).map_err(|e| io_err(&seg.path, e))?;
+        self.total_bytes -= seg.len;
+        self.stats.segments_deleted += 1;
+        tracing::info!(segment = %seg.path.display(), "deleted acknowledged spool segment");
+        Ok(true)
+    }
+
+    fn rotate(&mut self, first_seq: u64, class: Class) -> Result<(), Error> {
+        if self.current.is_some() {
+            self.sync()?;
+        }
+        let path = self.opts.dir.join(segment::file_name(first_seq));
+        let header = segment::encode_header(&self.opts.sensor_id);
+        let attempt = || -> std::io::Result<File> {
+            let mut f = fs::OpenOptions::new()
+                .create_new(true)
+                .append(true)
+                .mode(0o600)
+                .open(&path)?;
+            if let Err(e) = f.write_all(&header).and_then(|()| f.sync_data()) {
+                let _ = fs::remove_file(&path);
+                return Err(e);
+            }
+            Ok(f)
+        };
+        let file = match attempt() {
+            Ok(f) => f,
+            Err(e) if is_enospc(&e) && class == Class::Control && self.drop_reserve() => {
+                attempt().map_err(|e| io_err(&path, e))?
+            }
+            Err(e) if is_enospc(&e) => {
+                self.stats.full = true;
+                return Err(Error::NoSpace { path });
+            }
+            Err(e) => return Err(io_err(&path, e)),
+        };
+        sync_dir(&self.opts.dir)?;
+        self.current = Some(file);
+        self.total_bytes += header.len() as u64;
+        self.segments.push(Segment {
+            first_seq,
+            path,
+            len: header.len() as u64,
+        });
+        Ok(())
+    }
+
+    /// Forces written frames to stable storage.
+    pub fn sync(&mut self) -> Result<(), Error> {
+        if self.pending_sync > 0
+            && let (Some(f), Some(seg)) = (self.current.as_ref(), self.segments.last())
+        {
+            f.sync_data().map_err(|e| io_err(&seg.path, e))?;
+            self.stats.syncs += 1;
+        }
+        self.pending_sync = 0;
+        self.last_sync = Instant::now();
+        Ok(())
+    }
+
+    /// Group commit on a timer: syncs if the policy's interval has passed.
+    pub fn sync_if_due(&mut self) -> Result<(), Error> {
+        match self.opts.sync {
+            SyncPolicy::Group { interval, .. } if self.last_sync.elapsed() >= interval => {
+                self.sync()
+            }
+            SyncPolicy::EveryRecord => self.sync(),
+            _ => Ok(()),
+        }
+    }
+
+    /// Everything up to `seq` is stored elsewhere (collector); segments made only of
+    /// such records may be deleted when space is needed.
+    pub fn acknowledge(&mut self, seq: u64) -> Result<(), Error> {
+        self.acked = self.acked.max(seq);
+        let warn = self.warn_bytes();
+        while self.total_bytes > warn && self.delete_oldest_acked()? {}
+        Ok(())
+    }
+
+    fn warn_bytes(&self) -> u64 {
+        self.opts.max_bytes / 100 * u64::from(self.opts.warn_percent)
+    }
+
+    /// Whether a data record of `record_len` bytes would fit now (after deleting
+    /// acknowledged segments if needed).
+    pub fn has_room_for(&mut self, record_len: usize) -> Result<bool, Error> {
+        let need = frame::encoded_len(record_len) as u64 + self.header_len();
+        match self.make_room(need, Class::Data) {
+            Ok(()) => Ok(true),
+            Err(e) if e.is_full() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes `.reserve` to free file-system space; true if it existed.
+    fn drop_reserve(&mut self) -> bool {
+        fs::remove_file(self.opts.dir.join(RESERVE_FILE)).is_ok()
+    }
+
+    /// Recreates `.reserve` if missing (best effort: a full file system just means
+    /// no reserve for now).
+    pub fn restore_reserve(&mut self) {
+        let path = self.opts.dir.join(RESERVE_FILE);
+        if path.exists() {
+            return;
+        }
+        let ok = fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(&vec![0; RESERVE_FILE_BYTES as usize]));
+        if ok.is_err() {
+            let _ = fs::remove_file(&path);
+        }
+    }
+
+    /// Counts a record the caller could not store because the spool was full.
+    pub fn note_refused(&mut self) {
+        self.stats.records_refused += 1;
+    }
+
+    pub fn stats(&self) -> SpoolStats {
+        SpoolStats {
+            bytes: self.total_bytes,
+            segments: self.segments.len() as u64,
+            above_warning: self.total_bytes > self.warn_bytes(),
+            head_seq: self.head.map_or(0, |(s, _)| s),
+            acked_seq: self.acked,
+            ..self.stats.clone()
+        }
+    }
+
+    /// Stored frames with seq >= `seq`, oldest first (for streaming to the collector).
+    pub fn read_from(&self, seq: u64) -> SpoolReader {
+        // Start in the last segment whose first seq is <= seq.
+        let start = self
+            .segments
+            .iter()
+            .rposition(|s| s.first_seq <= seq)
+            .unwrap_or(0);
+        SpoolReader {
+            paths: self.segments[start..]
+                .iter()
+                .map(|s| s.path.clone())
+                .collect(),
+            next_path: 0,
+            buf: Vec::new(),
+            off: 0,
+            from: seq,
+            done: false,
+        }
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let _ = self.sync();
+    }
+}
+
+/// Iterator over stored frames; see [`Spool::read_from`].
+pub struct SpoolReader {
+    paths: Vec<PathBuf>,
+    next_path: usize,
+    buf: Vec<u8>,
+    off: usize,
+    from: u64,
+    done: bool,
+}
+
+impl Iterator for SpoolReader {
+    type Item = Result<StoredFrame, Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while !self.done {
+            if self.off >= self.buf.len() {
+                let path = self.paths.get(self.next_path)?.clone();
+                self.next_path += 1;
+                // A segment may have been deleted after acknowledgement: skip it.
+                let buf = match fs::read(&path) {
+                    Ok(b) => b,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => {
+                        self.done = true;
+                        return Some(Err(io_err(&path, e)));
+                    }
+                };
+                match segment::decode_header(&buf) {
+                    Ok((_, n)) => {
+                        self.buf = buf;
+                        self.off = n;
+                    }
+                    Err(e) => {
+                        self.done = true;
+                        return Some(Err(Error::Corrupt {
+                            path,
+                            what: e.to_string(),
+                        }));
+                    }
+                }
+                continue;
+            }
+            match frame::decode(&self.buf[self.off..]) {
+                Ok((f, n)) => {
+                    self.off += n;
+                    if f.seq >= self.from {
+                        return Some(Ok(f.to_owned_frame()));
+                    }
+                }
+                Err(e) => {
+                    self.done = true;
+                    let path = self.paths[self.next_path - 1].clone();
+                    return Some(Err(Error::Corrupt {
+                        path,
+                        what: format!("offset {}: {e}", self.off),
+                    }));
+                }
+            }
+        }
+        None
+    }
+}
