@@ -10,3 +10,4 @@ pub mod kernel;
 pub mod record;
 pub mod spool;
 pub mod tls;
+pub mod uplink;
