@@ -195,6 +195,10 @@ struct Session {
     identities: Option<Vec<String>>,
 }
 
+#[expect(
+    clippy::result_large_err,
+    reason = "the response stream's item type is fixed by tonic"
+)]
 fn msg(m: collector_message::Msg) -> Result<CollectorMessage, Status> {
     Ok(CollectorMessage { msg: Some(m) })
 }
@@ -274,7 +278,7 @@ impl Session {
             return;
         }
         if let Some(ids) = &self.identities
-            && !ids.iter().any(|n| *n == sensor_id)
+            && !ids.contains(&sensor_id)
         {
             let r = Rejection {
                 code: RejectCode::Identity,

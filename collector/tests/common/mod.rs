@@ -1,6 +1,6 @@
 //! Shared helpers for the collector integration tests: real collector processes on
 //! loopback, sensor spools written with the chain library, the uplink in-process.
-#![allow(dead_code, reason = "each test binary uses a different subset")]
+#![expect(dead_code, reason = "each test binary uses a different subset")]
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

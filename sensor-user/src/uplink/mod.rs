@@ -105,7 +105,7 @@ pub enum UplinkError {
     #[error("connecting to the collector: {0}")]
     Connect(#[from] tonic::transport::Error),
     #[error("collector: {0}")]
-    Status(#[from] tonic::Status),
+    Status(Box<tonic::Status>),
     #[error("collector rejected the stream ({code:?}) at seq {seq}: {message}")]
     Rejected {
         code: v1::RejectCode,
@@ -118,6 +118,12 @@ pub enum UplinkError {
     Closed,
     #[error(transparent)]
     Tail(#[from] TailError),
+}
+
+impl From<tonic::Status> for UplinkError {
+    fn from(s: tonic::Status) -> Self {
+        UplinkError::Status(Box::new(s))
+    }
 }
 
 /// A status channel to pass to [`stream_spool`].
