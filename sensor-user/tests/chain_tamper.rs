@@ -47,10 +47,13 @@ fn make_spool(dir: &Path, sensor: &str, n: u64) -> u64 {
     rec.head().0
 }
 
+/// (seq, prev_hash, hash, record bytes)
+type Frame = (u64, [u8; 32], [u8; 32], Vec<u8>);
+
 struct Frames {
     path: PathBuf,
     header: Vec<u8>,
-    frames: Vec<(u64, [u8; 32], [u8; 32], Vec<u8>)>,
+    frames: Vec<Frame>,
 }
 
 /// Reads the single segment of `dir` into frames.
@@ -462,4 +465,233 @@ fn torn_tail_recovers_at_every_offset() {
         let r = verify_dir(dir.path(), None);
         assert!(r.ok(), "cut {cut}: {r}");
     }
+}
+
+#[test]
+fn batched_appends_rotate_and_verify() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut o = opts(dir.path(), "gw-01");
+    o.segment_bytes = 4096;
+    let (mut rec, opened) = Recorder::open(o).expect("open");
+    let mut seqs: Vec<u64> = opened.iter().map(|a| a.seq).collect();
+    for b in 0..20u64 {
+        let batch = (0..37).map(|i| flow_record(b * 100 + i)).collect();
+        seqs.extend(
+            rec.append_batch(batch)
+                .expect("batch")
+                .iter()
+                .map(|a| a.seq),
+        );
+        seqs.extend(
+            rec.append(flow_record(9999))
+                .expect("single")
+                .iter()
+                .map(|a| a.seq),
+        );
+    }
+    drop(rec);
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "every seq returned once"
+    );
+    let r = verify_dir(dir.path(), None);
+    assert!(r.ok(), "{r}");
+    assert!(r.segments > 5, "{r}");
+    // restart checkpoint + one per 10 non-checkpoint records (1 restart + 760 flows)
+    assert_eq!(r.checkpoints, 1 + 76, "{r}");
+}
+
+#[test]
+fn timed_checkpoint_even_without_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut o = opts(dir.path(), "gw-01");
+    o.checkpoint_every = Duration::from_secs(10);
+    let (mut rec, opened) = Recorder::open(o).expect("open");
+    let is_cp = |a: &sensor_user::chain::Appended| a.record.kind == RecordKind::Checkpoint as i32;
+    assert!(opened.last().is_some_and(is_cp), "checkpoint on open");
+    let t0 = std::time::SystemTime::now();
+    assert!(
+        rec.tick(t0 + Duration::from_secs(5))
+            .expect("tick")
+            .is_empty()
+    );
+    let out = rec.tick(t0 + Duration::from_secs(11)).expect("tick");
+    assert_eq!(out.len(), 1);
+    assert!(is_cp(&out[0]));
+    assert!(
+        rec.tick(t0 + Duration::from_secs(12))
+            .expect("tick")
+            .is_empty()
+    );
+    assert_eq!(
+        rec.tick(t0 + Duration::from_secs(22)).expect("tick").len(),
+        1
+    );
+    drop(rec);
+    let r = verify_dir(dir.path(), None);
+    assert!(r.ok(), "{r}");
+    assert_eq!(r.checkpoints, 3);
+    assert_eq!(r.unsigned_tail, 0, "the last record is a checkpoint: {r}");
+}
+
+fn restart_reason(opened: &[sensor_user::chain::Appended]) -> Option<String> {
+    opened.iter().find_map(|a| match &a.record.body {
+        Some(Body::ChainRestart(c)) => Some(c.reason.clone()),
+        _ => None,
+    })
+}
+
+#[test]
+fn chain_restart_reasons() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (rec, opened) = Recorder::open(opts(dir.path(), "gw-01")).expect("open");
+    assert_eq!(opened[0].seq, 1);
+    assert_eq!(restart_reason(&opened).as_deref(), Some("no_spool"));
+    drop(rec);
+    // Reopen: the chain continues, no restart.
+    let (rec, opened) = Recorder::open(opts(dir.path(), "gw-01")).expect("reopen");
+    assert_eq!(restart_reason(&opened), None);
+    assert_eq!(opened[0].seq, 3);
+    drop(rec);
+    // Every segment unreadable: a new chain, saying why, with the old bytes kept.
+    for (_, p) in segment::list(dir.path()).expect("list") {
+        fs::write(&p, b"garbage").expect("write");
+    }
+    let (rec, opened) = Recorder::open(opts(dir.path(), "gw-01")).expect("open unreadable");
+    assert_eq!(restart_reason(&opened).as_deref(), Some("spool_unreadable"));
+    assert_eq!(opened[0].seq, 1);
+    drop(rec);
+    assert!(verify_dir(dir.path(), None).ok());
+    assert!(fs::read_dir(dir.path()).expect("readdir").any(|e| {
+        e.expect("entry")
+            .file_name()
+            .to_string_lossy()
+            .contains(".torn-0")
+    }));
+}
+
+#[test]
+fn foreign_sensor_directory_is_refused_with_the_file_name() {
+    let (dir, _) = fresh(3);
+    let err = Recorder::open(opts(dir.path(), "gw-02"))
+        .err()
+        .expect("must refuse");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("seg-00000000000000000001.cspool") && msg.contains("gw-01"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn second_writer_and_reserved_kinds_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut rec, _) = Recorder::open(opts(dir.path(), "gw-01")).expect("open");
+    let err = Recorder::open(opts(dir.path(), "gw-01"))
+        .err()
+        .expect("second writer must be refused");
+    assert!(
+        err.to_string().contains("in use by another process"),
+        "{err}"
+    );
+    let forged = v1::Record {
+        kind: RecordKind::Checkpoint as i32,
+        ..Default::default()
+    };
+    assert!(rec.append(forged.clone()).is_err());
+    assert!(rec.append_batch(vec![flow_record(1), forged]).is_err());
+    assert_eq!(rec.head().0, 2, "nothing written");
+}
+
+/// Parses a segment with nothing but docs/spool-format.md, blake3, crc32c and
+/// ed25519: the document and the code must agree.
+#[test]
+fn independent_parse_per_spec() {
+    use ed25519_dalek::Verifier as _;
+    let (dir, head) = fresh(12);
+    let segs = segment::list(dir.path()).expect("list");
+    let buf = fs::read(&segs[0].1).expect("read");
+    assert_eq!(&buf[..8], b"CSPOOL\r\n");
+    assert_eq!(u16::from_le_bytes([buf[8], buf[9]]), 1);
+    let l = u16::from_le_bytes([buf[10], buf[11]]) as usize;
+    assert_eq!(&buf[12..12 + l], b"gw-01");
+    let crc = u32::from_le_bytes(buf[12 + l..16 + l].try_into().expect("4"));
+    assert_eq!(crc, crc32c::crc32c(&buf[..12 + l]));
+    let pk_hex = fs::read_to_string(dir.path().join("signing.pub")).expect("pub");
+    let pk: [u8; 32] = hex::decode(pk_hex.trim())
+        .expect("hex")
+        .try_into()
+        .expect("32");
+    let vk = ed25519_dalek::VerifyingKey::from_bytes(&pk).expect("key");
+    let mut off = 16 + l;
+    let mut prev = [0u8; 32];
+    let mut expect_seq = 1u64;
+    let mut checkpoints = 0;
+    while off < buf.len() {
+        let n = u32::from_le_bytes(buf[off..off + 4].try_into().expect("4")) as usize;
+        let crc = u32::from_le_bytes(buf[off + 4..off + 8].try_into().expect("4"));
+        let mut c = buf[off..off + 4].to_vec();
+        c.extend_from_slice(&buf[off + 8..off + 8 + n]);
+        assert_eq!(crc, crc32c::crc32c(&c));
+        let p = &buf[off + 8..off + 8 + n];
+        let seq = u64::from_be_bytes(p[..8].try_into().expect("8"));
+        assert_eq!(seq, expect_seq);
+        assert_eq!(&p[8..40], &prev);
+        let record = &p[72..];
+        let mut input = p[..40].to_vec();
+        input.extend_from_slice(record);
+        let hash = blake3::derive_key("conduit-sensor record v1", &input);
+        assert_eq!(&p[40..72], &hash);
+        let r = v1::Record::decode(record).expect("record");
+        if let Some(Body::Checkpoint(cp)) = &r.body {
+            let mut msg = b"conduit-sensor checkpoint v1\0".to_vec();
+            msg.extend_from_slice(&(r.sensor_id.len() as u16).to_be_bytes());
+            msg.extend_from_slice(r.sensor_id.as_bytes());
+            msg.extend_from_slice(&(seq - 1).to_be_bytes());
+            msg.extend_from_slice(&prev);
+            msg.extend_from_slice(&cp.time_unix_nano.to_be_bytes());
+            let sig = ed25519_dalek::Signature::from_slice(&cp.signature).expect("sig");
+            vk.verify(&msg, &sig)
+                .expect("checkpoint signature per spec");
+            checkpoints += 1;
+        }
+        if let Some(Body::ChainRestart(cr)) = &r.body {
+            let mut msg = b"conduit-sensor checkpoint v1\0".to_vec();
+            msg.extend_from_slice(&(r.sensor_id.len() as u16).to_be_bytes());
+            msg.extend_from_slice(r.sensor_id.as_bytes());
+            msg.extend_from_slice(&0u64.to_be_bytes());
+            msg.extend_from_slice(&[0; 32]);
+            msg.extend_from_slice(&r.time_unix_nano.to_be_bytes());
+            let sig = ed25519_dalek::Signature::from_slice(&cr.signature).expect("sig");
+            vk.verify(&msg, &sig).expect("restart signature per spec");
+        }
+        prev = hash;
+        expect_seq += 1;
+        off += 8 + n;
+    }
+    assert_eq!(expect_seq - 1, head);
+    assert_eq!(checkpoints, 2);
+}
+
+#[test]
+fn read_from_streams_stored_frames_across_segments() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut o = opts(dir.path(), "gw-01");
+    o.segment_bytes = 2048;
+    let (mut rec, mut all) = Recorder::open(o).expect("open");
+    for i in 0..80 {
+        all.extend(rec.append(flow_record(i)).expect("append"));
+    }
+    assert!(rec.stats().segments > 5);
+    for from in [1, 2, 17, 40, all.len() as u64] {
+        let got: Vec<_> = rec.read_from(from).collect::<Result<_, _>>().expect("read");
+        let want: Vec<_> = all.iter().filter(|a| a.seq >= from).collect();
+        assert_eq!(got.len(), want.len(), "from {from}");
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!((g.seq, g.prev_hash, g.hash), (w.seq, w.prev_hash, w.hash));
+            assert_eq!(g.record_bytes, w.record_bytes);
+        }
+    }
+    assert_eq!(rec.read_from(all.len() as u64 + 1).count(), 0);
 }

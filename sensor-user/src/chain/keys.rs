@@ -132,17 +132,23 @@ pub fn load_or_create(spool_dir: &Path) -> Result<(SigningKey, bool), KeyError> 
     if key_path.exists() {
         let key = load_signing_key(&key_path)?;
         // Recreate a lost signing.pub so verify-chain finds it.
-        let pub_path = spool_dir.join(PUB_FILE);
-        if !pub_path.exists() {
-            write_new(
-                &pub_path,
-                public_key_hex(&key.verifying_key()).as_bytes(),
-                0o644,
-            )?;
-        }
+        write_public_key_if_missing(spool_dir, &key)?;
         return Ok((key, false));
     }
     Ok((keygen(spool_dir)?, true))
+}
+
+/// Writes `dir/signing.pub` for `key` unless the file exists.
+pub fn write_public_key_if_missing(dir: &Path, key: &SigningKey) -> Result<(), KeyError> {
+    let pub_path = dir.join(PUB_FILE);
+    match write_new(
+        &pub_path,
+        public_key_hex(&key.verifying_key()).as_bytes(),
+        0o644,
+    ) {
+        Ok(()) | Err(KeyError::Exists { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Reads a public key file: 64 hex digits, or SPKI PEM.

@@ -19,6 +19,8 @@ use crate::spool::{
 };
 pub use checkpoint::CheckpointPolicy;
 pub use hashing::{HASH_CONTEXT, ZERO_HASH, record_hash};
+pub use keys::{keygen, load_or_create, load_signing_key, read_public_key};
+pub use verify::{Report, verify_dir};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -28,6 +30,18 @@ pub enum Error {
     Key(#[from] keys::KeyError),
     #[error("record names sensor {found:?}, this recorder writes sensor {expected:?}")]
     ForeignSensor { found: String, expected: String },
+    #[error("records of kind {0:?} are written by the recorder itself, not appended")]
+    ReservedKind(RecordKind),
+}
+
+/// Kinds only the recorder writes (their bodies are signed or describe the spool).
+fn check_kind(record: &v1::Record) -> Result<(), Error> {
+    match RecordKind::try_from(record.kind) {
+        Ok(k @ (RecordKind::Checkpoint | RecordKind::ChainRestart | RecordKind::SpoolRecovery)) => {
+            Err(Error::ReservedKind(k))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Everything [`Recorder::open`] needs; [`RecorderOptions::new`] fills in the defaults.
@@ -101,7 +115,12 @@ impl Recorder {
             warn_percent: spool::DEFAULT_WARN_PERCENT,
         })?;
         let (key, key_created) = match &opts.key_path {
-            Some(path) => (keys::load_signing_key(path)?, false),
+            Some(path) => {
+                let key = keys::load_signing_key(path)?;
+                // So that `verify-chain DIR` finds the key without --public-key.
+                keys::write_public_key_if_missing(&opts.spool_dir, &key)?;
+                (key, false)
+            }
             None => keys::load_or_create(&opts.spool_dir)?,
         };
         let now = SystemTime::now();
@@ -178,6 +197,7 @@ impl Recorder {
     /// reason `spool_full` says so (once when the episode starts, and with the count of
     /// further refusals when space is available again).
     pub fn append(&mut self, mut record: v1::Record) -> Result<Vec<Appended>, Error> {
+        check_kind(&record)?;
         if record.sensor_id.is_empty() {
             record.sensor_id.clone_from(&self.sensor_id);
         } else if record.sensor_id != self.sensor_id {
@@ -206,6 +226,114 @@ impl Recorder {
             && let Some(cp) = self.checkpoint(SystemTime::now())?
         {
             out.push(cp);
+        }
+        Ok(out)
+    }
+
+    /// Like [`Recorder::append`] for many records (e.g. one ring-buffer drain): chains
+    /// them, adds the checkpoints that come due, and stores them all with a single
+    /// `write(2)`. Falls back to one-by-one appends when the batch does not fit the
+    /// current segment or the spool is (nearly) full, so the results are the same.
+    pub fn append_batch(&mut self, records: Vec<v1::Record>) -> Result<Vec<Appended>, Error> {
+        let now = SystemTime::now();
+        let now_nanos = checkpoint::unix_nanos(now);
+        for r in &records {
+            check_kind(r)?;
+            if !r.sensor_id.is_empty() && r.sensor_id != self.sensor_id {
+                return Err(Error::ForeignSensor {
+                    found: r.sensor_id.clone(),
+                    expected: self.sensor_id.clone(),
+                });
+            }
+        }
+        if self.full_episode {
+            return self.append_each(records);
+        }
+        let mut out = Vec::with_capacity(records.len() + 1);
+        let (mut seq, mut hash, mut since) = (self.seq, self.hash, self.since_checkpoint);
+        // Which entries of `out` are checkpoints made here (dropped again on fallback).
+        let mut made_here = Vec::with_capacity(records.len() + 1);
+        for mut record in records {
+            if record.sensor_id.is_empty() {
+                record.sensor_id.clone_from(&self.sensor_id);
+            }
+            if record.time_unix_nano == 0 {
+                record.time_unix_nano = now_nanos;
+            }
+            let record_bytes = record.encode_to_vec();
+            let prev_hash = hash;
+            seq += 1;
+            hash = record_hash(seq, &prev_hash, &record_bytes);
+            out.push(Appended {
+                seq,
+                prev_hash,
+                hash,
+                record,
+                record_bytes,
+            });
+            made_here.push(false);
+            since += 1;
+            if self.policy.due_by_count(since) {
+                let record = checkpoint::checkpoint_record(
+                    &self.key,
+                    &self.sensor_id,
+                    seq,
+                    &hash,
+                    now,
+                    since,
+                );
+                let record_bytes = record.encode_to_vec();
+                let prev_hash = hash;
+                seq += 1;
+                hash = record_hash(seq, &prev_hash, &record_bytes);
+                out.push(Appended {
+                    seq,
+                    prev_hash,
+                    hash,
+                    record,
+                    record_bytes,
+                });
+                made_here.push(true);
+                since = 0;
+            }
+        }
+        let frames: Vec<FrameRef<'_>> = out
+            .iter()
+            .map(|a| FrameRef {
+                seq: a.seq,
+                prev_hash: a.prev_hash,
+                hash: a.hash,
+                record: &a.record_bytes,
+            })
+            .collect();
+        // A full file system is handled record by record (refusal, loss record).
+        let stored = match self.spool.append_batch(&frames) {
+            Ok(stored) => stored,
+            Err(e) if e.is_full() => false,
+            Err(e) => return Err(e.into()),
+        };
+        if stored {
+            self.seq = seq;
+            self.hash = hash;
+            self.since_checkpoint = since;
+            if made_here.contains(&true) {
+                self.last_checkpoint = now;
+            }
+            return Ok(out);
+        }
+        let records = out
+            .into_iter()
+            .zip(made_here)
+            .filter(|(_, made)| !made)
+            .map(|(a, _)| a.record)
+            .collect();
+        self.append_each(records)
+    }
+
+    fn append_each(&mut self, records: Vec<v1::Record>) -> Result<Vec<Appended>, Error> {
+        let mut out = Vec::with_capacity(records.len());
+        for r in records {
+            out.extend(self.append(r)?);
         }
         Ok(out)
     }

@@ -46,6 +46,7 @@ pub const DEFAULT_WARN_PERCENT: u8 = 80;
 /// so that the `loss` record saying so can still be written.
 pub const RESERVE_FILE_BYTES: u64 = 256 * 1024;
 const RESERVE_FILE: &str = ".reserve";
+const LOCK_FILE: &str = ".lock";
 
 #[derive(Debug, Clone)]
 pub struct SpoolOptions {
@@ -128,6 +129,8 @@ pub enum Error {
     BadSensorId(usize),
     #[error("{}: {what}", path.display())]
     Corrupt { path: PathBuf, what: String },
+    #[error("{}: the spool is in use by another process (one writer per spool directory)", path.display())]
+    Locked { path: PathBuf },
 }
 
 impl Error {
@@ -173,6 +176,80 @@ pub struct Spool {
     last_sync: Instant,
     buf: Vec<u8>,
     stats: SpoolStats,
+    /// Group commit runs `fdatasync` on this thread, so the writer never waits for the disk.
+    syncer: Option<Syncer>,
+    /// `.lock`, held (flock) while the spool is open: one writer per directory.
+    _lock: File,
+}
+
+/// A thread that `fdatasync`s a duplicate of the segment's descriptor on request.
+struct Syncer {
+    tx: Option<std::sync::mpsc::SyncSender<File>>,
+    shared: std::sync::Arc<SyncShared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct SyncShared {
+    syncs: std::sync::atomic::AtomicU64,
+    error: std::sync::Mutex<Option<std::io::Error>>,
+}
+
+impl Syncer {
+    fn start() -> std::io::Result<Syncer> {
+        // Capacity 1: one sync queued behind the running one covers every write so far.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<File>(1);
+        let shared = std::sync::Arc::new(SyncShared::default());
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("spool-sync".to_owned())
+            .spawn(move || {
+                for file in rx {
+                    match file.sync_data() {
+                        Ok(()) => {
+                            s.syncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            if let Ok(mut slot) = s.error.lock() {
+                                *slot = Some(e);
+                            }
+                        }
+                    }
+                }
+            })?;
+        Ok(Syncer {
+            tx: Some(tx),
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues a sync of `file` unless one is already queued.
+    fn request(&self, file: &File) -> std::io::Result<()> {
+        if let Some(tx) = &self.tx {
+            match tx.try_send(file.try_clone()?) {
+                Ok(()) | Err(std::sync::mpsc::TrySendError::Full(_)) => {}
+                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                    return Err(std::io::Error::other("spool sync thread stopped"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// An error the thread saw since the last call.
+    fn take_error(&self) -> Option<std::io::Error> {
+        self.shared.error.lock().ok().and_then(|mut e| e.take())
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Spool {
@@ -186,6 +263,19 @@ impl Spool {
             .mode(0o700)
             .create(&opts.dir)
             .map_err(|e| io_err(&opts.dir, e))?;
+        let lock_path = opts.dir.join(LOCK_FILE);
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| io_err(&lock_path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => return Err(Error::Locked { path: lock_path }),
+            Err(fs::TryLockError::Error(e)) => return Err(io_err(&lock_path, e)),
+        }
         let recovered = recovery::recover(&opts.dir, &opts.sensor_id)?;
         let segments: Vec<Segment> = recovered
             .segments
@@ -222,7 +312,12 @@ impl Spool {
             pending_sync: 0,
             last_sync: Instant::now(),
             buf: Vec::with_capacity(4096),
+            syncer: None,
+            _lock: lock,
         };
+        if matches!(spool.opts.sync, SyncPolicy::Group { .. }) {
+            spool.syncer = Some(Syncer::start().map_err(|e| io_err(&spool.opts.dir, e))?);
+        }
         spool.restore_reserve();
         Ok((spool, recovery))
     }
@@ -260,6 +355,10 @@ impl Spool {
             Err(e) if is_enospc(&e) && class == Class::Control && self.drop_reserve() => {
                 self.write_buf().map_err(|e| self.write_failed(e))?;
             }
+            // The file system is full before our own bound: acknowledged data may go.
+            Err(e) if is_enospc(&e) && self.delete_oldest_acked()? => {
+                self.write_buf().map_err(|e| self.write_failed(e))?;
+            }
             Err(e) => return Err(self.write_failed(e)),
         }
         if let Some(seg) = self.segments.last_mut() {
@@ -269,14 +368,76 @@ impl Spool {
         self.head = Some((frame.seq, frame.hash));
         self.stats.records_written += 1;
         self.pending_sync += 1;
-        match self.opts.sync {
-            SyncPolicy::EveryRecord => self.sync()?,
-            SyncPolicy::Group { records, .. } if self.pending_sync >= records => self.sync()?,
-            SyncPolicy::Group { interval, .. } if self.last_sync.elapsed() >= interval => {
-                self.sync()?
-            }
-            _ => {}
+        self.sync_after_write()
+    }
+
+    /// Appends consecutive frames with a single `write(2)` if they fit the current
+    /// segment and the data budget without deleting anything; returns false (and
+    /// writes nothing) otherwise, so that the caller appends them one by one.
+    pub fn append_batch(&mut self, frames: &[FrameRef<'_>]) -> Result<bool, Error> {
+        let (Some(first), Some(last)) = (frames.first(), frames.last()) else {
+            return Ok(true);
+        };
+        let len: u64 = frames
+            .iter()
+            .map(|f| frame::encoded_len(f.record.len()) as u64)
+            .sum();
+        let fits_segment = self
+            .segments
+            .last()
+            .is_some_and(|seg| seg.len + len <= self.opts.segment_bytes);
+        let limit = self.opts.max_bytes - self.control_reserve();
+        if !fits_segment
+            || self.total_bytes + len > limit
+            || self.head.map(|h| h.0 + 1) != Some(first.seq)
+        {
+            return Ok(false);
         }
+        self.buf.clear();
+        for f in frames {
+            frame::encode_into(f, &mut self.buf);
+        }
+        self.write_buf().map_err(|e| self.write_failed(e))?;
+        if let Some(seg) = self.segments.last_mut() {
+            seg.len += len;
+        }
+        self.total_bytes += len;
+        self.head = Some((last.seq, last.hash));
+        self.stats.records_written += frames.len() as u64;
+        self.stats.full = false;
+        self.pending_sync += frames.len() as u64;
+        self.sync_after_write()?;
+        Ok(true)
+    }
+
+    fn sync_after_write(&mut self) -> Result<(), Error> {
+        match self.opts.sync {
+            SyncPolicy::EveryRecord => self.sync(),
+            SyncPolicy::Group { records, .. } if self.pending_sync >= records => {
+                self.background_sync()
+            }
+            SyncPolicy::Group { interval, .. } if self.last_sync.elapsed() >= interval => {
+                self.background_sync()
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Group commit: hands the `fdatasync` to the sync thread; reports its errors.
+    fn background_sync(&mut self) -> Result<(), Error> {
+        let (Some(syncer), Some(f), Some(seg)) = (
+            self.syncer.as_ref(),
+            self.current.as_ref(),
+            self.segments.last(),
+        ) else {
+            return self.sync();
+        };
+        if let Some(e) = syncer.take_error() {
+            return Err(io_err(&seg.path, e));
+        }
+        syncer.request(f).map_err(|e| io_err(&seg.path, e))?;
+        self.pending_sync = 0;
+        self.last_sync = Instant::now();
         Ok(())
     }
 
@@ -284,22 +445,23 @@ impl Spool {
         (12 + self.opts.sensor_id.len() + 4) as u64
     }
 
+    /// Writes the staged frame; on error cuts any partial write off again, so that a
+    /// retry (or the next frame) starts at a frame boundary.
     fn write_buf(&mut self) -> std::io::Result<()> {
-        match self.current.as_mut() {
-            Some(f) => f.write_all(&self.buf),
-            None => Err(std::io::Error::other("no open segment")),
-        }
+        let (Some(f), Some(seg)) = (self.current.as_mut(), self.segments.last()) else {
+            return Err(std::io::Error::other("no open segment"));
+        };
+        f.write_all(&self.buf).inspect_err(|_| {
+            // Best effort: if even this fails, recovery cuts the tail on the next open.
+            let _ = f.set_len(seg.len);
+        })
     }
 
-    /// Cuts a partial write off again and maps the error.
+    /// Maps a write error (the partial write is already cut off).
     fn write_failed(&mut self, e: std::io::Error) -> Error {
         let Some(seg) = self.segments.last() else {
             return io_err(&self.opts.dir, e);
         };
-        if let Some(f) = self.current.as_ref() {
-            // Best effort: if even this fails, recovery cuts the tail on the next open.
-            let _ = f.set_len(seg.len);
-        }
         if is_enospc(&e) {
             self.stats.full = true;
             Error::NoSpace {
@@ -395,9 +557,14 @@ impl Spool {
         Ok(())
     }
 
-    /// Forces written frames to stable storage.
+    /// Forces written frames to stable storage (synchronously, whatever the policy).
     pub fn sync(&mut self) -> Result<(), Error> {
-        if self.pending_sync > 0
+        if let (Some(syncer), Some(seg)) = (self.syncer.as_ref(), self.segments.last())
+            && let Some(e) = syncer.take_error()
+        {
+            return Err(io_err(&seg.path, e));
+        }
+        if (self.pending_sync > 0 || self.syncer.is_some())
             && let (Some(f), Some(seg)) = (self.current.as_ref(), self.segments.last())
         {
             f.sync_data().map_err(|e| io_err(&seg.path, e))?;
@@ -412,7 +579,7 @@ impl Spool {
     pub fn sync_if_due(&mut self) -> Result<(), Error> {
         match self.opts.sync {
             SyncPolicy::Group { interval, .. } if self.last_sync.elapsed() >= interval => {
-                self.sync()
+                self.background_sync()
             }
             SyncPolicy::EveryRecord => self.sync(),
             _ => Ok(()),
@@ -477,6 +644,10 @@ impl Spool {
             segments: self.segments.len() as u64,
             above_warning: self.total_bytes > self.warn_bytes(),
             head_seq: self.head.map_or(0, |(s, _)| s),
+            syncs: self.stats.syncs
+                + self.syncer.as_ref().map_or(0, |s| {
+                    s.shared.syncs.load(std::sync::atomic::Ordering::Relaxed)
+                }),
             acked_seq: self.acked,
             ..self.stats.clone()
         }

@@ -50,7 +50,14 @@ fn file_name(p: &Path) -> String {
 
 /// Keeps `bytes` as `<segment>.torn-<offset>` so that a cut never destroys evidence.
 fn save_aside(path: &Path, offset: u64, bytes: &[u8]) -> Result<String, Error> {
-    let name = format!("{}.torn-{offset}", file_name(path));
+    // A later crash at the same offset must not overwrite earlier evidence.
+    let base = format!("{}.torn-{offset}", file_name(path));
+    let mut name = base.clone();
+    let mut n = 1;
+    while path.with_file_name(&name).exists() {
+        name = format!("{base}.{n}");
+        n += 1;
+    }
     let aside = path.with_file_name(&name);
     fs::write(&aside, bytes).map_err(|e| io_err(&aside, e))?;
     Ok(name)

@@ -1,0 +1,136 @@
+//! A full spool: records are refused, never silently; a `loss` record with reason
+//! `spool_full` says so; acknowledged segments make room again.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use conduit_proto::v1::{self, RecordKind, record::Body};
+use sensor_user::chain::verify::verify_dir;
+use sensor_user::chain::{Appended, Recorder, RecorderOptions};
+use sensor_user::spool::SyncPolicy;
+
+fn flow(i: u64) -> v1::Record {
+    v1::Record {
+        kind: RecordKind::FlowEnd as i32,
+        body: Some(Body::Flow(v1::Flow {
+            flow_id: i,
+            server_name: "api.openai.com".to_owned(),
+            source_ip: vec![10, 1, 2, 3],
+            destination_ip: vec![192, 0, 2, 10],
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+fn losses(a: &[Appended]) -> Vec<v1::Loss> {
+    a.iter()
+        .filter_map(|a| match &a.record.body {
+            Some(Body::Loss(l)) => Some(l.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn options(dir: &Path, max: u64) -> RecorderOptions {
+    let mut o = RecorderOptions::new(dir, "gw-full");
+    o.max_spool_bytes = max;
+    o.segment_bytes = 16 * 1024;
+    o.sync = SyncPolicy::OsOnly;
+    o.checkpoint_every = Duration::from_secs(3600);
+    o
+}
+
+#[test]
+fn bounded_spool_refuses_says_so_and_recovers_after_ack() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut rec, _) = Recorder::open(options(dir.path(), 128 * 1024)).expect("open");
+    let mut written = Vec::new();
+    let mut i = 0;
+    while rec.stats().records_refused < 50 {
+        written.extend(rec.append(flow(i)).expect("append never errors when full"));
+        i += 1;
+        assert!(i < 100_000, "never filled");
+    }
+    let l = losses(&written);
+    assert_eq!(l.len(), 1, "one loss record when the episode starts: {l:?}");
+    assert_eq!(l[0].reason, "spool_full");
+    assert_eq!(l[0].count, 1);
+    let stats = rec.stats();
+    assert!(stats.full && stats.above_warning, "{stats:?}");
+    assert!(stats.bytes <= 128 * 1024, "{stats:?}");
+    // The collector acknowledges everything: old segments go, records are accepted.
+    let (head, _) = rec.head();
+    rec.acknowledge(head).expect("ack");
+    let after = rec.append(flow(i)).expect("append after ack");
+    let l = losses(&after);
+    assert_eq!(l.len(), 1, "closing loss record: {after:?}");
+    assert_eq!(l[0].count, 49, "refusals after the first");
+    assert!(matches!(
+        after.last().map(|a| &a.record.body),
+        Some(Some(Body::Flow(_)))
+    ));
+    assert!(rec.stats().segments_deleted > 0);
+    drop(rec);
+    let r = verify_dir(dir.path(), None);
+    assert!(r.ok(), "{r}");
+    assert!(r.first_seq > 1, "oldest segments were deleted: {r}");
+}
+
+/// Unmounts on drop, whatever happened.
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn file_system_full_tmpfs() {
+    if nix::unistd::geteuid().as_raw() != 0 {
+        println!("SKIP: needs root (mounts a small tmpfs)");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "conduit-spool-test"])
+        .arg(dir.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        println!("SKIP: cannot mount tmpfs");
+        return;
+    }
+    let _mount = Mount(dir.path().to_owned());
+    let (mut rec, _) = Recorder::open(options(dir.path(), 1 << 30)).expect("open");
+    let mut written = Vec::new();
+    let mut i = 0;
+    while rec.stats().records_refused < 20 {
+        // Both paths: single appends and batches (one write(2) per batch).
+        let out = if i % 2 == 0 {
+            rec.append(flow(i))
+        } else {
+            rec.append_batch(vec![flow(i), flow(i + 100_000)])
+        };
+        written.extend(out.expect("append never errors when full"));
+        i += 1;
+        assert!(i < 100_000, "never filled");
+    }
+    let l = losses(&written);
+    assert_eq!(l.len(), 1, "loss record written from the reserve: {l:?}");
+    assert_eq!(l[0].reason, "spool_full");
+    assert!(rec.stats().full);
+    // A timed checkpoint must not fail either.
+    rec.tick(std::time::SystemTime::now() + Duration::from_secs(7200))
+        .expect("tick when full");
+    rec.sync().expect("sync");
+    drop(rec);
+    let r = verify_dir(dir.path(), None);
+    assert!(r.ok(), "{r}");
+    // Reopen on the full file system: recovery must work without space.
+    let (rec, _) = Recorder::open(options(dir.path(), 1 << 30)).expect("reopen when full");
+    drop(rec);
+    assert!(verify_dir(dir.path(), None).ok());
+}
