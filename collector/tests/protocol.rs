@@ -135,10 +135,16 @@ async fn dedupe_equivocation_gap_tamper_and_authentication() {
     assert_eq!(all.len() as u64, head);
     let key: [u8; 32] =
         sensor_user::chain::keys::read_public_key(&spool.join("signing.pub")).expect("pub");
+    let metrics = format!("127.0.0.1:{}", free_port());
     let c = Collector::start(
         &store,
         &tmp.path().join("collector.log"),
-        &["--trusted-keys", keys.to_str().expect("utf8")],
+        &[
+            "--trusted-keys",
+            keys.to_str().expect("utf8"),
+            "--metrics",
+            &metrics,
+        ],
     );
 
     // Unknown sensor (no key file, no --tofu).
@@ -215,6 +221,13 @@ async fn dedupe_equivocation_gap_tamper_and_authentication() {
     }
     verified_records(&store.join("_collector"));
     assert!(c.log_text().contains("ALARM"));
+    let text = http_get(&metrics);
+    for line in [
+        "conduit_collector_alarms_total{kind=\"gap\"} 1",
+        "conduit_collector_alarms_total{kind=\"equivocation\"} 1",
+    ] {
+        assert!(text.contains(line), "{text}");
+    }
 
     // `verify` finds a flipped byte in the store and names the seq.
     drop(conn);
@@ -233,4 +246,14 @@ async fn dedupe_equivocation_gap_tamper_and_authentication() {
         text.contains(&format!("first bad sequence number: {head}")),
         "{text}"
     );
+}
+
+fn http_get(addr: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).expect("metrics connect");
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
 }
