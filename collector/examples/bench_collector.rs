@@ -1,7 +1,7 @@
 //! Records per second from a sensor spool to a verified collector store over loopback,
 //! with mTLS and in plain text, next to the raw spool append rate.
 //!
-//! `cargo run --release -p conduit-collector --example bench_collector [RECORDS]`
+//! `cargo run --release -p conduit-collector --example bench_collector [RECORDS [WINDOW]]`
 //! prints `bench collector mtls_records_per_sec=… plain_records_per_sec=…
 //! spool_append_per_sec=… ratio=…` (ratio: mTLS stream rate / spool append rate).
 
@@ -98,7 +98,13 @@ fn pki(dir: &Path) -> Tls {
 }
 
 /// Streams the spool to a fresh in-process collector; returns records per second.
-async fn stream_once(spool: &Path, store: &Path, head: u64, tls: Option<&Tls>) -> f64 {
+async fn stream_once(
+    spool: &Path,
+    store: &Path,
+    head: u64,
+    tls: Option<&Tls>,
+    window: usize,
+) -> f64 {
     let alarms = Alarms::open(store).expect("alarms");
     let shared = Shared::new(
         ServerOptions {
@@ -137,6 +143,7 @@ async fn stream_once(spool: &Path, store: &Path, head: u64, tls: Option<&Tls>) -
     };
     let mut opts = UplinkOptions::new(url, "bench-gw");
     opts.poll_interval = Duration::from_millis(5);
+    opts.window = window;
     opts.tls = tls.map(|t| UplinkTls {
         cert: t.dir.join("client.pem"),
         key: t.dir.join("client.key"),
@@ -174,14 +181,25 @@ async fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(500_000);
+    let window: usize = std::env::args()
+        .nth(2)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(UplinkOptions::new("", "").window);
     let tmp = tempfile::tempdir().expect("tempdir");
     let spool = tmp.path().join("spool");
     let (head, append_rate) = write_spool(&spool, n);
     let tls = pki(tmp.path());
-    let plain = stream_once(&spool, &tmp.path().join("store-plain"), head, None).await;
-    let mtls = stream_once(&spool, &tmp.path().join("store-mtls"), head, Some(&tls)).await;
+    let plain = stream_once(&spool, &tmp.path().join("store-plain"), head, None, window).await;
+    let mtls = stream_once(
+        &spool,
+        &tmp.path().join("store-mtls"),
+        head,
+        Some(&tls),
+        window,
+    )
+    .await;
     println!(
-        "bench collector mtls_records_per_sec={mtls:.0} plain_records_per_sec={plain:.0} spool_append_per_sec={append_rate:.0} ratio={:.2} records={head}",
+        "bench collector mtls_records_per_sec={mtls:.0} plain_records_per_sec={plain:.0} spool_append_per_sec={append_rate:.0} ratio={:.2} records={head} window={window}",
         mtls / append_rate
     );
 }

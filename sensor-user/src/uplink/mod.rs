@@ -67,7 +67,7 @@ impl UplinkOptions {
             public_key: None,
             batch_max_frames: 1000,
             batch_max_bytes: 1 << 20,
-            window: 8,
+            window: 16,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
             poll_interval: Duration::from_millis(50),
