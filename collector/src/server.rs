@@ -376,77 +376,133 @@ impl Session {
                 }
             }
         });
+        // Pipeline: while one fdatasync runs on a blocking thread, the next batches are
+        // verified and appended; each Ack names what the finished sync covered.
         let mut acked = head_seq;
-        'stream: while let Some(first) = brx.recv().await {
-            let mut group = vec![first];
-            while group.len() < GROUP_BATCHES
-                && let Ok(b) = brx.try_recv()
-            {
-                group.push(b);
+        let mut syncing: Option<tokio::task::JoinHandle<std::io::Result<u64>>> = None;
+        let mut dirty = false;
+        let mut closing: Option<Option<Rejection>> = None;
+        loop {
+            if syncing.is_none() && (dirty || closing.is_some()) {
+                dirty = false;
+                match st.durability_point() {
+                    Ok(Some((seq, file))) if seq > acked => {
+                        syncing = Some(tokio::task::spawn_blocking(move || {
+                            file.sync_data().map(|()| seq)
+                        }));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let r = Rejection {
+                            code: RejectCode::Storage,
+                            seq: st.head().0,
+                            message: format!("store: {e}"),
+                        };
+                        self.reject(&sensor_id, &r).await;
+                        break;
+                    }
+                }
             }
-            let mut rejection = None;
-            let mut ended = None;
-            let mut applied = store::Applied::default();
-            // Verification, append and fsync are CPU and disk work: keep them off the
-            // async workers.
-            let result = tokio::task::block_in_place(|| {
-                for item in &group {
-                    match item {
-                        Ok(batch) => match st.apply(&batch.frames) {
-                            Ok(a) => {
-                                applied.appended += a.appended;
-                                applied.duplicates += a.duplicates;
+            if syncing.is_none()
+                && let Some(rejection) = closing.take()
+            {
+                if let Some(r) = rejection {
+                    self.reject(&sensor_id, &r).await;
+                }
+                break;
+            }
+            tokio::select! {
+                biased;
+                done = async {
+                    match syncing.as_mut() {
+                        Some(h) => h.await,
+                        None => std::future::pending().await,
+                    }
+                }, if syncing.is_some() => {
+                    syncing = None;
+                    let seq = match done {
+                        Ok(Ok(seq)) => seq,
+                        Ok(Err(e)) => {
+                            let r = Rejection {
+                                code: RejectCode::Storage,
+                                seq: acked + 1,
+                                message: format!("fsync of the store failed: {e}"),
+                            };
+                            self.reject(&sensor_id, &r).await;
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "fsync task failed");
+                            break;
+                        }
+                    };
+                    acked = acked.max(seq);
+                    self.shared.committed.notify_waiters();
+                    if self
+                        .out
+                        .send(msg(collector_message::Msg::Ack(v1::Ack { stored_seq: acked })))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                first = brx.recv(), if closing.is_none() => {
+                    let Some(first) = first else {
+                        closing = Some(None);
+                        continue;
+                    };
+                    let mut group = vec![first];
+                    while group.len() < GROUP_BATCHES
+                        && let Ok(b) = brx.try_recv()
+                    {
+                        group.push(b);
+                    }
+                    let mut applied = store::Applied::default();
+                    let mut rejection = None;
+                    let mut ended = false;
+                    // Verification and appends are CPU and disk work: off the async workers.
+                    tokio::task::block_in_place(|| {
+                        for item in &group {
+                            match item {
+                                Ok(batch) => match st.apply(&batch.frames) {
+                                    Ok(a) => {
+                                        applied.appended += a.appended;
+                                        applied.duplicates += a.duplicates;
+                                    }
+                                    Err(r) => {
+                                        rejection = Some(r);
+                                        break;
+                                    }
+                                },
+                                Err(status) => {
+                                    tracing::info!(sensor = %sensor_id, %status, "sensor stream ended");
+                                    ended = true;
+                                    break;
+                                }
                             }
-                            Err(r) => {
-                                rejection = Some(r);
-                                break;
-                            }
-                        },
-                        Err(s) => {
-                            ended = Some(s.clone());
+                        }
+                    });
+                    let m = &self.shared.alarms.metrics;
+                    m.records_stored.fetch_add(applied.appended, Ordering::Relaxed);
+                    m.records_duplicate.fetch_add(applied.duplicates, Ordering::Relaxed);
+                    dirty = true;
+                    if applied.appended == 0 && applied.duplicates > 0 && st.head().0 == acked {
+                        // Only re-sent frames: acknowledge at once so the sensor moves on.
+                        dirty = false;
+                        if self
+                            .out
+                            .send(msg(collector_message::Msg::Ack(v1::Ack { stored_seq: acked })))
+                            .await
+                            .is_err()
+                        {
                             break;
                         }
                     }
+                    if rejection.is_some() || ended {
+                        closing = Some(rejection);
+                    }
                 }
-                st.sync()
-            });
-            let m = &self.shared.alarms.metrics;
-            m.records_stored
-                .fetch_add(applied.appended, Ordering::Relaxed);
-            m.records_duplicate
-                .fetch_add(applied.duplicates, Ordering::Relaxed);
-            if let Err(e) = result {
-                let r = Rejection {
-                    code: RejectCode::Storage,
-                    seq: st.head().0,
-                    message: format!("fsync of the store failed: {e}"),
-                };
-                self.reject(&sensor_id, &r).await;
-                break 'stream;
-            }
-            let (seq, _) = st.head();
-            if seq > acked {
-                acked = seq;
-                self.shared.committed.notify_waiters();
-            }
-            // Ack after fsync (also for pure duplicates, so the sensor moves on).
-            if self
-                .out
-                .send(msg(collector_message::Msg::Ack(v1::Ack {
-                    stored_seq: acked,
-                })))
-                .await
-                .is_err()
-            {
-                break;
-            }
-            if let Some(r) = rejection {
-                self.reject(&sensor_id, &r).await;
-                break;
-            }
-            if let Some(s) = ended {
-                tracing::info!(sensor = %sensor_id, status = %s, "sensor stream ended");
-                break;
             }
         }
         reader.abort();

@@ -9,13 +9,14 @@ use std::fs;
 use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use conduit_proto::v1::{self, RecordKind, RejectCode, record::Body};
 use prost::Message as _;
 use sensor_user::chain::checkpoint::{signing_bytes, verify_signature};
 use sensor_user::chain::keys;
 use sensor_user::chain::{ZERO_HASH, record_hash};
-use sensor_user::spool::{self, Class, FrameRef, Spool, SpoolOptions, SyncPolicy};
+use sensor_user::spool::{self, Class, FrameRef, Spool, SpoolOptions, SyncPolicy, segment};
 use sensor_user::uplink::tail::SegmentTail;
 
 /// Recent hashes kept in memory to de-duplicate re-sent frames without reading disk.
@@ -131,6 +132,8 @@ pub struct SensorStore {
     recent: VecDeque<[u8; 32]>,
     recent_first: u64,
     unsynced: bool,
+    /// Read handle of the newest segment, for [`SensorStore::durability_point`].
+    newest: Option<(PathBuf, Arc<fs::File>)>,
 }
 
 impl SensorStore {
@@ -171,6 +174,7 @@ impl SensorStore {
             head,
             recent,
             unsynced: false,
+            newest: None,
         })
     }
 
@@ -304,6 +308,31 @@ impl SensorStore {
             self.unsynced = false;
         }
         Ok(())
+    }
+
+    /// The head and a handle of the newest segment: `sync_data` on it makes every frame
+    /// appended so far durable (older segments were synced by the spool when it
+    /// rotated), so it can run on another thread while appends go on. None: empty.
+    pub fn durability_point(&mut self) -> Result<Option<(u64, Arc<fs::File>)>, StoreError> {
+        let io = |path: &Path, e| StoreError::Io {
+            path: path.to_owned(),
+            source: e,
+        };
+        let Some((_, path)) = segment::list(&self.dir)
+            .map_err(|e| io(&self.dir, e))?
+            .pop()
+        else {
+            return Ok(None);
+        };
+        let file = match &self.newest {
+            Some((p, f)) if *p == path => f.clone(),
+            _ => {
+                let f = Arc::new(fs::File::open(&path).map_err(|e| io(&path, e))?);
+                self.newest = Some((path, f.clone()));
+                f
+            }
+        };
+        Ok(Some((self.head.0, file)))
     }
 
     fn remember(&mut self, seq: u64, hash: [u8; 32]) {
