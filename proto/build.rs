@@ -4,6 +4,8 @@ fn main() -> std::io::Result<()> {
     tonic_build::configure()
         .build_client(true)
         .build_server(true)
+        // Frames are passed through, not parsed: decode them without copying.
+        .bytes([".conduit.v1.Frame"])
         .compile_protos(
             &["conduit/v1/records.proto", "conduit/v1/stream.proto"],
             &["."],

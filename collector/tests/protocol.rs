@@ -82,9 +82,9 @@ fn frames(spool: &std::path::Path) -> Vec<v1::Frame> {
     out.into_iter()
         .map(|f| v1::Frame {
             seq: f.seq,
-            prev_hash: f.prev_hash.to_vec(),
-            hash: f.hash.to_vec(),
-            record: f.record_bytes,
+            prev_hash: f.prev_hash.to_vec().into(),
+            hash: f.hash.to_vec().into(),
+            record: f.record_bytes.into(),
         })
         .collect()
 }
@@ -179,9 +179,9 @@ async fn dedupe_equivocation_gap_tamper_and_authentication() {
     let mut eq = all[9].clone();
     let mut rec = v1::Record::decode(&eq.record[..]).expect("decode");
     rec.time_unix_nano += 1;
-    eq.record = rec.encode_to_vec();
+    eq.record = rec.encode_to_vec().into();
     let prev: [u8; 32] = eq.prev_hash[..].try_into().expect("32");
-    eq.hash = record_hash(eq.seq, &prev, &eq.record).to_vec();
+    eq.hash = record_hash(eq.seq, &prev, &eq.record).to_vec().into();
     let m = conn.send(&[eq]).await;
     assert_eq!(
         expect_reject(&mut conn, m, RejectCode::Equivocation).await,
@@ -197,8 +197,10 @@ async fn dedupe_equivocation_gap_tamper_and_authentication() {
     // Tampered record bytes (hash no longer matches).
     let (mut conn, _) = connect(c.port, hello(&key, 1)).await;
     let mut bad = all[15].clone();
-    let last = bad.record.len() - 1;
-    bad.record[last] ^= 1;
+    let mut record = bad.record.to_vec();
+    let last = record.len() - 1;
+    record[last] ^= 1;
+    bad.record = record.into();
     let m = conn.send(&[bad]).await;
     assert_eq!(expect_reject(&mut conn, m, RejectCode::BadHash).await, 16);
 

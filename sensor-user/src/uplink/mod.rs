@@ -252,9 +252,9 @@ async fn read_file(path: &Path) -> Result<Vec<u8>, UplinkError> {
 fn frame_msg(f: StoredFrame) -> v1::Frame {
     v1::Frame {
         seq: f.seq,
-        prev_hash: f.prev_hash.to_vec(),
-        hash: f.hash.to_vec(),
-        record: f.record_bytes,
+        prev_hash: f.prev_hash.to_vec().into(),
+        hash: f.hash.to_vec().into(),
+        record: f.record_bytes.into(),
     }
 }
 
