@@ -307,7 +307,6 @@ async fn session(
             welcome.protocol_version
         )));
     }
-    *progressed = true;
     let mut acked = welcome.last_stored_seq;
     tracing::info!(
         collector = %opts.collector,
@@ -343,6 +342,9 @@ async fn session(
                         in_flight.pop_front();
                     }
                     if a.stored_seq > acked {
+                        // Only stored records reset the backoff: a collector that
+                        // welcomes and then rejects must not be hammered.
+                        *progressed = true;
                         acked = a.stored_seq;
                         write_acked(spool_dir, acked)?;
                         status.send_modify(|s| {
