@@ -12,7 +12,6 @@ use conduit_collector::alarms::Alarms;
 use conduit_collector::export::{self, jsonl::JsonlSink, nats::NatsSink, syslog};
 use conduit_collector::server::{CollectorService, ServerOptions, Shared};
 use conduit_proto::v1::collector_server::CollectorServer;
-use tokio::sync::watch;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 #[derive(Parser)]
@@ -155,7 +154,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         alarms,
     );
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shutdown_rx = shared.shutdown.subscribe();
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(path) = &args.jsonl {
         let (sink, sh, rx) = (
@@ -241,13 +240,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
         }
         tracing::info!("shutting down");
+        shared.shutdown.send_replace(true);
     };
-    builder
+    let server = builder
         .add_service(service)
-        .serve_with_incoming_shutdown(incoming, signal)
-        .await
-        .context("gRPC server")?;
-    let _ = shutdown_tx.send(true);
+        .serve_with_incoming_shutdown(incoming, signal);
+    let mut stop = shutdown_rx.clone();
+    tokio::select! {
+        r = server => r.context("gRPC server")?,
+        // Streams end on shutdown; a peer that never closes must not keep us alive.
+        _ = async {
+            let _ = stop.wait_for(|s| *s).await;
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        } => tracing::warn!("streams did not close within 10 s; exiting anyway"),
+    }
     while let Some(r) = tasks.join_next().await {
         match r {
             Ok(Ok(())) => {}

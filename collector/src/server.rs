@@ -12,7 +12,7 @@ use conduit_proto::v1::{
     collector_server, sensor_message,
 };
 use sensor_user::chain::keys;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -41,6 +41,8 @@ pub struct Shared {
     pub alarms: Alarms,
     /// Woken after every commit (exports follow the store).
     pub committed: Notify,
+    /// True when the collector shuts down: streams finish their sync, ack and end.
+    pub shutdown: watch::Sender<bool>,
     sensors: Mutex<HashMap<String, Slot>>,
 }
 
@@ -50,6 +52,7 @@ impl Shared {
             opts,
             alarms,
             committed: Notify::new(),
+            shutdown: watch::channel(false).0,
             sensors: Mutex::new(HashMap::new()),
         })
     }
@@ -382,6 +385,7 @@ impl Session {
         let mut syncing: Option<tokio::task::JoinHandle<std::io::Result<u64>>> = None;
         let mut dirty = false;
         let mut closing: Option<Option<Rejection>> = None;
+        let mut stop = self.shared.shutdown.subscribe();
         loop {
             if syncing.is_none() && (dirty || closing.is_some()) {
                 dirty = false;
@@ -446,6 +450,12 @@ impl Session {
                     {
                         break;
                     }
+                }
+                () = async {
+                    let _ = stop.wait_for(|s| *s).await;
+                }, if closing.is_none() => {
+                    tracing::info!(sensor = %sensor_id, "collector shutting down: ending the stream");
+                    closing = Some(None);
                 }
                 first = brx.recv(), if closing.is_none() => {
                     let Some(first) = first else {

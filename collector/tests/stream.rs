@@ -260,3 +260,34 @@ async fn streams_while_the_agent_writes_and_deletes_acknowledged_segments() {
     assert_eq!(verified_records(&store.join(SENSOR)), head);
     up.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_streams_and_exits_cleanly() {
+    init_tracing();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let spool = tmp.path().join("spool");
+    let store = tmp.path().join("store");
+    let head = write_spool(&spool, SENSOR, 1000);
+    let mut c = Collector::start(&store, &tmp.path().join("collector.log"), &["--tofu"]);
+    let mut up = Uplink::start(uplink_opts(&c.url("http"), SENSOR), &spool);
+    up.wait_acked(head, Duration::from_secs(60)).await;
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &c.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    let code = loop {
+        if let Some(s) = c.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "collector still running after SIGTERM:\n{}",
+            c.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(code.success(), "exit {code:?}:\n{}", c.log_text());
+    up.stop().await;
+}
