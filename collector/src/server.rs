@@ -386,6 +386,7 @@ impl Session {
         let mut dirty = false;
         let mut closing: Option<Option<Rejection>> = None;
         let mut stop = self.shared.shutdown.subscribe();
+        let mut storage_failed = false;
         loop {
             if syncing.is_none() && (dirty || closing.is_some()) {
                 dirty = false;
@@ -397,6 +398,7 @@ impl Session {
                     }
                     Ok(_) => {}
                     Err(e) => {
+                        storage_failed = true;
                         let r = Rejection {
                             code: RejectCode::Storage,
                             seq: st.head().0,
@@ -427,6 +429,7 @@ impl Session {
                     let seq = match done {
                         Ok(Ok(seq)) => seq,
                         Ok(Err(e)) => {
+                            storage_failed = true;
                             let r = Rejection {
                                 code: RejectCode::Storage,
                                 seq: acked + 1,
@@ -509,6 +512,7 @@ impl Session {
                             break;
                         }
                     }
+                    storage_failed |= rejection.as_ref().is_some_and(|r| r.code == RejectCode::Storage);
                     if rejection.is_some() || ended {
                         closing = Some(rejection);
                     }
@@ -516,6 +520,11 @@ impl Session {
             }
         }
         reader.abort();
+        if storage_failed || st.head().0 != acked {
+            // Unknown state on disk: the next stream reopens the store (recovery).
+            tracing::warn!(sensor = %sensor_id, "store error: reopening it for the next stream");
+            *guard = None;
+        }
         tracing::info!(sensor = %sensor_id, stored_seq = acked, "sensor disconnected");
     }
 }

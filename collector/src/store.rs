@@ -276,28 +276,51 @@ impl SensorStore {
         let Some(start) = first_new else {
             return Ok(out);
         };
+        // The verified new frames: head+1, head+2, ... (re-sent ones in between skipped).
+        let mut refs = Vec::with_capacity(frames.len() - start);
+        let mut next = self.head.0 + 1;
         for f in &frames[start..] {
-            if f.seq <= self.head.0 {
+            if f.seq != next {
                 continue;
             }
-            let fh = to_hash(&f.hash, f.seq, "hash")?;
-            let fp = to_hash(&f.prev_hash, f.seq, "prev_hash")?;
-            self.spool
-                .append(
-                    &FrameRef {
-                        seq: f.seq,
-                        prev_hash: fp,
-                        hash: fh,
-                        record: &f.record,
-                    },
-                    Class::Data,
-                )
-                .map_err(|e| Rejection::new(RejectCode::Storage, f.seq, format!("store: {e}")))?;
-            self.head = (f.seq, fh);
-            self.remember(f.seq, fh);
-            self.unsynced = true;
-            out.appended += 1;
+            refs.push(FrameRef {
+                seq: f.seq,
+                prev_hash: to_hash(&f.prev_hash, f.seq, "prev_hash")?,
+                hash: to_hash(&f.hash, f.seq, "hash")?,
+                record: &f.record,
+            });
+            next += 1;
         }
+        let storage = |seq: u64, e: spool::Error| {
+            Rejection::new(RejectCode::Storage, seq, format!("store: {e}"))
+        };
+        // One write(2) for the batch when it fits the segment; else frame by frame
+        // (the spool rotates segments there).
+        let first_seq = refs.first().map_or(0, |f| f.seq);
+        if self
+            .spool
+            .append_batch(&refs)
+            .map_err(|e| storage(first_seq, e))?
+        {
+            for f in &refs {
+                self.remember(f.seq, f.hash);
+            }
+            if let Some(last) = refs.last() {
+                self.head = (last.seq, last.hash);
+            }
+        } else {
+            for f in &refs {
+                self.spool
+                    .append(f, Class::Data)
+                    .map_err(|e| storage(f.seq, e))?;
+                // Head follows every stored frame, so an error leaves it exact.
+                self.head = (f.seq, f.hash);
+                self.remember(f.seq, f.hash);
+                self.unsynced = true;
+            }
+        }
+        self.unsynced |= !refs.is_empty();
+        out.appended = refs.len() as u64;
         Ok(out)
     }
 
