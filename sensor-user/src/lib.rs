@@ -16,3 +16,4 @@ pub mod pcap;
 pub mod record;
 pub mod spool;
 pub mod tls;
+pub mod uplink;

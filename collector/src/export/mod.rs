@@ -1,0 +1,205 @@
+//! SIEM exports. Each export follows the store's chains with its own durable cursor
+//! (`<store>/exports/<name>.cursor`, one `sensor_id seq` line per chain) and advances
+//! it only after the target took the records: an outage delays, never loses
+//! (at-least-once; NATS de-duplicates with `Nats-Msg-Id`).
+
+pub mod jsonl;
+pub mod nats;
+pub mod syslog;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use conduit_proto::v1;
+use prost::Message as _;
+use sensor_user::record::{ChainPosition, ecs_json};
+use sensor_user::uplink::tail::SegmentTail;
+use tokio::sync::watch;
+
+use crate::server::Shared;
+use crate::store::{EXPORTS_DIR, chain_dirs};
+
+const BATCH_FRAMES: usize = 1000;
+const BATCH_BYTES: usize = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("{0}")]
+    Config(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Target(String),
+}
+
+/// One stored record, decoded, with its chain position.
+#[derive(Debug, Clone)]
+pub struct Item {
+    /// Store directory name: the sensor id (or `_collector` for alarms).
+    pub chain: String,
+    pub pos: ChainPosition,
+    pub record: v1::Record,
+}
+
+impl Item {
+    pub fn ecs(&self) -> serde_json::Value {
+        ecs_json(&self.record, &self.pos)
+    }
+
+    pub fn action(&self) -> &'static str {
+        sensor_user::record::action_name(
+            v1::RecordKind::try_from(self.record.kind).unwrap_or(v1::RecordKind::Unspecified),
+        )
+    }
+
+    /// The sensor the record is about (the record's own id; the alarm chain's
+    /// records name `collector`).
+    pub fn sensor(&self) -> &str {
+        if self.record.sensor_id.is_empty() {
+            &self.chain
+        } else {
+            &self.record.sensor_id
+        }
+    }
+}
+
+/// A SIEM target. `send` returns only when the target has the records (as far as
+/// its protocol can tell); on error the same items are sent again later.
+pub trait Sink: Send {
+    fn name(&self) -> &str;
+    fn send(
+        &mut self,
+        items: &[Item],
+    ) -> impl std::future::Future<Output = Result<(), ExportError>> + Send;
+}
+
+/// Durable per-chain cursor: the last exported seq.
+pub struct Cursor {
+    path: PathBuf,
+    pub seqs: BTreeMap<String, u64>,
+}
+
+impl Cursor {
+    pub fn load(store: &Path, name: &str) -> Result<Cursor, ExportError> {
+        let dir = store.join(EXPORTS_DIR);
+        fs::create_dir_all(&dir).map_err(|e| ExportError::Io {
+            what: dir.display().to_string(),
+            source: e,
+        })?;
+        let path = dir.join(format!("{name}.cursor"));
+        let mut seqs = BTreeMap::new();
+        if let Ok(text) = fs::read_to_string(&path) {
+            for line in text.lines() {
+                if let Some((id, seq)) = line.split_once(' ')
+                    && let Ok(seq) = seq.trim().parse()
+                {
+                    seqs.insert(id.to_owned(), seq);
+                }
+            }
+        }
+        Ok(Cursor { path, seqs })
+    }
+
+    /// Writes the cursor atomically and durably.
+    pub fn save(&self) -> Result<(), ExportError> {
+        let io = |e| ExportError::Io {
+            what: self.path.display().to_string(),
+            source: e,
+        };
+        let tmp = self.path.with_extension("cursor.tmp");
+        let mut text = String::new();
+        for (id, seq) in &self.seqs {
+            text.push_str(&format!("{id} {seq}\n"));
+        }
+        let mut f = fs::File::create(&tmp).map_err(io)?;
+        f.write_all(text.as_bytes()).map_err(io)?;
+        f.sync_data().map_err(io)?;
+        fs::rename(&tmp, &self.path).map_err(io)?;
+        Ok(())
+    }
+}
+
+/// Runs one export until shutdown.
+pub async fn run<S: Sink>(
+    mut sink: S,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ExportError> {
+    let store = shared.opts.store.clone();
+    let mut cursor = Cursor::load(&store, sink.name())?;
+    let mut tails: BTreeMap<String, SegmentTail> = BTreeMap::new();
+    let mut frames = Vec::new();
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        // Register interest before looking, so a commit in between is not missed.
+        let notified = shared.committed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let mut progressed = false;
+        let dirs = chain_dirs(&store).unwrap_or_default();
+        for (chain, dir) in dirs {
+            let tail = tails.entry(chain.clone()).or_insert_with(|| {
+                SegmentTail::new(dir, cursor.seqs.get(&chain).copied().unwrap_or(0) + 1)
+            });
+            frames.clear();
+            if let Err(e) = tail.poll(BATCH_FRAMES, BATCH_BYTES, &mut frames) {
+                tracing::error!(export = sink.name(), chain = %chain, error = %e, "cannot read the store");
+                tails.remove(&chain);
+                continue;
+            }
+            let Some(last) = frames.last().map(|f| f.seq) else {
+                continue;
+            };
+            let items: Vec<Item> = frames
+                .iter()
+                .filter_map(|f| {
+                    let record = v1::Record::decode(&f.record_bytes[..]).ok()?;
+                    Some(Item {
+                        chain: chain.clone(),
+                        pos: ChainPosition {
+                            seq: f.seq,
+                            hash: f.hash,
+                            prev_hash: f.prev_hash,
+                        },
+                        record,
+                    })
+                })
+                .collect();
+            let mut delay = Duration::from_millis(100);
+            loop {
+                match sink.send(&items).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(export = sink.name(), error = %e, retry_ms = delay.as_millis() as u64,
+                            "export target unavailable; records wait in the store");
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = shutdown.changed() => return Ok(()),
+                        }
+                        delay = (delay * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+            cursor.seqs.insert(chain.clone(), last);
+            cursor.save()?;
+            progressed = true;
+        }
+        if !progressed {
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.changed() => return Ok(()),
+            }
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! `--nats URL`: NATS JetStream. One stream per site (`CONDUIT_<SITE>`, subjects
+//! `conduit.<site>.>`, created if missing); subject `conduit.<site>.<sensor>.<action>`;
+//! header `Nats-Msg-Id: <sensor>-<seq>` so a re-publish after a crash is dropped by the
+//! stream's duplicate window. The cursor moves only after every publish ack.
+
+use std::collections::{HashMap, HashSet};
+
+use async_nats::jetstream;
+
+use super::{ExportError, Item, Sink};
+
+pub struct NatsSink {
+    url: String,
+    js: Option<jetstream::Context>,
+    streams: HashSet<String>,
+    /// Last site seen per chain: checkpoints and restarts carry no site, they go to
+    /// the site of the chain's flows.
+    chain_site: HashMap<String, String>,
+}
+
+/// A subject token: no dots, wildcards or whitespace.
+pub fn token(s: &str) -> String {
+    let t: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if t.is_empty() { "_".to_owned() } else { t }
+}
+
+/// Site of a record (`default` when neither it nor its chain named one yet).
+pub fn site(item: &Item, chain_site: Option<&String>) -> String {
+    if !item.record.site.is_empty() {
+        token(&item.record.site)
+    } else if let Some(s) = chain_site {
+        s.clone()
+    } else {
+        "default".to_owned()
+    }
+}
+
+pub fn stream_name(site: &str) -> String {
+    format!("CONDUIT_{}", site.to_ascii_uppercase())
+}
+
+pub fn subject(item: &Item, site: &str) -> String {
+    format!(
+        "conduit.{}.{}.{}",
+        site,
+        token(item.sensor()),
+        item.action()
+    )
+}
+
+pub fn msg_id(item: &Item) -> String {
+    format!("{}-{}", item.chain, item.pos.seq)
+}
+
+impl NatsSink {
+    pub fn new(url: String) -> NatsSink {
+        NatsSink {
+            url,
+            js: None,
+            streams: HashSet::new(),
+            chain_site: HashMap::new(),
+        }
+    }
+
+    async fn context(&mut self) -> Result<jetstream::Context, ExportError> {
+        if let Some(js) = &self.js {
+            return Ok(js.clone());
+        }
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(std::time::Duration::from_secs(5))
+            .connect(self.url.as_str())
+            .await
+            .map_err(|e| ExportError::Target(format!("nats {}: {e}", self.url)))?;
+        let js = jetstream::new(client);
+        self.js = Some(js.clone());
+        Ok(js)
+    }
+
+    async fn ensure_stream(
+        &mut self,
+        js: &jetstream::Context,
+        site: &str,
+    ) -> Result<(), ExportError> {
+        if self.streams.contains(site) {
+            return Ok(());
+        }
+        js.get_or_create_stream(jetstream::stream::Config {
+            name: stream_name(site),
+            subjects: vec![format!("conduit.{site}.>")],
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| ExportError::Target(format!("nats stream {}: {e}", stream_name(site))))?;
+        self.streams.insert(site.to_owned());
+        Ok(())
+    }
+
+    async fn publish(&mut self, items: &[Item]) -> Result<(), ExportError> {
+        let js = self.context().await?;
+        let mut acks = Vec::with_capacity(items.len());
+        for item in items {
+            if !item.record.site.is_empty() {
+                self.chain_site
+                    .insert(item.chain.clone(), token(&item.record.site));
+            }
+            let site = site(item, self.chain_site.get(&item.chain));
+            self.ensure_stream(&js, &site).await?;
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", msg_id(item).as_str());
+            let payload = item.ecs().to_string();
+            let ack = js
+                .publish_with_headers(subject(item, &site), headers, payload.into())
+                .await
+                .map_err(|e| ExportError::Target(format!("nats publish: {e}")))?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await
+                .map_err(|e| ExportError::Target(format!("nats publish ack: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+impl Sink for NatsSink {
+    fn name(&self) -> &str {
+        "nats"
+    }
+
+    async fn send(&mut self, items: &[Item]) -> Result<(), ExportError> {
+        let r = self.publish(items).await;
+        if r.is_err() {
+            // Reconnect next time; the stream check is cheap to redo.
+            self.js = None;
+            self.streams.clear();
+        }
+        r
+    }
+}

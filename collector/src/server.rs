@@ -1,0 +1,530 @@
+//! The gRPC service: authenticates a sensor (mTLS identity, pinned signing key),
+//! verifies and stores its frames, acknowledges what is fsynced.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use conduit_proto::v1::{
+    self, CollectorMessage, RejectCode, SensorMessage, StreamProtocol, collector_message,
+    collector_server, sensor_message,
+};
+use sensor_user::chain::keys;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::alarms::Alarms;
+use crate::store::{self, Rejection, SensorStore};
+
+pub const PROTOCOL_VERSION: u32 = StreamProtocol::V1 as u32;
+/// Batches applied before one fsync and one Ack (group commit).
+const GROUP_BATCHES: usize = 16;
+/// How long a new stream waits for an older stream of the same sensor to end.
+const BUSY_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub store: PathBuf,
+    /// `<dir>/<sensor_id>.pub` per trusted sensor.
+    pub trusted_keys: Option<PathBuf>,
+    /// Trust an unknown sensor's key on first use (and pin it in the store).
+    pub tofu: bool,
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<SensorStore>>>;
+
+pub struct Shared {
+    pub opts: ServerOptions,
+    pub alarms: Alarms,
+    /// Woken after every commit (exports follow the store).
+    pub committed: Notify,
+    /// True when the collector shuts down: streams finish their sync, ack and end.
+    pub shutdown: watch::Sender<bool>,
+    sensors: Mutex<HashMap<String, Slot>>,
+}
+
+impl Shared {
+    pub fn new(opts: ServerOptions, alarms: Alarms) -> Arc<Shared> {
+        Arc::new(Shared {
+            opts,
+            alarms,
+            committed: Notify::new(),
+            shutdown: watch::channel(false).0,
+            sensors: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn slot(&self, sensor_id: &str) -> Slot {
+        let mut map = match self.sensors.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        map.entry(sensor_id.to_owned()).or_default().clone()
+    }
+
+    /// The key this sensor must use: trusted-keys file, else the key pinned in the
+    /// store, else (with --tofu) the key it presents.
+    fn resolve_key(&self, sensor_id: &str, presented: &[u8]) -> Result<[u8; 32], Rejection> {
+        let reject = |code, message: String| Rejection {
+            code,
+            seq: 0,
+            message,
+        };
+        let presented: [u8; 32] = presented.try_into().map_err(|_| {
+            reject(
+                RejectCode::KeyMismatch,
+                format!("public key is {} bytes, not 32", presented.len()),
+            )
+        })?;
+        let trusted = match &self.opts.trusted_keys {
+            Some(dir) => {
+                let path = dir.join(format!("{sensor_id}.pub"));
+                if path.exists() {
+                    Some(keys::read_public_key(&path).map_err(|e| {
+                        reject(RejectCode::UnknownSensor, format!("trusted key: {e}"))
+                    })?)
+                } else {
+                    None
+                }
+            }
+            None => None,
+        };
+        let pinned = store::pinned_key(&self.opts.store.join(sensor_id))
+            .map_err(|e| reject(RejectCode::Storage, e.to_string()))?;
+        let key = match (trusted, pinned) {
+            (Some(t), Some(p)) if t != p => {
+                return Err(reject(
+                    RejectCode::KeyMismatch,
+                    format!(
+                        "trusted key {} differs from the key pinned in the store {}",
+                        hex::encode(t),
+                        hex::encode(p)
+                    ),
+                ));
+            }
+            (Some(k), _) | (None, Some(k)) => k,
+            (None, None) if self.opts.tofu => {
+                tracing::warn!(sensor = sensor_id, key = %hex::encode(presented),
+                    "trusting a new sensor key on first use (--tofu); it is pinned in the store");
+                presented
+            }
+            (None, None) => {
+                return Err(reject(
+                    RejectCode::UnknownSensor,
+                    format!(
+                        "no trusted key for sensor {sensor_id:?} (add {sensor_id}.pub to --trusted-keys, or run with --tofu)"
+                    ),
+                ));
+            }
+        };
+        if key != presented {
+            return Err(reject(
+                RejectCode::KeyMismatch,
+                format!(
+                    "sensor presents key {}, trusted key is {}",
+                    hex::encode(presented),
+                    hex::encode(key)
+                ),
+            ));
+        }
+        Ok(key)
+    }
+}
+
+/// Names the client certificate vouches for: subject CN and DNS SANs.
+pub fn cert_identities(der: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return out;
+    };
+    for cn in cert.subject().iter_common_name() {
+        if let Ok(s) = cn.as_str() {
+            out.push(s.to_owned());
+        }
+    }
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(d) = name {
+                out.push((*d).to_owned());
+            }
+        }
+    }
+    out
+}
+
+pub struct CollectorService {
+    pub shared: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl collector_server::Collector for CollectorService {
+    type StreamStream = ReceiverStream<Result<CollectorMessage, Status>>;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<SensorMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        // With mTLS, the certificate names who may speak for which sensor.
+        let identities = request
+            .peer_certs()
+            .and_then(|certs| certs.first().map(|c| cert_identities(c.as_ref())));
+        let peer = request.remote_addr();
+        let inbound = request.into_inner();
+        let (out_tx, out_rx) = mpsc::channel(32);
+        let shared = self.shared.clone();
+        shared
+            .alarms
+            .metrics
+            .connections
+            .fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let session = Session {
+                shared,
+                out: out_tx,
+                identities,
+            };
+            session.run(inbound, peer).await;
+        });
+        Ok(Response::new(ReceiverStream::new(out_rx)))
+    }
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    out: mpsc::Sender<Result<CollectorMessage, Status>>,
+    identities: Option<Vec<String>>,
+}
+
+#[expect(
+    clippy::result_large_err,
+    reason = "the response stream's item type is fixed by tonic"
+)]
+fn msg(m: collector_message::Msg) -> Result<CollectorMessage, Status> {
+    Ok(CollectorMessage { msg: Some(m) })
+}
+
+impl Session {
+    async fn reject(&self, sensor_id: &str, r: &Rejection) {
+        self.shared
+            .alarms
+            .metrics
+            .batches_rejected
+            .fetch_add(1, Ordering::Relaxed);
+        if let Some(kind) = r.alarm_kind() {
+            let shared = self.shared.clone();
+            let (kind, sensor, seq, detail) = (
+                kind.to_owned(),
+                sensor_id.to_owned(),
+                r.seq,
+                r.message.clone(),
+            );
+            let _ = tokio::task::spawn_blocking(move || {
+                shared.alarms.raise(&kind, &sensor, seq, &detail);
+                shared.committed.notify_waiters();
+            })
+            .await;
+        } else {
+            tracing::warn!(sensor = sensor_id, code = ?r.code, seq = r.seq, message = %r.message, "stream rejected");
+        }
+        let _ = self
+            .out
+            .send(msg(collector_message::Msg::Reject(v1::Reject {
+                code: r.code as i32,
+                message: r.message.clone(),
+                seq: r.seq,
+            })))
+            .await;
+    }
+
+    async fn run(self, mut inbound: Streaming<SensorMessage>, peer: Option<std::net::SocketAddr>) {
+        let hello = match inbound.message().await {
+            Ok(Some(SensorMessage {
+                msg: Some(sensor_message::Msg::Hello(h)),
+            })) => h,
+            Ok(_) => {
+                let r = Rejection {
+                    code: RejectCode::Protocol,
+                    seq: 0,
+                    message: "the first message must be Hello".to_owned(),
+                };
+                self.reject("", &r).await;
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "stream ended before Hello");
+                return;
+            }
+        };
+        let sensor_id = hello.sensor_id.clone();
+        if hello.protocol_version != PROTOCOL_VERSION {
+            let r = Rejection {
+                code: RejectCode::Version,
+                seq: 0,
+                message: format!(
+                    "unsupported stream protocol version {}; this collector speaks version {PROTOCOL_VERSION}",
+                    hello.protocol_version
+                ),
+            };
+            self.reject(&sensor_id, &r).await;
+            return;
+        }
+        if !store::valid_sensor_id(&sensor_id) {
+            let r = Rejection {
+                code: RejectCode::Identity,
+                seq: 0,
+                message: format!("invalid sensor id {sensor_id:?}"),
+            };
+            self.reject(&sensor_id, &r).await;
+            return;
+        }
+        if let Some(ids) = &self.identities
+            && !ids.contains(&sensor_id)
+        {
+            let r = Rejection {
+                code: RejectCode::Identity,
+                seq: 0,
+                message: format!(
+                    "sensor id {sensor_id:?} is not the client certificate's CN or a DNS SAN ({ids:?})"
+                ),
+            };
+            self.reject(&sensor_id, &r).await;
+            return;
+        }
+        let key = match self.shared.resolve_key(&sensor_id, &hello.public_key) {
+            Ok(k) => k,
+            Err(r) => {
+                self.reject(&sensor_id, &r).await;
+                return;
+            }
+        };
+        let slot = self.shared.slot(&sensor_id);
+        let Ok(mut guard) = tokio::time::timeout(BUSY_WAIT, slot.lock_owned()).await else {
+            let r = Rejection {
+                code: RejectCode::Busy,
+                seq: 0,
+                message: format!("another stream of sensor {sensor_id:?} is active"),
+            };
+            self.reject(&sensor_id, &r).await;
+            return;
+        };
+        if guard.as_ref().is_some_and(|s| s.key() != key) {
+            *guard = None;
+        }
+        if guard.is_none() {
+            let root = self.shared.opts.store.clone();
+            let id = sensor_id.clone();
+            let opened =
+                tokio::task::spawn_blocking(move || SensorStore::open(&root, &id, key)).await;
+            match opened {
+                Ok(Ok(s)) => *guard = Some(s),
+                Ok(Err(e)) => {
+                    let r = Rejection {
+                        code: RejectCode::Storage,
+                        seq: 0,
+                        message: format!("cannot open the store: {e}"),
+                    };
+                    self.reject(&sensor_id, &r).await;
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "store open task failed");
+                    return;
+                }
+            }
+        }
+        let Some(st) = guard.as_mut() else {
+            return;
+        };
+        let (head_seq, head_hash) = st.head();
+        tracing::info!(sensor = %sensor_id, ?peer, stored_seq = head_seq, sensor_head = hello.head_seq,
+            "sensor connected");
+        let welcome = v1::Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            last_stored_seq: head_seq,
+            last_stored_hash: if head_seq == 0 {
+                Vec::new()
+            } else {
+                head_hash.to_vec()
+            },
+        };
+        if self
+            .out
+            .send(msg(collector_message::Msg::Welcome(welcome)))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        // A reader task keeps the next batches decoded while this one is stored.
+        let (btx, mut brx) = mpsc::channel::<Result<v1::Batch, Status>>(GROUP_BATCHES);
+        let reader = tokio::spawn(async move {
+            loop {
+                let m = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = btx.send(Err(e)).await;
+                        return;
+                    }
+                };
+                let item = match m.msg {
+                    Some(sensor_message::Msg::Batch(b)) => Ok(b),
+                    _ => Err(Status::invalid_argument("expected Batch")),
+                };
+                if btx.send(item).await.is_err() {
+                    return;
+                }
+            }
+        });
+        // Pipeline: while one fdatasync runs on a blocking thread, the next batches are
+        // verified and appended; each Ack names what the finished sync covered.
+        let mut acked = head_seq;
+        let mut syncing: Option<tokio::task::JoinHandle<std::io::Result<u64>>> = None;
+        let mut dirty = false;
+        let mut closing: Option<Option<Rejection>> = None;
+        let mut stop = self.shared.shutdown.subscribe();
+        let mut storage_failed = false;
+        loop {
+            if syncing.is_none() && (dirty || closing.is_some()) {
+                dirty = false;
+                match st.durability_point() {
+                    Ok(Some((seq, file))) if seq > acked => {
+                        syncing = Some(tokio::task::spawn_blocking(move || {
+                            file.sync_data().map(|()| seq)
+                        }));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        storage_failed = true;
+                        let r = Rejection {
+                            code: RejectCode::Storage,
+                            seq: st.head().0,
+                            message: format!("store: {e}"),
+                        };
+                        self.reject(&sensor_id, &r).await;
+                        break;
+                    }
+                }
+            }
+            if syncing.is_none()
+                && let Some(rejection) = closing.take()
+            {
+                if let Some(r) = rejection {
+                    self.reject(&sensor_id, &r).await;
+                }
+                break;
+            }
+            tokio::select! {
+                biased;
+                done = async {
+                    match syncing.as_mut() {
+                        Some(h) => h.await,
+                        None => std::future::pending().await,
+                    }
+                }, if syncing.is_some() => {
+                    syncing = None;
+                    let seq = match done {
+                        Ok(Ok(seq)) => seq,
+                        Ok(Err(e)) => {
+                            storage_failed = true;
+                            let r = Rejection {
+                                code: RejectCode::Storage,
+                                seq: acked + 1,
+                                message: format!("fsync of the store failed: {e}"),
+                            };
+                            self.reject(&sensor_id, &r).await;
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "fsync task failed");
+                            break;
+                        }
+                    };
+                    acked = acked.max(seq);
+                    self.shared.committed.notify_waiters();
+                    if self
+                        .out
+                        .send(msg(collector_message::Msg::Ack(v1::Ack { stored_seq: acked })))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                () = async {
+                    let _ = stop.wait_for(|s| *s).await;
+                }, if closing.is_none() => {
+                    tracing::info!(sensor = %sensor_id, "collector shutting down: ending the stream");
+                    closing = Some(None);
+                }
+                first = brx.recv(), if closing.is_none() => {
+                    let Some(first) = first else {
+                        closing = Some(None);
+                        continue;
+                    };
+                    let mut group = vec![first];
+                    while group.len() < GROUP_BATCHES
+                        && let Ok(b) = brx.try_recv()
+                    {
+                        group.push(b);
+                    }
+                    let mut applied = store::Applied::default();
+                    let mut rejection = None;
+                    let mut ended = false;
+                    // Verification and appends are CPU and disk work: off the async workers.
+                    tokio::task::block_in_place(|| {
+                        for item in &group {
+                            match item {
+                                Ok(batch) => match st.apply(&batch.frames) {
+                                    Ok(a) => {
+                                        applied.appended += a.appended;
+                                        applied.duplicates += a.duplicates;
+                                    }
+                                    Err(r) => {
+                                        rejection = Some(r);
+                                        break;
+                                    }
+                                },
+                                Err(status) => {
+                                    tracing::info!(sensor = %sensor_id, %status, "sensor stream ended");
+                                    ended = true;
+                                    break;
+                                }
+                            }
+                        }
+                    });
+                    let m = &self.shared.alarms.metrics;
+                    m.records_stored.fetch_add(applied.appended, Ordering::Relaxed);
+                    m.records_duplicate.fetch_add(applied.duplicates, Ordering::Relaxed);
+                    dirty = true;
+                    if applied.appended == 0 && applied.duplicates > 0 && st.head().0 == acked {
+                        // Only re-sent frames: acknowledge at once so the sensor moves on.
+                        dirty = false;
+                        if self
+                            .out
+                            .send(msg(collector_message::Msg::Ack(v1::Ack { stored_seq: acked })))
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                    storage_failed |= rejection.as_ref().is_some_and(|r| r.code == RejectCode::Storage);
+                    if rejection.is_some() || ended {
+                        closing = Some(rejection);
+                    }
+                }
+            }
+        }
+        reader.abort();
+        if storage_failed || st.head().0 != acked {
+            // Unknown state on disk: the next stream reopens the store (recovery).
+            tracing::warn!(sensor = %sensor_id, "store error: reopening it for the next stream");
+            *guard = None;
+        }
+        tracing::info!(sensor = %sensor_id, stored_seq = acked, "sensor disconnected");
+    }
+}

@@ -1,0 +1,482 @@
+//! The collector's store: one directory per sensor, `<store>/<sensor_id>/`, in the
+//! sensor spool's own segment format (written with the spool library), plus the pinned
+//! signing key as `signing.pub`, so `conduit-sensor verify-chain` works on it.
+//! Every frame is verified before it is appended: hash, link, seq continuity, sensor
+//! id, and checkpoint / chain_restart signatures against the pinned key.
+
+use std::collections::VecDeque;
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use conduit_proto::v1::{self, RecordKind, RejectCode, record::Body};
+use prost::Message as _;
+use sensor_user::chain::checkpoint::{signing_bytes, verify_signature};
+use sensor_user::chain::keys;
+use sensor_user::chain::{ZERO_HASH, record_hash};
+use sensor_user::spool::{self, Class, FrameRef, Spool, SpoolOptions, SyncPolicy, segment};
+use sensor_user::uplink::tail::SegmentTail;
+
+/// Recent hashes kept in memory to de-duplicate re-sent frames without reading disk.
+const RECENT_HASHES: usize = 1 << 16;
+/// Directory of the collector's own alarm chain inside the store.
+pub const ALARM_DIR: &str = "_collector";
+/// Directory of the export cursors inside the store.
+pub const EXPORTS_DIR: &str = "exports";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Spool(#[from] spool::Error),
+    #[error(transparent)]
+    Key(#[from] keys::KeyError),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid sensor id {0:?} (1-128 of A-Z a-z 0-9 . _ -, not starting with . or _)")]
+    BadSensorId(String),
+}
+
+/// Why a batch was refused: the code for the sensor, the first bad seq, and text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub code: RejectCode,
+    pub seq: u64,
+    pub message: String,
+}
+
+impl Rejection {
+    fn new(code: RejectCode, seq: u64, message: impl Into<String>) -> Rejection {
+        Rejection {
+            code,
+            seq,
+            message: message.into(),
+        }
+    }
+
+    /// The alarm kind for the collector's alarm stream (None: not an alarm).
+    pub fn alarm_kind(&self) -> Option<&'static str> {
+        match self.code {
+            RejectCode::Gap => Some("gap"),
+            RejectCode::Equivocation => Some("equivocation"),
+            RejectCode::BadHash => Some("bad_hash"),
+            RejectCode::BadLink => Some("bad_link"),
+            RejectCode::BadSignature => Some("bad_signature"),
+            RejectCode::BadRecord => Some("bad_record"),
+            RejectCode::KeyMismatch => Some("key_mismatch"),
+            RejectCode::Identity => Some("identity"),
+            RejectCode::UnknownSensor => Some("unknown_sensor"),
+            _ => None,
+        }
+    }
+}
+
+/// Outcome of applying a batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub appended: u64,
+    pub duplicates: u64,
+}
+
+/// Sensor ids become directory names: keep them boring.
+pub fn valid_sensor_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with(['.', '_'])
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Writes `<dir>/signing.pub` (hex, 0644) atomically.
+pub fn pin_key(dir: &Path, key: &[u8; 32]) -> Result<(), StoreError> {
+    let path = dir.join(keys::PUB_FILE);
+    let tmp = dir.join(format!("{}.tmp", keys::PUB_FILE));
+    let io = |e| StoreError::Io {
+        path: path.clone(),
+        source: e,
+    };
+    let mut f = fs::File::create(&tmp).map_err(io)?;
+    f.set_permissions(fs::Permissions::from_mode(0o644))
+        .map_err(io)?;
+    f.write_all(format!("{}\n", hex::encode(key)).as_bytes())
+        .map_err(io)?;
+    f.sync_all().map_err(io)?;
+    fs::rename(&tmp, &path).map_err(io)?;
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    Ok(())
+}
+
+/// The pinned key in a sensor's store directory, if any.
+pub fn pinned_key(dir: &Path) -> Result<Option<[u8; 32]>, StoreError> {
+    let path = dir.join(keys::PUB_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    Ok(Some(keys::read_public_key(&path)?))
+}
+
+/// One sensor's chain in the store. One writer (one stream) at a time.
+pub struct SensorStore {
+    sensor_id: String,
+    dir: PathBuf,
+    spool: Spool,
+    key: [u8; 32],
+    head: (u64, [u8; 32]),
+    /// Hashes of the last stored seqs: `recent[i]` is the hash of `recent_first + i`.
+    recent: VecDeque<[u8; 32]>,
+    recent_first: u64,
+    unsynced: bool,
+    /// Read handle of the newest segment, for [`SensorStore::durability_point`].
+    newest: Option<(PathBuf, Arc<fs::File>)>,
+}
+
+impl SensorStore {
+    /// Opens (creating) `<root>/<sensor_id>` with the pinned key `key`; recovers the
+    /// head from the segments (a torn tail past the last fsync is cut, as in the sensor).
+    pub fn open(root: &Path, sensor_id: &str, key: [u8; 32]) -> Result<SensorStore, StoreError> {
+        if !valid_sensor_id(sensor_id) {
+            return Err(StoreError::BadSensorId(sensor_id.to_owned()));
+        }
+        let dir = root.join(sensor_id);
+        let (spool, recovery) = Spool::open(SpoolOptions {
+            dir: dir.clone(),
+            sensor_id: sensor_id.to_owned(),
+            // The store is never trimmed by the spool logic (nothing is acknowledged).
+            max_bytes: u64::MAX / 4,
+            segment_bytes: spool::DEFAULT_SEGMENT_BYTES,
+            sync: SyncPolicy::OsOnly,
+            warn_percent: 100,
+        })?;
+        for t in &recovery.truncations {
+            tracing::warn!(sensor = sensor_id, segment = %t.segment, bytes = t.bytes, why = %t.why,
+                "store recovery cut a torn tail (not acknowledged; the sensor re-sends it)");
+        }
+        if pinned_key(&dir)? != Some(key) {
+            pin_key(&dir, &key)?;
+        }
+        let head = recovery.head.unwrap_or((0, ZERO_HASH));
+        let mut recent = VecDeque::with_capacity(1024);
+        if head.0 > 0 {
+            recent.push_back(head.1);
+        }
+        Ok(SensorStore {
+            sensor_id: sensor_id.to_owned(),
+            dir,
+            spool,
+            key,
+            recent_first: head.0.max(1),
+            head,
+            recent,
+            unsynced: false,
+            newest: None,
+        })
+    }
+
+    pub fn sensor_id(&self) -> &str {
+        &self.sensor_id
+    }
+
+    pub fn key(&self) -> [u8; 32] {
+        self.key
+    }
+
+    /// Seq and hash of the last stored frame ((0, zero) when empty).
+    pub fn head(&self) -> (u64, [u8; 32]) {
+        self.head
+    }
+
+    /// Verifies the whole batch, then appends its new frames (nothing of a refused
+    /// batch is stored). Identical re-sent frames are skipped.
+    pub fn apply(&mut self, frames: &[v1::Frame]) -> Result<Applied, Rejection> {
+        let mut out = Applied::default();
+        let (mut seq, mut hash) = self.head;
+        let mut first_new = None;
+        for (i, f) in frames.iter().enumerate() {
+            let fh = to_hash(&f.hash, f.seq, "hash")?;
+            let fp = to_hash(&f.prev_hash, f.seq, "prev_hash")?;
+            if f.seq <= seq {
+                // Re-sent: identical is fine, anything else is equivocation.
+                let stored = if f.seq > self.head.0 {
+                    // Earlier in this same batch.
+                    frames[first_new.unwrap_or(0)..i]
+                        .iter()
+                        .find(|g| g.seq == f.seq)
+                        .map(|g| to_hash(&g.hash, g.seq, "hash"))
+                        .transpose()?
+                } else {
+                    self.stored_hash(f.seq)
+                };
+                match stored {
+                    Some(h) if h == fh => {
+                        out.duplicates += 1;
+                        continue;
+                    }
+                    Some(h) => {
+                        return Err(Rejection::new(
+                            RejectCode::Equivocation,
+                            f.seq,
+                            format!(
+                                "seq {} was stored with hash {}, now sent with hash {}",
+                                f.seq,
+                                hex::encode(h),
+                                hex::encode(fh)
+                            ),
+                        ));
+                    }
+                    None => {
+                        return Err(Rejection::new(
+                            RejectCode::Equivocation,
+                            f.seq,
+                            format!("seq {} re-sent but its stored hash cannot be read", f.seq),
+                        ));
+                    }
+                }
+            }
+            if f.seq != seq + 1 {
+                return Err(Rejection::new(
+                    RejectCode::Gap,
+                    seq + 1,
+                    format!("gap: received seq {} where {} was expected", f.seq, seq + 1),
+                ));
+            }
+            if fp != hash {
+                return Err(Rejection::new(
+                    RejectCode::BadLink,
+                    f.seq,
+                    format!(
+                        "prev_hash of seq {} is {}, the stored hash of seq {} is {}",
+                        f.seq,
+                        hex::encode(fp),
+                        seq,
+                        hex::encode(hash)
+                    ),
+                ));
+            }
+            if record_hash(f.seq, &fp, &f.record) != fh {
+                return Err(Rejection::new(
+                    RejectCode::BadHash,
+                    f.seq,
+                    format!(
+                        "hash of seq {} does not match seq || prev_hash || record bytes",
+                        f.seq
+                    ),
+                ));
+            }
+            self.check_record(f.seq, &fp, &f.record)?;
+            first_new.get_or_insert(i);
+            seq = f.seq;
+            hash = fh;
+        }
+        let Some(start) = first_new else {
+            return Ok(out);
+        };
+        // The verified new frames: head+1, head+2, ... (re-sent ones in between skipped).
+        let mut refs = Vec::with_capacity(frames.len() - start);
+        let mut next = self.head.0 + 1;
+        for f in &frames[start..] {
+            if f.seq != next {
+                continue;
+            }
+            refs.push(FrameRef {
+                seq: f.seq,
+                prev_hash: to_hash(&f.prev_hash, f.seq, "prev_hash")?,
+                hash: to_hash(&f.hash, f.seq, "hash")?,
+                record: &f.record,
+            });
+            next += 1;
+        }
+        let storage = |seq: u64, e: spool::Error| {
+            Rejection::new(RejectCode::Storage, seq, format!("store: {e}"))
+        };
+        // One write(2) for the batch when it fits the segment; else frame by frame
+        // (the spool rotates segments there).
+        let first_seq = refs.first().map_or(0, |f| f.seq);
+        if self
+            .spool
+            .append_batch(&refs)
+            .map_err(|e| storage(first_seq, e))?
+        {
+            for f in &refs {
+                self.remember(f.seq, f.hash);
+            }
+            if let Some(last) = refs.last() {
+                self.head = (last.seq, last.hash);
+            }
+        } else {
+            for f in &refs {
+                self.spool
+                    .append(f, Class::Data)
+                    .map_err(|e| storage(f.seq, e))?;
+                // Head follows every stored frame, so an error leaves it exact.
+                self.head = (f.seq, f.hash);
+                self.remember(f.seq, f.hash);
+                self.unsynced = true;
+            }
+        }
+        self.unsynced |= !refs.is_empty();
+        out.appended = refs.len() as u64;
+        Ok(out)
+    }
+
+    /// Forces appended frames to stable storage; after this they may be acknowledged.
+    pub fn sync(&mut self) -> Result<(), StoreError> {
+        if self.unsynced {
+            self.spool.sync()?;
+            self.unsynced = false;
+        }
+        Ok(())
+    }
+
+    /// The head and a handle of the newest segment: `sync_data` on it makes every frame
+    /// appended so far durable (older segments were synced by the spool when it
+    /// rotated), so it can run on another thread while appends go on. None: empty.
+    pub fn durability_point(&mut self) -> Result<Option<(u64, Arc<fs::File>)>, StoreError> {
+        let io = |path: &Path, e| StoreError::Io {
+            path: path.to_owned(),
+            source: e,
+        };
+        let Some((_, path)) = segment::list(&self.dir)
+            .map_err(|e| io(&self.dir, e))?
+            .pop()
+        else {
+            return Ok(None);
+        };
+        let file = match &self.newest {
+            Some((p, f)) if *p == path => f.clone(),
+            _ => {
+                let f = Arc::new(fs::File::open(&path).map_err(|e| io(&path, e))?);
+                self.newest = Some((path, f.clone()));
+                f
+            }
+        };
+        Ok(Some((self.head.0, file)))
+    }
+
+    fn remember(&mut self, seq: u64, hash: [u8; 32]) {
+        if self.recent.is_empty() {
+            self.recent_first = seq;
+        }
+        self.recent.push_back(hash);
+        if self.recent.len() > RECENT_HASHES {
+            self.recent.pop_front();
+            self.recent_first += 1;
+        }
+    }
+
+    /// Hash stored for `seq` (memory first, then the segment files).
+    fn stored_hash(&self, seq: u64) -> Option<[u8; 32]> {
+        if seq >= self.recent_first
+            && let Some(h) = self.recent.get((seq - self.recent_first) as usize)
+        {
+            return Some(*h);
+        }
+        let mut tail = SegmentTail::new(&self.dir, seq);
+        let mut out = Vec::new();
+        tail.poll(1, usize::MAX, &mut out).ok()?;
+        out.first().filter(|f| f.seq == seq).map(|f| f.hash)
+    }
+
+    /// Record-level checks: decodes, names this sensor, signatures verify with the
+    /// pinned key.
+    fn check_record(&self, seq: u64, prev_hash: &[u8; 32], bytes: &[u8]) -> Result<(), Rejection> {
+        let bad = |code, msg: String| Rejection::new(code, seq, msg);
+        let record = v1::Record::decode(bytes).map_err(|e| {
+            bad(
+                RejectCode::BadRecord,
+                format!("seq {seq}: record does not decode: {e}"),
+            )
+        })?;
+        if record.sensor_id != self.sensor_id {
+            return Err(bad(
+                RejectCode::BadRecord,
+                format!(
+                    "seq {seq}: record names sensor {:?}, the stream is sensor {:?}",
+                    record.sensor_id, self.sensor_id
+                ),
+            ));
+        }
+        let (named_key, msg, sig) = match (RecordKind::try_from(record.kind), &record.body) {
+            (Ok(RecordKind::Checkpoint), Some(Body::Checkpoint(cp))) => {
+                if cp.seq + 1 != seq || cp.hash[..] != prev_hash[..] {
+                    return Err(bad(
+                        RejectCode::BadSignature,
+                        format!(
+                            "checkpoint at seq {seq} covers seq {}, not the record before it",
+                            cp.seq
+                        ),
+                    ));
+                }
+                (
+                    &cp.public_key,
+                    signing_bytes(&record.sensor_id, cp.seq, prev_hash, cp.time_unix_nano),
+                    &cp.signature,
+                )
+            }
+            (Ok(RecordKind::ChainRestart), Some(Body::ChainRestart(cr))) => {
+                if seq != 1 {
+                    return Err(bad(
+                        RejectCode::BadRecord,
+                        format!("chain_restart at seq {seq}, not at the start of a chain"),
+                    ));
+                }
+                (
+                    &cr.public_key,
+                    signing_bytes(&record.sensor_id, 0, &ZERO_HASH, record.time_unix_nano),
+                    &cr.signature,
+                )
+            }
+            (Ok(RecordKind::Checkpoint | RecordKind::ChainRestart), _) => {
+                return Err(bad(
+                    RejectCode::BadRecord,
+                    format!("seq {seq}: kind and body do not match"),
+                ));
+            }
+            _ => return Ok(()),
+        };
+        if named_key[..] != self.key[..] {
+            return Err(bad(
+                RejectCode::KeyMismatch,
+                format!(
+                    "seq {seq} is signed by key {}, the pinned key is {}",
+                    hex::encode(named_key),
+                    hex::encode(self.key)
+                ),
+            ));
+        }
+        verify_signature(&self.key, &msg, sig)
+            .map_err(|e| bad(RejectCode::BadSignature, format!("seq {seq}: {e}")))
+    }
+}
+
+fn to_hash(b: &[u8], seq: u64, what: &str) -> Result<[u8; 32], Rejection> {
+    b.try_into().map_err(|_| {
+        Rejection::new(
+            RejectCode::BadRecord,
+            seq,
+            format!("seq {seq}: {what} is {} bytes, not 32", b.len()),
+        )
+    })
+}
+
+/// Sensor directories in the store (with the alarm chain), sorted.
+pub fn chain_dirs(root: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(root)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !entry.file_type()?.is_dir() || name == EXPORTS_DIR {
+            continue;
+        }
+        if valid_sensor_id(&name) || name == ALARM_DIR {
+            out.push((name, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}

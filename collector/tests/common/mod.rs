@@ -1,0 +1,283 @@
+//! Shared helpers for the collector integration tests: real collector processes on
+//! loopback, sensor spools written with the chain library, the uplink in-process.
+#![expect(dead_code, reason = "each test binary uses a different subset")]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use conduit_proto::v1::{self, RecordKind, record::Body};
+use sensor_user::chain::{Recorder, RecorderOptions};
+use sensor_user::spool::SyncPolicy;
+use sensor_user::uplink::{self, UplinkOptions, UplinkStatus};
+use tokio::sync::watch;
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A collector process; killed on drop.
+pub struct Collector {
+    pub child: Child,
+    pub port: u16,
+    pub store: PathBuf,
+    pub log: PathBuf,
+    args: Vec<String>,
+}
+
+impl Collector {
+    pub fn start(store: &Path, log: &Path, extra: &[&str]) -> Collector {
+        Self::start_on(free_port(), store, log, extra)
+    }
+
+    pub fn start_on(port: u16, store: &Path, log: &Path, extra: &[&str]) -> Collector {
+        let mut args = vec![
+            "run".to_owned(),
+            "--listen".to_owned(),
+            format!("127.0.0.1:{port}"),
+            "--store".to_owned(),
+            store.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let child = spawn(&args, log);
+        let c = Collector {
+            child,
+            port,
+            store: store.to_owned(),
+            log: log.to_owned(),
+            args,
+        };
+        c.wait_listening();
+        c
+    }
+
+    fn wait_listening(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("collector did not listen; log:\n{}", self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Kills (SIGKILL) and starts again with the same arguments.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = spawn(&self.args, &self.log);
+        self.wait_listening();
+    }
+
+    pub fn url(&self, scheme: &str) -> String {
+        let host = if scheme == "https" {
+            "localhost"
+        } else {
+            "127.0.0.1"
+        };
+        format!("{scheme}://{host}:{}", self.port)
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn(args: &[String], log: &Path) -> Child {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log file");
+    Command::new(env!("CARGO_BIN_EXE_conduit-collector"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(out)
+        .spawn()
+        .expect("spawn conduit-collector")
+}
+
+pub fn flow(i: u64) -> v1::Record {
+    v1::Record {
+        kind: RecordKind::FlowStart as i32,
+        time_unix_nano: 0,
+        sensor_id: String::new(),
+        site: "plant-01".to_owned(),
+        body: Some(Body::Flow(v1::Flow {
+            flow_id: i,
+            source_ip: vec![10, 10, 1, 5],
+            source_port: 40000 + (i % 20000) as u32,
+            destination_ip: vec![192, 0, 2, 10],
+            destination_port: 443,
+            ip_protocol: 6,
+            server_name: "api.openai.com".to_owned(),
+            app_protocol: "tls".to_owned(),
+            zone: "cell-1".to_owned(),
+            endpoint: "openai".to_owned(),
+            verdict: v1::Verdict::Violation as i32,
+            ..Default::default()
+        })),
+    }
+}
+
+pub fn recorder(dir: &Path, sensor_id: &str) -> Recorder {
+    let mut opts = RecorderOptions::new(dir, sensor_id);
+    opts.segment_bytes = 1 << 20;
+    opts.sync = SyncPolicy::OsOnly;
+    Recorder::open(opts).expect("recorder").0
+}
+
+/// Writes `n` flow records to a spool; returns the head seq.
+pub fn write_spool(dir: &Path, sensor_id: &str, n: u64) -> u64 {
+    let mut rec = recorder(dir, sensor_id);
+    for i in 0..n {
+        rec.append(flow(i)).expect("append");
+    }
+    rec.sync().expect("sync");
+    rec.head().0
+}
+
+/// A running uplink task.
+pub struct Uplink {
+    pub status: watch::Receiver<UplinkStatus>,
+    shutdown: watch::Sender<bool>,
+    pub task: tokio::task::JoinHandle<Result<(), uplink::UplinkError>>,
+}
+
+impl Uplink {
+    pub fn start(opts: UplinkOptions, spool: &Path) -> Uplink {
+        let (tx, rx) = uplink::status_channel();
+        let (stx, srx) = watch::channel(false);
+        let task = tokio::spawn(uplink::stream_spool(opts, spool.to_owned(), tx, srx));
+        Uplink {
+            status: rx,
+            shutdown: stx,
+            task,
+        }
+    }
+
+    /// Waits until the collector acknowledged `seq`; panics after `timeout`.
+    pub async fn wait_acked(&mut self, seq: u64, timeout: Duration) {
+        let r = tokio::time::timeout(timeout, async {
+            loop {
+                if self.status.borrow().acked_seq >= seq {
+                    return;
+                }
+                if self.status.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(
+            r.is_ok() && self.status.borrow().acked_seq >= seq,
+            "not acknowledged up to {seq}: {:?}",
+            *self.status.borrow()
+        );
+    }
+
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+    }
+}
+
+pub fn uplink_opts(url: &str, sensor_id: &str) -> UplinkOptions {
+    let mut o = UplinkOptions::new(url, sensor_id);
+    o.poll_interval = Duration::from_millis(10);
+    o.backoff_max = Duration::from_millis(500);
+    o
+}
+
+/// Test PKI made with rcgen: a CA, a server cert for localhost, client certs.
+pub struct Pki {
+    pub dir: PathBuf,
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Pki {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "conduit test CA");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let ca = params.self_signed(&ca_key).expect("ca");
+        std::fs::write(dir.join("ca.pem"), ca.pem()).expect("write ca");
+        Pki {
+            dir: dir.to_owned(),
+            ca,
+            ca_key,
+        }
+    }
+
+    /// Writes `<name>.pem` and `<name>.key`; returns their paths.
+    pub fn issue(&self, name: &str, cn: &str, sans: &[&str]) -> (PathBuf, PathBuf) {
+        let mut params =
+            rcgen::CertificateParams::new(sans.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
+                .expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params
+            .signed_by(&key, &self.ca, &self.ca_key)
+            .expect("sign");
+        let cp = self.dir.join(format!("{name}.pem"));
+        let kp = self.dir.join(format!("{name}.key"));
+        std::fs::write(&cp, cert.pem()).expect("write cert");
+        std::fs::write(&kp, key.serialize_pem()).expect("write key");
+        (cp, kp)
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+}
+
+/// Records in a stored chain (verifies it too).
+pub fn verified_records(dir: &Path) -> u64 {
+    let report = sensor_user::chain::verify::verify_dir(dir, None);
+    assert!(report.ok(), "store does not verify: {report}");
+    report.records
+}
+
+pub fn has_binary(name: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "command -v {name} >/dev/null 2>&1 || test -x /usr/sbin/{name}"
+        ))
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}

@@ -1,0 +1,252 @@
+//! SIEM exports against real targets started by the test: rsyslog (TCP and TLS with
+//! gtls) and nats-server with JetStream. Missing binaries: SKIP.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio_stream::StreamExt as _;
+
+const SENSOR: &str = "gw-01";
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_port(port: u16) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn rsyslogd() -> Option<&'static str> {
+    ["/usr/sbin/rsyslogd", "/sbin/rsyslogd"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+}
+
+fn start_rsyslog(dir: &Path, port: u16, tls: Option<(&Path, &Path, &Path)>) -> Proc {
+    let out = dir.join("out.log");
+    let (global, input) = match tls {
+        Some((ca, cert, key)) => (
+            format!(
+                "global(workDirectory=\"{d}\" DefaultNetstreamDriver=\"gtls\" DefaultNetstreamDriverCAFile=\"{}\" DefaultNetstreamDriverCertFile=\"{}\" DefaultNetstreamDriverKeyFile=\"{}\")\n\
+                 module(load=\"imtcp\" StreamDriver.Name=\"gtls\" StreamDriver.Mode=\"1\" StreamDriver.AuthMode=\"anon\")\n",
+                ca.display(),
+                cert.display(),
+                key.display(),
+                d = dir.display()
+            ),
+            format!("input(type=\"imtcp\" port=\"{port}\" address=\"127.0.0.1\")\n"),
+        ),
+        None => (
+            format!(
+                "global(workDirectory=\"{}\")\nmodule(load=\"imtcp\")\n",
+                dir.display()
+            ),
+            format!("input(type=\"imtcp\" port=\"{port}\" address=\"127.0.0.1\")\n"),
+        ),
+    };
+    let conf = format!(
+        "{global}{input}template(name=\"raw\" type=\"string\" string=\"%rawmsg%\\n\")\n\
+         action(type=\"omfile\" file=\"{}\" template=\"raw\")\n",
+        out.display()
+    );
+    let conf_path = dir.join("rsyslog.conf");
+    std::fs::write(&conf_path, conf).expect("conf");
+    let log = std::fs::File::create(dir.join("rsyslogd.log")).expect("log");
+    let child = Command::new(rsyslogd().expect("rsyslogd"))
+        .arg("-n")
+        .arg("-f")
+        .arg(&conf_path)
+        .arg("-i")
+        .arg(dir.join("rsyslogd.pid"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn rsyslogd");
+    let p = Proc(child);
+    assert!(
+        wait_port(port),
+        "rsyslogd did not listen: {}",
+        std::fs::read_to_string(dir.join("rsyslogd.log")).unwrap_or_default()
+    );
+    p
+}
+
+/// Lines from `out.log` that carry our sensor's records; waits for `want` of them.
+async fn syslog_lines(dir: &Path, want: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let lines: Vec<String> = std::fs::read_to_string(dir.join("out.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&format!("sensor=\"{SENSOR}\"")))
+            .map(str::to_owned)
+            .collect();
+        if lines.len() >= want || Instant::now() > deadline {
+            return lines;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn syslog_case(tls: bool) {
+    init_tracing();
+    if rsyslogd().is_none() {
+        println!("SKIP: rsyslogd not installed");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let rdir = tmp.path().join("rsyslog");
+    std::fs::create_dir_all(&rdir).expect("mkdir");
+    let pki = Pki::new(tmp.path());
+    let (cert, key) = pki.issue("syslog", "localhost", &["localhost"]);
+    let port = free_port();
+    let _rsyslog = start_rsyslog(
+        &rdir,
+        port,
+        tls.then_some((pki.ca_path().as_path(), cert.as_path(), key.as_path())),
+    );
+    let spool = tmp.path().join("spool");
+    let store = tmp.path().join("store");
+    let head = write_spool(&spool, SENSOR, 3000);
+    let url = if tls {
+        format!("syslog+tls://localhost:{port}")
+    } else {
+        format!("syslog+tcp://127.0.0.1:{port}")
+    };
+    let ca = pki.ca_path();
+    let mut args = vec!["--tofu", "--syslog", url.as_str()];
+    if tls {
+        args.extend(["--syslog-ca", ca.to_str().expect("utf8")]);
+    }
+    let c = Collector::start(&store, &tmp.path().join("collector.log"), &args);
+    let mut up = Uplink::start(uplink_opts(&c.url("http"), SENSOR), &spool);
+    up.wait_acked(head, Duration::from_secs(60)).await;
+    let lines = syslog_lines(&rdir, head as usize).await;
+    assert_eq!(lines.len() as u64, head, "collector log:\n{}", c.log_text());
+    let first = &lines[0];
+    assert!(first.starts_with('<'), "{first}");
+    assert!(first.contains(" conduit-collector - "), "{first}");
+    assert!(
+        first.contains("[conduit@32473 seq=\"1\" sensor=\"gw-01\"]"),
+        "{first}"
+    );
+    let json = &first[first.find("] {").expect("json") + 2..];
+    let v: serde_json::Value = serde_json::from_str(json).expect("json");
+    assert_eq!(v["event"]["sequence"], 1);
+    up.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syslog_tcp_receives_every_record() {
+    syslog_case(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syslog_tls_receives_every_record() {
+    syslog_case(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_jetstream_receives_every_record_once() {
+    init_tracing();
+    if !has_binary("nats-server") {
+        println!("SKIP: nats-server not installed");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let _nats = Proc(
+        Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(tmp.path().join("js"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server"),
+    );
+    assert!(wait_port(port), "nats-server did not listen");
+    let url = format!("nats://127.0.0.1:{port}");
+    let spool = tmp.path().join("spool");
+    let store = tmp.path().join("store");
+    let head = write_spool(&spool, SENSOR, 3000);
+    let mut c = Collector::start(
+        &store,
+        &tmp.path().join("collector.log"),
+        &["--tofu", "--nats", &url],
+    );
+    let mut up = Uplink::start(uplink_opts(&c.url("http"), SENSOR), &spool);
+    up.wait_acked(head, Duration::from_secs(60)).await;
+
+    let client = async_nats::connect(&url).await.expect("nats connect");
+    let js = async_nats::jetstream::new(client);
+    let count = |js: async_nats::jetstream::Context| async move {
+        let mut total = 0;
+        for name in ["CONDUIT_PLANT-01", "CONDUIT_DEFAULT"] {
+            let Ok(stream) = js.get_stream(name).await else {
+                continue;
+            };
+            let mut subjects = stream
+                .info_with_subjects(format!("conduit.*.{SENSOR}.>"))
+                .await
+                .expect("info");
+            while let Some(Ok((_, n))) = subjects.next().await {
+                total += n as u64;
+            }
+        }
+        total
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut n = 0;
+    while Instant::now() < deadline {
+        n = count(js.clone()).await;
+        if n >= head {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(n, head, "collector log:\n{}", c.log_text());
+
+    // Restart the collector with its cursor removed: it publishes everything again,
+    // and the Nats-Msg-Id header makes JetStream drop every duplicate.
+    std::fs::remove_file(store.join("exports").join("nats.cursor")).expect("cursor");
+    c.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline
+        && std::fs::metadata(store.join("exports").join("nats.cursor")).is_err()
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(count(js.clone()).await, head);
+    // And directly: the same id again is reported as a duplicate.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", format!("{SENSOR}-5").as_str());
+    let ack = js
+        .publish_with_headers(
+            format!("conduit.plant-01.{SENSOR}.flow_start"),
+            headers,
+            "x".into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    assert!(ack.duplicate);
+    up.stop().await;
+}

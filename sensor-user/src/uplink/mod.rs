@@ -1,0 +1,393 @@
+//! The uplink: streams the spool directory to the collector over gRPC
+//! (`conduit.v1.Collector/Stream`, proto/conduit/v1/stream.proto).
+//!
+//! It reads the segment files on disk (never the agent's memory), so it is a separate
+//! task that only needs the spool directory. The collector acknowledges what it has
+//! fsynced; the uplink publishes that watermark in [`UplinkStatus`] and in the file
+//! `<spool>/acked` ([`read_acked`]), from which the agent calls
+//! `Recorder::acknowledge` (the only writer of the spool stays the agent).
+
+pub mod tail;
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use conduit_proto::v1::{
+    self, SensorMessage, StreamProtocol, collector_client::CollectorClient, collector_message,
+    sensor_message,
+};
+use tokio::sync::{mpsc, watch};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::chain::keys;
+use crate::spool::StoredFrame;
+use tail::{SegmentTail, TailError};
+
+/// Version of the stream protocol this sensor speaks.
+pub const PROTOCOL_VERSION: u32 = StreamProtocol::V1 as u32;
+/// File in the spool directory holding the collector's acknowledged seq (decimal).
+pub const ACKED_FILE: &str = "acked";
+
+/// Client certificate, key and CA (PEM files) for mTLS.
+#[derive(Debug, Clone)]
+pub struct UplinkTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    /// Name to verify in the collector's certificate; default: the URL's host.
+    pub domain: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UplinkOptions {
+    /// `https://host:port` (needs `tls`) or `http://host:port` (plain text, warned).
+    pub collector: String,
+    pub sensor_id: String,
+    pub tls: Option<UplinkTls>,
+    /// Signing public key; None: read `<spool>/signing.pub`.
+    pub public_key: Option<[u8; 32]>,
+    pub batch_max_frames: usize,
+    pub batch_max_bytes: usize,
+    /// Batches sent and not yet acknowledged, at most.
+    pub window: usize,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// How often to look for new frames when the spool has nothing new.
+    pub poll_interval: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl UplinkOptions {
+    pub fn new(collector: impl Into<String>, sensor_id: impl Into<String>) -> UplinkOptions {
+        UplinkOptions {
+            collector: collector.into(),
+            sensor_id: sensor_id.into(),
+            tls: None,
+            public_key: None,
+            batch_max_frames: 1000,
+            batch_max_bytes: 1 << 20,
+            window: 16,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(50),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// For metrics and `/readyz`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UplinkStatus {
+    pub connected: bool,
+    /// Highest seq the collector has stored durably.
+    pub acked_seq: u64,
+    /// Records read from the spool and not yet acknowledged.
+    pub lag_records: u64,
+    /// Highest seq read from the spool so far.
+    pub read_seq: u64,
+    pub reconnects: u64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    #[error("collector URL {url:?}: {what}")]
+    Config { url: String, what: String },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Key(#[from] keys::KeyError),
+    #[error("connecting to the collector: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("collector: {0}")]
+    Status(Box<tonic::Status>),
+    #[error("collector rejected the stream ({code:?}) at seq {seq}: {message}")]
+    Rejected {
+        code: v1::RejectCode,
+        message: String,
+        seq: u64,
+    },
+    #[error("collector protocol error: {0}")]
+    Protocol(String),
+    #[error("collector closed the stream")]
+    Closed,
+    #[error(transparent)]
+    Tail(#[from] TailError),
+}
+
+impl From<tonic::Status> for UplinkError {
+    fn from(s: tonic::Status) -> Self {
+        UplinkError::Status(Box::new(s))
+    }
+}
+
+/// A status channel to pass to [`stream_spool`].
+pub fn status_channel() -> (watch::Sender<UplinkStatus>, watch::Receiver<UplinkStatus>) {
+    watch::channel(UplinkStatus::default())
+}
+
+/// The collector's acknowledged seq as last written by the uplink (None: none yet).
+pub fn read_acked(spool_dir: &Path) -> Option<u64> {
+    std::fs::read_to_string(spool_dir.join(ACKED_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn write_acked(spool_dir: &Path, seq: u64) -> Result<(), UplinkError> {
+    let path = spool_dir.join(ACKED_FILE);
+    let tmp = spool_dir.join(format!("{ACKED_FILE}.tmp"));
+    // Rename is atomic; no fsync: a lost watermark only delays segment deletion.
+    std::fs::write(&tmp, format!("{seq}\n"))
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| UplinkError::Io { path, source: e })
+}
+
+/// Streams `spool_dir` to the collector until `shutdown` turns true, reconnecting
+/// with exponential backoff and jitter. Returns Err only for configuration errors.
+pub async fn stream_spool(
+    opts: UplinkOptions,
+    spool_dir: PathBuf,
+    status: watch::Sender<UplinkStatus>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), UplinkError> {
+    let endpoint = endpoint(&opts).await?;
+    let mut delay = opts.backoff_min;
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let mut progressed = false;
+        let result = session(
+            &opts,
+            &endpoint,
+            &spool_dir,
+            &status,
+            &mut shutdown,
+            &mut progressed,
+        )
+        .await;
+        let err = match result {
+            Ok(()) => return Ok(()),
+            Err(e @ (UplinkError::Config { .. } | UplinkError::Key(_))) => return Err(e),
+            Err(e) => e,
+        };
+        if progressed {
+            delay = opts.backoff_min;
+        }
+        let jittered = delay.mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..1.5));
+        tracing::warn!(error = %err, retry_in_ms = jittered.as_millis() as u64, "collector uplink down");
+        status.send_modify(|s| {
+            s.connected = false;
+            s.reconnects += 1;
+            s.last_error = Some(err.to_string());
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(jittered) => {}
+            _ = shutdown.changed() => return Ok(()),
+        }
+        delay = (delay * 2).min(opts.backoff_max);
+    }
+}
+
+async fn endpoint(opts: &UplinkOptions) -> Result<Endpoint, UplinkError> {
+    let cfg_err = |what: String| UplinkError::Config {
+        url: opts.collector.clone(),
+        what,
+    };
+    let mut ep = Endpoint::from_shared(opts.collector.clone())
+        .map_err(|e| cfg_err(e.to_string()))?
+        .connect_timeout(opts.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true);
+    let https = opts.collector.starts_with("https://");
+    match (&opts.tls, https) {
+        (Some(tls), true) => {
+            let cert = read_file(&tls.cert).await?;
+            let key = read_file(&tls.key).await?;
+            let ca = read_file(&tls.ca).await?;
+            let mut cfg = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .identity(Identity::from_pem(cert, key));
+            if let Some(d) = &tls.domain {
+                cfg = cfg.domain_name(d.clone());
+            }
+            ep = ep.tls_config(cfg)?;
+        }
+        (None, true) => {
+            return Err(cfg_err(
+                "https:// needs --tls-cert, --tls-key and --tls-ca".to_owned(),
+            ));
+        }
+        (Some(_), false) => {
+            return Err(cfg_err(
+                "TLS files given but the URL is not https://".to_owned(),
+            ));
+        }
+        (None, false) => {
+            tracing::warn!(
+                collector = %opts.collector,
+                "uplink uses plain text (http://): records and the sensor identity are not protected in transit; use https:// with mTLS"
+            );
+        }
+    }
+    Ok(ep)
+}
+
+async fn read_file(path: &Path) -> Result<Vec<u8>, UplinkError> {
+    tokio::fs::read(path).await.map_err(|e| UplinkError::Io {
+        path: path.to_owned(),
+        source: e,
+    })
+}
+
+fn frame_msg(f: StoredFrame) -> v1::Frame {
+    v1::Frame {
+        seq: f.seq,
+        prev_hash: f.prev_hash.to_vec().into(),
+        hash: f.hash.to_vec().into(),
+        record: f.record_bytes.into(),
+    }
+}
+
+/// One connection: Hello, Welcome, then batches until an error or shutdown.
+async fn session(
+    opts: &UplinkOptions,
+    endpoint: &Endpoint,
+    spool_dir: &Path,
+    status: &watch::Sender<UplinkStatus>,
+    shutdown: &mut watch::Receiver<bool>,
+    progressed: &mut bool,
+) -> Result<(), UplinkError> {
+    let public_key = match opts.public_key {
+        Some(k) => k,
+        None => keys::read_public_key(&spool_dir.join(keys::PUB_FILE))?,
+    };
+    let channel: Channel = endpoint.connect().await?;
+    let mut client = CollectorClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    let (tx, rx) = mpsc::channel::<SensorMessage>(opts.window.max(1) + 1);
+    let read_seq = status.borrow().read_seq;
+    let hello = SensorMessage {
+        msg: Some(sensor_message::Msg::Hello(v1::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            sensor_id: opts.sensor_id.clone(),
+            public_key: public_key.to_vec(),
+            head_seq: read_seq,
+            head_hash: Vec::new(),
+        })),
+    };
+    tx.send(hello).await.map_err(|_| UplinkError::Closed)?;
+    let mut inbound = client
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let welcome = match inbound.message().await?.and_then(|m| m.msg) {
+        Some(collector_message::Msg::Welcome(w)) => w,
+        Some(collector_message::Msg::Reject(r)) => return Err(rejected(r)),
+        Some(other) => {
+            return Err(UplinkError::Protocol(format!(
+                "expected Welcome, got {other:?}"
+            )));
+        }
+        None => return Err(UplinkError::Closed),
+    };
+    if welcome.protocol_version != PROTOCOL_VERSION {
+        return Err(UplinkError::Protocol(format!(
+            "collector speaks protocol version {}, this sensor {PROTOCOL_VERSION}",
+            welcome.protocol_version
+        )));
+    }
+    let mut acked = welcome.last_stored_seq;
+    tracing::info!(
+        collector = %opts.collector,
+        last_stored_seq = acked,
+        "connected to the collector"
+    );
+    write_acked(spool_dir, acked)?;
+    status.send_modify(|s| {
+        s.connected = true;
+        s.acked_seq = acked;
+        s.read_seq = s.read_seq.max(acked);
+        s.lag_records = s.read_seq - acked;
+        s.last_error = None;
+    });
+    let mut tail = SegmentTail::new(spool_dir, acked + 1);
+    // Last seq of each batch sent and not yet acknowledged.
+    let mut in_flight: VecDeque<u64> = VecDeque::new();
+    let mut idle = false;
+    let mut frames = Vec::new();
+    loop {
+        let can_send = in_flight.len() < opts.window.max(1);
+        let wait = if idle {
+            opts.poll_interval
+        } else {
+            Duration::ZERO
+        };
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => return Ok(()),
+            m = inbound.message() => match m?.and_then(|m| m.msg) {
+                Some(collector_message::Msg::Ack(a)) => {
+                    while in_flight.front().is_some_and(|s| *s <= a.stored_seq) {
+                        in_flight.pop_front();
+                    }
+                    if a.stored_seq > acked {
+                        // Only stored records reset the backoff: a collector that
+                        // welcomes and then rejects must not be hammered.
+                        *progressed = true;
+                        acked = a.stored_seq;
+                        write_acked(spool_dir, acked)?;
+                        status.send_modify(|s| {
+                            s.acked_seq = acked;
+                            s.lag_records = s.read_seq.saturating_sub(acked);
+                        });
+                    }
+                }
+                Some(collector_message::Msg::Reject(r)) => return Err(rejected(r)),
+                Some(collector_message::Msg::Welcome(_)) => {
+                    return Err(UplinkError::Protocol("second Welcome".to_owned()));
+                }
+                None => return Err(UplinkError::Closed),
+            },
+            _ = tokio::time::sleep(wait), if can_send => {
+                frames.clear();
+                // Page-cache reads of at most a chunk: short enough to do inline.
+                tail.poll(opts.batch_max_frames, opts.batch_max_bytes, &mut frames)?;
+                let Some(last) = frames.last().map(|f| f.seq) else {
+                    idle = true;
+                    continue;
+                };
+                idle = false;
+                let batch = v1::Batch {
+                    frames: frames.drain(..).map(frame_msg).collect(),
+                };
+                tx.send(SensorMessage { msg: Some(sensor_message::Msg::Batch(batch)) })
+                    .await
+                    .map_err(|_| UplinkError::Closed)?;
+                in_flight.push_back(last);
+                status.send_modify(|s| {
+                    s.read_seq = s.read_seq.max(last);
+                    s.lag_records = s.read_seq.saturating_sub(s.acked_seq);
+                });
+            }
+        }
+    }
+}
+
+fn rejected(r: v1::Reject) -> UplinkError {
+    UplinkError::Rejected {
+        code: v1::RejectCode::try_from(r.code).unwrap_or(v1::RejectCode::Unspecified),
+        message: r.message,
+        seq: r.seq,
+    }
+}
