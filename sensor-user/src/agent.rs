@@ -33,6 +33,7 @@ use crate::{
     metrics::Metrics,
     record::{BootClock, ChainPosition, ecs_json, endpoints, flow_record},
     tls::ClientHelloInfo,
+    uplink::UplinkOptions,
 };
 
 /// Everything `run` needs, after sensor.yaml and the flags are merged.
@@ -46,7 +47,8 @@ pub struct AgentSettings {
     pub tracker: TrackerOptions,
     pub enforcement: bool,
     pub metrics: Option<std::net::SocketAddr>,
-    pub collector: Option<String>,
+    /// Stream the spool to a collector.
+    pub uplink: Option<UplinkOptions>,
 }
 
 /// How often the kernel flow table is swept.
@@ -67,6 +69,8 @@ struct Agent {
     reported_counters: [u64; Counter::COUNT as usize],
     ifnames: HashMap<u32, String>,
     site: String,
+    /// Link status when streaming to a collector.
+    uplink: Option<tokio::sync::watch::Receiver<crate::uplink::UplinkStatus>>,
 }
 
 /// Runs the agent until SIGTERM/SIGINT; returns after a clean drain.
@@ -80,16 +84,56 @@ pub async fn run(settings: AgentSettings) -> Result<()> {
             }
         });
     }
-    if let Some(url) = &settings.collector {
-        tracing::warn!(%url, "collector streaming is not available in this build; records stay in the spool");
-    }
+    let uplink = settings.uplink.clone();
+    let spool_dir = settings.recorder.spool_dir.clone();
     let mut agent = Agent::start(settings, metrics.clone(), Mode::Live)?;
+
+    // The uplink reads the spool files on its own; the recorder stays their only writer.
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let link = uplink.map(|mut opts| {
+        opts.public_key = Some(agent.recorder.public_key());
+        tracing::info!(collector = %opts.collector, "streaming the spool to the collector");
+        let (status_tx, status_rx) = crate::uplink::status_channel();
+        let task = tokio::spawn(crate::uplink::stream_spool(
+            opts,
+            spool_dir.clone(),
+            status_tx,
+            shutdown_rx,
+        ));
+        agent.uplink = Some(status_rx.clone());
+        (task, status_rx)
+    });
+
     metrics.ready.store(true, Ordering::Relaxed);
     tracing::info!("sensor running");
-    agent.event_loop().await?;
+    let result = agent.event_loop().await;
+
+    if let Some((task, mut status)) = link {
+        // Give the collector a moment to store the final records (flow_end, checkpoint).
+        let head = agent.recorder.head().0;
+        let _ = tokio::time::timeout(UPLINK_DRAIN, status.wait_for(|s| s.acked_seq >= head)).await;
+        let _ = shutdown_tx.send(true);
+        match tokio::time::timeout(Duration::from_secs(5), task).await {
+            Ok(Ok(Err(err))) => tracing::error!("uplink: {err}"),
+            Ok(_) => {}
+            Err(_) => tracing::warn!("uplink did not stop within 5 s"),
+        }
+        let acked = status.borrow().acked_seq;
+        if acked < head {
+            tracing::warn!(
+                acked,
+                head,
+                "collector has not acknowledged everything; the rest stays in the spool and is sent on the next start"
+            );
+        }
+    }
+    result?;
     tracing::info!("sensor stopped");
     Ok(())
 }
+
+/// How long a stopping agent waits for the collector to acknowledge its last records.
+const UPLINK_DRAIN: Duration = Duration::from_secs(5);
 
 /// `conduit-sensor replay`: runs the kernel program over every packet of a pcap with
 /// BPF_PROG_TEST_RUN and feeds its events to the same agent logic, so the records are
@@ -195,6 +239,7 @@ impl Agent {
             reported_counters: [0; Counter::COUNT as usize],
             ifnames,
             site,
+            uplink: None,
         };
         agent.emit_appended(opened)?;
         if let Some(map) = policy {
@@ -241,6 +286,7 @@ impl Agent {
                 }
                 _ = sweep.tick() => self.sweep()?,
                 _ = tick.tick() => {
+                    self.acknowledge_collector()?;
                     let written = self.recorder.tick(SystemTime::now())?;
                     self.emit_appended(written)?;
                 }
@@ -368,6 +414,27 @@ impl Agent {
                     app_protocol: s.app_protocol,
                 },
             )?;
+        }
+        Ok(())
+    }
+
+    /// What the collector has durably stored may leave the spool when space is needed.
+    fn acknowledge_collector(&mut self) -> Result<()> {
+        let Some(status) = &self.uplink else {
+            return Ok(());
+        };
+        let s = status.borrow().clone();
+        let m = &self.metrics;
+        m.collector_connected.store(s.connected, Ordering::Relaxed);
+        m.collector_acked_seq.store(s.acked_seq, Ordering::Relaxed);
+        m.collector_lag_records.store(
+            self.recorder.head().0.saturating_sub(s.acked_seq),
+            Ordering::Relaxed,
+        );
+        if let Some(acked) = crate::uplink::read_acked(&self.settings.recorder.spool_dir)
+            && acked > 0
+        {
+            self.recorder.acknowledge(acked)?;
         }
         Ok(())
     }

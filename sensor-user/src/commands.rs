@@ -85,6 +85,7 @@ pub fn settings_from(args: &RunArgs) -> Result<AgentSettings, ConfigError> {
         interval: Duration::from_millis(cfg.spool.sync.interval_ms),
         records: cfg.spool.sync.records,
     };
+    let uplink = uplink_options(args, &cfg, &sensor_id)?;
     Ok(AgentSettings {
         sensor_id,
         ifaces,
@@ -99,8 +100,61 @@ pub fn settings_from(args: &RunArgs) -> Result<AgentSettings, ConfigError> {
         },
         enforcement: args.enforce || cfg.enforcement,
         metrics: args.metrics.or(cfg.metrics.map(|m| m.listen)),
-        collector: args.collector.clone().or(cfg.collector.map(|c| c.url)),
+        uplink,
     })
+}
+
+/// The collector link from the flags and sensor.yaml; `https://` needs all three
+/// TLS files (mTLS), `http://` is allowed with a warning.
+fn uplink_options(
+    args: &RunArgs,
+    cfg: &SensorConfig,
+    sensor_id: &str,
+) -> Result<Option<crate::uplink::UplinkOptions>, ConfigError> {
+    let file_tls = cfg.collector.as_ref().and_then(|c| c.tls.clone());
+    let Some(url) = args
+        .collector
+        .clone()
+        .or(cfg.collector.as_ref().map(|c| c.url.clone()))
+    else {
+        return Ok(None);
+    };
+    let mut opts = crate::uplink::UplinkOptions::new(url.clone(), sensor_id);
+    let pick = |flag: &Option<PathBuf>, file: Option<PathBuf>| flag.clone().or(file);
+    let cert = pick(
+        &args.tls_cert,
+        file_tls.as_ref().and_then(|t| t.cert.clone()),
+    );
+    let key = pick(&args.tls_key, file_tls.as_ref().and_then(|t| t.key.clone()));
+    let ca = pick(&args.tls_ca, file_tls.as_ref().and_then(|t| t.ca.clone()));
+    if url.starts_with("https://") {
+        match (cert, key, ca) {
+            (Some(cert), Some(key), Some(ca)) => {
+                opts.tls = Some(crate::uplink::UplinkTls {
+                    cert,
+                    key,
+                    ca,
+                    domain: None,
+                });
+            }
+            _ => {
+                return Err(ConfigError::single(
+                    "--collector",
+                    format!(
+                        "{url} is https: give --tls-cert, --tls-key and --tls-ca (or collector.tls in sensor.yaml) for mTLS"
+                    ),
+                ));
+            }
+        }
+    } else if !url.starts_with("http://") {
+        return Err(ConfigError::single(
+            "--collector",
+            format!(
+                "{url}: the collector URL must start with https:// (mTLS) or http:// (plain text)"
+            ),
+        ));
+    }
+    Ok(Some(opts))
 }
 
 fn run(args: RunArgs) -> Result<ExitCode> {
@@ -110,7 +164,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             "no interface to watch: give --iface NAME (repeatable) or `interfaces:` in sensor.yaml"
         );
     }
-    if let Some(url) = &settings.collector
+    if let Some(url) = settings.uplink.as_ref().map(|u| &u.collector)
         && url.starts_with("http://")
     {
         tracing::warn!(%url, "PLAIN-TEXT collector link: records travel unencrypted and unauthenticated; use https:// with --tls-cert/--tls-key/--tls-ca");

@@ -37,6 +37,9 @@ pub struct Metrics {
     pub policy_reloads: AtomicU64,
     pub policy_reload_failures: AtomicU64,
     pub chain_seq: AtomicU64,
+    pub collector_connected: AtomicBool,
+    pub collector_acked_seq: AtomicU64,
+    pub collector_lag_records: AtomicU64,
 }
 
 impl Metrics {

@@ -101,6 +101,67 @@ impl LabPki {
     }
 }
 
+impl LabPki {
+    /// Issues a certificate from the lab CA: `cn`, DNS/IP SANs, for a server or a
+    /// client (mTLS). Returns (cert, key).
+    pub fn issue(
+        &self,
+        lab: &Lab,
+        name: &str,
+        cn: &str,
+        sans: &[&str],
+        client: bool,
+    ) -> Result<(PathBuf, PathBuf)> {
+        let dir = self
+            .ca
+            .parent()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| lab.workdir.clone());
+        let p = |n: &str| dir.join(n).display().to_string();
+        let usage = if client { "clientAuth" } else { "serverAuth" };
+        let mut ext = format!("extendedKeyUsage={usage}\n");
+        if !sans.is_empty() {
+            ext.push_str(&format!("subjectAltName={}\n", sans.join(",")));
+        }
+        fs::write(dir.join(format!("{name}.cnf")), ext)?;
+        sh(std::process::Command::new("openssl").args([
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &p(&format!("{name}.key")),
+            "-out",
+            &p(&format!("{name}.csr")),
+            "-subj",
+            &format!("/CN={cn}"),
+        ]))?;
+        sh(std::process::Command::new("openssl").args([
+            "x509",
+            "-req",
+            "-in",
+            &p(&format!("{name}.csr")),
+            "-CA",
+            &self.ca.display().to_string(),
+            "-CAkey",
+            &p("ca.key"),
+            "-CAcreateserial",
+            "-out",
+            &p(&format!("{name}.pem")),
+            "-days",
+            "2",
+            "-extfile",
+            &p(&format!("{name}.cnf")),
+        ]))?;
+        Ok((
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        ))
+    }
+}
+
 /// Starts nginx (TLS on 443 of every AI address) and the QUIC server (UDP 443) in
 /// `net`. Both are stopped when the lab drops.
 pub fn start_endpoints(lab: &mut Lab, net: &Ns, pki: &LabPki) -> Result<()> {

@@ -1,0 +1,159 @@
+//! The gateway's sensor streams its spool over mTLS to a collector in another
+//! namespace. The collector starts only after the sensor has already recorded flows
+//! (a dead collector means spooling, not dropping); at the end the collector's store
+//! verifies with `verify-chain` and holds exactly the sensor's records, and its JSON
+//! lines carry the classified flows.
+
+use std::{process::Command, time::Duration};
+
+use anyhow::{Context as _, Result, ensure};
+use conduit_lab::{
+    SensorRun,
+    ai::{Client, LabPki, call, lab_conduits, start_endpoints},
+    read_jsonl, skip_unless_root,
+    topology::{AI_V4, GW_OT1_IF, GatewayLab, GatewayLabOptions, NET_V4},
+    workspace_bin,
+};
+
+#[test]
+fn sensor_streams_to_a_collector_that_starts_late_and_verifies_everything() -> Result<()> {
+    if skip_unless_root("sensor_streams_to_a_collector_that_starts_late_and_verifies_everything") {
+        return Ok(());
+    }
+    let mut lab = GatewayLab::build("coll", GatewayLabOptions { masquerade: true })?;
+    let pki = LabPki::create(&lab.lab)?;
+    let (gw, ot1, net) = (lab.gw.clone(), lab.ot1.clone(), lab.net.clone());
+    start_endpoints(&mut lab.lab, &net, &pki)?;
+    let (srv_cert, srv_key) = pki.issue(
+        &lab.lab,
+        "collector",
+        "collector.lab",
+        &[&format!("IP:{NET_V4}")],
+        false,
+    )?;
+    let (cli_cert, cli_key) = pki.issue(
+        &lab.lab,
+        "sensor-client",
+        "sensor-gw",
+        &["DNS:sensor-gw"],
+        true,
+    )?;
+    let s = |p: &std::path::Path| p.display().to_string();
+
+    let map = s(&lab_conduits());
+    let url = format!("https://{NET_V4}:7443");
+    let sensor = SensorRun::start(
+        &mut lab.lab,
+        &gw,
+        "sensor",
+        &[
+            "--iface",
+            GW_OT1_IF,
+            "--conduits",
+            &map,
+            "--collector",
+            &url,
+            "--tls-cert",
+            &s(&cli_cert),
+            "--tls-key",
+            &s(&cli_key),
+            "--tls-ca",
+            &s(&pki.ca),
+        ],
+    )?;
+    // The collector is not there yet: the sensor keeps everything in its spool.
+    call(
+        &lab.lab,
+        &ot1,
+        Client::Curl,
+        "api.openai.com",
+        AI_V4[0],
+        &pki,
+    )?;
+
+    let store = lab.lab.workdir.join("store");
+    let jsonl = lab.lab.workdir.join("collector.jsonl");
+    let listen = format!("{NET_V4}:7443");
+    lab.lab.spawn(
+        &net,
+        "collector",
+        &[
+            &s(&workspace_bin("conduit-collector")),
+            "run",
+            "--listen",
+            &listen,
+            "--store",
+            &s(&store),
+            "--jsonl",
+            &s(&jsonl),
+            "--tofu",
+            "--tls-cert",
+            &s(&srv_cert),
+            "--tls-key",
+            &s(&srv_key),
+            "--client-ca",
+            &s(&pki.ca),
+        ],
+    )?;
+    lab.lab
+        .wait_for_port(&net, "tcp", 7443, Duration::from_secs(20))?;
+    call(
+        &lab.lab,
+        &ot1,
+        Client::Curl,
+        "chat.openai.com",
+        AI_V4[1],
+        &pki,
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    let records = sensor.stop(&mut lab.lab)?;
+    let head = records
+        .iter()
+        .filter_map(|r| r["event"]["sequence"].as_u64())
+        .max()
+        .context("no records")?;
+
+    // The collector's store for this sensor verifies and ends at the sensor's head.
+    let sensor_store = store.join("sensor-gw");
+    let out = Command::new(workspace_bin("conduit-sensor"))
+        .arg("verify-chain")
+        .arg(&sensor_store)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "collector store does not verify:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        text.contains(&format!("seq 1..{head}")),
+        "store does not hold seq 1..{head}:\n{text}"
+    );
+
+    // Every record exactly once in the collector's JSON lines, in order.
+    lab.lab.stop(
+        "collector",
+        nix::sys::signal::Signal::SIGTERM,
+        Duration::from_secs(15),
+    )?;
+    let exported = read_jsonl(&jsonl)?;
+    let seqs: Vec<u64> = exported
+        .iter()
+        .filter(|r| r["observer"]["id"] == "sensor-gw")
+        .filter_map(|r| r["event"]["sequence"].as_u64())
+        .collect();
+    ensure!(
+        seqs == (1..=head).collect::<Vec<_>>(),
+        "exported seqs {seqs:?}, expected 1..={head}"
+    );
+    for name in ["api.openai.com", "chat.openai.com"] {
+        ensure!(
+            exported
+                .iter()
+                .any(|r| r["tls"]["client"]["server_name"] == name
+                    && r["conduit"]["verdict"] == "violation"),
+            "no exported violation for {name}"
+        );
+    }
+    Ok(())
+}
