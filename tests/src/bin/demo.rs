@@ -17,8 +17,8 @@ use anyhow::{Context as _, Result};
 use conduit_lab::{
     SensorRun,
     ai::{Client, LabPki, call, lab_conduits, start_endpoints},
-    is_root,
-    topology::{AI_V4, AI_V6, GW_OT1_IF, GW_OT2_IF, GatewayLab, GatewayLabOptions},
+    is_root, read_jsonl,
+    topology::{AI_V4, AI_V6, GW_OT1_IF, GW_OT2_IF, GatewayLab, GatewayLabOptions, NET_V4},
     workspace_bin,
 };
 use serde_json::Value;
@@ -72,8 +72,55 @@ fn demo() -> Result<()> {
         );
     }
 
-    say("Starting conduit-sensor on the gateway's zone-facing interfaces");
+    say("Starting the collector (mTLS, verifying store, JSON-lines export) in the SOC network");
+    let sp = |p: &std::path::Path| p.display().to_string();
+    let (srv_cert, srv_key) = pki.issue(
+        &lab.lab,
+        "collector",
+        "collector.lab",
+        &[&format!("IP:{NET_V4}")],
+        false,
+    )?;
+    let (cli_cert, cli_key) = pki.issue(
+        &lab.lab,
+        "sensor-client",
+        "sensor-gw",
+        &["DNS:sensor-gw"],
+        true,
+    )?;
+    let store = lab.lab.workdir.join("collector-store");
+    let export = lab.lab.workdir.join("siem.jsonl");
+    let listen = format!("{NET_V4}:7443");
+    lab.lab.spawn(
+        &net,
+        "collector",
+        &[
+            &sp(&workspace_bin("conduit-collector")),
+            "run",
+            "--listen",
+            &listen,
+            "--store",
+            &sp(&store),
+            "--jsonl",
+            &sp(&export),
+            "--tofu",
+            "--tls-cert",
+            &sp(&srv_cert),
+            "--tls-key",
+            &sp(&srv_key),
+            "--client-ca",
+            &sp(&pki.ca),
+        ],
+    )?;
+    lab.lab
+        .wait_for_port(&net, "tcp", 7443, Duration::from_secs(20))?;
+    println!("  conduit-collector listening on {listen}");
+
+    say(
+        "Starting conduit-sensor on the gateway's zone-facing interfaces, streaming to the collector",
+    );
     let map_arg = map.display().to_string();
+    let url = format!("https://{listen}");
     let sensor = SensorRun::start(
         &mut lab.lab,
         &gw,
@@ -85,6 +132,14 @@ fn demo() -> Result<()> {
             GW_OT2_IF,
             "--conduits",
             &map_arg,
+            "--collector",
+            &url,
+            "--tls-cert",
+            &sp(&cli_cert),
+            "--tls-key",
+            &sp(&cli_key),
+            "--tls-ca",
+            &sp(&pki.ca),
         ],
     )?;
 
@@ -191,6 +246,45 @@ fn demo() -> Result<()> {
     print!("{text}");
     println!("  exit code {code}");
     anyhow::ensure!(code == 1, "verify-chain did not catch the tampering");
+
+    say("The collector's view");
+    lab.lab.stop(
+        "collector",
+        nix::sys::signal::Signal::SIGTERM,
+        Duration::from_secs(15),
+    )?;
+    let out = Command::new(workspace_bin("conduit-collector"))
+        .arg("verify")
+        .arg("--store")
+        .arg(&store)
+        .output()?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    println!(
+        "  conduit-collector verify: exit code {}",
+        out.status.code().unwrap_or(-1)
+    );
+    let exported = read_jsonl(&export)?;
+    let flows = exported
+        .iter()
+        .filter(|r| r["event"]["action"] == "flow_start")
+        .count();
+    let violations = exported
+        .iter()
+        .filter(|r| r["event"]["action"] == "flow_start" && r["conduit"]["verdict"] == "violation")
+        .count();
+    println!(
+        "  SIEM export {}: {} records, {} flows started, {} violations",
+        export.display(),
+        exported.len(),
+        flows,
+        violations
+    );
+    if let Some(v) = exported
+        .iter()
+        .find(|r| r["conduit"]["verdict"] == "violation")
+    {
+        println!("  one exported violation, as the SIEM receives it:\n  {v}");
+    }
 
     say("Done; the lab is being removed");
     Ok(())
