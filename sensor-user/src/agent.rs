@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use conduit_proto::v1::{Loss, PolicyChange, Record, RecordKind, Verdict, record::Body};
-use sensor_common::{Counter, FlowKey, FlowStats, app_protocol, sni_state, verdict};
+use sensor_common::{ClassUpdate, Counter, FlowKey, FlowStats, app_protocol, sni_state, verdict};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -28,10 +28,11 @@ use crate::{
     completion::{Completed, Completion},
     config::{self, AppProto, ConduitMap, DefaultAction},
     flows::{Classification, FlowOut, FlowTracker, TrackerOptions},
+    kernel::BootClock,
     kernel::{self, Kernel, KernelEvent, KernelOptions},
     kernel_policy::kernel_policy,
     metrics::Metrics,
-    record::{BootClock, ChainPosition, ecs_json, endpoints, flow_record},
+    record::{ChainPosition, ecs_json, endpoints, flow_record},
     tls::ClientHelloInfo,
     uplink::UplinkOptions,
 };
@@ -377,18 +378,8 @@ impl Agent {
         if let Some(name) = &info.sni {
             stats.sni_hash = sensor_common::sni_hash(name.as_bytes());
         }
-        self.kernel.update_classification(
-            &key,
-            &kernel::Classification {
-                sni_hash: stats.sni_hash,
-                zone_id: stats.zone_id,
-                endpoint_id: stats.endpoint_id,
-                conduit_id: stats.conduit_id,
-                verdict: stats.verdict,
-                sni_state: stats.sni_state,
-                app_protocol: stats.app_protocol,
-            },
-        )?;
+        self.kernel
+            .update_classification(&key, &class_update(&stats))?;
         self.count_verdict(class.verdict);
         if let Some(out) = self
             .tracker
@@ -402,18 +393,7 @@ impl Agent {
     /// Not TLS/QUIC after all: tell the kernel to stop copying payload.
     fn finish_unclassified(&mut self, key: FlowKey) -> Result<()> {
         if let Some(s) = self.kernel.flow(&key)? {
-            self.kernel.update_classification(
-                &key,
-                &kernel::Classification {
-                    sni_hash: s.sni_hash,
-                    zone_id: s.zone_id,
-                    endpoint_id: s.endpoint_id,
-                    conduit_id: s.conduit_id,
-                    verdict: s.verdict,
-                    sni_state: sni_state::DONE,
-                    app_protocol: s.app_protocol,
-                },
-            )?;
+            self.kernel.update_classification(&key, &class_update(&s))?;
         }
         Ok(())
     }
@@ -651,6 +631,18 @@ impl Agent {
         }
         self.kernel.detach_all();
         Ok(())
+    }
+}
+
+/// The classification fields of a flow, for the kernel to merge (it sets DONE).
+fn class_update(s: &FlowStats) -> ClassUpdate {
+    ClassUpdate {
+        sni_hash: s.sni_hash,
+        zone_id: s.zone_id,
+        endpoint_id: s.endpoint_id,
+        conduit_id: s.conduit_id,
+        verdict: s.verdict,
+        app_protocol: s.app_protocol,
     }
 }
 

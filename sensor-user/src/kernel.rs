@@ -239,6 +239,16 @@ impl BootClock {
         }
     }
 
+    /// A clock with a given CLOCK_REALTIME - CLOCK_BOOTTIME offset (tests, replays).
+    pub fn from_offset(offset_ns: i128) -> BootClock {
+        BootClock { offset_ns }
+    }
+
+    /// Unix nanoseconds of a boot-clock timestamp.
+    pub fn unix_nanos(&self, boot_ns: u64) -> i64 {
+        i64::try_from(boot_ns as i128 + self.offset_ns).unwrap_or(i64::MAX)
+    }
+
     /// Current boot-clock time in ns (same clock as the kernel's timestamps).
     pub fn boot_now_ns() -> u64 {
         clock_ns(libc::CLOCK_BOOTTIME) as u64
@@ -257,18 +267,6 @@ fn clock_ns(clock: libc::clockid_t) -> i128 {
     // SAFETY: valid pointer to a timespec; CLOCK_BOOTTIME/REALTIME always exist on Linux.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
-}
-
-/// Classification written back by the agent (see [`Kernel::update_classification`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Classification {
-    pub sni_hash: u64,
-    pub zone_id: u16,
-    pub endpoint_id: u16,
-    pub conduit_id: u16,
-    pub verdict: u8,
-    pub sni_state: u8,
-    pub app_protocol: u8,
 }
 
 /// IPv4 or IPv6 CIDR with a 16-bit id, as installed in the LPM tries.
@@ -609,7 +607,7 @@ impl Kernel {
     /// the flow on the flow's next packet (and stops copying payload). The agent never
     /// rewrites a flow-table value, so no packet counted meanwhile is lost. Returns
     /// false if the flow is gone.
-    pub fn update_classification(&mut self, key: &FlowKey, c: &Classification) -> Result<bool> {
+    pub fn update_classification(&mut self, key: &FlowKey, update: &ClassUpdate) -> Result<bool> {
         if self.flow(key)?.is_none() {
             return Ok(false);
         }
@@ -617,14 +615,6 @@ impl Kernel {
         let mut m: HashMap<&mut MapData, FlowKey, ClassUpdate> =
             HashMap::try_from(self.ebpf.map_mut(name).ok_or(KernelError::Missing(name))?)
                 .map_err(map_err(name))?;
-        let update = ClassUpdate {
-            sni_hash: c.sni_hash,
-            zone_id: c.zone_id,
-            endpoint_id: c.endpoint_id,
-            conduit_id: c.conduit_id,
-            verdict: c.verdict,
-            app_protocol: c.app_protocol,
-        };
         m.insert(key, update, 0).map_err(map_err(name))?;
         Ok(true)
     }

@@ -3,49 +3,14 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use conduit_proto::v1::{Counts, Flow, FlowEndReason, Record, RecordKind, Verdict, record::Body};
 use sensor_common::{DIR_FORWARD, DIR_REVERSE, FAMILY_IPV4, FlowKey, FlowStats};
 use serde_json::{Map, Value, json};
 
-use crate::{community_id::community_id_v1, flows::FlowOut};
-
-/// Converts `CLOCK_BOOTTIME` nanoseconds (the kernel's timestamps) to wall-clock time.
-#[derive(Clone, Copy, Debug)]
-pub struct BootClock {
-    /// Unix nanoseconds at boot.
-    boot_unix_ns: i128,
-}
-
-impl BootClock {
-    /// Reads both clocks now.
-    pub fn now() -> BootClock {
-        let boot = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-            .map(|t| i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()))
-            .unwrap_or_default();
-        let unix = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as i128)
-            .unwrap_or_default();
-        BootClock {
-            boot_unix_ns: unix - boot,
-        }
-    }
-
-    /// `CLOCK_BOOTTIME` now, in nanoseconds.
-    pub fn boot_now_ns() -> u64 {
-        nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-            .map(|t| (t.tv_sec() as u64) * 1_000_000_000 + t.tv_nsec() as u64)
-            .unwrap_or_default()
-    }
-
-    /// Unix nanoseconds of a boot-time stamp.
-    pub fn unix_nanos(&self, boot_ns: u64) -> i64 {
-        i64::try_from(self.boot_unix_ns + i128::from(boot_ns)).unwrap_or(i64::MAX)
-    }
-}
+use crate::{community_id::community_id_v1, flows::FlowOut, kernel::BootClock};
 
 /// Source and destination of a flow as its initiator sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -388,9 +353,7 @@ mod tests {
 
     #[test]
     fn json_has_contract_fields() {
-        let clock = BootClock {
-            boot_unix_ns: 1_700_000_000_000_000_000,
-        };
+        let clock = BootClock::from_offset(1_700_000_000_000_000_000);
         let mut rec = flow_record(&sample(), &clock, "eth1");
         rec.sensor_id = "gw-01".into();
         rec.site = "plant-01".into();

@@ -411,13 +411,12 @@ fn split_hello_is_copied_until_the_agent_classifies() {
     assert_eq!((s.sni_state, s.payload_copies), (sni_state::PENDING, 2));
 
     // The agent classifies; the kernel merges on the next packet and stops copying.
-    let update = sensor_user::kernel::Classification {
+    let update = sensor_common::ClassUpdate {
         sni_hash: sni_hash(b"api.openai.com"),
         zone_id: 1,
         endpoint_id: 5,
         conduit_id: 0,
         verdict: verdict::BLOCKED,
-        sni_state: sni_state::DONE,
         app_protocol: app_protocol::TLS,
     };
     assert!(k.update_classification(&fkey, &update).unwrap());

@@ -54,54 +54,17 @@ impl LabPki {
             "-subj",
             "/CN=Conduit Lab CA",
         ]))?;
-        let san: Vec<String> = LAB_NAMES.iter().map(|n| format!("DNS:{n}")).collect();
-        fs::write(
-            dir.join("ext.cnf"),
-            format!(
-                "subjectAltName={}\nextendedKeyUsage=serverAuth\n",
-                san.join(",")
-            ),
-        )?;
-        sh(std::process::Command::new("openssl").args([
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &p("server.key"),
-            "-out",
-            &p("server.csr"),
-            "-subj",
-            "/CN=api.openai.com",
-        ]))?;
-        sh(std::process::Command::new("openssl").args([
-            "x509",
-            "-req",
-            "-in",
-            &p("server.csr"),
-            "-CA",
-            &p("ca.pem"),
-            "-CAkey",
-            &p("ca.key"),
-            "-CAcreateserial",
-            "-out",
-            &p("server.pem"),
-            "-days",
-            "2",
-            "-extfile",
-            &p("ext.cnf"),
-        ]))?;
-        Ok(LabPki {
+        let mut pki = LabPki {
             ca: dir.join("ca.pem"),
-            cert: dir.join("server.pem"),
-            key: dir.join("server.key"),
-        })
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+        };
+        let sans: Vec<String> = LAB_NAMES.iter().map(|n| format!("DNS:{n}")).collect();
+        let sans: Vec<&str> = sans.iter().map(String::as_str).collect();
+        (pki.cert, pki.key) = pki.issue(lab, "server", "api.openai.com", &sans, false)?;
+        Ok(pki)
     }
-}
 
-impl LabPki {
     /// Issues a certificate from the lab CA: `cn`, DNS/IP SANs, for a server or a
     /// client (mTLS). Returns (cert, key).
     pub fn issue(
@@ -353,5 +316,94 @@ pub fn call_expect_failure(
             client.name()
         ),
         Err(err) => Ok(format!("{err:#}")),
+    }
+}
+
+/// A collector running in the lab, with the mTLS material a sensor needs.
+pub struct LabCollector {
+    pub url: String,
+    pub store: PathBuf,
+    pub export: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+    ca: PathBuf,
+}
+
+impl LabCollector {
+    /// Starts `conduit-collector` (label `collector`) in `ns` on `addr`:7443 with mTLS
+    /// (server certificate for the address, client certificates from the lab CA),
+    /// trust on first use, and a JSON-lines export; issues the client certificate
+    /// of `sensor_id`.
+    pub fn start(
+        lab: &mut Lab,
+        ns: &Ns,
+        addr: &str,
+        pki: &LabPki,
+        sensor_id: &str,
+    ) -> Result<LabCollector> {
+        let (srv_cert, srv_key) = pki.issue(
+            lab,
+            "collector",
+            "collector.lab",
+            &[&format!("IP:{addr}")],
+            false,
+        )?;
+        let (client_cert, client_key) = pki.issue(
+            lab,
+            "sensor-client",
+            sensor_id,
+            &[&format!("DNS:{sensor_id}")],
+            true,
+        )?;
+        let store = lab.workdir.join("collector-store");
+        let export = lab.workdir.join("collector.jsonl");
+        let listen = format!("{addr}:7443");
+        let s = |p: &PathBuf| p.display().to_string();
+        let bin = s(&crate::workspace_bin("conduit-collector"));
+        lab.spawn(
+            ns,
+            "collector",
+            &[
+                &bin,
+                "run",
+                "--listen",
+                &listen,
+                "--store",
+                &s(&store),
+                "--jsonl",
+                &s(&export),
+                "--tofu",
+                "--tls-cert",
+                &s(&srv_cert),
+                "--tls-key",
+                &s(&srv_key),
+                "--client-ca",
+                &s(&pki.ca),
+            ],
+        )?;
+        lab.wait_for_port(ns, "tcp", 7443, Duration::from_secs(20))?;
+        Ok(LabCollector {
+            url: format!("https://{listen}"),
+            store,
+            export,
+            client_cert,
+            client_key,
+            ca: pki.ca.clone(),
+        })
+    }
+
+    /// The sensor flags that stream to this collector.
+    pub fn sensor_args(&self) -> Vec<String> {
+        let s = |p: &PathBuf| p.display().to_string();
+        vec![
+            "--collector".into(),
+            self.url.clone(),
+            "--tls-cert".into(),
+            s(&self.client_cert),
+            "--tls-key".into(),
+            s(&self.client_key),
+            "--tls-ca".into(),
+            s(&self.ca),
+        ]
     }
 }

@@ -9,7 +9,7 @@ use std::{process::Command, time::Duration};
 use anyhow::{Context as _, Result, ensure};
 use conduit_lab::{
     SensorRun,
-    ai::{Client, LabPki, call, lab_conduits, start_endpoints},
+    ai::{Client, LabCollector, LabPki, call, lab_conduits, start_endpoints},
     read_jsonl, skip_unless_root,
     topology::{AI_V4, GW_OT1_IF, GatewayLab, GatewayLabOptions, NET_V4},
     workspace_bin,
@@ -24,13 +24,8 @@ fn sensor_streams_to_a_collector_that_starts_late_and_verifies_everything() -> R
     let pki = LabPki::create(&lab.lab)?;
     let (gw, ot1, net) = (lab.gw.clone(), lab.ot1.clone(), lab.net.clone());
     start_endpoints(&mut lab.lab, &net, &pki)?;
-    let (srv_cert, srv_key) = pki.issue(
-        &lab.lab,
-        "collector",
-        "collector.lab",
-        &[&format!("IP:{NET_V4}")],
-        false,
-    )?;
+    let map = lab_conduits().display().to_string();
+    // The sensor is told about a collector that is not running yet.
     let (cli_cert, cli_key) = pki.issue(
         &lab.lab,
         "sensor-client",
@@ -39,8 +34,6 @@ fn sensor_streams_to_a_collector_that_starts_late_and_verifies_everything() -> R
         true,
     )?;
     let s = |p: &std::path::Path| p.display().to_string();
-
-    let map = s(&lab_conduits());
     let url = format!("https://{NET_V4}:7443");
     let sensor = SensorRun::start(
         &mut lab.lab,
@@ -71,32 +64,8 @@ fn sensor_streams_to_a_collector_that_starts_late_and_verifies_everything() -> R
         &pki,
     )?;
 
-    let store = lab.lab.workdir.join("store");
-    let jsonl = lab.lab.workdir.join("collector.jsonl");
-    let listen = format!("{NET_V4}:7443");
-    lab.lab.spawn(
-        &net,
-        "collector",
-        &[
-            &s(&workspace_bin("conduit-collector")),
-            "run",
-            "--listen",
-            &listen,
-            "--store",
-            &s(&store),
-            "--jsonl",
-            &s(&jsonl),
-            "--tofu",
-            "--tls-cert",
-            &s(&srv_cert),
-            "--tls-key",
-            &s(&srv_key),
-            "--client-ca",
-            &s(&pki.ca),
-        ],
-    )?;
-    lab.lab
-        .wait_for_port(&net, "tcp", 7443, Duration::from_secs(20))?;
+    let collector = LabCollector::start(&mut lab.lab, &net, NET_V4, &pki, "sensor-gw")?;
+    let (store, jsonl) = (collector.store.clone(), collector.export.clone());
     call(
         &lab.lab,
         &ot1,

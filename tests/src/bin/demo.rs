@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use conduit_lab::{
     SensorRun,
-    ai::{Client, LabPki, call, lab_conduits, start_endpoints},
+    ai::{Client, LabCollector, LabPki, call, lab_conduits, start_endpoints},
     is_root, read_jsonl,
     topology::{AI_V4, AI_V6, GW_OT1_IF, GW_OT2_IF, GatewayLab, GatewayLabOptions, NET_V4},
     workspace_bin,
@@ -73,75 +73,28 @@ fn demo() -> Result<()> {
     }
 
     say("Starting the collector (mTLS, verifying store, JSON-lines export) in the SOC network");
-    let sp = |p: &std::path::Path| p.display().to_string();
-    let (srv_cert, srv_key) = pki.issue(
-        &lab.lab,
-        "collector",
-        "collector.lab",
-        &[&format!("IP:{NET_V4}")],
-        false,
-    )?;
-    let (cli_cert, cli_key) = pki.issue(
-        &lab.lab,
-        "sensor-client",
-        "sensor-gw",
-        &["DNS:sensor-gw"],
-        true,
-    )?;
-    let store = lab.lab.workdir.join("collector-store");
-    let export = lab.lab.workdir.join("siem.jsonl");
-    let listen = format!("{NET_V4}:7443");
-    lab.lab.spawn(
-        &net,
-        "collector",
-        &[
-            &sp(&workspace_bin("conduit-collector")),
-            "run",
-            "--listen",
-            &listen,
-            "--store",
-            &sp(&store),
-            "--jsonl",
-            &sp(&export),
-            "--tofu",
-            "--tls-cert",
-            &sp(&srv_cert),
-            "--tls-key",
-            &sp(&srv_key),
-            "--client-ca",
-            &sp(&pki.ca),
-        ],
-    )?;
-    lab.lab
-        .wait_for_port(&net, "tcp", 7443, Duration::from_secs(20))?;
-    println!("  conduit-collector listening on {listen}");
+    let collector = LabCollector::start(&mut lab.lab, &net, NET_V4, &pki, "sensor-gw")?;
+    let (store, export) = (collector.store.clone(), collector.export.clone());
+    println!("  conduit-collector listening on {}", collector.url);
 
     say(
         "Starting conduit-sensor on the gateway's zone-facing interfaces, streaming to the collector",
     );
     let map_arg = map.display().to_string();
-    let url = format!("https://{listen}");
-    let sensor = SensorRun::start(
-        &mut lab.lab,
-        &gw,
-        "sensor",
-        &[
-            "--iface",
-            GW_OT1_IF,
-            "--iface",
-            GW_OT2_IF,
-            "--conduits",
-            &map_arg,
-            "--collector",
-            &url,
-            "--tls-cert",
-            &sp(&cli_cert),
-            "--tls-key",
-            &sp(&cli_key),
-            "--tls-ca",
-            &sp(&pki.ca),
-        ],
-    )?;
+    let mut args: Vec<String> = [
+        "--iface",
+        GW_OT1_IF,
+        "--iface",
+        GW_OT2_IF,
+        "--conduits",
+        &map_arg,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(collector.sensor_args());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let sensor = SensorRun::start(&mut lab.lab, &gw, "sensor", &args)?;
 
     say("OT hosts call AI endpoints with real clients");
     let calls: &[(&str, &conduit_lab::Ns, Client, &str, &str)] = &[
