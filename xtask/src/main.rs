@@ -263,10 +263,13 @@ fn test(lint: bool) -> Result<()> {
         step("cargo clippy --all-targets -- -D warnings");
         run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
         step("clippy on the eBPF crate, for the BPF target");
-        run(cargo()
+        // `cargo +nightly` works only through rustup's proxy; ask rustup directly.
+        run(Command::new("rustup")
             .current_dir(workspace_root().join("sensor-ebpf"))
             .args([
-                "+nightly",
+                "run",
+                "nightly",
+                "cargo",
                 "clippy",
                 "--target",
                 "bpfel-unknown-none",
