@@ -63,6 +63,11 @@ pub mod map_names {
 /// Errors of the kernel loader.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
+    /// This binary was built with `AYA_BUILD_SKIP=1`: it carries no kernel programs.
+    #[error(
+        "this binary was built without its kernel programs (AYA_BUILD_SKIP=1); rebuild without it"
+    )]
+    NotBuilt,
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
@@ -316,10 +321,11 @@ impl std::fmt::Debug for Kernel {
 impl Kernel {
     /// Loads the embedded object and all its programs (nothing is attached yet).
     pub fn load(opts: &KernelOptions) -> Result<Kernel> {
-        let mut ebpf = EbpfLoader::new().load(aya::include_bytes_aligned!(concat!(
-            env!("OUT_DIR"),
-            "/sensor"
-        )))?;
+        let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sensor"));
+        if object.is_empty() {
+            return Err(KernelError::NotBuilt);
+        }
+        let mut ebpf = EbpfLoader::new().load(object)?;
         for name in [
             PROG_XDP,
             PROG_BENCH_EMPTY,

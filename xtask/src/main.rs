@@ -37,6 +37,13 @@ enum Cmd {
     Demo,
     /// Setup, then every benchmark, each printed next to its baseline.
     Bench,
+    /// Setup, then run each fuzz target (ClientHello, TCP reassembly, QUIC Initial)
+    /// with cargo-fuzz for the given time.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+    },
 }
 
 /// Debian packages the build, the tests and the demo use.
@@ -76,6 +83,7 @@ fn main() -> ExitCode {
         Cmd::Test { no_lint } => setup().and_then(|()| test(!no_lint)),
         Cmd::Demo => setup().and_then(|()| demo()),
         Cmd::Bench => setup().and_then(|()| bench()),
+        Cmd::Fuzz { seconds } => setup().and_then(|()| fuzz(seconds)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -312,6 +320,31 @@ fn demo() -> Result<()> {
     let result = run(cargo().args(["run", "--release", "-p", "conduit-tests", "--bin", "demo"]));
     remove_stale_labs();
     result
+}
+
+fn fuzz(seconds: u32) -> Result<()> {
+    step("cargo-fuzz");
+    if succeeds(Command::new("cargo").args(["fuzz", "--version"])) {
+        println!("    present");
+    } else {
+        run(cargo().args(["install", "--locked", "cargo-fuzz"]))?;
+    }
+    let dir = workspace_root().join("sensor-user").join("fuzz");
+    for target in ["client_hello", "reassembly", "quic_initial"] {
+        step(&format!("fuzz {target} for {seconds} s"));
+        let corpus = dir.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        run(Command::new("rustup")
+            .current_dir(&dir)
+            // The parsers do not need the kernel programs.
+            .env("AYA_BUILD_SKIP", "1")
+            .args(["run", "nightly", "cargo", "fuzz", "run", target])
+            .arg(&corpus)
+            .arg(dir.join("seeds").join(target))
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}")))?;
+    }
+    Ok(())
 }
 
 fn bench() -> Result<()> {
