@@ -559,6 +559,12 @@ impl Kernel {
             .map_err(map_err(name))
     }
 
+    fn class_updates_mut(&mut self) -> Result<HashMap<&mut MapData, FlowKey, ClassUpdate>> {
+        let name = map_names::CLASS_UPDATES;
+        HashMap::try_from(self.ebpf.map_mut(name).ok_or(KernelError::Missing(name))?)
+            .map_err(map_err(name))
+    }
+
     /// Every flow in the table. Entries evicted or deleted during the walk are skipped.
     pub fn flow_entries(&self) -> Result<Vec<(FlowKey, FlowStats)>> {
         let flows = self.flows()?;
@@ -590,23 +596,10 @@ impl Kernel {
             _ => {}
         }
         // A classification the kernel had no packet left to merge.
-        let name = map_names::CLASS_UPDATES;
-        let mut m: HashMap<&mut MapData, FlowKey, ClassUpdate> =
-            HashMap::try_from(self.ebpf.map_mut(name).ok_or(KernelError::Missing(name))?)
-                .map_err(map_err(name))?;
-        match m.remove(key) {
-            Err(e) if !is_not_found(&e) => Err(map_err(name)(e)),
+        match self.class_updates_mut()?.remove(key) {
+            Err(e) if !is_not_found(&e) => Err(map_err(map_names::CLASS_UPDATES)(e)),
             _ => Ok(()),
         }
-    }
-
-    /// Overwrites a flow's value (only if it still exists). Counters the kernel added
-    /// since `stats` was read are lost; prefer [`Kernel::update_classification`].
-    pub fn update_flow(&mut self, key: &FlowKey, stats: &FlowStats) -> Result<()> {
-        const BPF_EXIST: u64 = 2;
-        self.flows_mut()?
-            .insert(key, stats, BPF_EXIST)
-            .map_err(map_err(map_names::FLOWS))
     }
 
     /// Hands the agent's classification of a flow to the kernel, which merges it into
@@ -617,11 +610,9 @@ impl Kernel {
         if self.flow(key)?.is_none() {
             return Ok(false);
         }
-        let name = map_names::CLASS_UPDATES;
-        let mut m: HashMap<&mut MapData, FlowKey, ClassUpdate> =
-            HashMap::try_from(self.ebpf.map_mut(name).ok_or(KernelError::Missing(name))?)
-                .map_err(map_err(name))?;
-        m.insert(key, update, 0).map_err(map_err(name))?;
+        self.class_updates_mut()?
+            .insert(key, update, 0)
+            .map_err(map_err(map_names::CLASS_UPDATES))?;
         Ok(true)
     }
 
