@@ -301,6 +301,26 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// Runs `conduit-sensor verify-chain DIR`; fails unless the chain verifies;
+/// returns its report.
+pub fn verify_chain(dir: &Path) -> Result<String> {
+    let out = Command::new(workspace_bin("conduit-sensor"))
+        .arg("verify-chain")
+        .arg(dir)
+        .output()
+        .context("running conduit-sensor verify-chain")?;
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "{} does not verify ({}):\n{report}{}",
+            dir.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(report)
+}
+
 /// Reads a JSON-lines file.
 pub fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
     let file = fs::File::open(path).with_context(|| format!("open {}", path.display()))?;

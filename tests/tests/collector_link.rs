@@ -4,16 +4,17 @@
 //! verifies with `verify-chain` and holds exactly the sensor's records, and its JSON
 //! lines carry the classified flows.
 
-use std::{process::Command, time::Duration};
+use std::{path::Path, time::Duration};
 
 use anyhow::{Context as _, Result, ensure};
 use conduit_lab::{
-    SensorRun,
+    Lab, SensorRun,
     ai::{Client, LabCollector, LabPki, call, lab_conduits, start_endpoints},
     read_jsonl, skip_unless_root,
     topology::{AI_V4, GW_OT1_IF, GatewayLab, GatewayLabOptions, NET_V4},
-    workspace_bin,
+    verify_chain,
 };
+use serde_json::Value;
 
 #[test]
 fn sensor_streams_to_a_collector_that_starts_late_and_verifies_everything() -> Result<()> {
@@ -82,39 +83,7 @@ fn sensor_streams_to_a_collector_that_starts_late_and_verifies_everything() -> R
         .max()
         .context("no records")?;
 
-    // The collector's store for this sensor verifies and ends at the sensor's head.
-    let sensor_store = store.join("sensor-gw");
-    let out = Command::new(workspace_bin("conduit-sensor"))
-        .arg("verify-chain")
-        .arg(&sensor_store)
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    ensure!(
-        out.status.success(),
-        "collector store does not verify:\n{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    ensure!(
-        text.contains(&format!("seq 1..{head}")),
-        "store does not hold seq 1..{head}:\n{text}"
-    );
-
-    // Every record exactly once in the collector's JSON lines, in order.
-    lab.lab.stop(
-        "collector",
-        nix::sys::signal::Signal::SIGTERM,
-        Duration::from_secs(15),
-    )?;
-    let exported = read_jsonl(&jsonl)?;
-    let seqs: Vec<u64> = exported
-        .iter()
-        .filter(|r| r["observer"]["id"] == "sensor-gw")
-        .filter_map(|r| r["event"]["sequence"].as_u64())
-        .collect();
-    ensure!(
-        seqs == (1..=head).collect::<Vec<_>>(),
-        "exported seqs {seqs:?}, expected 1..={head}"
-    );
+    let exported = stop_and_check_collector(&mut lab.lab, &store, &jsonl, head)?;
     for name in ["api.openai.com", "chat.openai.com"] {
         ensure!(
             exported
@@ -231,22 +200,31 @@ fn link_cut_under_traffic_and_sensor_restart_lose_nothing() -> Result<()> {
         "the restarted sensor did not continue the chain: {first_head} then {head}"
     );
 
-    let out = Command::new(workspace_bin("conduit-sensor"))
-        .arg("verify-chain")
-        .arg(collector.store.join("sensor-gw"))
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    ensure!(out.status.success(), "store does not verify:\n{text}");
-    ensure!(
-        text.contains(&format!("seq 1..{head}")),
-        "store does not hold seq 1..{head}:\n{text}"
-    );
-    lab.lab.stop(
+    stop_and_check_collector(&mut lab.lab, &collector.store, &collector.export, head)?;
+    Ok(())
+}
+
+/// Stops the collector, then checks that its store for `sensor-gw` verifies and
+/// holds exactly seq 1..=head, and that its JSON-lines export has every one of those
+/// records once, in order. Returns the exported records.
+fn stop_and_check_collector(
+    lab: &mut Lab,
+    store: &Path,
+    export: &Path,
+    head: u64,
+) -> Result<Vec<Value>> {
+    lab.stop(
         "collector",
         nix::sys::signal::Signal::SIGTERM,
         Duration::from_secs(15),
     )?;
-    let seqs: Vec<u64> = read_jsonl(&collector.export)?
+    let report = verify_chain(&store.join("sensor-gw"))?;
+    ensure!(
+        report.contains(&format!("seq 1..{head}")),
+        "store does not hold seq 1..{head}:\n{report}"
+    );
+    let exported = read_jsonl(export)?;
+    let seqs: Vec<u64> = exported
         .iter()
         .filter(|r| r["observer"]["id"] == "sensor-gw")
         .filter_map(|r| r["event"]["sequence"].as_u64())
@@ -255,5 +233,5 @@ fn link_cut_under_traffic_and_sensor_restart_lose_nothing() -> Result<()> {
         seqs == (1..=head).collect::<Vec<_>>(),
         "exported seqs {seqs:?}, expected 1..={head}"
     );
-    Ok(())
+    Ok(exported)
 }

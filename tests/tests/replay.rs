@@ -11,7 +11,7 @@ use conduit_lab::{
     ai::{Client, LabPki, call, lab_conduits, start_endpoints},
     last_flow_records, peer_script, read_jsonl, sh, skip_unless_root,
     topology::{AI_V4, GW_OT1_IF, GatewayLab, GatewayLabOptions},
-    workspace_bin,
+    verify_chain, workspace_bin,
 };
 
 #[test]
@@ -150,11 +150,8 @@ fn replay_of_a_capture_gives_the_live_records() -> Result<()> {
         tls["conduit"]["verdict"] == "violation" && tls["conduit"]["zone"] == "cell-1",
         "{tls:#}"
     );
-    let out = sh(std::process::Command::new(workspace_bin("conduit-sensor"))
-        .arg("verify-chain")
-        .arg(&spool))?;
     ensure!(
-        String::from_utf8_lossy(&out.stdout).contains("records verified"),
+        verify_chain(&spool)?.contains("records verified"),
         "replay spool does not verify"
     );
     Ok(())
