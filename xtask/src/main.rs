@@ -1,6 +1,9 @@
 //! `cargo xtask`: the project's automation. `setup` installs everything a fresh
-//! Debian 12 machine lacks; `test`, `demo` and `bench` run setup first, so each of the
-//! README's two commands works on a fresh machine.
+//! Debian 12 machine lacks, every toolchain and tool at a pinned version; `test`,
+//! `demo` and `bench` run setup first, so each of the README's two commands works on a
+//! fresh machine.
+
+mod toolchain;
 
 use std::{
     path::{Path, PathBuf},
@@ -20,9 +23,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what a fresh machine lacks (Debian packages, LLVM 22, bpf-linker,
-    /// nightly rust-src, Python tools). Idempotent; seconds when all is there.
-    Setup,
+    /// Install what a fresh machine lacks (Debian packages, LLVM 22, the pinned Rust
+    /// toolchains, bpf-linker, Python peers). Idempotent; seconds when all is there.
+    Setup {
+        /// Only the Rust toolchains and bpf-linker (what the fresh-toolchain check runs).
+        #[arg(long, hide = true)]
+        toolchains_only: bool,
+    },
     /// Build release binaries.
     Build,
     /// Setup, then every check and test: fmt, clippy, unit, kernel (BPF_PROG_TEST_RUN)
@@ -46,11 +53,10 @@ enum Cmd {
     },
 }
 
-/// Debian packages the build, the tests and the demo use.
+/// Debian packages the build, the tests and the demo use (besides LLVM, which
+/// [`toolchain::llvm_packages`] names after the pinned major).
 const DEBIAN_PACKAGES: &[&str] = &[
-    // Building: bpf-linker against LLVM 22, protobuf for prost-build.
-    "llvm-22-dev",
-    "libpolly-22-dev",
+    // Building: bpf-linker against LLVM, protobuf for prost-build.
     "libzstd-dev",
     "zlib1g-dev",
     "protobuf-compiler",
@@ -72,13 +78,23 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nats-server",
 ];
 
-/// Python packages the tests use as real peers (aioquic: QUIC client and server).
-const PYTHON_PACKAGES: &[(&str, &str)] = &[("aioquic", "aioquic"), ("scapy", "scapy")];
+/// Python packages the tests use as real peers (aioquic: QUIC client and server;
+/// scapy), each pinned with its dependencies.
+const PYTHON_REQUIREMENTS: &str = "tests/requirements.txt";
+
+/// cargo-fuzz release `cargo xtask fuzz` installs.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Setup => setup(),
+        Cmd::Setup { toolchains_only } => {
+            if toolchains_only {
+                toolchain::install()
+            } else {
+                setup()
+            }
+        }
         Cmd::Build => build_release(),
         Cmd::Test { no_lint } => setup().and_then(|()| test(!no_lint)),
         Cmd::Demo => setup().and_then(|()| demo()),
@@ -117,14 +133,6 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// Runs a command quietly and says whether it succeeded.
-fn succeeds(cmd: &mut Command) -> bool {
-    cmd.stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 fn display(cmd: &Command) -> String {
     let mut s = cmd.get_program().to_string_lossy().into_owned();
     for arg in cmd.get_args() {
@@ -136,7 +144,8 @@ fn display(cmd: &Command) -> String {
 
 fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(workspace_root());
+    cmd.current_dir(workspace_root())
+        .env("PATH", toolchain::path_env());
     cmd
 }
 
@@ -146,15 +155,25 @@ fn setup() -> Result<()> {
         bail!("setup installs packages and the tests create network namespaces: run as root");
     }
     step("Debian packages");
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    let wanted: Vec<String> = toolchain::llvm_packages()
+        .into_iter()
+        .chain(DEBIAN_PACKAGES.iter().map(|p| (*p).to_owned()))
+        .collect();
+    let missing: Vec<&String> = wanted
         .iter()
-        .copied()
         .filter(|pkg| !debian_package_installed(pkg))
         .collect();
     if missing.is_empty() {
-        println!("    all {} present", DEBIAN_PACKAGES.len());
+        println!("    all {} present", wanted.len());
     } else {
-        println!("    missing: {}", missing.join(" "));
+        println!(
+            "    missing: {}",
+            missing
+                .iter()
+                .map(|p| p.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
         run(Command::new("apt-get").args(["update", "-qq"]))?;
         run(Command::new("apt-get")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
@@ -170,61 +189,20 @@ fn setup() -> Result<()> {
             .status();
     }
 
-    step("Rust nightly with rust-src (the eBPF crate is built with -Z build-std=core)");
-    let has_rust_src = Command::new("rustup")
-        .args(["component", "list", "--installed", "--toolchain", "nightly"])
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("rust-src"));
-    if has_rust_src {
-        println!("    present");
-    } else {
-        run(Command::new("rustup").args([
-            "toolchain",
+    toolchain::install()?;
+
+    step("Python packages (real QUIC peers), pinned");
+    run(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
             "install",
-            "nightly",
-            "--profile",
-            "minimal",
-            "--component",
-            "rust-src",
-        ]))?;
-    }
-
-    step("bpf-linker built against LLVM 22");
-    if succeeds(Command::new("bpf-linker").arg("--version")) {
-        println!("    present");
-    } else {
-        let path = format!(
-            "/usr/lib/llvm-22/bin:{}",
-            std::env::var("PATH").unwrap_or_default()
-        );
-        run(cargo()
-            .args([
-                "install",
-                "--locked",
-                "bpf-linker",
-                "--no-default-features",
-                "--features",
-                "llvm-22",
-            ])
-            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
-            .env("PATH", path))?;
-    }
-
-    step("Python packages (real QUIC peers)");
-    for (module, package) in PYTHON_PACKAGES {
-        if succeeds(Command::new("python3").args(["-c", &format!("import {module}")])) {
-            println!("    {package} present");
-        } else {
-            run(Command::new("python3").args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                package,
-            ]))?;
-        }
-    }
+            "--quiet",
+            "--disable-pip-version-check",
+            "--root-user-action=ignore",
+            "--requirement",
+        ])
+        .arg(workspace_root().join(PYTHON_REQUIREMENTS)))?;
 
     step("Kernel");
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
@@ -264,20 +242,21 @@ fn build_release() -> Result<()> {
 
 fn test(lint: bool) -> Result<()> {
     remove_stale_labs();
+    toolchain::fresh_check()?;
     if lint {
         step("cargo fmt --check");
         run(cargo().args(["fmt", "--all", "--check"]))?;
         // Default members: everything but the eBPF crate, which only builds for BPF.
         step("cargo clippy --all-targets -- -D warnings");
         run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
-        step("clippy on the eBPF crate, for the BPF target");
-        // `cargo +nightly` works only through rustup's proxy; ask rustup directly.
-        run(Command::new("rustup")
+        let ebpf = toolchain::ebpf()?;
+        step(&format!(
+            "clippy on the eBPF crate, for the BPF target ({})",
+            ebpf.channel
+        ));
+        run(toolchain::rustup_run(&ebpf, "cargo")
             .current_dir(workspace_root().join("sensor-ebpf"))
             .args([
-                "run",
-                "nightly",
-                "cargo",
                 "clippy",
                 "--target",
                 "bpfel-unknown-none",
@@ -323,22 +302,32 @@ fn demo() -> Result<()> {
 }
 
 fn fuzz(seconds: u32) -> Result<()> {
-    step("cargo-fuzz");
-    if succeeds(Command::new("cargo").args(["fuzz", "--version"])) {
+    step(&format!("cargo-fuzz {CARGO_FUZZ_VERSION}"));
+    let wanted = format!("cargo-fuzz {CARGO_FUZZ_VERSION}");
+    let found = Command::new(toolchain::cargo_home().join("bin").join("cargo-fuzz"))
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    if found == wanted {
         println!("    present");
     } else {
-        run(cargo().args(["install", "--locked", "cargo-fuzz"]))?;
+        run(cargo()
+            .args(["install", "--locked", "--force"])
+            .arg(format!("cargo-fuzz@{CARGO_FUZZ_VERSION}")))?;
     }
+    let nightly = toolchain::ebpf()?;
     let dir = workspace_root().join("sensor-user").join("fuzz");
     for target in ["client_hello", "reassembly", "quic_initial"] {
         step(&format!("fuzz {target} for {seconds} s"));
         let corpus = dir.join("corpus").join(target);
         std::fs::create_dir_all(&corpus)?;
-        run(Command::new("rustup")
+        // cargo-fuzz needs a nightly for the sanitizers: the pinned one.
+        run(toolchain::rustup_run(&nightly, "cargo")
             .current_dir(&dir)
             // The parsers do not need the kernel programs.
             .env("AYA_BUILD_SKIP", "1")
-            .args(["run", "nightly", "cargo", "fuzz", "run", target])
+            .args(["fuzz", "run", target])
             .arg(&corpus)
             .arg(dir.join("seeds").join(target))
             .arg("--")
