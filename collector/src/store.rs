@@ -11,13 +11,13 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use conduit_evidence::chain::checkpoint::{signing_bytes, verify_signature};
+use conduit_evidence::chain::keys;
+use conduit_evidence::chain::{ZERO_HASH, record_hash};
+use conduit_evidence::spool::{self, Class, FrameRef, Spool, SpoolOptions, SyncPolicy, segment};
 use conduit_proto::v1::{self, RecordKind, RejectCode, record::Body};
+use conduit_uplink::tail::SegmentTail;
 use prost::Message as _;
-use sensor_user::chain::checkpoint::{signing_bytes, verify_signature};
-use sensor_user::chain::keys;
-use sensor_user::chain::{ZERO_HASH, record_hash};
-use sensor_user::spool::{self, Class, FrameRef, Spool, SpoolOptions, SyncPolicy, segment};
-use sensor_user::uplink::tail::SegmentTail;
 
 /// Recent hashes kept in memory to de-duplicate re-sent frames without reading disk.
 const RECENT_HASHES: usize = 1 << 16;

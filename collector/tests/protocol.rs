@@ -6,13 +6,13 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use conduit_evidence::chain::record_hash;
 use conduit_proto::v1::{
     self, CollectorMessage, RejectCode, SensorMessage, collector_client::CollectorClient,
     collector_message, sensor_message,
 };
+use conduit_uplink::tail::SegmentTail;
 use prost::Message as _;
-use sensor_user::chain::record_hash;
-use sensor_user::uplink::tail::SegmentTail;
 use tokio::sync::mpsc;
 use tonic::Streaming;
 
@@ -134,7 +134,7 @@ async fn dedupe_equivocation_gap_tamper_and_authentication() {
     let all = frames(&spool);
     assert_eq!(all.len() as u64, head);
     let key: [u8; 32] =
-        sensor_user::chain::keys::read_public_key(&spool.join("signing.pub")).expect("pub");
+        conduit_evidence::chain::keys::read_public_key(&spool.join("signing.pub")).expect("pub");
     let metrics = format!("127.0.0.1:{}", free_port());
     let c = Collector::start(
         &store,

@@ -14,10 +14,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use conduit_evidence::ecs::{ChainPosition, ecs_json};
 use conduit_proto::v1;
+use conduit_uplink::tail::SegmentTail;
 use prost::Message as _;
-use sensor_user::record::{ChainPosition, ecs_json};
-use sensor_user::uplink::tail::SegmentTail;
 use tokio::sync::watch;
 
 use crate::server::Shared;
@@ -55,7 +55,7 @@ impl Item {
     }
 
     pub fn action(&self) -> &'static str {
-        sensor_user::record::action_name(
+        conduit_evidence::ecs::action_name(
             v1::RecordKind::try_from(self.record.kind).unwrap_or(v1::RecordKind::Unspecified),
         )
     }

@@ -20,8 +20,8 @@ use conduit_proto::v1::{
 use tokio::sync::{mpsc, watch};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::chain::keys;
-use crate::spool::StoredFrame;
+use conduit_evidence::chain::keys;
+use conduit_evidence::spool::StoredFrame;
 use tail::{SegmentTail, TailError};
 
 /// Version of the stream protocol this sensor speaks.

@@ -7,9 +7,9 @@ use std::fs::File;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
-use crate::spool::StoredFrame;
-use crate::spool::frame::{self, FrameError};
-use crate::spool::segment;
+use conduit_evidence::spool::StoredFrame;
+use conduit_evidence::spool::frame::{self, FrameError};
+use conduit_evidence::spool::segment;
 
 /// How many polls a bad frame at the end of the data may persist before it is reported
 /// (a concurrent `write(2)` can briefly be visible half-done).
@@ -274,7 +274,7 @@ fn read_chunk(cur: &mut Current, buf: &mut Vec<u8>) -> Result<bool, TailError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spool::{Class, FrameRef, Spool, SpoolOptions, SyncPolicy};
+    use conduit_evidence::spool::{Class, FrameRef, Spool, SpoolOptions, SyncPolicy};
 
     fn append(spool: &mut Spool, seq: u64, data: &[u8]) {
         spool
