@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use common::*;
 use conduit_evidence::chain::record_hash;
+use conduit_evidence::spool::SpoolReader;
 use conduit_proto::v1::{
     self, CollectorMessage, RejectCode, SensorMessage, collector_client::CollectorClient,
     collector_message, sensor_message,
 };
-use conduit_uplink::tail::SegmentTail;
 use prost::Message as _;
 use tokio::sync::mpsc;
 use tonic::Streaming;
@@ -76,10 +76,8 @@ impl Conn {
 }
 
 fn frames(spool: &std::path::Path) -> Vec<v1::Frame> {
-    let mut tail = SegmentTail::new(spool, 1);
-    let mut out = Vec::new();
-    while tail.poll(10_000, usize::MAX, &mut out).expect("read") > 0 {}
-    out.into_iter()
+    SpoolReader::new(spool, 1)
+        .map(|f| f.expect("read"))
         .map(|f| v1::Frame {
             seq: f.seq,
             prev_hash: f.prev_hash.to_vec().into(),

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use conduit_evidence::ecs::{ChainPosition, ecs_json};
+use conduit_evidence::spool::SpoolReader;
 use conduit_proto::v1;
-use conduit_uplink::tail::SegmentTail;
 use prost::Message as _;
 use tokio::sync::watch;
 
@@ -135,7 +135,7 @@ pub async fn run<S: Sink>(
 ) -> Result<(), ExportError> {
     let store = shared.opts.store.clone();
     let mut cursor = Cursor::load(&store, sink.name())?;
-    let mut tails: BTreeMap<String, SegmentTail> = BTreeMap::new();
+    let mut readers: BTreeMap<String, SpoolReader> = BTreeMap::new();
     let mut frames = Vec::new();
     loop {
         if *shutdown.borrow() {
@@ -148,13 +148,13 @@ pub async fn run<S: Sink>(
         let mut progressed = false;
         let dirs = chain_dirs(&store).unwrap_or_default();
         for (chain, dir) in dirs {
-            let tail = tails.entry(chain.clone()).or_insert_with(|| {
-                SegmentTail::new(dir, cursor.seqs.get(&chain).copied().unwrap_or(0) + 1)
+            let reader = readers.entry(chain.clone()).or_insert_with(|| {
+                SpoolReader::follow(dir, cursor.seqs.get(&chain).copied().unwrap_or(0) + 1)
             });
             frames.clear();
-            if let Err(e) = tail.poll(BATCH_FRAMES, BATCH_BYTES, &mut frames) {
+            if let Err(e) = reader.poll(BATCH_FRAMES, BATCH_BYTES, &mut frames) {
                 tracing::error!(export = sink.name(), chain = %chain, error = %e, "cannot read the store");
-                tails.remove(&chain);
+                readers.remove(&chain);
                 continue;
             }
             let Some(last) = frames.last().map(|f| f.seq) else {
