@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use conduit_collector::alarms::Alarms;
 use conduit_collector::server::{CollectorService, ServerOptions, Shared};
+use conduit_evidence::chain::{Recorder, RecorderOptions};
 use conduit_proto::v1::{self, RecordKind, collector_server::CollectorServer, record::Body};
-use sensor_user::chain::{Recorder, RecorderOptions};
-use sensor_user::uplink::{self, UplinkOptions, UplinkTls};
+use conduit_uplink::{UplinkOptions, UplinkTls};
 use tokio::sync::watch;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
@@ -150,10 +150,10 @@ async fn stream_once(
         ca: t.dir.join("ca.pem"),
         domain: None,
     });
-    let (status_tx, mut status) = uplink::status_channel();
+    let (status_tx, mut status) = conduit_uplink::status_channel();
     let (up_stop, up_rx) = watch::channel(false);
     let t = Instant::now();
-    let task = tokio::spawn(uplink::stream_spool(
+    let task = tokio::spawn(conduit_uplink::stream_spool(
         opts,
         spool.to_owned(),
         status_tx,
@@ -169,7 +169,7 @@ async fn stream_once(
     let _ = task.await;
     let _ = stop_tx.send(true);
     let _ = server.await;
-    let report = sensor_user::chain::verify::verify_dir(&store.join("bench-gw"), None);
+    let report = conduit_evidence::chain::verify::verify_dir(&store.join("bench-gw"), None);
     assert!(report.ok() && report.records == head, "store: {report}");
     rate
 }

@@ -7,9 +7,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
+use conduit_evidence::chain::{Recorder, RecorderOptions};
+use conduit_evidence::spool::SyncPolicy;
 use conduit_proto::v1::{self, RecordKind, record::Body};
-use sensor_user::chain::{Recorder, RecorderOptions};
-use sensor_user::spool::SyncPolicy;
 
 use crate::store::ALARM_DIR;
 
@@ -57,7 +57,7 @@ pub struct Alarms {
 }
 
 impl Alarms {
-    pub fn open(store: &Path) -> Result<Alarms, sensor_user::chain::Error> {
+    pub fn open(store: &Path) -> Result<Alarms, conduit_evidence::chain::Error> {
         let mut opts = RecorderOptions::new(store.join(ALARM_DIR), ALARM_SENSOR_ID);
         opts.sync = SyncPolicy::EveryRecord;
         let (recorder, _) = Recorder::open(opts)?;

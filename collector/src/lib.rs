@@ -9,7 +9,7 @@ pub mod store;
 
 use std::path::Path;
 
-use sensor_user::chain::verify::{Report, verify_dir};
+use conduit_evidence::chain::verify::{Report, verify_dir};
 
 /// Verifies every chain in the store; reports in store order.
 pub fn verify_store(store: &Path) -> std::io::Result<Vec<Report>> {

@@ -7,11 +7,11 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use conduit_evidence::chain::keys;
 use conduit_proto::v1::{
     self, CollectorMessage, RejectCode, SensorMessage, StreamProtocol, collector_message,
     collector_server, sensor_message,
 };
-use sensor_user::chain::keys;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};

@@ -11,13 +11,14 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use conduit_evidence::chain::checkpoint::{signing_bytes, verify_signature};
+use conduit_evidence::chain::keys;
+use conduit_evidence::chain::{ZERO_HASH, record_hash};
+use conduit_evidence::spool::{
+    self, Class, FrameRef, Spool, SpoolOptions, SpoolReader, SyncPolicy, segment,
+};
 use conduit_proto::v1::{self, RecordKind, RejectCode, record::Body};
 use prost::Message as _;
-use sensor_user::chain::checkpoint::{signing_bytes, verify_signature};
-use sensor_user::chain::keys;
-use sensor_user::chain::{ZERO_HASH, record_hash};
-use sensor_user::spool::{self, Class, FrameRef, Spool, SpoolOptions, SyncPolicy, segment};
-use sensor_user::uplink::tail::SegmentTail;
 
 /// Recent hashes kept in memory to de-duplicate re-sent frames without reading disk.
 const RECENT_HASHES: usize = 1 << 16;
@@ -376,10 +377,8 @@ impl SensorStore {
         {
             return Some(*h);
         }
-        let mut tail = SegmentTail::new(&self.dir, seq);
-        let mut out = Vec::new();
-        tail.poll(1, usize::MAX, &mut out).ok()?;
-        out.first().filter(|f| f.seq == seq).map(|f| f.hash)
+        let frame = SpoolReader::new(&self.dir, seq).next_frame().ok()??;
+        Some(frame.hash)
     }
 
     /// Record-level checks: decodes, names this sensor, signatures verify with the

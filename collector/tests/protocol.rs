@@ -6,13 +6,13 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use conduit_evidence::chain::record_hash;
+use conduit_evidence::spool::SpoolReader;
 use conduit_proto::v1::{
     self, CollectorMessage, RejectCode, SensorMessage, collector_client::CollectorClient,
     collector_message, sensor_message,
 };
 use prost::Message as _;
-use sensor_user::chain::record_hash;
-use sensor_user::uplink::tail::SegmentTail;
 use tokio::sync::mpsc;
 use tonic::Streaming;
 
@@ -76,10 +76,8 @@ impl Conn {
 }
 
 fn frames(spool: &std::path::Path) -> Vec<v1::Frame> {
-    let mut tail = SegmentTail::new(spool, 1);
-    let mut out = Vec::new();
-    while tail.poll(10_000, usize::MAX, &mut out).expect("read") > 0 {}
-    out.into_iter()
+    SpoolReader::new(spool, 1)
+        .map(|f| f.expect("read"))
         .map(|f| v1::Frame {
             seq: f.seq,
             prev_hash: f.prev_hash.to_vec().into(),
@@ -134,7 +132,7 @@ async fn dedupe_equivocation_gap_tamper_and_authentication() {
     let all = frames(&spool);
     assert_eq!(all.len() as u64, head);
     let key: [u8; 32] =
-        sensor_user::chain::keys::read_public_key(&spool.join("signing.pub")).expect("pub");
+        conduit_evidence::chain::keys::read_public_key(&spool.join("signing.pub")).expect("pub");
     let metrics = format!("127.0.0.1:{}", free_port());
     let c = Collector::start(
         &store,

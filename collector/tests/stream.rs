@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use sensor_user::uplink::UplinkTls;
+use conduit_uplink::UplinkTls;
 
 const SENSOR: &str = "gw-01";
 
@@ -25,11 +25,7 @@ async fn plain_stream_stores_every_record_once_and_exports_jsonl() {
     let mut up = Uplink::start(uplink_opts(&c.url("http"), SENSOR), &spool);
     up.wait_acked(head, Duration::from_secs(60)).await;
     assert_eq!(verified_records(&store.join(SENSOR)), head);
-    assert_eq!(
-        sensor_user::uplink::read_acked(&spool),
-        Some(head),
-        "acked file"
-    );
+    assert_eq!(conduit_uplink::read_acked(&spool), Some(head), "acked file");
     // The pinned key is the sensor's.
     assert_eq!(
         std::fs::read_to_string(store.join(SENSOR).join("signing.pub")).expect("pin"),
@@ -224,17 +220,17 @@ async fn streams_while_the_agent_writes_and_deletes_acknowledged_segments() {
     let store = tmp.path().join("store");
     let c = Collector::start(&store, &tmp.path().join("collector.log"), &["--tofu"]);
     // The agent's side: a Recorder with a small spool, acknowledging from `acked`.
-    let mut opts = sensor_user::chain::RecorderOptions::new(&spool, SENSOR);
+    let mut opts = conduit_evidence::chain::RecorderOptions::new(&spool, SENSOR);
     opts.segment_bytes = 64 << 10;
     opts.max_spool_bytes = 4 << 20;
-    let (mut rec, _) = sensor_user::chain::Recorder::open(opts).expect("recorder");
+    let (mut rec, _) = conduit_evidence::chain::Recorder::open(opts).expect("recorder");
     let mut up = Uplink::start(uplink_opts(&c.url("http"), SENSOR), &spool);
     let spool_dir = spool.clone();
     let writer = std::thread::spawn(move || {
         for i in 0..40_000u64 {
             rec.append(flow(i)).expect("append");
             if i % 500 == 0 {
-                if let Some(seq) = sensor_user::uplink::read_acked(&spool_dir) {
+                if let Some(seq) = conduit_uplink::read_acked(&spool_dir) {
                     rec.acknowledge(seq).expect("ack");
                 }
                 std::thread::sleep(Duration::from_millis(10));

@@ -16,6 +16,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use conduit_evidence::chain::{Appended, Recorder, RecorderOptions};
+use conduit_evidence::ecs::{ChainPosition, ecs_json};
 use conduit_proto::v1::{Loss, PolicyChange, Record, RecordKind, Verdict, record::Body};
 use sensor_common::{ClassUpdate, Counter, FlowKey, FlowStats, app_protocol, sni_state, verdict};
 use tokio::{
@@ -23,8 +25,9 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
+use conduit_uplink::UplinkOptions;
+
 use crate::{
-    chain::{Appended, Recorder, RecorderOptions},
     completion::{Completed, Completion},
     config::{self, AppProto, ConduitMap, DefaultAction},
     flows::{Classification, FlowOut, FlowTracker, TrackerOptions},
@@ -32,9 +35,8 @@ use crate::{
     kernel::{self, Kernel, KernelEvent, KernelOptions},
     kernel_policy::kernel_policy,
     metrics::Metrics,
-    record::{ChainPosition, ecs_json, endpoints, flow_record},
+    record::{endpoints, flow_record},
     tls::ClientHelloInfo,
-    uplink::UplinkOptions,
 };
 
 /// Everything `run` needs, after sensor.yaml and the flags are merged.
@@ -71,7 +73,7 @@ struct Agent {
     ifnames: HashMap<u32, String>,
     site: String,
     /// Link status when streaming to a collector.
-    uplink: Option<tokio::sync::watch::Receiver<crate::uplink::UplinkStatus>>,
+    uplink: Option<tokio::sync::watch::Receiver<conduit_uplink::UplinkStatus>>,
 }
 
 /// Runs the agent until SIGTERM/SIGINT; returns after a clean drain.
@@ -94,8 +96,8 @@ pub async fn run(settings: AgentSettings) -> Result<()> {
     let link = uplink.map(|mut opts| {
         opts.public_key = Some(agent.recorder.public_key());
         tracing::info!(collector = %opts.collector, "streaming the spool to the collector");
-        let (status_tx, status_rx) = crate::uplink::status_channel();
-        let task = tokio::spawn(crate::uplink::stream_spool(
+        let (status_tx, status_rx) = conduit_uplink::status_channel();
+        let task = tokio::spawn(conduit_uplink::stream_spool(
             opts,
             spool_dir.clone(),
             status_tx,
@@ -411,7 +413,7 @@ impl Agent {
             self.recorder.head().0.saturating_sub(s.acked_seq),
             Ordering::Relaxed,
         );
-        if let Some(acked) = crate::uplink::read_acked(&self.settings.recorder.spool_dir)
+        if let Some(acked) = conduit_uplink::read_acked(&self.settings.recorder.spool_dir)
             && acked > 0
         {
             self.recorder.acknowledge(acked)?;

@@ -7,10 +7,12 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use conduit_evidence::chain::{RecorderOptions, keys, verify::verify_dir};
+use conduit_evidence::spool::SyncPolicy;
+use conduit_uplink::{UplinkOptions, UplinkTls};
 
 use crate::{
     agent::{AgentSettings, ConfigExit},
-    chain::RecorderOptions,
     cli::{
         CheckConfigArgs, Cli, Command, EXIT_CHAIN_BROKEN, EXIT_CONFIG, KeygenArgs, ProbeArgs,
         ReplayArgs, RunArgs, VerifyChainArgs,
@@ -81,7 +83,7 @@ pub fn settings_from(args: &RunArgs) -> Result<AgentSettings, ConfigError> {
     recorder.segment_bytes = cfg.spool.segment_bytes;
     recorder.checkpoint_every_records = cfg.checkpoint.every_records;
     recorder.checkpoint_every = Duration::from_secs(cfg.checkpoint.every_seconds);
-    recorder.sync = crate::spool::SyncPolicy::Group {
+    recorder.sync = SyncPolicy::Group {
         interval: Duration::from_millis(cfg.spool.sync.interval_ms),
         records: cfg.spool.sync.records,
     };
@@ -110,7 +112,7 @@ fn uplink_options(
     args: &RunArgs,
     cfg: &SensorConfig,
     sensor_id: &str,
-) -> Result<Option<crate::uplink::UplinkOptions>, ConfigError> {
+) -> Result<Option<UplinkOptions>, ConfigError> {
     let file_tls = cfg.collector.as_ref().and_then(|c| c.tls.clone());
     let Some(url) = args
         .collector
@@ -119,7 +121,7 @@ fn uplink_options(
     else {
         return Ok(None);
     };
-    let mut opts = crate::uplink::UplinkOptions::new(url.clone(), sensor_id);
+    let mut opts = UplinkOptions::new(url.clone(), sensor_id);
     let pick = |flag: &Option<PathBuf>, file: Option<PathBuf>| flag.clone().or(file);
     let cert = pick(
         &args.tls_cert,
@@ -130,7 +132,7 @@ fn uplink_options(
     if url.starts_with("https://") {
         match (cert, key, ca) {
             (Some(cert), Some(key), Some(ca)) => {
-                opts.tls = Some(crate::uplink::UplinkTls {
+                opts.tls = Some(UplinkTls {
                     cert,
                     key,
                     ca,
@@ -247,10 +249,10 @@ fn check_config(args: CheckConfigArgs) -> Result<ExitCode> {
 
 fn verify_chain(args: VerifyChainArgs) -> Result<ExitCode> {
     let key = match &args.public_key {
-        Some(path) => Some(crate::chain::keys::read_public_key(path)?),
+        Some(path) => Some(keys::read_public_key(path)?),
         None => None,
     };
-    let report = crate::chain::verify::verify_dir(&args.dir, key);
+    let report = verify_dir(&args.dir, key);
     print!("{report}");
     Ok(if report.ok() {
         ExitCode::SUCCESS
@@ -260,7 +262,7 @@ fn verify_chain(args: VerifyChainArgs) -> Result<ExitCode> {
 }
 
 fn keygen(args: KeygenArgs) -> Result<ExitCode> {
-    let key = crate::chain::keys::keygen(&args.out)?;
+    let key = keys::keygen(&args.out)?;
     println!(
         "wrote {}/signing.key (0600) and signing.pub; public key {}",
         args.out.display(),

@@ -2,7 +2,6 @@
 //! the binary's thin `main` and the tests can call.
 
 pub mod agent;
-pub mod chain;
 pub mod cli;
 pub mod commands;
 pub mod community_id;
@@ -14,6 +13,4 @@ pub mod kernel_policy;
 pub mod metrics;
 pub mod pcap;
 pub mod record;
-pub mod spool;
 pub mod tls;
-pub mod uplink;

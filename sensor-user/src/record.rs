@@ -1,14 +1,10 @@
-//! Building records, and their JSON-lines projection (ECS field names, the contract
-//! in DESIGN.md). The protobuf record is the evidence; JSON is a view of it.
+//! Building flow records from the kernel's flow table entries. Their JSON view is
+//! `conduit_evidence::ecs`.
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    time::Duration,
-};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use conduit_proto::v1::{Counts, Flow, FlowEndReason, Record, RecordKind, Verdict, record::Body};
+use conduit_proto::v1::{Counts, Flow, Record, Verdict, record::Body};
 use sensor_common::{DIR_FORWARD, DIR_REVERSE, FAMILY_IPV4, FlowKey, FlowStats};
-use serde_json::{Map, Value, json};
 
 use crate::{community_id::community_id_v1, flows::FlowOut, kernel::BootClock};
 
@@ -109,209 +105,12 @@ pub fn flow_record(flow: &FlowOut, clock: &BootClock, ifname: &str) -> Record {
     }
 }
 
-/// Where a record sits in the chain.
-#[derive(Clone, Copy, Debug)]
-pub struct ChainPosition {
-    pub seq: u64,
-    pub hash: [u8; 32],
-    pub prev_hash: [u8; 32],
-}
-
-/// `event.action` of a record kind.
-pub fn action_name(kind: RecordKind) -> &'static str {
-    match kind {
-        RecordKind::Unspecified => "unspecified",
-        RecordKind::FlowStart => "flow_start",
-        RecordKind::FlowUpdate => "flow_update",
-        RecordKind::FlowEnd => "flow_end",
-        RecordKind::Loss => "loss",
-        RecordKind::PolicyChange => "policy_change",
-        RecordKind::Checkpoint => "checkpoint",
-        RecordKind::ChainRestart => "chain_restart",
-        RecordKind::SpoolRecovery => "spool_recovery",
-        RecordKind::Alarm => "alarm",
-    }
-}
-
-fn verdict_name(v: i32) -> &'static str {
-    match Verdict::try_from(v).unwrap_or(Verdict::Unspecified) {
-        Verdict::Authorized => "authorized",
-        Verdict::Violation => "violation",
-        Verdict::Blocked => "blocked",
-        Verdict::Unclassified | Verdict::Unspecified => "unclassified",
-    }
-}
-
-fn end_reason_name(v: i32) -> Option<&'static str> {
-    match FlowEndReason::try_from(v).unwrap_or(FlowEndReason::Unspecified) {
-        FlowEndReason::Unspecified => None,
-        FlowEndReason::IdleTimeout => Some("idle"),
-        FlowEndReason::ActiveTimeout => Some("active"),
-        FlowEndReason::EndOfFlow => Some("end"),
-        FlowEndReason::ForcedEnd => Some("forced"),
-        FlowEndReason::LackOfResources => Some("lack of resources"),
-    }
-}
-
-/// RFC 3339 UTC with milliseconds, as in the contract (`2026-11-22T10:00:00.123Z`).
-pub fn rfc3339(unix_nanos: i64) -> String {
-    let t = time::OffsetDateTime::UNIX_EPOCH
-        + Duration::from_nanos(u64::try_from(unix_nanos).unwrap_or(0));
-    let fmt = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
-    t.format(&fmt).unwrap_or_default()
-}
-
-fn ip_text(bytes: &[u8]) -> Option<String> {
-    match bytes.len() {
-        4 => Some(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).to_string()),
-        16 => <[u8; 16]>::try_from(bytes)
-            .ok()
-            .map(|a| Ipv6Addr::from(a).to_string()),
-        _ => None,
-    }
-}
-
-fn non_empty(s: &str) -> Value {
-    if s.is_empty() {
-        Value::Null
-    } else {
-        Value::String(s.to_string())
-    }
-}
-
-/// Drops null members so absent values are omitted.
-fn prune(v: Value) -> Value {
-    match v {
-        Value::Object(map) => {
-            let pruned: Map<String, Value> = map
-                .into_iter()
-                .map(|(k, v)| (k, prune(v)))
-                .filter(|(_, v)| !v.is_null() && !matches!(v, Value::Object(m) if m.is_empty()))
-                .collect();
-            Value::Object(pruned)
-        }
-        other => other,
-    }
-}
-
-/// The JSON-lines view of a chained record (ECS names; contract in DESIGN.md).
-pub fn ecs_json(record: &Record, pos: &ChainPosition) -> Value {
-    let kind = RecordKind::try_from(record.kind).unwrap_or(RecordKind::Unspecified);
-    let mut event = json!({
-        "action": action_name(kind),
-        "sequence": pos.seq,
-        "hash": hex::encode(pos.hash),
-        "kind": if matches!(kind, RecordKind::Loss | RecordKind::Alarm) { "alert" } else { "event" },
-    });
-    let mut doc = json!({
-        "@timestamp": rfc3339(record.time_unix_nano),
-        "chain": {"prev_hash": hex::encode(pos.prev_hash)},
-        "observer": {"id": non_empty(&record.sensor_id)},
-    });
-    let mut conduit = json!({ "site": non_empty(&record.site) });
-
-    match &record.body {
-        Some(Body::Flow(f)) => {
-            event["start"] = json!(rfc3339(f.start_unix_nano));
-            event["end"] = json!(rfc3339(f.end_unix_nano));
-            if let Some(reason) = end_reason_name(f.end_reason) {
-                event["reason"] = json!(reason);
-            }
-            doc["observer"]["ingress"] =
-                json!({"interface": {"name": non_empty(&f.ingress_interface)}});
-            let counts = |c: &Option<Counts>| c.unwrap_or_default();
-            let (s, d) = (counts(&f.source), counts(&f.destination));
-            doc["source"] = json!({"ip": ip_text(&f.source_ip), "port": f.source_port, "bytes": s.bytes, "packets": s.packets});
-            doc["destination"] = json!({"ip": ip_text(&f.destination_ip), "port": f.destination_port, "bytes": d.bytes, "packets": d.packets});
-            let transport = match f.ip_protocol {
-                6 => "tcp".to_string(),
-                17 => "udp".to_string(),
-                n => n.to_string(),
-            };
-            doc["network"] = json!({
-                "transport": transport,
-                "iana_number": f.ip_protocol.to_string(),
-                "protocol": non_empty(&f.app_protocol),
-                "community_id": non_empty(&f.community_id),
-                "bytes": s.bytes + d.bytes,
-                "packets": s.packets + d.packets,
-                "vlan": if f.vlan_id != 0 { json!({"id": f.vlan_id}) } else { Value::Null },
-            });
-            if !f.server_name.is_empty() || !f.ja4.is_empty() || !f.tls_version.is_empty() {
-                doc["tls"] = json!({
-                    "client": {"server_name": non_empty(&f.server_name), "ja4": non_empty(&f.ja4)},
-                    "version": non_empty(&f.tls_version),
-                    "version_protocol": if f.tls_version.is_empty() { Value::Null } else { json!("tls") },
-                    "next_protocol": f.alpn.first().map(|a| json!(a)).unwrap_or(Value::Null),
-                });
-                if f.ech {
-                    doc["tls"]["client"]["ech"] = json!(true);
-                }
-            }
-            conduit["zone"] = non_empty(&f.zone);
-            conduit["endpoint"] = non_empty(&f.endpoint);
-            conduit["verdict"] = json!(verdict_name(f.verdict));
-            conduit["policy_hash"] = if f.policy_hash.is_empty() {
-                Value::Null
-            } else {
-                json!(hex::encode(&f.policy_hash))
-            };
-            conduit["flow_id"] = json!(f.flow_id);
-            // `conduit.id` is part of the contract: null when no conduit allows the flow.
-            let id = non_empty(&f.conduit_id);
-            doc["conduit"] = prune(conduit);
-            doc["conduit"]["id"] = id;
-            doc["event"] = event;
-            return prune_top(doc);
-        }
-        Some(Body::Loss(l)) => {
-            conduit["loss"] = json!({"reason": l.reason, "count": l.count, "unit": non_empty(&l.unit), "origin": non_empty(&l.origin), "detail": non_empty(&l.detail)});
-            event["reason"] = json!(l.reason);
-        }
-        Some(Body::PolicyChange(p)) => {
-            conduit["policy_hash"] = json!(hex::encode(&p.policy_hash));
-            conduit["policy"] = json!({"path": non_empty(&p.path), "zones": p.zones, "endpoints": p.endpoints, "conduits": p.conduits, "enforcement": p.enforcement, "trigger": non_empty(&p.trigger)});
-        }
-        Some(Body::Checkpoint(c)) => {
-            conduit["checkpoint"] = json!({"seq": c.seq, "hash": hex::encode(&c.hash), "public_key": hex::encode(&c.public_key), "signature": hex::encode(&c.signature), "records_since_last": c.records_since_last});
-        }
-        Some(Body::ChainRestart(c)) => {
-            event["reason"] = json!(c.reason);
-            conduit["chain_restart"] = json!({"reason": c.reason, "detail": non_empty(&c.detail), "public_key": hex::encode(&c.public_key)});
-        }
-        Some(Body::SpoolRecovery(r)) => {
-            conduit["spool_recovery"] = json!({"segment": r.segment, "truncated_bytes": r.truncated_bytes, "last_good_seq": r.last_good_seq, "detail": non_empty(&r.detail)});
-        }
-        Some(Body::Alarm(a)) => {
-            event["reason"] = json!(a.kind);
-            conduit["alarm"] = json!({"kind": a.kind, "sensor_id": non_empty(&a.sensor_id), "seq": a.seq, "detail": non_empty(&a.detail)});
-        }
-        None => {}
-    }
-    doc["event"] = event;
-    doc["conduit"] = conduit;
-    prune_top(doc)
-}
-
-/// Prunes nulls everywhere except `conduit.id` and `chain.prev_hash`, which the
-/// contract shows even when null.
-fn prune_top(doc: Value) -> Value {
-    let conduit_id = doc.get("conduit").and_then(|c| c.get("id")).cloned();
-    let mut doc = prune(doc);
-    if let Some(id) = conduit_id
-        && let Some(c) = doc.get_mut("conduit")
-    {
-        c["id"] = id;
-    }
-    doc
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::flows::Classification;
+    use conduit_evidence::ecs::{ChainPosition, ecs_json};
+    use conduit_proto::v1::{FlowEndReason, RecordKind};
 
     fn sample() -> FlowOut {
         let mut key = FlowKey {

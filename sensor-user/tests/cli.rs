@@ -7,8 +7,8 @@ use std::{
     process::{Command, Output},
 };
 
+use conduit_evidence::chain::{Recorder, RecorderOptions};
 use conduit_proto::v1::{Loss, Record, RecordKind, record::Body};
-use sensor_user::chain::{Recorder, RecorderOptions};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_conduit-sensor"))

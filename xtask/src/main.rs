@@ -337,16 +337,13 @@ fn fuzz(seconds: u32) -> Result<()> {
 }
 
 fn bench() -> Result<()> {
-    for example in ["bench_kernel", "bench_chain", "bench_tls"] {
+    for (package, example) in [
+        ("sensor-user", "bench_kernel"),
+        ("conduit-evidence", "bench_chain"),
+        ("sensor-user", "bench_tls"),
+    ] {
         step(example);
-        run(cargo().args([
-            "run",
-            "--release",
-            "-p",
-            "sensor-user",
-            "--example",
-            example,
-        ]))?;
+        run(cargo().args(["run", "--release", "-p", package, "--example", example]))?;
     }
     Ok(())
 }

@@ -14,10 +14,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use conduit_evidence::ecs::{ChainPosition, ecs_json};
+use conduit_evidence::spool::SpoolReader;
 use conduit_proto::v1;
 use prost::Message as _;
-use sensor_user::record::{ChainPosition, ecs_json};
-use sensor_user::uplink::tail::SegmentTail;
 use tokio::sync::watch;
 
 use crate::server::Shared;
@@ -55,7 +55,7 @@ impl Item {
     }
 
     pub fn action(&self) -> &'static str {
-        sensor_user::record::action_name(
+        conduit_evidence::ecs::action_name(
             v1::RecordKind::try_from(self.record.kind).unwrap_or(v1::RecordKind::Unspecified),
         )
     }
@@ -135,7 +135,7 @@ pub async fn run<S: Sink>(
 ) -> Result<(), ExportError> {
     let store = shared.opts.store.clone();
     let mut cursor = Cursor::load(&store, sink.name())?;
-    let mut tails: BTreeMap<String, SegmentTail> = BTreeMap::new();
+    let mut readers: BTreeMap<String, SpoolReader> = BTreeMap::new();
     let mut frames = Vec::new();
     loop {
         if *shutdown.borrow() {
@@ -148,13 +148,13 @@ pub async fn run<S: Sink>(
         let mut progressed = false;
         let dirs = chain_dirs(&store).unwrap_or_default();
         for (chain, dir) in dirs {
-            let tail = tails.entry(chain.clone()).or_insert_with(|| {
-                SegmentTail::new(dir, cursor.seqs.get(&chain).copied().unwrap_or(0) + 1)
+            let reader = readers.entry(chain.clone()).or_insert_with(|| {
+                SpoolReader::follow(dir, cursor.seqs.get(&chain).copied().unwrap_or(0) + 1)
             });
             frames.clear();
-            if let Err(e) = tail.poll(BATCH_FRAMES, BATCH_BYTES, &mut frames) {
+            if let Err(e) = reader.poll(BATCH_FRAMES, BATCH_BYTES, &mut frames) {
                 tracing::error!(export = sink.name(), chain = %chain, error = %e, "cannot read the store");
-                tails.remove(&chain);
+                readers.remove(&chain);
                 continue;
             }
             let Some(last) = frames.last().map(|f| f.seq) else {

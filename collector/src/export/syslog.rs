@@ -188,7 +188,7 @@ fn sd_escape(s: &str) -> String {
 /// The RFC 5424 message for one record.
 pub fn format_message(hostname: &str, item: &Item) -> String {
     let pri = FACILITY_LOCAL0 * 8 + severity(item);
-    let ts = sensor_user::record::rfc3339(item.record.time_unix_nano);
+    let ts = conduit_evidence::ecs::rfc3339(item.record.time_unix_nano);
     let json = item.ecs().to_string();
     format!(
         "<{pri}>1 {ts} {hostname} conduit-collector - {action} [{SD_ID} seq=\"{seq}\" sensor=\"{sensor}\"] {json}",

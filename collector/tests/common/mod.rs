@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use conduit_evidence::chain::{Recorder, RecorderOptions};
+use conduit_evidence::spool::SyncPolicy;
 use conduit_proto::v1::{self, RecordKind, record::Body};
-use sensor_user::chain::{Recorder, RecorderOptions};
-use sensor_user::spool::SyncPolicy;
-use sensor_user::uplink::{self, UplinkOptions, UplinkStatus};
+use conduit_uplink::{UplinkOptions, UplinkStatus};
 use tokio::sync::watch;
 
 pub fn free_port() -> u16 {
@@ -168,14 +168,19 @@ pub fn write_spool(dir: &Path, sensor_id: &str, n: u64) -> u64 {
 pub struct Uplink {
     pub status: watch::Receiver<UplinkStatus>,
     shutdown: watch::Sender<bool>,
-    pub task: tokio::task::JoinHandle<Result<(), uplink::UplinkError>>,
+    pub task: tokio::task::JoinHandle<Result<(), conduit_uplink::UplinkError>>,
 }
 
 impl Uplink {
     pub fn start(opts: UplinkOptions, spool: &Path) -> Uplink {
-        let (tx, rx) = uplink::status_channel();
+        let (tx, rx) = conduit_uplink::status_channel();
         let (stx, srx) = watch::channel(false);
-        let task = tokio::spawn(uplink::stream_spool(opts, spool.to_owned(), tx, srx));
+        let task = tokio::spawn(conduit_uplink::stream_spool(
+            opts,
+            spool.to_owned(),
+            tx,
+            srx,
+        ));
         Uplink {
             status: rx,
             shutdown: stx,
@@ -266,7 +271,7 @@ impl Pki {
 
 /// Records in a stored chain (verifies it too).
 pub fn verified_records(dir: &Path) -> u64 {
-    let report = sensor_user::chain::verify::verify_dir(dir, None);
+    let report = conduit_evidence::chain::verify::verify_dir(dir, None);
     assert!(report.ok(), "store does not verify: {report}");
     report.records
 }

@@ -6,6 +6,7 @@
 //! loss) follows [`SyncPolicy`].
 
 pub mod frame;
+mod reader;
 mod recovery;
 pub mod segment;
 
@@ -16,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use frame::{FrameRef, StoredFrame};
+pub use reader::{Entry, ReadError, SegmentInfo, SpoolReader};
 pub use recovery::{Recovery, Truncation};
 
 /// When written frames are forced to stable storage (`fdatasync`).
@@ -127,8 +129,6 @@ pub enum Error {
     },
     #[error("sensor id must be 1 to {max} bytes, got {0}", max = segment::MAX_SENSOR_ID_LEN)]
     BadSensorId(usize),
-    #[error("{}: {what}", path.display())]
-    Corrupt { path: PathBuf, what: String },
     #[error("{}: the spool is in use by another process (one writer per spool directory)", path.display())]
     Locked { path: PathBuf },
 }
@@ -653,93 +653,14 @@ impl Spool {
         }
     }
 
-    /// Stored frames with seq >= `seq`, oldest first (for streaming to the collector).
+    /// Stored frames with seq >= `seq`, in order (for streaming to the collector).
     pub fn read_from(&self, seq: u64) -> SpoolReader {
-        // Start in the last segment whose first seq is <= seq.
-        let start = self
-            .segments
-            .iter()
-            .rposition(|s| s.first_seq <= seq)
-            .unwrap_or(0);
-        SpoolReader {
-            paths: self.segments[start..]
-                .iter()
-                .map(|s| s.path.clone())
-                .collect(),
-            next_path: 0,
-            buf: Vec::new(),
-            off: 0,
-            from: seq,
-            done: false,
-        }
+        SpoolReader::new(&self.opts.dir, seq)
     }
 }
 
 impl Drop for Spool {
     fn drop(&mut self) {
         let _ = self.sync();
-    }
-}
-
-/// Iterator over stored frames; see [`Spool::read_from`].
-pub struct SpoolReader {
-    paths: Vec<PathBuf>,
-    next_path: usize,
-    buf: Vec<u8>,
-    off: usize,
-    from: u64,
-    done: bool,
-}
-
-impl Iterator for SpoolReader {
-    type Item = Result<StoredFrame, Error>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        while !self.done {
-            if self.off >= self.buf.len() {
-                let path = self.paths.get(self.next_path)?.clone();
-                self.next_path += 1;
-                // A segment may have been deleted after acknowledgement: skip it.
-                let buf = match fs::read(&path) {
-                    Ok(b) => b,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => {
-                        self.done = true;
-                        return Some(Err(io_err(&path, e)));
-                    }
-                };
-                match segment::decode_header(&buf) {
-                    Ok((_, n)) => {
-                        self.buf = buf;
-                        self.off = n;
-                    }
-                    Err(e) => {
-                        self.done = true;
-                        return Some(Err(Error::Corrupt {
-                            path,
-                            what: e.to_string(),
-                        }));
-                    }
-                }
-                continue;
-            }
-            match frame::decode(&self.buf[self.off..]) {
-                Ok((f, n)) => {
-                    self.off += n;
-                    if f.seq >= self.from {
-                        return Some(Ok(f.to_owned_frame()));
-                    }
-                }
-                Err(e) => {
-                    self.done = true;
-                    let path = self.paths[self.next_path - 1].clone();
-                    return Some(Err(Error::Corrupt {
-                        path,
-                        what: format!("offset {}: {e}", self.off),
-                    }));
-                }
-            }
-        }
-        None
     }
 }

@@ -5,10 +5,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use conduit_evidence::chain::verify::verify_dir;
+use conduit_evidence::chain::{Appended, Recorder, RecorderOptions};
+use conduit_evidence::spool::SyncPolicy;
 use conduit_proto::v1::{self, RecordKind, record::Body};
-use sensor_user::chain::verify::verify_dir;
-use sensor_user::chain::{Appended, Recorder, RecorderOptions};
-use sensor_user::spool::SyncPolicy;
 
 fn flow(i: u64) -> v1::Record {
     v1::Record {

@@ -3,15 +3,15 @@
 //! 1000 records / 10 s) and append to the spool (default group commit), next to plain
 //! `write(2)` appends of the same bytes to a file (no hashing, no signing, no sync).
 //!
-//! `cargo run --release -p sensor-user --example bench_chain [-- RECORDS]`
+//! `cargo run --release -p conduit-evidence --example bench_chain [-- RECORDS]`
 
 use std::fs::OpenOptions;
 use std::io::Write as _;
 use std::time::{Instant, SystemTime};
 
+use conduit_evidence::chain::{Recorder, RecorderOptions};
 use conduit_proto::v1::{self, Counts, FlowEndReason, RecordKind, Verdict, record::Body};
 use prost::Message as _;
-use sensor_user::chain::{Recorder, RecorderOptions};
 
 /// CPU time of this process (all threads), seconds: on a shared machine wall time
 /// measures the neighbours too.

@@ -7,8 +7,6 @@
 //! `<spool>/acked` ([`read_acked`]), from which the agent calls
 //! `Recorder::acknowledge` (the only writer of the spool stays the agent).
 
-pub mod tail;
-
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -20,9 +18,8 @@ use conduit_proto::v1::{
 use tokio::sync::{mpsc, watch};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::chain::keys;
-use crate::spool::StoredFrame;
-use tail::{SegmentTail, TailError};
+use conduit_evidence::chain::keys;
+use conduit_evidence::spool::{ReadError, SpoolReader, StoredFrame};
 
 /// Version of the stream protocol this sensor speaks.
 pub const PROTOCOL_VERSION: u32 = StreamProtocol::V1 as u32;
@@ -117,7 +114,7 @@ pub enum UplinkError {
     #[error("collector closed the stream")]
     Closed,
     #[error(transparent)]
-    Tail(#[from] TailError),
+    Read(#[from] ReadError),
 }
 
 impl From<tonic::Status> for UplinkError {
@@ -321,7 +318,7 @@ async fn session(
         s.lag_records = s.read_seq - acked;
         s.last_error = None;
     });
-    let mut tail = SegmentTail::new(spool_dir, acked + 1);
+    let mut spool = SpoolReader::follow(spool_dir, acked + 1);
     // Last seq of each batch sent and not yet acknowledged.
     let mut in_flight: VecDeque<u64> = VecDeque::new();
     let mut idle = false;
@@ -362,7 +359,7 @@ async fn session(
             _ = tokio::time::sleep(wait), if can_send => {
                 frames.clear();
                 // Page-cache reads of at most a chunk: short enough to do inline.
-                tail.poll(opts.batch_max_frames, opts.batch_max_bytes, &mut frames)?;
+                spool.poll(opts.batch_max_frames, opts.batch_max_bytes, &mut frames)?;
                 let Some(last) = frames.last().map(|f| f.seq) else {
                     idle = true;
                     continue;

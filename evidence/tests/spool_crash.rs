@@ -7,9 +7,9 @@ use std::io::{BufRead as _, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use conduit_evidence::chain::verify::verify_dir;
+use conduit_evidence::chain::{Recorder, RecorderOptions};
 use conduit_proto::v1::{self, RecordKind, record::Body};
-use sensor_user::chain::verify::verify_dir;
-use sensor_user::chain::{Recorder, RecorderOptions};
 
 const CHILD_ENV: &str = "CONDUIT_SPOOL_CRASH_CHILD_DIR";
 

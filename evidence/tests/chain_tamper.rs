@@ -5,12 +5,12 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use conduit_evidence::chain::verify::{KeySource, verify_dir};
+use conduit_evidence::chain::{Recorder, RecorderOptions, keys, record_hash};
+use conduit_evidence::spool::frame::{self, FrameRef};
+use conduit_evidence::spool::{SyncPolicy, segment};
 use conduit_proto::v1::{self, RecordKind, record::Body};
 use prost::Message as _;
-use sensor_user::chain::verify::{KeySource, verify_dir};
-use sensor_user::chain::{Recorder, RecorderOptions, keys, record_hash};
-use sensor_user::spool::frame::{self, FrameRef};
-use sensor_user::spool::{SyncPolicy, segment};
 
 fn flow_record(i: u64) -> v1::Record {
     v1::Record {
@@ -304,7 +304,7 @@ fn checkpoint_signed_by_another_key() {
     let cp = tamper_checkpoint(&mut f, 5, |cp| {
         use ed25519_dalek::Signer as _;
         let hash: [u8; 32] = cp.hash.clone().try_into().expect("32");
-        let msg = sensor_user::chain::checkpoint::signing_bytes(
+        let msg = conduit_evidence::chain::checkpoint::signing_bytes(
             &sensor,
             cp.seq,
             &hash,
@@ -508,7 +508,8 @@ fn timed_checkpoint_even_without_records() {
     let mut o = opts(dir.path(), "gw-01");
     o.checkpoint_every = Duration::from_secs(10);
     let (mut rec, opened) = Recorder::open(o).expect("open");
-    let is_cp = |a: &sensor_user::chain::Appended| a.record.kind == RecordKind::Checkpoint as i32;
+    let is_cp =
+        |a: &conduit_evidence::chain::Appended| a.record.kind == RecordKind::Checkpoint as i32;
     assert!(opened.last().is_some_and(is_cp), "checkpoint on open");
     let t0 = std::time::SystemTime::now();
     assert!(
@@ -535,7 +536,7 @@ fn timed_checkpoint_even_without_records() {
     assert_eq!(r.unsigned_tail, 0, "the last record is a checkpoint: {r}");
 }
 
-fn restart_reason(opened: &[sensor_user::chain::Appended]) -> Option<String> {
+fn restart_reason(opened: &[conduit_evidence::chain::Appended]) -> Option<String> {
     opened.iter().find_map(|a| match &a.record.body {
         Some(Body::ChainRestart(c)) => Some(c.reason.clone()),
         _ => None,

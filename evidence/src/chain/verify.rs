@@ -11,7 +11,7 @@ use prost::Message as _;
 use super::checkpoint::{signing_bytes, verify_signature};
 use super::hashing::{ZERO_HASH, record_hash};
 use super::keys;
-use crate::spool::segment;
+use crate::spool::{Entry, ReadError, SpoolReader};
 
 /// Where the trusted public key came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +101,26 @@ struct State {
 impl State {
     fn next_seq(&self) -> u64 {
         self.expected.unwrap_or(1)
+    }
+
+    /// The break a read error is: at the seq that would have come next.
+    fn read_break(&self, e: &ReadError) -> Break {
+        let what = match e {
+            ReadError::Header { path, error } => format!("segment {}: {error}", file_name(path)),
+            ReadError::Frame {
+                path,
+                offset,
+                error,
+            } => format!(
+                "segment {} offset {offset}: {error} (flipped bit, or torn tail not yet recovered)",
+                file_name(path)
+            ),
+            e => e.to_string(),
+        };
+        Break {
+            seq: self.next_seq(),
+            what,
+        }
     }
 
     /// Checks the key a signed record names against the trusted one (pinning it if none).
@@ -312,63 +332,57 @@ pub fn verify_dir(dir: &Path, public_key: Option<[u8; 32]>) -> Report {
 }
 
 fn walk(dir: &Path, st: &mut State) -> Result<(), Break> {
-    let segments = segment::list(dir).map_err(|e| Break {
-        seq: 1,
-        what: format!("{}: {e}", dir.display()),
-    })?;
-    if segments.is_empty() {
+    let mut reader = SpoolReader::all(dir);
+    let mut name = String::new();
+    // The name's first seq, until the segment's first frame is checked against it.
+    let mut first = None;
+    while let Some(entry) = reader.next_entry().map_err(|e| st.read_break(&e))? {
+        match entry {
+            Entry::Segment(seg) => {
+                name = file_name(&seg.path);
+                st.report.segments += 1;
+                match &st.sensor_id {
+                    None => st.sensor_id = Some(seg.sensor_id),
+                    Some(id) if *id != seg.sensor_id => {
+                        return Err(Break {
+                            seq: st.next_seq(),
+                            what: format!(
+                                "segment {name} belongs to sensor {:?}, this chain is sensor {id:?}",
+                                seg.sensor_id
+                            ),
+                        });
+                    }
+                    Some(_) => {}
+                }
+                first = Some(seg.first_seq);
+            }
+            Entry::Frame { offset, frame: f } => {
+                st.frame(f.seq, &f.prev_hash, &f.hash, &f.record_bytes)?;
+                if let Some(first) = first.take()
+                    && f.seq != first
+                {
+                    return Err(Break {
+                        seq: f.seq,
+                        what: format!(
+                            "segment {name} (offset {offset}) starts with seq {} but its name says {first}",
+                            f.seq
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    if st.report.segments == 0 {
         return Err(Break {
             seq: 1,
             what: format!("no segment files (seg-*.cspool) in {}", dir.display()),
         });
     }
-    for (first, path) in segments {
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        st.report.segments += 1;
-        let buf = std::fs::read(&path).map_err(|e| Break {
-            seq: st.next_seq(),
-            what: format!("{}: {e}", path.display()),
-        })?;
-        let scan = segment::scan(&buf).map_err(|e| Break {
-            seq: st.next_seq(),
-            what: format!("segment {name}: {e}"),
-        })?;
-        match &st.sensor_id {
-            None => st.sensor_id = Some(scan.sensor_id.clone()),
-            Some(id) if *id != scan.sensor_id => {
-                return Err(Break {
-                    seq: st.next_seq(),
-                    what: format!(
-                        "segment {name} belongs to sensor {:?}, this chain is sensor {id:?}",
-                        scan.sensor_id
-                    ),
-                });
-            }
-            Some(_) => {}
-        }
-        for (i, (off, f)) in scan.frames.iter().enumerate() {
-            st.frame(f.seq, &f.prev_hash, &f.hash, f.record)?;
-            if i == 0 && f.seq != first {
-                return Err(Break {
-                    seq: f.seq,
-                    what: format!(
-                        "segment {name} (offset {off}) starts with seq {} but its name says {first}",
-                        f.seq
-                    ),
-                });
-            }
-        }
-        if let Some((off, e)) = scan.bad {
-            return Err(Break {
-                seq: st.next_seq(),
-                what: format!(
-                    "segment {name} offset {off}: {e} (flipped bit, or torn tail not yet recovered)"
-                ),
-            });
-        }
-    }
     Ok(())
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
