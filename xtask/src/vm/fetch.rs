@@ -78,13 +78,25 @@ impl Kernel {
 
 /// The cached kernel of `series`, downloaded on first use.
 pub fn kernel(cache: &Cache, series: &'static Series) -> Result<Kernel> {
-    let dir = cache.dir.join("kernels").join(series.name);
-    if let Ok(text) = fs::read_to_string(dir.join("kernel.txt"))
-        && let Some(kernel) = Kernel::parse_record(series.name, dir.clone(), &text)
-        && kernel.vmlinuz().exists()
-    {
+    if let Some(kernel) = cached(cache, series) {
         return Ok(kernel);
     }
+    let _lock = cache.lock(&format!("kernel-{}", series.name))?;
+    // Another run may have filled it while this one waited.
+    if let Some(kernel) = cached(cache, series) {
+        return Ok(kernel);
+    }
+    download(cache, series)
+}
+
+fn cached(cache: &Cache, series: &'static Series) -> Option<Kernel> {
+    let dir = cache.dir.join("kernels").join(series.name);
+    let text = fs::read_to_string(dir.join("kernel.txt")).ok()?;
+    Kernel::parse_record(series.name, dir, &text).filter(|k| k.vmlinuz().exists())
+}
+
+fn download(cache: &Cache, series: &'static Series) -> Result<Kernel> {
+    let dir = cache.dir.join("kernels").join(series.name);
     let started = Instant::now();
     let apt = Apt::new(cache, series.suite)?;
     note(&format!(

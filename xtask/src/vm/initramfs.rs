@@ -52,6 +52,8 @@ const APPLETS: &[&str] = &[
     "switch_root",
     "ip",
     "uname",
+    "cp",
+    "ln",
 ];
 
 /// Writes the initramfs for `kernel` in `mode` to `out` (an uncompressed newc cpio).
@@ -98,6 +100,19 @@ pub fn build(kernel: &Kernel, mode: Mode, out: &Path) -> Result<()> {
         // The kernel's module auto-loading runs /sbin/modprobe in PID 1's root, the
         // initramfs; hand it to the host's kmod with the guest kernel's modules.
         cpio.file("sbin/modprobe", 0o755, MODPROBE_WRAPPER.as_bytes());
+    }
+    if mode == Mode::Systemd {
+        cpio.dir("conduit");
+        cpio.file(
+            "conduit/conduit-job",
+            0o755,
+            super::systemd::RUNNER.as_bytes(),
+        );
+        cpio.file(
+            "conduit/conduit-job.service",
+            0o644,
+            super::systemd::UNIT.as_bytes(),
+        );
     }
     cpio.file("init", 0o755, init_script(mode, &names).as_bytes());
     fs::write(out, cpio.finish()).with_context(|| format!("write {}", out.display()))
@@ -290,7 +305,13 @@ rel=$(uname -r)
 mkdir -p "/newroot/lib/modules/$rel"
 mount -o bind "/newroot/host$kdir/lib/modules/$rel" "/newroot/lib/modules/$rel" \
   || fail "cannot bind the kernel's modules"
-[ -x /newroot/sbin/init ] || fail "the root has no /sbin/init"
+[ -e /newroot/sbin/init ] || [ -L /newroot/sbin/init ] || fail "the root has no /sbin/init"
+# The command runner comes with this initramfs, so the cached root never goes stale.
+mkdir -p /newroot/usr/local/sbin /newroot/etc/systemd/system/multi-user.target.wants
+cp /conduit/conduit-job /newroot/usr/local/sbin/conduit-job
+cp /conduit/conduit-job.service /newroot/etc/systemd/system/conduit-job.service
+ln -sf /etc/systemd/system/conduit-job.service \
+  /newroot/etc/systemd/system/multi-user.target.wants/conduit-job.service
 exec 3>&-
 umount /proc /sys
 mount -o move /dev /newroot/dev

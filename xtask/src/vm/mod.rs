@@ -129,12 +129,8 @@ pub fn run(args: VmArgs) -> Result<u8> {
     let started = Instant::now();
     ensure_packages()?;
     let cache = Cache::new()?;
-    let kernel = {
-        let _lock = cache.lock()?;
-        fetch::kernel(&cache, args.kernel)?
-    };
+    let kernel = fetch::kernel(&cache, args.kernel)?;
     let root = if args.systemd {
-        let _lock = cache.lock()?;
         Some(systemd::root_image(&cache)?)
     } else {
         None
@@ -278,9 +274,9 @@ impl Cache {
         Ok(Self { dir })
     }
 
-    /// An exclusive lock on the cache while it is being filled.
-    fn lock(&self) -> Result<nix::fcntl::Flock<fs::File>> {
-        let file = fs::File::create(self.dir.join(".lock"))?;
+    /// An exclusive lock on one cache entry while it is being filled.
+    fn lock(&self, entry: &str) -> Result<nix::fcntl::Flock<fs::File>> {
+        let file = fs::File::create(self.dir.join(format!(".lock-{entry}")))?;
         nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
             .map_err(|(_, errno)| anyhow::anyhow!("lock {}: {errno}", self.dir.display()))
     }

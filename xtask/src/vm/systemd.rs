@@ -3,7 +3,7 @@
 
 use std::{
     fs,
-    os::unix::fs::{PermissionsExt as _, symlink},
+    os::unix::fs::symlink,
     path::{Path, PathBuf},
     process::Command,
     time::Instant,
@@ -40,7 +40,9 @@ const MASKED: &[&str] = &[
     "fstrim.timer",
 ];
 
-const RUNNER: &str = r#"#!/bin/sh
+/// The command runner, installed by the initramfs on each boot (so the cached image
+/// never goes stale when the harness changes).
+pub const RUNNER: &str = r#"#!/bin/sh
 # Runs the `cargo xtask vm` job named on the kernel command line, then powers off.
 job=
 for arg in $(cat /proc/cmdline); do
@@ -61,15 +63,16 @@ exec 3>&-
 systemctl poweroff --force --force
 "#;
 
-const UNIT: &str = "[Unit]\n\
+/// Its unit: after multi-user.target, and `Type=simple` so that the boot finishes
+/// (`systemctl is-system-running --wait` says `running`) while COMMAND runs.
+pub const UNIT: &str = "[Unit]\n\
 Description=Run the cargo xtask vm command\n\
 After=multi-user.target\n\
 ConditionKernelCommandLine=conduit.job\n\
 \n\
 [Service]\n\
-Type=oneshot\n\
+Type=simple\n\
 ExecStart=/usr/local/sbin/conduit-job\n\
-TimeoutStartSec=infinity\n\
 StandardOutput=journal+console\n\
 \n\
 [Install]\n\
@@ -79,6 +82,10 @@ WantedBy=multi-user.target\n";
 pub fn root_image(cache: &Cache) -> Result<PathBuf> {
     let dir = cache.dir.join("systemd");
     let base = dir.join(format!("{SYSTEMD_SUITE}.qcow2"));
+    if base.exists() {
+        return Ok(base);
+    }
+    let _lock = cache.lock("systemd")?;
     if base.exists() {
         return Ok(base);
     }
@@ -145,7 +152,7 @@ pub fn root_image(cache: &Cache) -> Result<PathBuf> {
     Ok(base)
 }
 
-/// Settings, the runner unit and masks in the fresh root.
+/// Settings and masks in the fresh root.
 fn configure(root: &Path) -> Result<()> {
     let write = |path: &str, text: &str| -> Result<()> {
         let path = root.join(path);
@@ -165,19 +172,6 @@ fn configure(root: &Path) -> Result<()> {
     )?;
     // Empty: systemd makes a transient machine id on each boot.
     write("etc/machine-id", "")?;
-    write("usr/local/sbin/conduit-job", RUNNER)?;
-    fs::set_permissions(
-        root.join("usr/local/sbin/conduit-job"),
-        fs::Permissions::from_mode(0o755),
-    )?;
-    write("etc/systemd/system/conduit-job.service", UNIT)?;
-    let wants = root.join("etc/systemd/system/multi-user.target.wants");
-    fs::create_dir_all(&wants)?;
-    let _ = fs::remove_file(wants.join("conduit-job.service"));
-    symlink(
-        "/etc/systemd/system/conduit-job.service",
-        wants.join("conduit-job.service"),
-    )?;
     for unit in MASKED {
         let link = root.join("etc/systemd/system").join(unit);
         let _ = fs::remove_file(&link);
