@@ -312,6 +312,7 @@ cp /conduit/conduit-job /newroot/usr/local/sbin/conduit-job
 cp /conduit/conduit-job.service /newroot/etc/systemd/system/conduit-job.service
 ln -sf /etc/systemd/system/conduit-job.service \
   /newroot/etc/systemd/system/multi-user.target.wants/conduit-job.service
+for unit in $MASKED; do ln -sf /dev/null "/newroot/etc/systemd/system/$unit"; done
 exec 3>&-
 umount /proc /sys
 mount -o move /dev /newroot/dev
@@ -321,10 +322,12 @@ exec switch_root /newroot /sbin/init
 /// The generated `/init` for `mode`, loading `modules` in order.
 pub fn init_script(mode: Mode, modules: &[&str]) -> String {
     let mut script = INIT_COMMON.replace("$MODULES", &modules.join(" "));
-    script.push_str(match mode {
-        Mode::Plain => INIT_PLAIN,
-        Mode::Systemd => INIT_SYSTEMD,
-    });
+    match mode {
+        Mode::Plain => script.push_str(INIT_PLAIN),
+        Mode::Systemd => {
+            script.push_str(&INIT_SYSTEMD.replace("$MASKED", &super::systemd::MASKED.join(" ")))
+        }
+    }
     script
 }
 
@@ -552,6 +555,7 @@ mod tests {
         let systemd = init_script(Mode::Systemd, &[]);
         assert!(systemd.contains("exec switch_root /newroot /sbin/init"));
         assert!(systemd.contains("/newroot/host"));
+        assert!(systemd.contains("for unit in getty@tty1.service "));
     }
 
     #[test]

@@ -3,7 +3,6 @@
 
 use std::{
     fs,
-    os::unix::fs::symlink,
     path::{Path, PathBuf},
     process::Command,
     time::Instant,
@@ -27,9 +26,9 @@ pub const ROOT_PACKAGES: &[&str] = &[
     "adduser",
 ];
 
-/// Units masked in the root: consoles nobody logs in on, and timers that would run
-/// during tests.
-const MASKED: &[&str] = &[
+/// Units masked (by the initramfs, on each boot): consoles nobody logs in on, and
+/// maintenance that would only slow the boot or run during tests.
+pub const MASKED: &[&str] = &[
     "getty@tty1.service",
     "serial-getty@ttyS0.service",
     "console-getty.service",
@@ -38,6 +37,7 @@ const MASKED: &[&str] = &[
     "apt-daily-upgrade.timer",
     "e2scrub_all.timer",
     "fstrim.timer",
+    "e2scrub_reap.service",
 ];
 
 /// The command runner, installed by the initramfs on each boot (so the cached image
@@ -152,7 +152,7 @@ pub fn root_image(cache: &Cache) -> Result<PathBuf> {
     Ok(base)
 }
 
-/// Settings and masks in the fresh root.
+/// Settings in the fresh root.
 fn configure(root: &Path) -> Result<()> {
     let write = |path: &str, text: &str| -> Result<()> {
         let path = root.join(path);
@@ -172,11 +172,6 @@ fn configure(root: &Path) -> Result<()> {
     )?;
     // Empty: systemd makes a transient machine id on each boot.
     write("etc/machine-id", "")?;
-    for unit in MASKED {
-        let link = root.join("etc/systemd/system").join(unit);
-        let _ = fs::remove_file(&link);
-        symlink("/dev/null", link)?;
-    }
     fs::create_dir_all(root.join("host"))?;
     // No network in the VM: the package lists and downloaded archives are dead weight.
     for dir in ["var/lib/apt/lists", "var/cache/apt/archives"] {
