@@ -138,7 +138,14 @@ pub fn run(args: VmArgs) -> Result<u8> {
     let accel = qemu::accel(&cache, &kernel)?;
     let cwd = std::env::current_dir().context("current directory")?;
     let run_dir = cache.new_run_dir()?;
-    let env = job_env(&args.env, args.systemd);
+    let mut env = job_env(&args.env, args.systemd);
+    if !args.systemd {
+        // The host's kmod, with the guest kernel's modules: `modprobe veth` works.
+        env.push((
+            "MODPROBE_OPTIONS".into(),
+            format!("-d {}", kernel.dir.display()),
+        ));
+    }
     let job = initramfs::job_script(&cwd, &env, &args.command, args.systemd);
     let job_path = run_dir.path.join("job.sh");
     fs::write(&job_path, job)?;
