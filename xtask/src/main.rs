@@ -14,6 +14,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod vm;
+
 #[derive(Parser)]
 #[command(about = "Conduit Sensor project automation")]
 struct Cli {
@@ -51,6 +53,9 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         seconds: u32,
     },
+    /// Run COMMAND as root in a VM with one of Debian's kernels (5.10, 6.1, 6.12):
+    /// the host's files read-only, /tmp writable; exits with COMMAND's status.
+    Vm(vm::VmArgs),
 }
 
 /// Debian packages the build, the tests and the demo use (besides LLVM, which
@@ -100,6 +105,7 @@ fn main() -> ExitCode {
         Cmd::Demo => setup().and_then(|()| demo()),
         Cmd::Bench => setup().and_then(|()| bench()),
         Cmd::Fuzz { seconds } => setup().and_then(|()| fuzz(seconds)),
+        Cmd::Vm(args) => return vm::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
