@@ -163,7 +163,12 @@ fn setup() -> Result<()> {
     step("Debian packages");
     let wanted: Vec<String> = toolchain::llvm_packages()
         .into_iter()
-        .chain(DEBIAN_PACKAGES.iter().map(|p| (*p).to_owned()))
+        .chain(
+            DEBIAN_PACKAGES
+                .iter()
+                .chain(vm::DEBIAN_PACKAGES)
+                .map(|p| (*p).to_string()),
+        )
         .collect();
     let missing: Vec<&String> = wanted
         .iter()
