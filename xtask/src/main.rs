@@ -254,6 +254,7 @@ fn build_release() -> Result<()> {
 fn test(lint: bool) -> Result<()> {
     remove_stale_labs();
     toolchain::fresh_check()?;
+    collector_free_of_ebpf_build()?;
     if lint {
         step("cargo fmt --check");
         run(cargo().args(["fmt", "--all", "--check"]))?;
@@ -301,6 +302,39 @@ fn test(lint: bool) -> Result<()> {
     ]));
     remove_stale_labs();
     result
+}
+
+/// The collector runs where no eBPF toolchain is: nothing in its dependency graph
+/// (normal, build and dev) may build the kernel programs.
+fn collector_free_of_ebpf_build() -> Result<()> {
+    step("The collector's dependency graph has no eBPF build");
+    let out = cargo()
+        .args(["tree", "-p", "conduit-collector", "-e", "normal,build,dev"])
+        .args(["--prefix", "none", "--format", "{p}"])
+        .output()
+        .context("cargo tree")?;
+    if !out.status.success() {
+        bail!("cargo tree -p conduit-collector failed");
+    }
+    let tree = String::from_utf8_lossy(&out.stdout);
+    let banned: Vec<&str> = tree
+        .lines()
+        .filter(|line| {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            name.starts_with("aya") || name == "sensor-ebpf" || name == "sensor-user"
+        })
+        .collect();
+    if !banned.is_empty() {
+        bail!(
+            "conduit-collector depends on the eBPF build through: {}",
+            banned.join(", ")
+        );
+    }
+    println!(
+        "    {} packages, none of aya*, sensor-ebpf, sensor-user",
+        tree.lines().count()
+    );
+    Ok(())
 }
 
 fn demo() -> Result<()> {
