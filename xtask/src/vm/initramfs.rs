@@ -25,7 +25,13 @@ pub enum Mode {
 
 /// Modules the plain mode needs (with their dependencies from modules.dep); any of
 /// them may be built in.
-const PLAIN_MODULES: &[&str] = &["virtio_pci", "virtio_console", "9pnet_virtio", "9p"];
+const PLAIN_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_console",
+    "9pnet_virtio",
+    "9p",
+    "overlay",
+];
 /// The systemd mode also needs the disk and its file system.
 const SYSTEMD_MODULES: &[&str] = &[
     "virtio_pci",
@@ -269,7 +275,12 @@ const INIT_PLAIN: &str = r#"out=$(port conduit.stdout) || fail "no stdout port"
 err=$(port conduit.stderr) || fail "no stderr port"
 mount -t 9p -o ro,trans=virtio,version=9p2000.L,msize=262144,cache=loose host /newroot \
   || fail "cannot mount the host's root over 9p"
-mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp || fail "cannot mount /tmp"
+# /tmp: the host's /tmp (a clone or target directory may live there) with writes
+# going to a tmpfs overlay, so the guest writes there and the host stays untouched.
+mkdir -p /ovl && mount -t tmpfs -o mode=755 tmpfs /ovl && mkdir -p /ovl/upper /ovl/work \
+  && chmod 1777 /ovl/upper
+mount -t overlay overlay -o lowerdir=/newroot/tmp,upperdir=/ovl/upper,workdir=/ovl/work \
+  /newroot/tmp || fail "cannot mount /tmp"
 mount -t tmpfs -o mode=755 tmpfs /newroot/run || fail "cannot mount /run"
 mount -t devtmpfs devtmpfs /newroot/dev || fail "cannot mount /dev"
 mkdir -p /newroot/dev/pts /newroot/dev/shm
