@@ -87,12 +87,77 @@ pub mod sni_state {
     pub const DONE: u8 = 2;
 }
 
-/// Verdicts, [`FlowStats::verdict`]. Values are part of the kernel/user ABI.
+/// The verdict of a flow, the one type the kernel and the agent share. The kernel
+/// stores it as a `u8` in [`FlowStats::verdict`] and [`ClassUpdate::verdict`];
+/// the discriminants are part of the kernel/user ABI.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    /// Not AI traffic: counted, not recorded per flow.
+    Unclassified = 0,
+    /// A conduit allows it.
+    Authorized = 1,
+    /// AI traffic that no conduit allows (or an `alert` conduit).
+    Violation = 2,
+    /// A violation while enforcement is on (dropped).
+    Blocked = 3,
+}
+
+impl Verdict {
+    /// The stored byte back as a verdict (unknown values are `Unclassified`).
+    pub const fn from_u8(v: u8) -> Verdict {
+        match v {
+            1 => Verdict::Authorized,
+            2 => Verdict::Violation,
+            3 => Verdict::Blocked,
+            _ => Verdict::Unclassified,
+        }
+    }
+
+    /// The name used in records and JSON (`conduit.verdict`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Unclassified => "unclassified",
+            Verdict::Authorized => "authorized",
+            Verdict::Violation => "violation",
+            Verdict::Blocked => "blocked",
+        }
+    }
+
+    /// The one decision rule, used by the kernel and by the agent: `endpoint` says
+    /// whether the responder is an AI endpoint, `conduit_action` is the [`action`] of
+    /// the conduit that matched (if any), `default_action` the map's [`action`] for
+    /// AI traffic no conduit allows.
+    #[inline(always)]
+    pub const fn decide(
+        endpoint: bool,
+        conduit_action: Option<u8>,
+        default_action: u8,
+        enforce: bool,
+    ) -> Verdict {
+        if !endpoint {
+            return Verdict::Unclassified;
+        }
+        let act = match conduit_action {
+            Some(a) => a,
+            None if default_action == action::ALLOW => action::ALERT,
+            None => default_action,
+        };
+        match act {
+            action::ALLOW => Verdict::Authorized,
+            action::BLOCK if enforce => Verdict::Blocked,
+            _ => Verdict::Violation,
+        }
+    }
+}
+
+/// [`Verdict`] discriminants as the bytes the kernel stores.
 pub mod verdict {
-    pub const UNCLASSIFIED: u8 = 0;
-    pub const AUTHORIZED: u8 = 1;
-    pub const VIOLATION: u8 = 2;
-    pub const BLOCKED: u8 = 3;
+    use super::Verdict;
+    pub const UNCLASSIFIED: u8 = Verdict::Unclassified as u8;
+    pub const AUTHORIZED: u8 = Verdict::Authorized as u8;
+    pub const VIOLATION: u8 = Verdict::Violation as u8;
+    pub const BLOCKED: u8 = Verdict::Blocked as u8;
 }
 
 /// Application protocol detected on the flow, [`FlowStats::app_protocol`].
@@ -228,18 +293,63 @@ pub mod conduit_proto {
     pub const QUIC: u8 = 2;
 }
 
-/// Key of the `CONDUITS` map: (source zone, endpoint, destination port, protocol).
+/// Key data of the `CONDUITS` LPM trie: (source zone, endpoint, protocol,
+/// destination port), all big-endian so that a prefix can end inside the port.
+///
+/// The agent compiles each conduit's port ranges into disjoint prefixes of the port
+/// (a conduit without `ports:` is the one prefix of length
+/// [`CONDUIT_KEY_FIXED_BITS`]), resolving overlaps by file order as the agent's
+/// classifier does; the kernel looks up the full key ([`CONDUIT_KEY_BITS`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConduitKey {
-    pub zone: u16,
-    pub endpoint: u16,
-    /// Destination port, host byte order.
-    pub port: u16,
+    pub zone: [u8; 2],
+    pub endpoint: [u8; 2],
     /// [`conduit_proto`] value.
     pub proto: u8,
+    /// Destination port.
+    pub port: [u8; 2],
     pub _pad: u8,
 }
+
+/// Bits of a [`ConduitKey`] before the port (zone, endpoint, protocol).
+pub const CONDUIT_KEY_FIXED_BITS: u32 = 40;
+/// Bits of a [`ConduitKey`] a lookup matches (everything but the padding).
+pub const CONDUIT_KEY_BITS: u32 = CONDUIT_KEY_FIXED_BITS + 16;
+
+impl ConduitKey {
+    #[inline(always)]
+    pub const fn new(zone: u16, endpoint: u16, proto: u8, port: u16) -> ConduitKey {
+        ConduitKey {
+            zone: zone.to_be_bytes(),
+            endpoint: endpoint.to_be_bytes(),
+            proto,
+            port: port.to_be_bytes(),
+            _pad: 0,
+        }
+    }
+}
+
+/// Key data of the zone LPM tries: the flow's outer VLAN (big-endian, 0 for zones
+/// that apply to any VLAN) followed by the address. A VLAN-scoped zone has one entry
+/// per VLAN; the kernel looks up (VLAN, address) first, then (0, address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZoneKeyV4 {
+    pub vlan: [u8; 2],
+    pub addr: [u8; 4],
+}
+
+/// IPv6 counterpart of [`ZoneKeyV4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZoneKeyV6 {
+    pub vlan: [u8; 2],
+    pub addr: [u8; 16],
+}
+
+/// Bits of the VLAN in front of a zone key's address.
+pub const ZONE_KEY_VLAN_BITS: u32 = 16;
 
 /// Value of the `CONDUITS` map.
 #[repr(C)]
@@ -451,6 +561,8 @@ mod pod {
     unsafe impl aya::Pod for super::ClassUpdate {}
     unsafe impl aya::Pod for super::LocalAddr {}
     unsafe impl aya::Pod for super::ConduitKey {}
+    unsafe impl aya::Pod for super::ZoneKeyV4 {}
+    unsafe impl aya::Pod for super::ZoneKeyV6 {}
     unsafe impl aya::Pod for super::ConduitValue {}
     unsafe impl aya::Pod for super::KernelConfig {}
 }
@@ -471,11 +583,48 @@ mod tests {
         assert_eq!(core::mem::size_of::<ClassUpdate>(), 16);
         assert_eq!(core::mem::size_of::<ConduitKey>(), 8);
         assert_eq!(core::mem::size_of::<ConduitValue>(), 4);
+        assert_eq!(core::mem::size_of::<ZoneKeyV4>(), 6);
+        assert_eq!(core::mem::size_of::<ZoneKeyV6>(), 18);
         assert_eq!(core::mem::size_of::<KernelConfig>(), 16);
         // The kernel ORs TCP flags and state bits into the 8-byte word at 56 atomically.
         assert_eq!(core::mem::offset_of!(FlowStats, ifindex), 56);
         assert_eq!(core::mem::offset_of!(FlowStats, tcp_flags), 60);
         assert_eq!(core::mem::offset_of!(FlowStats, state), 63);
+    }
+
+    #[test]
+    fn one_verdict_rule() {
+        use action::{ALERT, ALLOW, BLOCK};
+        assert_eq!(
+            Verdict::decide(false, Some(ALLOW), BLOCK, true),
+            Verdict::Unclassified
+        );
+        assert_eq!(
+            Verdict::decide(true, Some(ALLOW), BLOCK, true),
+            Verdict::Authorized
+        );
+        assert_eq!(
+            Verdict::decide(true, Some(ALERT), BLOCK, true),
+            Verdict::Violation
+        );
+        assert_eq!(
+            Verdict::decide(true, Some(BLOCK), ALERT, true),
+            Verdict::Blocked
+        );
+        assert_eq!(
+            Verdict::decide(true, Some(BLOCK), ALERT, false),
+            Verdict::Violation
+        );
+        assert_eq!(Verdict::decide(true, None, BLOCK, true), Verdict::Blocked);
+        assert_eq!(Verdict::decide(true, None, ALERT, true), Verdict::Violation);
+        for v in [
+            Verdict::Unclassified,
+            Verdict::Authorized,
+            Verdict::Violation,
+            Verdict::Blocked,
+        ] {
+            assert_eq!(Verdict::from_u8(v as u8), v);
+        }
     }
 
     #[test]

@@ -369,7 +369,7 @@ impl Agent {
             stats.zone_id = c.zone.as_ref().map_or(0, |z| z.index);
             stats.endpoint_id = c.endpoint.as_ref().map_or(0, |e| e.index);
             stats.conduit_id = c.conduit.as_ref().map_or(0, |c| c.index);
-            stats.verdict = kernel_verdict(c.verdict);
+            stats.verdict = c.verdict as u8;
         }
         stats.sni_state = sni_state::DONE;
         stats.app_protocol = if proto == AppProto::Quic {
@@ -515,7 +515,7 @@ impl Agent {
 
     fn install_policy(&mut self, map: ConduitMap, trigger: &str) -> Result<()> {
         self.kernel
-            .install_policy(&kernel_policy(&map, self.settings.enforcement))
+            .install_policy(&kernel_policy(&map, self.settings.enforcement)?)
             .context("installing the conduit map into the kernel")?;
         self.site = map.site.clone();
         let record = Record {
@@ -648,21 +648,13 @@ fn class_update(s: &FlowStats) -> ClassUpdate {
     }
 }
 
-fn proto_verdict(v: config::Verdict) -> Verdict {
+/// The record's verdict for the shared verdict type.
+fn proto_verdict(v: sensor_common::Verdict) -> Verdict {
     match v {
-        config::Verdict::Unclassified => Verdict::Unclassified,
-        config::Verdict::Authorized => Verdict::Authorized,
-        config::Verdict::Violation => Verdict::Violation,
-        config::Verdict::Blocked => Verdict::Blocked,
-    }
-}
-
-fn kernel_verdict(v: config::Verdict) -> u8 {
-    match v {
-        config::Verdict::Unclassified => verdict::UNCLASSIFIED,
-        config::Verdict::Authorized => verdict::AUTHORIZED,
-        config::Verdict::Violation => verdict::VIOLATION,
-        config::Verdict::Blocked => verdict::BLOCKED,
+        sensor_common::Verdict::Unclassified => Verdict::Unclassified,
+        sensor_common::Verdict::Authorized => Verdict::Authorized,
+        sensor_common::Verdict::Violation => Verdict::Violation,
+        sensor_common::Verdict::Blocked => Verdict::Blocked,
     }
 }
 
@@ -681,12 +673,7 @@ fn kernel_classification(policy: Option<&ConduitMap>, s: &FlowStats) -> Option<C
         zone: map.zone_by_index(s.zone_id).map(|z| z.id.clone()),
         endpoint: map.endpoint_by_index(s.endpoint_id).map(|e| e.id.clone()),
         conduit_id: map.conduit_by_index(s.conduit_id).map(|c| c.id.clone()),
-        verdict: match s.verdict {
-            verdict::AUTHORIZED => Verdict::Authorized,
-            verdict::VIOLATION => Verdict::Violation,
-            verdict::BLOCKED => Verdict::Blocked,
-            _ => Verdict::Unclassified,
-        },
+        verdict: proto_verdict(sensor_common::Verdict::from_u8(s.verdict)),
         policy_hash: map.policy_hash().to_vec(),
         ..Classification::default()
     })

@@ -218,7 +218,16 @@ fn check_config(args: CheckConfigArgs) -> Result<ExitCode> {
             .map(|c| c.conduits.clone())
     });
     if let Some(path) = &conduits {
-        match ConduitMap::load(path, None) {
+        // A map must also fit the kernel tables, or the agent would refuse it.
+        let fits = |map: ConduitMap| {
+            crate::kernel_policy::kernel_policy(&map, false)
+                .map(|_| map)
+                .map_err(|e| format!("{}: {e}", path.display()))
+        };
+        match ConduitMap::load(path, None)
+            .map_err(|e| e.to_string())
+            .and_then(fits)
+        {
             Ok(map) => println!(
                 "{}: ok: site {}, {} zones, {} endpoints, {} conduits, policy hash {}",
                 path.display(),
@@ -228,7 +237,7 @@ fn check_config(args: CheckConfigArgs) -> Result<ExitCode> {
                 map.conduits.len(),
                 hex::encode(map.policy_hash())
             ),
-            Err(err) => errors.push(err.to_string()),
+            Err(err) => errors.push(err),
         }
     }
     if let (Some(path), true) = (&args.config, cfg.is_some()) {

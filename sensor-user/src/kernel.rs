@@ -28,7 +28,7 @@ use aya::{
 use sensor_common::{
     ClassUpdate, ConduitKey, ConduitValue, Counter, EVENT_FLOW_CLASSIFIED, EVENT_FLOW_END,
     EVENT_FLOW_NEW, EVENT_PAYLOAD, FAMILY_IPV4, FAMILY_IPV6, FlowEvent, FlowKey, FlowStats,
-    KernelConfig, LocalAddr, PayloadEvent,
+    KernelConfig, LocalAddr, PayloadEvent, ZONE_KEY_VLAN_BITS, ZoneKeyV4, ZoneKeyV6,
 };
 
 /// Program names in the object.
@@ -282,17 +282,34 @@ pub struct CidrEntry {
     pub id: u16,
 }
 
+/// A zone network: `vlan` is 0 for a zone that applies to any VLAN, else one of
+/// the zone's VLANs (one entry per VLAN).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ZoneEntry {
+    pub cidr: CidrEntry,
+    pub vlan: u16,
+}
+
+/// One prefix of the conduit trie: `prefix_len` bits of `key` (at least
+/// [`sensor_common::CONDUIT_KEY_FIXED_BITS`]) map to `value`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConduitEntry {
+    pub prefix_len: u32,
+    pub key: ConduitKey,
+    pub value: ConduitValue,
+}
+
 /// Everything the kernel needs from the conduit map. Ids are the agent's indexes
 /// (0 means "none" and must not be used).
 #[derive(Clone, Debug, Default)]
 pub struct KernelPolicy {
-    pub zones: Vec<CidrEntry>,
+    pub zones: Vec<ZoneEntry>,
     pub endpoint_nets: Vec<CidrEntry>,
     /// `sni_hash(exact name)` -> endpoint id.
     pub sni_exact: Vec<(u64, u16)>,
     /// `sni_hash(".suffix")` (leading dot included) -> endpoint id.
     pub sni_suffix: Vec<(u64, u16)>,
-    pub conduits: Vec<(ConduitKey, ConduitValue)>,
+    pub conduits: Vec<ConduitEntry>,
     /// [`sensor_common::action`] for AI traffic no conduit allows.
     pub default_action: u8,
     pub enforce: bool,
@@ -703,15 +720,41 @@ impl Kernel {
             }
             (v4, v6)
         };
-        let (z4, z6) = split(&p.zones);
+        let mut z4 = Vec::new();
+        let mut z6 = Vec::new();
+        for z in &p.zones {
+            let vlan = z.vlan.to_be_bytes();
+            let bits = |max: u8| ZONE_KEY_VLAN_BITS + u32::from(z.cidr.prefix_len.min(max));
+            match z.cidr.addr {
+                IpAddr::V4(a) => {
+                    let data = ZoneKeyV4 {
+                        vlan,
+                        addr: a.octets(),
+                    };
+                    z4.push((Key::new(bits(32), data), z.cidr.id));
+                }
+                IpAddr::V6(a) => {
+                    let data = ZoneKeyV6 {
+                        vlan,
+                        addr: a.octets(),
+                    };
+                    z6.push((Key::new(bits(128), data), z.cidr.id));
+                }
+            }
+        }
         let (e4, e6) = split(&p.endpoint_nets);
+        let conduits: Vec<_> = p
+            .conduits
+            .iter()
+            .map(|c| (Key::new(c.prefix_len, c.key), c.value))
+            .collect();
         replace_lpm(&mut self.ebpf, map_names::ZONES_V4, &z4)?;
         replace_lpm(&mut self.ebpf, map_names::ZONES_V6, &z6)?;
         replace_lpm(&mut self.ebpf, map_names::ENDPOINT_NETS_V4, &e4)?;
         replace_lpm(&mut self.ebpf, map_names::ENDPOINT_NETS_V6, &e6)?;
         replace_hash(&mut self.ebpf, map_names::SNI_EXACT, &p.sni_exact)?;
         replace_hash(&mut self.ebpf, map_names::SNI_SUFFIX, &p.sni_suffix)?;
-        replace_hash(&mut self.ebpf, map_names::CONDUITS, &p.conduits)?;
+        replace_lpm(&mut self.ebpf, map_names::CONDUITS, &conduits)?;
         self.config.default_action = p.default_action;
         self.config.enforce = p.enforce as u8;
         self.write_config()
@@ -785,12 +828,12 @@ fn local_addr(a: IpAddr) -> LocalAddr {
     }
 }
 
-fn replace_lpm<K: aya::Pod + PartialEq>(
+fn replace_lpm<K: aya::Pod + PartialEq, V: aya::Pod>(
     ebpf: &mut Ebpf,
     name: &'static str,
-    entries: &[(Key<K>, u16)],
+    entries: &[(Key<K>, V)],
 ) -> Result<()> {
-    let mut m: LpmTrie<&mut MapData, K, u16> =
+    let mut m: LpmTrie<&mut MapData, K, V> =
         LpmTrie::try_from(ebpf.map_mut(name).ok_or(KernelError::Missing(name))?)
             .map_err(map_err(name))?;
     for (k, v) in entries {

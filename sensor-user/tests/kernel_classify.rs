@@ -6,10 +6,12 @@ use std::net::IpAddr;
 
 use etherparse::PacketBuilder;
 use sensor_common::{
-    ConduitKey, ConduitValue, Counter, EVENT_FLOW_CLASSIFIED, FAMILY_IPV4, FlowKey, FlowStats,
-    action, app_protocol, conduit_proto, sni_hash, sni_state, verdict,
+    CONDUIT_KEY_BITS, ConduitKey, ConduitValue, Counter, EVENT_FLOW_CLASSIFIED, FAMILY_IPV4,
+    FlowKey, FlowStats, action, app_protocol, conduit_proto, sni_hash, sni_state, verdict,
 };
-use sensor_user::kernel::{CidrEntry, Kernel, KernelEvent, KernelOptions, KernelPolicy, Program};
+use sensor_user::kernel::{
+    CidrEntry, ConduitEntry, Kernel, KernelEvent, KernelOptions, KernelPolicy, Program, ZoneEntry,
+};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -31,10 +33,13 @@ fn kernel(policy: &KernelPolicy) -> Option<Kernel> {
 
 fn policy(default_action: u8, enforce: bool) -> KernelPolicy {
     KernelPolicy {
-        zones: vec![CidrEntry {
-            addr: IpAddr::from([10, 10, 1, 0]),
-            prefix_len: 24,
-            id: 1,
+        zones: vec![ZoneEntry {
+            cidr: CidrEntry {
+                addr: IpAddr::from([10, 10, 1, 0]),
+                prefix_len: 24,
+                id: 1,
+            },
+            vlan: 0,
         }],
         endpoint_nets: vec![CidrEntry {
             addr: IpAddr::from([198, 51, 100, 0]),
@@ -46,20 +51,15 @@ fn policy(default_action: u8, enforce: bool) -> KernelPolicy {
             (sni_hash(b".azure.com"), 8),
             (sni_hash(b".openai.azure.com"), 6),
         ],
-        conduits: vec![(
-            ConduitKey {
-                zone: 1,
-                endpoint: 6,
-                port: 443,
-                proto: conduit_proto::TLS,
-                _pad: 0,
-            },
-            ConduitValue {
+        conduits: vec![ConduitEntry {
+            prefix_len: CONDUIT_KEY_BITS,
+            key: ConduitKey::new(1, 6, conduit_proto::TLS, 443),
+            value: ConduitValue {
                 conduit_id: 9,
                 action: action::ALLOW,
                 _pad: 0,
             },
-        )],
+        }],
         default_action,
         enforce,
     }
