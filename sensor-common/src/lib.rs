@@ -4,11 +4,14 @@
 //! the byte layout of map keys, map values and ring-buffer events.
 #![no_std]
 
-/// Capacity of the flow table (LRU hash). Evictions of flows the agent has not yet
-/// recorded are reported as loss.
-pub const FLOW_TABLE_SIZE: u32 = 65_536;
-/// Ring buffer size in bytes (must be a power of two and a multiple of the page size).
-pub const EVENTS_RINGBUF_BYTES: u32 = 1 << 22;
+/// Default capacity of the flow table (LRU hash); `capacity.flow_table` in
+/// sensor.yaml sets it at load time. Sized so that a burst of 120,000 new flows
+/// evicts nothing (README, "Limits").
+pub const FLOW_TABLE_SIZE: u32 = 262_144;
+/// Default ring buffer size in bytes (a power of two and a multiple of the page
+/// size); `capacity.ring_buffer_bytes` sets it at load time. Holds about 110,000
+/// new-flow events, so a 120,000-flow burst fits while the agent reads.
+pub const EVENTS_RINGBUF_BYTES: u32 = 1 << 24;
 /// Most bytes of payload the kernel copies to userspace for a flow it could not
 /// classify on its own (split ClientHello, QUIC Initial).
 pub const PAYLOAD_COPY_MAX: usize = 1536;
@@ -73,8 +76,10 @@ pub mod flow_state {
     pub const FIN_REVERSE: u8 = 0x02;
     /// Either side sent a RST.
     pub const RST: u8 = 0x04;
-    /// The kernel has already emitted a [`super::EVENT_FLOW_END`] for this flow.
-    pub const END_REPORTED: u8 = 0x08;
+    /// The flow's [`super::EVENT_FLOW_NEW`] was lost (ring buffer full, counted in
+    /// [`super::Counter::LossNewFlowEvent`]); the agent learns of the flow from a
+    /// sweep of the table instead and counts it as recovered.
+    pub const UNANNOUNCED: u8 = 0x08;
 }
 
 /// Classification progress, [`FlowStats::sni_state`].
@@ -232,14 +237,12 @@ pub struct ClassUpdate {
     pub app_protocol: u8,
 }
 
-/// Ring-buffer event kinds ([`EventHeader::kind`]).
+/// Ring-buffer event kinds ([`EventHeader::kind`]). Only what the agent uses is
+/// emitted: flow ends and the kernel's own classifications reach it through the
+/// sweep of the flow table (kinds 2 and 4 are retired).
 pub const EVENT_FLOW_NEW: u8 = 1;
-/// The flow saw FIN from both sides or a RST.
-pub const EVENT_FLOW_END: u8 = 2;
 /// Payload the kernel could not classify on its own ([`PayloadEvent`]).
 pub const EVENT_PAYLOAD: u8 = 3;
-/// The kernel classified a flow by itself (SNI in one packet, or endpoint CIDR).
-pub const EVENT_FLOW_CLASSIFIED: u8 = 4;
 
 /// Common prefix of every ring-buffer event.
 #[repr(C)]
@@ -257,7 +260,7 @@ pub struct EventHeader {
     pub key: FlowKey,
 }
 
-/// A flow lifecycle event (new, end, classified).
+/// A new flow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowEvent {
@@ -429,9 +432,10 @@ pub enum Counter {
     ErrL4Truncated,
     /// Non-first IP fragments (no L4 header to key on).
     IpFragment,
-    /// The ring buffer was full; an event was lost.
-    LossRingbufFull,
-    /// The flow table refused an insert.
+    /// The ring buffer was full; a new flow's announcement was lost (the flow is
+    /// marked [`flow_state::UNANNOUNCED`]).
+    LossNewFlowEvent,
+    /// The flow table refused an insert; the packet is not counted.
     LossFlowTableFull,
     /// Egress packets skipped because the ingress program already counted them.
     SkippedAlreadyCounted,
@@ -441,11 +445,24 @@ pub enum Counter {
     LossPayloadTruncated,
     /// Packets dropped by enforcement (`block` verdict).
     PacketsDropped,
+    /// The ring buffer was full; a payload copy for the agent was lost.
+    LossPayloadEvent,
+    /// Reading the payload failed; an empty copy went to the agent.
+    LossPayloadLoad,
+    /// Only the bytes in the linear area could be copied (the full read failed).
+    LossPayloadPartial,
+    /// A payload packet of a still-pending flow after [`MAX_PAYLOAD_COPIES`] copies.
+    LossPayloadCopyLimit,
+    /// The handoff map refused an insert; the egress program counts the packet as
+    /// already counted (it is not counted).
+    LossHandoff,
+    /// The tail call to the payload classifier failed; the payload was not read.
+    LossTailCall,
 }
 
 impl Counter {
     /// Number of counters (size of the per-CPU array).
-    pub const COUNT: u32 = Counter::PacketsDropped as u32 + 1;
+    pub const COUNT: u32 = Counter::LossTailCall as u32 + 1;
 
     /// Every counter in index order.
     pub const ALL: [Counter; Counter::COUNT as usize] = [
@@ -463,12 +480,18 @@ impl Counter {
         Counter::ErrIpv6ExtTooDeep,
         Counter::ErrL4Truncated,
         Counter::IpFragment,
-        Counter::LossRingbufFull,
+        Counter::LossNewFlowEvent,
         Counter::LossFlowTableFull,
         Counter::SkippedAlreadyCounted,
         Counter::HandedOffLocal,
         Counter::LossPayloadTruncated,
         Counter::PacketsDropped,
+        Counter::LossPayloadEvent,
+        Counter::LossPayloadLoad,
+        Counter::LossPayloadPartial,
+        Counter::LossPayloadCopyLimit,
+        Counter::LossHandoff,
+        Counter::LossTailCall,
     ];
 
     /// Stable snake_case name used in metrics and `loss` records.
@@ -488,12 +511,18 @@ impl Counter {
             Counter::ErrIpv6ExtTooDeep => "ipv6_ext_too_deep",
             Counter::ErrL4Truncated => "l4_truncated",
             Counter::IpFragment => "ip_fragment",
-            Counter::LossRingbufFull => "ringbuf_full",
+            Counter::LossNewFlowEvent => "new_flow_event_lost",
             Counter::LossFlowTableFull => "flow_table_full",
             Counter::SkippedAlreadyCounted => "skipped_already_counted",
             Counter::HandedOffLocal => "handed_off_local",
             Counter::LossPayloadTruncated => "payload_truncated",
             Counter::PacketsDropped => "packets_dropped",
+            Counter::LossPayloadEvent => "payload_event_lost",
+            Counter::LossPayloadLoad => "payload_load_failed",
+            Counter::LossPayloadPartial => "payload_partial_copy",
+            Counter::LossPayloadCopyLimit => "payload_copy_limit",
+            Counter::LossHandoff => "handoff_full",
+            Counter::LossTailCall => "tail_call_failed",
         }
     }
 
@@ -502,8 +531,26 @@ impl Counter {
     pub const fn is_loss(self) -> bool {
         matches!(
             self,
-            Counter::LossRingbufFull | Counter::LossFlowTableFull | Counter::LossPayloadTruncated
+            Counter::LossNewFlowEvent
+                | Counter::LossFlowTableFull
+                | Counter::LossPayloadTruncated
+                | Counter::LossPayloadEvent
+                | Counter::LossPayloadLoad
+                | Counter::LossPayloadPartial
+                | Counter::LossPayloadCopyLimit
+                | Counter::LossHandoff
+                | Counter::LossTailCall
         )
+    }
+
+    /// Unit of a loss counter's `loss` record. New-flow announcements are not
+    /// reported as they are: the agent reconciles them with the flows it recovered
+    /// from the table and reports the flows that have no record (unit `flow`).
+    pub const fn loss_unit(self) -> &'static str {
+        match self {
+            Counter::LossNewFlowEvent => "flow",
+            _ => "packet",
+        }
     }
 
     /// Whether this counter counts a packet the parser could not handle.

@@ -9,9 +9,9 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use sensor_common::{
-    CONDUIT_KEY_BITS, ConduitKey, Counter, DIR_FORWARD, EVENT_FLOW_CLASSIFIED, EVENT_PAYLOAD,
-    FAMILY_IPV4, FlowKey, FlowStats, KernelConfig, PAYLOAD_COPY_MAX, PayloadEvent, SNI_HASH_INIT,
-    Verdict, ZONE_KEY_VLAN_BITS, ZoneKeyV4, ZoneKeyV6, app_protocol, conduit_proto, sni_hash_step,
+    CONDUIT_KEY_BITS, ConduitKey, Counter, DIR_FORWARD, EVENT_PAYLOAD, FAMILY_IPV4, FlowKey,
+    FlowStats, KernelConfig, PAYLOAD_COPY_MAX, PayloadEvent, SNI_HASH_INIT, Verdict,
+    ZONE_KEY_VLAN_BITS, ZoneKeyV4, ZoneKeyV6, app_protocol, conduit_proto, sni_hash_step,
     sni_state,
 };
 
@@ -214,29 +214,34 @@ pub fn on_first_payload<C: LoadBytes>(
 
     // Copy the payload into a ring-buffer record; the agent parses SNI, ALPN, JA4.
     let Some(mut e) = EVENTS.reserve::<PayloadEvent>(0) else {
-        bump(Counter::LossRingbufFull);
+        bump(Counter::LossPayloadEvent);
         return;
     };
     let ev = e.as_mut_ptr();
-    let in_frame = (b.end - b.start) as u32;
-    let avail = in_frame.saturating_sub(p.payload_off);
-    let avail = if p.payload_len < avail {
-        p.payload_len
-    } else {
-        avail
-    };
-    let mut n = avail as usize;
+    // The helpers read paged skb data and XDP frags too: copy what the packet
+    // carries, up to the bound; fall back to the linear area if that read fails.
+    let mut n = p.payload_len as usize;
     if n > PAYLOAD_COPY_MAX {
         n = PAYLOAD_COPY_MAX;
         bump(Counter::LossPayloadTruncated);
     }
-    // SAFETY: `ev` is a reservation of size_of::<PayloadEvent>(); `n` <= data.len().
+    let in_frame = ((b.end - b.start) as u32).saturating_sub(p.payload_off) as usize;
+    // SAFETY: `ev` is a reservation of size_of::<PayloadEvent>(); every length passed
+    // is <= data.len().
     let copied = unsafe {
         let data = (&raw mut (*ev).data).cast::<u8>();
-        if n > 0 && n <= PAYLOAD_COPY_MAX && ctx.load_bytes_raw(p.payload_off, data, n as u32) == 0
-        {
+        if n == 0 || n > PAYLOAD_COPY_MAX {
+            0
+        } else if ctx.load_bytes_raw(p.payload_off, data, n as u32) == 0 {
             n
+        } else if in_frame > 0
+            && in_frame < n
+            && ctx.load_bytes_raw(p.payload_off, data, in_frame as u32) == 0
+        {
+            bump(Counter::LossPayloadPartial);
+            in_frame
         } else {
+            bump(Counter::LossPayloadLoad);
             0
         }
     };
@@ -269,7 +274,6 @@ pub fn on_first_payload<C: LoadBytes>(
             decide(s, zone, endpoint, port, conduit_proto::TLS, cfg);
             // SAFETY: live flow-table value.
             unsafe { (*s).sni_hash = hash };
-            crate::flow::emit_flow_event(EVENT_FLOW_CLASSIFIED, DIR_FORWARD, ifindex, key, s);
         }
     }
     e.submit(0);

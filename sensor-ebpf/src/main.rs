@@ -173,7 +173,9 @@ fn hand_off_if_local(p: &Packet) -> bool {
     if LOCAL_ADDRS.get_ptr(la.0).is_none() {
         return false;
     }
-    let _ = HANDOFF.insert(handoff_key(p), 1, 0);
+    if HANDOFF.insert(handoff_key(p), 1, 0).is_err() {
+        bump(Counter::LossHandoff);
+    }
     true
 }
 
@@ -245,9 +247,10 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
         return Ok(xdp_action::XDP_DROP);
     }
     if first_payload {
-        // Does not return on success; on failure (not installed) just pass.
+        // Does not return on success; on failure (not installed) count and pass.
         // SAFETY: ctx is this program's context.
         unsafe { JUMP_XDP.tail_call(ctx, 0) };
+        bump(Counter::LossTailCall);
     }
     Ok(xdp_action::XDP_PASS)
 }
@@ -284,6 +287,9 @@ fn after_account(
     let first_payload = p.payload_len > 0
         && (state == sni_state::NONE
             || (state == sni_state::PENDING && copies < MAX_PAYLOAD_COPIES));
+    if p.payload_len > 0 && state == sni_state::PENDING && copies >= MAX_PAYLOAD_COPIES {
+        bump(Counter::LossPayloadCopyLimit);
+    }
     if first_payload && let Some(job) = PAYLOAD_JOB.get_ptr_mut(0) {
         // SAFETY: per-CPU slot handed to the tail-called program on this CPU; `p`
         // and `key` already live in it.
@@ -442,6 +448,7 @@ fn try_tc(ctx: &TcContext) -> Result<i32, Counter> {
     if first_payload {
         // SAFETY: ctx is this program's context.
         unsafe { JUMP_TC.tail_call(ctx, 0) };
+        bump(Counter::LossTailCall);
     }
     Ok(TC_ACT_OK)
 }

@@ -48,6 +48,9 @@ pub struct AgentSettings {
     pub recorder: RecorderOptions,
     pub jsonl: Option<PathBuf>,
     pub tracker: TrackerOptions,
+    /// Kernel flow-table entries and ring-buffer bytes (sensor.yaml `capacity`).
+    pub flow_table_size: u32,
+    pub ringbuf_bytes: u32,
     pub enforcement: bool,
     pub metrics: Option<std::net::SocketAddr>,
     /// Stream the spool to a collector.
@@ -70,6 +73,11 @@ struct Agent {
     completion: Completion,
     /// Kernel counter values already reported, to report only increases as loss.
     reported_counters: [u64; Counter::COUNT as usize],
+    /// Flows already reported lost because their announcement was lost and no sweep
+    /// found them (see `report_unannounced`).
+    reported_unannounced: u64,
+    /// Flows already reported refused by the tracker.
+    reported_refused: u64,
     ifnames: HashMap<u32, String>,
     site: String,
     /// Link status when streaming to a collector.
@@ -189,6 +197,8 @@ impl Agent {
         tracing::info!(public_key = %hex::encode(recorder.public_key()), spool = %settings.recorder.spool_dir.display(), "recorder ready");
 
         let mut kernel = Kernel::load(&KernelOptions {
+            flow_table_size: settings.flow_table_size,
+            ringbuf_bytes: settings.ringbuf_bytes,
             enforce: settings.enforcement,
             record_all: settings.tracker.record_all,
             default_action: match policy.as_ref().map(|p| p.default_action) {
@@ -240,6 +250,8 @@ impl Agent {
             metrics,
             completion: Completion::new(),
             reported_counters: [0; Counter::COUNT as usize],
+            reported_unannounced: 0,
+            reported_refused: 0,
             ifnames,
             site,
             uplink: None,
@@ -433,10 +445,14 @@ impl Agent {
 
     fn sweep(&mut self) -> Result<()> {
         let now = BootClock::boot_now_ns();
+        // Counters before the table: every flow the kernel counted as unannounced
+        // by now is in this snapshot unless it is gone (see `report_unannounced`).
+        let counters = self.kernel.counters()?;
         let entries = self.kernel.flow_entries()?;
         let policy = self.policy.as_ref();
         let resolve = |_: &FlowKey, s: &FlowStats| kernel_classification(policy, s);
         let sweep = self.tracker.sweep(now, &entries, &resolve);
+        drop(entries);
         for key in &sweep.remove {
             self.kernel.remove_flow(key)?;
         }
@@ -450,40 +466,78 @@ impl Agent {
             self.write_flow(out)?;
         }
         if sweep.evicted > 0 {
-            self.write_loss("flow_table_eviction", sweep.evicted, "flow", "kernel", "recorded flows evicted from the kernel flow table before they ended; their last packets are not counted")?;
+            // Not lost flows: each has its flow_end (lack of resources).
+            self.write_loss(
+                "flow_table_eviction",
+                sweep.evicted,
+                "incomplete_flow",
+                "kernel",
+                "recorded flows evicted from the kernel flow table before they ended; their flow_end carries the last counts seen, later packets are not counted",
+            )?;
         }
         let expired = self.completion.expire(Instant::now());
         if expired > 0 {
             self.write_loss(
                 "reassembly_limit",
                 expired as u64,
-                "flow",
+                "classification",
                 "agent",
-                "ClientHello reassembly gave up (time or memory bound)",
+                "ClientHello reassembly gave up (time or memory bound); the flows keep the kernel's classification",
             )?;
         }
-        self.report_kernel_counters()
+        self.report_refused()?;
+        self.report_kernel_counters(&counters)
+    }
+
+    /// Flows the tracker refused (full) have no record: loss in flow units.
+    fn report_refused(&mut self) -> Result<()> {
+        let refused = self.tracker.refused();
+        if refused > self.reported_refused {
+            let delta = refused - self.reported_refused;
+            self.reported_refused = refused;
+            self.write_loss(
+                "tracker_full",
+                delta,
+                "flow",
+                "agent",
+                "new flows not tracked: the agent's flow tracker was at its bound (capacity.tracked_flows)",
+            )?;
+        }
+        Ok(())
     }
 
     /// Kernel loss counters that grew become signed `loss` records.
-    fn report_kernel_counters(&mut self) -> Result<()> {
-        let counters = self.kernel.counters()?;
+    fn report_kernel_counters(&mut self, counters: &[u64; Counter::COUNT as usize]) -> Result<()> {
         for c in Counter::ALL {
             let i = c as usize;
             self.metrics.kernel[i].store(counters[i], Ordering::Relaxed);
             let delta = counters[i].saturating_sub(self.reported_counters[i]);
-            if delta > 0 && c.is_loss() {
-                let unit = if c == Counter::LossRingbufFull {
-                    "event"
-                } else if c == Counter::LossFlowTableFull {
-                    "flow"
-                } else {
-                    "packet"
-                };
-                self.write_loss(c.name(), delta, unit, "kernel", "")?;
+            if delta > 0 && c.is_loss() && c != Counter::LossNewFlowEvent {
+                self.write_loss(c.name(), delta, c.loss_unit(), "kernel", "")?;
             }
         }
-        self.reported_counters = counters;
+        self.reported_counters = *counters;
+        self.report_unannounced(counters[Counter::LossNewFlowEvent as usize])
+    }
+
+    /// Flows whose announcement the kernel lost and that no sweep found before they
+    /// left the table have no record. `announced_lost` was read before the table
+    /// snapshot the tracker just swept, so each such flow is either recovered by now
+    /// or gone: `announced_lost - recovered` never exceeds the flows without a
+    /// record, and equals it once the last sweep has run.
+    fn report_unannounced(&mut self, announced_lost: u64) -> Result<()> {
+        let lost = announced_lost.saturating_sub(self.tracker.recovered());
+        if lost > self.reported_unannounced {
+            let delta = lost - self.reported_unannounced;
+            self.reported_unannounced = lost;
+            self.write_loss(
+                Counter::LossNewFlowEvent.name(),
+                delta,
+                "flow",
+                "kernel",
+                "new flows whose announcement was lost (ring buffer full) and that left the flow table before a sweep found them",
+            )?;
+        }
         Ok(())
     }
 
@@ -618,12 +672,13 @@ impl Agent {
     fn drain(&mut self) -> Result<()> {
         tracing::info!("draining");
         self.metrics.ready.store(false, Ordering::Relaxed);
+        // The final sweep also makes the final loss report: its counters were read
+        // before its table snapshot, which closes the accounting.
         self.sweep()?;
         let entries = self.kernel.flow_entries()?;
         for out in self.tracker.drain(&entries) {
             self.write_flow(out)?;
         }
-        self.report_kernel_counters()?;
         let last = self.recorder.checkpoint_now()?;
         self.emit_appended(last)?;
         self.recorder.sync()?;

@@ -7,7 +7,10 @@
 use std::{collections::HashMap, time::Duration};
 
 use conduit_proto::v1::{FlowEndReason, RecordKind, Verdict};
-use sensor_common::{FlowKey, FlowStats, flow_state};
+use sensor_common::{FLOW_TABLE_SIZE, FlowKey, FlowStats, flow_state};
+
+/// Default bound of the tracker: as many flows as the default kernel table holds.
+pub const DEFAULT_TRACKED_FLOWS: u32 = FLOW_TABLE_SIZE;
 
 /// Timeouts and recording scope.
 #[derive(Clone, Debug)]
@@ -21,6 +24,8 @@ pub struct TrackerOptions {
     pub end_grace: Duration,
     /// Record flows that match no AI endpoint too.
     pub record_all: bool,
+    /// Most flows tracked at once; new flows beyond are counted, not tracked.
+    pub max_flows: usize,
 }
 
 impl Default for TrackerOptions {
@@ -30,6 +35,7 @@ impl Default for TrackerOptions {
             active_timeout: Duration::from_secs(60),
             end_grace: Duration::from_secs(2),
             record_all: false,
+            max_flows: DEFAULT_TRACKED_FLOWS as usize,
         }
     }
 }
@@ -76,7 +82,8 @@ pub struct Sweep {
     /// Kernel entries the agent must delete (ended flows).
     pub remove: Vec<FlowKey>,
     /// Recorded flows that vanished from the kernel table before they ended
-    /// (LRU eviction): their last packets are lost.
+    /// (LRU eviction): each gets its `flow_end` (lack of resources) with the last
+    /// counts seen; packets after those are not counted.
     pub evicted: u64,
     /// Flows that ended without ever being recorded (not AI traffic).
     pub unrecorded_ended: u64,
@@ -86,12 +93,17 @@ pub struct Sweep {
 struct Tracked {
     flow_id: u64,
     recorded: bool,
-    /// Seen in at least one table snapshot (so absence later means eviction).
-    in_table: bool,
     last_report_ns: u64,
     end_since_ns: Option<u64>,
     stats: FlowStats,
-    class: Classification,
+    /// Boxed: most flows have none, and the tracker holds every live flow.
+    class: Option<Box<Classification>>,
+}
+
+impl Tracked {
+    fn is_ai(&self) -> bool {
+        self.class.as_ref().is_some_and(|c| c.is_ai())
+    }
 }
 
 /// The agent's view of live flows.
@@ -102,6 +114,10 @@ pub struct FlowTracker {
     policy_loaded: bool,
     flows: HashMap<FlowKey, Tracked>,
     next_flow_id: u64,
+    /// New flows not tracked because the tracker was full (they have no record).
+    refused: u64,
+    /// Flows whose announcement the kernel lost, found in the table instead.
+    recovered: u64,
 }
 
 impl FlowTracker {
@@ -112,6 +128,8 @@ impl FlowTracker {
             flows: HashMap::new(),
             // Flow ids are unique per agent run; the chain position makes records unique.
             next_flow_id: 1,
+            refused: 0,
+            recovered: 0,
         }
     }
 
@@ -128,32 +146,49 @@ impl FlowTracker {
         self.flows.is_empty()
     }
 
-    fn recordable(&self, class: &Classification) -> bool {
-        !self.policy_loaded || self.opts.record_all || class.is_ai()
+    /// New flows refused because the tracker was full, since the start.
+    pub fn refused(&self) -> u64 {
+        self.refused
     }
 
-    fn track(&mut self, key: FlowKey, stats: FlowStats, now_ns: u64) -> &mut Tracked {
+    /// Unannounced flows found in the table, since the start.
+    pub fn recovered(&self) -> u64 {
+        self.recovered
+    }
+
+    fn recordable(&self, class: Option<&Classification>) -> bool {
+        !self.policy_loaded || self.opts.record_all || class.is_some_and(|c| c.is_ai())
+    }
+
+    /// The flow's entry, created if there is room.
+    fn track(&mut self, key: FlowKey, stats: FlowStats, now_ns: u64) -> Option<&mut Tracked> {
+        if !self.flows.contains_key(&key) && self.flows.len() >= self.opts.max_flows {
+            return None;
+        }
         let next_id = &mut self.next_flow_id;
-        self.flows.entry(key).or_insert_with(|| {
+        Some(self.flows.entry(key).or_insert_with(|| {
             let flow_id = *next_id;
             *next_id += 1;
             Tracked {
                 flow_id,
                 recorded: false,
-                in_table: false,
                 last_report_ns: now_ns,
                 end_since_ns: None,
                 stats,
-                class: Classification::default(),
+                class: None,
             }
-        })
+        }))
     }
 
     /// A new flow reported by the kernel. Returns its `flow_start` if it is recorded
-    /// right away (no conduit map, or `--record-all`).
+    /// right away (no conduit map, or `--record-all`). Past the bound the flow is
+    /// counted as refused and never tracked.
     pub fn on_new(&mut self, key: FlowKey, stats: FlowStats, now_ns: u64) -> Option<FlowOut> {
-        let recordable = self.recordable(&Classification::default());
-        let t = self.track(key, stats, now_ns);
+        let recordable = self.recordable(None);
+        let Some(t) = self.track(key, stats, now_ns) else {
+            self.refused += 1;
+            return None;
+        };
         if t.recorded || !recordable {
             return None;
         }
@@ -161,7 +196,9 @@ impl FlowTracker {
     }
 
     /// Classification finished (kernel or agent). Returns the `flow_start` if this
-    /// makes the flow recordable, so a violation is visible at once.
+    /// makes the flow recordable, so a violation is visible at once. A flow that is
+    /// not tracked was refused (and counted) already, unless the kernel lost its
+    /// announcement: then this recovers it.
     pub fn on_classified(
         &mut self,
         key: FlowKey,
@@ -169,9 +206,20 @@ impl FlowTracker {
         class: Classification,
         now_ns: u64,
     ) -> Option<FlowOut> {
-        let recordable = self.recordable(&class);
-        let t = self.track(key, stats, now_ns);
-        t.class = class;
+        let known = self.flows.contains_key(&key);
+        let unannounced = stats.state & flow_state::UNANNOUNCED != 0;
+        if !known && !unannounced {
+            return None;
+        }
+        let recordable = self.recordable(Some(&class));
+        if !known {
+            if self.flows.len() >= self.opts.max_flows {
+                return None;
+            }
+            self.recovered += 1;
+        }
+        let t = self.track(key, stats, now_ns)?;
+        t.class = Some(Box::new(class));
         merge_stats(&mut t.stats, &stats);
         if t.recorded || !recordable {
             return None;
@@ -181,7 +229,7 @@ impl FlowTracker {
 
     /// Current classification of a flow, if tracked.
     pub fn classification(&self, key: &FlowKey) -> Option<&Classification> {
-        self.flows.get(key).map(|t| &t.class)
+        self.flows.get(key).and_then(|t| t.class.as_deref())
     }
 
     /// Walks a snapshot of the kernel table taken at `now_ns`.
@@ -204,15 +252,29 @@ impl FlowTracker {
             present.insert(*key);
             let policy_loaded = self.policy_loaded;
             let record_all = self.opts.record_all;
-            let t = self.track(*key, *stats, now_ns);
-            t.in_table = true;
+            // Only flows the kernel could not announce are picked up here: any other
+            // untracked flow was refused (counted) or its announcement is still in
+            // the ring buffer.
+            let known = self.flows.contains_key(key);
+            if !known && stats.state & flow_state::UNANNOUNCED == 0 {
+                continue;
+            }
+            if !known {
+                if self.flows.len() >= self.opts.max_flows {
+                    continue;
+                }
+                self.recovered += 1;
+            }
+            let Some(t) = self.track(*key, *stats, now_ns) else {
+                continue;
+            };
             merge_stats(&mut t.stats, stats);
-            if !t.class.is_ai()
+            if !t.is_ai()
                 && let Some(class) = kernel_class(key, stats)
             {
-                t.class = class;
+                t.class = Some(Box::new(class));
             }
-            let recordable = !policy_loaded || record_all || t.class.is_ai();
+            let recordable = !policy_loaded || record_all || t.is_ai();
             if !t.recorded && recordable {
                 sweep.out.push(start(t, *key));
             }
@@ -249,12 +311,14 @@ impl FlowTracker {
             }
         }
 
-        // Flows that were in the table before and are gone: the LRU evicted them.
+        // Tracked flows are in the kernel table before this snapshot was taken
+        // (their announcement was read first), so any that are missing are gone:
+        // the LRU evicted them.
         let gone: Vec<FlowKey> = self
             .flows
-            .iter()
-            .filter(|(k, t)| t.in_table && !present.contains(*k))
-            .map(|(k, _)| *k)
+            .keys()
+            .filter(|k| !present.contains(*k))
+            .copied()
             .collect();
         for key in gone {
             if let Some(t) = self.flows.remove(&key) {
@@ -303,7 +367,7 @@ fn out(t: &Tracked, key: FlowKey, kind: RecordKind, end_reason: FlowEndReason) -
         flow_id: t.flow_id,
         key,
         stats: t.stats,
-        class: t.class.clone(),
+        class: t.class.as_deref().cloned().unwrap_or_default(),
         end_reason,
     }
 }
@@ -378,6 +442,7 @@ mod tests {
             active_timeout: Duration::from_secs(60),
             end_grace: Duration::from_secs(2),
             record_all: false,
+            max_flows: DEFAULT_TRACKED_FLOWS as usize,
         }
     }
 
@@ -448,6 +513,47 @@ mod tests {
         assert_eq!(sw.evicted, 1);
         assert_eq!(sw.out[0].end_reason, FlowEndReason::LackOfResources);
         assert_eq!(sw.out[0].stats.packets, [4, 4]);
+    }
+
+    #[test]
+    fn flow_evicted_before_any_sweep_leaves_the_tracker() {
+        let mut tr = FlowTracker::new(opts(), false);
+        tr.on_new(key(7), stats(S, 1, 0), S);
+        let sw = tr.sweep(2 * S, &[], &none);
+        assert_eq!(sw.evicted, 1);
+        assert_eq!(sw.out[0].end_reason, FlowEndReason::LackOfResources);
+        assert!(tr.is_empty());
+    }
+
+    #[test]
+    fn past_its_bound_the_tracker_counts_and_does_not_grow() {
+        let mut tr = FlowTracker::new(
+            TrackerOptions {
+                max_flows: 2,
+                ..opts()
+            },
+            false,
+        );
+        for p in 10..15 {
+            tr.on_new(key(p), stats(S, 1, 0), S);
+        }
+        assert_eq!((tr.len(), tr.refused()), (2, 3));
+        // Refused flows stay unrecorded when a sweep sees them in the table.
+        let entries: Vec<_> = (10..15).map(|p| (key(p), stats(S, 1, 0))).collect();
+        let sw = tr.sweep(2 * S, &entries, &none);
+        assert!(sw.out.is_empty());
+        assert_eq!((tr.len(), tr.refused(), tr.recovered()), (2, 3, 0));
+    }
+
+    #[test]
+    fn unannounced_flow_is_recovered_once() {
+        let mut tr = FlowTracker::new(opts(), false);
+        let lost = stats(S, 1, flow_state::UNANNOUNCED);
+        let sw = tr.sweep(2 * S, &[(key(20), lost)], &none);
+        assert_eq!(sw.out[0].kind, RecordKind::FlowStart);
+        let sw = tr.sweep(3 * S, &[(key(20), lost)], &none);
+        assert!(sw.out.is_empty());
+        assert_eq!(tr.recovered(), 1);
     }
 
     #[test]

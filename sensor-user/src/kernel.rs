@@ -26,9 +26,9 @@ use aya::{
     },
 };
 use sensor_common::{
-    ClassUpdate, ConduitKey, ConduitValue, Counter, EVENT_FLOW_CLASSIFIED, EVENT_FLOW_END,
-    EVENT_FLOW_NEW, EVENT_PAYLOAD, FAMILY_IPV4, FAMILY_IPV6, FlowEvent, FlowKey, FlowStats,
-    KernelConfig, LocalAddr, PayloadEvent, ZONE_KEY_VLAN_BITS, ZoneKeyV4, ZoneKeyV6,
+    ClassUpdate, ConduitKey, ConduitValue, Counter, EVENT_FLOW_NEW, EVENT_PAYLOAD, FAMILY_IPV4,
+    FAMILY_IPV6, FlowEvent, FlowKey, FlowStats, KernelConfig, LocalAddr, PayloadEvent,
+    ZONE_KEY_VLAN_BITS, ZoneKeyV4, ZoneKeyV6,
 };
 
 /// Program names in the object.
@@ -125,14 +125,30 @@ fn is_not_found(e: &MapError) -> bool {
 }
 
 /// Load-time options.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct KernelOptions {
+    /// Capacity of the flow table (entries).
+    pub flow_table_size: u32,
+    /// Size of the event ring buffer (bytes; a power of two, page multiple).
+    pub ringbuf_bytes: u32,
     /// Drop later forward packets of flows with a `blocked` verdict.
     pub enforce: bool,
     /// The agent records every flow, not only AI traffic.
     pub record_all: bool,
     /// [`sensor_common::action`] for AI traffic no conduit allows.
     pub default_action: u8,
+}
+
+impl Default for KernelOptions {
+    fn default() -> Self {
+        KernelOptions {
+            flow_table_size: sensor_common::FLOW_TABLE_SIZE,
+            ringbuf_bytes: sensor_common::EVENTS_RINGBUF_BYTES,
+            enforce: false,
+            record_all: false,
+            default_action: sensor_common::action::ALERT,
+        }
+    }
 }
 
 /// XDP attach mode that was used.
@@ -182,7 +198,7 @@ impl Program {
 /// A decoded ring-buffer event.
 #[derive(Clone, Debug)]
 pub enum KernelEvent {
-    /// `EVENT_FLOW_NEW`, `EVENT_FLOW_END` or `EVENT_FLOW_CLASSIFIED` (see `header.kind`).
+    /// `EVENT_FLOW_NEW`.
     Flow(FlowEvent),
     /// `EVENT_PAYLOAD`.
     Payload(Box<PayloadEvent>),
@@ -192,7 +208,7 @@ impl KernelEvent {
     /// Decodes one ring-buffer record; `None` for unknown kinds or short records.
     pub fn decode(bytes: &[u8]) -> Option<KernelEvent> {
         match *bytes.first()? {
-            EVENT_FLOW_NEW | EVENT_FLOW_END | EVENT_FLOW_CLASSIFIED => {
+            EVENT_FLOW_NEW => {
                 if bytes.len() < size_of::<FlowEvent>() {
                     return None;
                 }
@@ -342,7 +358,10 @@ impl Kernel {
         if object.is_empty() {
             return Err(KernelError::NotBuilt);
         }
-        let mut ebpf = EbpfLoader::new().load(object)?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(map_names::FLOWS, opts.flow_table_size)
+            .map_max_entries(map_names::EVENTS, opts.ringbuf_bytes)
+            .load(object)?;
         for name in [
             PROG_XDP,
             PROG_BENCH_EMPTY,
