@@ -9,9 +9,11 @@
 /// evicts nothing (README, "Limits").
 pub const FLOW_TABLE_SIZE: u32 = 262_144;
 /// Default ring buffer size in bytes (a power of two and a multiple of the page
-/// size); `capacity.ring_buffer_bytes` sets it at load time. Holds about 110,000
-/// new-flow events, so a 120,000-flow burst fits while the agent reads.
-pub const EVENTS_RINGBUF_BYTES: u32 = 1 << 24;
+/// size); `capacity.ring_buffer_bytes` sets it at load time. About 27,000 new-flow
+/// events; flows whose announcement does not fit are recovered from the table by
+/// the next sweep (`flow_state::UNANNOUNCED`), so the ring need not hold a burst.
+/// The agent maps the data twice, so its RSS grows by twice this size.
+pub const EVENTS_RINGBUF_BYTES: u32 = 1 << 22;
 /// Most bytes of payload the kernel copies to userspace for a flow it could not
 /// classify on its own (split ClientHello, QUIC Initial).
 pub const PAYLOAD_COPY_MAX: usize = 1536;

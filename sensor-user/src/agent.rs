@@ -139,7 +139,7 @@ pub async fn run(settings: AgentSettings) -> Result<()> {
         }
     }
     result?;
-    tracing::info!("sensor stopped");
+    tracing::info!(peak_rss_kib = peak_rss_kib(), "sensor stopped");
     Ok(())
 }
 
@@ -284,33 +284,66 @@ impl Agent {
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        loop {
-            tokio::select! {
-                guard = events.readable_mut() => {
-                    let mut guard = guard?;
-                    let mut batch = Vec::new();
-                    while let Some(item) = guard.get_inner_mut().next() {
-                        if let Some(ev) = KernelEvent::decode(&item) {
-                            batch.push(ev);
+        let result: Result<()> = loop {
+            let step: Result<()> = tokio::select! {
+                guard = events.readable_mut() => match guard {
+                    Ok(mut guard) => {
+                        let batch = read_events(guard.get_inner_mut(), EVENT_BATCH);
+                        // A full batch may leave events behind: stay ready.
+                        if batch.len() < EVENT_BATCH {
+                            guard.clear_ready();
                         }
+                        batch.into_iter().try_for_each(|ev| self.on_event(ev))
                     }
-                    guard.clear_ready();
-                    for ev in batch {
-                        self.on_event(ev)?;
-                    }
+                    Err(e) => Err(e.into()),
+                },
+                _ = sweep.tick() => self.sweep(),
+                _ = tick.tick() => self.tick(),
+                _ = hup.recv() => {
+                    self.reload();
+                    Ok(())
                 }
-                _ = sweep.tick() => self.sweep()?,
-                _ = tick.tick() => {
-                    self.acknowledge_collector()?;
-                    let written = self.recorder.tick(SystemTime::now())?;
-                    self.emit_appended(written)?;
-                }
-                _ = hup.recv() => self.reload(),
-                _ = term.recv() => break,
-                _ = int.recv() => break,
+                _ = term.recv() => break Ok(()),
+                _ = int.recv() => break Ok(()),
+            };
+            if let Err(err) = step {
+                break Err(err);
+            }
+        };
+        // Stopping or failing, the same path: detach first so the accounting can
+        // close, read the ring buffer to its end, then drain.
+        self.kernel.detach_all();
+        let mut failure = result.err();
+        if let Some(err) = &failure {
+            tracing::error!("event loop failed: {err:#}; draining");
+            let detail = format!("{err:#}");
+            if let Err(e) = self.write_loss("agent_error", 1, "event", "agent", &detail) {
+                tracing::error!("recording the failure: {e:#}");
             }
         }
-        self.drain()
+        loop {
+            let rest = read_events(events.get_mut(), EVENT_BATCH);
+            if rest.is_empty() {
+                break;
+            }
+            for ev in rest {
+                if let Err(e) = self.on_event(ev) {
+                    tracing::error!("draining the ring buffer: {e:#}");
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        let drained = self.drain();
+        match failure {
+            Some(err) => Err(err),
+            None => drained,
+        }
+    }
+
+    fn tick(&mut self) -> Result<()> {
+        self.acknowledge_collector()?;
+        let written = self.recorder.tick(SystemTime::now())?;
+        self.emit_appended(written)
     }
 
     fn on_event(&mut self, ev: KernelEvent) -> Result<()> {
@@ -448,11 +481,13 @@ impl Agent {
         // Counters before the table: every flow the kernel counted as unannounced
         // by now is in this snapshot unless it is gone (see `report_unannounced`).
         let counters = self.kernel.counters()?;
-        let entries = self.kernel.flow_entries()?;
         let policy = self.policy.as_ref();
         let resolve = |_: &FlowKey, s: &FlowStats| kernel_classification(policy, s);
-        let sweep = self.tracker.sweep(now, &entries, &resolve);
-        drop(entries);
+        let tracker = &mut self.tracker;
+        let mut sweep = tracker.begin_sweep(now);
+        self.kernel
+            .for_each_flow(|k, s| tracker.sweep_entry(&mut sweep, &k, &s, &resolve))?;
+        tracker.end_sweep(&mut sweep);
         for key in &sweep.remove {
             self.kernel.remove_flow(key)?;
         }
@@ -675,9 +710,13 @@ impl Agent {
         // The final sweep also makes the final loss report: its counters were read
         // before its table snapshot, which closes the accounting.
         self.sweep()?;
-        let entries = self.kernel.flow_entries()?;
-        for out in self.tracker.drain(&entries) {
-            self.write_flow(out)?;
+        let tracker = &mut self.tracker;
+        self.kernel
+            .for_each_flow(|k, s| tracker.update_stats(&k, &s))?;
+        for key in self.tracker.drain_keys() {
+            if let Some(out) = self.tracker.force_end(&key) {
+                self.write_flow(out)?;
+            }
         }
         let last = self.recorder.checkpoint_now()?;
         self.emit_appended(last)?;
@@ -689,6 +728,32 @@ impl Agent {
         self.kernel.detach_all();
         Ok(())
     }
+}
+
+/// Most ring-buffer events handled per wake-up: the batch stays small, and the
+/// other timers get their turn under a burst.
+const EVENT_BATCH: usize = 1024;
+
+/// Up to `max` events waiting in the ring buffer.
+fn read_events(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, max: usize) -> Vec<KernelEvent> {
+    let mut batch = Vec::with_capacity(max.min(EVENT_BATCH));
+    while batch.len() < max
+        && let Some(item) = ring.next()
+    {
+        if let Some(ev) = KernelEvent::decode(&item) {
+            batch.push(ev);
+        }
+    }
+    batch
+}
+
+/// Peak resident set size of this process in KiB (VmHWM), if readable.
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// The classification fields of a flow, for the kernel to merge (it sets DONE).

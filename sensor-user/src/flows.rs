@@ -77,6 +77,8 @@ pub struct FlowOut {
 /// Result of a sweep over the kernel flow table.
 #[derive(Debug, Default)]
 pub struct Sweep {
+    /// Time of the snapshot.
+    pub now_ns: u64,
     /// Records to write, in order.
     pub out: Vec<FlowOut>,
     /// Kernel entries the agent must delete (ended flows).
@@ -98,6 +100,8 @@ struct Tracked {
     stats: FlowStats,
     /// Boxed: most flows have none, and the tracker holds every live flow.
     class: Option<Box<Classification>>,
+    /// The last sweep that saw the flow in the kernel table.
+    seen: u32,
 }
 
 impl Tracked {
@@ -112,8 +116,11 @@ pub struct FlowTracker {
     opts: TrackerOptions,
     /// With no conduit map every flow is recorded (foundation behaviour).
     policy_loaded: bool,
-    flows: HashMap<FlowKey, Tracked>,
+    /// Boxed values: the table's buckets stay small (it is sized in powers of two).
+    flows: HashMap<FlowKey, Box<Tracked>>,
     next_flow_id: u64,
+    /// Number of the current sweep; a tracked flow a sweep did not see is gone.
+    epoch: u32,
     /// New flows not tracked because the tracker was full (they have no record).
     refused: u64,
     /// Flows whose announcement the kernel lost, found in the table instead.
@@ -130,6 +137,7 @@ impl FlowTracker {
             next_flow_id: 1,
             refused: 0,
             recovered: 0,
+            epoch: 0,
         }
     }
 
@@ -166,17 +174,19 @@ impl FlowTracker {
             return None;
         }
         let next_id = &mut self.next_flow_id;
+        let seen = self.epoch;
         Some(self.flows.entry(key).or_insert_with(|| {
             let flow_id = *next_id;
             *next_id += 1;
-            Tracked {
+            Box::new(Tracked {
                 flow_id,
                 recorded: false,
                 last_report_ns: now_ns,
                 end_since_ns: None,
                 stats,
                 class: None,
-            }
+                seen,
+            })
         }))
     }
 
@@ -232,93 +242,121 @@ impl FlowTracker {
         self.flows.get(key).and_then(|t| t.class.as_deref())
     }
 
-    /// Walks a snapshot of the kernel table taken at `now_ns`.
-    ///
-    /// `kernel_class` turns a kernel-side classification (ids in [`FlowStats`]) into
-    /// names, for flows the agent has no classification of its own for.
+    /// Walks a snapshot of the kernel table taken at `now_ns` (see
+    /// [`FlowTracker::sweep_entry`]).
     pub fn sweep(
         &mut self,
         now_ns: u64,
         entries: &[(FlowKey, FlowStats)],
         kernel_class: &dyn Fn(&FlowKey, &FlowStats) -> Option<Classification>,
     ) -> Sweep {
-        let mut sweep = Sweep::default();
+        let mut sweep = self.begin_sweep(now_ns);
+        for (key, stats) in entries {
+            self.sweep_entry(&mut sweep, key, stats, kernel_class);
+        }
+        self.end_sweep(&mut sweep);
+        sweep
+    }
+
+    /// Starts a walk over the kernel table; feed every entry to
+    /// [`FlowTracker::sweep_entry`], then call [`FlowTracker::end_sweep`]. The walk
+    /// streams: no copy of the table is held.
+    pub fn begin_sweep(&mut self, now_ns: u64) -> Sweep {
+        self.epoch = self.epoch.wrapping_add(1);
+        Sweep {
+            now_ns,
+            ..Sweep::default()
+        }
+    }
+
+    /// One entry of the kernel table.
+    ///
+    /// `kernel_class` turns a kernel-side classification (ids in [`FlowStats`]) into
+    /// names, for flows the agent has no classification of its own for.
+    pub fn sweep_entry(
+        &mut self,
+        sweep: &mut Sweep,
+        key: &FlowKey,
+        stats: &FlowStats,
+        kernel_class: &dyn Fn(&FlowKey, &FlowStats) -> Option<Classification>,
+    ) {
+        let now_ns = sweep.now_ns;
         let idle = nanos(self.opts.idle_timeout);
         let active = nanos(self.opts.active_timeout);
         let grace = nanos(self.opts.end_grace);
-        let mut present = std::collections::HashSet::with_capacity(entries.len());
-
-        for (key, stats) in entries {
-            present.insert(*key);
-            let policy_loaded = self.policy_loaded;
-            let record_all = self.opts.record_all;
-            // Only flows the kernel could not announce are picked up here: any other
-            // untracked flow was refused (counted) or its announcement is still in
-            // the ring buffer.
-            let known = self.flows.contains_key(key);
-            if !known && stats.state & flow_state::UNANNOUNCED == 0 {
-                continue;
+        let policy_loaded = self.policy_loaded;
+        let record_all = self.opts.record_all;
+        let epoch = self.epoch;
+        // Only flows the kernel could not announce are picked up here: any other
+        // untracked flow was refused (counted) or its announcement is still in the
+        // ring buffer.
+        let known = self.flows.contains_key(key);
+        if !known && stats.state & flow_state::UNANNOUNCED == 0 {
+            return;
+        }
+        if !known {
+            if self.flows.len() >= self.opts.max_flows {
+                return;
             }
-            if !known {
-                if self.flows.len() >= self.opts.max_flows {
-                    continue;
-                }
-                self.recovered += 1;
-            }
-            let Some(t) = self.track(*key, *stats, now_ns) else {
-                continue;
-            };
-            merge_stats(&mut t.stats, stats);
-            if !t.is_ai()
-                && let Some(class) = kernel_class(key, stats)
-            {
-                t.class = Some(Box::new(class));
-            }
-            let recordable = !policy_loaded || record_all || t.is_ai();
-            if !t.recorded && recordable {
-                sweep.out.push(start(t, *key));
-            }
-
-            let ended = stats.state & (flow_state::RST) != 0
-                || stats.state & (flow_state::FIN_FORWARD | flow_state::FIN_REVERSE)
-                    == (flow_state::FIN_FORWARD | flow_state::FIN_REVERSE);
-            let reason = if ended {
-                let since = *t.end_since_ns.get_or_insert(now_ns);
-                (now_ns.saturating_sub(since) >= grace).then_some(FlowEndReason::EndOfFlow)
-            } else if now_ns.saturating_sub(stats.last_seen_ns) >= idle {
-                Some(FlowEndReason::IdleTimeout)
-            } else {
-                None
-            };
-
-            if let Some(reason) = reason {
-                sweep.remove.push(*key);
-                if let Some(t) = self.flows.remove(key) {
-                    if t.recorded {
-                        sweep.out.push(out(&t, *key, RecordKind::FlowEnd, reason));
-                    } else {
-                        sweep.unrecorded_ended += 1;
-                    }
-                }
-            } else if t.recorded && now_ns.saturating_sub(t.last_report_ns) >= active {
-                t.last_report_ns = now_ns;
-                sweep.out.push(out(
-                    t,
-                    *key,
-                    RecordKind::FlowUpdate,
-                    FlowEndReason::Unspecified,
-                ));
-            }
+            self.recovered += 1;
+        }
+        let Some(t) = self.track(*key, *stats, now_ns) else {
+            return;
+        };
+        t.seen = epoch;
+        merge_stats(&mut t.stats, stats);
+        if !t.is_ai()
+            && let Some(class) = kernel_class(key, stats)
+        {
+            t.class = Some(Box::new(class));
+        }
+        let recordable = !policy_loaded || record_all || t.is_ai();
+        if !t.recorded && recordable {
+            sweep.out.push(start(t, *key));
         }
 
-        // Tracked flows are in the kernel table before this snapshot was taken
-        // (their announcement was read first), so any that are missing are gone:
-        // the LRU evicted them.
+        let ended = stats.state & (flow_state::RST) != 0
+            || stats.state & (flow_state::FIN_FORWARD | flow_state::FIN_REVERSE)
+                == (flow_state::FIN_FORWARD | flow_state::FIN_REVERSE);
+        let reason = if ended {
+            let since = *t.end_since_ns.get_or_insert(now_ns);
+            (now_ns.saturating_sub(since) >= grace).then_some(FlowEndReason::EndOfFlow)
+        } else if now_ns.saturating_sub(stats.last_seen_ns) >= idle {
+            Some(FlowEndReason::IdleTimeout)
+        } else {
+            None
+        };
+
+        if let Some(reason) = reason {
+            sweep.remove.push(*key);
+            if let Some(t) = self.flows.remove(key) {
+                if t.recorded {
+                    sweep.out.push(out(&t, *key, RecordKind::FlowEnd, reason));
+                } else {
+                    sweep.unrecorded_ended += 1;
+                }
+            }
+        } else if t.recorded && now_ns.saturating_sub(t.last_report_ns) >= active {
+            t.last_report_ns = now_ns;
+            sweep.out.push(out(
+                t,
+                *key,
+                RecordKind::FlowUpdate,
+                FlowEndReason::Unspecified,
+            ));
+        }
+    }
+
+    /// Ends the walk. Tracked flows are in the kernel table before the walk started
+    /// (their announcement was read first), so any the walk did not see are gone:
+    /// the LRU evicted them.
+    pub fn end_sweep(&mut self, sweep: &mut Sweep) {
+        let epoch = self.epoch;
         let gone: Vec<FlowKey> = self
             .flows
-            .keys()
-            .filter(|k| !present.contains(*k))
-            .copied()
+            .iter()
+            .filter(|(_, t)| t.seen != epoch)
+            .map(|(k, _)| *k)
             .collect();
         for key in gone {
             if let Some(t) = self.flows.remove(&key) {
@@ -335,24 +373,44 @@ impl FlowTracker {
                 }
             }
         }
-        sweep
+    }
+
+    /// Takes the latest totals of a flow (final snapshot before a drain).
+    pub fn update_stats(&mut self, key: &FlowKey, stats: &FlowStats) {
+        if let Some(t) = self.flows.get_mut(key) {
+            merge_stats(&mut t.stats, stats);
+        }
+    }
+
+    /// Keys of the recorded flows in the order they started; every flow leaves the
+    /// tracker. With [`FlowTracker::force_end`], ends them one at a time, so a drain
+    /// holds no copy of every record.
+    pub fn drain_keys(&mut self) -> Vec<FlowKey> {
+        let mut keys: Vec<(u64, FlowKey)> = self
+            .flows
+            .iter()
+            .filter(|(_, t)| t.recorded)
+            .map(|(k, t)| (t.flow_id, *k))
+            .collect();
+        keys.sort_unstable();
+        self.flows.retain(|_, t| t.recorded);
+        keys.into_iter().map(|(_, k)| k).collect()
+    }
+
+    /// The `flow_end` (`forced`) of a flow from [`FlowTracker::drain_keys`].
+    pub fn force_end(&mut self, key: &FlowKey) -> Option<FlowOut> {
+        let t = self.flows.remove(key)?;
+        Some(out(&t, *key, RecordKind::FlowEnd, FlowEndReason::ForcedEnd))
     }
 
     /// Ends every recorded flow (`forced`), e.g. on shutdown, with the totals of the
     /// final snapshot.
     pub fn drain(&mut self, entries: &[(FlowKey, FlowStats)]) -> Vec<FlowOut> {
         for (key, stats) in entries {
-            if let Some(t) = self.flows.get_mut(key) {
-                merge_stats(&mut t.stats, stats);
-            }
+            self.update_stats(key, stats);
         }
-        let mut flows: Vec<(FlowKey, Tracked)> = self.flows.drain().collect();
-        flows.sort_by_key(|(_, t)| t.flow_id);
-        flows
-            .into_iter()
-            .filter(|(_, t)| t.recorded)
-            .map(|(key, t)| out(&t, key, RecordKind::FlowEnd, FlowEndReason::ForcedEnd))
-            .collect()
+        let keys = self.drain_keys();
+        keys.iter().filter_map(|k| self.force_end(k)).collect()
     }
 }
 

@@ -603,17 +603,23 @@ impl Kernel {
 
     /// Every flow in the table. Entries evicted or deleted during the walk are skipped.
     pub fn flow_entries(&self) -> Result<Vec<(FlowKey, FlowStats)>> {
-        let flows = self.flows()?;
         let mut out = Vec::new();
+        self.for_each_flow(|k, s| out.push((k, s)))?;
+        Ok(out)
+    }
+
+    /// Calls `f` for every flow in the table without holding a copy of it.
+    pub fn for_each_flow(&self, mut f: impl FnMut(FlowKey, FlowStats)) -> Result<()> {
+        let flows = self.flows()?;
         for r in flows.iter() {
             match r {
-                Ok(kv) => out.push(kv),
+                Ok((k, s)) => f(k, s),
                 // The key vanished between get_next_key and lookup (LRU eviction).
                 Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(map_err(map_names::FLOWS)(e)),
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// One flow, if present.
