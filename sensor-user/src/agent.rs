@@ -257,10 +257,33 @@ impl Agent {
             uplink: None,
         };
         agent.emit_appended(opened)?;
+        agent.close_crashed_flows()?;
         if let Some(map) = policy {
             agent.install_policy(map, "startup")?;
         }
         Ok(agent)
+    }
+}
+
+impl Agent {
+    /// Flows a previous run started and never ended (it crashed) get their
+    /// `flow_end` now: lack of resources, last counts the spool has.
+    fn close_crashed_flows(&mut self) -> Result<()> {
+        let found = crate::crash_recovery::spool_flows(&self.settings.recorder.spool_dir)
+            .context("reading the spool for flows a crash left open")?;
+        self.tracker.continue_ids_after(found.max_flow_id);
+        if found.open.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(
+            flows = found.open.len(),
+            "closing flows the previous run left open (crash): flow_end, reason lack of resources"
+        );
+        for last in &found.open {
+            self.metrics.flows_ended.fetch_add(1, Ordering::Relaxed);
+            self.append(crate::crash_recovery::closing_record(last))?;
+        }
+        Ok(())
     }
 }
 
@@ -713,7 +736,7 @@ impl Agent {
         let tracker = &mut self.tracker;
         self.kernel
             .for_each_flow(|k, s| tracker.update_stats(&k, &s))?;
-        for key in self.tracker.drain_keys() {
+        for (_, key) in self.tracker.drain_keys() {
             if let Some(out) = self.tracker.force_end(&key) {
                 self.write_flow(out)?;
             }

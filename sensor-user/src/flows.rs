@@ -133,12 +133,18 @@ impl FlowTracker {
             opts,
             policy_loaded,
             flows: HashMap::new(),
-            // Flow ids are unique per agent run; the chain position makes records unique.
+            // Flow ids are unique within a spool: a restart continues after the highest
+            // stored one (`continue_ids_after`).
             next_flow_id: 1,
             refused: 0,
             recovered: 0,
             epoch: 0,
         }
+    }
+
+    /// Continues flow ids after `max` (the highest id a previous run stored).
+    pub fn continue_ids_after(&mut self, max: u64) {
+        self.next_flow_id = self.next_flow_id.max(max + 1);
     }
 
     pub fn set_policy_loaded(&mut self, loaded: bool) {
@@ -385,7 +391,7 @@ impl FlowTracker {
     /// Keys of the recorded flows in the order they started; every flow leaves the
     /// tracker. With [`FlowTracker::force_end`], ends them one at a time, so a drain
     /// holds no copy of every record.
-    pub fn drain_keys(&mut self) -> Vec<FlowKey> {
+    pub fn drain_keys(&mut self) -> Vec<(u64, FlowKey)> {
         let mut keys: Vec<(u64, FlowKey)> = self
             .flows
             .iter()
@@ -394,7 +400,7 @@ impl FlowTracker {
             .collect();
         keys.sort_unstable();
         self.flows.retain(|_, t| t.recorded);
-        keys.into_iter().map(|(_, k)| k).collect()
+        keys
     }
 
     /// The `flow_end` (`forced`) of a flow from [`FlowTracker::drain_keys`].
@@ -410,7 +416,7 @@ impl FlowTracker {
             self.update_stats(key, stats);
         }
         let keys = self.drain_keys();
-        keys.iter().filter_map(|k| self.force_end(k)).collect()
+        keys.iter().filter_map(|(_, k)| self.force_end(k)).collect()
     }
 }
 

@@ -9,8 +9,8 @@ use std::{collections::HashSet, time::Duration};
 
 use anyhow::{Context as _, Result, ensure};
 use conduit_lab::{
-    SensorRun, nft_counters, peer_script, skip_unless_root,
-    topology::{AI_V4, GW_OT1_IF, GW_OT2_IF, GW_UPLINK_IF, GatewayLab, GatewayLabOptions, OT1_V4},
+    SensorRun, nft_counters, skip_unless_root,
+    topology::{GW_OT1_IF, GW_OT2_IF, GW_UPLINK_IF, GatewayLab, GatewayLabOptions, OT1_V4},
 };
 
 const FLOWS: u64 = 120_000;
@@ -40,7 +40,7 @@ fn burst_of_120k_flows_is_recorded_or_counted_exactly() -> Result<()> {
     let mut lab = GatewayLab::build("burst", GatewayLabOptions::default())?;
     let rules = lab.lab.workdir.join("burst.nft");
     std::fs::write(&rules, nft_rules())?;
-    let (ot1, gw) = (lab.ot1.clone(), lab.gw.clone());
+    let gw = lab.gw.clone();
     lab.lab
         .exec(&gw, &["nft", "-f", &rules.display().to_string()])?;
     let sensor = SensorRun::start(
@@ -60,44 +60,9 @@ fn burst_of_120k_flows_is_recorded_or_counted_exactly() -> Result<()> {
         ],
     )?;
 
-    // A static neighbour entry for the gateway: raw datagrams queued behind ARP
-    // resolution would be dropped before they reach it.
-    let mac = lab.lab.exec(
-        &gw,
-        &["cat", &format!("/sys/class/net/{GW_OT1_IF}/address")],
-    )?;
-    let mac = String::from_utf8_lossy(&mac.stdout).trim().to_string();
-    lab.lab.exec(
-        &ot1,
-        &[
-            "ip",
-            "neigh",
-            "replace",
-            "10.10.1.1",
-            "lladdr",
-            &mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ],
-    )?;
-    let blaster = peer_script("udp_burst.py").display().to_string();
     let started = std::time::Instant::now();
-    let out = lab.lab.exec(
-        &ot1,
-        &[
-            "python3",
-            &blaster,
-            OT1_V4,
-            AI_V4[0],
-            &PORT.to_string(),
-            &FLOWS.to_string(),
-            "1.5",
-        ],
-    )?;
+    let sent = lab.udp_burst(PORT, FLOWS, 1.5)?;
     let took = started.elapsed();
-    let sent: u64 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
     ensure!(sent == FLOWS, "the sender sent {sent}");
 
     // Wait until the gateway has seen what it will see (the count stops moving),
