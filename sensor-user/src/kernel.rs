@@ -306,6 +306,20 @@ pub struct ZoneEntry {
     pub vlan: u16,
 }
 
+impl ZoneEntry {
+    /// A zone network for any VLAN.
+    pub fn any_vlan(addr: IpAddr, prefix_len: u8, id: u16) -> ZoneEntry {
+        ZoneEntry {
+            cidr: CidrEntry {
+                addr,
+                prefix_len,
+                id,
+            },
+            vlan: 0,
+        }
+    }
+}
+
 /// One prefix of the conduit trie: `prefix_len` bits of `key` (at least
 /// [`sensor_common::CONDUIT_KEY_FIXED_BITS`]) map to `value`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

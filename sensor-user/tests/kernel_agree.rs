@@ -11,8 +11,11 @@
 //! untagged and tagged.
 #![expect(clippy::unwrap_used, reason = "tests")]
 
+mod common;
+
 use std::net::IpAddr;
 
+use common::{client_hello, sni_ext};
 use etherparse::PacketBuilder;
 use proptest::{
     prelude::*,
@@ -296,34 +299,6 @@ fn yaml(c: &Case) -> String {
         .replace("conduits:\n  []\n", "conduits: []\n")
 }
 
-fn u16be(v: usize) -> [u8; 2] {
-    (v as u16).to_be_bytes()
-}
-
-/// A TLS record with a ClientHello whose only extension is server_name.
-fn client_hello(name: &str) -> Vec<u8> {
-    let mut sni = u16be(name.len() + 3).to_vec();
-    sni.push(0);
-    sni.extend_from_slice(&u16be(name.len()));
-    sni.extend_from_slice(name.as_bytes());
-    let mut ext = vec![0, 0];
-    ext.extend_from_slice(&u16be(sni.len()));
-    ext.extend_from_slice(&sni);
-    let mut body = vec![3, 3];
-    body.extend_from_slice(&[0x11; 32]);
-    body.push(0);
-    body.extend_from_slice(&[0, 2, 0x13, 0x01, 1, 0]);
-    body.extend_from_slice(&u16be(ext.len()));
-    body.extend_from_slice(&ext);
-    let mut hs = vec![1, 0];
-    hs.extend_from_slice(&u16be(body.len()));
-    hs.extend_from_slice(&body);
-    let mut rec = vec![22, 3, 1];
-    rec.extend_from_slice(&u16be(hs.len()));
-    rec.extend_from_slice(&hs);
-    rec
-}
-
 /// Ethernet (with an 802.1Q tag unless `vlan` is 0) around an IP packet.
 fn frame(vlan: u16, v6: bool, ip: &[u8]) -> Vec<u8> {
     let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2];
@@ -377,7 +352,7 @@ impl Flow {
                 .tcp(self.sport, self.dport, 1, 1000)
                 .ack(1)
                 .psh()
-                .write(&mut ip, &client_hello(name))
+                .write(&mut ip, &client_hello(&[sni_ext(name)]))
                 .unwrap(),
             (false, _) => b.udp(self.sport, self.dport).write(&mut ip, b"x").unwrap(),
         }
