@@ -4,10 +4,15 @@
 //! the byte layout of map keys, map values and ring-buffer events.
 #![no_std]
 
-/// Capacity of the flow table (LRU hash). Evictions of flows the agent has not yet
-/// recorded are reported as loss.
-pub const FLOW_TABLE_SIZE: u32 = 65_536;
-/// Ring buffer size in bytes (must be a power of two and a multiple of the page size).
+/// Default capacity of the flow table (LRU hash); `capacity.flow_table` in
+/// sensor.yaml sets it at load time. Sized so that a burst of 120,000 new flows
+/// evicts nothing (README, "Limits").
+pub const FLOW_TABLE_SIZE: u32 = 262_144;
+/// Default ring buffer size in bytes (a power of two and a multiple of the page
+/// size); `capacity.ring_buffer_bytes` sets it at load time. About 27,000 new-flow
+/// events; flows whose announcement does not fit are recovered from the table by
+/// the next sweep (`flow_state::UNANNOUNCED`), so the ring need not hold a burst.
+/// The agent maps the data twice, so its RSS grows by twice this size.
 pub const EVENTS_RINGBUF_BYTES: u32 = 1 << 22;
 /// Most bytes of payload the kernel copies to userspace for a flow it could not
 /// classify on its own (split ClientHello, QUIC Initial).
@@ -73,8 +78,10 @@ pub mod flow_state {
     pub const FIN_REVERSE: u8 = 0x02;
     /// Either side sent a RST.
     pub const RST: u8 = 0x04;
-    /// The kernel has already emitted a [`super::EVENT_FLOW_END`] for this flow.
-    pub const END_REPORTED: u8 = 0x08;
+    /// The flow's [`super::EVENT_FLOW_NEW`] was lost (ring buffer full, counted in
+    /// [`super::Counter::LossNewFlowEvent`]); the agent learns of the flow from a
+    /// sweep of the table instead and counts it as recovered.
+    pub const UNANNOUNCED: u8 = 0x08;
 }
 
 /// Classification progress, [`FlowStats::sni_state`].
@@ -87,12 +94,77 @@ pub mod sni_state {
     pub const DONE: u8 = 2;
 }
 
-/// Verdicts, [`FlowStats::verdict`]. Values are part of the kernel/user ABI.
+/// The verdict of a flow, the one type the kernel and the agent share. The kernel
+/// stores it as a `u8` in [`FlowStats::verdict`] and [`ClassUpdate::verdict`];
+/// the discriminants are part of the kernel/user ABI.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    /// Not AI traffic: counted, not recorded per flow.
+    Unclassified = 0,
+    /// A conduit allows it.
+    Authorized = 1,
+    /// AI traffic that no conduit allows (or an `alert` conduit).
+    Violation = 2,
+    /// A violation while enforcement is on (dropped).
+    Blocked = 3,
+}
+
+impl Verdict {
+    /// The stored byte back as a verdict (unknown values are `Unclassified`).
+    pub const fn from_u8(v: u8) -> Verdict {
+        match v {
+            1 => Verdict::Authorized,
+            2 => Verdict::Violation,
+            3 => Verdict::Blocked,
+            _ => Verdict::Unclassified,
+        }
+    }
+
+    /// The name used in records and JSON (`conduit.verdict`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Unclassified => "unclassified",
+            Verdict::Authorized => "authorized",
+            Verdict::Violation => "violation",
+            Verdict::Blocked => "blocked",
+        }
+    }
+
+    /// The one decision rule, used by the kernel and by the agent: `endpoint` says
+    /// whether the responder is an AI endpoint, `conduit_action` is the [`action`] of
+    /// the conduit that matched (if any), `default_action` the map's [`action`] for
+    /// AI traffic no conduit allows.
+    #[inline(always)]
+    pub const fn decide(
+        endpoint: bool,
+        conduit_action: Option<u8>,
+        default_action: u8,
+        enforce: bool,
+    ) -> Verdict {
+        if !endpoint {
+            return Verdict::Unclassified;
+        }
+        let act = match conduit_action {
+            Some(a) => a,
+            None if default_action == action::ALLOW => action::ALERT,
+            None => default_action,
+        };
+        match act {
+            action::ALLOW => Verdict::Authorized,
+            action::BLOCK if enforce => Verdict::Blocked,
+            _ => Verdict::Violation,
+        }
+    }
+}
+
+/// [`Verdict`] discriminants as the bytes the kernel stores.
 pub mod verdict {
-    pub const UNCLASSIFIED: u8 = 0;
-    pub const AUTHORIZED: u8 = 1;
-    pub const VIOLATION: u8 = 2;
-    pub const BLOCKED: u8 = 3;
+    use super::Verdict;
+    pub const UNCLASSIFIED: u8 = Verdict::Unclassified as u8;
+    pub const AUTHORIZED: u8 = Verdict::Authorized as u8;
+    pub const VIOLATION: u8 = Verdict::Violation as u8;
+    pub const BLOCKED: u8 = Verdict::Blocked as u8;
 }
 
 /// Application protocol detected on the flow, [`FlowStats::app_protocol`].
@@ -167,14 +239,12 @@ pub struct ClassUpdate {
     pub app_protocol: u8,
 }
 
-/// Ring-buffer event kinds ([`EventHeader::kind`]).
+/// Ring-buffer event kinds ([`EventHeader::kind`]). Only what the agent uses is
+/// emitted: flow ends and the kernel's own classifications reach it through the
+/// sweep of the flow table (kinds 2 and 4 are retired).
 pub const EVENT_FLOW_NEW: u8 = 1;
-/// The flow saw FIN from both sides or a RST.
-pub const EVENT_FLOW_END: u8 = 2;
 /// Payload the kernel could not classify on its own ([`PayloadEvent`]).
 pub const EVENT_PAYLOAD: u8 = 3;
-/// The kernel classified a flow by itself (SNI in one packet, or endpoint CIDR).
-pub const EVENT_FLOW_CLASSIFIED: u8 = 4;
 
 /// Common prefix of every ring-buffer event.
 #[repr(C)]
@@ -192,7 +262,7 @@ pub struct EventHeader {
     pub key: FlowKey,
 }
 
-/// A flow lifecycle event (new, end, classified).
+/// A new flow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowEvent {
@@ -228,18 +298,63 @@ pub mod conduit_proto {
     pub const QUIC: u8 = 2;
 }
 
-/// Key of the `CONDUITS` map: (source zone, endpoint, destination port, protocol).
+/// Key data of the `CONDUITS` LPM trie: (source zone, endpoint, protocol,
+/// destination port), all big-endian so that a prefix can end inside the port.
+///
+/// The agent compiles each conduit's port ranges into disjoint prefixes of the port
+/// (a conduit without `ports:` is the one prefix of length
+/// [`CONDUIT_KEY_FIXED_BITS`]), resolving overlaps by file order as the agent's
+/// classifier does; the kernel looks up the full key ([`CONDUIT_KEY_BITS`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConduitKey {
-    pub zone: u16,
-    pub endpoint: u16,
-    /// Destination port, host byte order.
-    pub port: u16,
+    pub zone: [u8; 2],
+    pub endpoint: [u8; 2],
     /// [`conduit_proto`] value.
     pub proto: u8,
+    /// Destination port.
+    pub port: [u8; 2],
     pub _pad: u8,
 }
+
+/// Bits of a [`ConduitKey`] before the port (zone, endpoint, protocol).
+pub const CONDUIT_KEY_FIXED_BITS: u32 = 40;
+/// Bits of a [`ConduitKey`] a lookup matches (everything but the padding).
+pub const CONDUIT_KEY_BITS: u32 = CONDUIT_KEY_FIXED_BITS + 16;
+
+impl ConduitKey {
+    #[inline(always)]
+    pub const fn new(zone: u16, endpoint: u16, proto: u8, port: u16) -> ConduitKey {
+        ConduitKey {
+            zone: zone.to_be_bytes(),
+            endpoint: endpoint.to_be_bytes(),
+            proto,
+            port: port.to_be_bytes(),
+            _pad: 0,
+        }
+    }
+}
+
+/// Key data of the zone LPM tries: the flow's outer VLAN (big-endian, 0 for zones
+/// that apply to any VLAN) followed by the address. A VLAN-scoped zone has one entry
+/// per VLAN; the kernel looks up (VLAN, address) first, then (0, address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZoneKeyV4 {
+    pub vlan: [u8; 2],
+    pub addr: [u8; 4],
+}
+
+/// IPv6 counterpart of [`ZoneKeyV4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZoneKeyV6 {
+    pub vlan: [u8; 2],
+    pub addr: [u8; 16],
+}
+
+/// Bits of the VLAN in front of a zone key's address.
+pub const ZONE_KEY_VLAN_BITS: u32 = 16;
 
 /// Value of the `CONDUITS` map.
 #[repr(C)]
@@ -319,9 +434,10 @@ pub enum Counter {
     ErrL4Truncated,
     /// Non-first IP fragments (no L4 header to key on).
     IpFragment,
-    /// The ring buffer was full; an event was lost.
-    LossRingbufFull,
-    /// The flow table refused an insert.
+    /// The ring buffer was full; a new flow's announcement was lost (the flow is
+    /// marked [`flow_state::UNANNOUNCED`]).
+    LossNewFlowEvent,
+    /// The flow table refused an insert; the packet is not counted.
     LossFlowTableFull,
     /// Egress packets skipped because the ingress program already counted them.
     SkippedAlreadyCounted,
@@ -331,11 +447,24 @@ pub enum Counter {
     LossPayloadTruncated,
     /// Packets dropped by enforcement (`block` verdict).
     PacketsDropped,
+    /// The ring buffer was full; a payload copy for the agent was lost.
+    LossPayloadEvent,
+    /// Reading the payload failed; an empty copy went to the agent.
+    LossPayloadLoad,
+    /// Only the bytes in the linear area could be copied (the full read failed).
+    LossPayloadPartial,
+    /// A payload packet of a still-pending flow after [`MAX_PAYLOAD_COPIES`] copies.
+    LossPayloadCopyLimit,
+    /// The handoff map refused an insert; the egress program counts the packet as
+    /// already counted (it is not counted).
+    LossHandoff,
+    /// The tail call to the payload classifier failed; the payload was not read.
+    LossTailCall,
 }
 
 impl Counter {
     /// Number of counters (size of the per-CPU array).
-    pub const COUNT: u32 = Counter::PacketsDropped as u32 + 1;
+    pub const COUNT: u32 = Counter::LossTailCall as u32 + 1;
 
     /// Every counter in index order.
     pub const ALL: [Counter; Counter::COUNT as usize] = [
@@ -353,12 +482,18 @@ impl Counter {
         Counter::ErrIpv6ExtTooDeep,
         Counter::ErrL4Truncated,
         Counter::IpFragment,
-        Counter::LossRingbufFull,
+        Counter::LossNewFlowEvent,
         Counter::LossFlowTableFull,
         Counter::SkippedAlreadyCounted,
         Counter::HandedOffLocal,
         Counter::LossPayloadTruncated,
         Counter::PacketsDropped,
+        Counter::LossPayloadEvent,
+        Counter::LossPayloadLoad,
+        Counter::LossPayloadPartial,
+        Counter::LossPayloadCopyLimit,
+        Counter::LossHandoff,
+        Counter::LossTailCall,
     ];
 
     /// Stable snake_case name used in metrics and `loss` records.
@@ -378,12 +513,18 @@ impl Counter {
             Counter::ErrIpv6ExtTooDeep => "ipv6_ext_too_deep",
             Counter::ErrL4Truncated => "l4_truncated",
             Counter::IpFragment => "ip_fragment",
-            Counter::LossRingbufFull => "ringbuf_full",
+            Counter::LossNewFlowEvent => "new_flow_event_lost",
             Counter::LossFlowTableFull => "flow_table_full",
             Counter::SkippedAlreadyCounted => "skipped_already_counted",
             Counter::HandedOffLocal => "handed_off_local",
             Counter::LossPayloadTruncated => "payload_truncated",
             Counter::PacketsDropped => "packets_dropped",
+            Counter::LossPayloadEvent => "payload_event_lost",
+            Counter::LossPayloadLoad => "payload_load_failed",
+            Counter::LossPayloadPartial => "payload_partial_copy",
+            Counter::LossPayloadCopyLimit => "payload_copy_limit",
+            Counter::LossHandoff => "handoff_full",
+            Counter::LossTailCall => "tail_call_failed",
         }
     }
 
@@ -392,8 +533,26 @@ impl Counter {
     pub const fn is_loss(self) -> bool {
         matches!(
             self,
-            Counter::LossRingbufFull | Counter::LossFlowTableFull | Counter::LossPayloadTruncated
+            Counter::LossNewFlowEvent
+                | Counter::LossFlowTableFull
+                | Counter::LossPayloadTruncated
+                | Counter::LossPayloadEvent
+                | Counter::LossPayloadLoad
+                | Counter::LossPayloadPartial
+                | Counter::LossPayloadCopyLimit
+                | Counter::LossHandoff
+                | Counter::LossTailCall
         )
+    }
+
+    /// Unit of a loss counter's `loss` record. New-flow announcements are not
+    /// reported as they are: the agent reconciles them with the flows it recovered
+    /// from the table and reports the flows that have no record (unit `flow`).
+    pub const fn loss_unit(self) -> &'static str {
+        match self {
+            Counter::LossNewFlowEvent => "flow",
+            _ => "packet",
+        }
     }
 
     /// Whether this counter counts a packet the parser could not handle.
@@ -451,6 +610,8 @@ mod pod {
     unsafe impl aya::Pod for super::ClassUpdate {}
     unsafe impl aya::Pod for super::LocalAddr {}
     unsafe impl aya::Pod for super::ConduitKey {}
+    unsafe impl aya::Pod for super::ZoneKeyV4 {}
+    unsafe impl aya::Pod for super::ZoneKeyV6 {}
     unsafe impl aya::Pod for super::ConduitValue {}
     unsafe impl aya::Pod for super::KernelConfig {}
 }
@@ -471,11 +632,48 @@ mod tests {
         assert_eq!(core::mem::size_of::<ClassUpdate>(), 16);
         assert_eq!(core::mem::size_of::<ConduitKey>(), 8);
         assert_eq!(core::mem::size_of::<ConduitValue>(), 4);
+        assert_eq!(core::mem::size_of::<ZoneKeyV4>(), 6);
+        assert_eq!(core::mem::size_of::<ZoneKeyV6>(), 18);
         assert_eq!(core::mem::size_of::<KernelConfig>(), 16);
         // The kernel ORs TCP flags and state bits into the 8-byte word at 56 atomically.
         assert_eq!(core::mem::offset_of!(FlowStats, ifindex), 56);
         assert_eq!(core::mem::offset_of!(FlowStats, tcp_flags), 60);
         assert_eq!(core::mem::offset_of!(FlowStats, state), 63);
+    }
+
+    #[test]
+    fn one_verdict_rule() {
+        use action::{ALERT, ALLOW, BLOCK};
+        assert_eq!(
+            Verdict::decide(false, Some(ALLOW), BLOCK, true),
+            Verdict::Unclassified
+        );
+        assert_eq!(
+            Verdict::decide(true, Some(ALLOW), BLOCK, true),
+            Verdict::Authorized
+        );
+        assert_eq!(
+            Verdict::decide(true, Some(ALERT), BLOCK, true),
+            Verdict::Violation
+        );
+        assert_eq!(
+            Verdict::decide(true, Some(BLOCK), ALERT, true),
+            Verdict::Blocked
+        );
+        assert_eq!(
+            Verdict::decide(true, Some(BLOCK), ALERT, false),
+            Verdict::Violation
+        );
+        assert_eq!(Verdict::decide(true, None, BLOCK, true), Verdict::Blocked);
+        assert_eq!(Verdict::decide(true, None, ALERT, true), Verdict::Violation);
+        for v in [
+            Verdict::Unclassified,
+            Verdict::Authorized,
+            Verdict::Violation,
+            Verdict::Blocked,
+        ] {
+            assert_eq!(Verdict::from_u8(v as u8), v);
+        }
     }
 
     #[test]

@@ -9,9 +9,10 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use sensor_common::{
-    ConduitKey, Counter, DIR_FORWARD, EVENT_FLOW_CLASSIFIED, EVENT_PAYLOAD, FAMILY_IPV4, FlowKey,
-    FlowStats, KernelConfig, PAYLOAD_COPY_MAX, PayloadEvent, SNI_HASH_INIT, action, app_protocol,
-    conduit_proto, sni_hash_step, sni_state, verdict,
+    CONDUIT_KEY_BITS, ConduitKey, Counter, DIR_FORWARD, EVENT_PAYLOAD, FAMILY_IPV4, FlowKey,
+    FlowStats, KernelConfig, PAYLOAD_COPY_MAX, PayloadEvent, SNI_HASH_INIT, Verdict,
+    ZONE_KEY_VLAN_BITS, ZoneKeyV4, ZoneKeyV6, app_protocol, conduit_proto, sni_hash_step,
+    sni_state,
 };
 
 use crate::{
@@ -59,62 +60,72 @@ fn sides(p: &Packet, dir: usize) -> (&[u8; 16], &[u8; 16], u16) {
     }
 }
 
+/// Zone of the initiator: (VLAN, address) among VLAN-scoped zones, else (0, address)
+/// among zones for any VLAN. The map loader rejects overlaps, so at most one applies.
 #[inline(always)]
-fn lpm(family: u8, addr: &[u8; 16], v4: bool) -> u16 {
-    if family == FAMILY_IPV4 {
-        let k = Key::new(32, [addr[0], addr[1], addr[2], addr[3]]);
-        let m = if v4 { &ZONES_V4 } else { &ENDPOINT_NETS_V4 };
-        m.get(k).copied().unwrap_or(0)
-    } else {
-        let k = Key::new(128, *addr);
-        let m = if v4 { &ZONES_V6 } else { &ENDPOINT_NETS_V6 };
-        m.get(k).copied().unwrap_or(0)
-    }
-}
-
-/// Zone of the initiator (LPM on its address).
-#[inline(always)]
-fn zone_of(family: u8, addr: &[u8; 16]) -> u16 {
-    lpm(family, addr, true)
+fn zone_of(family: u8, addr: &[u8; 16], vlan: u16) -> u16 {
+    let lookup = |vlan: u16| -> u16 {
+        let v = vlan.to_be_bytes();
+        if family == FAMILY_IPV4 {
+            let data = ZoneKeyV4 {
+                vlan: v,
+                addr: [addr[0], addr[1], addr[2], addr[3]],
+            };
+            let k = Key::new(ZONE_KEY_VLAN_BITS + 32, data);
+            ZONES_V4.get(k).copied().unwrap_or(0)
+        } else {
+            let k = Key::new(
+                ZONE_KEY_VLAN_BITS + 128,
+                ZoneKeyV6 {
+                    vlan: v,
+                    addr: *addr,
+                },
+            );
+            ZONES_V6.get(k).copied().unwrap_or(0)
+        }
+    };
+    let scoped = if vlan != 0 { lookup(vlan) } else { 0 };
+    if scoped != 0 { scoped } else { lookup(0) }
 }
 
 /// Endpoint of the responder by CIDR.
 #[inline(always)]
 fn endpoint_by_net(family: u8, addr: &[u8; 16]) -> u16 {
-    lpm(family, addr, false)
+    if family == FAMILY_IPV4 {
+        let k = Key::new(32, [addr[0], addr[1], addr[2], addr[3]]);
+        ENDPOINT_NETS_V4.get(k).copied().unwrap_or(0)
+    } else {
+        ENDPOINT_NETS_V6
+            .get(Key::new(128, *addr))
+            .copied()
+            .unwrap_or(0)
+    }
 }
 
-/// Writes zone, endpoint, conduit and verdict into the flow.
+/// Writes zone, endpoint, conduit and verdict into the flow. The conduit trie holds
+/// each (zone, endpoint, protocol)'s ports as disjoint prefixes, first conduit in the
+/// file winning (see `sensor_common::ConduitKey`); the verdict rule is the shared one.
 #[inline(always)]
 fn decide(s: *mut FlowStats, zone: u16, endpoint: u16, port: u16, proto: u8, cfg: &KernelConfig) {
-    let (conduit, v) = if endpoint == 0 {
-        (0, verdict::UNCLASSIFIED)
+    let (conduit, act) = if endpoint == 0 {
+        (0, None)
     } else {
-        let ck = ConduitKey {
-            zone,
-            endpoint,
-            port,
-            proto,
-            _pad: 0,
-        };
-        let (conduit, act) = match CONDUITS.get_ptr(ck) {
-            // SAFETY: map value pointer from a successful lookup.
-            Some(c) => unsafe { ((*c).conduit_id, (*c).action) },
-            None => (0, cfg.default_action),
-        };
-        let v = match act {
-            action::ALLOW if conduit != 0 => verdict::AUTHORIZED,
-            action::BLOCK if cfg.enforce != 0 => verdict::BLOCKED,
-            _ => verdict::VIOLATION,
-        };
-        (conduit, v)
+        let ck = Key::new(
+            CONDUIT_KEY_BITS,
+            ConduitKey::new(zone, endpoint, proto, port),
+        );
+        match CONDUITS.get(ck) {
+            Some(c) => (c.conduit_id, Some(c.action)),
+            None => (0, None),
+        }
     };
+    let v = Verdict::decide(endpoint != 0, act, cfg.default_action, cfg.enforce != 0);
     // SAFETY: live flow-table value; plain stores of classification fields.
     unsafe {
         (*s).zone_id = zone;
         (*s).endpoint_id = endpoint;
         (*s).conduit_id = conduit;
-        (*s).verdict = v;
+        (*s).verdict = v as u8;
     }
 }
 
@@ -127,7 +138,7 @@ pub fn on_new_flow(p: &Packet, dir: usize, s: *mut FlowStats, cfg: &KernelConfig
     if endpoint == 0 {
         return;
     }
-    let zone = zone_of(p.family, init);
+    let zone = zone_of(p.family, init, p.vlan);
     let proto = if p.protocol == IPPROTO_TCP {
         conduit_proto::TLS
     } else {
@@ -203,29 +214,34 @@ pub fn on_first_payload<C: LoadBytes>(
 
     // Copy the payload into a ring-buffer record; the agent parses SNI, ALPN, JA4.
     let Some(mut e) = EVENTS.reserve::<PayloadEvent>(0) else {
-        bump(Counter::LossRingbufFull);
+        bump(Counter::LossPayloadEvent);
         return;
     };
     let ev = e.as_mut_ptr();
-    let in_frame = (b.end - b.start) as u32;
-    let avail = in_frame.saturating_sub(p.payload_off);
-    let avail = if p.payload_len < avail {
-        p.payload_len
-    } else {
-        avail
-    };
-    let mut n = avail as usize;
+    // The helpers read paged skb data and XDP frags too: copy what the packet
+    // carries, up to the bound; fall back to the linear area if that read fails.
+    let mut n = p.payload_len as usize;
     if n > PAYLOAD_COPY_MAX {
         n = PAYLOAD_COPY_MAX;
         bump(Counter::LossPayloadTruncated);
     }
-    // SAFETY: `ev` is a reservation of size_of::<PayloadEvent>(); `n` <= data.len().
+    let in_frame = ((b.end - b.start) as u32).saturating_sub(p.payload_off) as usize;
+    // SAFETY: `ev` is a reservation of size_of::<PayloadEvent>(); every length passed
+    // is <= data.len().
     let copied = unsafe {
         let data = (&raw mut (*ev).data).cast::<u8>();
-        if n > 0 && n <= PAYLOAD_COPY_MAX && ctx.load_bytes_raw(p.payload_off, data, n as u32) == 0
-        {
+        if n == 0 || n > PAYLOAD_COPY_MAX {
+            0
+        } else if ctx.load_bytes_raw(p.payload_off, data, n as u32) == 0 {
             n
+        } else if in_frame > 0
+            && in_frame < n
+            && ctx.load_bytes_raw(p.payload_off, data, in_frame as u32) == 0
+        {
+            bump(Counter::LossPayloadPartial);
+            in_frame
         } else {
+            bump(Counter::LossPayloadLoad);
             0
         }
     };
@@ -254,11 +270,10 @@ pub fn on_first_payload<C: LoadBytes>(
             } else {
                 endpoint_by_net(p.family, resp)
             };
-            let zone = zone_of(p.family, init);
+            let zone = zone_of(p.family, init, p.vlan);
             decide(s, zone, endpoint, port, conduit_proto::TLS, cfg);
             // SAFETY: live flow-table value.
             unsafe { (*s).sni_hash = hash };
-            crate::flow::emit_flow_event(EVENT_FLOW_CLASSIFIED, DIR_FORWARD, ifindex, key, s);
         }
     }
     e.submit(0);

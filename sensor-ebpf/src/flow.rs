@@ -4,8 +4,7 @@ use core::intrinsics::{AtomicOrdering::Relaxed, atomic_or, atomic_xadd};
 
 use aya_ebpf::helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns};
 use sensor_common::{
-    DIR_FORWARD, DIR_REVERSE, EVENT_FLOW_END, EVENT_FLOW_NEW, FlowEvent, FlowKey, FlowStats,
-    flow_state, tcp_flags,
+    DIR_FORWARD, DIR_REVERSE, EVENT_FLOW_NEW, FlowEvent, FlowKey, FlowStats, flow_state, tcp_flags,
 };
 
 use crate::{Counter, EVENTS, FLOWS, SCRATCH_STATS, bump, parse::Packet};
@@ -66,16 +65,15 @@ fn state_bits(flags: u8, dir: usize) -> u8 {
     s
 }
 
+/// Emits a [`FlowEvent`] with a snapshot of `stats`; false when the ring is full.
 #[inline(always)]
-fn ended(state: u8) -> bool {
-    state & flow_state::RST != 0
-        || state & (flow_state::FIN_FORWARD | flow_state::FIN_REVERSE)
-            == (flow_state::FIN_FORWARD | flow_state::FIN_REVERSE)
-}
-
-/// Emits a [`FlowEvent`] with a snapshot of `stats`.
-#[inline(always)]
-pub fn emit_flow_event(kind: u8, dir: usize, ifindex: u32, key: &FlowKey, stats: *const FlowStats) {
+fn emit_flow_event(
+    kind: u8,
+    dir: usize,
+    ifindex: u32,
+    key: &FlowKey,
+    stats: *const FlowStats,
+) -> bool {
     match EVENTS.reserve::<FlowEvent>(0) {
         Some(mut e) => {
             let ev = e.as_mut_ptr();
@@ -91,8 +89,9 @@ pub fn emit_flow_event(kind: u8, dir: usize, ifindex: u32, key: &FlowKey, stats:
                 copy_words::<_, u64>(&raw mut (*ev).stats, stats);
             }
             e.submit(0);
+            true
         }
-        None => bump(Counter::LossRingbufFull),
+        None => false,
     }
 }
 
@@ -167,7 +166,7 @@ pub fn account(
             atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*v).bytes[dir], bytes);
             (*v).last_seen_ns = now;
         }
-        update_flags(v, p.tcp_flags, dir, ifindex, key);
+        update_flags(v, p.tcp_flags, dir);
         return Some(Accounted {
             stats: v,
             dir,
@@ -202,7 +201,7 @@ pub fn account(
                 atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*v).packets[dir], segs);
                 atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*v).bytes[dir], bytes);
             }
-            update_flags(v, p.tcp_flags, dir, ifindex, key);
+            update_flags(v, p.tcp_flags, dir);
             return Some(Accounted {
                 stats: v,
                 dir,
@@ -220,24 +219,28 @@ pub fn account(
     })
 }
 
-/// Announces a new flow (after the caller classified it by address); a first packet
-/// with RST also ends it.
+/// Announces a new flow (after the caller classified it by address). When the ring
+/// is full the flow is marked UNANNOUNCED and counted, so the agent can tell the
+/// flows it recovers from the table from those that are gone.
 #[inline(always)]
 pub fn announce_new(acc: &Accounted, ifindex: u32, key: &FlowKey) {
-    emit_flow_event(EVENT_FLOW_NEW, acc.dir, ifindex, key, acc.stats);
-    // SAFETY: live flow-table value.
-    if ended(unsafe { (*acc.stats).state }) {
-        update_flags(acc.stats, 0, acc.dir, ifindex, key);
+    if emit_flow_event(EVENT_FLOW_NEW, acc.dir, ifindex, key, acc.stats) {
+        return;
+    }
+    bump(Counter::LossNewFlowEvent);
+    // SAFETY: see update_flags; the state byte is the top byte of this word.
+    unsafe {
+        let word = (&raw mut (*acc.stats).ifindex).cast::<u64>();
+        atomic_or::<u64, u64, { Relaxed }>(word, (flow_state::UNANNOUNCED as u64) << 56);
     }
 }
 
 const BPF_NOEXIST: u64 = 1;
 
 /// ORs the TCP flags and state bits into the flow (one atomic OR on the 8-byte word
-/// `ifindex, tcp_flags[0], tcp_flags[1], initiator_is_lo, state`, little-endian) and
-/// emits the end event once.
+/// `ifindex, tcp_flags[0], tcp_flags[1], initiator_is_lo, state`, little-endian).
 #[inline(always)]
-fn update_flags(v: *mut FlowStats, flags: u8, dir: usize, ifindex: u32, key: &FlowKey) {
+fn update_flags(v: *mut FlowStats, flags: u8, dir: usize) {
     let sbits = state_bits(flags, dir);
     let want = ((flags as u64) << (32 + dir as u64 * 8)) | ((sbits as u64) << 56);
     // SAFETY: offset 56..64 of FlowStats is this 8-byte aligned word (checked by a
@@ -246,14 +249,5 @@ fn update_flags(v: *mut FlowStats, flags: u8, dir: usize, ifindex: u32, key: &Fl
     let cur = unsafe { core::ptr::read_volatile(word) };
     if cur & want != want {
         unsafe { atomic_or::<u64, u64, { Relaxed }>(word, want) };
-    }
-    let state = ((cur | want) >> 56) as u8;
-    if ended(state) && state & flow_state::END_REPORTED == 0 {
-        let old = unsafe {
-            atomic_or::<u64, u64, { Relaxed }>(word, (flow_state::END_REPORTED as u64) << 56)
-        };
-        if (old >> 56) as u8 & flow_state::END_REPORTED == 0 {
-            emit_flow_event(EVENT_FLOW_END, dir, ifindex, key, v);
-        }
     }
 }

@@ -24,7 +24,7 @@ use sensor_common::{
     ClassUpdate, ConduitKey, ConduitValue, Counter, DIR_FORWARD, EVENTS_RINGBUF_BYTES,
     FLOW_TABLE_SIZE, FlowKey, FlowStats, KernelConfig, LocalAddr, LpmV4, LpmV6, MAX_CLASS_UPDATES,
     MAX_LOCAL_ADDRS, MAX_PAYLOAD_COPIES, MAX_POLICY_CIDRS, MAX_POLICY_CONDUITS, MAX_POLICY_SNI,
-    MAX_WATCHED_IFACES, sni_state, verdict,
+    MAX_WATCHED_IFACES, ZoneKeyV4, ZoneKeyV6, sni_state, verdict,
 };
 
 use crate::parse::{Bounds, IPPROTO_TCP, Packet};
@@ -59,11 +59,11 @@ static CONFIG: Array<KernelConfig> = Array::with_max_entries(1, 0);
 #[map]
 static HANDOFF: LruPerCpuHashMap<HandoffKey, u8> = LruPerCpuHashMap::with_max_entries(4096, 0);
 
-/// Source zone by initiator address (CIDR -> zone id).
+/// Source zone by (outer VLAN or 0, initiator address) -> zone id.
 #[map]
-static ZONES_V4: LpmTrie<LpmV4, u16> = LpmTrie::with_max_entries(MAX_POLICY_CIDRS, 0);
+static ZONES_V4: LpmTrie<ZoneKeyV4, u16> = LpmTrie::with_max_entries(MAX_POLICY_CIDRS, 0);
 #[map]
-static ZONES_V6: LpmTrie<LpmV6, u16> = LpmTrie::with_max_entries(MAX_POLICY_CIDRS, 0);
+static ZONES_V6: LpmTrie<ZoneKeyV6, u16> = LpmTrie::with_max_entries(MAX_POLICY_CIDRS, 0);
 /// AI endpoint by responder address (CIDR -> endpoint id).
 #[map]
 static ENDPOINT_NETS_V4: LpmTrie<LpmV4, u16> = LpmTrie::with_max_entries(MAX_POLICY_CIDRS, 0);
@@ -75,10 +75,10 @@ static SNI_EXACT: HashMap<u64, u16> = HashMap::with_max_entries(MAX_POLICY_SNI, 
 /// `sni_hash(".suffix")` -> endpoint id.
 #[map]
 static SNI_SUFFIX: HashMap<u64, u16> = HashMap::with_max_entries(MAX_POLICY_SNI, 0);
-/// (zone, endpoint, port, proto) -> conduit.
+/// (zone, endpoint, proto, port prefix) -> conduit.
 #[map]
-static CONDUITS: HashMap<ConduitKey, ConduitValue> =
-    HashMap::with_max_entries(MAX_POLICY_CONDUITS, 0);
+static CONDUITS: LpmTrie<ConduitKey, ConduitValue> =
+    LpmTrie::with_max_entries(MAX_POLICY_CONDUITS, 0);
 
 /// Per-CPU scratch for hashing the SNI.
 #[map]
@@ -173,7 +173,9 @@ fn hand_off_if_local(p: &Packet) -> bool {
     if LOCAL_ADDRS.get_ptr(la.0).is_none() {
         return false;
     }
-    let _ = HANDOFF.insert(handoff_key(p), 1, 0);
+    if HANDOFF.insert(handoff_key(p), 1, 0).is_err() {
+        bump(Counter::LossHandoff);
+    }
     true
 }
 
@@ -245,9 +247,10 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
         return Ok(xdp_action::XDP_DROP);
     }
     if first_payload {
-        // Does not return on success; on failure (not installed) just pass.
+        // Does not return on success; on failure (not installed) count and pass.
         // SAFETY: ctx is this program's context.
         unsafe { JUMP_XDP.tail_call(ctx, 0) };
+        bump(Counter::LossTailCall);
     }
     Ok(xdp_action::XDP_PASS)
 }
@@ -284,6 +287,9 @@ fn after_account(
     let first_payload = p.payload_len > 0
         && (state == sni_state::NONE
             || (state == sni_state::PENDING && copies < MAX_PAYLOAD_COPIES));
+    if p.payload_len > 0 && state == sni_state::PENDING && copies >= MAX_PAYLOAD_COPIES {
+        bump(Counter::LossPayloadCopyLimit);
+    }
     if first_payload && let Some(job) = PAYLOAD_JOB.get_ptr_mut(0) {
         // SAFETY: per-CPU slot handed to the tail-called program on this CPU; `p`
         // and `key` already live in it.
@@ -442,6 +448,7 @@ fn try_tc(ctx: &TcContext) -> Result<i32, Counter> {
     if first_payload {
         // SAFETY: ctx is this program's context.
         unsafe { JUMP_TC.tail_call(ctx, 0) };
+        bump(Counter::LossTailCall);
     }
     Ok(TC_ACT_OK)
 }

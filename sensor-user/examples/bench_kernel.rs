@@ -127,7 +127,8 @@ fn main() -> anyhow::Result<()> {
     }
     let client_hello_ns = median(ch);
     let counters = k.counters()?;
-    if counters[sensor_common::Counter::LossRingbufFull as usize] > 0 {
+    use sensor_common::Counter::{LossNewFlowEvent, LossPayloadEvent};
+    if counters[LossNewFlowEvent as usize] + counters[LossPayloadEvent as usize] > 0 {
         bail!("ring buffer overflowed during the benchmark; numbers would be skewed");
     }
 

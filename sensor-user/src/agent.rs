@@ -48,6 +48,9 @@ pub struct AgentSettings {
     pub recorder: RecorderOptions,
     pub jsonl: Option<PathBuf>,
     pub tracker: TrackerOptions,
+    /// Kernel flow-table entries and ring-buffer bytes (sensor.yaml `capacity`).
+    pub flow_table_size: u32,
+    pub ringbuf_bytes: u32,
     pub enforcement: bool,
     pub metrics: Option<std::net::SocketAddr>,
     /// Stream the spool to a collector.
@@ -70,6 +73,11 @@ struct Agent {
     completion: Completion,
     /// Kernel counter values already reported, to report only increases as loss.
     reported_counters: [u64; Counter::COUNT as usize],
+    /// Flows already reported lost because their announcement was lost and no sweep
+    /// found them (see `report_unannounced`).
+    reported_unannounced: u64,
+    /// Flows already reported refused by the tracker.
+    reported_refused: u64,
     ifnames: HashMap<u32, String>,
     site: String,
     /// Link status when streaming to a collector.
@@ -131,7 +139,7 @@ pub async fn run(settings: AgentSettings) -> Result<()> {
         }
     }
     result?;
-    tracing::info!("sensor stopped");
+    tracing::info!(peak_rss_kib = peak_rss_kib(), "sensor stopped");
     Ok(())
 }
 
@@ -189,6 +197,8 @@ impl Agent {
         tracing::info!(public_key = %hex::encode(recorder.public_key()), spool = %settings.recorder.spool_dir.display(), "recorder ready");
 
         let mut kernel = Kernel::load(&KernelOptions {
+            flow_table_size: settings.flow_table_size,
+            ringbuf_bytes: settings.ringbuf_bytes,
             enforce: settings.enforcement,
             record_all: settings.tracker.record_all,
             default_action: match policy.as_ref().map(|p| p.default_action) {
@@ -240,15 +250,40 @@ impl Agent {
             metrics,
             completion: Completion::new(),
             reported_counters: [0; Counter::COUNT as usize],
+            reported_unannounced: 0,
+            reported_refused: 0,
             ifnames,
             site,
             uplink: None,
         };
         agent.emit_appended(opened)?;
+        agent.close_crashed_flows()?;
         if let Some(map) = policy {
             agent.install_policy(map, "startup")?;
         }
         Ok(agent)
+    }
+}
+
+impl Agent {
+    /// Flows a previous run started and never ended (it crashed) get their
+    /// `flow_end` now: lack of resources, last counts the spool has.
+    fn close_crashed_flows(&mut self) -> Result<()> {
+        let found = crate::crash_recovery::spool_flows(&self.settings.recorder.spool_dir)
+            .context("reading the spool for flows a crash left open")?;
+        self.tracker.continue_ids_after(found.max_flow_id);
+        if found.open.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(
+            flows = found.open.len(),
+            "closing flows the previous run left open (crash): flow_end, reason lack of resources"
+        );
+        for last in &found.open {
+            self.metrics.flows_ended.fetch_add(1, Ordering::Relaxed);
+            self.append(crate::crash_recovery::closing_record(last))?;
+        }
+        Ok(())
     }
 }
 
@@ -272,33 +307,66 @@ impl Agent {
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        loop {
-            tokio::select! {
-                guard = events.readable_mut() => {
-                    let mut guard = guard?;
-                    let mut batch = Vec::new();
-                    while let Some(item) = guard.get_inner_mut().next() {
-                        if let Some(ev) = KernelEvent::decode(&item) {
-                            batch.push(ev);
+        let result: Result<()> = loop {
+            let step: Result<()> = tokio::select! {
+                guard = events.readable_mut() => match guard {
+                    Ok(mut guard) => {
+                        let batch = read_events(guard.get_inner_mut(), EVENT_BATCH);
+                        // A full batch may leave events behind: stay ready.
+                        if batch.len() < EVENT_BATCH {
+                            guard.clear_ready();
                         }
+                        batch.into_iter().try_for_each(|ev| self.on_event(ev))
                     }
-                    guard.clear_ready();
-                    for ev in batch {
-                        self.on_event(ev)?;
-                    }
+                    Err(e) => Err(e.into()),
+                },
+                _ = sweep.tick() => self.sweep(),
+                _ = tick.tick() => self.tick(),
+                _ = hup.recv() => {
+                    self.reload();
+                    Ok(())
                 }
-                _ = sweep.tick() => self.sweep()?,
-                _ = tick.tick() => {
-                    self.acknowledge_collector()?;
-                    let written = self.recorder.tick(SystemTime::now())?;
-                    self.emit_appended(written)?;
-                }
-                _ = hup.recv() => self.reload(),
-                _ = term.recv() => break,
-                _ = int.recv() => break,
+                _ = term.recv() => break Ok(()),
+                _ = int.recv() => break Ok(()),
+            };
+            if let Err(err) = step {
+                break Err(err);
+            }
+        };
+        // Stopping or failing, the same path: detach first so the accounting can
+        // close, read the ring buffer to its end, then drain.
+        self.kernel.detach_all();
+        let mut failure = result.err();
+        if let Some(err) = &failure {
+            tracing::error!("event loop failed: {err:#}; draining");
+            let detail = format!("{err:#}");
+            if let Err(e) = self.write_loss("agent_error", 1, "event", "agent", &detail) {
+                tracing::error!("recording the failure: {e:#}");
             }
         }
-        self.drain()
+        loop {
+            let rest = read_events(events.get_mut(), EVENT_BATCH);
+            if rest.is_empty() {
+                break;
+            }
+            for ev in rest {
+                if let Err(e) = self.on_event(ev) {
+                    tracing::error!("draining the ring buffer: {e:#}");
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        let drained = self.drain();
+        match failure {
+            Some(err) => Err(err),
+            None => drained,
+        }
+    }
+
+    fn tick(&mut self) -> Result<()> {
+        self.acknowledge_collector()?;
+        let written = self.recorder.tick(SystemTime::now())?;
+        self.emit_appended(written)
     }
 
     fn on_event(&mut self, ev: KernelEvent) -> Result<()> {
@@ -369,7 +437,7 @@ impl Agent {
             stats.zone_id = c.zone.as_ref().map_or(0, |z| z.index);
             stats.endpoint_id = c.endpoint.as_ref().map_or(0, |e| e.index);
             stats.conduit_id = c.conduit.as_ref().map_or(0, |c| c.index);
-            stats.verdict = kernel_verdict(c.verdict);
+            stats.verdict = c.verdict as u8;
         }
         stats.sni_state = sni_state::DONE;
         stats.app_protocol = if proto == AppProto::Quic {
@@ -433,10 +501,16 @@ impl Agent {
 
     fn sweep(&mut self) -> Result<()> {
         let now = BootClock::boot_now_ns();
-        let entries = self.kernel.flow_entries()?;
+        // Counters before the table: every flow the kernel counted as unannounced
+        // by now is in this snapshot unless it is gone (see `report_unannounced`).
+        let counters = self.kernel.counters()?;
         let policy = self.policy.as_ref();
         let resolve = |_: &FlowKey, s: &FlowStats| kernel_classification(policy, s);
-        let sweep = self.tracker.sweep(now, &entries, &resolve);
+        let tracker = &mut self.tracker;
+        let mut sweep = tracker.begin_sweep(now);
+        self.kernel
+            .for_each_flow(|k, s| tracker.sweep_entry(&mut sweep, &k, &s, &resolve))?;
+        tracker.end_sweep(&mut sweep);
         for key in &sweep.remove {
             self.kernel.remove_flow(key)?;
         }
@@ -450,40 +524,78 @@ impl Agent {
             self.write_flow(out)?;
         }
         if sweep.evicted > 0 {
-            self.write_loss("flow_table_eviction", sweep.evicted, "flow", "kernel", "recorded flows evicted from the kernel flow table before they ended; their last packets are not counted")?;
+            // Not lost flows: each has its flow_end (lack of resources).
+            self.write_loss(
+                "flow_table_eviction",
+                sweep.evicted,
+                "incomplete_flow",
+                "kernel",
+                "recorded flows evicted from the kernel flow table before they ended; their flow_end carries the last counts seen, later packets are not counted",
+            )?;
         }
         let expired = self.completion.expire(Instant::now());
         if expired > 0 {
             self.write_loss(
                 "reassembly_limit",
                 expired as u64,
-                "flow",
+                "classification",
                 "agent",
-                "ClientHello reassembly gave up (time or memory bound)",
+                "ClientHello reassembly gave up (time or memory bound); the flows keep the kernel's classification",
             )?;
         }
-        self.report_kernel_counters()
+        self.report_refused()?;
+        self.report_kernel_counters(&counters)
+    }
+
+    /// Flows the tracker refused (full) have no record: loss in flow units.
+    fn report_refused(&mut self) -> Result<()> {
+        let refused = self.tracker.refused();
+        if refused > self.reported_refused {
+            let delta = refused - self.reported_refused;
+            self.reported_refused = refused;
+            self.write_loss(
+                "tracker_full",
+                delta,
+                "flow",
+                "agent",
+                "new flows not tracked: the agent's flow tracker was at its bound (capacity.tracked_flows)",
+            )?;
+        }
+        Ok(())
     }
 
     /// Kernel loss counters that grew become signed `loss` records.
-    fn report_kernel_counters(&mut self) -> Result<()> {
-        let counters = self.kernel.counters()?;
+    fn report_kernel_counters(&mut self, counters: &[u64; Counter::COUNT as usize]) -> Result<()> {
         for c in Counter::ALL {
             let i = c as usize;
             self.metrics.kernel[i].store(counters[i], Ordering::Relaxed);
             let delta = counters[i].saturating_sub(self.reported_counters[i]);
-            if delta > 0 && c.is_loss() {
-                let unit = if c == Counter::LossRingbufFull {
-                    "event"
-                } else if c == Counter::LossFlowTableFull {
-                    "flow"
-                } else {
-                    "packet"
-                };
-                self.write_loss(c.name(), delta, unit, "kernel", "")?;
+            if delta > 0 && c.is_loss() && c != Counter::LossNewFlowEvent {
+                self.write_loss(c.name(), delta, c.loss_unit(), "kernel", "")?;
             }
         }
-        self.reported_counters = counters;
+        self.reported_counters = *counters;
+        self.report_unannounced(counters[Counter::LossNewFlowEvent as usize])
+    }
+
+    /// Flows whose announcement the kernel lost and that no sweep found before they
+    /// left the table have no record. `announced_lost` was read before the table
+    /// snapshot the tracker just swept, so each such flow is either recovered by now
+    /// or gone: `announced_lost - recovered` never exceeds the flows without a
+    /// record, and equals it once the last sweep has run.
+    fn report_unannounced(&mut self, announced_lost: u64) -> Result<()> {
+        let lost = announced_lost.saturating_sub(self.tracker.recovered());
+        if lost > self.reported_unannounced {
+            let delta = lost - self.reported_unannounced;
+            self.reported_unannounced = lost;
+            self.write_loss(
+                Counter::LossNewFlowEvent.name(),
+                delta,
+                "flow",
+                "kernel",
+                "new flows whose announcement was lost (ring buffer full) and that left the flow table before a sweep found them",
+            )?;
+        }
         Ok(())
     }
 
@@ -515,7 +627,7 @@ impl Agent {
 
     fn install_policy(&mut self, map: ConduitMap, trigger: &str) -> Result<()> {
         self.kernel
-            .install_policy(&kernel_policy(&map, self.settings.enforcement))
+            .install_policy(&kernel_policy(&map, self.settings.enforcement)?)
             .context("installing the conduit map into the kernel")?;
         self.site = map.site.clone();
         let record = Record {
@@ -618,12 +730,17 @@ impl Agent {
     fn drain(&mut self) -> Result<()> {
         tracing::info!("draining");
         self.metrics.ready.store(false, Ordering::Relaxed);
+        // The final sweep also makes the final loss report: its counters were read
+        // before its table snapshot, which closes the accounting.
         self.sweep()?;
-        let entries = self.kernel.flow_entries()?;
-        for out in self.tracker.drain(&entries) {
-            self.write_flow(out)?;
+        let tracker = &mut self.tracker;
+        self.kernel
+            .for_each_flow(|k, s| tracker.update_stats(&k, &s))?;
+        for (_, key) in self.tracker.drain_keys() {
+            if let Some(out) = self.tracker.force_end(&key) {
+                self.write_flow(out)?;
+            }
         }
-        self.report_kernel_counters()?;
         let last = self.recorder.checkpoint_now()?;
         self.emit_appended(last)?;
         self.recorder.sync()?;
@@ -634,6 +751,32 @@ impl Agent {
         self.kernel.detach_all();
         Ok(())
     }
+}
+
+/// Most ring-buffer events handled per wake-up: the batch stays small, and the
+/// other timers get their turn under a burst.
+const EVENT_BATCH: usize = 1024;
+
+/// Up to `max` events waiting in the ring buffer.
+fn read_events(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, max: usize) -> Vec<KernelEvent> {
+    let mut batch = Vec::with_capacity(max.min(EVENT_BATCH));
+    while batch.len() < max
+        && let Some(item) = ring.next()
+    {
+        if let Some(ev) = KernelEvent::decode(&item) {
+            batch.push(ev);
+        }
+    }
+    batch
+}
+
+/// Peak resident set size of this process in KiB (VmHWM), if readable.
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// The classification fields of a flow, for the kernel to merge (it sets DONE).
@@ -648,21 +791,13 @@ fn class_update(s: &FlowStats) -> ClassUpdate {
     }
 }
 
-fn proto_verdict(v: config::Verdict) -> Verdict {
+/// The record's verdict for the shared verdict type.
+fn proto_verdict(v: sensor_common::Verdict) -> Verdict {
     match v {
-        config::Verdict::Unclassified => Verdict::Unclassified,
-        config::Verdict::Authorized => Verdict::Authorized,
-        config::Verdict::Violation => Verdict::Violation,
-        config::Verdict::Blocked => Verdict::Blocked,
-    }
-}
-
-fn kernel_verdict(v: config::Verdict) -> u8 {
-    match v {
-        config::Verdict::Unclassified => verdict::UNCLASSIFIED,
-        config::Verdict::Authorized => verdict::AUTHORIZED,
-        config::Verdict::Violation => verdict::VIOLATION,
-        config::Verdict::Blocked => verdict::BLOCKED,
+        sensor_common::Verdict::Unclassified => Verdict::Unclassified,
+        sensor_common::Verdict::Authorized => Verdict::Authorized,
+        sensor_common::Verdict::Violation => Verdict::Violation,
+        sensor_common::Verdict::Blocked => Verdict::Blocked,
     }
 }
 
@@ -681,12 +816,7 @@ fn kernel_classification(policy: Option<&ConduitMap>, s: &FlowStats) -> Option<C
         zone: map.zone_by_index(s.zone_id).map(|z| z.id.clone()),
         endpoint: map.endpoint_by_index(s.endpoint_id).map(|e| e.id.clone()),
         conduit_id: map.conduit_by_index(s.conduit_id).map(|c| c.id.clone()),
-        verdict: match s.verdict {
-            verdict::AUTHORIZED => Verdict::Authorized,
-            verdict::VIOLATION => Verdict::Violation,
-            verdict::BLOCKED => Verdict::Blocked,
-            _ => Verdict::Unclassified,
-        },
+        verdict: proto_verdict(sensor_common::Verdict::from_u8(s.verdict)),
         policy_hash: map.policy_hash().to_vec(),
         ..Classification::default()
     })

@@ -99,7 +99,10 @@ pub fn settings_from(args: &RunArgs) -> Result<AgentSettings, ConfigError> {
             active_timeout: args.active_timeout.unwrap_or(cfg.timeouts.active),
             end_grace: cfg.timeouts.tcp_end_grace,
             record_all: args.record_all || cfg.record_all,
+            max_flows: cfg.capacity.tracked_flows as usize,
         },
+        flow_table_size: cfg.capacity.flow_table,
+        ringbuf_bytes: cfg.capacity.ring_buffer_bytes,
         enforcement: args.enforce || cfg.enforcement,
         metrics: args.metrics.or(cfg.metrics.map(|m| m.listen)),
         uplink,
@@ -218,7 +221,16 @@ fn check_config(args: CheckConfigArgs) -> Result<ExitCode> {
             .map(|c| c.conduits.clone())
     });
     if let Some(path) = &conduits {
-        match ConduitMap::load(path, None) {
+        // A map must also fit the kernel tables, or the agent would refuse it.
+        let fits = |map: ConduitMap| {
+            crate::kernel_policy::kernel_policy(&map, false)
+                .map(|_| map)
+                .map_err(|e| format!("{}: {e}", path.display()))
+        };
+        match ConduitMap::load(path, None)
+            .map_err(|e| e.to_string())
+            .and_then(fits)
+        {
             Ok(map) => println!(
                 "{}: ok: site {}, {} zones, {} endpoints, {} conduits, policy hash {}",
                 path.display(),
@@ -228,7 +240,7 @@ fn check_config(args: CheckConfigArgs) -> Result<ExitCode> {
                 map.conduits.len(),
                 hex::encode(map.policy_hash())
             ),
-            Err(err) => errors.push(err.to_string()),
+            Err(err) => errors.push(err),
         }
     }
     if let (Some(path), true) = (&args.config, cfg.is_some()) {

@@ -7,7 +7,10 @@
 use std::{collections::HashMap, time::Duration};
 
 use conduit_proto::v1::{FlowEndReason, RecordKind, Verdict};
-use sensor_common::{FlowKey, FlowStats, flow_state};
+use sensor_common::{FLOW_TABLE_SIZE, FlowKey, FlowStats, flow_state};
+
+/// Default bound of the tracker: as many flows as the default kernel table holds.
+pub const DEFAULT_TRACKED_FLOWS: u32 = FLOW_TABLE_SIZE;
 
 /// Timeouts and recording scope.
 #[derive(Clone, Debug)]
@@ -21,6 +24,8 @@ pub struct TrackerOptions {
     pub end_grace: Duration,
     /// Record flows that match no AI endpoint too.
     pub record_all: bool,
+    /// Most flows tracked at once; new flows beyond are counted, not tracked.
+    pub max_flows: usize,
 }
 
 impl Default for TrackerOptions {
@@ -30,6 +35,7 @@ impl Default for TrackerOptions {
             active_timeout: Duration::from_secs(60),
             end_grace: Duration::from_secs(2),
             record_all: false,
+            max_flows: DEFAULT_TRACKED_FLOWS as usize,
         }
     }
 }
@@ -71,12 +77,15 @@ pub struct FlowOut {
 /// Result of a sweep over the kernel flow table.
 #[derive(Debug, Default)]
 pub struct Sweep {
+    /// Time of the snapshot.
+    pub now_ns: u64,
     /// Records to write, in order.
     pub out: Vec<FlowOut>,
     /// Kernel entries the agent must delete (ended flows).
     pub remove: Vec<FlowKey>,
     /// Recorded flows that vanished from the kernel table before they ended
-    /// (LRU eviction): their last packets are lost.
+    /// (LRU eviction): each gets its `flow_end` (lack of resources) with the last
+    /// counts seen; packets after those are not counted.
     pub evicted: u64,
     /// Flows that ended without ever being recorded (not AI traffic).
     pub unrecorded_ended: u64,
@@ -86,12 +95,19 @@ pub struct Sweep {
 struct Tracked {
     flow_id: u64,
     recorded: bool,
-    /// Seen in at least one table snapshot (so absence later means eviction).
-    in_table: bool,
     last_report_ns: u64,
     end_since_ns: Option<u64>,
     stats: FlowStats,
-    class: Classification,
+    /// Boxed: most flows have none, and the tracker holds every live flow.
+    class: Option<Box<Classification>>,
+    /// The last sweep that saw the flow in the kernel table.
+    seen: u32,
+}
+
+impl Tracked {
+    fn is_ai(&self) -> bool {
+        self.class.as_ref().is_some_and(|c| c.is_ai())
+    }
 }
 
 /// The agent's view of live flows.
@@ -100,8 +116,15 @@ pub struct FlowTracker {
     opts: TrackerOptions,
     /// With no conduit map every flow is recorded (foundation behaviour).
     policy_loaded: bool,
-    flows: HashMap<FlowKey, Tracked>,
+    /// Boxed values: the table's buckets stay small (it is sized in powers of two).
+    flows: HashMap<FlowKey, Box<Tracked>>,
     next_flow_id: u64,
+    /// Number of the current sweep; a tracked flow a sweep did not see is gone.
+    epoch: u32,
+    /// New flows not tracked because the tracker was full (they have no record).
+    refused: u64,
+    /// Flows whose announcement the kernel lost, found in the table instead.
+    recovered: u64,
 }
 
 impl FlowTracker {
@@ -110,9 +133,18 @@ impl FlowTracker {
             opts,
             policy_loaded,
             flows: HashMap::new(),
-            // Flow ids are unique per agent run; the chain position makes records unique.
+            // Flow ids are unique within a spool: a restart continues after the highest
+            // stored one (`continue_ids_after`).
             next_flow_id: 1,
+            refused: 0,
+            recovered: 0,
+            epoch: 0,
         }
+    }
+
+    /// Continues flow ids after `max` (the highest id a previous run stored).
+    pub fn continue_ids_after(&mut self, max: u64) {
+        self.next_flow_id = self.next_flow_id.max(max + 1);
     }
 
     pub fn set_policy_loaded(&mut self, loaded: bool) {
@@ -128,32 +160,51 @@ impl FlowTracker {
         self.flows.is_empty()
     }
 
-    fn recordable(&self, class: &Classification) -> bool {
-        !self.policy_loaded || self.opts.record_all || class.is_ai()
+    /// New flows refused because the tracker was full, since the start.
+    pub fn refused(&self) -> u64 {
+        self.refused
     }
 
-    fn track(&mut self, key: FlowKey, stats: FlowStats, now_ns: u64) -> &mut Tracked {
+    /// Unannounced flows found in the table, since the start.
+    pub fn recovered(&self) -> u64 {
+        self.recovered
+    }
+
+    fn recordable(&self, class: Option<&Classification>) -> bool {
+        !self.policy_loaded || self.opts.record_all || class.is_some_and(|c| c.is_ai())
+    }
+
+    /// The flow's entry, created if there is room.
+    fn track(&mut self, key: FlowKey, stats: FlowStats, now_ns: u64) -> Option<&mut Tracked> {
+        if !self.flows.contains_key(&key) && self.flows.len() >= self.opts.max_flows {
+            return None;
+        }
         let next_id = &mut self.next_flow_id;
-        self.flows.entry(key).or_insert_with(|| {
+        let seen = self.epoch;
+        Some(self.flows.entry(key).or_insert_with(|| {
             let flow_id = *next_id;
             *next_id += 1;
-            Tracked {
+            Box::new(Tracked {
                 flow_id,
                 recorded: false,
-                in_table: false,
                 last_report_ns: now_ns,
                 end_since_ns: None,
                 stats,
-                class: Classification::default(),
-            }
-        })
+                class: None,
+                seen,
+            })
+        }))
     }
 
     /// A new flow reported by the kernel. Returns its `flow_start` if it is recorded
-    /// right away (no conduit map, or `--record-all`).
+    /// right away (no conduit map, or `--record-all`). Past the bound the flow is
+    /// counted as refused and never tracked.
     pub fn on_new(&mut self, key: FlowKey, stats: FlowStats, now_ns: u64) -> Option<FlowOut> {
-        let recordable = self.recordable(&Classification::default());
-        let t = self.track(key, stats, now_ns);
+        let recordable = self.recordable(None);
+        let Some(t) = self.track(key, stats, now_ns) else {
+            self.refused += 1;
+            return None;
+        };
         if t.recorded || !recordable {
             return None;
         }
@@ -161,7 +212,9 @@ impl FlowTracker {
     }
 
     /// Classification finished (kernel or agent). Returns the `flow_start` if this
-    /// makes the flow recordable, so a violation is visible at once.
+    /// makes the flow recordable, so a violation is visible at once. A flow that is
+    /// not tracked was refused (and counted) already, unless the kernel lost its
+    /// announcement: then this recovers it.
     pub fn on_classified(
         &mut self,
         key: FlowKey,
@@ -169,9 +222,20 @@ impl FlowTracker {
         class: Classification,
         now_ns: u64,
     ) -> Option<FlowOut> {
-        let recordable = self.recordable(&class);
-        let t = self.track(key, stats, now_ns);
-        t.class = class;
+        let known = self.flows.contains_key(&key);
+        let unannounced = stats.state & flow_state::UNANNOUNCED != 0;
+        if !known && !unannounced {
+            return None;
+        }
+        let recordable = self.recordable(Some(&class));
+        if !known {
+            if self.flows.len() >= self.opts.max_flows {
+                return None;
+            }
+            self.recovered += 1;
+        }
+        let t = self.track(key, stats, now_ns)?;
+        t.class = Some(Box::new(class));
         merge_stats(&mut t.stats, &stats);
         if t.recorded || !recordable {
             return None;
@@ -181,79 +245,123 @@ impl FlowTracker {
 
     /// Current classification of a flow, if tracked.
     pub fn classification(&self, key: &FlowKey) -> Option<&Classification> {
-        self.flows.get(key).map(|t| &t.class)
+        self.flows.get(key).and_then(|t| t.class.as_deref())
     }
 
-    /// Walks a snapshot of the kernel table taken at `now_ns`.
-    ///
-    /// `kernel_class` turns a kernel-side classification (ids in [`FlowStats`]) into
-    /// names, for flows the agent has no classification of its own for.
+    /// Walks a snapshot of the kernel table taken at `now_ns` (see
+    /// [`FlowTracker::sweep_entry`]).
     pub fn sweep(
         &mut self,
         now_ns: u64,
         entries: &[(FlowKey, FlowStats)],
         kernel_class: &dyn Fn(&FlowKey, &FlowStats) -> Option<Classification>,
     ) -> Sweep {
-        let mut sweep = Sweep::default();
+        let mut sweep = self.begin_sweep(now_ns);
+        for (key, stats) in entries {
+            self.sweep_entry(&mut sweep, key, stats, kernel_class);
+        }
+        self.end_sweep(&mut sweep);
+        sweep
+    }
+
+    /// Starts a walk over the kernel table; feed every entry to
+    /// [`FlowTracker::sweep_entry`], then call [`FlowTracker::end_sweep`]. The walk
+    /// streams: no copy of the table is held.
+    pub fn begin_sweep(&mut self, now_ns: u64) -> Sweep {
+        self.epoch = self.epoch.wrapping_add(1);
+        Sweep {
+            now_ns,
+            ..Sweep::default()
+        }
+    }
+
+    /// One entry of the kernel table.
+    ///
+    /// `kernel_class` turns a kernel-side classification (ids in [`FlowStats`]) into
+    /// names, for flows the agent has no classification of its own for.
+    pub fn sweep_entry(
+        &mut self,
+        sweep: &mut Sweep,
+        key: &FlowKey,
+        stats: &FlowStats,
+        kernel_class: &dyn Fn(&FlowKey, &FlowStats) -> Option<Classification>,
+    ) {
+        let now_ns = sweep.now_ns;
         let idle = nanos(self.opts.idle_timeout);
         let active = nanos(self.opts.active_timeout);
         let grace = nanos(self.opts.end_grace);
-        let mut present = std::collections::HashSet::with_capacity(entries.len());
-
-        for (key, stats) in entries {
-            present.insert(*key);
-            let policy_loaded = self.policy_loaded;
-            let record_all = self.opts.record_all;
-            let t = self.track(*key, *stats, now_ns);
-            t.in_table = true;
-            merge_stats(&mut t.stats, stats);
-            if !t.class.is_ai()
-                && let Some(class) = kernel_class(key, stats)
-            {
-                t.class = class;
+        let policy_loaded = self.policy_loaded;
+        let record_all = self.opts.record_all;
+        let epoch = self.epoch;
+        // Only flows the kernel could not announce are picked up here: any other
+        // untracked flow was refused (counted) or its announcement is still in the
+        // ring buffer.
+        let known = self.flows.contains_key(key);
+        if !known && stats.state & flow_state::UNANNOUNCED == 0 {
+            return;
+        }
+        if !known {
+            if self.flows.len() >= self.opts.max_flows {
+                return;
             }
-            let recordable = !policy_loaded || record_all || t.class.is_ai();
-            if !t.recorded && recordable {
-                sweep.out.push(start(t, *key));
-            }
-
-            let ended = stats.state & (flow_state::RST) != 0
-                || stats.state & (flow_state::FIN_FORWARD | flow_state::FIN_REVERSE)
-                    == (flow_state::FIN_FORWARD | flow_state::FIN_REVERSE);
-            let reason = if ended {
-                let since = *t.end_since_ns.get_or_insert(now_ns);
-                (now_ns.saturating_sub(since) >= grace).then_some(FlowEndReason::EndOfFlow)
-            } else if now_ns.saturating_sub(stats.last_seen_ns) >= idle {
-                Some(FlowEndReason::IdleTimeout)
-            } else {
-                None
-            };
-
-            if let Some(reason) = reason {
-                sweep.remove.push(*key);
-                if let Some(t) = self.flows.remove(key) {
-                    if t.recorded {
-                        sweep.out.push(out(&t, *key, RecordKind::FlowEnd, reason));
-                    } else {
-                        sweep.unrecorded_ended += 1;
-                    }
-                }
-            } else if t.recorded && now_ns.saturating_sub(t.last_report_ns) >= active {
-                t.last_report_ns = now_ns;
-                sweep.out.push(out(
-                    t,
-                    *key,
-                    RecordKind::FlowUpdate,
-                    FlowEndReason::Unspecified,
-                ));
-            }
+            self.recovered += 1;
+        }
+        let Some(t) = self.track(*key, *stats, now_ns) else {
+            return;
+        };
+        t.seen = epoch;
+        merge_stats(&mut t.stats, stats);
+        if !t.is_ai()
+            && let Some(class) = kernel_class(key, stats)
+        {
+            t.class = Some(Box::new(class));
+        }
+        let recordable = !policy_loaded || record_all || t.is_ai();
+        if !t.recorded && recordable {
+            sweep.out.push(start(t, *key));
         }
 
-        // Flows that were in the table before and are gone: the LRU evicted them.
+        let ended = stats.state & (flow_state::RST) != 0
+            || stats.state & (flow_state::FIN_FORWARD | flow_state::FIN_REVERSE)
+                == (flow_state::FIN_FORWARD | flow_state::FIN_REVERSE);
+        let reason = if ended {
+            let since = *t.end_since_ns.get_or_insert(now_ns);
+            (now_ns.saturating_sub(since) >= grace).then_some(FlowEndReason::EndOfFlow)
+        } else if now_ns.saturating_sub(stats.last_seen_ns) >= idle {
+            Some(FlowEndReason::IdleTimeout)
+        } else {
+            None
+        };
+
+        if let Some(reason) = reason {
+            sweep.remove.push(*key);
+            if let Some(t) = self.flows.remove(key) {
+                if t.recorded {
+                    sweep.out.push(out(&t, *key, RecordKind::FlowEnd, reason));
+                } else {
+                    sweep.unrecorded_ended += 1;
+                }
+            }
+        } else if t.recorded && now_ns.saturating_sub(t.last_report_ns) >= active {
+            t.last_report_ns = now_ns;
+            sweep.out.push(out(
+                t,
+                *key,
+                RecordKind::FlowUpdate,
+                FlowEndReason::Unspecified,
+            ));
+        }
+    }
+
+    /// Ends the walk. Tracked flows are in the kernel table before the walk started
+    /// (their announcement was read first), so any the walk did not see are gone:
+    /// the LRU evicted them.
+    pub fn end_sweep(&mut self, sweep: &mut Sweep) {
+        let epoch = self.epoch;
         let gone: Vec<FlowKey> = self
             .flows
             .iter()
-            .filter(|(k, t)| t.in_table && !present.contains(*k))
+            .filter(|(_, t)| t.seen != epoch)
             .map(|(k, _)| *k)
             .collect();
         for key in gone {
@@ -271,24 +379,44 @@ impl FlowTracker {
                 }
             }
         }
-        sweep
+    }
+
+    /// Takes the latest totals of a flow (final snapshot before a drain).
+    pub fn update_stats(&mut self, key: &FlowKey, stats: &FlowStats) {
+        if let Some(t) = self.flows.get_mut(key) {
+            merge_stats(&mut t.stats, stats);
+        }
+    }
+
+    /// Keys of the recorded flows in the order they started; every flow leaves the
+    /// tracker. With [`FlowTracker::force_end`], ends them one at a time, so a drain
+    /// holds no copy of every record.
+    pub fn drain_keys(&mut self) -> Vec<(u64, FlowKey)> {
+        let mut keys: Vec<(u64, FlowKey)> = self
+            .flows
+            .iter()
+            .filter(|(_, t)| t.recorded)
+            .map(|(k, t)| (t.flow_id, *k))
+            .collect();
+        keys.sort_unstable();
+        self.flows.retain(|_, t| t.recorded);
+        keys
+    }
+
+    /// The `flow_end` (`forced`) of a flow from [`FlowTracker::drain_keys`].
+    pub fn force_end(&mut self, key: &FlowKey) -> Option<FlowOut> {
+        let t = self.flows.remove(key)?;
+        Some(out(&t, *key, RecordKind::FlowEnd, FlowEndReason::ForcedEnd))
     }
 
     /// Ends every recorded flow (`forced`), e.g. on shutdown, with the totals of the
     /// final snapshot.
     pub fn drain(&mut self, entries: &[(FlowKey, FlowStats)]) -> Vec<FlowOut> {
         for (key, stats) in entries {
-            if let Some(t) = self.flows.get_mut(key) {
-                merge_stats(&mut t.stats, stats);
-            }
+            self.update_stats(key, stats);
         }
-        let mut flows: Vec<(FlowKey, Tracked)> = self.flows.drain().collect();
-        flows.sort_by_key(|(_, t)| t.flow_id);
-        flows
-            .into_iter()
-            .filter(|(_, t)| t.recorded)
-            .map(|(key, t)| out(&t, key, RecordKind::FlowEnd, FlowEndReason::ForcedEnd))
-            .collect()
+        let keys = self.drain_keys();
+        keys.iter().filter_map(|(_, k)| self.force_end(k)).collect()
     }
 }
 
@@ -303,7 +431,7 @@ fn out(t: &Tracked, key: FlowKey, kind: RecordKind, end_reason: FlowEndReason) -
         flow_id: t.flow_id,
         key,
         stats: t.stats,
-        class: t.class.clone(),
+        class: t.class.as_deref().cloned().unwrap_or_default(),
         end_reason,
     }
 }
@@ -378,6 +506,7 @@ mod tests {
             active_timeout: Duration::from_secs(60),
             end_grace: Duration::from_secs(2),
             record_all: false,
+            max_flows: DEFAULT_TRACKED_FLOWS as usize,
         }
     }
 
@@ -448,6 +577,47 @@ mod tests {
         assert_eq!(sw.evicted, 1);
         assert_eq!(sw.out[0].end_reason, FlowEndReason::LackOfResources);
         assert_eq!(sw.out[0].stats.packets, [4, 4]);
+    }
+
+    #[test]
+    fn flow_evicted_before_any_sweep_leaves_the_tracker() {
+        let mut tr = FlowTracker::new(opts(), false);
+        tr.on_new(key(7), stats(S, 1, 0), S);
+        let sw = tr.sweep(2 * S, &[], &none);
+        assert_eq!(sw.evicted, 1);
+        assert_eq!(sw.out[0].end_reason, FlowEndReason::LackOfResources);
+        assert!(tr.is_empty());
+    }
+
+    #[test]
+    fn past_its_bound_the_tracker_counts_and_does_not_grow() {
+        let mut tr = FlowTracker::new(
+            TrackerOptions {
+                max_flows: 2,
+                ..opts()
+            },
+            false,
+        );
+        for p in 10..15 {
+            tr.on_new(key(p), stats(S, 1, 0), S);
+        }
+        assert_eq!((tr.len(), tr.refused()), (2, 3));
+        // Refused flows stay unrecorded when a sweep sees them in the table.
+        let entries: Vec<_> = (10..15).map(|p| (key(p), stats(S, 1, 0))).collect();
+        let sw = tr.sweep(2 * S, &entries, &none);
+        assert!(sw.out.is_empty());
+        assert_eq!((tr.len(), tr.refused(), tr.recovered()), (2, 3, 0));
+    }
+
+    #[test]
+    fn unannounced_flow_is_recovered_once() {
+        let mut tr = FlowTracker::new(opts(), false);
+        let lost = stats(S, 1, flow_state::UNANNOUNCED);
+        let sw = tr.sweep(2 * S, &[(key(20), lost)], &none);
+        assert_eq!(sw.out[0].kind, RecordKind::FlowStart);
+        let sw = tr.sweep(3 * S, &[(key(20), lost)], &none);
+        assert!(sw.out.is_empty());
+        assert_eq!(tr.recovered(), 1);
     }
 
     #[test]

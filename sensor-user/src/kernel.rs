@@ -26,9 +26,9 @@ use aya::{
     },
 };
 use sensor_common::{
-    ClassUpdate, ConduitKey, ConduitValue, Counter, EVENT_FLOW_CLASSIFIED, EVENT_FLOW_END,
-    EVENT_FLOW_NEW, EVENT_PAYLOAD, FAMILY_IPV4, FAMILY_IPV6, FlowEvent, FlowKey, FlowStats,
-    KernelConfig, LocalAddr, PayloadEvent,
+    ClassUpdate, ConduitKey, ConduitValue, Counter, EVENT_FLOW_NEW, EVENT_PAYLOAD, FAMILY_IPV4,
+    FAMILY_IPV6, FlowEvent, FlowKey, FlowStats, KernelConfig, LocalAddr, PayloadEvent,
+    ZONE_KEY_VLAN_BITS, ZoneKeyV4, ZoneKeyV6,
 };
 
 /// Program names in the object.
@@ -125,14 +125,30 @@ fn is_not_found(e: &MapError) -> bool {
 }
 
 /// Load-time options.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct KernelOptions {
+    /// Capacity of the flow table (entries).
+    pub flow_table_size: u32,
+    /// Size of the event ring buffer (bytes; a power of two, page multiple).
+    pub ringbuf_bytes: u32,
     /// Drop later forward packets of flows with a `blocked` verdict.
     pub enforce: bool,
     /// The agent records every flow, not only AI traffic.
     pub record_all: bool,
     /// [`sensor_common::action`] for AI traffic no conduit allows.
     pub default_action: u8,
+}
+
+impl Default for KernelOptions {
+    fn default() -> Self {
+        KernelOptions {
+            flow_table_size: sensor_common::FLOW_TABLE_SIZE,
+            ringbuf_bytes: sensor_common::EVENTS_RINGBUF_BYTES,
+            enforce: false,
+            record_all: false,
+            default_action: sensor_common::action::ALERT,
+        }
+    }
 }
 
 /// XDP attach mode that was used.
@@ -182,7 +198,7 @@ impl Program {
 /// A decoded ring-buffer event.
 #[derive(Clone, Debug)]
 pub enum KernelEvent {
-    /// `EVENT_FLOW_NEW`, `EVENT_FLOW_END` or `EVENT_FLOW_CLASSIFIED` (see `header.kind`).
+    /// `EVENT_FLOW_NEW`.
     Flow(FlowEvent),
     /// `EVENT_PAYLOAD`.
     Payload(Box<PayloadEvent>),
@@ -192,7 +208,7 @@ impl KernelEvent {
     /// Decodes one ring-buffer record; `None` for unknown kinds or short records.
     pub fn decode(bytes: &[u8]) -> Option<KernelEvent> {
         match *bytes.first()? {
-            EVENT_FLOW_NEW | EVENT_FLOW_END | EVENT_FLOW_CLASSIFIED => {
+            EVENT_FLOW_NEW => {
                 if bytes.len() < size_of::<FlowEvent>() {
                     return None;
                 }
@@ -282,17 +298,48 @@ pub struct CidrEntry {
     pub id: u16,
 }
 
+/// A zone network: `vlan` is 0 for a zone that applies to any VLAN, else one of
+/// the zone's VLANs (one entry per VLAN).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ZoneEntry {
+    pub cidr: CidrEntry,
+    pub vlan: u16,
+}
+
+impl ZoneEntry {
+    /// A zone network for any VLAN.
+    pub fn any_vlan(addr: IpAddr, prefix_len: u8, id: u16) -> ZoneEntry {
+        ZoneEntry {
+            cidr: CidrEntry {
+                addr,
+                prefix_len,
+                id,
+            },
+            vlan: 0,
+        }
+    }
+}
+
+/// One prefix of the conduit trie: `prefix_len` bits of `key` (at least
+/// [`sensor_common::CONDUIT_KEY_FIXED_BITS`]) map to `value`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConduitEntry {
+    pub prefix_len: u32,
+    pub key: ConduitKey,
+    pub value: ConduitValue,
+}
+
 /// Everything the kernel needs from the conduit map. Ids are the agent's indexes
 /// (0 means "none" and must not be used).
 #[derive(Clone, Debug, Default)]
 pub struct KernelPolicy {
-    pub zones: Vec<CidrEntry>,
+    pub zones: Vec<ZoneEntry>,
     pub endpoint_nets: Vec<CidrEntry>,
     /// `sni_hash(exact name)` -> endpoint id.
     pub sni_exact: Vec<(u64, u16)>,
     /// `sni_hash(".suffix")` (leading dot included) -> endpoint id.
     pub sni_suffix: Vec<(u64, u16)>,
-    pub conduits: Vec<(ConduitKey, ConduitValue)>,
+    pub conduits: Vec<ConduitEntry>,
     /// [`sensor_common::action`] for AI traffic no conduit allows.
     pub default_action: u8,
     pub enforce: bool,
@@ -325,7 +372,10 @@ impl Kernel {
         if object.is_empty() {
             return Err(KernelError::NotBuilt);
         }
-        let mut ebpf = EbpfLoader::new().load(object)?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(map_names::FLOWS, opts.flow_table_size)
+            .map_max_entries(map_names::EVENTS, opts.ringbuf_bytes)
+            .load(object)?;
         for name in [
             PROG_XDP,
             PROG_BENCH_EMPTY,
@@ -567,17 +617,23 @@ impl Kernel {
 
     /// Every flow in the table. Entries evicted or deleted during the walk are skipped.
     pub fn flow_entries(&self) -> Result<Vec<(FlowKey, FlowStats)>> {
-        let flows = self.flows()?;
         let mut out = Vec::new();
+        self.for_each_flow(|k, s| out.push((k, s)))?;
+        Ok(out)
+    }
+
+    /// Calls `f` for every flow in the table without holding a copy of it.
+    pub fn for_each_flow(&self, mut f: impl FnMut(FlowKey, FlowStats)) -> Result<()> {
+        let flows = self.flows()?;
         for r in flows.iter() {
             match r {
-                Ok(kv) => out.push(kv),
+                Ok((k, s)) => f(k, s),
                 // The key vanished between get_next_key and lookup (LRU eviction).
                 Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(map_err(map_names::FLOWS)(e)),
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// One flow, if present.
@@ -703,15 +759,41 @@ impl Kernel {
             }
             (v4, v6)
         };
-        let (z4, z6) = split(&p.zones);
+        let mut z4 = Vec::new();
+        let mut z6 = Vec::new();
+        for z in &p.zones {
+            let vlan = z.vlan.to_be_bytes();
+            let bits = |max: u8| ZONE_KEY_VLAN_BITS + u32::from(z.cidr.prefix_len.min(max));
+            match z.cidr.addr {
+                IpAddr::V4(a) => {
+                    let data = ZoneKeyV4 {
+                        vlan,
+                        addr: a.octets(),
+                    };
+                    z4.push((Key::new(bits(32), data), z.cidr.id));
+                }
+                IpAddr::V6(a) => {
+                    let data = ZoneKeyV6 {
+                        vlan,
+                        addr: a.octets(),
+                    };
+                    z6.push((Key::new(bits(128), data), z.cidr.id));
+                }
+            }
+        }
         let (e4, e6) = split(&p.endpoint_nets);
+        let conduits: Vec<_> = p
+            .conduits
+            .iter()
+            .map(|c| (Key::new(c.prefix_len, c.key), c.value))
+            .collect();
         replace_lpm(&mut self.ebpf, map_names::ZONES_V4, &z4)?;
         replace_lpm(&mut self.ebpf, map_names::ZONES_V6, &z6)?;
         replace_lpm(&mut self.ebpf, map_names::ENDPOINT_NETS_V4, &e4)?;
         replace_lpm(&mut self.ebpf, map_names::ENDPOINT_NETS_V6, &e6)?;
         replace_hash(&mut self.ebpf, map_names::SNI_EXACT, &p.sni_exact)?;
         replace_hash(&mut self.ebpf, map_names::SNI_SUFFIX, &p.sni_suffix)?;
-        replace_hash(&mut self.ebpf, map_names::CONDUITS, &p.conduits)?;
+        replace_lpm(&mut self.ebpf, map_names::CONDUITS, &conduits)?;
         self.config.default_action = p.default_action;
         self.config.enforce = p.enforce as u8;
         self.write_config()
@@ -785,12 +867,12 @@ fn local_addr(a: IpAddr) -> LocalAddr {
     }
 }
 
-fn replace_lpm<K: aya::Pod + PartialEq>(
+fn replace_lpm<K: aya::Pod + PartialEq, V: aya::Pod>(
     ebpf: &mut Ebpf,
     name: &'static str,
-    entries: &[(Key<K>, u16)],
+    entries: &[(Key<K>, V)],
 ) -> Result<()> {
-    let mut m: LpmTrie<&mut MapData, K, u16> =
+    let mut m: LpmTrie<&mut MapData, K, V> =
         LpmTrie::try_from(ebpf.map_mut(name).ok_or(KernelError::Missing(name))?)
             .map_err(map_err(name))?;
     for (k, v) in entries {

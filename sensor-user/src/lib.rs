@@ -7,6 +7,7 @@ pub mod commands;
 pub mod community_id;
 pub mod completion;
 pub mod config;
+pub mod crash_recovery;
 pub mod flows;
 pub mod kernel;
 pub mod kernel_policy;

@@ -5,6 +5,10 @@ use std::process::ExitCode;
 use clap::Parser as _;
 
 fn main() -> ExitCode {
+    // One malloc arena: the event loop moves between tokio's worker threads, and
+    // per-thread arenas would each keep the memory of a burst (RSS bound, README).
+    // SAFETY: mallopt before any thread exists; it only tunes glibc's allocator.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -7,8 +7,8 @@
 
 use etherparse::PacketBuilder;
 use sensor_common::{
-    Counter, DIR_FORWARD, DIR_REVERSE, EVENT_FLOW_END, EVENT_FLOW_NEW, FAMILY_IPV4, FAMILY_IPV6,
-    FlowKey, FlowStats, flow_state, tcp_flags,
+    Counter, DIR_FORWARD, DIR_REVERSE, EVENT_FLOW_NEW, FAMILY_IPV4, FAMILY_IPV6, FlowKey,
+    FlowStats, flow_state, tcp_flags,
 };
 use sensor_user::kernel::{BootClock, Kernel, KernelEvent, KernelOptions, Program};
 
@@ -489,7 +489,8 @@ fn tcp_conversation() {
     assert!(s.last_seen_ns <= now + 20_000_000 && s.first_seen_ns + 10_000_000_000 > now);
     assert_eq!(ev_kinds(&mut k), vec![(EVENT_FLOW_NEW, key)]);
 
-    // Second FIN ends the flow: one END event, and only one.
+    // Second FIN ends the flow: the state says so; no event (the agent's sweep
+    // ends flows).
     let fin_back = s2c(
         Tcp {
             fin: true,
@@ -501,11 +502,8 @@ fn tcp_conversation() {
     counted(&run_xdp(&k, &fin_back));
     counted(&run_xdp(&k, &fin_back));
     let s = k.flow(&key).unwrap().unwrap();
-    assert_eq!(
-        s.state,
-        flow_state::FIN_FORWARD | flow_state::FIN_REVERSE | flow_state::END_REPORTED
-    );
-    assert_eq!(ev_kinds(&mut k), vec![(EVENT_FLOW_END, key)]);
+    assert_eq!(s.state, flow_state::FIN_FORWARD | flow_state::FIN_REVERSE);
+    assert_eq!(ev_kinds(&mut k), vec![]);
 }
 
 /// A flow whose first packet we see is the SYN-ACK: the initiator is its destination.
@@ -537,11 +535,8 @@ fn synack_first_and_rst() {
     ));
     let s = k.flow(&key).unwrap().unwrap();
     assert_eq!(s.packets, [1, 1]);
-    assert_eq!(s.state, flow_state::RST | flow_state::END_REPORTED);
-    assert_eq!(
-        ev_kinds(&mut k),
-        vec![(EVENT_FLOW_NEW, key), (EVENT_FLOW_END, key)]
-    );
+    assert_eq!(s.state, flow_state::RST);
+    assert_eq!(ev_kinds(&mut k), vec![(EVENT_FLOW_NEW, key)]);
     k.remove_flow(&key).unwrap();
     assert!(k.flow(&key).unwrap().is_none());
     assert_eq!(k.flow_entries().unwrap().len(), 0);
@@ -640,4 +635,48 @@ fn handoff_local_to_egress() {
     only(&run_tc(&k, &back, 1, 0), Counter::SkippedAlreadyCounted);
     let s = k.flow(&v4key(C4, 40000, S4, 443, 6, 0)).unwrap().unwrap();
     assert_eq!(s.packets, [1, 1]);
+}
+
+/// A full ring loses new-flow announcements: each is counted once and its flow is
+/// marked UNANNOUNCED, so the agent can recover it from the table. The tables are
+/// sized at load time.
+#[test]
+fn full_ring_marks_new_flows_unannounced() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIP: needs root");
+        return;
+    }
+    let mut k = Kernel::load(&KernelOptions {
+        flow_table_size: 1024,
+        ringbuf_bytes: 4096,
+        ..KernelOptions::default()
+    })
+    .unwrap();
+    let syn = Tcp {
+        syn: true,
+        ..Tcp::default()
+    };
+    let flows = 100u16;
+    for sp in 0..flows {
+        let f = eth(
+            &[],
+            0x0800,
+            &v4_tcp(C4, [10, 0, 0, 200], 30000 + sp, 80, syn, b""),
+        );
+        k.test_run(Program::Xdp, &f).unwrap();
+    }
+    let announced = ev_kinds(&mut k).len() as u64;
+    let lost = counters(&k)[Counter::LossNewFlowEvent as usize];
+    assert!(
+        announced > 0 && lost > 0,
+        "{announced} announced, {lost} lost"
+    );
+    assert_eq!(announced + lost, u64::from(flows));
+    let unannounced = k
+        .flow_entries()
+        .unwrap()
+        .iter()
+        .filter(|(_, s)| s.state & flow_state::UNANNOUNCED != 0)
+        .count() as u64;
+    assert_eq!(unannounced, lost);
 }

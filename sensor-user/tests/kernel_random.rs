@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use etherparse::PacketBuilder;
 use sensor_common::{Counter, action, sni_hash};
-use sensor_user::kernel::{CidrEntry, Kernel, KernelOptions, KernelPolicy, Program};
+use sensor_user::kernel::{Kernel, KernelOptions, KernelPolicy, Program, ZoneEntry};
 
 const XDP_PASS: u32 = 2;
 const TC_ACT_OK: u32 = 0;
@@ -102,11 +102,7 @@ fn random_and_mutated_packets_always_pass_and_are_accounted() {
     })
     .unwrap();
     k.install_policy(&KernelPolicy {
-        zones: vec![CidrEntry {
-            addr: IpAddr::from([10, 10, 1, 0]),
-            prefix_len: 24,
-            id: 1,
-        }],
+        zones: vec![ZoneEntry::any_vlan(IpAddr::from([10, 10, 1, 0]), 24, 1)],
         sni_exact: vec![(sni_hash(b"api.openai.com"), 1)],
         default_action: action::ALERT,
         ..KernelPolicy::default()

@@ -161,4 +161,47 @@ impl GatewayLab {
             net,
         })
     }
+
+    /// Sends `count` one-datagram UDP flows from OT host 1 to `AI_V4[0]`, each its
+    /// own (source port, destination port) pair from `port` up, paced over
+    /// `seconds`, with `tests/peers/udp_burst.py` (a raw socket: one syscall per
+    /// datagram). Returns how many it sent.
+    pub fn udp_burst(&self, port: u16, count: u64, seconds: f64) -> Result<u64> {
+        // A static neighbour entry for the gateway: raw datagrams queued behind ARP
+        // resolution would be dropped before they reach it.
+        let mac = self.lab.exec(
+            &self.gw,
+            &["cat", &format!("/sys/class/net/{GW_OT1_IF}/address")],
+        )?;
+        let mac = String::from_utf8_lossy(&mac.stdout).trim().to_string();
+        self.lab.exec(
+            &self.ot1,
+            &[
+                "ip",
+                "neigh",
+                "replace",
+                "10.10.1.1",
+                "lladdr",
+                &mac,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ],
+        )?;
+        let blaster = crate::peer_script("udp_burst.py").display().to_string();
+        let out = self.lab.exec(
+            &self.ot1,
+            &[
+                "python3",
+                &blaster,
+                OT1_V4,
+                AI_V4[0],
+                &port.to_string(),
+                &count.to_string(),
+                &seconds.to_string(),
+            ],
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+    }
 }

@@ -55,11 +55,32 @@ pub enum DefaultAction {
     Block,
 }
 
+impl DefaultAction {
+    /// The kernel's [`sensor_common::action`] value.
+    pub fn code(self) -> u8 {
+        match self {
+            DefaultAction::Alert => sensor_common::action::ALERT,
+            DefaultAction::Block => sensor_common::action::BLOCK,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     Allow,
     Alert,
     Block,
+}
+
+impl Action {
+    /// The kernel's [`sensor_common::action`] value.
+    pub fn code(self) -> u8 {
+        match self {
+            Action::Allow => sensor_common::action::ALLOW,
+            Action::Alert => sensor_common::action::ALERT,
+            Action::Block => sensor_common::action::BLOCK,
+        }
+    }
 }
 
 /// Application protocol a conduit covers.

@@ -21,7 +21,7 @@ pub use conduits::{
 };
 pub use pattern::{KernelSniKey, PatternError, SniPattern};
 pub use policy::{Classification, ConduitRef, EndpointRef, Verdict, ZoneRef};
-pub use sensor::SensorConfig;
+pub use sensor::{Capacity, SensorConfig};
 
 /// One problem found in a configuration file.
 #[derive(Debug, Clone, PartialEq, Eq)]

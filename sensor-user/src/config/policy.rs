@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use super::conduits::{Action, AppProto, ConduitMap, DefaultAction};
+use super::conduits::{AppProto, ConduitMap};
 
 /// A zone by id and 1-based index (the kernel's zone id).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,29 +24,8 @@ pub struct ConduitRef {
     pub index: u16,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Verdict {
-    /// Not AI traffic: counted, not recorded per flow.
-    Unclassified,
-    /// A conduit allows it.
-    Authorized,
-    /// AI traffic that no conduit allows (or an `alert` conduit).
-    Violation,
-    /// A violation while enforcement is on (dropped).
-    Blocked,
-}
-
-impl Verdict {
-    /// The name used in records and JSON (`conduit.verdict`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Verdict::Unclassified => "unclassified",
-            Verdict::Authorized => "authorized",
-            Verdict::Violation => "violation",
-            Verdict::Blocked => "blocked",
-        }
-    }
-}
+/// The one verdict type, shared with the kernel.
+pub use sensor_common::Verdict;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Classification {
@@ -148,20 +127,12 @@ impl ConduitMap {
                     && (c.protocols.is_empty() || c.protocols.contains(&proto))
             })
         });
-        let block = if enforcement {
-            Verdict::Blocked
-        } else {
-            Verdict::Violation
-        };
-        let verdict = match conduit.map(|c| c.action) {
-            Some(Action::Allow) => Verdict::Authorized,
-            Some(Action::Alert) => Verdict::Violation,
-            Some(Action::Block) => block,
-            None => match self.default_action {
-                DefaultAction::Alert => Verdict::Violation,
-                DefaultAction::Block => block,
-            },
-        };
+        let verdict = Verdict::decide(
+            true,
+            conduit.map(|c| c.action.code()),
+            self.default_action.code(),
+            enforcement,
+        );
         Classification {
             zone,
             endpoint: Some(endpoint),

@@ -174,6 +174,14 @@ pub fn sensor_schema() -> Value {
                     "tcp_end_grace": duration("5s")
                 }
             },
+            "capacity": {
+                "type": "object", "additionalProperties": false,
+                "properties": {
+                    "flow_table": {"type": "integer", "minimum": 1024, "default": sensor_common::FLOW_TABLE_SIZE},
+                    "ring_buffer_bytes": {"type": "integer", "minimum": 4096, "default": sensor_common::EVENTS_RINGBUF_BYTES},
+                    "tracked_flows": {"type": "integer", "minimum": 1024, "default": crate::flows::DEFAULT_TRACKED_FLOWS}
+                }
+            },
             "checkpoint": {
                 "type": "object", "additionalProperties": false,
                 "properties": {

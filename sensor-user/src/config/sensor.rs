@@ -22,6 +22,7 @@ pub(crate) const TOP_KEYS: &[&str] = &[
     "jsonl",
     "timeouts",
     "checkpoint",
+    "capacity",
 ];
 pub(crate) const SPOOL_KEYS: &[&str] = &["dir", "max_bytes", "segment_bytes", "sync"];
 pub(crate) const SYNC_KEYS: &[&str] = &["interval_ms", "records"];
@@ -30,6 +31,7 @@ pub(crate) const TLS_KEYS: &[&str] = &["cert", "key", "ca"];
 pub(crate) const METRICS_KEYS: &[&str] = &["listen"];
 pub(crate) const TIMEOUT_KEYS: &[&str] = &["idle", "active", "tcp_end_grace"];
 pub(crate) const CHECKPOINT_KEYS: &[&str] = &["every_records", "every_seconds"];
+pub(crate) const CAPACITY_KEYS: &[&str] = &["flow_table", "ring_buffer_bytes", "tracked_flows"];
 
 /// Environment variables read by [`SensorConfig::apply_env`].
 pub const ENV_VARS: &[&str] = &[
@@ -70,6 +72,28 @@ pub struct SensorConfig {
     pub jsonl: Option<PathBuf>,
     pub timeouts: Timeouts,
     pub checkpoint: CheckpointConfig,
+    pub capacity: Capacity,
+}
+
+/// Table sizes (README, "Limits"): the kernel maps are sized at load time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Capacity {
+    /// Entries of the kernel flow table.
+    pub flow_table: u32,
+    /// Bytes of the event ring buffer (a power of two, at least one page).
+    pub ring_buffer_bytes: u32,
+    /// Flows the agent tracks at most; beyond, new flows are counted, not tracked.
+    pub tracked_flows: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Capacity {
+            flow_table: sensor_common::FLOW_TABLE_SIZE,
+            ring_buffer_bytes: sensor_common::EVENTS_RINGBUF_BYTES,
+            tracked_flows: crate::flows::DEFAULT_TRACKED_FLOWS,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -134,6 +158,7 @@ impl Default for SensorConfig {
             jsonl: None,
             timeouts: Timeouts::default(),
             checkpoint: CheckpointConfig::default(),
+            capacity: Capacity::default(),
         }
     }
 }
@@ -588,6 +613,36 @@ fn decode(ctx: &mut Ctx, root: &Node, cfg: &mut SensorConfig) {
             .and_then(|n| ctx.uint(n, "checkpoint.every_seconds", 1, 86_400))
         {
             cfg.checkpoint.every_seconds = v;
+        }
+    }
+    if let Some(n) = top.get("capacity")
+        && let Some(f) = ctx.fields(n, "capacity", CAPACITY_KEYS)
+    {
+        let max = u64::from(u32::MAX);
+        if let Some(v) = f
+            .get("flow_table")
+            .and_then(|n| ctx.uint(n, "capacity.flow_table", 1024, max))
+        {
+            cfg.capacity.flow_table = v as u32;
+        }
+        if let Some(n) = f.get("ring_buffer_bytes")
+            && let Some(v) = ctx.uint(n, "capacity.ring_buffer_bytes", 4096, 1 << 31)
+        {
+            if v.is_power_of_two() {
+                cfg.capacity.ring_buffer_bytes = v as u32;
+            } else {
+                ctx.err(
+                    n.pos,
+                    format!("`capacity.ring_buffer_bytes` must be a power of two, found {v}"),
+                    format!("write {}", v.next_power_of_two()),
+                );
+            }
+        }
+        if let Some(v) = f
+            .get("tracked_flows")
+            .and_then(|n| ctx.uint(n, "capacity.tracked_flows", 1024, max))
+        {
+            cfg.capacity.tracked_flows = v as u32;
         }
     }
 }
