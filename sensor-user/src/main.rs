@@ -5,12 +5,7 @@ use std::process::ExitCode;
 use clap::Parser as _;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    sensor_user::commands::dispatch(sensor_user::cli::Cli::parse())
+    let cli = sensor_user::cli::Cli::parse();
+    conduit_ops::logging::init(cli.log_format);
+    sensor_user::commands::dispatch(cli)
 }

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub spool_records_refused: AtomicU64,
     pub policy_reloads: AtomicU64,
     pub policy_reload_failures: AtomicU64,
+    /// Failed writes or opens of the JSONL side file (the spool still has the records).
+    pub jsonl_errors: AtomicU64,
     pub chain_seq: AtomicU64,
     pub collector_connected: AtomicBool,
     pub collector_acked_seq: AtomicU64,
@@ -142,6 +144,12 @@ impl Metrics {
             "Conduit map reloads rejected.",
             "counter",
             get(&self.policy_reload_failures),
+        );
+        gauge(
+            "jsonl_errors_total",
+            "JSONL side-file open or write failures (the records stay in the spool).",
+            "counter",
+            get(&self.jsonl_errors),
         );
         gauge(
             "chain_sequence",

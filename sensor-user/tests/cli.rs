@@ -37,6 +37,7 @@ fn check_config_accepts_the_examples() {
         .arg(root.join("deploy/examples/conduits.yaml"))
         .arg("--config")
         .arg(root.join("deploy/examples/sensor.yaml"))
+        .arg("--syntax-only")
         .output()
         .expect("run conduit-sensor");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));

@@ -1,0 +1,8 @@
+//! Running as a service, shared by `conduit-sensor` and `conduit-collector`:
+//! logging that suits a terminal, journald or a log shipper ([`logging`]), the
+//! systemd readiness protocol ([`notify`]), and man pages and shell completions
+//! generated from the same clap definitions that parse the command line ([`docs`]).
+
+pub mod docs;
+pub mod logging;
+pub mod notify;
