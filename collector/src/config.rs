@@ -154,9 +154,16 @@ impl CollectorConfig {
     }
 }
 
-/// serde-saphyr may end its message with its own " at line L column C".
+/// serde-saphyr's message carries its own "error: line L column C: " prefix or
+/// " at line L column C" suffix; ours is file:line:column.
 fn strip_location(message: &str) -> &str {
-    message.find(" at line ").map_or(message, |i| &message[..i])
+    let mut m = message.strip_prefix("error: ").unwrap_or(message);
+    if let Some(rest) = m.strip_prefix("line ")
+        && let Some((_, after)) = rest.split_once(": ")
+    {
+        m = after;
+    }
+    m.find(" at line ").map_or(m, |i| &m[..i])
 }
 
 #[cfg(test)]
@@ -179,6 +186,7 @@ mod tests {
         let text = err.to_string();
         assert!(text.starts_with("c.yaml:2:1: "), "{text}");
         assert!(text.contains("stroe"), "{text}");
+        assert!(!text.contains("line 2"), "{text}");
     }
 
     #[test]

@@ -203,7 +203,7 @@ fn check_config(path: Option<PathBuf>) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         for p in problems {
-            eprintln!("{p}");
+            conduit_ops::logging::print_error(&p);
         }
         ExitCode::from(EXIT_CONFIG)
     }
@@ -234,7 +234,7 @@ fn main() -> ExitCode {
             let args = match settings(args) {
                 Ok(s) => s,
                 Err(e) => {
-                    eprintln!("{e}");
+                    conduit_ops::logging::print_error(&e.to_string());
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
@@ -251,7 +251,7 @@ fn main() -> ExitCode {
             match rt.block_on(run(args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("error: {e:#}");
+                    conduit_ops::logging::print_error(&format!("error: {e:#}"));
                     ExitCode::FAILURE
                 }
             }

@@ -60,6 +60,20 @@ pub fn stderr_is_journal() -> bool {
     st.st_dev == dev && st.st_ino == ino
 }
 
+/// Prints a fatal error the CLI reports outside tracing (a configuration error
+/// with its file:line:column lines, the final runtime error): as is on a
+/// terminal, each line with `<3>` when stderr is the journal.
+pub fn print_error(message: &str) {
+    let journal = stderr_is_journal();
+    for line in message.lines() {
+        if journal {
+            eprintln!("<3>{line}");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+}
+
 /// Prefixes every event with its `<N>` priority.
 struct Prioritized<F>(F);
 

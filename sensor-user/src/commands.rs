@@ -48,15 +48,16 @@ pub fn dispatch(cli: Cli) -> ExitCode {
         }
     };
     result.unwrap_or_else(|err| {
+        use conduit_ops::logging::print_error;
         if let Some(ConfigExit(cfg)) = err.downcast_ref::<ConfigExit>() {
-            eprintln!("{cfg}");
+            print_error(&cfg.to_string());
             return ExitCode::from(EXIT_CONFIG);
         }
         if let Some(cfg) = err.downcast_ref::<ConfigError>() {
-            eprintln!("{cfg}");
+            print_error(&cfg.to_string());
             return ExitCode::from(EXIT_CONFIG);
         }
-        eprintln!("conduit-sensor: error: {err:#}");
+        print_error(&format!("conduit-sensor: error: {err:#}"));
         ExitCode::FAILURE
     })
 }
