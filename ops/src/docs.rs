@@ -16,10 +16,20 @@ pub fn write(mut cmd: clap::Command, out: &Path) -> std::io::Result<Vec<PathBuf>
     std::fs::create_dir_all(&completions)?;
     cmd.build();
     clap_mangen::generate_to(cmd.clone(), &man)?;
-    let mut written: Vec<PathBuf> = std::fs::read_dir(&man)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
     let name = cmd.get_name().to_string();
+    // clap's `help` subcommand gets pages of its own (NAME-help-run.1, ...): they
+    // only repeat the real ones.
+    let help = format!("{name}-help");
+    let mut written = Vec::new();
+    for entry in std::fs::read_dir(&man)? {
+        let path = entry?.path();
+        let file = path.file_name().map(|f| f.to_string_lossy().into_owned());
+        if file.is_some_and(|f| f.starts_with(&help)) {
+            std::fs::remove_file(&path)?;
+        } else {
+            written.push(path);
+        }
+    }
     for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
         written.push(clap_complete::generate_to(
             shell,

@@ -220,9 +220,9 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
 fn check_config(mut args: CheckConfigArgs) -> Result<ExitCode> {
     if args.config.is_none() && args.conduits.is_none() {
         if !Path::new(DEFAULT_CONFIG).exists() {
-            eprintln!(
+            conduit_ops::logging::print_error(&format!(
                 "conduit-sensor check-config: nothing to check: {DEFAULT_CONFIG} does not exist; give --config FILE and/or --conduits FILE"
-            );
+            ));
             return Ok(ExitCode::from(EXIT_USAGE));
         }
         args.config = Some(PathBuf::from(DEFAULT_CONFIG));
@@ -267,7 +267,7 @@ fn check_config(mut args: CheckConfigArgs) -> Result<ExitCode> {
         Ok(ExitCode::SUCCESS)
     } else {
         for e in errors {
-            eprintln!("{e}");
+            conduit_ops::logging::print_error(&e);
         }
         Ok(ExitCode::from(EXIT_CONFIG))
     }

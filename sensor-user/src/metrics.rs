@@ -157,6 +157,24 @@ impl Metrics {
             "gauge",
             get(&self.chain_seq),
         );
+        gauge(
+            "collector_connected",
+            "1 while the stream to the collector is up.",
+            "gauge",
+            u64::from(self.collector_connected.load(Ordering::Relaxed)),
+        );
+        gauge(
+            "collector_acked_sequence",
+            "Highest sequence number the collector has acknowledged (stored).",
+            "gauge",
+            get(&self.collector_acked_seq),
+        );
+        gauge(
+            "collector_lag_records",
+            "Records written but not yet acknowledged by the collector.",
+            "gauge",
+            get(&self.collector_lag_records),
+        );
         let _ = writeln!(
             s,
             "# HELP conduit_sensor_kernel_total Kernel counters by reason.\n# TYPE conduit_sensor_kernel_total counter"
@@ -200,5 +218,29 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
             );
             let _ = stream.write_all(response.as_bytes()).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_the_uplink_gauges_and_the_spool_bound() {
+        let m = Metrics::default();
+        m.collector_connected.store(true, Ordering::Relaxed);
+        m.collector_acked_seq.store(41, Ordering::Relaxed);
+        m.collector_lag_records.store(2, Ordering::Relaxed);
+        m.spool_max_bytes.store(1 << 30, Ordering::Relaxed);
+        let text = m.render();
+        for line in [
+            "conduit_sensor_collector_connected 1",
+            "conduit_sensor_collector_acked_sequence 41",
+            "conduit_sensor_collector_lag_records 2",
+            "conduit_sensor_spool_max_bytes 1073741824",
+            "# TYPE conduit_sensor_jsonl_errors_total counter",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
     }
 }

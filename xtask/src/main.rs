@@ -307,7 +307,20 @@ fn test(lint: bool) -> Result<()> {
         "--test-threads=1",
     ]));
     remove_stale_labs();
-    result
+    result?;
+    step("The Debian packages under real systemd (a bookworm VM)");
+    package::package()?;
+    run(cargo().args([
+        "test",
+        "--release",
+        "-p",
+        "conduit-tests",
+        "--test",
+        "package",
+        "--",
+        "--ignored",
+        "--nocapture",
+    ]))
 }
 
 /// The collector runs where no eBPF toolchain is: nothing in its dependency graph
