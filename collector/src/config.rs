@@ -119,13 +119,13 @@ impl CollectorConfig {
     pub fn problems(&self, file: &str, credentials: Option<&Path>) -> Vec<String> {
         let mut wanted: Vec<(&str, PathBuf)> = Vec::new();
         let mut problems = Vec::new();
-        if let Some(dir) = &self.trusted_keys {
-            if let Err(err) = std::fs::read_dir(dir) {
-                problems.push(format!(
-                    "{file}: trusted_keys: cannot read {}: {err}",
-                    dir.display()
-                ));
-            }
+        if let Some(dir) = &self.trusted_keys
+            && let Err(err) = std::fs::read_dir(dir)
+        {
+            problems.push(format!(
+                "{file}: trusted_keys: cannot read {}: {err}",
+                dir.display()
+            ));
         }
         if let Some(tls) = &self.tls {
             wanted.push(("tls.cert", tls.cert.clone()));
