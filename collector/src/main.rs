@@ -26,15 +26,8 @@ Environment: RUST_LOG sets the log filter (default info); under systemd the TLS 
 from the credential tls.key ($CREDENTIALS_DIRECTORY)."
 )]
 struct Cli {
-    /// Log format on stderr: text (priority prefixes under journald, colour only on a terminal) or json.
-    #[arg(
-        long,
-        global = true,
-        value_enum,
-        default_value_t = conduit_ops::logging::LogFormat::Text,
-        env = "CONDUIT_LOG_FORMAT"
-    )]
-    log_format: conduit_ops::logging::LogFormat,
+    #[command(flatten)]
+    log: conduit_ops::logging::LogArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -211,7 +204,7 @@ fn check_config(path: Option<PathBuf>) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    conduit_ops::logging::init(cli.log_format);
+    conduit_ops::logging::init(cli.log.log_format);
     match cli.cmd {
         Cmd::Verify { store } => verify(&store),
         Cmd::CheckConfig { config } => check_config(config),
@@ -354,8 +347,15 @@ async fn run(args: Settings) -> anyhow::Result<()> {
             }
         });
     }
+    let endpoint = Arc::new(CollectorEndpoint {
+        shared: shared.clone(),
+        ready: std::sync::atomic::AtomicBool::new(false),
+    });
     if let Some(addr) = args.metrics {
-        serve_metrics(addr, shared.clone()).await?;
+        let serve = conduit_ops::http::bind(addr, endpoint.clone())
+            .await
+            .with_context(|| format!("metrics {addr}"))?;
+        tokio::spawn(serve);
     }
 
     let mut builder = Server::builder()
@@ -388,6 +388,9 @@ async fn run(args: Settings) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     tracing::info!(listen = %listener.local_addr()?, store = %args.store.display(), "collector listening");
+    endpoint
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     conduit_ops::notify::ready(&format!("listening on {}", listener.local_addr()?));
     let service = CollectorServer::new(CollectorService {
         shared: shared.clone(),
@@ -428,24 +431,17 @@ async fn run(args: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve_metrics(addr: SocketAddr, shared: Arc<Shared>) -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("metrics {addr}"))?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let body = shared.alarms.metrics.render();
-            tokio::spawn(async move {
-                let mut req = [0u8; 1024];
-                let _ = s.read(&mut req).await;
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = s.write_all(resp.as_bytes()).await;
-            });
-        }
-    });
-    Ok(())
+/// The collector's side of the shared metrics endpoint: ready once listening.
+struct CollectorEndpoint {
+    shared: Arc<Shared>,
+    ready: std::sync::atomic::AtomicBool,
+}
+
+impl conduit_ops::http::Endpoint for CollectorEndpoint {
+    fn metrics(&self) -> String {
+        self.shared.alarms.metrics.render()
+    }
+    fn ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Relaxed) && !*self.shared.shutdown.borrow()
+    }
 }

@@ -15,6 +15,21 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// `check-config --config FILE` on a file holding `yaml`; returns the output and the path.
+fn check_config(yaml: &str) -> (Output, std::path::PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("collector.yaml");
+    std::fs::write(&path, yaml).expect("write");
+    let out = bin()
+        .arg("check-config")
+        .arg("--config")
+        .arg(&path)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .expect("run");
+    (out, path, dir)
+}
+
 #[test]
 fn verify_of_an_empty_store_exits_0() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -39,15 +54,7 @@ fn verify_of_a_missing_store_exits_2() {
 
 #[test]
 fn check_config_exits_64_with_file_line_column() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("collector.yaml");
-    std::fs::write(&path, "listen: \"127.0.0.1:7443\"\nstroe: /tmp/x\n").expect("write");
-    let out = bin()
-        .arg("check-config")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .expect("run");
+    let (out, path, _dir) = check_config("listen: \"127.0.0.1:7443\"\nstroe: /tmp/x\n");
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
     let expected = format!("{}:2:1:", path.display());
     assert!(text(&out).contains(&expected), "{}", text(&out));
@@ -55,20 +62,9 @@ fn check_config_exits_64_with_file_line_column() {
 
 #[test]
 fn check_config_names_unreadable_files() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("collector.yaml");
-    std::fs::write(
-        &path,
+    let (out, _, _dir) = check_config(
         "listen: \"127.0.0.1:7443\"\nstore: /tmp/x\ntls:\n  cert: /nonexistent/server.crt\n  key: /nonexistent/server.key\n",
-    )
-    .expect("write");
-    let out = bin()
-        .arg("check-config")
-        .arg("--config")
-        .arg(&path)
-        .env_remove("CREDENTIALS_DIRECTORY")
-        .output()
-        .expect("run");
+    );
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
     assert!(text(&out).contains("tls.cert"), "{}", text(&out));
     assert!(text(&out).contains("tls.key"), "{}", text(&out));
@@ -76,15 +72,7 @@ fn check_config_names_unreadable_files() {
 
 #[test]
 fn check_config_accepts_a_good_file() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("collector.yaml");
-    std::fs::write(&path, "listen: \"127.0.0.1:7443\"\nstore: /tmp/x\n").expect("write");
-    let out = bin()
-        .arg("check-config")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .expect("run");
+    let (out, _, _dir) = check_config("listen: \"127.0.0.1:7443\"\nstore: /tmp/x\n");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
 

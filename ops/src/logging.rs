@@ -29,6 +29,20 @@ pub enum LogFormat {
     Json,
 }
 
+/// The logging flag both binaries take (`#[command(flatten)]`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// Log format on stderr: text (priority prefixes under journald, colour only on a terminal) or json.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t = LogFormat::Text,
+        env = "CONDUIT_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+}
+
 /// The sd-daemon priority (syslog level) of a tracing level.
 pub fn priority(level: Level) -> u8 {
     match level {

@@ -25,15 +25,8 @@ Environment: RUST_LOG sets the log filter (default info, e.g. RUST_LOG=info,sens
 CONDUIT_SENSOR_<FIELD> overrides sensor.yaml (see sensor.yaml(5) in the example config)."
 )]
 pub struct Cli {
-    /// Log format on stderr: text (priority prefixes under journald, colour only on a terminal) or json.
-    #[arg(
-        long,
-        global = true,
-        value_enum,
-        default_value_t = conduit_ops::logging::LogFormat::Text,
-        env = "CONDUIT_LOG_FORMAT"
-    )]
-    pub log_format: conduit_ops::logging::LogFormat,
+    #[command(flatten)]
+    pub log: conduit_ops::logging::LogArgs,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -6,6 +6,6 @@ use clap::Parser as _;
 
 fn main() -> ExitCode {
     let cli = sensor_user::cli::Cli::parse();
-    conduit_ops::logging::init(cli.log_format);
+    conduit_ops::logging::init(cli.log.log_format);
     sensor_user::commands::dispatch(cli)
 }
