@@ -145,7 +145,8 @@ if grep -q $'\x1b' /tmp/journal.txt; then fail "ANSI escapes in the journal"; fi
 if grep -q '^<[0-7]>' /tmp/journal.txt; then fail "priority prefixes not consumed by journald"; fi
 journalctl -u conduit-sensor --no-pager -o cat -p err | grep -q 'broken\|conduits.yaml' || fail "the rejected reload's error has no error priority"
 journalctl -u conduit-sensor --no-pager -o cat -p info..info | grep -q 'attached' || fail "info lines are not priority info"
-journalctl -u conduit-collector --no-pager -o cat -p warning..warning | grep -q 'tofu\|TLS\|sensor' || true
+journalctl -u conduit-sensor --no-pager -o cat -p warning..warning | grep -q 'starting a new record chain' || fail "the sensor's warning is not priority warning"
+journalctl -u conduit-collector --no-pager -o cat -p warning..warning | grep -q 'trusting a new sensor key' || fail "the collector's warning is not priority warning"
 echo "warnings and errors:"; journalctl -u conduit-sensor -u conduit-collector --no-pager -o cat -p warning | head -20
 
 step "records verify"
