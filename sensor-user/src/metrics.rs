@@ -172,6 +172,11 @@ impl Metrics {
         );
         let _ = writeln!(
             s,
+            "# HELP conduit_sensor_build_info The running build.\n# TYPE conduit_sensor_build_info gauge\nconduit_sensor_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        let _ = writeln!(
+            s,
             "# HELP conduit_sensor_kernel_total Kernel counters by reason.\n# TYPE conduit_sensor_kernel_total counter"
         );
         for (i, c) in sensor_common::Counter::ALL.iter().enumerate() {
@@ -218,6 +223,7 @@ mod tests {
             "conduit_sensor_collector_lag_records 2",
             "conduit_sensor_spool_max_bytes 1073741824",
             "# TYPE conduit_sensor_jsonl_errors_total counter",
+            "conduit_sensor_build_info{version=\"0.1.0\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
         }
