@@ -29,25 +29,53 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Prometheus text exposition.
+    /// Prometheus text exposition, with HELP and TYPE for every family.
     pub fn render(&self) -> String {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        format!(
-            "conduit_collector_connections_total {}\n\
-             conduit_collector_records_stored_total {}\n\
-             conduit_collector_records_duplicate_total {}\n\
-             conduit_collector_batches_rejected_total {}\n\
-             conduit_collector_alarms_total{{kind=\"gap\"}} {}\n\
-             conduit_collector_alarms_total{{kind=\"equivocation\"}} {}\n\
-             conduit_collector_alarms_total{{kind=\"other\"}} {}\n",
-            g(&self.connections),
-            g(&self.records_stored),
-            g(&self.records_duplicate),
-            g(&self.batches_rejected),
-            g(&self.alarm_gap),
-            g(&self.alarm_equivocation),
-            g(&self.alarm_other),
-        )
+        let mut out = String::new();
+        for (name, help, samples) in [
+            (
+                "connections_total",
+                "Sensor streams accepted.",
+                vec![("", g(&self.connections))],
+            ),
+            (
+                "records_stored_total",
+                "Records verified and stored.",
+                vec![("", g(&self.records_stored))],
+            ),
+            (
+                "records_duplicate_total",
+                "Re-sent records already stored (de-duplicated).",
+                vec![("", g(&self.records_duplicate))],
+            ),
+            (
+                "batches_rejected_total",
+                "Batches rejected by verification.",
+                vec![("", g(&self.batches_rejected))],
+            ),
+            (
+                "alarms_total",
+                "Alarms raised, by kind.",
+                vec![
+                    ("{kind=\"gap\"}", g(&self.alarm_gap)),
+                    ("{kind=\"equivocation\"}", g(&self.alarm_equivocation)),
+                    ("{kind=\"other\"}", g(&self.alarm_other)),
+                ],
+            ),
+        ] {
+            out.push_str(&format!(
+                "# HELP conduit_collector_{name} {help}\n# TYPE conduit_collector_{name} counter\n"
+            ));
+            for (labels, value) in samples {
+                out.push_str(&format!("conduit_collector_{name}{labels} {value}\n"));
+            }
+        }
+        out.push_str(&format!(
+            "# HELP conduit_collector_build_info The running build.\n# TYPE conduit_collector_build_info gauge\nconduit_collector_build_info{{version=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        ));
+        out
     }
 }
 

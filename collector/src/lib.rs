@@ -3,6 +3,7 @@
 //! acknowledges what is fsynced, and exports to the SIEM. Design: docs/collector.md.
 
 pub mod alarms;
+pub mod config;
 pub mod export;
 pub mod server;
 pub mod store;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use conduit_collector::alarms::Alarms;
+use conduit_collector::config::{self, CollectorConfig, ConfigError};
 use conduit_collector::export::{self, jsonl::JsonlSink, nats::NatsSink, syslog};
 use conduit_collector::server::{CollectorService, ServerOptions, Shared};
 use conduit_proto::v1::collector_server::CollectorServer;
@@ -18,12 +19,23 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 #[command(
     name = "conduit-collector",
     version,
-    about = "Conduit Sensor collector"
+    about = "Conduit Sensor collector: verifies sensor chains, stores records, exports to the SIEM",
+    after_help = "Exit status: 0 ok; 1 verification or runtime failure; 2 usage error or missing path; \
+64 bad configuration (file:line:column).\n\
+Environment: RUST_LOG sets the log filter (default info); under systemd the TLS key comes \
+from the credential tls.key ($CREDENTIALS_DIRECTORY)."
 )]
 struct Cli {
+    #[command(flatten)]
+    log: conduit_ops::logging::LogArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
+
+/// Exit code for usage errors and missing paths.
+const EXIT_USAGE: u8 = 2;
+/// Exit code for a bad configuration.
+const EXIT_CONFIG: u8 = 64;
 
 #[derive(Subcommand)]
 #[expect(
@@ -35,62 +47,190 @@ enum Cmd {
     Run(RunArgs),
     /// Verify every chain in the store; exit 1 at the first bad sequence number.
     Verify {
-        #[arg(long)]
+        /// Store directory (as `run --store`).
+        #[arg(long, value_name = "DIR")]
         store: PathBuf,
+    },
+    /// Check collector.yaml and the files it names; exit 0, or 64 with errors (file:line:column).
+    CheckConfig {
+        /// collector.yaml [default: /etc/conduit-collector/collector.yaml; exit 2 if it is missing].
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Write man pages and shell completions from this command line (for packaging).
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Directory for man/ and completions/.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
     },
 }
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Address to listen on, e.g. 0.0.0.0:7443.
-    #[arg(long)]
-    listen: SocketAddr,
-    /// Store directory (one sub-directory per sensor).
-    #[arg(long)]
-    store: PathBuf,
-    /// Also write every record as one ECS JSON line to FILE.
-    #[arg(long)]
+    /// collector.yaml with the settings below; flags override it [default: none].
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address to listen on, e.g. [::]:7443 [default: `listen:` of collector.yaml; one is required].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Store directory, one sub-directory per sensor [default: `store:` of collector.yaml;
+    /// one is required].
+    #[arg(long, value_name = "DIR")]
+    store: Option<PathBuf>,
+    /// Also write every record as one ECS JSON line to FILE [default: export.jsonl].
+    #[arg(long, value_name = "FILE")]
     jsonl: Option<PathBuf>,
-    /// syslog+tcp://host:port or syslog+tls://host:port (RFC 5424, octet counting).
-    #[arg(long)]
+    /// syslog+tcp://host:port or syslog+tls://host:port (RFC 5424, octet counting)
+    /// [default: export.syslog.url].
+    #[arg(long, value_name = "URL")]
     syslog: Option<String>,
-    /// CA certificate (PEM) for syslog over TLS.
-    #[arg(long)]
+    /// CA certificate (PEM) for syslog over TLS [default: export.syslog.ca].
+    #[arg(long, value_name = "FILE")]
     syslog_ca: Option<PathBuf>,
-    /// NATS server for JetStream export, e.g. nats://127.0.0.1:4222.
-    #[arg(long)]
+    /// NATS server for JetStream export, e.g. nats://127.0.0.1:4222 [default: export.nats].
+    #[arg(long, value_name = "URL")]
     nats: Option<String>,
-    /// Directory of `<sensor_id>.pub` files (ed25519 public key, hex).
-    #[arg(long)]
+    /// Directory of `<sensor_id>.pub` files (ed25519 public key, hex) [default: trusted_keys].
+    #[arg(long, value_name = "DIR")]
     trusted_keys: Option<PathBuf>,
-    /// Trust an unknown sensor's signing key on first use and pin it in the store.
+    /// Trust an unknown sensor's signing key on first use and pin it in the store [default: off].
     #[arg(long)]
     tofu: bool,
-    #[arg(long, requires = "tls_key")]
+    /// Server certificate (PEM) [default: tls.cert; without one, plain text, warned].
+    #[arg(long, value_name = "FILE")]
     tls_cert: Option<PathBuf>,
-    #[arg(long, requires = "tls_cert")]
+    /// Server key (PEM) [default: the credential tls.key under systemd, else tls.key].
+    #[arg(long, value_name = "FILE")]
     tls_key: Option<PathBuf>,
     /// CA for client certificates: with it, every sensor needs a client certificate
-    /// whose CN or a DNS SAN is its sensor id.
-    #[arg(long, requires = "tls_cert")]
+    /// whose CN or a DNS SAN is its sensor id [default: tls.client_ca].
+    #[arg(long, value_name = "FILE")]
     client_ca: Option<PathBuf>,
-    /// Prometheus metrics on this address (text format, any path).
-    #[arg(long)]
+    /// Prometheus metrics on this address [default: metrics, else off].
+    #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
 }
 
+/// What `run` uses: collector.yaml with the flags applied.
+struct Settings {
+    listen: SocketAddr,
+    store: PathBuf,
+    jsonl: Option<PathBuf>,
+    syslog: Option<String>,
+    syslog_ca: Option<PathBuf>,
+    nats: Option<String>,
+    trusted_keys: Option<PathBuf>,
+    tofu: bool,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    metrics: Option<SocketAddr>,
+}
+
+fn credentials_dir() -> Option<PathBuf> {
+    std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from)
+}
+
+fn settings(args: RunArgs) -> Result<Settings, ConfigError> {
+    let file = match &args.config {
+        Some(path) => CollectorConfig::load(path)?,
+        None => CollectorConfig::default(),
+    };
+    let tls = file.tls.clone();
+    let syslog = file.export.syslog.clone();
+    let key_flag = args.tls_key.is_some();
+    let settings = Settings {
+        listen: args.listen.or(file.listen).ok_or_else(|| {
+            ConfigError::single("--listen: no address to listen on: give --listen ADDR or `listen:` in collector.yaml")
+        })?,
+        store: args.store.or(file.store.clone()).ok_or_else(|| {
+            ConfigError::single("--store: no store directory: give --store DIR or `store:` in collector.yaml")
+        })?,
+        jsonl: args.jsonl.or(file.export.jsonl.clone()),
+        syslog: args.syslog.or(syslog.as_ref().map(|s| s.url.clone())),
+        syslog_ca: args.syslog_ca.or(syslog.and_then(|s| s.ca)),
+        nats: args.nats.or(file.export.nats.clone()),
+        trusted_keys: args.trusted_keys.or(file.trusted_keys.clone()),
+        tofu: args.tofu || file.tofu,
+        tls_cert: args.tls_cert.or(tls.as_ref().map(|t| t.cert.clone())),
+        tls_key: args
+            .tls_key
+            .or_else(|| file.tls_key(credentials_dir().as_deref())),
+        client_ca: args.client_ca.or(tls.and_then(|t| t.client_ca)),
+        metrics: args.metrics.or(file.metrics),
+    };
+    match (&settings.tls_cert, &settings.tls_key) {
+        (Some(_), None) => Err(ConfigError::single(
+            "--tls-cert without a key: give --tls-key, tls.key, or the credential tls.key",
+        )),
+        (None, Some(_)) if key_flag => Err(ConfigError::single("--tls-key without --tls-cert")),
+        (None, _) if settings.client_ca.is_some() => Err(ConfigError::single(
+            "--client-ca needs --tls-cert and --tls-key",
+        )),
+        _ => Ok(settings),
+    }
+}
+
+fn check_config(path: Option<PathBuf>) -> ExitCode {
+    let path = match path {
+        Some(p) => p,
+        None if std::path::Path::new(config::DEFAULT_PATH).exists() => {
+            PathBuf::from(config::DEFAULT_PATH)
+        }
+        None => {
+            eprintln!(
+                "conduit-collector check-config: nothing to check: {} does not exist; give --config FILE",
+                config::DEFAULT_PATH
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let file = path.display().to_string();
+    let problems = match CollectorConfig::load(&path) {
+        Ok(cfg) => cfg.problems(&file, credentials_dir().as_deref()),
+        Err(err) => err.0,
+    };
+    if problems.is_empty() {
+        println!("{file}: ok");
+        ExitCode::SUCCESS
+    } else {
+        for p in problems {
+            conduit_ops::logging::print_error(&p);
+        }
+        ExitCode::from(EXIT_CONFIG)
+    }
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    conduit_ops::logging::init(cli.log.log_format);
     match cli.cmd {
         Cmd::Verify { store } => verify(&store),
+        Cmd::CheckConfig { config } => check_config(config),
+        Cmd::GenerateDocs { out } => {
+            use clap::CommandFactory as _;
+            match conduit_ops::docs::write(Cli::command(), &out) {
+                Ok(files) => {
+                    for f in files {
+                        println!("{}", f.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {}: {e}", out.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Run(args) => {
+            let args = match settings(args) {
+                Ok(s) => s,
+                Err(e) => {
+                    conduit_ops::logging::print_error(&e.to_string());
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -104,7 +244,7 @@ fn main() -> ExitCode {
             match rt.block_on(run(args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("error: {e:#}");
+                    conduit_ops::logging::print_error(&format!("error: {e:#}"));
                     ExitCode::FAILURE
                 }
             }
@@ -113,6 +253,13 @@ fn main() -> ExitCode {
 }
 
 fn verify(store: &std::path::Path) -> ExitCode {
+    if !store.is_dir() {
+        eprintln!(
+            "conduit-collector verify: {}: not a directory (give the store of `run --store`)",
+            store.display()
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
     let reports = match conduit_collector::verify_store(store) {
         Ok(r) => r,
         Err(e) => {
@@ -141,7 +288,7 @@ fn verify(store: &std::path::Path) -> ExitCode {
     }
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+async fn run(args: Settings) -> anyhow::Result<()> {
     // Both rustls users (tonic, syslog TLS, NATS) use ring; make it the process default.
     let _ = rustls::crypto::ring::default_provider().install_default();
     std::fs::create_dir_all(&args.store)
@@ -161,6 +308,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let shutdown_rx = shared.shutdown.subscribe();
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(path) = &args.jsonl {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating the export directory {}", dir.display()))?;
+        }
         let (sink, sh, rx) = (
             JsonlSink::new(path.clone()),
             shared.clone(),
@@ -196,8 +347,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         });
     }
+    let endpoint = Arc::new(CollectorEndpoint {
+        shared: shared.clone(),
+        ready: std::sync::atomic::AtomicBool::new(false),
+    });
     if let Some(addr) = args.metrics {
-        serve_metrics(addr, shared.clone()).await?;
+        let serve = conduit_ops::http::bind(addr, endpoint.clone())
+            .await
+            .with_context(|| format!("metrics {addr}"))?;
+        tokio::spawn(serve);
     }
 
     let mut builder = Server::builder()
@@ -230,6 +388,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     tracing::info!(listen = %listener.local_addr()?, store = %args.store.display(), "collector listening");
+    endpoint
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    conduit_ops::notify::ready(&format!("listening on {}", listener.local_addr()?));
     let service = CollectorServer::new(CollectorService {
         shared: shared.clone(),
     })
@@ -244,6 +406,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
         }
         tracing::info!("shutting down");
+        conduit_ops::notify::stopping();
         shared.shutdown.send_replace(true);
     };
     let server = builder
@@ -268,24 +431,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve_metrics(addr: SocketAddr, shared: Arc<Shared>) -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("metrics {addr}"))?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let body = shared.alarms.metrics.render();
-            tokio::spawn(async move {
-                let mut req = [0u8; 1024];
-                let _ = s.read(&mut req).await;
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = s.write_all(resp.as_bytes()).await;
-            });
-        }
-    });
-    Ok(())
+/// The collector's side of the shared metrics endpoint: ready once listening.
+struct CollectorEndpoint {
+    shared: Arc<Shared>,
+    ready: std::sync::atomic::AtomicBool,
+}
+
+impl conduit_ops::http::Endpoint for CollectorEndpoint {
+    fn metrics(&self) -> String {
+        self.shared.alarms.metrics.render()
+    }
+    fn ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Relaxed) && !*self.shared.shutdown.borrow()
+    }
 }

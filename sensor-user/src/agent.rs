@@ -87,6 +87,9 @@ struct Agent {
 /// Runs the agent until SIGTERM/SIGINT; returns after a clean drain.
 pub async fn run(settings: AgentSettings) -> Result<()> {
     let metrics = Arc::new(Metrics::default());
+    metrics
+        .spool_max_bytes
+        .store(settings.recorder.max_spool_bytes, Ordering::Relaxed);
     if let Some(addr) = settings.metrics {
         let m = metrics.clone();
         tokio::spawn(async move {
@@ -117,6 +120,7 @@ pub async fn run(settings: AgentSettings) -> Result<()> {
 
     metrics.ready.store(true, Ordering::Relaxed);
     tracing::info!("sensor running");
+    conduit_ops::notify::ready(&agent.status_line("running"));
     let result = agent.event_loop().await;
 
     if let Some((task, mut status)) = link {
@@ -228,16 +232,10 @@ impl Agent {
             }
         }
 
-        let jsonl = match &settings.jsonl {
-            Some(path) => Some(BufWriter::new(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .with_context(|| format!("opening {}", path.display()))?,
-            )),
-            None => None,
-        };
+        let jsonl = settings
+            .jsonl
+            .as_deref()
+            .and_then(|path| open_jsonl(path, &metrics));
 
         let site = policy.as_ref().map(|p| p.site.clone()).unwrap_or_default();
         let mut agent = Agent {
@@ -335,6 +333,7 @@ impl Agent {
         };
         // Stopping or failing, the same path: detach first so the accounting can
         // close, read the ring buffer to its end, then drain.
+        conduit_ops::notify::stopping();
         self.kernel.detach_all();
         let mut failure = result.err();
         if let Some(err) = &failure {
@@ -599,10 +598,41 @@ impl Agent {
         Ok(())
     }
 
+    /// SIGHUP: the conduit map, and the JSONL side file is reopened (rotation, or
+    /// after a write error). systemd hears RELOADING=1, then READY=1 with a STATUS=
+    /// that says whether the map was applied.
     fn reload(&mut self) {
+        conduit_ops::notify::reloading();
+        if let Some(path) = self.settings.jsonl.clone() {
+            if let Some(mut old) = self.jsonl.take() {
+                let _ = old.flush();
+            }
+            self.jsonl = open_jsonl(&path, &self.metrics);
+        }
+        let applied = self.reload_map();
+        let status = self.status_line(if applied {
+            "running; reload applied"
+        } else {
+            "running; RELOAD FAILED, the previous conduit map stays in force"
+        });
+        conduit_ops::notify::reloaded(&status);
+    }
+
+    /// One line for `systemctl status`: state, policy hash, chain head.
+    fn status_line(&self, state: &str) -> String {
+        let policy = self
+            .policy
+            .as_ref()
+            .map(|m| hex::encode(&m.policy_hash()[..8]))
+            .unwrap_or_else(|| "none".into());
+        format!("{state}; policy {policy}; seq {}", self.recorder.head().0)
+    }
+
+    /// Whether a new map was installed.
+    fn reload_map(&mut self) -> bool {
         let Some(path) = self.settings.conduits.clone() else {
             tracing::warn!("SIGHUP: no conduit map configured; nothing to reload");
-            return;
+            return true;
         };
         match ConduitMap::load(&path, None) {
             Ok(map) => {
@@ -612,8 +642,10 @@ impl Agent {
                         .policy_reload_failures
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::error!("reload: {err:#}; the previous map stays in force");
+                    false
                 } else {
                     self.metrics.policy_reloads.fetch_add(1, Ordering::Relaxed);
+                    true
                 }
             }
             Err(err) => {
@@ -621,6 +653,7 @@ impl Agent {
                     .policy_reload_failures
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::error!("reload rejected, the previous map stays in force:\n{err}");
+                false
             }
         }
     }
@@ -710,17 +743,18 @@ impl Agent {
         self.metrics
             .spool_bytes
             .store(stats.bytes, Ordering::Relaxed);
-        if let Some(out) = &mut self.jsonl {
-            for a in &written {
-                let pos = ChainPosition {
-                    seq: a.seq,
-                    hash: a.hash,
-                    prev_hash: a.prev_hash,
-                };
-                serde_json::to_writer(&mut *out, &ecs_json(&a.record, &pos))?;
-                out.write_all(b"\n")?;
-            }
-            out.flush()?;
+        if let Some(out) = &mut self.jsonl
+            && let Err(err) = write_jsonl(out, &written)
+        {
+            // The spool is the evidence; the side file is a convenience. A full
+            // disk here must not stop the recorder: count, log, and drop the file
+            // until SIGHUP reopens it.
+            self.metrics.jsonl_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                path = %self.settings.jsonl.as_deref().unwrap_or(std::path::Path::new("")).display(),
+                "JSONL side file: {err}; records stay in the spool; the file is reopened on SIGHUP"
+            );
+            self.jsonl = None;
         }
         Ok(())
     }
@@ -744,9 +778,11 @@ impl Agent {
         let last = self.recorder.checkpoint_now()?;
         self.emit_appended(last)?;
         self.recorder.sync()?;
-        if let Some(out) = &mut self.jsonl {
-            out.flush()?;
-            out.get_ref().sync_all()?;
+        if let Some(out) = &mut self.jsonl
+            && let Err(err) = out.flush().and_then(|()| out.get_ref().sync_all())
+        {
+            self.metrics.jsonl_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!("JSONL side file: {err}");
         }
         self.kernel.detach_all();
         Ok(())
@@ -777,6 +813,32 @@ fn peak_rss_kib() -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Opens the JSONL side file for appending; a failure is counted and logged, not
+/// fatal (the spool holds the records).
+fn open_jsonl(path: &std::path::Path, metrics: &Metrics) -> Option<BufWriter<File>> {
+    match OpenOptions::new().create(true).append(true).open(path) {
+        Ok(file) => Some(BufWriter::new(file)),
+        Err(err) => {
+            metrics.jsonl_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(path = %path.display(), "JSONL side file: {err}; records stay in the spool; retried on SIGHUP");
+            None
+        }
+    }
+}
+
+fn write_jsonl(out: &mut BufWriter<File>, written: &[Appended]) -> std::io::Result<()> {
+    for a in written {
+        let pos = ChainPosition {
+            seq: a.seq,
+            hash: a.hash,
+            prev_hash: a.prev_hash,
+        };
+        serde_json::to_writer(&mut *out, &ecs_json(&a.record, &pos))?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()
 }
 
 /// The classification fields of a flow, for the kernel to merge (it sets DONE).

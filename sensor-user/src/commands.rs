@@ -14,8 +14,8 @@ use conduit_uplink::{UplinkOptions, UplinkTls};
 use crate::{
     agent::{AgentSettings, ConfigExit},
     cli::{
-        CheckConfigArgs, Cli, Command, EXIT_CHAIN_BROKEN, EXIT_CONFIG, KeygenArgs, ProbeArgs,
-        ReplayArgs, RunArgs, VerifyChainArgs,
+        CheckConfigArgs, Cli, Command, DEFAULT_CONFIG, EXIT_CHAIN_BROKEN, EXIT_CONFIG, EXIT_USAGE,
+        KeygenArgs, ProbeArgs, ReplayArgs, RunArgs, VerifyChainArgs,
     },
     config::{ConduitMap, ConfigError, SensorConfig},
     flows::TrackerOptions,
@@ -35,17 +35,29 @@ pub fn dispatch(cli: Cli) -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }
         Command::Replay(args) => replay(args),
+        Command::GenerateDocs { out } => {
+            use clap::CommandFactory as _;
+            conduit_ops::docs::write(Cli::command(), &out)
+                .with_context(|| format!("writing man pages and completions to {}", out.display()))
+                .map(|files| {
+                    for f in files {
+                        println!("{}", f.display());
+                    }
+                    ExitCode::SUCCESS
+                })
+        }
     };
     result.unwrap_or_else(|err| {
+        use conduit_ops::logging::print_error;
         if let Some(ConfigExit(cfg)) = err.downcast_ref::<ConfigExit>() {
-            eprintln!("{cfg}");
+            print_error(&cfg.to_string());
             return ExitCode::from(EXIT_CONFIG);
         }
         if let Some(cfg) = err.downcast_ref::<ConfigError>() {
-            eprintln!("{cfg}");
+            print_error(&cfg.to_string());
             return ExitCode::from(EXIT_CONFIG);
         }
-        eprintln!("conduit-sensor: error: {err:#}");
+        print_error(&format!("conduit-sensor: error: {err:#}"));
         ExitCode::FAILURE
     })
 }
@@ -165,9 +177,11 @@ fn uplink_options(
 fn run(args: RunArgs) -> Result<ExitCode> {
     let settings = settings_from(&args).map_err(ConfigExit)?;
     if settings.ifaces.is_empty() {
-        anyhow::bail!(
-            "no interface to watch: give --iface NAME (repeatable) or `interfaces:` in sensor.yaml"
-        );
+        return Err(ConfigExit(ConfigError::single(
+            "--iface",
+            "no interface to watch: give --iface NAME (repeatable) or `interfaces:` in sensor.yaml",
+        ))
+        .into());
     }
     if let Some(url) = settings.uplink.as_ref().map(|u| &u.collector)
         && url.starts_with("http://")
@@ -206,7 +220,16 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn check_config(args: CheckConfigArgs) -> Result<ExitCode> {
+fn check_config(mut args: CheckConfigArgs) -> Result<ExitCode> {
+    if args.config.is_none() && args.conduits.is_none() {
+        if !Path::new(DEFAULT_CONFIG).exists() {
+            conduit_ops::logging::print_error(&format!(
+                "conduit-sensor check-config: nothing to check: {DEFAULT_CONFIG} does not exist; give --config FILE and/or --conduits FILE"
+            ));
+            return Ok(ExitCode::from(EXIT_USAGE));
+        }
+        args.config = Some(PathBuf::from(DEFAULT_CONFIG));
+    }
     let mut errors = Vec::new();
     let cfg = match load_sensor_config(args.config.as_deref()) {
         Ok(cfg) => Some(cfg),
@@ -243,23 +266,70 @@ fn check_config(args: CheckConfigArgs) -> Result<ExitCode> {
             Err(err) => errors.push(err),
         }
     }
-    if let (Some(path), true) = (&args.config, cfg.is_some()) {
-        println!("{}: ok", path.display());
+    if let (Some(path), Some(cfg)) = (&args.config, &cfg) {
+        let before = errors.len();
+        if !args.syntax_only {
+            errors.extend(deployment_problems(&path.display().to_string(), cfg));
+        }
+        if errors.len() == before {
+            println!("{}: ok", path.display());
+        }
     }
     if errors.is_empty() {
-        if args.config.is_none() && conduits.is_none() {
-            println!("nothing to check: give --config and/or --conduits");
-        }
         Ok(ExitCode::SUCCESS)
     } else {
         for e in errors {
-            eprintln!("{e}");
+            conduit_ops::logging::print_error(&e);
         }
         Ok(ExitCode::from(EXIT_CONFIG))
     }
 }
 
+/// What sensor.yaml names that the agent would fail on at start: interfaces that
+/// do not exist, files it cannot read.
+fn deployment_problems(file: &str, cfg: &SensorConfig) -> Vec<String> {
+    let mut problems = Vec::new();
+    for iface in &cfg.interfaces {
+        if !Path::new("/sys/class/net").join(iface).exists() {
+            problems.push(format!(
+                "{file}: interfaces: `{iface}` does not exist on this host (see `ip link`)"
+            ));
+        }
+    }
+    let mut files: Vec<(&str, &Path)> = Vec::new();
+    if let Some(key) = &cfg.signing_key {
+        files.push(("signing_key", key));
+    }
+    if let Some(tls) = cfg.collector.as_ref().and_then(|c| c.tls.as_ref()) {
+        for (what, path) in [
+            ("collector.tls.cert", &tls.cert),
+            ("collector.tls.key", &tls.key),
+            ("collector.tls.ca", &tls.ca),
+        ] {
+            if let Some(path) = path {
+                files.push((what, path));
+            }
+        }
+    }
+    for (what, path) in files {
+        if let Err(err) = std::fs::File::open(path) {
+            problems.push(format!(
+                "{file}: {what}: cannot read {}: {err}",
+                path.display()
+            ));
+        }
+    }
+    problems
+}
+
 fn verify_chain(args: VerifyChainArgs) -> Result<ExitCode> {
+    if !args.dir.is_dir() {
+        eprintln!(
+            "conduit-sensor verify-chain: {}: not a directory (give a spool or a collector store)",
+            args.dir.display()
+        );
+        return Ok(ExitCode::from(EXIT_USAGE));
+    }
     let key = match &args.public_key {
         Some(path) => Some(keys::read_public_key(path)?),
         None => None,
@@ -338,9 +408,13 @@ fn probe(args: ProbeArgs) -> Result<ExitCode> {
             }
         );
     }
+    let mut code = ExitCode::SUCCESS;
     match crate::kernel::Kernel::load(&crate::kernel::KernelOptions::default()) {
         Ok(_) => println!("kernel programs: load ok (verifier accepted XDP and TC programs)"),
-        Err(err) => println!("kernel programs: FAILED to load: {err}"),
+        Err(err) => {
+            println!("kernel programs: FAILED to load: {err}");
+            code = ExitCode::from(EXIT_CHAIN_BROKEN);
+        }
     }
     let ifaces: Vec<String> = if args.ifaces.is_empty() {
         std::fs::read_dir("/sys/class/net")
@@ -354,6 +428,11 @@ fn probe(args: ProbeArgs) -> Result<ExitCode> {
         args.ifaces
     };
     for iface in ifaces {
+        if !Path::new("/sys/class/net").join(&iface).exists() {
+            println!("interface {iface}: DOES NOT EXIST");
+            code = ExitCode::from(EXIT_USAGE);
+            continue;
+        }
         let driver = std::fs::read_link(format!("/sys/class/net/{iface}/device/driver"))
             .ok()
             .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
@@ -369,5 +448,5 @@ fn probe(args: ProbeArgs) -> Result<ExitCode> {
             std::fs::read_to_string(format!("/sys/class/net/{iface}/mtu")).unwrap_or_default();
         println!("interface {iface}: driver {driver}, mtu {}", mtu.trim());
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(code)
 }

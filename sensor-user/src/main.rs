@@ -9,12 +9,7 @@ fn main() -> ExitCode {
     // per-thread arenas would each keep the memory of a burst (RSS bound, README).
     // SAFETY: mallopt before any thread exists; it only tunes glibc's allocator.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    sensor_user::commands::dispatch(sensor_user::cli::Cli::parse())
+    let cli = sensor_user::cli::Cli::parse();
+    conduit_ops::logging::init(cli.log.log_format);
+    sensor_user::commands::dispatch(cli)
 }

@@ -10,11 +10,6 @@ use std::{
     },
 };
 
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpListener,
-};
-
 /// Everything the agent exports.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -36,6 +31,8 @@ pub struct Metrics {
     pub spool_records_refused: AtomicU64,
     pub policy_reloads: AtomicU64,
     pub policy_reload_failures: AtomicU64,
+    /// Failed writes or opens of the JSONL side file (the spool still has the records).
+    pub jsonl_errors: AtomicU64,
     pub chain_seq: AtomicU64,
     pub collector_connected: AtomicBool,
     pub collector_acked_seq: AtomicU64,
@@ -144,10 +141,39 @@ impl Metrics {
             get(&self.policy_reload_failures),
         );
         gauge(
+            "jsonl_errors_total",
+            "JSONL side-file open or write failures (the records stay in the spool).",
+            "counter",
+            get(&self.jsonl_errors),
+        );
+        gauge(
             "chain_sequence",
             "Sequence number of the chain head.",
             "gauge",
             get(&self.chain_seq),
+        );
+        gauge(
+            "collector_connected",
+            "1 while the stream to the collector is up.",
+            "gauge",
+            u64::from(self.collector_connected.load(Ordering::Relaxed)),
+        );
+        gauge(
+            "collector_acked_sequence",
+            "Highest sequence number the collector has acknowledged (stored).",
+            "gauge",
+            get(&self.collector_acked_seq),
+        );
+        gauge(
+            "collector_lag_records",
+            "Records written but not yet acknowledged by the collector.",
+            "gauge",
+            get(&self.collector_lag_records),
+        );
+        let _ = writeln!(
+            s,
+            "# HELP conduit_sensor_build_info The running build.\n# TYPE conduit_sensor_build_info gauge\nconduit_sensor_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
         );
         let _ = writeln!(
             s,
@@ -165,32 +191,41 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics`, `/livez`, `/readyz` until the task is dropped.
+impl conduit_ops::http::Endpoint for Metrics {
+    fn metrics(&self) -> String {
+        self.render()
+    }
+    fn ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+/// Serves `/metrics`, `/livez`, `/readyz` (conduit-ops' endpoint) until the task is dropped.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "metrics listening");
-    loop {
-        let (mut stream, _) = listener.accept().await?;
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n = stream.read(&mut buf).await.unwrap_or(0);
-            let request = String::from_utf8_lossy(&buf[..n]);
-            let path = request.split_whitespace().nth(1).unwrap_or("/");
-            let (status, body) = match path {
-                "/metrics" => ("200 OK", metrics.render()),
-                "/livez" => ("200 OK", "ok\n".to_string()),
-                "/readyz" if metrics.ready.load(Ordering::Relaxed) => {
-                    ("200 OK", "ready\n".to_string())
-                }
-                "/readyz" => ("503 Service Unavailable", "not ready\n".to_string()),
-                _ => ("404 Not Found", "not found\n".to_string()),
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-        });
+    conduit_ops::http::bind(addr, metrics).await?.await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_the_uplink_gauges_and_the_spool_bound() {
+        let m = Metrics::default();
+        m.collector_connected.store(true, Ordering::Relaxed);
+        m.collector_acked_seq.store(41, Ordering::Relaxed);
+        m.collector_lag_records.store(2, Ordering::Relaxed);
+        m.spool_max_bytes.store(1 << 30, Ordering::Relaxed);
+        let text = m.render();
+        for line in [
+            "conduit_sensor_collector_connected 1",
+            "conduit_sensor_collector_acked_sequence 41",
+            "conduit_sensor_collector_lag_records 2",
+            "conduit_sensor_spool_max_bytes 1073741824",
+            "# TYPE conduit_sensor_jsonl_errors_total counter",
+            "conduit_sensor_build_info{version=\"0.1.0\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
     }
 }

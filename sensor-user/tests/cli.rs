@@ -37,6 +37,7 @@ fn check_config_accepts_the_examples() {
         .arg(root.join("deploy/examples/conduits.yaml"))
         .arg("--config")
         .arg(root.join("deploy/examples/sensor.yaml"))
+        .arg("--syntax-only")
         .output()
         .expect("run conduit-sensor");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
@@ -174,4 +175,161 @@ fn verify_chain_counts_records_and_names_the_first_bad_sequence() {
         "{}",
         text(&out)
     );
+}
+
+// One test per exit code of the contract: 0 ok, 1 verification failure (above),
+// 2 usage or missing path, 64 bad configuration.
+
+#[test]
+fn usage_errors_exit_2() {
+    let out = bin().args(["run", "--no-such-flag"]).output().expect("run");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+}
+
+#[test]
+fn verify_chain_on_a_missing_path_exits_2_not_the_tamper_code() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = bin()
+        .arg("verify-chain")
+        .arg(dir.path().join("nope"))
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(!text(&out).contains("first bad sequence"), "{}", text(&out));
+}
+
+#[test]
+fn probe_of_a_missing_interface_exits_2() {
+    let out = bin()
+        .args(["probe", "--iface", "nope0"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("nope0: DOES NOT EXIST"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn check_config_without_arguments_checks_the_default_or_exits_2() {
+    let out = bin().arg("check-config").output().expect("run");
+    if Path::new(sensor_user::cli::DEFAULT_CONFIG).exists() {
+        assert_ne!(out.status.code(), Some(2), "{}", text(&out));
+    } else {
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+        assert!(
+            text(&out).contains(sensor_user::cli::DEFAULT_CONFIG),
+            "{}",
+            text(&out)
+        );
+    }
+}
+
+#[test]
+fn run_without_an_interface_exits_64() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = bin()
+        .arg("run")
+        .arg("--spool")
+        .arg(dir.path())
+        .env_remove("CONDUIT_SENSOR_INTERFACES")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(text(&out).contains("--iface"), "{}", text(&out));
+}
+
+#[test]
+fn check_config_names_missing_interfaces_and_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("sensor.yaml");
+    std::fs::write(
+        &cfg,
+        "interfaces: [nope0]\nsigning_key: /nonexistent/signing.key\n",
+    )
+    .expect("write");
+    let out = bin()
+        .arg("check-config")
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(
+        text(&out).contains("`nope0` does not exist"),
+        "{}",
+        text(&out)
+    );
+    assert!(text(&out).contains("signing_key"), "{}", text(&out));
+}
+
+#[test]
+fn generate_docs_writes_man_pages_and_completions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = bin()
+        .arg("generate-docs")
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    for file in [
+        "man/conduit-sensor.1",
+        "man/conduit-sensor-run.1",
+        "completions/conduit-sensor.bash",
+        "completions/_conduit-sensor",
+        "completions/conduit-sensor.fish",
+    ] {
+        assert!(dir.path().join(file).is_file(), "{file} missing");
+    }
+    let page = std::fs::read_to_string(dir.path().join("man/conduit-sensor-run.1")).expect("man");
+    assert!(page.contains("iface"), "{page}");
+    let help = bin().args(["run", "--help"]).output().expect("help");
+    assert!(
+        String::from_utf8_lossy(&help.stdout).contains("[default: 30s]"),
+        "{}",
+        text(&help)
+    );
+}
+
+#[test]
+fn logs_have_priorities_and_no_ansi_under_journald() {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // JOURNAL_STREAM names stderr's device and inode, as systemd sets it. Without a
+    // conduit map the agent warns (tracing), then fails to attach to nope0.
+    let log = dir.path().join("stderr");
+    let file = std::fs::File::create(&log).expect("create");
+    let meta = file.metadata().expect("stat");
+    let out = bin()
+        .args(["run", "--iface", "nope0", "--spool"])
+        .arg(dir.path().join("spool"))
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .env("RUST_LOG", "info")
+        .stderr(file)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let journal = std::fs::read_to_string(&log).expect("log");
+    assert!(!journal.contains('\x1b'), "{journal}");
+    assert!(
+        journal
+            .lines()
+            .any(|l| l.starts_with("<4>") && l.contains("no conduit map")),
+        "no warning with priority 4 in:\n{journal}"
+    );
+
+    // --log-format json: one object per line.
+    let out = bin()
+        .args(["--log-format", "json", "run", "--iface", "nope0", "--spool"])
+        .arg(dir.path().join("spool2"))
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let first = stderr.lines().next().unwrap_or_default();
+    let value: serde_json::Value =
+        serde_json::from_str(first).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    assert_eq!(value["level"], "WARN", "{stderr}");
 }

@@ -3,6 +3,7 @@
 //! `demo` and `bench` run setup first, so each of the README's two commands works on a
 //! fresh machine.
 
+mod package;
 mod toolchain;
 
 use std::{
@@ -53,6 +54,10 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         seconds: u32,
     },
+    /// Build the Debian packages: target/debian/conduit-sensor_VERSION_amd64.deb and
+    /// target/debian/conduit-collector_VERSION_amd64.deb (release binaries, units,
+    /// sysusers.d/tmpfiles.d, conffiles, man pages, completions, examples, docs).
+    Package,
     /// Run COMMAND as root in a VM with one of Debian's kernels (5.10, 6.1, 6.12):
     /// the host's files read-only, /tmp writable; exits with COMMAND's status.
     Vm(vm::VmArgs),
@@ -101,6 +106,7 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Build => build_release(),
+        Cmd::Package => package::package(),
         Cmd::Test { no_lint } => setup().and_then(|()| test(!no_lint)),
         Cmd::Demo => setup().and_then(|()| demo()),
         Cmd::Bench => setup().and_then(|()| bench()),
@@ -301,7 +307,20 @@ fn test(lint: bool) -> Result<()> {
         "--test-threads=1",
     ]));
     remove_stale_labs();
-    result
+    result?;
+    step("The Debian packages under real systemd (a bookworm VM)");
+    package::package()?;
+    run(cargo().args([
+        "test",
+        "--release",
+        "-p",
+        "conduit-tests",
+        "--test",
+        "package",
+        "--",
+        "--ignored",
+        "--nocapture",
+    ]))
 }
 
 /// The collector runs where no eBPF toolchain is: nothing in its dependency graph

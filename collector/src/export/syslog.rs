@@ -69,7 +69,8 @@ impl SyslogSink {
                 source: e,
             })?;
             let mut roots = rustls::RootCertStore::empty();
-            for cert in rustls_pemfile::certs(&mut &pem[..]) {
+            use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+            for cert in CertificateDer::pem_slice_iter(&pem) {
                 let cert =
                     cert.map_err(|e| ExportError::Config(format!("{}: {e}", ca.display())))?;
                 roots

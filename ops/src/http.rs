@@ -1,0 +1,85 @@
+//! The small HTTP/1.1 endpoint both daemons serve on their opt-in metrics address:
+//! `GET /metrics` (Prometheus text format), `/livez` (the process answers),
+//! `/readyz` (200 once the daemon is ready: the sensor attached, the collector
+//! listening; 503 before and while draining), 404 for anything else. One request
+//! per connection; nothing else is parsed.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpListener;
+
+/// What a daemon exposes.
+pub trait Endpoint: Send + Sync + 'static {
+    /// The Prometheus text exposition.
+    fn metrics(&self) -> String;
+    /// Whether `/readyz` answers 200.
+    fn ready(&self) -> bool;
+}
+
+/// The response to one request line's path.
+pub fn respond(endpoint: &dyn Endpoint, path: &str) -> (&'static str, String) {
+    match path {
+        "/metrics" => ("200 OK", endpoint.metrics()),
+        "/livez" => ("200 OK", "ok\n".to_string()),
+        "/readyz" if endpoint.ready() => ("200 OK", "ready\n".to_string()),
+        "/readyz" => ("503 Service Unavailable", "not ready\n".to_string()),
+        _ => ("404 Not Found", "not found\n".to_string()),
+    }
+}
+
+/// Binds `addr`; the returned future serves until it is dropped.
+pub async fn bind(
+    addr: SocketAddr,
+    endpoint: Arc<dyn Endpoint>,
+) -> std::io::Result<impl Future<Output = std::io::Result<()>>> {
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "metrics listening");
+    Ok(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await?;
+            let endpoint = endpoint.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let n = stream.read(&mut buf).await.unwrap_or(0);
+                let request = String::from_utf8_lossy(&buf[..n]);
+                let path = request.split_whitespace().nth(1).unwrap_or("/");
+                let (status, body) = respond(endpoint.as_ref(), path);
+                let response = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(response.as_bytes()).await;
+            });
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixed(bool);
+    impl Endpoint for Fixed {
+        fn metrics(&self) -> String {
+            "# TYPE x gauge\nx 1\n".into()
+        }
+        fn ready(&self) -> bool {
+            self.0
+        }
+    }
+
+    #[test]
+    fn paths() {
+        assert_eq!(respond(&Fixed(true), "/metrics").0, "200 OK");
+        assert_eq!(respond(&Fixed(true), "/livez").0, "200 OK");
+        assert_eq!(respond(&Fixed(true), "/readyz").0, "200 OK");
+        assert_eq!(
+            respond(&Fixed(false), "/readyz").0,
+            "503 Service Unavailable"
+        );
+        assert_eq!(respond(&Fixed(true), "/").0, "404 Not Found");
+    }
+}
