@@ -3,15 +3,20 @@
 //! own key, so `conduit-sensor verify-chain` checks it and the exports ship it).
 
 use std::path::Path;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use conduit_evidence::chain::{Recorder, RecorderOptions};
 use conduit_evidence::spool::SyncPolicy;
 use conduit_proto::v1::{self, RecordKind, record::Body};
 
+use crate::listener::Refusal;
 use crate::store::ALARM_DIR;
+use crate::text::bounded;
+
+/// Longest alarm detail kept (peer-controlled text is cut, never stored whole).
+const MAX_DETAIL_BYTES: usize = 2048;
 
 /// Sensor id of the alarm chain.
 pub const ALARM_SENSOR_ID: &str = "collector";
@@ -26,9 +31,29 @@ pub struct Metrics {
     pub alarm_gap: AtomicU64,
     pub alarm_equivocation: AtomicU64,
     pub alarm_other: AtomicU64,
+    pub connections_open: AtomicU64,
+    pub accept_errors: AtomicU64,
+    pub refused_total_limit: AtomicU64,
+    pub refused_per_peer_limit: AtomicU64,
+    pub refused_handshake: AtomicU64,
+    pub closed_idle: AtomicU64,
+    pub streams_evicted: AtomicU64,
+    /// Rate limits of the corresponding warnings (unix seconds of the last one).
+    pub last_refusal_log: AtomicU64,
+    pub last_accept_log: AtomicU64,
 }
 
 impl Metrics {
+    pub fn refused(&self, why: Refusal) {
+        match why {
+            Refusal::Total => &self.refused_total_limit,
+            Refusal::PerPeer => &self.refused_per_peer_limit,
+            Refusal::Handshake => &self.refused_handshake,
+            Refusal::Idle => &self.closed_idle,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -39,7 +64,14 @@ impl Metrics {
              conduit_collector_batches_rejected_total {}\n\
              conduit_collector_alarms_total{{kind=\"gap\"}} {}\n\
              conduit_collector_alarms_total{{kind=\"equivocation\"}} {}\n\
-             conduit_collector_alarms_total{{kind=\"other\"}} {}\n",
+             conduit_collector_alarms_total{{kind=\"other\"}} {}\n\
+             conduit_collector_connections_open {}\n\
+             conduit_collector_accept_errors_total {}\n\
+             conduit_collector_connections_rejected_total{{reason=\"max_connections\"}} {}\n\
+             conduit_collector_connections_rejected_total{{reason=\"max_connections_per_peer\"}} {}\n\
+             conduit_collector_connections_rejected_total{{reason=\"handshake\"}} {}\n\
+             conduit_collector_connections_rejected_total{{reason=\"idle\"}} {}\n\
+             conduit_collector_streams_evicted_total {}\n",
             g(&self.connections),
             g(&self.records_stored),
             g(&self.records_duplicate),
@@ -47,13 +79,20 @@ impl Metrics {
             g(&self.alarm_gap),
             g(&self.alarm_equivocation),
             g(&self.alarm_other),
+            g(&self.connections_open),
+            g(&self.accept_errors),
+            g(&self.refused_total_limit),
+            g(&self.refused_per_peer_limit),
+            g(&self.refused_handshake),
+            g(&self.closed_idle),
+            g(&self.streams_evicted),
         )
     }
 }
 
 pub struct Alarms {
     recorder: Mutex<Recorder>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Alarms {
@@ -63,12 +102,15 @@ impl Alarms {
         let (recorder, _) = Recorder::open(opts)?;
         Ok(Alarms {
             recorder: Mutex::new(recorder),
-            metrics: Metrics::default(),
+            metrics: Arc::default(),
         })
     }
 
     /// Logs, counts and records an alarm about `sensor_id` at `seq`.
     pub fn raise(&self, kind: &str, sensor_id: &str, seq: u64, detail: &str) {
+        let sensor_id = bounded(sensor_id, conduit_proto::limits::MAX_SENSOR_ID_BYTES);
+        let detail = bounded(detail, MAX_DETAIL_BYTES);
+        let (sensor_id, detail) = (sensor_id.as_ref(), detail.as_ref());
         tracing::error!(alarm = kind, sensor = sensor_id, seq, detail, "ALARM");
         self.metrics.alarms.fetch_add(1, Ordering::Relaxed);
         match kind {

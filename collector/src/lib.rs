@@ -4,8 +4,11 @@
 
 pub mod alarms;
 pub mod export;
+pub mod limits;
+pub mod listener;
 pub mod server;
 pub mod store;
+pub mod text;
 
 use std::path::Path;
 

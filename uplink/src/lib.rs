@@ -62,8 +62,8 @@ impl UplinkOptions {
             sensor_id: sensor_id.into(),
             tls: None,
             public_key: None,
-            batch_max_frames: 1000,
-            batch_max_bytes: 1 << 20,
+            batch_max_frames: conduit_proto::limits::MAX_BATCH_FRAMES,
+            batch_max_bytes: conduit_proto::limits::MAX_BATCH_BYTES,
             window: 16,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
@@ -270,8 +270,8 @@ async fn session(
     };
     let channel: Channel = endpoint.connect().await?;
     let mut client = CollectorClient::new(channel)
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20);
+        .max_decoding_message_size(conduit_proto::limits::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(conduit_proto::limits::MAX_MESSAGE_BYTES);
     let (tx, rx) = mpsc::channel::<SensorMessage>(opts.window.max(1) + 1);
     let read_seq = status.borrow().read_seq;
     let hello = SensorMessage {

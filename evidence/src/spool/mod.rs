@@ -129,8 +129,18 @@ pub enum Error {
     },
     #[error("sensor id must be 1 to {max} bytes, got {0}", max = segment::MAX_SENSOR_ID_LEN)]
     BadSensorId(usize),
+    #[error("record of {0} bytes is over the frame limit of {max} bytes; not written", max = frame::MAX_RECORD_LEN)]
+    RecordTooLarge(usize),
     #[error("{}: the spool is in use by another process (one writer per spool directory)", path.display())]
     Locked { path: PathBuf },
+}
+
+/// Refuses a record that would make a frame no reader accepts.
+fn check_record_len(frame: &FrameRef<'_>) -> Result<(), Error> {
+    if frame.record.len() > frame::MAX_RECORD_LEN {
+        return Err(Error::RecordTooLarge(frame.record.len()));
+    }
+    Ok(())
 }
 
 impl Error {
@@ -338,6 +348,7 @@ impl Spool {
     /// Appends one frame with a single `write(2)`; rotates and syncs per the options.
     /// On any error nothing of the frame stays in the file.
     pub fn append(&mut self, frame: &FrameRef<'_>, class: Class) -> Result<(), Error> {
+        check_record_len(frame)?;
         let len = frame::encoded_len(frame.record.len()) as u64;
         let rotate = match self.segments.last() {
             None => true,
@@ -378,6 +389,7 @@ impl Spool {
         let (Some(first), Some(last)) = (frames.first(), frames.last()) else {
             return Ok(true);
         };
+        frames.iter().try_for_each(check_record_len)?;
         let len: u64 = frames
             .iter()
             .map(|f| frame::encoded_len(f.record.len()) as u64)
