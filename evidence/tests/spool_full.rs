@@ -134,3 +134,36 @@ fn file_system_full_tmpfs() {
     drop(rec);
     assert!(verify_dir(dir.path(), None).ok());
 }
+
+/// Issue 10, failure 8: an acknowledgement beyond the spool's own head (a rogue
+/// collector, a planted `acked` file) does not cover records written afterwards.
+#[test]
+fn acknowledgement_beyond_the_head_covers_no_future_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Over 80 % of this bound, acknowledged segments are deleted.
+    let mut opts = options(dir.path(), 48 << 10);
+    opts.segment_bytes = 4096;
+    let (mut rec, _) = Recorder::open(opts).expect("open");
+    for i in 0..10 {
+        rec.append(flow(i)).expect("append");
+    }
+    let first_head = rec.head().0;
+    rec.acknowledge(1_000_000).expect("ack");
+    for i in 10..300 {
+        rec.append(flow(i)).expect("append");
+    }
+    rec.acknowledge(first_head).expect("ack");
+    rec.sync().expect("sync");
+    drop(rec);
+    let report = verify_dir(dir.path(), None);
+    assert!(report.ok(), "{report}");
+    // Every record after the first head is still there.
+    let first_kept = conduit_evidence::spool::SpoolReader::new(dir.path(), 1)
+        .next()
+        .and_then(Result::ok)
+        .map(|f| f.seq);
+    assert!(
+        first_kept.is_some_and(|s| s <= first_head + 1),
+        "{first_kept:?}"
+    );
+}

@@ -137,6 +137,45 @@ pub fn read_acked(spool_dir: &Path) -> Option<u64> {
         .ok()
 }
 
+/// The collector's stored position, if this spool can vouch for it: the spool holds
+/// that seq with the same hash, or the seq is at most what this uplink already
+/// verified and recorded as acknowledged (its segments may be deleted since).
+fn check_welcome(spool_dir: &Path, w: &v1::Welcome) -> Result<u64, UplinkError> {
+    let seq = w.last_stored_seq;
+    if seq == 0 {
+        return Ok(0);
+    }
+    let untrusted = |why: String| {
+        UplinkError::Protocol(format!(
+            "collector says it stored up to seq {seq}, but {why}: not trusted, nothing acknowledged"
+        ))
+    };
+    match SpoolReader::new(spool_dir, seq).next_frame() {
+        Ok(Some(f)) if f.seq == seq => {
+            if f.hash[..] == w.last_stored_hash[..] {
+                Ok(seq)
+            } else {
+                Err(untrusted(format!(
+                    "the spool's seq {seq} has hash {}, the collector's {}",
+                    hex(&f.hash),
+                    hex(&w.last_stored_hash)
+                )))
+            }
+        }
+        Ok(_) if read_acked(spool_dir).is_some_and(|a| seq <= a) => Ok(seq),
+        Ok(_) => Err(untrusted(
+            "the spool does not hold that seq and it was never acknowledged".to_owned(),
+        )),
+        Err(e) => Err(untrusted(format!(
+            "its seq cannot be read from the spool ({e})"
+        ))),
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 fn write_acked(spool_dir: &Path, seq: u64) -> Result<(), UplinkError> {
     let path = spool_dir.join(ACKED_FILE);
     let tmp = spool_dir.join(format!("{ACKED_FILE}.tmp"));
@@ -304,7 +343,8 @@ async fn session(
             welcome.protocol_version
         )));
     }
-    let mut acked = welcome.last_stored_seq;
+    // A rogue or broken collector must not make us count unsent records as stored.
+    let mut acked = check_welcome(spool_dir, &welcome)?;
     tracing::info!(
         collector = %opts.collector,
         last_stored_seq = acked,
@@ -321,6 +361,8 @@ async fn session(
     let mut spool = SpoolReader::follow(spool_dir, acked + 1);
     // Last seq of each batch sent and not yet acknowledged.
     let mut in_flight: VecDeque<u64> = VecDeque::new();
+    // Highest seq sent on this stream: an Ack beyond it cannot be true.
+    let mut sent_seq = acked;
     let mut idle = false;
     let mut frames = Vec::new();
     loop {
@@ -335,6 +377,12 @@ async fn session(
             _ = shutdown.changed() => return Ok(()),
             m = inbound.message() => match m?.and_then(|m| m.msg) {
                 Some(collector_message::Msg::Ack(a)) => {
+                    if a.stored_seq > sent_seq {
+                        return Err(UplinkError::Protocol(format!(
+                            "collector acknowledged seq {} but only {sent_seq} was sent: not trusted",
+                            a.stored_seq
+                        )));
+                    }
                     while in_flight.front().is_some_and(|s| *s <= a.stored_seq) {
                         in_flight.pop_front();
                     }
@@ -372,6 +420,7 @@ async fn session(
                     .await
                     .map_err(|_| UplinkError::Closed)?;
                 in_flight.push_back(last);
+                sent_seq = sent_seq.max(last);
                 status.send_modify(|s| {
                     s.read_seq = s.read_seq.max(last);
                     s.lag_records = s.read_seq.saturating_sub(s.acked_seq);

@@ -601,6 +601,9 @@ impl Spool {
     /// Everything up to `seq` is stored elsewhere (collector); segments made only of
     /// such records may be deleted when space is needed.
     pub fn acknowledge(&mut self, seq: u64) -> Result<(), Error> {
+        // Nothing past our own head was ever sent: an acknowledgement beyond it (a
+        // rogue collector, a planted `acked` file) must not cover future records.
+        let seq = seq.min(self.head.map_or(0, |h| h.0));
         self.acked = self.acked.max(seq);
         let warn = self.warn_bytes();
         while self.total_bytes > warn && self.delete_oldest_acked()? {}
