@@ -298,10 +298,7 @@ impl Spool {
             .collect();
         let current = match segments.last() {
             Some(seg) => Some(
-                fs::OpenOptions::new()
-                    .append(true)
-                    .open(&seg.path)
-                    .map_err(|e| io_err(&seg.path, e))?,
+                recovery::open_segment_write(&seg.path, true).map_err(|e| io_err(&seg.path, e))?,
             ),
             None => None,
         };
