@@ -167,3 +167,53 @@ fn acknowledgement_beyond_the_head_covers_no_future_records() {
         "{first_kept:?}"
     );
 }
+
+/// Issue 10, failure 10: a second file-system-full episode opens with its own
+/// `loss` record, because the first one restored the reserve before it closed.
+#[test]
+fn file_system_full_twice_tmpfs() {
+    if nix::unistd::geteuid().as_raw() != 0 {
+        println!("SKIP: needs root (mounts a small tmpfs)");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "conduit-spool-test2"])
+        .arg(dir.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        println!("SKIP: cannot mount tmpfs");
+        return;
+    }
+    let _mount = Mount(dir.path().to_owned());
+    let (mut rec, _) = Recorder::open(options(dir.path(), 1 << 30)).expect("open");
+    let mut written = Vec::new();
+    let mut i = 0;
+    let mut fill = |rec: &mut Recorder, until: u64, written: &mut Vec<Appended>| {
+        while rec.stats().records_refused < until {
+            written.extend(rec.append(flow(i)).expect("append never errors when full"));
+            i += 1;
+            assert!(i < 200_000, "never filled");
+        }
+    };
+    fill(&mut rec, 20, &mut written);
+    // The collector acknowledges everything: segments go, the episode closes.
+    rec.acknowledge(rec.head().0).expect("ack");
+    let before = rec.stats().records_refused;
+    written.extend(rec.append(flow(0)).expect("append after ack"));
+    assert_eq!(rec.stats().records_refused, before, "no room after the ack");
+    fill(&mut rec, before + 20, &mut written);
+    let opened: Vec<_> = losses(&written)
+        .into_iter()
+        .filter(|l| l.detail.contains("refusing new records"))
+        .collect();
+    assert_eq!(
+        opened.len(),
+        2,
+        "each episode opens with a loss record: {opened:?}"
+    );
+    rec.sync().expect("sync");
+    drop(rec);
+    assert!(verify_dir(dir.path(), None).ok());
+}

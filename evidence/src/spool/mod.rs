@@ -627,27 +627,40 @@ impl Spool {
         fs::remove_file(self.opts.dir.join(RESERVE_FILE)).is_ok()
     }
 
-    /// Recreates `.reserve` if missing (best effort: a full file system just means
-    /// no reserve for now).
-    pub fn restore_reserve(&mut self) {
+    /// Recreates `.reserve` if missing, deleting acknowledged segments when the file
+    /// system has no room for it; false when it still cannot be made.
+    pub fn restore_reserve(&mut self) -> bool {
         let path = self.opts.dir.join(RESERVE_FILE);
-        if path.exists() {
-            return;
-        }
-        let ok = fs::OpenOptions::new()
-            .create_new(true)
-            .write(true)
-            .mode(0o600)
-            .open(&path)
-            .and_then(|mut f| f.write_all(&vec![0; RESERVE_FILE_BYTES as usize]));
-        if ok.is_err() {
-            let _ = fs::remove_file(&path);
+        loop {
+            if fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+                return true;
+            }
+            let made = fs::OpenOptions::new()
+                .create_new(true)
+                .write(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&path)
+                .and_then(|mut f| {
+                    f.write_all(&vec![0; RESERVE_FILE_BYTES as usize])
+                        .and_then(|()| f.sync_all())
+                });
+            match made {
+                Ok(()) => return true,
+                Err(e) => {
+                    let _ = fs::remove_file(&path);
+                    if !(is_enospc(&e) && self.delete_oldest_acked().unwrap_or(false)) {
+                        return false;
+                    }
+                }
+            }
         }
     }
 
     /// Counts a record the caller could not store because the spool was full.
     pub fn note_refused(&mut self) {
         self.stats.records_refused += 1;
+        self.stats.full = true;
     }
 
     pub fn stats(&self) -> SpoolStats {
