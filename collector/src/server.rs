@@ -542,7 +542,7 @@ impl Session {
                     tokio::task::block_in_place(|| {
                         for item in &group {
                             match item {
-                                Ok(batch) => match st.apply(&batch.frames) {
+                                Ok(batch) => match st.apply_batch(batch) {
                                     Ok(a) => {
                                         applied.appended += a.appended;
                                         applied.duplicates += a.duplicates;

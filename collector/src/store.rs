@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use conduit_evidence::chain::checkpoint::{signing_bytes, verify_signature};
+use conduit_evidence::chain::checkpoint::{batch_signing_bytes, signing_bytes, verify_signature};
 use conduit_evidence::chain::keys;
 use conduit_evidence::chain::{ZERO_HASH, record_hash};
 use conduit_evidence::spool::{
@@ -205,6 +205,27 @@ impl SensorStore {
     /// Seq and hash of the last stored frame ((0, zero) when empty).
     pub fn head(&self) -> (u64, [u8; 32]) {
         self.head
+    }
+
+    /// Checks the batch's signature (the pinned key over its last frame), then
+    /// [`SensorStore::apply`]s it: nothing a valid signature does not cover is stored.
+    pub fn apply_batch(&mut self, batch: &v1::Batch) -> Result<Applied, Rejection> {
+        let Some(last) = batch.frames.last() else {
+            return Ok(Applied::default());
+        };
+        let hash = to_hash(&last.hash, last.seq, "hash")?;
+        let msg = batch_signing_bytes(&self.sensor_id, last.seq, &hash);
+        verify_signature(&self.key, &msg, &batch.signature).map_err(|e| {
+            Rejection::new(
+                RejectCode::BadSignature,
+                batch.frames.first().map_or(last.seq, |f| f.seq),
+                format!(
+                    "batch ending at seq {} is not signed by the pinned key: {e}",
+                    last.seq
+                ),
+            )
+        })?;
+        self.apply(&batch.frames)
     }
 
     /// Verifies the whole batch, then appends its new frames (nothing of a refused

@@ -195,9 +195,41 @@ fn hello(sensor_id: &str, key: &[u8]) -> SensorMessage {
 }
 
 fn batch(frames: Vec<v1::Frame>) -> SensorMessage {
+    signed_batch(frames, None, "")
+}
+
+/// A batch, signed by `key` (as sensor `sensor_id`) over its last frame.
+fn signed_batch(
+    frames: Vec<v1::Frame>,
+    key: Option<&ed25519_dalek::SigningKey>,
+    sensor_id: &str,
+) -> SensorMessage {
+    let signature = match (key, frames.last()) {
+        (Some(k), Some(last)) => conduit_evidence::chain::checkpoint::sign_batch(
+            k,
+            sensor_id,
+            last.seq,
+            &last.hash[..].try_into().unwrap_or([0; 32]),
+        ),
+        _ => Vec::new(),
+    };
     SensorMessage {
-        msg: Some(sensor_message::Msg::Batch(v1::Batch { frames })),
+        msg: Some(sensor_message::Msg::Batch(v1::Batch { frames, signature })),
     }
+}
+
+fn spool_frames(spool: &Path, from: u64) -> Vec<v1::Frame> {
+    SpoolReader::new(spool, from)
+        .map(|f| {
+            let f = f.expect("frame");
+            v1::Frame {
+                seq: f.seq,
+                prev_hash: f.prev_hash.to_vec().into(),
+                hash: f.hash.to_vec().into(),
+                record: f.record_bytes.clone().into(),
+            }
+        })
+        .collect()
 }
 
 fn rejected(answer: &Result<collector_message::Msg, String>) -> Option<(RejectCode, usize)> {
@@ -295,20 +327,14 @@ async fn hostile_messages_are_refused_cheaply() {
     rec.sync().expect("sync");
     drop(rec);
     let forger_key = keys::read_public_key(&spool.join(keys::PUB_FILE)).expect("key");
-    let frames: Vec<v1::Frame> = SpoolReader::new(&spool, 1)
-        .map(|f| {
-            let f = f.expect("frame");
-            v1::Frame {
-                seq: f.seq,
-                prev_hash: f.prev_hash.to_vec().into(),
-                hash: f.hash.to_vec().into(),
-                record: f.record_bytes.clone().into(),
-            }
-        })
-        .collect();
+    let forger_signer = keys::load_signing_key(&spool.join(keys::KEY_FILE)).expect("key");
+    let frames = spool_frames(&spool, 1);
     let (mut raw, a) = open(c.port, hello("gw-forger", &forger_key)).await;
     assert!(matches!(a, Ok(collector_message::Msg::Welcome(_))), "{a:?}");
-    raw.tx.send(batch(frames)).await.expect("send");
+    raw.tx
+        .send(signed_batch(frames, Some(&forger_signer), "gw-forger"))
+        .await
+        .expect("send");
     let a = next(&mut raw.rx).await;
     assert_eq!(
         rejected(&a).map(|r| r.0),
@@ -335,6 +361,40 @@ async fn hostile_messages_are_refused_cheaply() {
     let mut up = Uplink::start(uplink_opts(&c.url("http"), "gw-honest"), &spool);
     up.wait_acked(head, Duration::from_secs(30)).await;
     up.stop().await;
+
+    // Failure 4: an attacker who knows the sensor's public key (plain text, no
+    // client certificate) appends frames with valid hashes that continue its chain;
+    // without the sensor's signing key the batch is refused and nothing is stored.
+    let honest_key = keys::read_public_key(&spool.join(keys::PUB_FILE)).expect("key");
+    let (head_seq, head_hash) = {
+        let last = spool_frames(&spool, head).pop().expect("head frame");
+        (last.seq, <[u8; 32]>::try_from(&last.hash[..]).expect("32"))
+    };
+    let record = prost::Message::encode_to_vec(&flow(9999));
+    let forged = v1::Frame {
+        seq: head_seq + 1,
+        prev_hash: head_hash.to_vec().into(),
+        hash: conduit_evidence::chain::record_hash(head_seq + 1, &head_hash, &record)
+            .to_vec()
+            .into(),
+        record: record.into(),
+    };
+    let other = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+    for signer in [None, Some(&other)] {
+        let (mut raw, a) = open(c.port, hello("gw-honest", &honest_key)).await;
+        assert!(matches!(a, Ok(collector_message::Msg::Welcome(_))), "{a:?}");
+        raw.tx
+            .send(signed_batch(vec![forged.clone()], signer, "gw-honest"))
+            .await
+            .expect("send");
+        let a = next(&mut raw.rx).await;
+        assert_eq!(
+            rejected(&a).map(|r| r.0),
+            Some(RejectCode::BadSignature),
+            "{a:?}"
+        );
+    }
+    assert_eq!(verified_records(&store.join("gw-honest")), head);
 
     assert!(
         !store.join("gw-ghost").exists(),

@@ -133,6 +133,8 @@ fn uplink_options(
         return Ok(None);
     };
     let mut opts = UplinkOptions::new(url.clone(), sensor_id);
+    // The recorder's key signs every batch too (None: `<spool>/signing.key`).
+    opts.signing_key = cfg.signing_key.clone();
     let pick = |flag: &Option<PathBuf>, file: Option<PathBuf>| flag.clone().or(file);
     let cert = pick(
         &args.tls_cert,

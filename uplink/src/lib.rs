@@ -18,6 +18,7 @@ use conduit_proto::v1::{
 use tokio::sync::{mpsc, watch};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+use conduit_evidence::chain::checkpoint::sign_batch;
 use conduit_evidence::chain::keys;
 use conduit_evidence::spool::{ReadError, SpoolReader, StoredFrame};
 
@@ -44,6 +45,9 @@ pub struct UplinkOptions {
     pub tls: Option<UplinkTls>,
     /// Signing public key; None: read `<spool>/signing.pub`.
     pub public_key: Option<[u8; 32]>,
+    /// The chain's signing key (PKCS#8 PEM), which signs every batch;
+    /// None: `<spool>/signing.key`.
+    pub signing_key: Option<PathBuf>,
     pub batch_max_frames: usize,
     pub batch_max_bytes: usize,
     /// Batches sent and not yet acknowledged, at most.
@@ -62,6 +66,7 @@ impl UplinkOptions {
             sensor_id: sensor_id.into(),
             tls: None,
             public_key: None,
+            signing_key: None,
             batch_max_frames: conduit_proto::limits::MAX_BATCH_FRAMES,
             batch_max_bytes: conduit_proto::limits::MAX_BATCH_BYTES,
             window: 16,
@@ -307,6 +312,21 @@ async fn session(
         Some(k) => k,
         None => keys::read_public_key(&spool_dir.join(keys::PUB_FILE))?,
     };
+    let key_path = opts
+        .signing_key
+        .clone()
+        .unwrap_or_else(|| spool_dir.join(keys::KEY_FILE));
+    let signing_key = keys::load_signing_key(&key_path)?;
+    if signing_key.verifying_key().to_bytes() != public_key {
+        return Err(UplinkError::Config {
+            url: opts.collector.clone(),
+            what: format!(
+                "the signing key {} is not the chain's public key {}",
+                key_path.display(),
+                hex(&public_key)
+            ),
+        });
+    }
     let channel: Channel = endpoint.connect().await?;
     let mut client = CollectorClient::new(channel)
         .max_decoding_message_size(conduit_proto::limits::MAX_MESSAGE_BYTES)
@@ -413,7 +433,9 @@ async fn session(
                     continue;
                 };
                 idle = false;
+                let last_hash = frames.last().map_or([0; 32], |f| f.hash);
                 let batch = v1::Batch {
+                    signature: sign_batch(&signing_key, &opts.sensor_id, last, &last_hash),
                     frames: frames.drain(..).map(frame_msg).collect(),
                 };
                 tx.send(SensorMessage { msg: Some(sensor_message::Msg::Batch(batch)) })
