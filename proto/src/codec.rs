@@ -159,6 +159,7 @@ mod tests {
         SensorMessage {
             msg: Some(Msg::Batch(Batch {
                 frames: vec![Frame::default(); n],
+                signature: Vec::new(),
             })),
         }
         .encode_to_vec()
