@@ -32,6 +32,26 @@ fn wait_port(port: u16) -> bool {
     false
 }
 
+/// nats-server with JetStream on a free port (None, with a SKIP line: not installed).
+fn start_nats(dir: &Path) -> Option<(Proc, String)> {
+    if !has_binary("nats-server") {
+        println!("SKIP: nats-server not installed");
+        return None;
+    }
+    let port = free_port();
+    let proc = Proc(
+        Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir.join("js"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server"),
+    );
+    assert!(wait_port(port), "nats-server did not listen");
+    Some((proc, format!("nats://127.0.0.1:{port}")))
+}
+
 fn rsyslogd() -> Option<&'static str> {
     ["/usr/sbin/rsyslogd", "/sbin/rsyslogd"]
         .into_iter()
@@ -165,23 +185,10 @@ async fn syslog_tls_receives_every_record() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_jetstream_receives_every_record_once() {
     init_tracing();
-    if !has_binary("nats-server") {
-        println!("SKIP: nats-server not installed");
-        return;
-    }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let _nats = Proc(
-        Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(tmp.path().join("js"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server"),
-    );
-    assert!(wait_port(port), "nats-server did not listen");
-    let url = format!("nats://127.0.0.1:{port}");
+    let Some((_nats, url)) = start_nats(tmp.path()) else {
+        return;
+    };
     let spool = tmp.path().join("spool");
     let store = tmp.path().join("store");
     let head = write_spool(&spool, SENSOR, 3000);
@@ -257,23 +264,10 @@ async fn nats_jetstream_receives_every_record_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_sites_are_canonical_and_a_failing_chain_does_not_stall_the_others() {
     init_tracing();
-    if !has_binary("nats-server") {
-        println!("SKIP: nats-server not installed");
-        return;
-    }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let _nats = Proc(
-        Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(tmp.path().join("js"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server"),
-    );
-    assert!(wait_port(port), "nats-server did not listen");
-    let url = format!("nats://127.0.0.1:{port}");
+    let Some((_nats, url)) = start_nats(tmp.path()) else {
+        return;
+    };
     let client = async_nats::connect(&url).await.expect("nats connect");
     let js = async_nats::jetstream::new(client);
     // A stream named like site `broken`'s, but not holding its subjects.

@@ -81,17 +81,11 @@ fn bounded_spool_refuses_says_so_and_recovers_after_ack() {
 /// Unmounts on drop, whatever happened.
 struct Mount(std::path::PathBuf);
 
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
-#[test]
-fn file_system_full_tmpfs() {
+/// A 1 MiB tmpfs in a fresh directory (None, with a SKIP line: not root or no mount).
+fn small_tmpfs() -> Option<(tempfile::TempDir, Mount)> {
     if nix::unistd::geteuid().as_raw() != 0 {
         println!("SKIP: needs root (mounts a small tmpfs)");
-        return;
+        return None;
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let ok = Command::new("mount")
@@ -101,9 +95,23 @@ fn file_system_full_tmpfs() {
         .is_ok_and(|s| s.success());
     if !ok {
         println!("SKIP: cannot mount tmpfs");
-        return;
+        return None;
     }
-    let _mount = Mount(dir.path().to_owned());
+    let mount = Mount(dir.path().to_owned());
+    Some((dir, mount))
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn file_system_full_tmpfs() {
+    let Some((dir, _mount)) = small_tmpfs() else {
+        return;
+    };
     let (mut rec, _) = Recorder::open(options(dir.path(), 1 << 30)).expect("open");
     let mut written = Vec::new();
     let mut i = 0;
@@ -172,21 +180,9 @@ fn acknowledgement_beyond_the_head_covers_no_future_records() {
 /// `loss` record, because the first one restored the reserve before it closed.
 #[test]
 fn file_system_full_twice_tmpfs() {
-    if nix::unistd::geteuid().as_raw() != 0 {
-        println!("SKIP: needs root (mounts a small tmpfs)");
+    let Some((dir, _mount)) = small_tmpfs() else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let ok = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m", "conduit-spool-test2"])
-        .arg(dir.path())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        println!("SKIP: cannot mount tmpfs");
-        return;
-    }
-    let _mount = Mount(dir.path().to_owned());
+    };
     let (mut rec, _) = Recorder::open(options(dir.path(), 1 << 30)).expect("open");
     let mut written = Vec::new();
     let mut i = 0;

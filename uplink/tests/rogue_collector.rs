@@ -61,6 +61,14 @@ impl Collector for Rogue {
     }
 }
 
+fn rogue(welcome_seq: u64, welcome_hash: Vec<u8>, ack: Option<u64>) -> Rogue {
+    Rogue {
+        welcome_seq,
+        welcome_hash,
+        ack,
+    }
+}
+
 fn spool_with(dir: &std::path::Path, n: u64) -> Vec<[u8; 32]> {
     let mut opts = RecorderOptions::new(dir, "gw-rogue");
     opts.sync = SyncPolicy::OsOnly;
@@ -133,44 +141,17 @@ async fn a_collector_claiming_unsent_records_is_not_trusted() {
     let head = hashes.len() as u64;
 
     // A Welcome far beyond the spool's head.
-    let s = run_against(
-        Rogue {
-            welcome_seq: 1_000_000,
-            welcome_hash: vec![9; 32],
-            ack: None,
-        },
-        spool,
-        "not trusted",
-    )
-    .await;
+    let s = run_against(rogue(1_000_000, vec![9; 32], None), spool, "not trusted").await;
     assert_eq!(s.acked_seq, 0, "{s:?}");
     assert_eq!(read_acked(spool), None);
 
     // A stored seq the spool holds, but with another hash.
-    let s = run_against(
-        Rogue {
-            welcome_seq: 5,
-            welcome_hash: vec![1; 32],
-            ack: None,
-        },
-        spool,
-        "not trusted",
-    )
-    .await;
+    let s = run_against(rogue(5, vec![1; 32], None), spool, "not trusted").await;
     assert_eq!(s.acked_seq, 0, "{s:?}");
     assert_eq!(read_acked(spool), None);
 
     // An Ack beyond everything sent.
-    let s = run_against(
-        Rogue {
-            welcome_seq: 0,
-            welcome_hash: Vec::new(),
-            ack: Some(1_000_000),
-        },
-        spool,
-        "not trusted",
-    )
-    .await;
+    let s = run_against(rogue(0, Vec::new(), Some(1_000_000)), spool, "not trusted").await;
     assert!(s.acked_seq <= head, "{s:?}");
     assert!(
         read_acked(spool).is_none_or(|a| a == 0),
@@ -179,16 +160,7 @@ async fn a_collector_claiming_unsent_records_is_not_trusted() {
     );
 
     // The right hash is accepted.
-    let s = run_against(
-        Rogue {
-            welcome_seq: 5,
-            welcome_hash: hashes[4].to_vec(),
-            ack: None,
-        },
-        spool,
-        "",
-    )
-    .await;
+    let s = run_against(rogue(5, hashes[4].to_vec(), None), spool, "").await;
     assert_eq!(s.acked_seq, 5, "{s:?}");
     assert_eq!(read_acked(spool), Some(5));
 }
