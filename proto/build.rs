@@ -6,6 +6,8 @@ fn main() -> std::io::Result<()> {
         .build_server(true)
         // Frames are passed through, not parsed: decode them without copying.
         .bytes([".conduit.v1.Frame"])
+        // Bounded decoding: a wire scan refuses oversized batches before prost allocates.
+        .codec_path("crate::codec::BoundedCodec")
         .compile_protos(
             &["conduit/v1/records.proto", "conduit/v1/stream.proto"],
             &["."],

@@ -113,6 +113,7 @@ async fn stream_once(
             tofu: true,
         },
         alarms,
+        conduit_collector::limits::Limits::default(),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -128,8 +129,8 @@ async fn stream_once(
             )
             .expect("tls");
     }
-    let service =
-        CollectorServer::new(CollectorService { shared }).max_decoding_message_size(64 << 20);
+    let service = CollectorServer::new(CollectorService { shared })
+        .max_decoding_message_size(conduit_proto::limits::MAX_MESSAGE_BYTES);
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let server = tokio::spawn(builder.add_service(service).serve_with_incoming_shutdown(
         tokio_stream::wrappers::TcpListenerStream::new(listener),

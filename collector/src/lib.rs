@@ -5,8 +5,11 @@
 pub mod alarms;
 pub mod config;
 pub mod export;
+pub mod limits;
+pub mod listener;
 pub mod server;
 pub mod store;
+pub mod text;
 
 use std::path::Path;
 

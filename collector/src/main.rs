@@ -11,9 +11,13 @@ use clap::{Parser, Subcommand};
 use conduit_collector::alarms::Alarms;
 use conduit_collector::config::{self, CollectorConfig, ConfigError};
 use conduit_collector::export::{self, jsonl::JsonlSink, nats::NatsSink, syslog};
+use conduit_collector::limits::Limits;
+use conduit_collector::listener;
 use conduit_collector::server::{CollectorService, ServerOptions, Shared};
+use conduit_proto::limits::MAX_MESSAGE_BYTES;
 use conduit_proto::v1::collector_server::CollectorServer;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+use tonic::transport::Server;
 
 #[derive(Parser)]
 #[command(
@@ -110,6 +114,55 @@ struct RunArgs {
     /// Prometheus metrics on this address [default: metrics, else off].
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Open connections in total [default: 512].
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Open connections from one IP address [default: 16].
+    #[arg(long)]
+    max_connections_per_peer: Option<usize>,
+    /// Seconds a connection may go without a stream that said Hello [default: 15].
+    #[arg(long, value_name = "SECS")]
+    hello_timeout: Option<f64>,
+    /// Seconds from TCP accept to the end of the TLS handshake [default: 10].
+    #[arg(long, value_name = "SECS")]
+    handshake_timeout: Option<f64>,
+    /// Seconds a sensor stream may send nothing before it is evicted [default: 120].
+    #[arg(long, value_name = "SECS")]
+    stream_idle_timeout: Option<f64>,
+}
+
+impl RunArgs {
+    /// The limits: each flag, else [`Limits::default`] (the one source of defaults).
+    fn limits(&self) -> anyhow::Result<Limits> {
+        let secs = |v: Option<f64>, d: Duration, name: &str| -> anyhow::Result<Duration> {
+            match v {
+                None => Ok(d),
+                Some(s) => Duration::try_from_secs_f64(s)
+                    .ok()
+                    .filter(|d| !d.is_zero())
+                    .with_context(|| format!("--{name}: {s} is not a positive number of seconds")),
+            }
+        };
+        let d = Limits::default();
+        Ok(Limits {
+            max_connections: self.max_connections.unwrap_or(d.max_connections),
+            max_connections_per_peer: self
+                .max_connections_per_peer
+                .unwrap_or(d.max_connections_per_peer),
+            hello_timeout: secs(self.hello_timeout, d.hello_timeout, "hello-timeout")?,
+            handshake_timeout: secs(
+                self.handshake_timeout,
+                d.handshake_timeout,
+                "handshake-timeout",
+            )?,
+            stream_idle_timeout: secs(
+                self.stream_idle_timeout,
+                d.stream_idle_timeout,
+                "stream-idle-timeout",
+            )?,
+            ..d
+        })
+    }
 }
 
 /// What `run` uses: collector.yaml with the flags applied.
@@ -126,6 +179,7 @@ struct Settings {
     tls_key: Option<PathBuf>,
     client_ca: Option<PathBuf>,
     metrics: Option<SocketAddr>,
+    limits: Limits,
 }
 
 fn credentials_dir() -> Option<PathBuf> {
@@ -140,6 +194,9 @@ fn settings(args: RunArgs) -> Result<Settings, ConfigError> {
     let tls = file.tls.clone();
     let syslog = file.export.syslog.clone();
     let key_flag = args.tls_key.is_some();
+    let limits = args
+        .limits()
+        .map_err(|e| ConfigError::single(format!("{e:#}")))?;
     let settings = Settings {
         listen: args.listen.or(file.listen).ok_or_else(|| {
             ConfigError::single("--listen: no address to listen on: give --listen ADDR or `listen:` in collector.yaml")
@@ -159,6 +216,7 @@ fn settings(args: RunArgs) -> Result<Settings, ConfigError> {
             .or_else(|| file.tls_key(credentials_dir().as_deref())),
         client_ca: args.client_ca.or(tls.and_then(|t| t.client_ca)),
         metrics: args.metrics.or(file.metrics),
+        limits,
     };
     match (&settings.tls_cert, &settings.tls_key) {
         (Some(_), None) => Err(ConfigError::single(
@@ -296,6 +354,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
     if args.trusted_keys.is_none() && !args.tofu {
         tracing::warn!("neither --trusted-keys nor --tofu: every sensor will be rejected");
     }
+    let limits = args.limits.clone();
     let alarms = Alarms::open(&args.store).context("opening the alarm chain")?;
     let shared = Shared::new(
         ServerOptions {
@@ -304,6 +363,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
             tofu: args.tofu,
         },
         alarms,
+        limits.clone(),
     );
     let shutdown_rx = shared.shutdown.subscribe();
     let mut tasks = tokio::task::JoinSet::new();
@@ -340,7 +400,11 @@ async fn run(args: Settings) -> anyhow::Result<()> {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {
                         let sh = sh.clone();
-                        let _ = tokio::task::spawn_blocking(move || sh.alarms.tick()).await;
+                        let _ = tokio::task::spawn_blocking(move || {
+                            sh.alarms.tick();
+                            sh.close_idle_stores();
+                        })
+                        .await;
                     }
                     _ = rx.changed() => return,
                 }
@@ -358,36 +422,21 @@ async fn run(args: Settings) -> anyhow::Result<()> {
         tokio::spawn(serve);
     }
 
-    let mut builder = Server::builder()
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
-    match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => {
-            let cert = std::fs::read(cert).with_context(|| cert.display().to_string())?;
-            let key = std::fs::read(key).with_context(|| key.display().to_string())?;
-            let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
-            match &args.client_ca {
-                Some(ca) => {
-                    let ca = std::fs::read(ca).with_context(|| ca.display().to_string())?;
-                    tls = tls.client_ca_root(Certificate::from_pem(ca));
-                }
-                None => tracing::warn!(
-                    "TLS without --client-ca: sensors are not authenticated by certificate"
-                ),
-            }
-            builder = builder.tls_config(tls).context("TLS configuration")?;
-        }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(tls_acceptor(cert, key, args.client_ca.as_deref())?),
         _ => {
             tracing::warn!(
                 "!!! NO TLS: listening in PLAIN TEXT; records and sensor identities are unprotected in transit. Use --tls-cert/--tls-key/--client-ca. !!!"
             );
+            None
         }
-    }
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    tracing::info!(listen = %listener.local_addr()?, store = %args.store.display(), "collector listening");
+    tracing::info!(listen = %listener.local_addr()?, store = %args.store.display(),
+        max_connections = limits.max_connections,
+        max_connections_per_peer = limits.max_connections_per_peer, "collector listening");
     endpoint
         .ready
         .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -395,26 +444,53 @@ async fn run(args: Settings) -> anyhow::Result<()> {
     let service = CollectorServer::new(CollectorService {
         shared: shared.clone(),
     })
-    .max_decoding_message_size(64 << 20)
-    .max_encoding_message_size(64 << 20);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let signal = async {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let signal = {
+        let shared = shared.clone();
+        async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+            tracing::info!("shutting down");
+            conduit_ops::notify::stopping();
+            shared.shutdown.send_replace(true);
         }
-        tracing::info!("shutting down");
-        conduit_ops::notify::stopping();
-        shared.shutdown.send_replace(true);
     };
-    let server = builder
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, signal);
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .max_concurrent_streams(Some(limits.max_streams_per_connection))
+        .http2_max_header_list_size(Some(16 * 1024));
+    let router = builder.add_service(service);
+    // Our own accept loop: it survives accept errors and enforces the caps and deadlines.
+    let server: std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    > = match tls {
+        Some(acceptor) => Box::pin(router.serve_with_incoming_shutdown(
+            listener::incoming(listener, shared.clone(), move |io| {
+                let acceptor = acceptor.clone();
+                async move { acceptor.accept(io).await }
+            }),
+            signal,
+        )),
+        None => Box::pin(router.serve_with_incoming_shutdown(
+            listener::incoming(listener, shared.clone(), |io| async move { Ok(io) }),
+            signal,
+        )),
+    };
     let mut stop = shutdown_rx.clone();
     tokio::select! {
-        r = server => r.context("gRPC server")?,
+        r = server => {
+            r.context("gRPC server")?;
+            // The connection stream ends only at shutdown; anything else is a failure.
+            if !*shutdown_rx.borrow() {
+                bail!("the gRPC server stopped serving without a shutdown request");
+            }
+        }
         // Streams end on shutdown; a peer that never closes must not keep us alive.
         _ = async {
             let _ = stop.wait_for(|s| *s).await;
@@ -444,4 +520,43 @@ impl conduit_ops::http::Endpoint for CollectorEndpoint {
     fn ready(&self) -> bool {
         self.ready.load(std::sync::atomic::Ordering::Relaxed) && !*self.shared.shutdown.borrow()
     }
+}
+
+/// The TLS acceptor: the server identity, and with `client_ca` a required client
+/// certificate; ALPN h2 as gRPC needs.
+fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    client_ca: Option<&std::path::Path>,
+) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    let read = |p: &std::path::Path| std::fs::read(p).with_context(|| p.display().to_string());
+    let certs = CertificateDer::pem_slice_iter(&read(cert)?)
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{}: certificates", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_slice(&read(key)?)
+        .with_context(|| format!("{}: no private key", key.display()))?;
+    let builder = rustls::ServerConfig::builder();
+    let builder = match client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(&read(ca)?) {
+                roots
+                    .add(c.with_context(|| ca.display().to_string())?)
+                    .with_context(|| ca.display().to_string())?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+                .build()
+                .context("client CA")?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => {
+            tracing::warn!("TLS without --client-ca: sensors are not authenticated by certificate");
+            builder.with_no_client_auth()
+        }
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .context("TLS configuration")?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }

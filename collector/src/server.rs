@@ -17,13 +17,18 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::alarms::Alarms;
+use crate::limits::Limits;
+use crate::listener::{Gate, StreamGuard};
 use crate::store::{self, Rejection, SensorStore};
+use crate::text::bounded;
 
 pub const PROTOCOL_VERSION: u32 = StreamProtocol::V1 as u32;
 /// Batches applied before one fsync and one Ack (group commit).
 const GROUP_BATCHES: usize = 16;
 /// How long a new stream waits for an older stream of the same sensor to end.
 const BUSY_WAIT: Duration = Duration::from_secs(10);
+/// Longest Reject message or logged rejection text.
+const MAX_MESSAGE_BYTES: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -43,18 +48,45 @@ pub struct Shared {
     pub committed: Notify,
     /// True when the collector shuts down: streams finish their sync, ack and end.
     pub shutdown: watch::Sender<bool>,
+    /// Connection and stream caps, shared with the accept loop.
+    pub gate: Arc<Gate>,
     sensors: Mutex<HashMap<String, Slot>>,
 }
 
 impl Shared {
-    pub fn new(opts: ServerOptions, alarms: Alarms) -> Arc<Shared> {
+    pub fn new(opts: ServerOptions, alarms: Alarms, limits: Limits) -> Arc<Shared> {
+        let gate = Gate::new(limits, alarms.metrics.clone());
         Arc::new(Shared {
             opts,
             alarms,
             committed: Notify::new(),
             shutdown: watch::channel(false).0,
+            gate,
             sensors: Mutex::new(HashMap::new()),
         })
+    }
+
+    pub fn limits(&self) -> &Limits {
+        self.gate.limits()
+    }
+
+    /// Closes sensor stores that no stream used for the store idle timeout, so an
+    /// idle or departed sensor holds no file descriptors.
+    pub fn close_idle_stores(&self) {
+        let idle = self.limits().store_idle_timeout;
+        let mut map = match self.sensors.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        map.retain(|_, slot| {
+            let Ok(mut st) = slot.try_lock() else {
+                return true; // a stream holds it
+            };
+            if st.as_ref().is_some_and(|s| s.idle_for() >= idle) {
+                *st = None;
+            }
+            st.is_some() || Arc::strong_count(slot) > 1
+        });
     }
 
     fn slot(&self, sensor_id: &str) -> Slot {
@@ -172,6 +204,7 @@ impl collector_server::Collector for CollectorService {
             .peer_certs()
             .and_then(|certs| certs.first().map(|c| cert_identities(c.as_ref())));
         let peer = request.remote_addr();
+        let stream_guard = self.shared.gate.stream_started(peer);
         let inbound = request.into_inner();
         let (out_tx, out_rx) = mpsc::channel(32);
         let shared = self.shared.clone();
@@ -185,6 +218,7 @@ impl collector_server::Collector for CollectorService {
                 shared,
                 out: out_tx,
                 identities,
+                _stream: stream_guard,
             };
             session.run(inbound, peer).await;
         });
@@ -196,6 +230,8 @@ struct Session {
     shared: Arc<Shared>,
     out: mpsc::Sender<Result<CollectorMessage, Status>>,
     identities: Option<Vec<String>>,
+    /// Keeps the connection's idle clock stopped while this stream runs.
+    _stream: Option<StreamGuard>,
 }
 
 #[expect(
@@ -208,6 +244,8 @@ fn msg(m: collector_message::Msg) -> Result<CollectorMessage, Status> {
 
 impl Session {
     async fn reject(&self, sensor_id: &str, r: &Rejection) {
+        let sensor_id = &*bounded(sensor_id, conduit_proto::limits::MAX_SENSOR_ID_BYTES);
+        let message = bounded(&r.message, MAX_MESSAGE_BYTES).into_owned();
         self.shared
             .alarms
             .metrics
@@ -219,7 +257,7 @@ impl Session {
                 kind.to_owned(),
                 sensor_id.to_owned(),
                 r.seq,
-                r.message.clone(),
+                message.clone(),
             );
             let _ = tokio::task::spawn_blocking(move || {
                 shared.alarms.raise(&kind, &sensor, seq, &detail);
@@ -227,20 +265,30 @@ impl Session {
             })
             .await;
         } else {
-            tracing::warn!(sensor = sensor_id, code = ?r.code, seq = r.seq, message = %r.message, "stream rejected");
+            tracing::warn!(sensor = sensor_id, code = ?r.code, seq = r.seq, %message, "stream rejected");
         }
         let _ = self
             .out
             .send(msg(collector_message::Msg::Reject(v1::Reject {
                 code: r.code as i32,
-                message: r.message.clone(),
+                message,
                 seq: r.seq,
             })))
             .await;
     }
 
     async fn run(self, mut inbound: Streaming<SensorMessage>, peer: Option<std::net::SocketAddr>) {
-        let hello = match inbound.message().await {
+        let hello_timeout = self.shared.limits().hello_timeout;
+        let Ok(first) = tokio::time::timeout(hello_timeout, inbound.message()).await else {
+            tracing::debug!(?peer, "no Hello within the deadline: stream closed");
+            self.shared
+                .alarms
+                .metrics
+                .streams_evicted
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let hello = match first {
             Ok(Some(SensorMessage {
                 msg: Some(sensor_message::Msg::Hello(h)),
             })) => h,
@@ -259,6 +307,20 @@ impl Session {
             }
         };
         let sensor_id = hello.sensor_id.clone();
+        // Checked first: every later use (logs, alarms, paths) sees a bounded, valid id.
+        if !store::valid_sensor_id(&sensor_id) {
+            let r = Rejection {
+                code: RejectCode::Identity,
+                seq: 0,
+                message: format!(
+                    "invalid sensor id {:?}: {}",
+                    bounded(&sensor_id, conduit_proto::limits::MAX_SENSOR_ID_BYTES),
+                    store::SENSOR_ID_GRAMMAR
+                ),
+            };
+            self.reject(&sensor_id, &r).await;
+            return;
+        }
         if hello.protocol_version != PROTOCOL_VERSION {
             let r = Rejection {
                 code: RejectCode::Version,
@@ -267,15 +329,6 @@ impl Session {
                     "unsupported stream protocol version {}; this collector speaks version {PROTOCOL_VERSION}",
                     hello.protocol_version
                 ),
-            };
-            self.reject(&sensor_id, &r).await;
-            return;
-        }
-        if !store::valid_sensor_id(&sensor_id) {
-            let r = Rejection {
-                code: RejectCode::Identity,
-                seq: 0,
-                message: format!("invalid sensor id {sensor_id:?}"),
             };
             self.reject(&sensor_id, &r).await;
             return;
@@ -387,6 +440,10 @@ impl Session {
         let mut closing: Option<Option<Rejection>> = None;
         let mut stop = self.shared.shutdown.subscribe();
         let mut storage_failed = false;
+        // A stream that sends nothing is evicted, so a held slot cannot lock a sensor out.
+        let idle_timeout = self.shared.limits().stream_idle_timeout;
+        let silence = tokio::time::sleep(idle_timeout);
+        tokio::pin!(silence);
         loop {
             if syncing.is_none() && (dirty || closing.is_some()) {
                 dirty = false;
@@ -460,7 +517,14 @@ impl Session {
                     tracing::info!(sensor = %sensor_id, "collector shutting down: ending the stream");
                     closing = Some(None);
                 }
+                () = &mut silence, if closing.is_none() => {
+                    tracing::warn!(sensor = %sensor_id, timeout = ?idle_timeout,
+                        "sensor stream silent: evicting it");
+                    self.shared.alarms.metrics.streams_evicted.fetch_add(1, Ordering::Relaxed);
+                    closing = Some(None);
+                }
                 first = brx.recv(), if closing.is_none() => {
+                    silence.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
                     let Some(first) = first else {
                         closing = Some(None);
                         continue;
@@ -478,7 +542,7 @@ impl Session {
                     tokio::task::block_in_place(|| {
                         for item in &group {
                             match item {
-                                Ok(batch) => match st.apply(&batch.frames) {
+                                Ok(batch) => match st.apply_batch(batch) {
                                     Ok(a) => {
                                         applied.appended += a.appended;
                                         applied.duplicates += a.duplicates;
@@ -520,6 +584,7 @@ impl Session {
             }
         }
         reader.abort();
+        st.touch();
         if storage_failed || st.head().0 != acked {
             // Unknown state on disk: the next stream reopens the store (recovery).
             tracing::warn!(sensor = %sensor_id, "store error: reopening it for the next stream");

@@ -10,8 +10,9 @@ use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use conduit_evidence::chain::checkpoint::{signing_bytes, verify_signature};
+use conduit_evidence::chain::checkpoint::{batch_signing_bytes, signing_bytes, verify_signature};
 use conduit_evidence::chain::keys;
 use conduit_evidence::chain::{ZERO_HASH, record_hash};
 use conduit_evidence::spool::{
@@ -39,7 +40,7 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid sensor id {0:?} (1-128 of A-Z a-z 0-9 . _ -, not starting with . or _)")]
+    #[error("invalid sensor id {0:?} ({SENSOR_ID_GRAMMAR})")]
     BadSensorId(String),
 }
 
@@ -84,14 +85,12 @@ pub struct Applied {
     pub duplicates: u64,
 }
 
-/// Sensor ids become directory names: keep them boring.
+pub use conduit_evidence::sensor_id::GRAMMAR as SENSOR_ID_GRAMMAR;
+
+/// Sensor ids become directory names and SIEM fields: the one grammar
+/// ([`conduit_evidence::sensor_id`]), which also keeps the collector's own names.
 pub fn valid_sensor_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && !id.starts_with(['.', '_'])
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    conduit_evidence::sensor_id::is_valid(id)
 }
 
 /// Writes `<dir>/signing.pub` (hex, 0644) atomically.
@@ -126,7 +125,9 @@ pub fn pinned_key(dir: &Path) -> Result<Option<[u8; 32]>, StoreError> {
 pub struct SensorStore {
     sensor_id: String,
     dir: PathBuf,
-    spool: Spool,
+    /// Opened (and the directory created, the key pinned) with the first stored
+    /// frame: a Hello alone leaves nothing on disk.
+    spool: Option<Spool>,
     key: [u8; 32],
     head: (u64, [u8; 32]),
     /// Hashes of the last stored seqs: `recent[i]` is the hash of `recent_first + i`.
@@ -135,6 +136,8 @@ pub struct SensorStore {
     unsynced: bool,
     /// Read handle of the newest segment, for [`SensorStore::durability_point`].
     newest: Option<(PathBuf, Arc<fs::File>)>,
+    /// When the last stream let go of this store.
+    idle_since: Instant,
 }
 
 impl SensorStore {
@@ -142,26 +145,18 @@ impl SensorStore {
     /// head from the segments (a torn tail past the last fsync is cut, as in the sensor).
     pub fn open(root: &Path, sensor_id: &str, key: [u8; 32]) -> Result<SensorStore, StoreError> {
         if !valid_sensor_id(sensor_id) {
-            return Err(StoreError::BadSensorId(sensor_id.to_owned()));
+            return Err(StoreError::BadSensorId(
+                crate::text::bounded(sensor_id, conduit_proto::limits::MAX_SENSOR_ID_BYTES)
+                    .into_owned(),
+            ));
         }
         let dir = root.join(sensor_id);
-        let (spool, recovery) = Spool::open(SpoolOptions {
-            dir: dir.clone(),
-            sensor_id: sensor_id.to_owned(),
-            // The store is never trimmed by the spool logic (nothing is acknowledged).
-            max_bytes: u64::MAX / 4,
-            segment_bytes: spool::DEFAULT_SEGMENT_BYTES,
-            sync: SyncPolicy::OsOnly,
-            warn_percent: 100,
-        })?;
-        for t in &recovery.truncations {
-            tracing::warn!(sensor = sensor_id, segment = %t.segment, bytes = t.bytes, why = %t.why,
-                "store recovery cut a torn tail (not acknowledged; the sensor re-sends it)");
-        }
-        if pinned_key(&dir)? != Some(key) {
-            pin_key(&dir, &key)?;
-        }
-        let head = recovery.head.unwrap_or((0, ZERO_HASH));
+        let (spool, head) = if dir.exists() {
+            let (spool, head) = open_spool(&dir, sensor_id, &key)?;
+            (Some(spool), head)
+        } else {
+            (None, (0, ZERO_HASH))
+        };
         let mut recent = VecDeque::with_capacity(1024);
         if head.0 > 0 {
             recent.push_back(head.1);
@@ -176,7 +171,27 @@ impl SensorStore {
             recent,
             unsynced: false,
             newest: None,
+            idle_since: Instant::now(),
         })
+    }
+
+    /// The spool, created on first use.
+    fn spool(&mut self) -> Result<&mut Spool, StoreError> {
+        let spool = match self.spool.take() {
+            Some(s) => s,
+            None => open_spool(&self.dir, &self.sensor_id, &self.key)?.0,
+        };
+        Ok(self.spool.insert(spool))
+    }
+
+    /// Marks the end of a stream's use (for [`SensorStore::idle_for`]).
+    pub fn touch(&mut self) {
+        self.idle_since = Instant::now();
+    }
+
+    /// How long no stream has used this store.
+    pub fn idle_for(&self) -> Duration {
+        self.idle_since.elapsed()
     }
 
     pub fn sensor_id(&self) -> &str {
@@ -190,6 +205,27 @@ impl SensorStore {
     /// Seq and hash of the last stored frame ((0, zero) when empty).
     pub fn head(&self) -> (u64, [u8; 32]) {
         self.head
+    }
+
+    /// Checks the batch's signature (the pinned key over its last frame), then
+    /// [`SensorStore::apply`]s it: nothing a valid signature does not cover is stored.
+    pub fn apply_batch(&mut self, batch: &v1::Batch) -> Result<Applied, Rejection> {
+        let Some(last) = batch.frames.last() else {
+            return Ok(Applied::default());
+        };
+        let hash = to_hash(&last.hash, last.seq, "hash")?;
+        let msg = batch_signing_bytes(&self.sensor_id, last.seq, &hash);
+        verify_signature(&self.key, &msg, &batch.signature).map_err(|e| {
+            Rejection::new(
+                RejectCode::BadSignature,
+                batch.frames.first().map_or(last.seq, |f| f.seq),
+                format!(
+                    "batch ending at seq {} is not signed by the pinned key: {e}",
+                    last.seq
+                ),
+            )
+        })?;
+        self.apply(&batch.frames)
     }
 
     /// Verifies the whole batch, then appends its new frames (nothing of a refused
@@ -298,8 +334,11 @@ impl SensorStore {
         // One write(2) for the batch when it fits the segment; else frame by frame
         // (the spool rotates segments there).
         let first_seq = refs.first().map_or(0, |f| f.seq);
+        let opened =
+            |e: StoreError| Rejection::new(RejectCode::Storage, first_seq, format!("store: {e}"));
         if self
-            .spool
+            .spool()
+            .map_err(opened)?
             .append_batch(&refs)
             .map_err(|e| storage(first_seq, e))?
         {
@@ -311,7 +350,8 @@ impl SensorStore {
             }
         } else {
             for f in &refs {
-                self.spool
+                self.spool()
+                    .map_err(opened)?
                     .append(f, Class::Data)
                     .map_err(|e| storage(f.seq, e))?;
                 // Head follows every stored frame, so an error leaves it exact.
@@ -327,8 +367,10 @@ impl SensorStore {
 
     /// Forces appended frames to stable storage; after this they may be acknowledged.
     pub fn sync(&mut self) -> Result<(), StoreError> {
-        if self.unsynced {
-            self.spool.sync()?;
+        if self.unsynced
+            && let Some(spool) = self.spool.as_mut()
+        {
+            spool.sync()?;
             self.unsynced = false;
         }
         Ok(())
@@ -342,6 +384,9 @@ impl SensorStore {
             path: path.to_owned(),
             source: e,
         };
+        if self.spool.is_none() {
+            return Ok(None);
+        }
         let Some((_, path)) = segment::list(&self.dir)
             .map_err(|e| io(&self.dir, e))?
             .pop()
@@ -400,6 +445,12 @@ impl SensorStore {
                 ),
             ));
         }
+        if record.kind == RecordKind::Alarm as i32 || matches!(record.body, Some(Body::Alarm(_))) {
+            return Err(bad(
+                RejectCode::BadRecord,
+                format!("seq {seq}: ALARM records come only from the collector, not from a sensor"),
+            ));
+        }
         let (named_key, msg, sig) = match (RecordKind::try_from(record.kind), &record.body) {
             (Ok(RecordKind::Checkpoint), Some(Body::Checkpoint(cp))) => {
                 if cp.seq + 1 != seq || cp.hash[..] != prev_hash[..] {
@@ -451,6 +502,32 @@ impl SensorStore {
         verify_signature(&self.key, &msg, sig)
             .map_err(|e| bad(RejectCode::BadSignature, format!("seq {seq}: {e}")))
     }
+}
+
+/// Opens the store's spool (creating the directory) and pins the key; returns the
+/// recovered head.
+fn open_spool(
+    dir: &Path,
+    sensor_id: &str,
+    key: &[u8; 32],
+) -> Result<(Spool, (u64, [u8; 32])), StoreError> {
+    let (spool, recovery) = Spool::open(SpoolOptions {
+        dir: dir.to_owned(),
+        sensor_id: sensor_id.to_owned(),
+        // The store is never trimmed by the spool logic (nothing is acknowledged).
+        max_bytes: u64::MAX / 4,
+        segment_bytes: spool::DEFAULT_SEGMENT_BYTES,
+        sync: SyncPolicy::OsOnly,
+        warn_percent: 100,
+    })?;
+    for t in &recovery.truncations {
+        tracing::warn!(sensor = sensor_id, segment = %t.segment, bytes = t.bytes, why = %t.why,
+            "store recovery cut a torn tail (not acknowledged; the sensor re-sends it)");
+    }
+    if pinned_key(dir)? != Some(*key) {
+        pin_key(dir, key)?;
+    }
+    Ok((spool, recovery.head.unwrap_or((0, ZERO_HASH))))
 }
 
 fn to_hash(b: &[u8], seq: u64, what: &str) -> Result<[u8; 32], Rejection> {

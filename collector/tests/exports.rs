@@ -32,6 +32,26 @@ fn wait_port(port: u16) -> bool {
     false
 }
 
+/// nats-server with JetStream on a free port (None, with a SKIP line: not installed).
+fn start_nats(dir: &Path) -> Option<(Proc, String)> {
+    if !has_binary("nats-server") {
+        println!("SKIP: nats-server not installed");
+        return None;
+    }
+    let port = free_port();
+    let proc = Proc(
+        Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir.join("js"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server"),
+    );
+    assert!(wait_port(port), "nats-server did not listen");
+    Some((proc, format!("nats://127.0.0.1:{port}")))
+}
+
 fn rsyslogd() -> Option<&'static str> {
     ["/usr/sbin/rsyslogd", "/sbin/rsyslogd"]
         .into_iter()
@@ -165,23 +185,10 @@ async fn syslog_tls_receives_every_record() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_jetstream_receives_every_record_once() {
     init_tracing();
-    if !has_binary("nats-server") {
-        println!("SKIP: nats-server not installed");
-        return;
-    }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let _nats = Proc(
-        Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(tmp.path().join("js"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server"),
-    );
-    assert!(wait_port(port), "nats-server did not listen");
-    let url = format!("nats://127.0.0.1:{port}");
+    let Some((_nats, url)) = start_nats(tmp.path()) else {
+        return;
+    };
     let spool = tmp.path().join("spool");
     let store = tmp.path().join("store");
     let head = write_spool(&spool, SENSOR, 3000);
@@ -249,4 +256,81 @@ async fn nats_jetstream_receives_every_record_once() {
         .expect("ack");
     assert!(ack.duplicate);
     up.stop().await;
+}
+
+/// Issue 10, failure 5: sites `plant` and `PLANT` are one NATS stream, and a chain
+/// whose export keeps failing (its stream exists with foreign subjects) does not
+/// stop the other chains from exporting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_sites_are_canonical_and_a_failing_chain_does_not_stall_the_others() {
+    init_tracing();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let Some((_nats, url)) = start_nats(tmp.path()) else {
+        return;
+    };
+    let client = async_nats::connect(&url).await.expect("nats connect");
+    let js = async_nats::jetstream::new(client);
+    // A stream named like site `broken`'s, but not holding its subjects.
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "CONDUIT_BROKEN".to_owned(),
+        subjects: vec!["elsewhere.>".to_owned()],
+        ..Default::default()
+    })
+    .await
+    .expect("create stream");
+
+    let store = tmp.path().join("store");
+    let c = Collector::start(
+        &store,
+        &tmp.path().join("collector.log"),
+        &["--tofu", "--nats", &url],
+    );
+    // Chains sort as gw-a (broken) < gw-b (plant) < gw-c (PLANT).
+    let mut heads = Vec::new();
+    for (sensor, site) in [("gw-a", "broken"), ("gw-b", "plant"), ("gw-c", "PLANT")] {
+        let spool = tmp.path().join(sensor);
+        let mut rec = recorder(&spool, sensor);
+        for i in 0..50 {
+            let mut r = flow(i);
+            r.site = site.to_owned();
+            rec.append(r).expect("append");
+        }
+        rec.sync().expect("sync");
+        let head = rec.head().0;
+        drop(rec);
+        let mut up = Uplink::start(uplink_opts(&c.url("http"), sensor), &spool);
+        up.wait_acked(head, Duration::from_secs(30)).await;
+        up.stop().await;
+        heads.push((sensor, head));
+    }
+    // Records before the first site (the chain_restart) go to `default`.
+    let count = |js: async_nats::jetstream::Context, sensor: &'static str| async move {
+        let mut total = 0;
+        for (name, site) in [("CONDUIT_PLANT", "plant"), ("CONDUIT_DEFAULT", "default")] {
+            let Ok(stream) = js.get_stream(name).await else {
+                continue;
+            };
+            let mut subjects = stream
+                .info_with_subjects(format!("conduit.{site}.{sensor}.>"))
+                .await
+                .expect("info");
+            while let Some(Ok((_, n))) = subjects.next().await {
+                total += n as u64;
+            }
+        }
+        total
+    };
+    for (sensor, head) in &heads[1..] {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut n = 0;
+        while Instant::now() < deadline {
+            n = count(js.clone(), sensor).await;
+            if n >= *head {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(n, *head, "{sensor}; collector log:\n{}", c.log_text());
+    }
+    assert!(c.log_text().contains("export of this chain failed"));
 }

@@ -18,6 +18,9 @@ use tonic::Streaming;
 
 const SENSOR: &str = "gw-raw";
 
+/// The sensor's signing key: every batch is signed over its last frame.
+static SIGNER: std::sync::OnceLock<ed25519_dalek::SigningKey> = std::sync::OnceLock::new();
+
 struct Conn {
     tx: mpsc::Sender<SensorMessage>,
     rx: Streaming<CollectorMessage>,
@@ -67,12 +70,21 @@ impl Conn {
             .send(SensorMessage {
                 msg: Some(sensor_message::Msg::Batch(v1::Batch {
                     frames: frames.to_vec(),
+                    signature: sign(frames),
                 })),
             })
             .await
             .expect("send");
         next(&mut self.rx).await
     }
+}
+
+fn sign(frames: &[v1::Frame]) -> Vec<u8> {
+    let (Some(key), Some(last)) = (SIGNER.get(), frames.last()) else {
+        return Vec::new();
+    };
+    let hash: [u8; 32] = last.hash[..].try_into().unwrap_or([0; 32]);
+    conduit_evidence::chain::checkpoint::sign_batch(key, SENSOR, last.seq, &hash)
 }
 
 fn frames(spool: &std::path::Path) -> Vec<v1::Frame> {
@@ -133,6 +145,9 @@ async fn dedupe_equivocation_gap_tamper_and_authentication() {
     assert_eq!(all.len() as u64, head);
     let key: [u8; 32] =
         conduit_evidence::chain::keys::read_public_key(&spool.join("signing.pub")).expect("pub");
+    let _ = SIGNER.set(
+        conduit_evidence::chain::keys::load_signing_key(&spool.join("signing.key")).expect("key"),
+    );
     let metrics = format!("127.0.0.1:{}", free_port());
     let c = Collector::start(
         &store,

@@ -6,4 +6,5 @@
 
 pub mod chain;
 pub mod ecs;
+pub mod sensor_id;
 pub mod spool;

@@ -81,17 +81,11 @@ fn bounded_spool_refuses_says_so_and_recovers_after_ack() {
 /// Unmounts on drop, whatever happened.
 struct Mount(std::path::PathBuf);
 
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
-#[test]
-fn file_system_full_tmpfs() {
+/// A 1 MiB tmpfs in a fresh directory (None, with a SKIP line: not root or no mount).
+fn small_tmpfs() -> Option<(tempfile::TempDir, Mount)> {
     if nix::unistd::geteuid().as_raw() != 0 {
         println!("SKIP: needs root (mounts a small tmpfs)");
-        return;
+        return None;
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let ok = Command::new("mount")
@@ -101,9 +95,23 @@ fn file_system_full_tmpfs() {
         .is_ok_and(|s| s.success());
     if !ok {
         println!("SKIP: cannot mount tmpfs");
-        return;
+        return None;
     }
-    let _mount = Mount(dir.path().to_owned());
+    let mount = Mount(dir.path().to_owned());
+    Some((dir, mount))
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn file_system_full_tmpfs() {
+    let Some((dir, _mount)) = small_tmpfs() else {
+        return;
+    };
     let (mut rec, _) = Recorder::open(options(dir.path(), 1 << 30)).expect("open");
     let mut written = Vec::new();
     let mut i = 0;
@@ -131,6 +139,77 @@ fn file_system_full_tmpfs() {
     assert!(r.ok(), "{r}");
     // Reopen on the full file system: recovery must work without space.
     let (rec, _) = Recorder::open(options(dir.path(), 1 << 30)).expect("reopen when full");
+    drop(rec);
+    assert!(verify_dir(dir.path(), None).ok());
+}
+
+/// Issue 10, failure 8: an acknowledgement beyond the spool's own head (a rogue
+/// collector, a planted `acked` file) does not cover records written afterwards.
+#[test]
+fn acknowledgement_beyond_the_head_covers_no_future_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Over 80 % of this bound, acknowledged segments are deleted.
+    let mut opts = options(dir.path(), 48 << 10);
+    opts.segment_bytes = 4096;
+    let (mut rec, _) = Recorder::open(opts).expect("open");
+    for i in 0..10 {
+        rec.append(flow(i)).expect("append");
+    }
+    let first_head = rec.head().0;
+    rec.acknowledge(1_000_000).expect("ack");
+    for i in 10..300 {
+        rec.append(flow(i)).expect("append");
+    }
+    rec.acknowledge(first_head).expect("ack");
+    rec.sync().expect("sync");
+    drop(rec);
+    let report = verify_dir(dir.path(), None);
+    assert!(report.ok(), "{report}");
+    // Every record after the first head is still there.
+    let first_kept = conduit_evidence::spool::SpoolReader::new(dir.path(), 1)
+        .next()
+        .and_then(Result::ok)
+        .map(|f| f.seq);
+    assert!(
+        first_kept.is_some_and(|s| s <= first_head + 1),
+        "{first_kept:?}"
+    );
+}
+
+/// Issue 10, failure 10: a second file-system-full episode opens with its own
+/// `loss` record, because the first one restored the reserve before it closed.
+#[test]
+fn file_system_full_twice_tmpfs() {
+    let Some((dir, _mount)) = small_tmpfs() else {
+        return;
+    };
+    let (mut rec, _) = Recorder::open(options(dir.path(), 1 << 30)).expect("open");
+    let mut written = Vec::new();
+    let mut i = 0;
+    let mut fill = |rec: &mut Recorder, until: u64, written: &mut Vec<Appended>| {
+        while rec.stats().records_refused < until {
+            written.extend(rec.append(flow(i)).expect("append never errors when full"));
+            i += 1;
+            assert!(i < 200_000, "never filled");
+        }
+    };
+    fill(&mut rec, 20, &mut written);
+    // The collector acknowledges everything: segments go, the episode closes.
+    rec.acknowledge(rec.head().0).expect("ack");
+    let before = rec.stats().records_refused;
+    written.extend(rec.append(flow(0)).expect("append after ack"));
+    assert_eq!(rec.stats().records_refused, before, "no room after the ack");
+    fill(&mut rec, before + 20, &mut written);
+    let opened: Vec<_> = losses(&written)
+        .into_iter()
+        .filter(|l| l.detail.contains("refusing new records"))
+        .collect();
+    assert_eq!(
+        opened.len(),
+        2,
+        "each episode opens with a loss record: {opened:?}"
+    );
+    rec.sync().expect("sync");
     drop(rec);
     assert!(verify_dir(dir.path(), None).ok());
 }

@@ -39,7 +39,15 @@ pub async fn bind(
     tracing::info!(%addr, "metrics listening");
     Ok(async move {
         loop {
-            let (mut stream, _) = listener.accept().await?;
+            // Out of descriptors (EMFILE) is not the end of the endpoint: wait it out.
+            let (mut stream, _) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::debug!("metrics accept: {err}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
             let endpoint = endpoint.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 1024];

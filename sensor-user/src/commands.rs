@@ -84,6 +84,17 @@ pub fn settings_from(args: &RunArgs) -> Result<AgentSettings, ConfigError> {
         .sensor_id
         .clone()
         .unwrap_or_else(|| cfg.sensor_id.clone());
+    // The flag, the environment and the host-name default meet the same grammar as
+    // the file (the collector enforces it too).
+    if !conduit_evidence::sensor_id::is_valid(&sensor_id) {
+        return Err(ConfigError::single(
+            "sensor id (--sensor-id, CONDUIT_SENSOR_SENSOR_ID or the host name)",
+            format!(
+                "{sensor_id:?} is not a valid sensor id — use {}",
+                conduit_evidence::sensor_id::GRAMMAR
+            ),
+        ));
+    }
     let ifaces = if args.ifaces.is_empty() {
         cfg.interfaces.clone()
     } else {
@@ -137,6 +148,8 @@ fn uplink_options(
         return Ok(None);
     };
     let mut opts = UplinkOptions::new(url.clone(), sensor_id);
+    // The recorder's key signs every batch too (None: `<spool>/signing.key`).
+    opts.signing_key = cfg.signing_key.clone();
     let pick = |flag: &Option<PathBuf>, file: Option<PathBuf>| flag.clone().or(file);
     let cert = pick(
         &args.tls_cert,

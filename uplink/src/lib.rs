@@ -18,6 +18,7 @@ use conduit_proto::v1::{
 use tokio::sync::{mpsc, watch};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+use conduit_evidence::chain::checkpoint::sign_batch;
 use conduit_evidence::chain::keys;
 use conduit_evidence::spool::{ReadError, SpoolReader, StoredFrame};
 
@@ -44,6 +45,9 @@ pub struct UplinkOptions {
     pub tls: Option<UplinkTls>,
     /// Signing public key; None: read `<spool>/signing.pub`.
     pub public_key: Option<[u8; 32]>,
+    /// The chain's signing key (PKCS#8 PEM), which signs every batch;
+    /// None: `<spool>/signing.key`.
+    pub signing_key: Option<PathBuf>,
     pub batch_max_frames: usize,
     pub batch_max_bytes: usize,
     /// Batches sent and not yet acknowledged, at most.
@@ -62,8 +66,9 @@ impl UplinkOptions {
             sensor_id: sensor_id.into(),
             tls: None,
             public_key: None,
-            batch_max_frames: 1000,
-            batch_max_bytes: 1 << 20,
+            signing_key: None,
+            batch_max_frames: conduit_proto::limits::MAX_BATCH_FRAMES,
+            batch_max_bytes: conduit_proto::limits::MAX_BATCH_BYTES,
             window: 16,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
@@ -135,6 +140,45 @@ pub fn read_acked(spool_dir: &Path) -> Option<u64> {
         .trim()
         .parse()
         .ok()
+}
+
+/// The collector's stored position, if this spool can vouch for it: the spool holds
+/// that seq with the same hash, or the seq is at most what this uplink already
+/// verified and recorded as acknowledged (its segments may be deleted since).
+fn check_welcome(spool_dir: &Path, w: &v1::Welcome) -> Result<u64, UplinkError> {
+    let seq = w.last_stored_seq;
+    if seq == 0 {
+        return Ok(0);
+    }
+    let untrusted = |why: String| {
+        UplinkError::Protocol(format!(
+            "collector says it stored up to seq {seq}, but {why}: not trusted, nothing acknowledged"
+        ))
+    };
+    match SpoolReader::new(spool_dir, seq).next_frame() {
+        Ok(Some(f)) if f.seq == seq => {
+            if f.hash[..] == w.last_stored_hash[..] {
+                Ok(seq)
+            } else {
+                Err(untrusted(format!(
+                    "the spool's seq {seq} has hash {}, the collector's {}",
+                    hex(&f.hash),
+                    hex(&w.last_stored_hash)
+                )))
+            }
+        }
+        Ok(_) if read_acked(spool_dir).is_some_and(|a| seq <= a) => Ok(seq),
+        Ok(_) => Err(untrusted(
+            "the spool does not hold that seq and it was never acknowledged".to_owned(),
+        )),
+        Err(e) => Err(untrusted(format!(
+            "its seq cannot be read from the spool ({e})"
+        ))),
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn write_acked(spool_dir: &Path, seq: u64) -> Result<(), UplinkError> {
@@ -268,10 +312,25 @@ async fn session(
         Some(k) => k,
         None => keys::read_public_key(&spool_dir.join(keys::PUB_FILE))?,
     };
+    let key_path = opts
+        .signing_key
+        .clone()
+        .unwrap_or_else(|| spool_dir.join(keys::KEY_FILE));
+    let signing_key = keys::load_signing_key(&key_path)?;
+    if signing_key.verifying_key().to_bytes() != public_key {
+        return Err(UplinkError::Config {
+            url: opts.collector.clone(),
+            what: format!(
+                "the signing key {} is not the chain's public key {}",
+                key_path.display(),
+                hex(&public_key)
+            ),
+        });
+    }
     let channel: Channel = endpoint.connect().await?;
     let mut client = CollectorClient::new(channel)
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20);
+        .max_decoding_message_size(conduit_proto::limits::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(conduit_proto::limits::MAX_MESSAGE_BYTES);
     let (tx, rx) = mpsc::channel::<SensorMessage>(opts.window.max(1) + 1);
     let read_seq = status.borrow().read_seq;
     let hello = SensorMessage {
@@ -304,7 +363,8 @@ async fn session(
             welcome.protocol_version
         )));
     }
-    let mut acked = welcome.last_stored_seq;
+    // A rogue or broken collector must not make us count unsent records as stored.
+    let mut acked = check_welcome(spool_dir, &welcome)?;
     tracing::info!(
         collector = %opts.collector,
         last_stored_seq = acked,
@@ -321,6 +381,8 @@ async fn session(
     let mut spool = SpoolReader::follow(spool_dir, acked + 1);
     // Last seq of each batch sent and not yet acknowledged.
     let mut in_flight: VecDeque<u64> = VecDeque::new();
+    // Highest seq sent on this stream: an Ack beyond it cannot be true.
+    let mut sent_seq = acked;
     let mut idle = false;
     let mut frames = Vec::new();
     loop {
@@ -335,6 +397,12 @@ async fn session(
             _ = shutdown.changed() => return Ok(()),
             m = inbound.message() => match m?.and_then(|m| m.msg) {
                 Some(collector_message::Msg::Ack(a)) => {
+                    if a.stored_seq > sent_seq {
+                        return Err(UplinkError::Protocol(format!(
+                            "collector acknowledged seq {} but only {sent_seq} was sent: not trusted",
+                            a.stored_seq
+                        )));
+                    }
                     while in_flight.front().is_some_and(|s| *s <= a.stored_seq) {
                         in_flight.pop_front();
                     }
@@ -365,13 +433,16 @@ async fn session(
                     continue;
                 };
                 idle = false;
+                let last_hash = frames.last().map_or([0; 32], |f| f.hash);
                 let batch = v1::Batch {
+                    signature: sign_batch(&signing_key, &opts.sensor_id, last, &last_hash),
                     frames: frames.drain(..).map(frame_msg).collect(),
                 };
                 tx.send(SensorMessage { msg: Some(sensor_message::Msg::Batch(batch)) })
                     .await
                     .map_err(|_| UplinkError::Closed)?;
                 in_flight.push_back(last);
+                sent_seq = sent_seq.max(last);
                 status.send_modify(|s| {
                     s.read_seq = s.read_seq.max(last);
                     s.lag_records = s.read_seq.saturating_sub(s.acked_seq);

@@ -382,7 +382,13 @@ fn fuzz(seconds: u32) -> Result<()> {
     }
     let nightly = toolchain::ebpf()?;
     let dir = workspace_root().join("sensor-user").join("fuzz");
-    for target in ["client_hello", "reassembly", "quic_initial"] {
+    for target in [
+        "client_hello",
+        "reassembly",
+        "quic_initial",
+        "config",
+        "stream_decode",
+    ] {
         step(&format!("fuzz {target} for {seconds} s"));
         let corpus = dir.join("corpus").join(target);
         std::fs::create_dir_all(&corpus)?;

@@ -7,12 +7,12 @@ pub mod jsonl;
 pub mod nats;
 pub mod syslog;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use conduit_evidence::ecs::{ChainPosition, ecs_json};
 use conduit_evidence::spool::SpoolReader;
@@ -25,6 +25,8 @@ use crate::store::{EXPORTS_DIR, chain_dirs};
 
 const BATCH_FRAMES: usize = 1000;
 const BATCH_BYTES: usize = 4 << 20;
+/// Longest wait before a failed chain is exported again.
+const MAX_RETRY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -137,6 +139,9 @@ pub async fn run<S: Sink>(
     let mut cursor = Cursor::load(&store, sink.name())?;
     let mut readers: BTreeMap<String, SpoolReader> = BTreeMap::new();
     let mut frames = Vec::new();
+    // Chains whose last send failed: when to try again, and the next delay. A
+    // failing chain waits alone; the others go on.
+    let mut backoff: HashMap<String, (Instant, Duration)> = HashMap::new();
     loop {
         if *shutdown.borrow() {
             return Ok(());
@@ -148,6 +153,12 @@ pub async fn run<S: Sink>(
         let mut progressed = false;
         let dirs = chain_dirs(&store).unwrap_or_default();
         for (chain, dir) in dirs {
+            if backoff
+                .get(&chain)
+                .is_some_and(|(at, _)| Instant::now() < *at)
+            {
+                continue;
+            }
             let reader = readers.entry(chain.clone()).or_insert_with(|| {
                 SpoolReader::follow(dir, cursor.seqs.get(&chain).copied().unwrap_or(0) + 1)
             });
@@ -175,21 +186,23 @@ pub async fn run<S: Sink>(
                     })
                 })
                 .collect();
-            let mut delay = Duration::from_millis(100);
-            loop {
-                match sink.send(&items).await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        tracing::warn!(export = sink.name(), error = %e, retry_ms = delay.as_millis() as u64,
-                            "export target unavailable; records wait in the store");
-                        tokio::select! {
-                            _ = tokio::time::sleep(delay) => {}
-                            _ = shutdown.changed() => return Ok(()),
-                        }
-                        delay = (delay * 2).min(Duration::from_secs(30));
-                    }
-                }
+            let sent = tokio::select! {
+                r = sink.send(&items) => r,
+                _ = shutdown.changed() => return Ok(()),
+            };
+            if let Err(e) = sent {
+                let delay = backoff
+                    .get(&chain)
+                    .map_or(Duration::from_millis(100), |(_, d)| (*d * 2).min(MAX_RETRY));
+                tracing::warn!(export = sink.name(), chain = %chain, error = %e,
+                    retry_ms = delay.as_millis() as u64,
+                    "export of this chain failed; its records wait in the store, other chains go on");
+                backoff.insert(chain.clone(), (Instant::now() + delay, delay));
+                // Read the same records again on the retry.
+                readers.remove(&chain);
+                continue;
             }
+            backoff.remove(&chain);
             cursor.seqs.insert(chain.clone(), last);
             cursor.save()?;
             progressed = true;

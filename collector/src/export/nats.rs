@@ -1,5 +1,5 @@
 //! `--nats URL`: NATS JetStream. One stream per site (`CONDUIT_<SITE>`, subjects
-//! `conduit.<site>.>`, created if missing); subject `conduit.<site>.<sensor>.<action>`;
+//! `conduit.<site>.>`, created if missing; the site canonicalized once, lower case); subject `conduit.<site>.<sensor>.<action>`;
 //! header `Nats-Msg-Id: <sensor>-<seq>` so a re-publish after a crash is dropped by the
 //! stream's duplicate window. The cursor moves only after every publish ack.
 
@@ -33,10 +33,17 @@ pub fn token(s: &str) -> String {
     if t.is_empty() { "_".to_owned() } else { t }
 }
 
+/// The one canonical form of a site for NATS: a lower-case subject token, so that
+/// `plant` and `PLANT` are one stream and one subject space (stream names are
+/// upper-cased, subjects are case-sensitive: without this they would collide).
+pub fn canonical_site(s: &str) -> String {
+    token(s).to_ascii_lowercase()
+}
+
 /// Site of a record (`default` when neither it nor its chain named one yet).
 pub fn site(item: &Item, chain_site: Option<&String>) -> String {
     if !item.record.site.is_empty() {
-        token(&item.record.site)
+        canonical_site(&item.record.site)
     } else if let Some(s) = chain_site {
         s.clone()
     } else {
@@ -110,7 +117,7 @@ impl NatsSink {
         for item in items {
             if !item.record.site.is_empty() {
                 self.chain_site
-                    .insert(item.chain.clone(), token(&item.record.site));
+                    .insert(item.chain.clone(), canonical_site(&item.record.site));
             }
             let site = site(item, self.chain_site.get(&item.chain));
             self.ensure_stream(&js, &site).await?;
@@ -144,5 +151,17 @@ impl Sink for NatsSink {
             self.streams.clear();
         }
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{canonical_site, stream_name};
+
+    #[test]
+    fn sites_differing_in_case_are_one_stream_and_subject() {
+        assert_eq!(canonical_site("plant"), canonical_site("PLANT"));
+        assert_eq!(canonical_site("Plant.01"), "plant_01");
+        assert_eq!(stream_name(&canonical_site("PLANT")), "CONDUIT_PLANT");
     }
 }

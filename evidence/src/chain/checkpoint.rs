@@ -27,6 +27,28 @@ pub fn signing_bytes(sensor_id: &str, seq: u64, hash: &[u8; 32], time_unix_nano:
     out
 }
 
+pub const BATCH_DOMAIN: &[u8] = b"conduit-sensor batch v1\0";
+
+/// The byte string a stream batch's signature signs: `"conduit-sensor batch v1\0" ||
+/// u16 BE len(sensor_id) || sensor_id || u64 BE seq || hash (32)` of its last frame.
+pub fn batch_signing_bytes(sensor_id: &str, seq: u64, hash: &[u8; 32]) -> Vec<u8> {
+    let id = sensor_id.as_bytes();
+    let mut out = Vec::with_capacity(BATCH_DOMAIN.len() + 2 + id.len() + 8 + 32);
+    out.extend_from_slice(BATCH_DOMAIN);
+    out.extend_from_slice(&u16::try_from(id.len()).unwrap_or(u16::MAX).to_be_bytes());
+    out.extend_from_slice(id);
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(hash);
+    out
+}
+
+/// Signs a batch ending at (seq, hash).
+pub fn sign_batch(key: &SigningKey, sensor_id: &str, seq: u64, hash: &[u8; 32]) -> Vec<u8> {
+    key.sign(&batch_signing_bytes(sensor_id, seq, hash))
+        .to_bytes()
+        .to_vec()
+}
+
 /// Nanoseconds since the Unix epoch (0 before it, saturating far in the future).
 pub fn unix_nanos(t: SystemTime) -> i64 {
     t.duration_since(SystemTime::UNIX_EPOCH)

@@ -212,6 +212,13 @@ impl Recorder {
         let mut out = Vec::with_capacity(1);
         if self.full_episode {
             self.end_full_episode(record.encoded_len(), &mut out)?;
+            if self.full_episode {
+                // Still full (or the reserve is not back): refused, counted, reported
+                // when the episode closes.
+                self.spool.note_refused();
+                self.refused_unreported += 1;
+                return Ok(out);
+            }
         }
         match self.write(record, Class::Data) {
             Ok(a) => out.push(a),
@@ -490,13 +497,15 @@ impl Recorder {
         }
     }
 
-    /// If a record of `record_len` bytes fits again, writes the closing `loss` record.
+    /// If a record of `record_len` bytes fits again and the file-system reserve is
+    /// back, writes the closing `loss` record and ends the episode. Without the reserve
+    /// the episode stays open: the next one could not write its opening `loss` record.
     fn end_full_episode(
         &mut self,
         record_len: usize,
         out: &mut Vec<Appended>,
     ) -> Result<(), Error> {
-        if !self.spool.has_room_for(record_len)? {
+        if !self.spool.has_room_for(record_len)? || !self.spool.restore_reserve() {
             return Ok(());
         }
         if self.refused_unreported > 0 {
@@ -512,8 +521,11 @@ impl Recorder {
             }
         }
         self.refused_unreported = 0;
+        // The closing record may have used the reserve.
+        if !self.spool.restore_reserve() {
+            return Ok(());
+        }
         self.full_episode = false;
-        self.spool.restore_reserve();
         tracing::info!("spool has room again");
         Ok(())
     }

@@ -10,6 +10,9 @@ pub const PAYLOAD_FIXED_LEN: usize = 8 + 32 + 32;
 /// Largest payload a reader accepts. Records are a few hundred bytes; anything bigger
 /// than this is garbage (a torn or corrupted length), not a record.
 pub const MAX_PAYLOAD_LEN: usize = 16 * 1024 * 1024;
+/// Largest record a writer may frame: what a reader accepts, so no writer can emit an
+/// unreadable frame.
+pub const MAX_RECORD_LEN: usize = MAX_PAYLOAD_LEN - PAYLOAD_FIXED_LEN;
 
 /// One stored frame, borrowed from a buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

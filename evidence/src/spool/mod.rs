@@ -129,8 +129,18 @@ pub enum Error {
     },
     #[error("sensor id must be 1 to {max} bytes, got {0}", max = segment::MAX_SENSOR_ID_LEN)]
     BadSensorId(usize),
+    #[error("record of {0} bytes is over the frame limit of {max} bytes; not written", max = frame::MAX_RECORD_LEN)]
+    RecordTooLarge(usize),
     #[error("{}: the spool is in use by another process (one writer per spool directory)", path.display())]
     Locked { path: PathBuf },
+}
+
+/// Refuses a record that would make a frame no reader accepts.
+fn check_record_len(frame: &FrameRef<'_>) -> Result<(), Error> {
+    if frame.record.len() > frame::MAX_RECORD_LEN {
+        return Err(Error::RecordTooLarge(frame.record.len()));
+    }
+    Ok(())
 }
 
 impl Error {
@@ -288,10 +298,7 @@ impl Spool {
             .collect();
         let current = match segments.last() {
             Some(seg) => Some(
-                fs::OpenOptions::new()
-                    .append(true)
-                    .open(&seg.path)
-                    .map_err(|e| io_err(&seg.path, e))?,
+                recovery::open_segment_write(&seg.path, true).map_err(|e| io_err(&seg.path, e))?,
             ),
             None => None,
         };
@@ -338,6 +345,7 @@ impl Spool {
     /// Appends one frame with a single `write(2)`; rotates and syncs per the options.
     /// On any error nothing of the frame stays in the file.
     pub fn append(&mut self, frame: &FrameRef<'_>, class: Class) -> Result<(), Error> {
+        check_record_len(frame)?;
         let len = frame::encoded_len(frame.record.len()) as u64;
         let rotate = match self.segments.last() {
             None => true,
@@ -378,6 +386,7 @@ impl Spool {
         let (Some(first), Some(last)) = (frames.first(), frames.last()) else {
             return Ok(true);
         };
+        frames.iter().try_for_each(check_record_len)?;
         let len: u64 = frames
             .iter()
             .map(|f| frame::encoded_len(f.record.len()) as u64)
@@ -589,6 +598,9 @@ impl Spool {
     /// Everything up to `seq` is stored elsewhere (collector); segments made only of
     /// such records may be deleted when space is needed.
     pub fn acknowledge(&mut self, seq: u64) -> Result<(), Error> {
+        // Nothing past our own head was ever sent: an acknowledgement beyond it (a
+        // rogue collector, a planted `acked` file) must not cover future records.
+        let seq = seq.min(self.head.map_or(0, |h| h.0));
         self.acked = self.acked.max(seq);
         let warn = self.warn_bytes();
         while self.total_bytes > warn && self.delete_oldest_acked()? {}
@@ -615,27 +627,40 @@ impl Spool {
         fs::remove_file(self.opts.dir.join(RESERVE_FILE)).is_ok()
     }
 
-    /// Recreates `.reserve` if missing (best effort: a full file system just means
-    /// no reserve for now).
-    pub fn restore_reserve(&mut self) {
+    /// Recreates `.reserve` if missing, deleting acknowledged segments when the file
+    /// system has no room for it; false when it still cannot be made.
+    pub fn restore_reserve(&mut self) -> bool {
         let path = self.opts.dir.join(RESERVE_FILE);
-        if path.exists() {
-            return;
-        }
-        let ok = fs::OpenOptions::new()
-            .create_new(true)
-            .write(true)
-            .mode(0o600)
-            .open(&path)
-            .and_then(|mut f| f.write_all(&vec![0; RESERVE_FILE_BYTES as usize]));
-        if ok.is_err() {
-            let _ = fs::remove_file(&path);
+        loop {
+            if fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+                return true;
+            }
+            let made = fs::OpenOptions::new()
+                .create_new(true)
+                .write(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&path)
+                .and_then(|mut f| {
+                    f.write_all(&vec![0; RESERVE_FILE_BYTES as usize])
+                        .and_then(|()| f.sync_all())
+                });
+            match made {
+                Ok(()) => return true,
+                Err(e) => {
+                    let _ = fs::remove_file(&path);
+                    if !(is_enospc(&e) && self.delete_oldest_acked().unwrap_or(false)) {
+                        return false;
+                    }
+                }
+            }
         }
     }
 
     /// Counts a record the caller could not store because the spool was full.
     pub fn note_refused(&mut self) {
         self.stats.records_refused += 1;
+        self.stats.full = true;
     }
 
     pub fn stats(&self) -> SpoolStats {

@@ -49,18 +49,48 @@ fn file_name(p: &Path) -> String {
 }
 
 /// Keeps `bytes` as `<segment>.torn-<offset>` so that a cut never destroys evidence.
+/// The file is created exclusively (O_CREAT|O_EXCL, which never follows a symlink,
+/// dangling or not) with O_NOFOLLOW and mode 0600: a name planted in the spool makes
+/// us pick the next name, never write elsewhere.
 fn save_aside(path: &Path, offset: u64, bytes: &[u8]) -> Result<String, Error> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
     // A later crash at the same offset must not overwrite earlier evidence.
     let base = format!("{}.torn-{offset}", file_name(path));
     let mut name = base.clone();
-    let mut n = 1;
-    while path.with_file_name(&name).exists() {
-        name = format!("{base}.{n}");
-        n += 1;
+    let mut n = 0u64;
+    loop {
+        let aside = path.with_file_name(&name);
+        let opened = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&aside);
+        match opened {
+            Ok(mut f) => {
+                f.write_all(bytes)
+                    .and_then(|()| f.sync_all())
+                    .map_err(|e| io_err(&aside, e))?;
+                return Ok(name);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                n += 1;
+                name = format!("{base}.{n}");
+            }
+            Err(e) => return Err(io_err(&aside, e)),
+        }
     }
-    let aside = path.with_file_name(&name);
-    fs::write(&aside, bytes).map_err(|e| io_err(&aside, e))?;
-    Ok(name)
+}
+
+/// Opens an existing segment for writing without following a symlink.
+pub(super) fn open_segment_write(path: &Path, append: bool) -> std::io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    fs::OpenOptions::new()
+        .write(true)
+        .append(append)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
 }
 
 pub(super) fn recover(dir: &Path, sensor_id: &str) -> Result<Recovered, Error> {
@@ -71,7 +101,23 @@ pub(super) fn recover(dir: &Path, sensor_id: &str) -> Result<Recovered, Error> {
     };
     let mut segments: Vec<(u64, PathBuf, u64)> = Vec::with_capacity(listed.len());
     for (first, path) in &listed {
-        let len = fs::metadata(path).map_err(|e| io_err(path, e))?.len();
+        let meta = fs::symlink_metadata(path).map_err(|e| io_err(path, e))?;
+        if !meta.file_type().is_file() {
+            // A planted symlink (or anything but a file) is no segment: set it aside
+            // by name, never read or write through it.
+            let aside = path.with_file_name(format!("{}.not-a-file", file_name(path)));
+            fs::rename(path, &aside).map_err(|e| io_err(path, e))?;
+            recovery.truncations.push(Truncation {
+                segment: file_name(path),
+                offset: 0,
+                bytes: 0,
+                last_good_seq: 0,
+                saved_as: Some(file_name(&aside)),
+                why: "not a regular file (a symlink?): renamed, not followed".to_owned(),
+            });
+            continue;
+        }
+        let len = meta.len();
         segments.push((*first, path.clone(), len));
     }
     // Walk back from the newest segment until one yields a good frame.
@@ -105,10 +151,7 @@ pub(super) fn recover(dir: &Path, sensor_id: &str) -> Result<Recovered, Error> {
         let last = scan.frames.last().map(|(_, f)| (f.seq, f.hash));
         if let Some((off, why)) = &scan.bad {
             let saved = save_aside(&path, *off, &buf[*off as usize..])?;
-            let file = fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .map_err(|e| io_err(&path, e))?;
+            let file = open_segment_write(&path, false).map_err(|e| io_err(&path, e))?;
             file.set_len(*off).map_err(|e| io_err(&path, e))?;
             file.sync_all().map_err(|e| io_err(&path, e))?;
             recovery.truncations.push(Truncation {

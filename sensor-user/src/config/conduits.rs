@@ -4,7 +4,7 @@
 //! (catalogue includes come after the map's own endpoints); the kernel maps
 //! use these indexes, 0 meaning "none".
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -887,38 +887,72 @@ fn ports(ctx: &mut Ctx, node: &Node, what: &str) -> Vec<PortRange> {
 }
 
 /// Two zones must not claim the same address for the same VLANs: the kernel
-/// would pick one of them silently.
+/// would pick one of them silently. Two prefixes overlap only when one contains the
+/// other, so one sweep over the sorted networks with a stack of the enclosing ones
+/// finds every pair (n log n; comparing every zone with every other one made
+/// 20k zones take seconds).
 fn check_zone_overlaps(ctx: &mut Ctx, zones: &[Zone], net_pos: &[Vec<Pos>]) {
-    for (j, b) in zones.iter().enumerate() {
-        for a in &zones[..j] {
+    // (network, zone index, index in the zone's networks), containers first.
+    let mut nets: Vec<(IpNet, usize, usize)> = zones
+        .iter()
+        .enumerate()
+        .flat_map(|(z, zone)| {
+            zone.networks
+                .iter()
+                .enumerate()
+                .map(move |(k, n)| (n.trunc(), z, k))
+        })
+        .collect();
+    nets.sort_unstable();
+    // (later zone, its network, earlier zone) -> the earlier zone's first overlapping network.
+    let mut found: BTreeMap<(usize, usize, usize), usize> = BTreeMap::new();
+    let mut stack: Vec<(IpNet, usize, usize)> = Vec::new();
+    for &(net, z, k) in &nets {
+        while stack
+            .last()
+            .is_some_and(|(outer, ..)| !outer.contains(&net))
+        {
+            stack.pop();
+        }
+        for &(_, oz, ok) in &stack {
+            if oz == z {
+                continue;
+            }
+            let (a, b) = (&zones[oz.min(z)], &zones[oz.max(z)]);
             let vlans_meet = a.vlans.is_empty()
                 || b.vlans.is_empty()
                 || a.vlans.iter().any(|v| b.vlans.contains(v));
             if !vlans_meet {
                 continue;
             }
-            for (k, nb) in b.networks.iter().enumerate() {
-                if let Some(na) = a
-                    .networks
-                    .iter()
-                    .find(|na| na.contains(&nb.network()) || nb.contains(&na.network()))
-                {
-                    let pos = net_pos
-                        .get(j)
-                        .and_then(|p| p.get(k))
-                        .copied()
-                        .unwrap_or(b.pos);
-                    ctx.err(
-                        pos,
-                        format!(
-                            "network {nb} of zone `{}` overlaps {na} of zone `{}` (line {})",
-                            b.id, a.id, a.pos.line
-                        ),
-                        "a source address must belong to one zone: split the networks, or give the zones different `vlans`",
-                    );
-                }
-            }
+            let (key, na) = if oz < z {
+                ((z, k, oz), ok)
+            } else {
+                ((oz, ok, z), k)
+            };
+            found
+                .entry(key)
+                .and_modify(|v| *v = (*v).min(na))
+                .or_insert(na);
         }
+        stack.push((net, z, k));
+    }
+    for ((j, k, ai), na) in found {
+        let (a, b) = (&zones[ai], &zones[j]);
+        let (na, nb) = (a.networks[na], b.networks[k]);
+        let pos = net_pos
+            .get(j)
+            .and_then(|p| p.get(k))
+            .copied()
+            .unwrap_or(b.pos);
+        ctx.err(
+            pos,
+            format!(
+                "network {nb} of zone `{}` overlaps {na} of zone `{}` (line {})",
+                b.id, a.id, a.pos.line
+            ),
+            "a source address must belong to one zone: split the networks, or give the zones different `vlans`",
+        );
     }
 }
 
@@ -1090,6 +1124,41 @@ mod tests {
                 "m.yaml:7:5: network 192.0.2.0/24 of endpoint `b` is already used by endpoint `a`"
             ),
             "{text}"
+        );
+    }
+
+    /// Issue 10, failure 15: the zone-overlap check was quadratic. 60k zones (the
+    /// kernel tables index at most 65535) decode; overlaps are still found.
+    #[test]
+    fn many_zones_decode_and_overlaps_are_found() {
+        let mut text = String::from("version: 1\nsite: big\nzones:\n");
+        for i in 0..60_000u32 {
+            let (a, b) = (i / 256, i % 256);
+            text.push_str(&format!(
+                "  - {{id: z{i}, networks: [10.{a}.{b}.0/24, \"fd00:{i:x}::/64\"]}}\n"
+            ));
+        }
+        let map = parse(&text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(map.zones.len(), 60_000);
+        // A zone inside another one, and one equal to it, are reported at their line.
+        text.push_str("  - {id: inner, networks: [10.3.4.128/25]}\n");
+        text.push_str("  - {id: same, networks: [10.3.4.0/24]}\n");
+        let err = parse(&text)
+            .err()
+            .unwrap_or_else(|| panic!("overlaps accepted"));
+        let msgs: Vec<String> = err.diagnostics.iter().map(|d| d.to_string()).collect();
+        assert_eq!(msgs.len(), 3, "{msgs:#?}");
+        assert!(
+            msgs[0].contains("10.3.4.128/25 of zone `inner` overlaps 10.3.4.0/24 of zone `z772`"),
+            "{msgs:#?}"
+        );
+        assert!(
+            msgs[1].contains("zone `same` overlaps 10.3.4.0/24 of zone `z772`"),
+            "{msgs:#?}"
+        );
+        assert!(
+            msgs[2].contains("zone `same` overlaps 10.3.4.128/25 of zone `inner`"),
+            "{msgs:#?}"
         );
     }
 

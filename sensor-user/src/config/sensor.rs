@@ -432,7 +432,15 @@ fn decode(ctx: &mut Ctx, root: &Node, cfg: &mut SensorConfig) {
     if let Some(n) = top.get("sensor_id")
         && let Some(v) = ctx.nonempty_str(n, "sensor_id")
     {
-        cfg.sensor_id = v;
+        if conduit_evidence::sensor_id::is_valid(&v) {
+            cfg.sensor_id = v;
+        } else {
+            ctx.err(
+                n.pos,
+                format!("`sensor_id` {v:?} is not a valid sensor id"),
+                format!("use {}", conduit_evidence::sensor_id::GRAMMAR),
+            );
+        }
     }
     if let Some(items) = top.get("interfaces").and_then(|n| ctx.seq(n, "interfaces")) {
         cfg.interfaces = items
@@ -659,6 +667,22 @@ mod tests {
         assert!(!cfg.enforcement);
         assert!(cfg.metrics.is_none());
         assert!(!cfg.sensor_id.is_empty());
+    }
+
+    #[test]
+    fn sensor_id_follows_the_one_grammar() {
+        for bad in ["collector", "EXPORTS", "_x", "a/b"] {
+            let text = format!("sensor_id: \"{bad}\"\n");
+            let err = SensorConfig::from_bytes("s.yaml", text.as_bytes())
+                .err()
+                .unwrap_or_else(|| panic!("{bad} accepted"));
+            let d = &err.diagnostics[0];
+            assert_eq!((d.line, d.column), (1, 12), "{d:?}");
+            assert!(d.message.contains("not a valid sensor id"), "{}", d.message);
+        }
+        let cfg = SensorConfig::from_bytes("s.yaml", b"sensor_id: gw-01\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.sensor_id, "gw-01");
     }
 
     #[test]

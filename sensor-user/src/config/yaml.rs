@@ -69,11 +69,21 @@ impl Node {
     }
 }
 
-/// Parses one YAML document. An empty file gives a `Null` root.
+/// Nodes in the decoded tree, aliases expanded: a "billion laughs" file stops here.
+/// A map with the most zones the kernel tables index (65535) is about 700k nodes.
+pub const MAX_NODES: usize = 1_500_000;
+/// Collections inside collections.
+pub const MAX_DEPTH: usize = 64;
+
+/// Parses one YAML document. An empty file gives a `Null` root. Alias expansion,
+/// nesting and the node count are bounded ([`MAX_NODES`], [`MAX_DEPTH`]).
 pub fn parse(file: &str, text: &str) -> Result<Node, ConfigError> {
     let mut parser = Parser::new_from_str(text);
-    let mut stack: Vec<(Node, Option<Node>, usize)> = Vec::new();
-    let mut anchors: HashMap<usize, Node> = HashMap::new();
+    // (collection, pending map key, anchor, node count when it started)
+    let mut stack: Vec<(Node, Option<Node>, usize, usize)> = Vec::new();
+    // anchor id -> (node, its size in nodes)
+    let mut anchors: HashMap<usize, (Node, usize)> = HashMap::new();
+    let mut nodes = 0usize;
     let mut root: Option<Node> = None;
     let mut documents = 0usize;
     let syntax = |pos: Pos, info: &str| ConfigError {
@@ -84,6 +94,17 @@ pub fn parse(file: &str, text: &str) -> Result<Node, ConfigError> {
             message: format!(
                 "YAML syntax error: {info} — check the indentation, the `key: value` \
                  separators and the quoting on this line and the line before"
+            ),
+        }],
+    };
+    let limit = |pos: Pos, what: String| ConfigError {
+        diagnostics: vec![Diagnostic {
+            file: file.to_owned(),
+            line: pos.line,
+            column: pos.column,
+            message: format!(
+                "{what} — a conduit map needs far less; look for aliases (`*name`) that \
+                 repeat large anchors"
             ),
         }],
     };
@@ -102,7 +123,27 @@ pub fn parse(file: &str, text: &str) -> Result<Node, ConfigError> {
             }
         };
         let pos = Pos::from_span(&span);
-        let (complete, anchor) = match event {
+        let added = match &event {
+            Event::Alias(id) => anchors.get(id).map_or(1, |(_, size)| *size),
+            Event::Scalar(..) | Event::SequenceStart(..) | Event::MappingStart(..) => 1,
+            _ => 0,
+        };
+        nodes = nodes.saturating_add(added);
+        if nodes > MAX_NODES {
+            return Err(limit(
+                pos,
+                format!("more than {MAX_NODES} YAML nodes (aliases expanded)"),
+            ));
+        }
+        if matches!(event, Event::SequenceStart(..) | Event::MappingStart(..))
+            && stack.len() >= MAX_DEPTH
+        {
+            return Err(limit(
+                pos,
+                format!("collections nested deeper than {MAX_DEPTH} levels"),
+            ));
+        }
+        let (complete, anchor, size) = match event {
             Event::StreamStart | Event::StreamEnd | Event::Nothing | Event::DocumentEnd => {
                 continue;
             }
@@ -123,12 +164,13 @@ pub fn parse(file: &str, text: &str) -> Result<Node, ConfigError> {
                 continue;
             }
             Event::Alias(id) => match anchors.get(&id) {
-                Some(n) => (
+                Some((n, size)) => (
                     Node {
                         pos,
                         value: n.value.clone(),
                     },
                     0,
+                    *size,
                 ),
                 None => return Err(syntax(pos, "alias to an unknown anchor")),
             },
@@ -142,7 +184,7 @@ pub fn parse(file: &str, text: &str) -> Result<Node, ConfigError> {
                         plain,
                     }
                 };
-                (Node { pos, value }, anchor)
+                (Node { pos, value }, anchor, 1)
             }
             Event::SequenceStart(anchor, _) => {
                 stack.push((
@@ -152,6 +194,7 @@ pub fn parse(file: &str, text: &str) -> Result<Node, ConfigError> {
                     },
                     None,
                     anchor,
+                    nodes,
                 ));
                 continue;
             }
@@ -163,21 +206,23 @@ pub fn parse(file: &str, text: &str) -> Result<Node, ConfigError> {
                     },
                     None,
                     anchor,
+                    nodes,
                 ));
                 continue;
             }
             Event::SequenceEnd | Event::MappingEnd => match stack.pop() {
-                Some((node, _, anchor)) => (node, anchor),
+                // Nodes counted since its start, itself included.
+                Some((node, _, anchor, start)) => (node, anchor, nodes - start + 1),
                 None => return Err(syntax(pos, "unbalanced end of collection")),
             },
         };
         if anchor != 0 {
-            anchors.insert(anchor, complete.clone());
+            anchors.insert(anchor, (complete.clone(), size));
         }
         // Attach the finished node to its parent (or make it the root).
         match stack.last_mut() {
             None => root = Some(complete),
-            Some((parent, pending_key, _)) => match &mut parent.value {
+            Some((parent, pending_key, ..)) => match &mut parent.value {
                 Value::Seq(items) => items.push(complete),
                 Value::Map(entries) => match pending_key.take() {
                     None => *pending_key = Some(complete),
@@ -468,6 +513,33 @@ mod tests {
         let err = parse("t.yaml", "a: [1, 2\nb: 3\n").expect_err("broken");
         assert!(err.diagnostics[0].line >= 1);
         assert!(err.to_string().starts_with("t.yaml:"));
+    }
+
+    /// Issue 10, failure 14: "billion laughs" stops at the node cap, with a position.
+    #[test]
+    fn alias_bomb_is_refused_with_a_position() {
+        let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..10 {
+            let prev = format!("*a{}", i - 1);
+            text.push_str(&format!("a{i}: &a{i} [{}]\n", vec![prev; 10].join(", ")));
+        }
+        let err = parse("bomb.yaml", &text).expect_err("a bomb must be refused");
+        let d = &err.diagnostics[0];
+        assert!(d.message.contains("YAML nodes"), "{}", d.message);
+        assert!(d.line >= 6 && d.column > 1, "{d:?}");
+        assert!(err.to_string().starts_with("bomb.yaml:"));
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_with_a_position() {
+        let text = format!("{}{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
+        let err = parse("deep.yaml", &text).expect_err("too deep");
+        let d = &err.diagnostics[0];
+        assert!(d.message.contains("nested deeper"), "{}", d.message);
+        assert_eq!((d.line, d.column), (1, MAX_DEPTH + 1));
+        // At the limit it parses.
+        let ok = format!("{}{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
+        assert!(parse("deep.yaml", &ok).is_ok());
     }
 
     #[test]
