@@ -93,11 +93,17 @@ pub fn path_env() -> OsString {
 pub fn rustup_run(channel: &Channel, program: &str) -> Command {
     let mut cmd = Command::new("rustup");
     cmd.args(["run", &channel.channel, program])
-        .env("PATH", path_env())
-        .env_remove("RUSTUP_TOOLCHAIN")
-        .env_remove("CARGO")
-        .env_remove("RUSTC");
+        .env("PATH", path_env());
+    without_toolchain_env(&mut cmd);
     cmd
+}
+
+/// Removes what the calling cargo or rustup set for itself, so that a child picks
+/// the toolchain it is told to, not the one xtask happens to run under.
+fn without_toolchain_env(cmd: &mut Command) -> &mut Command {
+    cmd.env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .env_remove("RUSTC")
 }
 
 /// Installs both toolchains with their components and bpf-linker, and checks that
@@ -196,14 +202,13 @@ fn bpf_linker_identity(path: &Path) -> Option<(String, u32)> {
         .strip_prefix("bpf-linker ")?
         .to_owned();
     let ldd = Command::new("ldd").arg(path).output().ok()?;
-    let llvm = String::from_utf8_lossy(&ldd.stdout)
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("libLLVM.so.").map(str::to_owned))
-        .or_else(|| {
-            String::from_utf8_lossy(&ldd.stdout)
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("libLLVM-").map(str::to_owned))
-        })?;
+    let ldd = String::from_utf8_lossy(&ldd.stdout);
+    // Debian names it libLLVM.so.22.1 (LLVM 18 and later) or libLLVM-17.so.
+    let llvm = ldd.lines().find_map(|l| {
+        let l = l.trim();
+        l.strip_prefix("libLLVM.so.")
+            .or_else(|| l.strip_prefix("libLLVM-"))
+    })?;
     let major = llvm
         .split(|c: char| !c.is_ascii_digit())
         .next()?
@@ -317,14 +322,12 @@ pub fn fresh_check() -> Result<()> {
         std::iter::once(bin.clone()).chain(system.into_iter().map(PathBuf::from)),
     )?;
     let fresh = |cmd: &mut Command| {
-        cmd.env("RUSTUP_HOME", &rustup_home)
-            .env("CARGO_HOME", &cargo_home)
-            .env("PATH", &path)
-            .env_remove("RUSTUP_TOOLCHAIN")
-            .env_remove("CARGO")
-            .env_remove("RUSTC")
+        without_toolchain_env(cmd)
             .env_remove("RUSTC_WRAPPER")
-            .env_remove("CARGO_TARGET_DIR");
+            .env_remove("CARGO_TARGET_DIR")
+            .env("RUSTUP_HOME", &rustup_home)
+            .env("CARGO_HOME", &cargo_home)
+            .env("PATH", &path);
     };
     step("Fresh-toolchain check: setup's toolchain step with empty RUSTUP_HOME and CARGO_HOME");
     let mut setup = Command::new(&exe);

@@ -260,6 +260,21 @@ impl Recorder {
         let (mut seq, mut hash, mut since) = (self.seq, self.hash, self.since_checkpoint);
         // Which entries of `out` are checkpoints made here (dropped again on fallback).
         let mut made_here = Vec::with_capacity(records.len() + 1);
+        // One chain step: the record's exact bytes linked after (seq, hash).
+        let link =
+            |seq: &mut u64, hash: &mut [u8; 32], record: v1::Record, out: &mut Vec<Appended>| {
+                let record_bytes = record.encode_to_vec();
+                let prev_hash = *hash;
+                *seq += 1;
+                *hash = record_hash(*seq, &prev_hash, &record_bytes);
+                out.push(Appended {
+                    seq: *seq,
+                    prev_hash,
+                    hash: *hash,
+                    record,
+                    record_bytes,
+                });
+            };
         for mut record in records {
             if record.sensor_id.is_empty() {
                 record.sensor_id.clone_from(&self.sensor_id);
@@ -267,17 +282,7 @@ impl Recorder {
             if record.time_unix_nano == 0 {
                 record.time_unix_nano = now_nanos;
             }
-            let record_bytes = record.encode_to_vec();
-            let prev_hash = hash;
-            seq += 1;
-            hash = record_hash(seq, &prev_hash, &record_bytes);
-            out.push(Appended {
-                seq,
-                prev_hash,
-                hash,
-                record,
-                record_bytes,
-            });
+            link(&mut seq, &mut hash, record, &mut out);
             made_here.push(false);
             since += 1;
             if self.policy.due_by_count(since) {
@@ -289,17 +294,7 @@ impl Recorder {
                     now,
                     since,
                 );
-                let record_bytes = record.encode_to_vec();
-                let prev_hash = hash;
-                seq += 1;
-                hash = record_hash(seq, &prev_hash, &record_bytes);
-                out.push(Appended {
-                    seq,
-                    prev_hash,
-                    hash,
-                    record,
-                    record_bytes,
-                });
+                link(&mut seq, &mut hash, record, &mut out);
                 made_here.push(true);
                 since = 0;
             }
