@@ -29,9 +29,13 @@ const MAX_SNI: usize = 253;
 const QUIC_V1: u32 = 0x0000_0001;
 const QUIC_V2: u32 = 0x6b33_43cf;
 
-/// Copies packet bytes into BPF memory: `bpf_xdp_load_bytes` / `bpf_skb_load_bytes`.
+/// Copies packet bytes into BPF memory.
 pub trait LoadBytes: EbpfContext {
+    /// `bpf_xdp_load_bytes` (5.18) / `bpf_skb_load_bytes` (4.5).
     fn load_bytes_raw(&self, off: u32, dst: *mut u8, len: u32) -> i64;
+    /// The same without `bpf_xdp_load_bytes`: direct packet access for XDP (the
+    /// linear area only), `bpf_skb_load_bytes` for TC.
+    fn load_bytes_bounded(&self, b: &Bounds, off: u32, dst: *mut u8, len: u32) -> i64;
 }
 
 impl LoadBytes for aya_ebpf::programs::XdpContext {
@@ -40,6 +44,11 @@ impl LoadBytes for aya_ebpf::programs::XdpContext {
         // SAFETY: `dst` points to at least `len` writable bytes (checked by the verifier).
         unsafe { bpf_xdp_load_bytes(self.as_ptr().cast::<xdp_md>(), off, dst.cast(), len) }
     }
+
+    #[inline(always)]
+    fn load_bytes_bounded(&self, b: &Bounds, off: u32, dst: *mut u8, len: u32) -> i64 {
+        copy_direct(b, off, dst, len)
+    }
 }
 
 impl LoadBytes for aya_ebpf::programs::TcContext {
@@ -47,6 +56,174 @@ impl LoadBytes for aya_ebpf::programs::TcContext {
     fn load_bytes_raw(&self, off: u32, dst: *mut u8, len: u32) -> i64 {
         // SAFETY: as above.
         unsafe { bpf_skb_load_bytes(self.as_ptr(), off, dst.cast(), len) }
+    }
+
+    #[inline(always)]
+    fn load_bytes_bounded(&self, _b: &Bounds, off: u32, dst: *mut u8, len: u32) -> i64 {
+        self.load_bytes_raw(off, dst, len)
+    }
+}
+
+/// `v` unchanged, through a volatile stack slot: LLVM cannot see through it, so it
+/// keeps the comparisons that follow as written. It would otherwise fold them into
+/// forms that older verifiers (6.1 and before) learn nothing from: `p + 1 > end`
+/// into `p >= end` (no packet range at offset 0), `n < 1` into `n == 0` (no
+/// lower bound). The verifier tracks the spilled value exactly.
+#[inline(always)]
+fn opaque<T: Copy>(v: T) -> T {
+    let mut slot = v;
+    // SAFETY: a local, valid for reads and writes.
+    unsafe {
+        core::ptr::write_volatile(&raw mut slot, v);
+        core::ptr::read_volatile(&raw const slot)
+    }
+}
+
+/// `n` as the size argument of a helper (`bpf_*_load_bytes`), which must be at
+/// least 1: `None` unless 1 <= n <= max. The signed compare gives 6.1's verifier
+/// the lower bound; the second barrier keeps LLVM from merging both checks into
+/// one range check on a copy of `n`.
+#[inline(always)]
+fn helper_len(n: usize, max: usize) -> Option<u32> {
+    let m = opaque(n) as i64;
+    if m < 1 {
+        return None;
+    }
+    let m = opaque(m as usize);
+    if m > max {
+        return None;
+    }
+    Some(m as u32)
+}
+
+/// Pointer to `N` packet bytes at `off`, if they are all in the packet: the end of
+/// the bytes is compared with the packet end (see [`opaque`] for why).
+#[inline(always)]
+fn packet_bytes<const N: usize>(b: &Bounds, off: usize) -> Option<*const u8> {
+    let last = opaque(b.start + off + N);
+    if last > b.end {
+        return None;
+    }
+    Some((last - N) as *const u8)
+}
+
+/// Bytes copied per step of [`copy_direct`].
+const CHUNK: usize = 32;
+
+/// Copies `len` (at most [`PAYLOAD_COPY_MAX`]) packet bytes at `off` into `dst` by
+/// direct packet access, each step checked against the packet end: whole chunks,
+/// then the last `CHUNK` bytes again (overlapping), so the tail does not depend on
+/// where the chunk loop stopped and the verifier walks it once; payloads shorter
+/// than a chunk byte by byte. Returns 0, or -1 if the bytes are not all in the
+/// linear area.
+#[inline(always)]
+fn copy_direct(b: &Bounds, off: u32, dst: *mut u8, len: u32) -> i64 {
+    // The mask gives the verifier a bound; parse() never yields offsets above it.
+    let off = off as usize & 0x3fff;
+    let len = len as usize;
+    if len > PAYLOAD_COPY_MAX {
+        return -1;
+    }
+    if len < CHUNK {
+        let mut j = 0;
+        while j < CHUNK - 1 {
+            if j >= forget(len) {
+                break;
+            }
+            let Some(src) = packet_bytes::<1>(b, off + j) else {
+                return -1;
+            };
+            // SAFETY: one byte inside the packet; j < len <= the size of `dst`.
+            unsafe { core::ptr::write_volatile(dst.add(j), core::ptr::read_volatile(src)) };
+            j += 1;
+        }
+        return 0;
+    }
+    let mut done = 0usize;
+    let mut i = 0;
+    while i < PAYLOAD_COPY_MAX / CHUNK {
+        if done + CHUNK > forget(len) {
+            break;
+        }
+        if copy_chunk(b, off + done, dst, done).is_none() {
+            return -1;
+        }
+        done += CHUNK;
+        i += 1;
+    }
+    let last = opaque(len - CHUNK);
+    if last > PAYLOAD_COPY_MAX - CHUNK || copy_chunk(b, off + last, dst, last).is_none() {
+        return -1;
+    }
+    0
+}
+
+/// Copies `CHUNK` packet bytes at `off` to `dst + at` (`at + CHUNK` within `dst`).
+#[inline(always)]
+fn copy_chunk(b: &Bounds, off: usize, dst: *mut u8, at: usize) -> Option<()> {
+    let src = packet_bytes::<CHUNK>(b, off)?;
+    // SAFETY: `src` is CHUNK bytes inside the packet; the caller bounds `at`.
+    unsafe { crate::flow::copy_words::<[u8; CHUNK], u8>(dst.add(at).cast(), src.cast()) };
+    Some(())
+}
+
+/// How a payload classifier reads the packet and hashes the SNI. The loader loads
+/// the best one the kernel accepts (`sensor-user`'s `kernel::ClassifierVariant`).
+pub trait Variant {
+    /// Copies `len` packet bytes at `off` into `dst`; 0 on success.
+    fn copy<C: LoadBytes>(ctx: &C, b: &Bounds, off: u32, dst: *mut u8, len: u32) -> i64;
+    /// Hash and endpoint of the host name at `name_off` (relative to the payload,
+    /// which starts at packet offset `payload_off` and is copied in `data`).
+    fn sni<C: LoadBytes>(
+        ctx: &C,
+        data: &[u8; PAYLOAD_COPY_MAX],
+        payload_off: u32,
+        name_off: u32,
+        name_len: u32,
+    ) -> Option<(u64, u16)>;
+}
+
+/// `bpf_xdp_load_bytes` (5.18) and `bpf_loop` (5.17): reads XDP frags, and the
+/// verifier checks the SNI hash step once.
+pub struct Helpers;
+
+/// No `bpf_loop` or `bpf_xdp_load_bytes`: direct packet access in fixed chunks for
+/// XDP (linear data only) and a bounded loop for the SNI hash.
+pub struct Bounded;
+
+impl Variant for Helpers {
+    #[inline(always)]
+    fn copy<C: LoadBytes>(ctx: &C, _b: &Bounds, off: u32, dst: *mut u8, len: u32) -> i64 {
+        ctx.load_bytes_raw(off, dst, len)
+    }
+
+    #[inline(always)]
+    fn sni<C: LoadBytes>(
+        ctx: &C,
+        _data: &[u8; PAYLOAD_COPY_MAX],
+        payload_off: u32,
+        name_off: u32,
+        name_len: u32,
+    ) -> Option<(u64, u16)> {
+        sni_lookup(ctx, payload_off + name_off, name_len)
+    }
+}
+
+impl Variant for Bounded {
+    #[inline(always)]
+    fn copy<C: LoadBytes>(ctx: &C, b: &Bounds, off: u32, dst: *mut u8, len: u32) -> i64 {
+        ctx.load_bytes_bounded(b, off, dst, len)
+    }
+
+    #[inline(always)]
+    fn sni<C: LoadBytes>(
+        _ctx: &C,
+        data: &[u8; PAYLOAD_COPY_MAX],
+        _payload_off: u32,
+        name_off: u32,
+        name_len: u32,
+    ) -> Option<(u64, u16)> {
+        sni_hash_bounded(data, name_off, name_len)
     }
 }
 
@@ -150,7 +327,7 @@ pub fn on_new_flow(p: &Packet, dir: usize, s: *mut FlowStats, cfg: &KernelConfig
 /// First forward payload packet of a flow: TLS ClientHello or QUIC Initial.
 /// Called only while `sni_state == NONE`.
 #[inline(always)]
-pub fn on_first_payload<C: LoadBytes>(
+pub fn on_first_payload<C: LoadBytes, V: Variant>(
     ctx: &C,
     b: &Bounds,
     p: &Packet,
@@ -230,19 +407,21 @@ pub fn on_first_payload<C: LoadBytes>(
     // is <= data.len().
     let copied = unsafe {
         let data = (&raw mut (*ev).data).cast::<u8>();
-        if n == 0 || n > PAYLOAD_COPY_MAX {
-            0
-        } else if ctx.load_bytes_raw(p.payload_off, data, n as u32) == 0 {
-            n
-        } else if in_frame > 0
-            && in_frame < n
-            && ctx.load_bytes_raw(p.payload_off, data, in_frame as u32) == 0
-        {
-            bump(Counter::LossPayloadPartial);
-            in_frame
-        } else {
-            bump(Counter::LossPayloadLoad);
-            0
+        match helper_len(n, PAYLOAD_COPY_MAX) {
+            None => 0,
+            Some(len) if V::copy(ctx, b, p.payload_off, data, len) == 0 => n,
+            Some(_) => match helper_len(in_frame, PAYLOAD_COPY_MAX) {
+                Some(part)
+                    if (part as usize) < n && V::copy(ctx, b, p.payload_off, data, part) == 0 =>
+                {
+                    bump(Counter::LossPayloadPartial);
+                    in_frame
+                }
+                _ => {
+                    bump(Counter::LossPayloadLoad);
+                    0
+                }
+            },
         }
     };
     // SAFETY: header fields of the reservation.
@@ -262,7 +441,7 @@ pub fn on_first_payload<C: LoadBytes>(
         // SAFETY: the data array of the reservation; bytes past `copied` are never read.
         let data = unsafe { &(*ev).data };
         if let Some((name_off, name_len)) = client_hello_sni(data, copied)
-            && let Some((hash, endpoint)) = sni_lookup(ctx, p.payload_off + name_off, name_len)
+            && let Some((hash, endpoint)) = V::sni(ctx, data, p.payload_off, name_off, name_len)
         {
             let (init, resp, port) = sides(p, DIR_FORWARD);
             let endpoint = if endpoint != 0 {
@@ -279,8 +458,12 @@ pub fn on_first_payload<C: LoadBytes>(
     e.submit(0);
 }
 
+/// Byte `i` of the first `n` bytes of `d`. The index goes through [`opaque`] so that
+/// LLVM checks each index itself (6.1's verifier cannot bound `i + 1` from the
+/// checks on `i` that LLVM would otherwise reuse).
 #[inline(always)]
 fn at(d: &[u8; PAYLOAD_COPY_MAX], n: usize, i: usize) -> Option<u8> {
+    let i = opaque(i);
     if i >= n {
         return None;
     }
@@ -347,6 +530,28 @@ fn client_hello_sni(d: &[u8; PAYLOAD_COPY_MAX], n: usize) -> Option<(u32, u32)> 
 pub struct SniScratch {
     name: [u8; 512],
     suffixes: [u64; MAX_SUFFIXES],
+    /// Suffix hashes found so far ([`sni_hash_bounded`] keeps it here, not in a
+    /// register, so that the verifier does not walk one path per count).
+    found: u64,
+    /// See [`forget`].
+    slot: u64,
+}
+
+/// `v`, as the verifier sees a value loaded from a map: unknown, with no link to
+/// `v`'s register. A bounded loop that compares `v` itself narrows `v`'s range on
+/// every exit, so the paths after the loop differ and never merge (one walk of the
+/// rest of the program per exit: 5.10 and the host's kernel give up at the 1M
+/// instruction limit). Compared through this, nothing of the loop stays in `v`.
+#[inline(always)]
+fn forget(v: usize) -> usize {
+    let Some(sc) = crate::SNI_SCRATCH.get_ptr_mut(0) else {
+        return v;
+    };
+    // SAFETY: per-CPU scratch, used by this invocation only.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*sc).slot, v as u64);
+        core::ptr::read_volatile(&raw const (*sc).slot) as usize
+    }
 }
 
 /// State of the SNI hashing loop.
@@ -386,15 +591,13 @@ const MAX_SUFFIXES: usize = 8;
 #[inline(always)]
 fn sni_lookup<C: LoadBytes>(ctx: &C, pkt_off: u32, len: u32) -> Option<(u64, u16)> {
     let sc = crate::SNI_SCRATCH.get_ptr_mut(0)?;
-    let len = len as usize;
-    if len == 0 || len > MAX_SNI {
-        return None;
-    }
+    let n = helper_len(len as usize, MAX_SNI)?;
+    let len = n as usize;
     let dst_off = (256 - len) & 0xff;
     // SAFETY: dst_off + len <= 256 < name.len().
     let ok = unsafe {
         let dst = (&raw mut (*sc).name).cast::<u8>().add(dst_off);
-        ctx.load_bytes_raw(pkt_off, dst, (len & 0xff) as u32) == 0
+        ctx.load_bytes_raw(pkt_off, dst, n) == 0
     };
     if !ok {
         return None;
@@ -414,13 +617,65 @@ fn sni_lookup<C: LoadBytes>(ctx: &C, pkt_off: u32, len: u32) -> Option<(u64, u16
             0,
         )
     };
-    let h = st.hash;
-    let k = st.suffixes as usize;
     // SAFETY: per-CPU scratch, used by this invocation only.
-    let sc = unsafe { &*sc };
+    Some(sni_endpoint(st.hash, st.suffixes as usize, unsafe { &*sc }))
+}
+
+/// [`sni_lookup`] without `bpf_loop`: hashes the name in the copied payload, right
+/// to left, in a loop of [`MAX_SNI`] steps the verifier walks one by one. Every
+/// step runs (a byte past the name changes nothing) and the loop keeps no
+/// per-path state in registers, so the verifier's paths merge at each step: 5.10
+/// otherwise gives up at its 1M-instruction limit.
+#[inline(always)]
+fn sni_hash_bounded(
+    data: &[u8; PAYLOAD_COPY_MAX],
+    name_off: u32,
+    name_len: u32,
+) -> Option<(u64, u16)> {
+    let sc = crate::SNI_SCRATCH.get_ptr_mut(0)?;
+    let (start, len) = (name_off as usize, name_len as usize);
+    if len == 0 || len > MAX_SNI || start >= PAYLOAD_COPY_MAX {
+        return None;
+    }
+    let end = start + len;
+    let mut hash = SNI_HASH_INIT;
+    // SAFETY: per-CPU scratch, used by this invocation only.
+    unsafe { core::ptr::write_volatile(&raw mut (*sc).found, 0) };
+    let mut i = 0usize;
+    while i < MAX_SNI {
+        // Through memory: LLVM would turn the test into an early exit, and the
+        // verifier would walk one path per length (see `forget`).
+        if i < forget(len)
+            && let Some(&c) = data.get(forget(end).wrapping_sub(1 + i))
+        {
+            hash = sni_hash_step(hash, c);
+            if c == b'.' {
+                // SAFETY: as above.
+                // Volatile: LLVM would keep the count in a register otherwise.
+                unsafe {
+                    let k = core::ptr::read_volatile(&raw const (*sc).found);
+                    if k < MAX_SUFFIXES as u64 {
+                        (*sc).suffixes[k as usize & (MAX_SUFFIXES - 1)] = hash;
+                        core::ptr::write_volatile(&raw mut (*sc).found, k + 1);
+                    }
+                }
+            }
+        }
+        i += 1;
+    }
+    // SAFETY: as above.
+    let found = unsafe { core::ptr::read_volatile(&raw const (*sc).found) };
+    // SAFETY: as above.
+    Some(sni_endpoint(hash, found as usize, unsafe { &*sc }))
+}
+
+/// Endpoint of the exact name's hash `h`, else of the longest of the `k` suffix
+/// hashes in `sc` that SNI_SUFFIX holds (0 if none); returns `(h, endpoint)`.
+#[inline(always)]
+fn sni_endpoint(h: u64, k: usize, sc: &SniScratch) -> (u64, u16) {
     if let Some(ep) = SNI_EXACT.get_ptr(h) {
         // SAFETY: map value pointer from a successful lookup.
-        return Some((h, unsafe { *ep }));
+        return (h, unsafe { *ep });
     }
     let mut endpoint = 0u16;
     let mut i = 0usize;
@@ -435,5 +690,5 @@ fn sni_lookup<C: LoadBytes>(ctx: &C, pkt_off: u32, len: u32) -> Option<(u64, u16
         }
         i += 1;
     }
-    Some((h, endpoint))
+    (h, endpoint)
 }

@@ -137,10 +137,63 @@ pub struct Accounted {
     pub new: bool,
 }
 
+/// The two things of the flow path that old kernels lack, in two variants; the
+/// loader (`sensor-user`'s `kernel::FlowVariant`) loads the first one the kernel
+/// accepts.
+pub trait FlowOps {
+    /// Boot-clock time in ns; `boot_offset_ns` is CLOCK_BOOTTIME - CLOCK_MONOTONIC.
+    fn now(boot_offset_ns: u64) -> u64;
+    /// ORs `bits` into `*word`.
+    ///
+    /// # Safety
+    /// `word` is a live, 8-byte aligned flow-table word.
+    unsafe fn or_word(word: *mut u64, bits: u64);
+}
+
+/// 5.12 and later: atomic OR (BPF_ATOMIC, 5.12) and the coarse clock (5.11).
+pub struct Current;
+
+/// 5.10 and 5.11: no atomic OR, so a plain read-modify-write (a packet of the same
+/// flow on another CPU at the same instant can lose its TCP flag bits: a FIN or
+/// RST missed this way ends the flow at the idle timeout instead), and
+/// `bpf_ktime_get_boot_ns` (5.8; about 50 ns more per packet).
+pub struct Legacy;
+
+impl FlowOps for Current {
+    #[inline(always)]
+    fn now(boot_offset_ns: u64) -> u64 {
+        // bpf_ktime_get_boot_ns costs ~50 ns on this class of VM (half the
+        // per-packet budget); the coarse clock (tick resolution) plus the
+        // agent-supplied offset gives boot-clock timestamps for a few ns.
+        // SAFETY: a helper without arguments.
+        unsafe { bpf_ktime_get_coarse_ns() }.wrapping_add(boot_offset_ns)
+    }
+
+    #[inline(always)]
+    unsafe fn or_word(word: *mut u64, bits: u64) {
+        // SAFETY: the caller's.
+        unsafe { atomic_or::<u64, u64, { Relaxed }>(word, bits) };
+    }
+}
+
+impl FlowOps for Legacy {
+    #[inline(always)]
+    fn now(_boot_offset_ns: u64) -> u64 {
+        // SAFETY: a helper without arguments.
+        unsafe { bpf_ktime_get_boot_ns() }
+    }
+
+    #[inline(always)]
+    unsafe fn or_word(word: *mut u64, bits: u64) {
+        // SAFETY: the caller's.
+        unsafe { core::ptr::write_volatile(word, core::ptr::read_volatile(word) | bits) };
+    }
+}
+
 /// Counts `segs` packets / `bytes` bytes of `p` in the flow table, creating the flow
 /// on its first packet. `None` when the flow table refused the insert.
 #[inline(always)]
-pub fn account(
+pub fn account<F: FlowOps>(
     p: &Packet,
     key: &FlowKey,
     src_lo: bool,
@@ -149,10 +202,7 @@ pub fn account(
     ifindex: u32,
     boot_offset_ns: u64,
 ) -> Option<Accounted> {
-    // bpf_ktime_get_boot_ns costs ~50 ns on this class of VM (half the per-packet
-    // budget); the coarse clock (tick resolution) plus the agent-supplied
-    // BOOTTIME - MONOTONIC offset gives boot-clock timestamps for a few ns.
-    let now = unsafe { bpf_ktime_get_coarse_ns() }.wrapping_add(boot_offset_ns);
+    let now = F::now(boot_offset_ns);
     if let Some(v) = FLOWS.get_ptr_mut(key) {
         // SAFETY: `v` is a live LRU value; concurrent updaters use atomics for the
         // counters and tolerate lost `last_seen` races.
@@ -166,7 +216,7 @@ pub fn account(
             atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*v).bytes[dir], bytes);
             (*v).last_seen_ns = now;
         }
-        update_flags(v, p.tcp_flags, dir);
+        update_flags::<F>(v, p.tcp_flags, dir);
         return Some(Accounted {
             stats: v,
             dir,
@@ -201,7 +251,7 @@ pub fn account(
                 atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*v).packets[dir], segs);
                 atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*v).bytes[dir], bytes);
             }
-            update_flags(v, p.tcp_flags, dir);
+            update_flags::<F>(v, p.tcp_flags, dir);
             return Some(Accounted {
                 stats: v,
                 dir,
@@ -223,7 +273,7 @@ pub fn account(
 /// is full the flow is marked UNANNOUNCED and counted, so the agent can tell the
 /// flows it recovers from the table from those that are gone.
 #[inline(always)]
-pub fn announce_new(acc: &Accounted, ifindex: u32, key: &FlowKey) {
+pub fn announce_new<F: FlowOps>(acc: &Accounted, ifindex: u32, key: &FlowKey) {
     if emit_flow_event(EVENT_FLOW_NEW, acc.dir, ifindex, key, acc.stats) {
         return;
     }
@@ -231,7 +281,7 @@ pub fn announce_new(acc: &Accounted, ifindex: u32, key: &FlowKey) {
     // SAFETY: see update_flags; the state byte is the top byte of this word.
     unsafe {
         let word = (&raw mut (*acc.stats).ifindex).cast::<u64>();
-        atomic_or::<u64, u64, { Relaxed }>(word, (flow_state::UNANNOUNCED as u64) << 56);
+        F::or_word(word, (flow_state::UNANNOUNCED as u64) << 56);
     }
 }
 
@@ -240,7 +290,7 @@ const BPF_NOEXIST: u64 = 1;
 /// ORs the TCP flags and state bits into the flow (one atomic OR on the 8-byte word
 /// `ifindex, tcp_flags[0], tcp_flags[1], initiator_is_lo, state`, little-endian).
 #[inline(always)]
-fn update_flags(v: *mut FlowStats, flags: u8, dir: usize) {
+fn update_flags<F: FlowOps>(v: *mut FlowStats, flags: u8, dir: usize) {
     let sbits = state_bits(flags, dir);
     let want = ((flags as u64) << (32 + dir as u64 * 8)) | ((sbits as u64) << 56);
     // SAFETY: offset 56..64 of FlowStats is this 8-byte aligned word (checked by a
@@ -248,6 +298,6 @@ fn update_flags(v: *mut FlowStats, flags: u8, dir: usize) {
     let word = unsafe { (&raw mut (*v).ifindex).cast::<u64>() };
     let cur = unsafe { core::ptr::read_volatile(word) };
     if cur & want != want {
-        unsafe { atomic_or::<u64, u64, { Relaxed }>(word, want) };
+        unsafe { F::or_word(word, want) };
     }
 }

@@ -196,7 +196,18 @@ fn counted_by_xdp(p: &Packet, ingress_ifindex: u32) -> bool {
 
 #[xdp]
 pub fn conduit_xdp(ctx: XdpContext) -> u32 {
-    match try_xdp(&ctx) {
+    xdp_main::<flow::Current>(&ctx)
+}
+
+/// `conduit_xdp` for kernels without atomic OR or the coarse clock (5.10, 5.11).
+#[xdp]
+pub fn conduit_xdp_510(ctx: XdpContext) -> u32 {
+    xdp_main::<flow::Legacy>(&ctx)
+}
+
+#[inline(always)]
+fn xdp_main<F: flow::FlowOps>(ctx: &XdpContext) -> u32 {
+    match try_xdp::<F>(ctx) {
         Ok(v) => v,
         Err(c) => {
             bump(c);
@@ -206,7 +217,7 @@ pub fn conduit_xdp(ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn try_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
+fn try_xdp<F: flow::FlowOps>(ctx: &XdpContext) -> Result<u32, Counter> {
     bump(Counter::PacketsSeen);
     let b = Bounds {
         start: ctx.data(),
@@ -229,7 +240,7 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
         bump(Counter::HandedOffLocal);
         return Ok(xdp_action::XDP_PASS);
     }
-    let Some(acc) = flow::account(
+    let Some(acc) = flow::account::<F>(
         p,
         key,
         src_lo,
@@ -241,7 +252,7 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
         return Ok(xdp_action::XDP_PASS);
     };
     bump(Counter::PacketsCounted);
-    let (blocked, first_payload) = after_account(p, key, &acc, ifindex, &cfg);
+    let (blocked, first_payload) = after_account::<F>(p, key, &acc, ifindex, &cfg);
     if blocked && cfg.enforce != 0 {
         bump(Counter::PacketsDropped);
         return Ok(xdp_action::XDP_DROP);
@@ -259,7 +270,7 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
 /// is a forward packet of a flow already `blocked`, and whether it is the first
 /// forward payload packet (the caller then tail-calls the payload classifier).
 #[inline(always)]
-fn after_account(
+fn after_account<F: flow::FlowOps>(
     p: &Packet,
     key: &FlowKey,
     acc: &flow::Accounted,
@@ -275,7 +286,7 @@ fn after_account(
     let v = unsafe { (*acc.stats).verdict };
     if acc.new {
         classify::on_new_flow(p, acc.dir, acc.stats, cfg);
-        flow::announce_new(acc, ifindex, key);
+        flow::announce_new::<F>(acc, ifindex, key);
     }
     if acc.dir != DIR_FORWARD {
         return (false, false);
@@ -339,7 +350,7 @@ static JUMP_XDP: ProgramArray = ProgramArray::with_max_entries(1, 0);
 static JUMP_TC: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 #[inline(always)]
-fn classify_job<C: classify::LoadBytes>(ctx: &C, start: usize, end: usize) {
+fn classify_job<C: classify::LoadBytes, V: classify::Variant>(ctx: &C, start: usize, end: usize) {
     let Some(job) = PAYLOAD_JOB.get_ptr(0) else {
         return;
     };
@@ -349,26 +360,51 @@ fn classify_job<C: classify::LoadBytes>(ctx: &C, start: usize, end: usize) {
         return;
     };
     let b = Bounds { start, end };
-    classify::on_first_payload(ctx, &b, &job.pkt, &job.key, s, job.ifindex, &config());
+    classify::on_first_payload::<C, V>(ctx, &b, &job.pkt, &job.key, s, job.ifindex, &config());
 }
 
 /// First forward payload packet of a flow (XDP): TLS ClientHello / QUIC Initial.
 #[xdp]
 pub fn conduit_xdp_classify(ctx: XdpContext) -> u32 {
-    classify_job(&ctx, ctx.data(), ctx.data_end());
+    classify_job::<_, classify::Helpers>(&ctx, ctx.data(), ctx.data_end());
     xdp_action::XDP_PASS
 }
 
 /// First forward payload packet of a flow (TC egress).
 #[classifier]
 pub fn conduit_tc_classify(ctx: TcContext) -> i32 {
-    classify_job(&ctx, ctx.data(), ctx.data_end());
+    classify_job::<_, classify::Helpers>(&ctx, ctx.data(), ctx.data_end());
+    TC_ACT_OK
+}
+
+/// `conduit_xdp_classify` for kernels without `bpf_loop` / `bpf_xdp_load_bytes`.
+#[xdp]
+pub fn conduit_xdp_classify_bounded(ctx: XdpContext) -> u32 {
+    classify_job::<_, classify::Bounded>(&ctx, ctx.data(), ctx.data_end());
+    xdp_action::XDP_PASS
+}
+
+/// `conduit_tc_classify` for kernels without `bpf_loop`.
+#[classifier]
+pub fn conduit_tc_classify_bounded(ctx: TcContext) -> i32 {
+    classify_job::<_, classify::Bounded>(&ctx, ctx.data(), ctx.data_end());
     TC_ACT_OK
 }
 
 #[classifier]
 pub fn conduit_tc(ctx: TcContext) -> i32 {
-    match try_tc(&ctx) {
+    tc_main::<flow::Current>(&ctx)
+}
+
+/// `conduit_tc` for kernels without atomic OR or the coarse clock (5.10, 5.11).
+#[classifier]
+pub fn conduit_tc_510(ctx: TcContext) -> i32 {
+    tc_main::<flow::Legacy>(&ctx)
+}
+
+#[inline(always)]
+fn tc_main<F: flow::FlowOps>(ctx: &TcContext) -> i32 {
+    match try_tc::<F>(ctx) {
         Ok(v) => v,
         Err(c) => {
             bump(c);
@@ -381,7 +417,7 @@ pub fn conduit_tc(ctx: TcContext) -> i32 {
 const TC_PULL_LEN: u32 = 128;
 
 #[inline(always)]
-fn try_tc(ctx: &TcContext) -> Result<i32, Counter> {
+fn try_tc<F: flow::FlowOps>(ctx: &TcContext) -> Result<i32, Counter> {
     bump(Counter::PacketsSeen);
     // SAFETY: reading plain fields of the __sk_buff context.
     let (ingress_ifindex, ifindex, gso_segs, skb_len) = unsafe {
@@ -431,7 +467,7 @@ fn try_tc(ctx: &TcContext) -> Result<i32, Counter> {
     // A GSO aggregate carries one set of headers for `segs` wire packets.
     let bytes = p.ip_len as u64 + (segs as u64 - 1) * p.hdr_len as u64;
     let cfg = config();
-    let Some(acc) = flow::account(
+    let Some(acc) = flow::account::<F>(
         p,
         key,
         src_lo,
@@ -444,7 +480,7 @@ fn try_tc(ctx: &TcContext) -> Result<i32, Counter> {
     };
     bump_by(Counter::PacketsCounted, segs as u64);
     // Egress never drops: enforcement is XDP's job.
-    let (_, first_payload) = after_account(p, key, &acc, ifindex, &cfg);
+    let (_, first_payload) = after_account::<F>(p, key, &acc, ifindex, &cfg);
     if first_payload {
         // SAFETY: ctx is this program's context.
         unsafe { JUMP_TC.tail_call(ctx, 0) };

@@ -209,8 +209,16 @@ impl Agent {
                 Some(DefaultAction::Block) => sensor_common::action::BLOCK,
                 _ => sensor_common::action::ALERT,
             },
+            ..KernelOptions::default()
         })
         .context("loading the kernel programs (needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON; `conduit-sensor probe` shows what this process has)")?;
+        let c = kernel.classifiers();
+        tracing::info!(
+            flow = kernel.flow_variant().name(),
+            xdp_classifier = c.xdp.name(),
+            tc_classifier = c.tc.name(),
+            "kernel programs loaded"
+        );
         let mut ifnames = HashMap::new();
         match mode {
             Mode::Live => {

@@ -45,6 +45,9 @@ pub enum Command {
     Keygen(KeygenArgs),
     /// Report kernel and interface capabilities.
     Probe(ProbeArgs),
+    /// Remove the sensor's TC programs left on an interface by an agent that did
+    /// not shut down (kernels without TCX keep netlink filters after the process).
+    Detach(DetachArgs),
     /// Print the JSON Schema of sensor.yaml and conduits.yaml.
     Schema,
     /// Print the version.
@@ -165,6 +168,13 @@ pub struct KeygenArgs {
     /// Directory for signing.key and signing.pub (created if missing).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct DetachArgs {
+    /// Interface to clean (repeatable); one that does not exist makes detach exit 2.
+    #[arg(long = "iface", value_name = "NAME", required = true)]
+    pub ifaces: Vec<String>,
 }
 
 #[derive(Debug, Args)]

@@ -29,6 +29,7 @@ pub fn dispatch(cli: Cli) -> ExitCode {
         Command::VerifyChain(args) => verify_chain(args),
         Command::Keygen(args) => keygen(args),
         Command::Probe(args) => probe(args),
+        Command::Detach(args) => detach(args),
         Command::Schema => schema(),
         Command::Version => {
             println!("conduit-sensor {}", env!("CARGO_PKG_VERSION"));
@@ -374,23 +375,47 @@ fn schema() -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn detach(args: crate::cli::DetachArgs) -> Result<ExitCode> {
+    let mut code = ExitCode::SUCCESS;
+    for iface in &args.ifaces {
+        if !Path::new("/sys/class/net").join(iface).exists() {
+            eprintln!("conduit-sensor: interface {iface} does not exist");
+            code = ExitCode::from(EXIT_USAGE);
+            continue;
+        }
+        let removed = crate::kernel::detach_stale(iface)
+            .with_context(|| format!("detaching the sensor from {iface}"))?;
+        if removed.is_empty() {
+            println!("{iface}: nothing of the sensor attached");
+        }
+        for r in removed {
+            println!("{iface}: removed {r}");
+        }
+    }
+    Ok(code)
+}
+
+/// One line of `probe` on a hook's payload classifier and what it means.
+fn print_classifier(hook: &str, v: crate::kernel::ClassifierVariant) {
+    use crate::kernel::ClassifierVariant;
+    let meaning = match v {
+        ClassifierVariant::Helpers => {
+            "bpf_loop, bpf_xdp_load_bytes / bpf_skb_load_bytes: SNI, split ClientHellos and QUIC Initials; XDP also reads multi-buffer frames"
+        }
+        ClassifierVariant::Bounded => {
+            "bounded loops, XDP by direct packet access (this kernel rejected the helper variant): SNI, split ClientHellos and QUIC Initials; XDP copies only a frame's linear area"
+        }
+        ClassifierVariant::None => {
+            "NOT LOADED: flows are classified by address only; endpoints known only by SNI are missed and QUIC is not recognized"
+        }
+    };
+    println!("payload classification, {hook}: {} ({meaning})", v.name());
+}
+
 fn probe(args: ProbeArgs) -> Result<ExitCode> {
     let uname = nix::sys::utsname::uname()?;
     let release = uname.release().to_string_lossy().into_owned();
     println!("kernel: {release}");
-    let (major, minor) = {
-        let mut it = release
-            .split(|c: char| !c.is_ascii_digit())
-            .filter_map(|p| p.parse::<u32>().ok());
-        (it.next().unwrap_or(0), it.next().unwrap_or(0))
-    };
-    if (major, minor) < (5, 15) {
-        println!(
-            "  UNSUPPORTED: needs 5.15 or newer (ring buffer, BPF_PROG_TEST_RUN for XDP, bpf_ktime_get_boot_ns)"
-        );
-    } else {
-        println!("  ok (5.15 or newer)");
-    }
     let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
     println!(
         "BTF: {}",
@@ -422,8 +447,30 @@ fn probe(args: ProbeArgs) -> Result<ExitCode> {
         );
     }
     let mut code = ExitCode::SUCCESS;
+    // What this kernel supports is what its verifier accepts: load and see.
     match crate::kernel::Kernel::load(&crate::kernel::KernelOptions::default()) {
-        Ok(_) => println!("kernel programs: load ok (verifier accepted XDP and TC programs)"),
+        Ok(k) => {
+            use crate::kernel::FlowVariant;
+            let flow = match k.flow_variant() {
+                FlowVariant::Current => "conduit_xdp, conduit_tc",
+                FlowVariant::Legacy => {
+                    "conduit_xdp_510, conduit_tc_510: no atomic OR or coarse clock on this kernel, so a TCP flag of a packet handled on another CPU at the same instant can be lost (a lost FIN/RST ends the flow at the idle timeout)"
+                }
+            };
+            println!(
+                "kernel programs: load ok, flow variant {} ({flow}): flows, counters, classification by address",
+                k.flow_variant().name()
+            );
+            let c = k.classifiers();
+            print_classifier("XDP ingress", c.xdp);
+            print_classifier("TC egress", c.tc);
+            for (prog, error) in &c.rejected {
+                println!(
+                    "  {prog} rejected: {}",
+                    error.trim_end().replace('\n', "\n    ")
+                );
+            }
+        }
         Err(err) => {
             println!("kernel programs: FAILED to load: {err}");
             code = ExitCode::from(EXIT_CHAIN_BROKEN);

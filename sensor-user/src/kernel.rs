@@ -34,8 +34,12 @@ use sensor_common::{
 /// Program names in the object.
 const PROG_XDP: &str = "conduit_xdp";
 const PROG_TC: &str = "conduit_tc";
+const PROG_XDP_510: &str = "conduit_xdp_510";
+const PROG_TC_510: &str = "conduit_tc_510";
 const PROG_XDP_CLASSIFY: &str = "conduit_xdp_classify";
 const PROG_TC_CLASSIFY: &str = "conduit_tc_classify";
+const PROG_XDP_CLASSIFY_BOUNDED: &str = "conduit_xdp_classify_bounded";
+const PROG_TC_CLASSIFY_BOUNDED: &str = "conduit_tc_classify_bounded";
 const PROG_BENCH_EMPTY: &str = "bench_empty";
 const PROG_BENCH_LRU: &str = "bench_lru";
 const PROG_BENCH_LRU_FLOWKEY: &str = "bench_lru_flowkey";
@@ -137,6 +141,11 @@ pub struct KernelOptions {
     pub record_all: bool,
     /// [`sensor_common::action`] for AI traffic no conduit allows.
     pub default_action: u8,
+    /// The best flow-program variant to try (tests force [`FlowVariant::Legacy`]
+    /// to check it on new kernels); worse ones are tried when it is rejected.
+    pub best_flow: FlowVariant,
+    /// The same for the payload classifiers.
+    pub best_classifier: ClassifierVariant,
 }
 
 impl Default for KernelOptions {
@@ -147,6 +156,8 @@ impl Default for KernelOptions {
             enforce: false,
             record_all: false,
             default_action: sensor_common::action::ALERT,
+            best_flow: FlowVariant::Current,
+            best_classifier: ClassifierVariant::Helpers,
         }
     }
 }
@@ -158,6 +169,79 @@ pub enum XdpAttachMode {
     Driver,
     /// Generic (skb) mode: slower, used when the driver has no XDP support.
     Skb,
+}
+
+/// The flow programs (`conduit_xdp`, `conduit_tc`) loaded: the first variant the
+/// verifier accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowVariant {
+    /// Atomic OR (5.12) for the TCP flags and the coarse clock (5.11).
+    Current,
+    /// `conduit_xdp_510` / `conduit_tc_510`: a plain read-modify-write for the TCP
+    /// flags (a flag of a packet handled on another CPU at the same instant can be
+    /// lost; a lost FIN or RST ends the flow at the idle timeout) and
+    /// `bpf_ktime_get_boot_ns` (some 50 ns more per packet).
+    Legacy,
+}
+
+impl FlowVariant {
+    /// Short name, as `probe` prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            FlowVariant::Current => "current",
+            FlowVariant::Legacy => "legacy",
+        }
+    }
+
+    const fn programs(self) -> (&'static str, &'static str) {
+        match self {
+            FlowVariant::Current => (PROG_XDP, PROG_TC),
+            FlowVariant::Legacy => (PROG_XDP_510, PROG_TC_510),
+        }
+    }
+}
+
+/// The payload (TLS ClientHello / QUIC Initial) classifier a hook runs: the first
+/// of these the kernel's verifier accepts. Decided by loading, never by version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClassifierVariant {
+    /// `bpf_loop` (5.17) and, for XDP, `bpf_xdp_load_bytes` (5.18): the copy also
+    /// reads XDP fragments (multi-buffer frames).
+    Helpers,
+    /// Bounded loops; XDP copies by direct packet access, so only the frame's
+    /// linear area (all of it except for multi-buffer XDP). Same classification.
+    Bounded,
+    /// No classifier loaded: flows are classified by address only (no SNI, no QUIC).
+    None,
+}
+
+impl ClassifierVariant {
+    /// Short name, as `probe` prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ClassifierVariant::Helpers => "helpers",
+            ClassifierVariant::Bounded => "bounded",
+            ClassifierVariant::None => "none",
+        }
+    }
+}
+
+/// Which payload classifiers [`Kernel::load`] loaded, and why better ones failed.
+#[derive(Clone, Debug)]
+pub struct Classifiers {
+    /// Tail-called from `conduit_xdp` (ingress).
+    pub xdp: ClassifierVariant,
+    /// Tail-called from `conduit_tc` (egress).
+    pub tc: ClassifierVariant,
+    /// (program, error with the end of the verifier log) for each variant rejected.
+    pub rejected: Vec<(&'static str, String)>,
+}
+
+impl Classifiers {
+    /// Whether both hooks classify TLS and QUIC payloads.
+    pub fn complete(&self) -> bool {
+        self.xdp != ClassifierVariant::None && self.tc != ClassifierVariant::None
+    }
 }
 
 /// What [`Kernel::attach`] did.
@@ -353,7 +437,8 @@ pub struct Kernel {
     tc_links: Vec<(String, SchedClassifierLinkId)>,
     watched: Vec<u32>,
     events: Option<RingBuf<MapData>>,
-    payload_classification: bool,
+    flow_variant: FlowVariant,
+    classifiers: Classifiers,
 }
 
 impl std::fmt::Debug for Kernel {
@@ -376,38 +461,23 @@ impl Kernel {
             .map_max_entries(map_names::FLOWS, opts.flow_table_size)
             .map_max_entries(map_names::EVENTS, opts.ringbuf_bytes)
             .load(object)?;
-        for name in [
-            PROG_XDP,
-            PROG_BENCH_EMPTY,
-            PROG_BENCH_LRU,
-            PROG_BENCH_LRU_FLOWKEY,
-        ] {
-            let p: &mut Xdp = ebpf
-                .program_mut(name)
-                .ok_or(KernelError::Missing(name))?
-                .try_into()
-                .map_err(prog_err(name))?;
-            p.load().map_err(prog_err(name))?;
+        for name in [PROG_BENCH_EMPTY, PROG_BENCH_LRU, PROG_BENCH_LRU_FLOWKEY] {
+            load_xdp(&mut ebpf, name)?;
         }
-        let p: &mut SchedClassifier = ebpf
-            .program_mut(PROG_TC)
-            .ok_or(KernelError::Missing(PROG_TC))?
-            .try_into()
-            .map_err(prog_err(PROG_TC))?;
-        p.load().map_err(prog_err(PROG_TC))?;
-        // The payload classifiers need bpf_loop (5.17) and bpf_xdp_load_bytes (5.18).
-        // Without them the sensor still counts flows and classifies by address; the
-        // empty jump-table slot makes the tail call a no-op.
-        let payload_classification = match load_classifiers(&mut ebpf) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(
-                    error = %e,
-                    "payload (SNI/QUIC) classification unavailable on this kernel (needs 5.18+)"
-                );
-                false
-            }
-        };
+        let flow_variant = load_flow_programs(&mut ebpf, opts.best_flow)?;
+        let classifiers = load_classifiers(&mut ebpf, opts.best_classifier)?;
+        for (prog, error) in &classifiers.rejected {
+            tracing::debug!(program = prog, %error, "payload classifier variant rejected");
+        }
+        if !classifiers.complete() {
+            // The empty jump-table slot makes the tail call a no-op: flows are still
+            // counted and classified by address.
+            tracing::warn!(
+                xdp = classifiers.xdp.name(),
+                tc = classifiers.tc.name(),
+                "payload (SNI/QUIC) classification unavailable: the verifier rejected every variant (`conduit-sensor probe` shows why)"
+            );
+        }
         let events = ebpf
             .take_map(map_names::EVENTS)
             .ok_or(KernelError::Missing(map_names::EVENTS))?;
@@ -419,7 +489,8 @@ impl Kernel {
             tc_links: Vec::new(),
             watched: Vec::new(),
             events: Some(events),
-            payload_classification,
+            flow_variant,
+            classifiers,
         };
         k.config.enforce = opts.enforce as u8;
         k.config.record_all = opts.record_all as u8;
@@ -444,9 +515,27 @@ impl Kernel {
         m.set(0, self.config, 0).map_err(map_err(name))
     }
 
-    /// Whether the TLS/QUIC payload classifiers are loaded (kernel 5.18+).
+    /// Whether both hooks have a TLS/QUIC payload classifier.
     pub fn payload_classification(&self) -> bool {
-        self.payload_classification
+        self.classifiers.complete()
+    }
+
+    /// Which flow programs loaded.
+    pub fn flow_variant(&self) -> FlowVariant {
+        self.flow_variant
+    }
+
+    fn xdp_prog(&self) -> &'static str {
+        self.flow_variant.programs().0
+    }
+
+    fn tc_prog(&self) -> &'static str {
+        self.flow_variant.programs().1
+    }
+
+    /// Which payload classifiers loaded.
+    pub fn classifiers(&self) -> &Classifiers {
+        &self.classifiers
     }
 
     /// Current runtime switches.
@@ -471,12 +560,13 @@ impl Kernel {
         // Watched first, so TC never sees the interface half-registered.
         self.watch_ifindex(ifindex)?;
 
+        let xdp_name = self.xdp_prog();
         let xdp: &mut Xdp = self
             .ebpf
-            .program_mut(PROG_XDP)
-            .ok_or(KernelError::Missing(PROG_XDP))?
+            .program_mut(xdp_name)
+            .ok_or(KernelError::Missing(xdp_name))?
             .try_into()
-            .map_err(prog_err(PROG_XDP))?;
+            .map_err(prog_err(xdp_name))?;
         let (link, mode) = match xdp.attach(ifname, XdpMode::Driver) {
             Ok(link) => (link, XdpAttachMode::Driver),
             Err(e) => {
@@ -500,6 +590,16 @@ impl Kernel {
         let tcx = aya::util::KernelVersion::current()
             .map(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
             .unwrap_or(false);
+        // A filter of an agent that died is still there on netlink kernels: remove
+        // it, so that one sensor program runs per interface, not one per restart.
+        match detach_stale(ifname) {
+            Ok(removed) => {
+                for r in removed {
+                    tracing::warn!(iface = ifname, "removed a stale attachment: {r}");
+                }
+            }
+            Err(e) => tracing::warn!(iface = ifname, error = %e, "looking for stale TC filters"),
+        }
         if !tcx {
             match tc::qdisc_add_clsact(ifname) {
                 Ok(()) => {}
@@ -512,15 +612,16 @@ impl Kernel {
                 }
             }
         }
+        let tc_name = self.tc_prog();
         let tc: &mut SchedClassifier = self
             .ebpf
-            .program_mut(PROG_TC)
-            .ok_or(KernelError::Missing(PROG_TC))?
+            .program_mut(tc_name)
+            .ok_or(KernelError::Missing(tc_name))?
             .try_into()
-            .map_err(prog_err(PROG_TC))?;
+            .map_err(prog_err(tc_name))?;
         let link = tc
             .attach(ifname, TcAttachType::Egress)
-            .map_err(prog_err(PROG_TC))?;
+            .map_err(prog_err(tc_name))?;
         self.tc_links.push((ifname.to_owned(), link));
         Ok(AttachInfo {
             ifname: ifname.to_owned(),
@@ -546,7 +647,8 @@ impl Kernel {
     /// Detaches every program from every interface (also done on drop). Errors are
     /// logged: on shutdown we detach as much as we can.
     pub fn detach_all(&mut self) {
-        if let Some(Ok(xdp)) = self.ebpf.program_mut(PROG_XDP).map(<&mut Xdp>::try_from) {
+        let (xdp_name, tc_name) = self.flow_variant.programs();
+        if let Some(Ok(xdp)) = self.ebpf.program_mut(xdp_name).map(<&mut Xdp>::try_from) {
             for (ifname, link) in self.xdp_links.drain(..) {
                 if let Err(e) = xdp.detach(link) {
                     tracing::warn!(iface = %ifname, error = %e, "detaching XDP");
@@ -555,7 +657,7 @@ impl Kernel {
         }
         if let Some(Ok(tc)) = self
             .ebpf
-            .program_mut(PROG_TC)
+            .program_mut(tc_name)
             .map(<&mut SchedClassifier>::try_from)
         {
             for (ifname, link) in self.tc_links.drain(..) {
@@ -721,7 +823,11 @@ impl Kernel {
         repeat: u32,
         ctx_in: Option<&[u8]>,
     ) -> Result<aya::programs::TestRunResult> {
-        let name = program.name();
+        let name = match program {
+            Program::Xdp => self.xdp_prog(),
+            Program::Tc => self.tc_prog(),
+            _ => program.name(),
+        };
         let prog = self.ebpf.program(name).ok_or(KernelError::Missing(name))?;
         let opts = TestRunOptions {
             data_in: Some(packet),
@@ -800,25 +906,100 @@ impl Kernel {
     }
 }
 
-/// Loads the tail-called payload classifiers and puts them in the jump tables.
-fn load_classifiers(ebpf: &mut Ebpf) -> Result<()> {
+fn load_xdp(ebpf: &mut Ebpf, name: &'static str) -> Result<()> {
     let p: &mut Xdp = ebpf
-        .program_mut(PROG_XDP_CLASSIFY)
-        .ok_or(KernelError::Missing(PROG_XDP_CLASSIFY))?
+        .program_mut(name)
+        .ok_or(KernelError::Missing(name))?
         .try_into()
-        .map_err(prog_err(PROG_XDP_CLASSIFY))?;
-    p.load().map_err(prog_err(PROG_XDP_CLASSIFY))?;
+        .map_err(prog_err(name))?;
+    p.load().map_err(prog_err(name))
+}
+
+fn load_tc(ebpf: &mut Ebpf, name: &'static str) -> Result<()> {
     let p: &mut SchedClassifier = ebpf
-        .program_mut(PROG_TC_CLASSIFY)
-        .ok_or(KernelError::Missing(PROG_TC_CLASSIFY))?
+        .program_mut(name)
+        .ok_or(KernelError::Missing(name))?
         .try_into()
-        .map_err(prog_err(PROG_TC_CLASSIFY))?;
-    p.load().map_err(prog_err(PROG_TC_CLASSIFY))?;
-    // The payload classifiers are tail-called from slot 0 of the jump tables.
-    for (map, prog) in [
-        (map_names::JUMP_XDP, PROG_XDP_CLASSIFY),
-        (map_names::JUMP_TC, PROG_TC_CLASSIFY),
-    ] {
+        .map_err(prog_err(name))?;
+    p.load().map_err(prog_err(name))
+}
+
+/// Loads the best pair of flow programs the verifier accepts, from `best` down.
+/// When even the legacy pair is rejected, the error is the current pair's (the
+/// one that says what a supported kernel lacks) with the legacy one's appended.
+fn load_flow_programs(ebpf: &mut Ebpf, best: FlowVariant) -> Result<FlowVariant> {
+    let load_pair = |ebpf: &mut Ebpf, v: FlowVariant| {
+        let (xdp, tc) = v.programs();
+        load_xdp(ebpf, xdp)?;
+        load_tc(ebpf, tc)
+    };
+    if best == FlowVariant::Current {
+        match load_pair(ebpf, FlowVariant::Current) {
+            Ok(()) => return Ok(FlowVariant::Current),
+            Err(e) => {
+                tracing::debug!(error = %e, "flow programs rejected; trying the 5.10 variant")
+            }
+        }
+    }
+    load_pair(ebpf, FlowVariant::Legacy)?;
+    Ok(FlowVariant::Legacy)
+}
+
+/// Loads, for each hook, the best payload classifier the verifier accepts (from
+/// `best` down) and puts it in slot 0 of the hook's jump table.
+fn load_classifiers(ebpf: &mut Ebpf, best: ClassifierVariant) -> Result<Classifiers> {
+    let mut rejected = Vec::new();
+    let from = match best {
+        ClassifierVariant::Helpers => 0,
+        ClassifierVariant::Bounded => 1,
+        ClassifierVariant::None => 2,
+    };
+    let xdp = load_best(
+        ebpf,
+        map_names::JUMP_XDP,
+        &[
+            (PROG_XDP_CLASSIFY, ClassifierVariant::Helpers),
+            (PROG_XDP_CLASSIFY_BOUNDED, ClassifierVariant::Bounded),
+        ][from.min(2)..],
+        load_xdp,
+        &mut rejected,
+    )?;
+    let tc = load_best(
+        ebpf,
+        map_names::JUMP_TC,
+        &[
+            (PROG_TC_CLASSIFY, ClassifierVariant::Helpers),
+            (PROG_TC_CLASSIFY_BOUNDED, ClassifierVariant::Bounded),
+        ][from.min(2)..],
+        load_tc,
+        &mut rejected,
+    )?;
+    Ok(Classifiers { xdp, tc, rejected })
+}
+
+/// Most bytes of a rejected program's verifier log kept (its end says why).
+const VERIFIER_LOG_TAIL: usize = 2048;
+
+/// Tries `variants` in order; the first that loads goes into `jump_map`. Load
+/// failures are recorded in `rejected`; map errors are errors.
+fn load_best(
+    ebpf: &mut Ebpf,
+    jump_map: &'static str,
+    variants: &[(&'static str, ClassifierVariant)],
+    load: fn(&mut Ebpf, &'static str) -> Result<()>,
+    rejected: &mut Vec<(&'static str, String)>,
+) -> Result<ClassifierVariant> {
+    for &(prog, variant) in variants {
+        if let Err(e) = load(ebpf, prog) {
+            let text = e.to_string();
+            let tail = text
+                .char_indices()
+                .rev()
+                .nth(VERIFIER_LOG_TAIL)
+                .map_or(&text[..], |(i, _)| &text[i..]);
+            rejected.push((prog, tail.to_owned()));
+            continue;
+        }
         let fd = ebpf
             .program(prog)
             .ok_or(KernelError::Missing(prog))?
@@ -826,12 +1007,52 @@ fn load_classifiers(ebpf: &mut Ebpf) -> Result<()> {
             .map_err(prog_err(prog))?
             .try_clone()
             .map_err(|e| prog_err(prog)(ProgramError::IOError(e)))?;
-        let mut jump: ProgramArray<&mut MapData> =
-            ProgramArray::try_from(ebpf.map_mut(map).ok_or(KernelError::Missing(map))?)
-                .map_err(map_err(map))?;
-        jump.set(0, &fd, 0).map_err(map_err(map))?;
+        let mut jump: ProgramArray<&mut MapData> = ProgramArray::try_from(
+            ebpf.map_mut(jump_map)
+                .ok_or(KernelError::Missing(jump_map))?,
+        )
+        .map_err(map_err(jump_map))?;
+        jump.set(0, &fd, 0).map_err(map_err(jump_map))?;
+        return Ok(variant);
     }
-    Ok(())
+    Ok(ClassifierVariant::None)
+}
+
+/// Netlink (TC) attachments that [`detach_stale`] looks for: hook and program name.
+/// Ingress is listed too, in case an operator attached the program there by hand.
+const NETLINK_ATTACHMENTS: [(TcAttachType, &str, &str); 4] = [
+    (TcAttachType::Egress, "egress", PROG_TC),
+    (TcAttachType::Egress, "egress", PROG_TC_510),
+    (TcAttachType::Ingress, "ingress", PROG_TC),
+    (TcAttachType::Ingress, "ingress", PROG_TC_510),
+];
+
+/// Removes the sensor's TC filters from `ifname`: what an agent that died (kill -9,
+/// OOM, power loss of the process) leaves behind on kernels without TCX (before
+/// 6.6), where TC programs are netlink filters that outlive their process. XDP is
+/// attached through a bpf_link (5.9+) and goes with the process. The clsact qdisc
+/// stays (without filters it does nothing). Returns what was removed.
+pub fn detach_stale(ifname: &str) -> Result<Vec<String>, tc::TcError> {
+    let mut removed = Vec::new();
+    for (hook, hook_name, prog) in NETLINK_ATTACHMENTS {
+        match tc::qdisc_detach_program(ifname, hook, prog) {
+            Ok(()) => removed.push(format!("TC {hook_name} filter(s) of {prog}")),
+            // No such filter, or no clsact qdisc at all (TCX kernels, clean interfaces).
+            Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if is_no_qdisc(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
+}
+
+fn is_no_qdisc(e: &tc::TcError) -> bool {
+    match e {
+        tc::TcError::NetlinkError(n) => {
+            matches!(n.raw_os_error(), Some(libc::ENOENT) | Some(libc::EINVAL))
+        }
+        _ => false,
+    }
 }
 
 impl Drop for Kernel {

@@ -24,7 +24,7 @@ use proptest::{
 use sensor_common::{FAMILY_IPV4, FAMILY_IPV6, FlowKey, Verdict};
 use sensor_user::{
     config::{AppProto, ConduitMap},
-    kernel::{Kernel, KernelOptions, Program},
+    kernel::{Kernel, Program},
     kernel_policy::kernel_policy,
 };
 
@@ -476,8 +476,12 @@ fn kernel_and_agent_agree_on_random_maps_and_flows() {
         println!("SKIP kernel_and_agent_agree_on_random_maps_and_flows: needs root");
         return;
     }
-    let k = Kernel::load(&KernelOptions::default()).unwrap();
-    assert!(k.payload_classification(), "kernel 5.18+ expected here");
+    let k = Kernel::load(&common::kernel_options()).unwrap();
+    assert!(
+        k.payload_classification(),
+        "no payload classifier loaded: {:?}",
+        k.classifiers()
+    );
     let mut runner = TestRunner::new(Config {
         cases: 256,
         failure_persistence: None,

@@ -14,7 +14,7 @@ use sensor_common::{
     app_protocol, conduit_proto, sni_hash, sni_state, verdict,
 };
 use sensor_user::kernel::{
-    CidrEntry, ConduitEntry, Kernel, KernelEvent, KernelOptions, KernelPolicy, Program, ZoneEntry,
+    CidrEntry, ConduitEntry, Kernel, KernelEvent, KernelPolicy, Program, ZoneEntry,
 };
 
 const XDP_DROP: u32 = 1;
@@ -29,8 +29,12 @@ fn kernel(policy: &KernelPolicy) -> Option<Kernel> {
         println!("SKIP: needs root");
         return None;
     }
-    let mut k = Kernel::load(&KernelOptions::default()).unwrap();
-    assert!(k.payload_classification(), "kernel 5.18+ expected here");
+    let mut k = Kernel::load(&common::kernel_options()).unwrap();
+    assert!(
+        k.payload_classification(),
+        "no payload classifier loaded: {:?}",
+        k.classifiers()
+    );
     k.install_policy(policy).unwrap();
     Some(k)
 }

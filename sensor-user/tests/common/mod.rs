@@ -39,3 +39,20 @@ pub fn client_hello(exts: &[Vec<u8>]) -> Vec<u8> {
     rec.extend_from_slice(&hs);
     rec
 }
+
+/// Load options of the kernel tests. `CONDUIT_TEST_KERNEL_VARIANTS=oldest` loads
+/// the variants a 5.10 kernel gets (legacy flow programs, bounded classifiers) on
+/// any kernel, so that the host checks them too (`cargo xtask test` runs the suite
+/// both ways).
+pub fn kernel_options() -> sensor_user::kernel::KernelOptions {
+    use sensor_user::kernel::{ClassifierVariant, FlowVariant, KernelOptions};
+    match std::env::var("CONDUIT_TEST_KERNEL_VARIANTS").as_deref() {
+        Ok("oldest") => KernelOptions {
+            best_flow: FlowVariant::Legacy,
+            best_classifier: ClassifierVariant::Bounded,
+            ..KernelOptions::default()
+        },
+        Ok("") | Err(_) => KernelOptions::default(),
+        Ok(other) => panic!("CONDUIT_TEST_KERNEL_VARIANTS={other}: only `oldest` is known"),
+    }
+}
