@@ -544,8 +544,10 @@ pub struct SniScratch {
 /// instruction limit). Compared through this, nothing of the loop stays in `v`.
 #[inline(always)]
 fn forget(v: usize) -> usize {
+    // Not `v` on this (never taken) path: a compare of `v` itself there would
+    // narrow it again.
     let Some(sc) = crate::SNI_SCRATCH.get_ptr_mut(0) else {
-        return v;
+        return 0;
     };
     // SAFETY: per-CPU scratch, used by this invocation only.
     unsafe {
@@ -645,8 +647,10 @@ fn sni_hash_bounded(
     while i < MAX_SNI {
         // Through memory: LLVM would turn the test into an early exit, and the
         // verifier would walk one path per length (see `forget`).
+        // The index is opaque too: LLVM would check one copy of it and address
+        // with another, which 5.10 cannot follow.
         if i < forget(len)
-            && let Some(&c) = data.get(forget(end).wrapping_sub(1 + i))
+            && let Some(&c) = data.get(opaque(forget(end).wrapping_sub(1 + i)))
         {
             hash = sni_hash_step(hash, c);
             if c == b'.' {

@@ -3,6 +3,7 @@
 //! `demo` and `bench` run setup first, so each of the README's two commands works on a
 //! fresh machine.
 
+mod matrix;
 mod package;
 mod toolchain;
 
@@ -41,6 +42,10 @@ enum Cmd {
         /// Skip fmt and clippy.
         #[arg(long)]
         no_lint: bool,
+        /// Run the whole kernel suite in each VM of the kernel matrix (5.10, 6.1,
+        /// 6.12), not only the smoke tests.
+        #[arg(long)]
+        kernels: bool,
     },
     /// Setup, then the demo: a lab of namespaces with OT hosts, a gateway running the
     /// sensor, fake AI endpoints; prints the flow records; leaves nothing behind.
@@ -107,7 +112,7 @@ fn main() -> ExitCode {
         }
         Cmd::Build => build_release(),
         Cmd::Package => package::package(),
-        Cmd::Test { no_lint } => setup().and_then(|()| test(!no_lint)),
+        Cmd::Test { no_lint, kernels } => setup().and_then(|()| test(!no_lint, kernels)),
         Cmd::Demo => setup().and_then(|()| demo()),
         Cmd::Bench => setup().and_then(|()| bench()),
         Cmd::Fuzz { seconds } => setup().and_then(|()| fuzz(seconds)),
@@ -257,7 +262,7 @@ fn build_release() -> Result<()> {
     ]))
 }
 
-fn test(lint: bool) -> Result<()> {
+fn test(lint: bool, full_matrix: bool) -> Result<()> {
     remove_stale_labs();
     toolchain::fresh_check()?;
     collector_free_of_ebpf_build()?;
@@ -295,6 +300,19 @@ fn test(lint: bool) -> Result<()> {
         "--exclude",
         "conduit-tests",
     ]))?;
+    step("Classification tests with the variants a 5.10 kernel loads, on this kernel");
+    run(cargo()
+        .args([
+            "test",
+            "-p",
+            "sensor-user",
+            "--test",
+            "kernel_classify",
+            "--test",
+            "kernel_agree",
+        ])
+        .env("CONDUIT_TEST_KERNEL_VARIANTS", "oldest"))?;
+    matrix::run_matrix(full_matrix)?;
     step("End-to-end tests (network namespaces, real clients and servers)");
     // The binaries under test are the release ones the demo uses.
     build_release()?;

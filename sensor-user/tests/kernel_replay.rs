@@ -1,0 +1,161 @@
+//! `conduit-sensor replay` of a capture with a TLS ClientHello split over two TCP
+//! segments and a QUIC v1 Initial (RFC 9001 A.2), through the real binary (needs
+//! root). It is the check of "classifies on this kernel" that `cargo xtask test`
+//! runs in each VM: whichever program variants load, SNI and QUIC must come out.
+#![expect(clippy::unwrap_used, reason = "tests")]
+
+mod common;
+
+use std::{path::Path, process::Command};
+
+use common::{client_hello, ext, sni_ext};
+use etherparse::{PacketBuilder, PacketBuilderStep, TcpHeader};
+
+const CLIENT: [u8; 4] = [10, 10, 1, 5];
+const OPENAI: [u8; 4] = [192, 0, 2, 10];
+const EXAMPLE: [u8; 4] = [192, 0, 2, 20];
+
+const CONDUITS: &str = "version: 1
+site: replay-test
+default_action: alert
+zones:
+  - id: cell-1
+    name: Cell 1
+    level: 1
+    networks: [10.10.1.0/24]
+endpoints:
+  - id: openai
+    provider: OpenAI
+    sni: [api.openai.com]
+  - id: example
+    provider: Example
+    sni: [example.com]
+conduits: []
+";
+
+fn tcp_frame(builder: PacketBuilderStep<TcpHeader>, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    builder.write(&mut out, payload).unwrap();
+    out
+}
+
+fn eth() -> PacketBuilderStep<etherparse::Ethernet2Header> {
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+}
+
+/// Handshake, ClientHello in two segments, from CLIENT:40000 to OPENAI:443.
+fn tls_packets() -> Vec<Vec<u8>> {
+    let hello = client_hello(&[
+        ext(0xff01, &[0]),
+        ext(10, &[0, 4, 0, 0x1d, 0, 0x17]),
+        ext(16, &[0, 3, 2, b'h', b'2']),
+        sni_ext("api.openai.com"),
+        ext(43, &[4, 3, 4, 3, 3]),
+    ]);
+    // The split falls inside the server_name extension.
+    let cut = hello.len() - 12;
+    let (a, b) = hello.split_at(cut);
+    let (cs, ss) = (1000u32, 5000u32);
+    let c2s = |seq: u32, ack: u32| {
+        eth()
+            .ipv4(CLIENT, OPENAI, 64)
+            .tcp(40000, 443, seq, 64240)
+            .ack(ack)
+    };
+    vec![
+        tcp_frame(
+            eth()
+                .ipv4(CLIENT, OPENAI, 64)
+                .tcp(40000, 443, cs, 64240)
+                .syn(),
+            &[],
+        ),
+        tcp_frame(
+            eth()
+                .ipv4(OPENAI, CLIENT, 64)
+                .tcp(443, 40000, ss, 64240)
+                .syn()
+                .ack(cs + 1),
+            &[],
+        ),
+        tcp_frame(c2s(cs + 1, ss + 1), &[]),
+        tcp_frame(c2s(cs + 1, ss + 1).psh(), a),
+        tcp_frame(c2s(cs + 1 + a.len() as u32, ss + 1).psh(), b),
+    ]
+}
+
+/// The client Initial of RFC 9001 A.2 (SNI example.com), CLIENT:40001 to EXAMPLE:443.
+fn quic_packet() -> Vec<u8> {
+    let hex = include_str!("../src/tls/testdata/rfc9001_a2_client_initial.hex");
+    let initial = hex::decode(hex.split_whitespace().collect::<String>()).unwrap();
+    let mut out = Vec::new();
+    eth()
+        .ipv4(CLIENT, EXAMPLE, 64)
+        .udp(40001, 443)
+        .write(&mut out, &initial)
+        .unwrap();
+    out
+}
+
+/// A classic pcap (microsecond timestamps, Ethernet), one packet per millisecond.
+fn write_pcap(path: &Path, packets: &[Vec<u8>]) {
+    let mut out = Vec::new();
+    out.extend_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
+    out.extend_from_slice(&2u16.to_le_bytes());
+    out.extend_from_slice(&4u16.to_le_bytes());
+    out.extend_from_slice(&[0; 8]);
+    out.extend_from_slice(&65535u32.to_le_bytes());
+    out.extend_from_slice(&1u32.to_le_bytes());
+    for (i, p) in packets.iter().enumerate() {
+        out.extend_from_slice(&1_800_000_000u32.to_le_bytes());
+        out.extend_from_slice(&(i as u32 * 1000).to_le_bytes());
+        out.extend_from_slice(&(p.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(p.len() as u32).to_le_bytes());
+        out.extend_from_slice(p);
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn replay_classifies_split_tls_and_quic() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIP: needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pcap = dir.path().join("capture.pcap");
+    let conduits = dir.path().join("conduits.yaml");
+    let jsonl = dir.path().join("out.jsonl");
+    let mut packets = tls_packets();
+    packets.push(quic_packet());
+    write_pcap(&pcap, &packets);
+    std::fs::write(&conduits, CONDUITS).unwrap();
+
+    let out = Command::new(env!("CARGO_BIN_EXE_conduit-sensor"))
+        .args(["replay", "--record-all", "--conduits"])
+        .arg(&conduits)
+        .arg(&pcap)
+        .arg("--jsonl")
+        .arg(&jsonl)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "replay failed: {out:?}");
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&jsonl)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let find = |protocol: &str, name: &str| {
+        records.iter().find(|r| {
+            r["network"]["protocol"] == protocol && r["tls"]["client"]["server_name"] == name
+        })
+    };
+    let tls = find("tls", "api.openai.com")
+        .unwrap_or_else(|| panic!("no TLS record for api.openai.com: {records:#?}\n{log}"));
+    assert_eq!(tls["conduit"]["endpoint"], "openai", "{tls:#}");
+    let quic = find("quic", "example.com")
+        .unwrap_or_else(|| panic!("no QUIC record for example.com: {records:#?}\n{log}"));
+    assert_eq!(quic["conduit"]["endpoint"], "example", "{quic:#}");
+}
