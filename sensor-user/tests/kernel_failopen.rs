@@ -61,23 +61,45 @@ fn tc_filters() -> usize {
         .count()
 }
 
-fn wait_for(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
+fn wait_for(what: &str, deadline: Duration, log: &std::path::Path, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
-        assert!(start.elapsed() < deadline, "timed out waiting for {what}");
+        assert!(
+            start.elapsed() < deadline,
+            "timed out waiting for {what}; agent log:\n{}",
+            agent_log(log)
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
-fn start_agent(spool: &std::path::Path) -> Child {
+/// Starts the agent on IFACE, its log in `log`.
+fn start_agent(spool: &std::path::Path, log: &std::path::Path) -> Child {
     bin()
-        .args(["run", "--iface", IFACE, "--spool"])
+        // VMs have no host name: give the sensor an id.
+        .args([
+            "run",
+            "--sensor-id",
+            "failopen-test",
+            "--iface",
+            IFACE,
+            "--spool",
+        ])
         .arg(spool)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .unwrap()
+}
+
+fn agent_log(log: &std::path::Path) -> String {
+    std::fs::read_to_string(log).unwrap_or_default()
+}
+
+/// Whether the agent logged `n` completed attachments (XDP and TC both in place).
+fn attached(log: &std::path::Path, n: usize) -> bool {
+    agent_log(log).matches(" attached iface=").count() >= n
 }
 
 fn kill9(mut child: Child) {
@@ -100,9 +122,13 @@ fn an_agent_killed_with_sigkill_leaves_nothing_that_drops() {
     let _veth = Veth::new();
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
+    let log = dir.path().join("agent.log");
 
-    let agent = start_agent(&spool);
-    wait_for("the agent's XDP program", Duration::from_secs(60), has_xdp);
+    let agent = start_agent(&spool, &log);
+    // Loading takes tens of seconds under TCG (the 5.10 VM verifies the bounded
+    // classifiers slowly).
+    let load = Duration::from_secs(300);
+    wait_for("the agent to attach", load, &log, || attached(&log, 1));
     let netlink = tc_filters();
     assert!(netlink <= 1, "one TC filter at most, found {netlink}");
     kill9(agent);
@@ -111,21 +137,27 @@ fn an_agent_killed_with_sigkill_leaves_nothing_that_drops() {
     wait_for(
         "XDP to go with the process",
         Duration::from_secs(10),
+        &log,
         || !has_xdp(),
     );
     // What is left (netlink kernels) is the egress filter, which passes every packet.
     assert_eq!(tc_filters(), netlink, "the TC filter outlives the process");
 
     // A restart replaces the stale filter instead of stacking a second one.
-    let agent = start_agent(&spool);
-    wait_for(
-        "the restarted agent's XDP",
-        Duration::from_secs(60),
-        has_xdp,
-    );
-    assert_eq!(tc_filters(), netlink, "stale filter removed on start");
+    let agent = start_agent(&spool, &log);
+    wait_for("the restarted agent to attach", load, &log, || {
+        attached(&log, 1)
+    });
+    assert!(has_xdp());
+    let text = agent_log(&log);
+    assert_eq!(tc_filters(), netlink, "stale filter kept on start: {text}");
+    if netlink == 1 {
+        assert!(text.contains("removed a stale attachment"), "{text}");
+    }
     kill9(agent);
-    wait_for("XDP to go again", Duration::from_secs(10), || !has_xdp());
+    wait_for("XDP to go again", Duration::from_secs(10), &log, || {
+        !has_xdp()
+    });
 
     // The operator's cleanup.
     let out = bin().args(["detach", "--iface", IFACE]).output().unwrap();
