@@ -63,6 +63,12 @@ enum Cmd {
     /// target/debian/conduit-collector_VERSION_amd64.deb (release binaries, units,
     /// sysusers.d/tmpfiles.d, conffiles, man pages, completions, examples, docs).
     Package,
+    /// Only the kernel matrix of `test` (smoke tests, or with --full the kernel suite)
+    /// in the 5.10, 6.1 and 6.12 VMs.
+    Matrix {
+        #[arg(long)]
+        full: bool,
+    },
     /// Run COMMAND as root in a VM with one of Debian's kernels (5.10, 6.1, 6.12):
     /// the host's files read-only, /tmp writable; exits with COMMAND's status.
     Vm(vm::VmArgs),
@@ -116,6 +122,7 @@ fn main() -> ExitCode {
         Cmd::Demo => setup().and_then(|()| demo()),
         Cmd::Bench => setup().and_then(|()| bench()),
         Cmd::Fuzz { seconds } => setup().and_then(|()| fuzz(seconds)),
+        Cmd::Matrix { full } => matrix::run_matrix(full),
         Cmd::Vm(args) => return vm::main(args),
     };
     match result {
