@@ -15,6 +15,11 @@ pub const KERNELS: [&str; 3] = ["5.10", "6.1", "6.12"];
 /// split ClientHello and a QUIC Initial, and the SIGKILL fail-open check.
 const SMOKE_TESTS: &[&str] = &["kernel_replay", "kernel_failopen"];
 
+/// The end-to-end test `--kernels` runs in each VM: a gateway namespace between OT hosts and
+/// AI endpoints, the sensor on the gateway, curl, openssl s_client, Python ssl,
+/// Chromium and aioquic (QUIC) as clients.
+const E2E_TEST: (&str, &str) = ("classify", "tls_and_quic_clients_are_classified");
+
 /// What `cargo xtask test --kernels` runs in each VM besides: the rest of the
 /// BPF_PROG_TEST_RUN suite.
 const FULL_TESTS: &[&str] = &[
@@ -38,7 +43,13 @@ pub fn run_matrix(full: bool) -> Result<()> {
         names.join(", "),
         KERNELS.join(", ")
     ));
-    let binaries = build_tests(&names)?;
+    let binaries = build_tests("sensor-user", &names)?;
+    let (e2e, e2e_filter) = E2E_TEST;
+    let e2e_exe = if full {
+        build_tests("conduit-tests", &[e2e])?
+    } else {
+        Vec::new()
+    };
     let sensor = crate::workspace_root().join("target/debug/conduit-sensor");
     let xtask = std::env::current_exe().context("the xtask binary's path")?;
     for kernel in KERNELS {
@@ -60,6 +71,14 @@ pub fn run_matrix(full: bool) -> Result<()> {
             step(&format!("{name} on {kernel}"));
             run(&mut vm(&[exe.as_os_str(), "--test-threads=1".as_ref()]))?;
         }
+        for (name, exe) in &e2e_exe {
+            step(&format!("{name} ({e2e_filter}) on {kernel}"));
+            run(&mut vm(&[
+                exe.as_os_str(),
+                "--test-threads=1".as_ref(),
+                e2e_filter.as_ref(),
+            ]))?;
+        }
         println!(
             "    kernel {kernel}: {:.0} s",
             started.elapsed().as_secs_f64()
@@ -68,21 +87,18 @@ pub fn run_matrix(full: bool) -> Result<()> {
     Ok(())
 }
 
-/// Builds the named sensor-user test binaries (and the conduit-sensor binary they
-/// run); returns (name, executable).
-fn build_tests(names: &[&str]) -> Result<Vec<(String, PathBuf)>> {
+/// Builds the named test binaries of `package` (debug, with the binaries they run:
+/// they find conduit-sensor next to themselves); returns (name, executable).
+fn build_tests(package: &str, names: &[&str]) -> Result<Vec<(String, PathBuf)>> {
     let mut cmd = cargo();
-    cmd.args([
-        "test",
-        "-p",
-        "sensor-user",
-        "--no-run",
-        "--message-format=json",
-    ]);
+    cmd.args(["test", "-p", package, "--no-run", "--message-format=json"]);
     for n in names {
         cmd.args(["--test", n]);
     }
-    println!("    $ cargo test -p sensor-user --no-run --test ...");
+    println!(
+        "    $ cargo test -p {package} --no-run --test {}",
+        names.join(" --test ")
+    );
     let out = cmd.output().context("cargo test --no-run")?;
     if !out.status.success() {
         bail!(
