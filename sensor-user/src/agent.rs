@@ -18,7 +18,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use conduit_evidence::chain::{Appended, Recorder, RecorderOptions};
 use conduit_evidence::ecs::{ChainPosition, ecs_json};
-use conduit_proto::v1::{Loss, PolicyChange, Record, RecordKind, Verdict, record::Body};
+use conduit_proto::v1::{Loss, Record, RecordKind, Verdict, record::Body};
 use sensor_common::{ClassUpdate, Counter, FlowKey, FlowStats, app_protocol, sni_state, verdict};
 use tokio::{
     io::unix::AsyncFd,
@@ -35,6 +35,7 @@ use crate::{
     kernel::{self, Kernel, KernelEvent, KernelOptions},
     kernel_policy::kernel_policy,
     metrics::Metrics,
+    policy_change::policy_change_record,
     record::{endpoints, flow_record},
     tls::ClientHelloInfo,
 };
@@ -663,19 +664,7 @@ impl Agent {
             .install_policy(&kernel_policy(&map, self.settings.enforcement)?)
             .context("installing the conduit map into the kernel")?;
         self.site = map.site.clone();
-        let record = Record {
-            kind: RecordKind::PolicyChange as i32,
-            body: Some(Body::PolicyChange(PolicyChange {
-                policy_hash: map.policy_hash().to_vec(),
-                path: map.file.clone(),
-                zones: map.zones.len() as u32,
-                endpoints: map.endpoints.len() as u32,
-                conduits: map.conduits.len() as u32,
-                enforcement: self.settings.enforcement,
-                trigger: trigger.to_string(),
-            })),
-            ..Record::default()
-        };
+        let record = policy_change_record(&map, self.settings.enforcement, trigger);
         self.policy = Some(map);
         self.tracker.set_policy_loaded(true);
         self.append(record)

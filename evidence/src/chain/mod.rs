@@ -293,6 +293,7 @@ impl Recorder {
                     &hash,
                     now,
                     since,
+                    self.policy.every,
                 );
                 link(&mut seq, &mut hash, record, &mut out);
                 made_here.push(true);
@@ -438,6 +439,7 @@ impl Recorder {
             &self.hash,
             now,
             self.since_checkpoint,
+            self.policy.every,
         );
         self.last_checkpoint = now;
         match self.write(r, Class::Control) {
