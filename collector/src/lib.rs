@@ -7,9 +7,12 @@ pub mod config;
 pub mod export;
 pub mod limits;
 pub mod listener;
+pub mod query;
+pub mod report;
 pub mod server;
 pub mod store;
 pub mod text;
+pub mod time_index;
 
 use std::path::Path;
 

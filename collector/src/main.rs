@@ -55,6 +55,11 @@ enum Cmd {
         #[arg(long, value_name = "DIR")]
         store: PathBuf,
     },
+    /// Print the stored records that match, as JSON lines of the export (or a table).
+    Query(QueryArgs),
+    /// Write the auditor's report for a window: exit 0 verified and complete,
+    /// 1 verification failed, 3 verified but incomplete.
+    Report(ReportArgs),
     /// Check collector.yaml and the files it names; exit 0, or 64 with errors (file:line:column).
     CheckConfig {
         /// collector.yaml [default: /etc/conduit-collector/collector.yaml; exit 2 if it is missing].
@@ -68,6 +73,80 @@ enum Cmd {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct QueryArgs {
+    /// Store directory (as `run --store`).
+    #[arg(long, value_name = "DIR")]
+    store: PathBuf,
+    /// Only this sensor's chain (`collector` for the collector's alarms) [default: all].
+    #[arg(long, value_name = "ID")]
+    sensor: Option<String>,
+    /// Records made at or after T (RFC 3339, e.g. 2026-12-01T08:00:00Z) [default: the first].
+    #[arg(long, value_name = "T", value_parser = parse_time)]
+    since: Option<i64>,
+    /// Records made before T (RFC 3339) [default: the last].
+    #[arg(long, value_name = "T", value_parser = parse_time)]
+    until: Option<i64>,
+    /// Flows whose initiator (source.ip) is IP.
+    #[arg(long, value_name = "IP")]
+    src_ip: Option<std::net::IpAddr>,
+    /// Flows from this zone id (conduit.zone).
+    #[arg(long, value_name = "ID")]
+    zone: Option<String>,
+    /// Flows through this conduit id (conduit.id).
+    #[arg(long, value_name = "ID")]
+    conduit: Option<String>,
+    /// Flows with this verdict: authorized, violation, blocked, unclassified.
+    #[arg(long, value_name = "V", value_parser = parse_verdict)]
+    verdict: Option<conduit_proto::v1::Verdict>,
+    /// Records of this kind (event.action): flow_start, flow_update, flow_end, loss,
+    /// policy_change, checkpoint, chain_restart, spool_recovery, alarm.
+    #[arg(long, value_name = "KIND", value_parser = parse_action)]
+    action: Option<conduit_proto::v1::RecordKind>,
+    /// Output: `jsonl` (the export's JSON lines) or `table` (one readable line each).
+    #[arg(long, value_name = "FORMAT", default_value = "jsonl", value_parser = ["jsonl", "table"])]
+    format: String,
+    /// Print on stderr how many index blocks and frames were read.
+    #[arg(long)]
+    stats: bool,
+}
+
+#[derive(clap::Args)]
+struct ReportArgs {
+    /// Store directory (as `run --store`).
+    #[arg(long, value_name = "DIR")]
+    store: PathBuf,
+    /// Window start, inclusive (RFC 3339).
+    #[arg(long, value_name = "T", value_parser = parse_time)]
+    since: i64,
+    /// Window end, exclusive (RFC 3339).
+    #[arg(long, value_name = "T", value_parser = parse_time)]
+    until: i64,
+    /// The HTML report to write (self-contained, printable).
+    #[arg(long, value_name = "FILE.html")]
+    out: PathBuf,
+    /// Also print it to PDF with headless Chromium (`chromium` on PATH, or $CHROMIUM).
+    #[arg(long, value_name = "FILE.pdf")]
+    pdf: Option<PathBuf>,
+}
+
+fn parse_time(s: &str) -> Result<i64, String> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("not an RFC 3339 time ({e}), e.g. 2026-12-01T08:00:00Z"))?;
+    i64::try_from(t.unix_timestamp_nanos()).map_err(|_| "out of range".to_owned())
+}
+
+fn parse_verdict(s: &str) -> Result<conduit_proto::v1::Verdict, String> {
+    conduit_collector::query::parse_verdict(s)
+        .ok_or_else(|| "one of authorized, violation, blocked, unclassified".to_owned())
+}
+
+fn parse_action(s: &str) -> Result<conduit_proto::v1::RecordKind, String> {
+    conduit_collector::query::parse_action(s).ok_or_else(|| {
+        "one of flow_start, flow_update, flow_end, loss, policy_change, checkpoint, chain_restart, spool_recovery, alarm".to_owned()
+    })
 }
 
 #[derive(clap::Args)]
@@ -265,6 +344,8 @@ fn main() -> ExitCode {
     conduit_ops::logging::init(cli.log.log_format);
     match cli.cmd {
         Cmd::Verify { store } => verify(&store),
+        Cmd::Query(args) => query(&args),
+        Cmd::Report(args) => report(&args),
         Cmd::CheckConfig { config } => check_config(config),
         Cmd::GenerateDocs { out } => {
             use clap::CommandFactory as _;
@@ -343,6 +424,131 @@ fn verify(store: &std::path::Path) -> ExitCode {
             ExitCode::FAILURE
         }
         None => ExitCode::SUCCESS,
+    }
+}
+
+fn store_dir_or_usage(cmd: &str, store: &std::path::Path) -> Result<(), ExitCode> {
+    if store.is_dir() {
+        return Ok(());
+    }
+    eprintln!(
+        "conduit-collector {cmd}: {}: not a directory (give the store of `run --store`)",
+        store.display()
+    );
+    Err(ExitCode::from(EXIT_USAGE))
+}
+
+fn query(args: &QueryArgs) -> ExitCode {
+    use conduit_collector::query::{Filter, query, table_row};
+    use std::io::Write as _;
+    if let Err(code) = store_dir_or_usage("query", &args.store) {
+        return code;
+    }
+    let sensor = args.sensor.as_ref().map(|s| {
+        if s == "collector" {
+            conduit_collector::store::ALARM_DIR.to_owned()
+        } else {
+            s.clone()
+        }
+    });
+    let filter = Filter {
+        sensor,
+        since: args.since,
+        until: args.until,
+        src_ip: args.src_ip,
+        zone: args.zone.clone(),
+        conduit: args.conduit.clone(),
+        verdict: args.verdict,
+        action: args.action,
+    };
+    let table = args.format == "table";
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let result = query(&args.store, &filter, |item| {
+        if table {
+            writeln!(out, "{}", table_row(&item))?;
+        } else {
+            serde_json::to_writer(&mut out, &item.ecs())?;
+            out.write_all(b"\n")?;
+        }
+        Ok(())
+    })
+    .and_then(|stats| {
+        out.flush()?;
+        Ok(stats)
+    });
+    match result {
+        Ok(stats) => {
+            if args.stats {
+                eprintln!(
+                    "{} records matched; read {} of {} index blocks, {} frames",
+                    stats.matched, stats.blocks_read, stats.blocks, stats.frames_read
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        // A closed pipe (`| head`) is not a failure.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("conduit-collector query: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn report(args: &ReportArgs) -> ExitCode {
+    use conduit_collector::report;
+    if let Err(code) = store_dir_or_usage("report", &args.store) {
+        return code;
+    }
+    if args.until <= args.since {
+        eprintln!("conduit-collector report: --until must be after --since");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let now = conduit_evidence::chain::checkpoint::unix_nanos(std::time::SystemTime::now());
+    let written = report::build(&args.store, args.since, args.until, now).and_then(|s| {
+        let html = report::render_html(&s)?;
+        std::fs::write(&args.out, html)
+            .with_context(|| format!("writing {}", args.out.display()))?;
+        if let Some(pdf) = &args.pdf {
+            report::print_pdf(&args.out, pdf)?;
+        }
+        Ok(s)
+    });
+    match written {
+        Ok(s) => {
+            for x in &s.sensors {
+                if let Some(seq) = x.first_bad_seq {
+                    println!("sensor {}: first bad sequence number: {seq}", x.id);
+                }
+                for g in &x.gaps {
+                    println!("sensor {}: gap {} .. {}: {}", x.id, g.from, g.to, g.reason);
+                }
+            }
+            println!(
+                "{}: {} sensors, {} flows, {} violations, {} blocked, loss {}; {}",
+                args.out.display(),
+                s.sensors.len(),
+                s.flows,
+                s.violations,
+                s.blocked,
+                s.loss,
+                match s.exit_code() {
+                    0 => "verified and complete",
+                    1 => "VERIFICATION FAILED",
+                    _ => "verified but INCOMPLETE",
+                }
+            );
+            ExitCode::from(s.exit_code())
+        }
+        Err(e) => {
+            eprintln!("conduit-collector report: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

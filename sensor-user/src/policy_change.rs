@@ -126,7 +126,8 @@ mod tests {
 
     #[test]
     fn carries_the_map_content() {
-        let map = ConduitMap::from_bytes("conduits.yaml", MAP.as_bytes(), None, None).unwrap();
+        let map =
+            ConduitMap::from_bytes("conduits.yaml", MAP.as_bytes(), None, None).expect("valid map");
         let r = policy_change_record(&map, false, "startup");
         let Some(Body::PolicyChange(p)) = r.body else {
             panic!("not a policy change")
