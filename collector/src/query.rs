@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 use std::path::Path;
 
-use conduit_evidence::ecs::{ChainPosition, action_name, ip_text};
+use conduit_evidence::ecs::{action_name, ip_text, verdict_name};
 use conduit_proto::v1::{self, RecordKind, Verdict, record::Body};
 use prost::Message as _;
 
@@ -122,15 +122,7 @@ pub fn query(
                         })?;
                     if filter.matches(&record) {
                         stats.matched += 1;
-                        each(Item {
-                            chain: chain.clone(),
-                            pos: ChainPosition {
-                                seq: f.seq,
-                                hash: f.hash,
-                                prev_hash: f.prev_hash,
-                            },
-                            record,
-                        })?;
+                        each(Item::new(&chain, &f, record))?;
                     }
                 }
             }
@@ -156,13 +148,9 @@ pub fn table_row(item: &Item) -> String {
     let rest = match &r.body {
         Some(Body::Flow(f)) => {
             let ip = |b: &[u8]| ip_text(b).unwrap_or_else(|| "-".to_owned());
-            let verdict = Verdict::try_from(f.verdict).unwrap_or(Verdict::Unspecified);
             format!(
                 "{:<12} {}:{} -> {}:{} {} {} {}",
-                verdict
-                    .as_str_name()
-                    .trim_start_matches("VERDICT_")
-                    .to_lowercase(),
+                verdict_name(f.verdict),
                 ip(&f.source_ip),
                 f.source_port,
                 ip(&f.destination_ip),

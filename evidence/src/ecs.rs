@@ -32,7 +32,8 @@ pub fn action_name(kind: RecordKind) -> &'static str {
     }
 }
 
-fn verdict_name(v: i32) -> &'static str {
+/// `conduit.verdict` of a flow's verdict value.
+pub fn verdict_name(v: i32) -> &'static str {
     match Verdict::try_from(v).unwrap_or(Verdict::Unspecified) {
         Verdict::Authorized => "authorized",
         Verdict::Violation => "violation",

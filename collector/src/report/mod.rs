@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use conduit_evidence::chain::checkpoint::DEFAULT_EVERY;
 use conduit_evidence::chain::verify::verify_dir;
-use conduit_evidence::ecs::{ip_text, rfc3339};
-use conduit_proto::v1::{self, RecordKind, Verdict, record::Body};
+use conduit_evidence::ecs::{ip_text, rfc3339, verdict_name};
+use conduit_proto::v1::{self, RecordKind, record::Body};
 use prost::Message as _;
 use serde::Serialize;
 use serde_json::json;
@@ -167,15 +167,6 @@ impl Summary {
         } else {
             0
         }
-    }
-}
-
-fn verdict_name(v: i32) -> &'static str {
-    match Verdict::try_from(v).unwrap_or(Verdict::Unspecified) {
-        Verdict::Authorized => "authorized",
-        Verdict::Violation => "violation",
-        Verdict::Blocked => "blocked",
-        Verdict::Unclassified | Verdict::Unspecified => "unclassified",
     }
 }
 
