@@ -170,6 +170,18 @@ impl Alarms {
             _ => &self.metrics.alarm_other,
         }
         .fetch_add(1, Ordering::Relaxed);
+        self.append(kind, sensor_id, seq, detail);
+    }
+
+    /// Records an event of the collector's own (e.g. `retention`) in its signed
+    /// chain, without raising an alarm.
+    pub fn note(&self, kind: &str, sensor_id: &str, seq: u64, detail: &str) {
+        let sensor_id = bounded(sensor_id, conduit_proto::limits::MAX_SENSOR_ID_BYTES);
+        let detail = bounded(detail, MAX_DETAIL_BYTES);
+        self.append(kind, &sensor_id, seq, &detail);
+    }
+
+    fn append(&self, kind: &str, sensor_id: &str, seq: u64, detail: &str) {
         let record = v1::Record {
             kind: RecordKind::Alarm as i32,
             time_unix_nano: 0,

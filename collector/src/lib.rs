@@ -9,6 +9,7 @@ pub mod limits;
 pub mod listener;
 pub mod query;
 pub mod report;
+pub mod retention;
 pub mod server;
 pub mod store;
 pub mod text;

@@ -190,6 +190,14 @@ struct RunArgs {
     /// whose CN or a DNS SAN is its sensor id [default: tls.client_ca].
     #[arg(long, value_name = "FILE")]
     client_ca: Option<PathBuf>,
+    /// Prune whole store segments whose records are all older than DAYS and exported,
+    /// leaving a retention anchor [default: retention_days, else keep everything].
+    #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u64).range(1..))]
+    retention: Option<u64>,
+    /// Bytes at which a sensor's store segment is sealed: retention prunes whole
+    /// segments [default: store_segment_bytes, else 64 MiB].
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(4096..))]
+    store_segment_bytes: Option<u64>,
     /// Prometheus metrics on this address [default: metrics, else off].
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
@@ -258,6 +266,8 @@ struct Settings {
     tls_key: Option<PathBuf>,
     client_ca: Option<PathBuf>,
     metrics: Option<SocketAddr>,
+    retention_days: Option<u64>,
+    store_segment_bytes: u64,
     limits: Limits,
 }
 
@@ -295,6 +305,11 @@ fn settings(args: RunArgs) -> Result<Settings, ConfigError> {
             .or_else(|| file.tls_key(credentials_dir().as_deref())),
         client_ca: args.client_ca.or(tls.and_then(|t| t.client_ca)),
         metrics: args.metrics.or(file.metrics),
+        retention_days: args.retention.or(file.retention_days),
+        store_segment_bytes: args
+            .store_segment_bytes
+            .or(file.store_segment_bytes)
+            .unwrap_or(conduit_evidence::spool::DEFAULT_SEGMENT_BYTES),
         limits,
     };
     match (&settings.tls_cert, &settings.tls_key) {
@@ -567,6 +582,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
             store: args.store.clone(),
             trusted_keys: args.trusted_keys.clone(),
             tofu: args.tofu,
+            segment_bytes: args.store_segment_bytes,
         },
         alarms,
         limits.clone(),
@@ -601,14 +617,38 @@ async fn run(args: Settings) -> anyhow::Result<()> {
     }
     {
         let (sh, mut rx) = (shared.clone(), shutdown_rx.clone());
+        let retention = args
+            .retention_days
+            .map(|days| conduit_collector::retention::Policy {
+                days,
+                exports: [
+                    args.jsonl.as_ref().map(|_| "jsonl"),
+                    args.syslog.as_ref().map(|_| "syslog"),
+                    args.nats.as_ref().map(|_| "nats"),
+                ]
+                .into_iter()
+                .flatten()
+                .map(str::to_owned)
+                .collect(),
+            });
+        let mut next_prune = std::time::Instant::now();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {
                         let sh = sh.clone();
+                        let prune = retention
+                            .clone()
+                            .filter(|_| std::time::Instant::now() >= next_prune);
+                        if prune.is_some() {
+                            next_prune += conduit_collector::retention::PRUNE_EVERY;
+                        }
                         let _ = tokio::task::spawn_blocking(move || {
                             sh.alarms.tick();
                             sh.close_idle_stores();
+                            if let Some(policy) = prune {
+                                conduit_collector::retention::prune_store(&sh, &policy, std::time::SystemTime::now());
+                            }
                         })
                         .await;
                     }

@@ -37,6 +37,8 @@ pub struct ServerOptions {
     pub trusted_keys: Option<PathBuf>,
     /// Trust an unknown sensor's key on first use (and pin it in the store).
     pub tofu: bool,
+    /// Size at which a sensor's store segment is sealed: the unit of retention.
+    pub segment_bytes: u64,
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<SensorStore>>>;
@@ -87,6 +89,18 @@ impl Shared {
             }
             st.is_some() || Arc::strong_count(slot) > 1
         });
+    }
+
+    /// Runs `f` (blocking) with the sensor's store slot held, so no stream writes to
+    /// the chain meanwhile; `f` gets the open store, if one is open.
+    pub fn with_store<R>(
+        &self,
+        sensor_id: &str,
+        f: impl FnOnce(Option<&mut SensorStore>) -> R,
+    ) -> R {
+        let slot = self.slot(sensor_id);
+        let mut guard = slot.blocking_lock();
+        f(guard.as_mut())
     }
 
     fn slot(&self, sensor_id: &str) -> Slot {
@@ -368,9 +382,12 @@ impl Session {
         }
         if guard.is_none() {
             let root = self.shared.opts.store.clone();
+            let segment_bytes = self.shared.opts.segment_bytes;
             let id = sensor_id.clone();
-            let opened =
-                tokio::task::spawn_blocking(move || SensorStore::open(&root, &id, key)).await;
+            let opened = tokio::task::spawn_blocking(move || {
+                SensorStore::open(&root, &id, key, segment_bytes)
+            })
+            .await;
             match opened {
                 Ok(Ok(s)) => *guard = Some(s),
                 Ok(Err(e)) => {

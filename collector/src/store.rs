@@ -129,6 +129,7 @@ pub struct SensorStore {
     /// frame: a Hello alone leaves nothing on disk.
     spool: Option<Spool>,
     key: [u8; 32],
+    segment_bytes: u64,
     head: (u64, [u8; 32]),
     /// Hashes of the last stored seqs: `recent[i]` is the hash of `recent_first + i`.
     recent: VecDeque<[u8; 32]>,
@@ -143,7 +144,12 @@ pub struct SensorStore {
 impl SensorStore {
     /// Opens (creating) `<root>/<sensor_id>` with the pinned key `key`; recovers the
     /// head from the segments (a torn tail past the last fsync is cut, as in the sensor).
-    pub fn open(root: &Path, sensor_id: &str, key: [u8; 32]) -> Result<SensorStore, StoreError> {
+    pub fn open(
+        root: &Path,
+        sensor_id: &str,
+        key: [u8; 32],
+        segment_bytes: u64,
+    ) -> Result<SensorStore, StoreError> {
         if !valid_sensor_id(sensor_id) {
             return Err(StoreError::BadSensorId(
                 crate::text::bounded(sensor_id, conduit_proto::limits::MAX_SENSOR_ID_BYTES)
@@ -152,7 +158,7 @@ impl SensorStore {
         }
         let dir = root.join(sensor_id);
         let (spool, head) = if dir.exists() {
-            let (spool, head) = open_spool(&dir, sensor_id, &key)?;
+            let (spool, head) = open_spool(&dir, sensor_id, &key, segment_bytes)?;
             (Some(spool), head)
         } else {
             (None, (0, ZERO_HASH))
@@ -166,6 +172,7 @@ impl SensorStore {
             dir,
             spool,
             key,
+            segment_bytes,
             recent_first: head.0.max(1),
             head,
             recent,
@@ -179,7 +186,7 @@ impl SensorStore {
     fn spool(&mut self) -> Result<&mut Spool, StoreError> {
         let spool = match self.spool.take() {
             Some(s) => s,
-            None => open_spool(&self.dir, &self.sensor_id, &self.key)?.0,
+            None => open_spool(&self.dir, &self.sensor_id, &self.key, self.segment_bytes)?.0,
         };
         Ok(self.spool.insert(spool))
     }
@@ -366,6 +373,15 @@ impl SensorStore {
     }
 
     /// Forces appended frames to stable storage; after this they may be acknowledged.
+    /// Deletes the oldest segments wholly at or below `seq` (retention; the chain
+    /// directory already holds its anchor). Returns how many.
+    pub fn delete_through(&mut self, seq: u64) -> Result<u64, StoreError> {
+        match self.spool.as_mut() {
+            Some(spool) => Ok(spool.delete_through(seq)?),
+            None => Ok(0), // nothing stored yet
+        }
+    }
+
     pub fn sync(&mut self) -> Result<(), StoreError> {
         if self.unsynced
             && let Some(spool) = self.spool.as_mut()
@@ -510,13 +526,14 @@ fn open_spool(
     dir: &Path,
     sensor_id: &str,
     key: &[u8; 32],
+    segment_bytes: u64,
 ) -> Result<(Spool, (u64, [u8; 32])), StoreError> {
     let (spool, recovery) = Spool::open(SpoolOptions {
         dir: dir.to_owned(),
         sensor_id: sensor_id.to_owned(),
         // The store is never trimmed by the spool logic (nothing is acknowledged).
         max_bytes: u64::MAX / 4,
-        segment_bytes: spool::DEFAULT_SEGMENT_BYTES,
+        segment_bytes,
         sync: SyncPolicy::OsOnly,
         warn_percent: 100,
     })?;

@@ -365,3 +365,185 @@ async fn query_agrees_with_the_export_and_the_report_proves_the_window() {
             > 1
     );
 }
+
+static CLOCK_BEHIND_SECS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The recorder's clock in the retention test: the real time, minus an offset the test sets.
+fn test_clock() -> SystemTime {
+    SystemTime::now()
+        - Duration::from_secs(CLOCK_BEHIND_SECS.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_prunes_old_exported_segments_and_the_rest_still_verifies() {
+    use conduit_evidence::chain::anchor;
+    use conduit_evidence::chain::verify::verify_dir;
+    use std::sync::atomic::Ordering;
+    init_tracing();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (spool, store) = (tmp.path().join("spool"), tmp.path().join("store"));
+    let export = tmp.path().join("export.jsonl");
+    // 2000 records three days old (over many small segments), then 300 of today.
+    CLOCK_BEHIND_SECS.store(3 * 86_400, Ordering::Relaxed);
+    let mut opts = conduit_evidence::chain::RecorderOptions::new(&spool, SENSOR);
+    opts.segment_bytes = 64 << 10;
+    opts.sync = conduit_evidence::spool::SyncPolicy::OsOnly;
+    opts.clock = test_clock;
+    let mut rec = conduit_evidence::chain::Recorder::open(opts)
+        .expect("recorder")
+        .0;
+    for i in 0..2000 {
+        rec.append(flow(i)).expect("append");
+    }
+    rec.checkpoint_now().expect("checkpoint");
+    CLOCK_BEHIND_SECS.store(0, Ordering::Relaxed);
+    for i in 2000..2300 {
+        rec.append(flow(i)).expect("append");
+    }
+    rec.checkpoint_now().expect("checkpoint");
+    rec.sync().expect("sync");
+    let head = rec.head().0;
+
+    let export_s = export.to_str().expect("utf8");
+    let mut c = Collector::start(
+        &store,
+        &tmp.path().join("c1.log"),
+        &[
+            "--tofu",
+            "--jsonl",
+            export_s,
+            "--store-segment-bytes",
+            "65536",
+        ],
+    );
+    let mut up = Uplink::start(uplink_opts(&c.url("http"), SENSOR), &spool);
+    up.wait_acked(head, Duration::from_secs(30)).await;
+    up.stop().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&export)
+        .unwrap_or_default()
+        .contains(&format!(r#""sequence":{head}"#))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "export did not reach {head}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The export cursor is saved right after the lines.
+    std::thread::sleep(Duration::from_millis(500));
+    c.kill();
+    let dir = store.join(SENSOR);
+    let before = conduit_evidence::spool::segment::list(&dir).expect("segments");
+    assert!(
+        before.len() > 5,
+        "{} segments: {before:?}; log:\n{}",
+        before.len(),
+        c.log_text()
+    );
+
+    // Restart with a one-day retention: it prunes at once.
+    let store_s = store.to_str().expect("utf8");
+    let c = Collector::start_on(
+        c.port,
+        &store,
+        &tmp.path().join("c2.log"),
+        &[
+            "--tofu",
+            "--jsonl",
+            export_s,
+            "--store-segment-bytes",
+            "65536",
+            "--retention",
+            "1",
+        ],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let a = loop {
+        if let Ok(Some(a)) = anchor::read(&dir) {
+            break a;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no pruning; log:\n{}",
+            c.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let after = conduit_evidence::spool::segment::list(&dir).expect("segments");
+    assert!(
+        after.len() < before.len() && !after.is_empty(),
+        "{} -> {}",
+        before.len(),
+        after.len()
+    );
+    assert_eq!(
+        after[0].0,
+        a.seq + 1,
+        "the first kept segment follows the anchor"
+    );
+    assert!(
+        a.seq < 2000,
+        "a record of today was pruned: anchor at {}",
+        a.seq
+    );
+    assert!(a.checkpoint.is_some() && a.retention_days == 1);
+    // The rest verifies from the anchor, link checked (no "not checked" warning).
+    let report = verify_dir(&dir, None);
+    assert!(report.ok(), "{report}");
+    assert!(
+        report.warnings.iter().all(|w| !w.contains("not checked")),
+        "{report}"
+    );
+    assert_eq!(
+        collector(&["verify", "--store", store_s]).status.code(),
+        Some(0)
+    );
+    // The collector's own signed chain says what it pruned.
+    let out = collector(&[
+        "query",
+        "--store",
+        store_s,
+        "--sensor",
+        "collector",
+        "--action",
+        "alarm",
+    ]);
+    let alarms = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        alarms.contains("retention") && alarms.contains(&format!("..{}", a.seq)),
+        "{alarms}"
+    );
+    // A report over the pruned days is incomplete and says why.
+    let html = tmp.path().join("old.html");
+    let now = SystemTime::now();
+    let (s, u) = (rfc(now - Duration::from_secs(4 * 86_400)), rfc(now));
+    let out = collector(&[
+        "report",
+        "--store",
+        store_s,
+        "--since",
+        &s,
+        "--until",
+        &u,
+        "--out",
+        html.to_str().expect("utf8"),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let page = std::fs::read_to_string(&html).expect("html");
+    assert!(
+        page.contains("pruned by retention (1 days)"),
+        "no pruning gap"
+    );
+    // A forged anchor (another hash) breaks verification.
+    let text = std::fs::read_to_string(dir.join(anchor::ANCHOR_FILE)).expect("anchor");
+    let forged = text.replace(&hex::encode(a.hash), &hex::encode([9u8; 32]));
+    std::fs::write(dir.join(anchor::ANCHOR_FILE), forged).expect("write");
+    let report = verify_dir(&dir, None);
+    assert_eq!(report.first_bad.map(|b| b.seq), Some(a.seq + 1));
+}

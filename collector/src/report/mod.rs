@@ -69,6 +69,8 @@ pub struct SensorSummary {
     pub chain_records: u64,
     pub chain_first_seq: u64,
     pub chain_last_seq: u64,
+    /// What retention pruned from this chain, under which policy, and when.
+    pub retention: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -154,7 +156,6 @@ pub struct Summary {
     pub alarms: Vec<AlarmRow>,
     /// zone -> endpoint -> flows and bytes per verdict.
     pub matrix: BTreeMap<String, BTreeMap<String, Cell>>,
-    pub retention: Option<String>,
 }
 
 impl Summary {
@@ -197,7 +198,6 @@ pub fn build(store: &Path, since: i64, until: i64, now: i64) -> anyhow::Result<S
         loss_list: Vec::new(),
         alarms: Vec::new(),
         matrix: BTreeMap::new(),
-        retention: None,
     };
     for (chain, dir) in chain_dirs(store)? {
         if chain == ALARM_DIR {
@@ -282,7 +282,22 @@ fn sensor(
         chain_records: v.records,
         chain_first_seq: v.first_seq,
         chain_last_seq: v.last_seq,
+        retention: None,
     };
+    let anchor = conduit_evidence::chain::anchor::read(dir).ok().flatten();
+    if let Some(a) = &anchor {
+        out.retention = Some(format!(
+            "seq {}..{} ({} segments, records up to {}) pruned under a {}-day retention, last on {}; the chain verifies from the anchor at seq {} (hash {})",
+            a.pruned_from,
+            a.seq,
+            a.segments,
+            rfc3339(a.pruned_until),
+            a.retention_days,
+            a.time,
+            a.seq,
+            hex::encode(a.hash)
+        ));
+    }
     let mut beats: Vec<Heartbeat> = Vec::new();
     let mut policy_before: Option<PolicyRow> = None;
     // The latest record of each flow in the window: its verdict and totals.
@@ -435,6 +450,20 @@ fn sensor(
         }
     }
     heartbeat_gaps(&beats, since, until, &mut out);
+    if let Some(a) = anchor.filter(|a| a.pruned_until >= since) {
+        out.gaps.insert(
+            0,
+            Gap {
+                from: rfc3339(since),
+                to: rfc3339(a.pruned_until.min(until)),
+                reason: format!(
+                    "records pruned by retention ({} days) on {}",
+                    a.retention_days, a.time
+                ),
+                seconds: (a.pruned_until.min(until) - since) as f64 / 1e9,
+            },
+        );
+    }
     s.sensors.push(out);
     Ok(())
 }
@@ -610,6 +639,7 @@ mod tests {
             chain_records: 0,
             chain_first_seq: 0,
             chain_last_seq: 0,
+            retention: None,
         }
     }
 

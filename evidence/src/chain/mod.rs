@@ -2,6 +2,7 @@
 //! spool, and is covered by signed checkpoints. The agent calls only [`Recorder`].
 //! Byte-level format: docs/spool-format.md.
 
+pub mod anchor;
 pub mod checkpoint;
 pub mod hashing;
 pub mod keys;
@@ -57,6 +58,8 @@ pub struct RecorderOptions {
     pub sync: SyncPolicy,
     pub checkpoint_every_records: u64,
     pub checkpoint_every: Duration,
+    /// The wall clock records are stamped with (tests of old evidence set their own).
+    pub clock: fn() -> SystemTime,
 }
 
 impl RecorderOptions {
@@ -70,6 +73,7 @@ impl RecorderOptions {
             sync: SyncPolicy::default(),
             checkpoint_every_records: checkpoint::DEFAULT_EVERY_RECORDS,
             checkpoint_every: checkpoint::DEFAULT_EVERY,
+            clock: SystemTime::now,
         }
     }
 }
@@ -99,6 +103,7 @@ pub struct Recorder {
     full_episode: bool,
     refused_unreported: u64,
     checkpoints_skipped: u64,
+    clock: fn() -> SystemTime,
 }
 
 impl Recorder {
@@ -123,7 +128,7 @@ impl Recorder {
             }
             None => keys::load_or_create(&opts.spool_dir)?,
         };
-        let now = SystemTime::now();
+        let now = (opts.clock)();
         let (seq, hash) = recovery.head.unwrap_or((0, ZERO_HASH));
         let mut rec = Recorder {
             spool,
@@ -141,6 +146,7 @@ impl Recorder {
             full_episode: false,
             refused_unreported: 0,
             checkpoints_skipped: 0,
+            clock: opts.clock,
         };
         let mut out = Vec::new();
         if recovery.head.is_none() {
@@ -207,7 +213,7 @@ impl Recorder {
             });
         }
         if record.time_unix_nano == 0 {
-            record.time_unix_nano = checkpoint::unix_nanos(SystemTime::now());
+            record.time_unix_nano = checkpoint::unix_nanos((self.clock)());
         }
         let mut out = Vec::with_capacity(1);
         if self.full_episode {
@@ -230,7 +236,7 @@ impl Recorder {
         }
         self.since_checkpoint += 1;
         if self.policy.due_by_count(self.since_checkpoint)
-            && let Some(cp) = self.checkpoint(SystemTime::now())?
+            && let Some(cp) = self.checkpoint((self.clock)())?
         {
             out.push(cp);
         }
@@ -242,7 +248,7 @@ impl Recorder {
     /// `write(2)`. Falls back to one-by-one appends when the batch does not fit the
     /// current segment or the spool is (nearly) full, so the results are the same.
     pub fn append_batch(&mut self, records: Vec<v1::Record>) -> Result<Vec<Appended>, Error> {
-        let now = SystemTime::now();
+        let now = (self.clock)();
         let now_nanos = checkpoint::unix_nanos(now);
         for r in &records {
             check_kind(r)?;
@@ -365,7 +371,7 @@ impl Recorder {
         if self.since_checkpoint == 0 {
             return Ok(Vec::new());
         }
-        Ok(self.checkpoint(SystemTime::now())?.into_iter().collect())
+        Ok(self.checkpoint((self.clock)())?.into_iter().collect())
     }
 
     /// Forces everything written to stable storage (shutdown).
@@ -458,7 +464,7 @@ impl Recorder {
     fn loss_record(&self, count: u64, detail: String) -> v1::Record {
         v1::Record {
             kind: RecordKind::Loss as i32,
-            time_unix_nano: checkpoint::unix_nanos(SystemTime::now()),
+            time_unix_nano: checkpoint::unix_nanos((self.clock)()),
             sensor_id: self.sensor_id.clone(),
             site: String::new(),
             body: Some(Body::Loss(v1::Loss {

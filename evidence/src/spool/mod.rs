@@ -607,6 +607,18 @@ impl Spool {
         Ok(())
     }
 
+    /// Deletes the oldest segments whose every record is at or below `seq`, never the
+    /// newest one (a collector's retention; the caller has anchored the chain).
+    /// Returns how many were deleted.
+    pub fn delete_through(&mut self, seq: u64) -> Result<u64, Error> {
+        self.acked = self.acked.max(seq.min(self.head.map_or(0, |h| h.0)));
+        let mut n = 0;
+        while self.delete_oldest_acked()? {
+            n += 1;
+        }
+        Ok(n)
+    }
+
     fn warn_bytes(&self) -> u64 {
         self.opts.max_bytes / 100 * u64::from(self.opts.warn_percent)
     }
