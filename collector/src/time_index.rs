@@ -4,10 +4,11 @@
 //! read without decoding the record) in them; clocks can step back, so a block's
 //! range is its true minimum and maximum, not its first and last time.
 //!
-//! Sealed segments (all but a chain's newest) never change, so their blocks are
-//! cached in `<store>/_index/<chain>.json` (a name no sensor id can take) and checked
-//! against the file's length on use. The newest segment is scanned on every use.
-//! A store the caller cannot write is indexed in memory only.
+//! Segments only grow (records are appended, never rewritten), so their blocks are
+//! cached in `<store>/_index/<chain>.json` (a name no sensor id can take) with the
+//! file length they cover: an unchanged segment is not read, a grown one (the
+//! newest) is read from its last block on. A store the caller cannot write is
+//! indexed in memory only.
 
 use std::collections::HashMap;
 use std::fs;
@@ -120,6 +121,30 @@ fn varint(buf: &[u8]) -> Option<(u64, &[u8])> {
     None
 }
 
+/// Blocks of consecutive frames (each with its file offset).
+fn blocks_of(frames: &[(u64, frame::FrameRef<'_>)]) -> Vec<Block> {
+    frames
+        .chunks(BLOCK_FRAMES)
+        .map(|chunk| {
+            let (mut min_time, mut max_time) = (i64::MAX, i64::MIN);
+            for (_, f) in chunk {
+                let (_, t) = kind_and_time(f.record);
+                min_time = min_time.min(t);
+                max_time = max_time.max(t);
+            }
+            let (last_off, last) = chunk[chunk.len() - 1];
+            Block {
+                offset: chunk[0].0,
+                end: last_off + frame::encoded_len(last.record.len()) as u64,
+                first_seq: chunk[0].1.seq,
+                frames: chunk.len() as u64,
+                min_time,
+                max_time,
+            }
+        })
+        .collect()
+}
+
 /// Scans one segment file into blocks.
 pub fn scan_segment(first_seq: u64, path: &Path) -> Result<SegmentIndex, IndexError> {
     let bytes = fs::read(path).map_err(io(path))?;
@@ -127,31 +152,50 @@ pub fn scan_segment(first_seq: u64, path: &Path) -> Result<SegmentIndex, IndexEr
         path: path.to_owned(),
         error,
     })?;
-    let mut blocks = Vec::new();
-    for chunk in scan.frames.chunks(BLOCK_FRAMES) {
-        let (mut min_time, mut max_time) = (i64::MAX, i64::MIN);
-        for (_, f) in chunk {
-            let (_, t) = kind_and_time(f.record);
-            min_time = min_time.min(t);
-            max_time = max_time.max(t);
-        }
-        let (last_off, last) = chunk[chunk.len() - 1];
-        blocks.push(Block {
-            offset: chunk[0].0,
-            end: last_off + frame::encoded_len(last.record.len()) as u64,
-            first_seq: chunk[0].1.seq,
-            frames: chunk.len() as u64,
-            min_time,
-            max_time,
-        });
-    }
     Ok(SegmentIndex {
         first_seq,
         file_len: bytes.len() as u64,
-        blocks,
+        blocks: blocks_of(&scan.frames),
         bad_offset: scan.bad.map(|(off, _)| off),
         path: path.to_owned(),
     })
+}
+
+/// Extends the index of a segment's first `c.file_len` bytes (ending cleanly on a
+/// frame) to the file's end, reading only from its last, possibly partial, block:
+/// a growing newest segment costs what was appended, not its whole length.
+fn extend_segment(mut c: SegmentIndex, path: &Path) -> Result<SegmentIndex, IndexError> {
+    let resume = match c.blocks.last() {
+        Some(b) if (b.frames as usize) < BLOCK_FRAMES => b.offset,
+        Some(b) => b.end,
+        None => return scan_segment(c.first_seq, path),
+    };
+    if c.blocks.last().is_some_and(|b| b.offset == resume) {
+        c.blocks.pop();
+    }
+    let mut f = fs::File::open(path).map_err(io(path))?;
+    f.seek(SeekFrom::Start(resume)).map_err(io(path))?;
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes).map_err(io(path))?;
+    let mut frames = Vec::new();
+    let mut off = 0;
+    c.bad_offset = None;
+    while off < bytes.len() {
+        match frame::decode(&bytes[off..]) {
+            Ok((fr, n)) => {
+                frames.push((resume + off as u64, fr));
+                off += n;
+            }
+            Err(_) => {
+                c.bad_offset = Some(resume + off as u64);
+                break;
+            }
+        }
+    }
+    c.blocks.extend(blocks_of(&frames));
+    c.file_len = resume + bytes.len() as u64;
+    c.path = path.to_owned();
+    Ok(c)
 }
 
 /// The blocks of every segment of one chain directory, oldest first.
@@ -165,19 +209,19 @@ pub fn chain_index(store: &Path, chain: &str, dir: &Path) -> Result<Vec<SegmentI
     let segments = segment::list(dir).map_err(io(dir))?;
     let mut out = Vec::with_capacity(segments.len());
     let mut changed = false;
-    for (i, (first_seq, path)) in segments.iter().enumerate() {
-        let sealed = i + 1 < segments.len();
+    for (first_seq, path) in &segments {
         let len = fs::metadata(path).map_err(io(path))?.len();
-        let reuse = cached
-            .remove(first_seq)
-            .filter(|c| sealed && c.file_len == len && c.bad_offset.is_none());
-        let idx = match reuse {
-            Some(mut c) => {
+        let idx = match cached.remove(first_seq).filter(|c| c.bad_offset.is_none()) {
+            Some(mut c) if c.file_len == len => {
                 c.path.clone_from(path);
                 c
             }
-            None => {
-                changed |= sealed;
+            Some(c) if c.file_len < len => {
+                changed = true;
+                extend_segment(c, path)?
+            }
+            _ => {
+                changed = true;
                 scan_segment(*first_seq, path)?
             }
         };
@@ -185,8 +229,7 @@ pub fn chain_index(store: &Path, chain: &str, dir: &Path) -> Result<Vec<SegmentI
     }
     if changed {
         // Best effort: an auditor may read a store they cannot write.
-        let sealed: Vec<&SegmentIndex> = out[..out.len().saturating_sub(1)].iter().collect();
-        if let Ok(json) = serde_json::to_vec(&sealed) {
+        if let Ok(json) = serde_json::to_vec(&out) {
             let _ = fs::create_dir_all(store.join(INDEX_DIR)).and_then(|()| {
                 let tmp = cache_path.with_extension("json.tmp");
                 fs::write(&tmp, json)?;
@@ -241,5 +284,47 @@ mod tests {
             assert_eq!(kind_and_time(&r.encode_to_vec()), (kind as i32, time));
         }
         assert_eq!(kind_and_time(&[0xff]), (0, 0));
+    }
+
+    /// A growing segment: the extended index equals a fresh scan of the whole file.
+    #[test]
+    fn extending_a_grown_segment_equals_a_full_scan() {
+        use conduit_evidence::spool::FrameRef;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(segment::file_name(1));
+        let mut bytes = segment::encode_header("gw-01");
+        let mut seq = 0;
+        let mut append = |bytes: &mut Vec<u8>, n: u64| {
+            for _ in 0..n {
+                seq += 1;
+                let r = Record {
+                    kind: RecordKind::FlowEnd as i32,
+                    time_unix_nano: 1_000 + (seq as i64 % 977) * 1_000_000,
+                    ..Record::default()
+                }
+                .encode_to_vec();
+                frame::encode_into(
+                    &FrameRef {
+                        seq,
+                        prev_hash: [0; 32],
+                        hash: [1; 32],
+                        record: &r,
+                    },
+                    bytes,
+                );
+            }
+        };
+        append(&mut bytes, BLOCK_FRAMES as u64 + 10);
+        fs::write(&path, &bytes).expect("write");
+        let first = scan_segment(1, &path).expect("scan");
+        assert_eq!(first.blocks.len(), 2);
+        append(&mut bytes, BLOCK_FRAMES as u64 * 2);
+        fs::write(&path, &bytes).expect("write");
+        let mut extended = extend_segment(first, &path).expect("extend");
+        let mut full = scan_segment(1, &path).expect("scan");
+        extended.path = PathBuf::new();
+        full.path = PathBuf::new();
+        assert_eq!(extended, full);
+        assert_eq!(full.blocks.len(), 4);
     }
 }

@@ -219,13 +219,18 @@ fn alarms(
     until: i64,
     s: &mut Summary,
 ) -> anyhow::Result<()> {
-    for seg in time_index::chain_index(store, chain, dir)? {
+    // An unreadable chain shows as not verified (verify_dir names why).
+    for seg in time_index::chain_index(store, chain, dir).unwrap_or_default() {
         for block in seg
             .blocks
             .iter()
             .filter(|b| b.max_time >= since && b.min_time < until)
         {
-            for f in time_index::read_block(&seg, block)? {
+            // A damaged block ends the walk here; the verification names the break.
+            let Ok(frames) = time_index::read_block(&seg, block) else {
+                break;
+            };
+            for f in frames {
                 let (_, t) = time_index::kind_and_time(&f.record_bytes);
                 if t < since || t >= until {
                     continue;
@@ -302,9 +307,14 @@ fn sensor(
     let mut policy_before: Option<PolicyRow> = None;
     // The latest record of each flow in the window: its verdict and totals.
     let mut flows: HashMap<u64, FlowRow> = HashMap::new();
-    for seg in time_index::chain_index(store, chain, dir)? {
+    // An unreadable chain shows as not verified (verify_dir names why).
+    for seg in time_index::chain_index(store, chain, dir).unwrap_or_default() {
         for block in &seg.blocks {
-            for f in time_index::read_block(&seg, block)? {
+            // A damaged block ends the walk here; the verification names the break.
+            let Ok(frames) = time_index::read_block(&seg, block) else {
+                break;
+            };
+            for f in frames {
                 let (kind, t) = time_index::kind_and_time(&f.record_bytes);
                 let in_window = t >= since && t < until;
                 let wanted = in_window
