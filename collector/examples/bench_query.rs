@@ -9,6 +9,7 @@
 //! narrow_cold_s=… (builds the index) narrow_warm_s=… narrow_matched=… ratio=…`
 //! (ratio: warm narrow query time / full decode time).
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use conduit_collector::query::{Filter, query};
@@ -52,6 +53,14 @@ fn flow(i: u64, t: i64) -> v1::Record {
     }
 }
 
+/// The recorder's clock follows the synthetic timeline, so checkpoints are stamped
+/// with the time of the records around them, as in a real store.
+static NOW_NANOS: AtomicI64 = AtomicI64::new(0);
+
+fn synthetic_now() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_nanos(NOW_NANOS.load(Ordering::Relaxed).max(0) as u64)
+}
+
 fn main() -> anyhow::Result<()> {
     let n: u64 = std::env::args()
         .nth(1)
@@ -68,11 +77,15 @@ fn main() -> anyhow::Result<()> {
         opts.max_spool_bytes = u64::MAX;
         opts.checkpoint_every_records = 10_000;
         opts.checkpoint_every = Duration::from_secs(3600 * 24 * 365);
+        opts.clock = synthetic_now;
+        NOW_NANOS.store(t0, Ordering::Relaxed);
         let mut rec = Recorder::open(opts)?.0;
         let mut batch = Vec::with_capacity(1000);
         for i in 0..n {
-            batch.push(flow(i, t0 + (i as i64) * 1_000_000));
+            let t = t0 + (i as i64) * 1_000_000;
+            batch.push(flow(i, t));
             if batch.len() == 1000 {
+                NOW_NANOS.store(t, Ordering::Relaxed);
                 rec.append_batch(std::mem::take(&mut batch))?;
             }
         }
