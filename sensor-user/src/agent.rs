@@ -28,7 +28,7 @@ use tokio::{
 use conduit_uplink::UplinkOptions;
 
 use crate::{
-    completion::{Completed, Completion},
+    completion::{CLASSIFICATION_DEADLINE, Completed, Completion},
     config::{self, AppProto, ConduitMap, DefaultAction},
     flows::{Classification, FlowOut, FlowTracker, TrackerOptions},
     kernel::BootClock,
@@ -66,8 +66,7 @@ struct Agent {
     settings: AgentSettings,
     kernel: Kernel,
     tracker: FlowTracker,
-    recorder: Recorder,
-    jsonl: Option<BufWriter<File>>,
+    sink: Sink,
     policy: Option<ConduitMap>,
     metrics: Arc<Metrics>,
     completion: Completion,
@@ -78,8 +77,6 @@ struct Agent {
     reported_unannounced: u64,
     /// Flows already reported refused by the tracker.
     reported_refused: u64,
-    ifnames: HashMap<u32, String>,
-    site: String,
     /// Link status when streaming to a collector.
     uplink: Option<tokio::sync::watch::Receiver<conduit_uplink::UplinkStatus>>,
 }
@@ -105,7 +102,7 @@ pub async fn run(settings: AgentSettings) -> Result<()> {
     // The uplink reads the spool files on its own; the recorder stays their only writer.
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let link = uplink.map(|mut opts| {
-        opts.public_key = Some(agent.recorder.public_key());
+        opts.public_key = Some(agent.sink.recorder.public_key());
         tracing::info!(collector = %opts.collector, "streaming the spool to the collector");
         let (status_tx, status_rx) = conduit_uplink::status_channel();
         let task = tokio::spawn(conduit_uplink::stream_spool(
@@ -125,7 +122,7 @@ pub async fn run(settings: AgentSettings) -> Result<()> {
 
     if let Some((task, mut status)) = link {
         // Give the collector a moment to store the final records (flow_end, checkpoint).
-        let head = agent.recorder.head().0;
+        let head = agent.sink.recorder.head().0;
         let _ = tokio::time::timeout(UPLINK_DRAIN, status.wait_for(|s| s.acked_seq >= head)).await;
         let _ = shutdown_tx.send(true);
         match tokio::time::timeout(Duration::from_secs(5), task).await {
@@ -240,18 +237,22 @@ impl Agent {
         let site = policy.as_ref().map(|p| p.site.clone()).unwrap_or_default();
         let mut agent = Agent {
             tracker: FlowTracker::new(settings.tracker.clone(), policy.is_some()),
+            sink: Sink {
+                recorder,
+                jsonl,
+                jsonl_path: settings.jsonl.clone(),
+                metrics: metrics.clone(),
+                ifnames,
+                site,
+            },
             settings,
             kernel,
-            recorder,
-            jsonl,
             policy: None,
             metrics,
             completion: Completion::new(),
             reported_counters: [0; Counter::COUNT as usize],
             reported_unannounced: 0,
             reported_refused: 0,
-            ifnames,
-            site,
             uplink: None,
         };
         agent.emit_appended(opened)?;
@@ -331,10 +332,11 @@ impl Agent {
                 break Err(err);
             }
         };
-        // Stopping or failing, the same path: detach first so the accounting can
-        // close, read the ring buffer to its end, then drain.
+        // Stopping or failing, the same path. Still attached (forwarding never
+        // stops: the programs always pass), finish the classifications in flight;
+        // then detach so the accounting can close, read the ring buffer to its end,
+        // and drain.
         conduit_ops::notify::stopping();
-        self.kernel.detach_all();
         let mut failure = result.err();
         if let Some(err) = &failure {
             tracing::error!("event loop failed: {err:#}; draining");
@@ -343,6 +345,12 @@ impl Agent {
                 tracing::error!("recording the failure: {e:#}");
             }
         }
+        if let Err(e) = self.finish_pending(&mut events).await {
+            tracing::error!("finishing pending classifications: {e:#}");
+            failure.get_or_insert(e);
+        }
+        self.kernel.detach_all();
+        tracing::info!("detached; reading the ring buffer to its end");
         loop {
             let rest = read_events(events.get_mut(), EVENT_BATCH);
             if rest.is_empty() {
@@ -362,9 +370,56 @@ impl Agent {
         }
     }
 
+    /// While still attached, reads events until no ClientHello is left half
+    /// reassembled (its next segments still pass through the programs), or until
+    /// [`CLASSIFICATION_DEADLINE`].
+    async fn finish_pending(
+        &mut self,
+        events: &mut AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>,
+    ) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + CLASSIFICATION_DEADLINE;
+        tracing::info!(
+            pending = self.completion.pending(),
+            "stopping: finishing pending classifications before detaching"
+        );
+        loop {
+            let batch = read_events(events.get_mut(), EVENT_BATCH);
+            let more = !batch.is_empty();
+            for ev in batch {
+                self.on_event(ev)?;
+            }
+            if more {
+                continue;
+            }
+            if self.completion.pending() == 0 {
+                tracing::info!("no classification pending");
+                return Ok(());
+            }
+            tokio::select! {
+                guard = events.readable_mut() => {
+                    let mut guard = guard?;
+                    let batch = read_events(guard.get_inner_mut(), EVENT_BATCH);
+                    if batch.len() < EVENT_BATCH {
+                        guard.clear_ready();
+                    }
+                    for ev in batch {
+                        self.on_event(ev)?;
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(
+                        pending = self.completion.pending(),
+                        "classifications still pending at the deadline; their flows keep the kernel's classification"
+                    );
+                    return Ok(());
+                }
+            }
+        }
+    }
+
     fn tick(&mut self) -> Result<()> {
         self.acknowledge_collector()?;
-        let written = self.recorder.tick(SystemTime::now())?;
+        let written = self.sink.recorder.tick(SystemTime::now())?;
         self.emit_appended(written)
     }
 
@@ -372,10 +427,8 @@ impl Agent {
         let now = BootClock::boot_now_ns();
         match ev {
             KernelEvent::Flow(fe) => {
-                if fe.header.kind == sensor_common::EVENT_FLOW_NEW
-                    && let Some(out) = self.tracker.on_new(fe.header.key, fe.stats, now)
-                {
-                    self.write_flow(out)?;
+                if fe.header.kind == sensor_common::EVENT_FLOW_NEW {
+                    self.tracker.on_new(fe.header.key, fe.stats, now);
                 }
             }
             KernelEvent::Payload(pe) => {
@@ -459,10 +512,14 @@ impl Agent {
         Ok(())
     }
 
-    /// Not TLS/QUIC after all: tell the kernel to stop copying payload.
+    /// Not TLS/QUIC after all: tell the kernel to stop copying payload. The
+    /// kernel's classification is final, so the flow_start can be written.
     fn finish_unclassified(&mut self, key: FlowKey) -> Result<()> {
         if let Some(s) = self.kernel.flow(&key)? {
             self.kernel.update_classification(&key, &class_update(&s))?;
+            if let Some(out) = self.tracker.on_unclassified(key, s) {
+                self.write_flow(out)?;
+            }
         }
         Ok(())
     }
@@ -477,13 +534,13 @@ impl Agent {
         m.collector_connected.store(s.connected, Ordering::Relaxed);
         m.collector_acked_seq.store(s.acked_seq, Ordering::Relaxed);
         m.collector_lag_records.store(
-            self.recorder.head().0.saturating_sub(s.acked_seq),
+            self.sink.recorder.head().0.saturating_sub(s.acked_seq),
             Ordering::Relaxed,
         );
         if let Some(acked) = conduit_uplink::read_acked(&self.settings.recorder.spool_dir)
             && acked > 0
         {
-            self.recorder.acknowledge(acked)?;
+            self.sink.recorder.acknowledge(acked)?;
         }
         Ok(())
     }
@@ -505,10 +562,19 @@ impl Agent {
         let counters = self.kernel.counters()?;
         let policy = self.policy.as_ref();
         let resolve = |_: &FlowKey, s: &FlowStats| kernel_classification(policy, s);
-        let tracker = &mut self.tracker;
+        let (tracker, sink) = (&mut self.tracker, &mut self.sink);
         let mut sweep = tracker.begin_sweep(now);
-        self.kernel
-            .for_each_flow(|k, s| tracker.sweep_entry(&mut sweep, &k, &s, &resolve))?;
+        // Records are written as the walk goes: a burst's flow_starts are not held.
+        let mut written: Result<()> = Ok(());
+        self.kernel.for_each_flow(|k, s| {
+            tracker.sweep_entry(&mut sweep, &k, &s, &resolve);
+            for out in sweep.out.drain(..) {
+                if written.is_ok() {
+                    written = sink.write_flow(out);
+                }
+            }
+        })?;
+        written?;
         tracker.end_sweep(&mut sweep);
         for key in &sweep.remove {
             self.kernel.remove_flow(key)?;
@@ -604,10 +670,10 @@ impl Agent {
     fn reload(&mut self) {
         conduit_ops::notify::reloading();
         if let Some(path) = self.settings.jsonl.clone() {
-            if let Some(mut old) = self.jsonl.take() {
+            if let Some(mut old) = self.sink.jsonl.take() {
                 let _ = old.flush();
             }
-            self.jsonl = open_jsonl(&path, &self.metrics);
+            self.sink.jsonl = open_jsonl(&path, &self.metrics);
         }
         let applied = self.reload_map();
         let status = self.status_line(if applied {
@@ -625,7 +691,10 @@ impl Agent {
             .as_ref()
             .map(|m| hex::encode(&m.policy_hash()[..8]))
             .unwrap_or_else(|| "none".into());
-        format!("{state}; policy {policy}; seq {}", self.recorder.head().0)
+        format!(
+            "{state}; policy {policy}; seq {}",
+            self.sink.recorder.head().0
+        )
     }
 
     /// Whether a new map was installed.
@@ -662,7 +731,7 @@ impl Agent {
         self.kernel
             .install_policy(&kernel_policy(&map, self.settings.enforcement)?)
             .context("installing the conduit map into the kernel")?;
-        self.site = map.site.clone();
+        self.sink.site = map.site.clone();
         let record = Record {
             kind: RecordKind::PolicyChange as i32,
             body: Some(Body::PolicyChange(PolicyChange {
@@ -681,6 +750,75 @@ impl Agent {
         self.append(record)
     }
 
+    fn write_flow(&mut self, out: FlowOut) -> Result<()> {
+        self.sink.write_flow(out)
+    }
+
+    fn write_loss(
+        &mut self,
+        reason: &str,
+        count: u64,
+        unit: &str,
+        origin: &str,
+        detail: &str,
+    ) -> Result<()> {
+        self.sink.write_loss(reason, count, unit, origin, detail)
+    }
+
+    fn append(&mut self, record: Record) -> Result<()> {
+        self.sink.append(record)
+    }
+
+    fn emit_appended(&mut self, written: Vec<Appended>) -> Result<()> {
+        self.sink.emit_appended(written)
+    }
+
+    /// SIGTERM: final sweep, forced end of every recorded flow, final loss report,
+    /// fsync, detach.
+    fn drain(&mut self) -> Result<()> {
+        tracing::info!("draining");
+        self.metrics.ready.store(false, Ordering::Relaxed);
+        // The final sweep also makes the final loss report: its counters were read
+        // before its table snapshot, which closes the accounting.
+        self.sweep()?;
+        let tracker = &mut self.tracker;
+        self.kernel
+            .for_each_flow(|k, s| tracker.update_stats(&k, &s))?;
+        let (keys, unrecorded) = self.tracker.drain_keys();
+        self.metrics
+            .flows_unrecorded
+            .fetch_add(unrecorded, Ordering::Relaxed);
+        for (_, key) in keys {
+            for out in self.tracker.force_end(&key) {
+                self.write_flow(out)?;
+            }
+        }
+        let last = self.sink.recorder.checkpoint_now()?;
+        self.emit_appended(last)?;
+        self.sink.recorder.sync()?;
+        if let Some(out) = &mut self.sink.jsonl
+            && let Err(err) = out.flush().and_then(|()| out.get_ref().sync_all())
+        {
+            self.metrics.jsonl_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!("JSONL side file: {err}");
+        }
+        self.kernel.detach_all();
+        Ok(())
+    }
+}
+
+/// Where records go: the chain (spool) and its JSON-lines mirror. Apart from the
+/// rest of the agent so a table walk can write records as it goes.
+struct Sink {
+    recorder: Recorder,
+    jsonl: Option<BufWriter<File>>,
+    jsonl_path: Option<PathBuf>,
+    metrics: Arc<Metrics>,
+    ifnames: HashMap<u32, String>,
+    site: String,
+}
+
+impl Sink {
     fn write_flow(&mut self, out: FlowOut) -> Result<()> {
         let m = &self.metrics;
         match out.kind {
@@ -751,40 +889,11 @@ impl Agent {
             // until SIGHUP reopens it.
             self.metrics.jsonl_errors.fetch_add(1, Ordering::Relaxed);
             tracing::error!(
-                path = %self.settings.jsonl.as_deref().unwrap_or(std::path::Path::new("")).display(),
+                path = %self.jsonl_path.as_deref().unwrap_or(std::path::Path::new("")).display(),
                 "JSONL side file: {err}; records stay in the spool; the file is reopened on SIGHUP"
             );
             self.jsonl = None;
         }
-        Ok(())
-    }
-
-    /// SIGTERM: final sweep, forced end of every recorded flow, final loss report,
-    /// fsync, detach.
-    fn drain(&mut self) -> Result<()> {
-        tracing::info!("draining");
-        self.metrics.ready.store(false, Ordering::Relaxed);
-        // The final sweep also makes the final loss report: its counters were read
-        // before its table snapshot, which closes the accounting.
-        self.sweep()?;
-        let tracker = &mut self.tracker;
-        self.kernel
-            .for_each_flow(|k, s| tracker.update_stats(&k, &s))?;
-        for (_, key) in self.tracker.drain_keys() {
-            if let Some(out) = self.tracker.force_end(&key) {
-                self.write_flow(out)?;
-            }
-        }
-        let last = self.recorder.checkpoint_now()?;
-        self.emit_appended(last)?;
-        self.recorder.sync()?;
-        if let Some(out) = &mut self.jsonl
-            && let Err(err) = out.flush().and_then(|()| out.get_ref().sync_all())
-        {
-            self.metrics.jsonl_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::error!("JSONL side file: {err}");
-        }
-        self.kernel.detach_all();
         Ok(())
     }
 }

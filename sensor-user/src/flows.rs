@@ -7,7 +7,9 @@
 use std::{collections::HashMap, time::Duration};
 
 use conduit_proto::v1::{FlowEndReason, RecordKind, Verdict};
-use sensor_common::{FLOW_TABLE_SIZE, FlowKey, FlowStats, flow_state};
+use sensor_common::{FLOW_TABLE_SIZE, FlowKey, FlowStats, flow_state, sni_state};
+
+use crate::completion::CLASSIFICATION_DEADLINE;
 
 /// Default bound of the tracker: as many flows as the default kernel table holds.
 pub const DEFAULT_TRACKED_FLOWS: u32 = FLOW_TABLE_SIZE;
@@ -26,6 +28,9 @@ pub struct TrackerOptions {
     pub record_all: bool,
     /// Most flows tracked at once; new flows beyond are counted, not tracked.
     pub max_flows: usize,
+    /// A flow's `flow_start` waits for its classification at most this long after
+    /// its first packet; then it is written with what is known.
+    pub classification_deadline: Duration,
 }
 
 impl Default for TrackerOptions {
@@ -36,6 +41,7 @@ impl Default for TrackerOptions {
             end_grace: Duration::from_secs(2),
             record_all: false,
             max_flows: DEFAULT_TRACKED_FLOWS as usize,
+            classification_deadline: CLASSIFICATION_DEADLINE,
         }
     }
 }
@@ -100,6 +106,8 @@ struct Tracked {
     stats: FlowStats,
     /// Boxed: most flows have none, and the tracker holds every live flow.
     class: Option<Box<Classification>>,
+    /// The agent finished classifying the flow (ClientHello parsed, or not TLS).
+    class_final: bool,
     /// The last sweep that saw the flow in the kernel table.
     seen: u32,
 }
@@ -191,24 +199,19 @@ impl FlowTracker {
                 end_since_ns: None,
                 stats,
                 class: None,
+                class_final: false,
                 seen,
             })
         }))
     }
 
-    /// A new flow reported by the kernel. Returns its `flow_start` if it is recorded
-    /// right away (no conduit map, or `--record-all`). Past the bound the flow is
-    /// counted as refused and never tracked.
-    pub fn on_new(&mut self, key: FlowKey, stats: FlowStats, now_ns: u64) -> Option<FlowOut> {
-        let recordable = self.recordable(None);
-        let Some(t) = self.track(key, stats, now_ns) else {
+    /// A new flow reported by the kernel. Its `flow_start` waits for the
+    /// classification (or its deadline), so it carries the verdict. Past the bound
+    /// the flow is counted as refused and never tracked.
+    pub fn on_new(&mut self, key: FlowKey, stats: FlowStats, now_ns: u64) {
+        if self.track(key, stats, now_ns).is_none() {
             self.refused += 1;
-            return None;
-        };
-        if t.recorded || !recordable {
-            return None;
         }
-        Some(start(t, key))
     }
 
     /// Classification finished (kernel or agent). Returns the `flow_start` if this
@@ -235,9 +238,29 @@ impl FlowTracker {
             self.recovered += 1;
         }
         let t = self.track(key, stats, now_ns)?;
-        t.class = Some(Box::new(class));
         merge_stats(&mut t.stats, &stats);
-        if t.recorded || !recordable {
+        t.class_final = true;
+        // One verdict, decided once: a flow_start already written keeps its
+        // classification (a ClientHello completed past the deadline).
+        if t.recorded {
+            return None;
+        }
+        t.class = Some(Box::new(class));
+        if !recordable {
+            return None;
+        }
+        Some(start(t, key))
+    }
+
+    /// The agent found the flow is not TLS/QUIC (or gave up): its classification is
+    /// final as the kernel has it. Returns the `flow_start` if it is recorded.
+    pub fn on_unclassified(&mut self, key: FlowKey, stats: FlowStats) -> Option<FlowOut> {
+        let policy_loaded = self.policy_loaded;
+        let record_all = self.opts.record_all;
+        let t = self.flows.get_mut(&key)?;
+        merge_stats(&mut t.stats, &stats);
+        t.class_final = true;
+        if t.recorded || !(!policy_loaded || record_all || t.is_ai()) {
             return None;
         }
         Some(start(t, key))
@@ -287,6 +310,7 @@ impl FlowTracker {
         kernel_class: &dyn Fn(&FlowKey, &FlowStats) -> Option<Classification>,
     ) {
         let now_ns = sweep.now_ns;
+        let deadline = nanos(self.opts.classification_deadline);
         let idle = nanos(self.opts.idle_timeout);
         let active = nanos(self.opts.active_timeout);
         let grace = nanos(self.opts.end_grace);
@@ -311,15 +335,20 @@ impl FlowTracker {
         };
         t.seen = epoch;
         merge_stats(&mut t.stats, stats);
-        if !t.is_ai()
+        // The kernel's classification stands when the agent has none of its own
+        // and no flow_start fixed it yet.
+        if !t.recorded
+            && !t.class_final
             && let Some(class) = kernel_class(key, stats)
         {
             t.class = Some(Box::new(class));
         }
         let recordable = !policy_loaded || record_all || t.is_ai();
-        if !t.recorded && recordable {
-            sweep.out.push(start(t, *key));
-        }
+        // Classification is over when the agent finished it, the kernel marked it
+        // done (not TLS/QUIC, or the agent's result merged), or its deadline passed.
+        let classified = t.class_final
+            || stats.sni_state == sni_state::DONE
+            || now_ns.saturating_sub(t.stats.first_seen_ns) >= deadline;
 
         let ended = stats.state & (flow_state::RST) != 0
             || stats.state & (flow_state::FIN_FORWARD | flow_state::FIN_REVERSE)
@@ -332,6 +361,9 @@ impl FlowTracker {
         } else {
             None
         };
+        if !t.recorded && recordable && (classified || reason.is_some()) {
+            sweep.out.push(start(t, *key));
+        }
 
         if let Some(reason) = reason {
             sweep.remove.push(*key);
@@ -364,8 +396,14 @@ impl FlowTracker {
             .filter(|(_, t)| t.seen != epoch)
             .map(|(k, _)| *k)
             .collect();
+        let (policy_loaded, record_all) = (self.policy_loaded, self.opts.record_all);
         for key in gone {
-            if let Some(t) = self.flows.remove(&key) {
+            if let Some(mut t) = self.flows.remove(&key) {
+                // A recordable flow still waiting for its classification gets its
+                // flow_start now: it has records, like every evicted recorded flow.
+                if !t.recorded && (!policy_loaded || record_all || t.is_ai()) {
+                    sweep.out.push(start(&mut t, key));
+                }
                 if t.recorded {
                     sweep.evicted += 1;
                     sweep.out.push(out(
@@ -388,25 +426,38 @@ impl FlowTracker {
         }
     }
 
-    /// Keys of the recorded flows in the order they started; every flow leaves the
-    /// tracker. With [`FlowTracker::force_end`], ends them one at a time, so a drain
-    /// holds no copy of every record.
-    pub fn drain_keys(&mut self) -> Vec<(u64, FlowKey)> {
+    /// Keys of the flows that are recorded (or recordable, still waiting for their
+    /// classification) in flow id order, and the number of flows that leave the
+    /// tracker unrecorded (not AI traffic). With [`FlowTracker::force_end`], ends
+    /// them one at a time, so a drain holds no copy of every record.
+    pub fn drain_keys(&mut self) -> (Vec<(u64, FlowKey)>, u64) {
+        let (policy_loaded, record_all) = (self.policy_loaded, self.opts.record_all);
+        let keep = |t: &Tracked| t.recorded || !policy_loaded || record_all || t.is_ai();
         let mut keys: Vec<(u64, FlowKey)> = self
             .flows
             .iter()
-            .filter(|(_, t)| t.recorded)
+            .filter(|(_, t)| keep(t))
             .map(|(k, t)| (t.flow_id, *k))
             .collect();
         keys.sort_unstable();
-        self.flows.retain(|_, t| t.recorded);
-        keys
+        let before = self.flows.len();
+        self.flows.retain(|_, t| keep(t));
+        (keys, (before - self.flows.len()) as u64)
     }
 
-    /// The `flow_end` (`forced`) of a flow from [`FlowTracker::drain_keys`].
-    pub fn force_end(&mut self, key: &FlowKey) -> Option<FlowOut> {
-        let t = self.flows.remove(key)?;
-        Some(out(&t, *key, RecordKind::FlowEnd, FlowEndReason::ForcedEnd))
+    /// The records that close a flow from [`FlowTracker::drain_keys`]: its
+    /// `flow_start` if it was still waiting for its classification, then its
+    /// `flow_end` (`forced`).
+    pub fn force_end(&mut self, key: &FlowKey) -> Vec<FlowOut> {
+        let Some(mut t) = self.flows.remove(key) else {
+            return Vec::new();
+        };
+        let mut outs = Vec::with_capacity(2);
+        if !t.recorded {
+            outs.push(start(&mut t, *key));
+        }
+        outs.push(out(&t, *key, RecordKind::FlowEnd, FlowEndReason::ForcedEnd));
+        outs
     }
 
     /// Ends every recorded flow (`forced`), e.g. on shutdown, with the totals of the
@@ -415,8 +466,8 @@ impl FlowTracker {
         for (key, stats) in entries {
             self.update_stats(key, stats);
         }
-        let keys = self.drain_keys();
-        keys.iter().filter_map(|(_, k)| self.force_end(k)).collect()
+        let (keys, _) = self.drain_keys();
+        keys.iter().flat_map(|(_, k)| self.force_end(k)).collect()
     }
 }
 
@@ -507,17 +558,23 @@ mod tests {
             end_grace: Duration::from_secs(2),
             record_all: false,
             max_flows: DEFAULT_TRACKED_FLOWS as usize,
+            classification_deadline: Duration::from_secs(3),
         }
     }
 
     #[test]
     fn without_policy_every_flow_starts_updates_and_ends_idle() {
         let mut tr = FlowTracker::new(opts(), false);
-        let start = tr.on_new(key(1), stats(S, 1, 0), S);
-        assert_eq!(start.map(|o| o.kind), Some(RecordKind::FlowStart));
+        tr.on_new(key(1), stats(S, 1, 0), S);
 
-        let sw = tr.sweep(5 * S, &[(key(1), stats(4 * S, 3, 0))], &none);
+        // Not classified yet, and within the deadline: no flow_start yet.
+        let sw = tr.sweep(2 * S, &[(key(1), stats(2 * S, 2, 0))], &none);
         assert!(sw.out.is_empty() && sw.remove.is_empty());
+        // Past the deadline the flow_start is written with what is known.
+        let sw = tr.sweep(5 * S, &[(key(1), stats(4 * S, 3, 0))], &none);
+        assert_eq!(sw.out.len(), 1);
+        assert_eq!(sw.out[0].kind, RecordKind::FlowStart);
+        assert!(sw.remove.is_empty());
 
         let sw = tr.sweep(62 * S, &[(key(1), stats(61 * S, 9, 0))], &none);
         assert_eq!(sw.out.len(), 1);
@@ -542,14 +599,77 @@ mod tests {
                 .is_empty()
         );
         let sw = tr.sweep(5 * S, &[(key(2), stats(3 * S, 6, fin))], &none);
-        assert_eq!(sw.out[0].end_reason, FlowEndReason::EndOfFlow);
-        assert_eq!(sw.out[0].stats.packets, [6, 6]);
+        // Ended before its classification deadline: flow_start, then flow_end.
+        assert_eq!(sw.out[0].kind, RecordKind::FlowStart);
+        assert_eq!(sw.out[1].end_reason, FlowEndReason::EndOfFlow);
+        assert_eq!(sw.out[1].stats.packets, [6, 6]);
+    }
+
+    #[test]
+    fn flow_start_waits_for_the_classification_and_carries_it() {
+        let mut tr = FlowTracker::new(
+            TrackerOptions {
+                record_all: true,
+                ..opts()
+            },
+            true,
+        );
+        tr.on_new(key(8), stats(S, 1, 0), S);
+        // The ClientHello is still being reassembled: nothing written at the sweep.
+        let mut pending = stats(S, 2, 0);
+        pending.sni_state = sni_state::PENDING;
+        assert!(tr.sweep(2 * S, &[(key(8), pending)], &none).out.is_empty());
+        let class = Classification {
+            verdict: Verdict::Authorized,
+            server_name: Some("api.openai.com".into()),
+            ..Classification::default()
+        };
+        let start = tr.on_classified(key(8), pending, class.clone(), 2 * S);
+        assert_eq!(start.map(|o| o.class), Some(class.clone()));
+        // Decided once: nothing later changes it.
+        let other = Classification {
+            verdict: Verdict::Violation,
+            ..Classification::default()
+        };
+        assert!(tr.on_classified(key(8), pending, other, 3 * S).is_none());
+        assert_eq!(tr.classification(&key(8)), Some(&class));
+
+        // A flow the kernel classified on its own (not TLS: done) starts at the sweep.
+        tr.on_new(key(9), stats(S, 1, 0), S);
+        let mut done = stats(S, 1, 0);
+        done.sni_state = sni_state::DONE;
+        let sw = tr.sweep(2 * S, &[(key(8), pending), (key(9), done)], &none);
+        assert_eq!(sw.out.len(), 1);
+        assert_eq!(sw.out[0].key, key(9));
+        assert_eq!(sw.out[0].kind, RecordKind::FlowStart);
+
+        // The agent found no TLS: the flow_start is written at once.
+        tr.on_new(key(10), stats(S, 1, 0), S);
+        let out = tr.on_unclassified(key(10), stats(S, 1, 0));
+        assert_eq!(out.map(|o| o.kind), Some(RecordKind::FlowStart));
+    }
+
+    #[test]
+    fn a_flow_waiting_for_its_classification_is_closed_with_both_records() {
+        let mut tr = FlowTracker::new(opts(), false);
+        // Evicted before its classification finished: flow_start + flow_end.
+        tr.on_new(key(11), stats(S, 1, 0), S);
+        let sw = tr.sweep(2 * S, &[], &none);
+        let kinds: Vec<_> = sw.out.iter().map(|o| o.kind).collect();
+        assert_eq!(kinds, [RecordKind::FlowStart, RecordKind::FlowEnd]);
+        assert_eq!(sw.evicted, 1);
+        // Drained before its classification finished: flow_start + forced end.
+        tr.on_new(key(12), stats(S, 1, 0), S);
+        let out = tr.drain(&[(key(12), stats(S, 2, 0))]);
+        let kinds: Vec<_> = out.iter().map(|o| o.kind).collect();
+        assert_eq!(kinds, [RecordKind::FlowStart, RecordKind::FlowEnd]);
+        assert_eq!(out[1].end_reason, FlowEndReason::ForcedEnd);
     }
 
     #[test]
     fn with_policy_only_ai_flows_are_recorded() {
         let mut tr = FlowTracker::new(opts(), true);
-        assert!(tr.on_new(key(3), stats(S, 1, 0), S).is_none());
+        tr.on_new(key(3), stats(S, 1, 0), S);
         let class = Classification {
             verdict: Verdict::Violation,
             server_name: Some("api.openai.com".into()),
@@ -575,8 +695,9 @@ mod tests {
         tr.sweep(2 * S, &[(key(5), stats(2 * S, 4, 0))], &none);
         let sw = tr.sweep(3 * S, &[], &none);
         assert_eq!(sw.evicted, 1);
-        assert_eq!(sw.out[0].end_reason, FlowEndReason::LackOfResources);
-        assert_eq!(sw.out[0].stats.packets, [4, 4]);
+        let end = sw.out.last().expect("a flow_end");
+        assert_eq!(end.end_reason, FlowEndReason::LackOfResources);
+        assert_eq!(end.stats.packets, [4, 4]);
     }
 
     #[test]
@@ -585,7 +706,10 @@ mod tests {
         tr.on_new(key(7), stats(S, 1, 0), S);
         let sw = tr.sweep(2 * S, &[], &none);
         assert_eq!(sw.evicted, 1);
-        assert_eq!(sw.out[0].end_reason, FlowEndReason::LackOfResources);
+        assert_eq!(
+            sw.out.last().map(|o| o.end_reason),
+            Some(FlowEndReason::LackOfResources)
+        );
         assert!(tr.is_empty());
     }
 
@@ -613,9 +737,9 @@ mod tests {
     fn unannounced_flow_is_recovered_once() {
         let mut tr = FlowTracker::new(opts(), false);
         let lost = stats(S, 1, flow_state::UNANNOUNCED);
-        let sw = tr.sweep(2 * S, &[(key(20), lost)], &none);
+        let sw = tr.sweep(5 * S, &[(key(20), lost)], &none);
         assert_eq!(sw.out[0].kind, RecordKind::FlowStart);
-        let sw = tr.sweep(3 * S, &[(key(20), lost)], &none);
+        let sw = tr.sweep(6 * S, &[(key(20), lost)], &none);
         assert!(sw.out.is_empty());
         assert_eq!(tr.recovered(), 1);
     }
@@ -625,8 +749,8 @@ mod tests {
         let mut tr = FlowTracker::new(opts(), false);
         tr.on_new(key(6), stats(S, 1, 0), S);
         let out = tr.drain(&[(key(6), stats(2 * S, 7, 0))]);
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].end_reason, FlowEndReason::ForcedEnd);
-        assert_eq!(out[0].stats.packets, [7, 7]);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1].end_reason, FlowEndReason::ForcedEnd);
+        assert_eq!(out[1].stats.packets, [7, 7]);
     }
 }
