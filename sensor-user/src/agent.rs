@@ -784,12 +784,12 @@ impl Agent {
         let tracker = &mut self.tracker;
         self.kernel
             .for_each_flow(|k, s| tracker.update_stats(&k, &s))?;
-        let (keys, unrecorded) = self.tracker.drain_keys();
+        let (flows, unrecorded) = self.tracker.drain_all();
         self.metrics
             .flows_unrecorded
             .fetch_add(unrecorded, Ordering::Relaxed);
-        for (_, key) in keys {
-            for out in self.tracker.force_end(&key) {
+        for flow in flows {
+            for out in flow.close() {
                 self.write_flow(out)?;
             }
         }

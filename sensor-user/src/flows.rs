@@ -4,7 +4,7 @@
 //! Pure logic over `(FlowKey, FlowStats)` snapshots, so it is tested without a kernel.
 //! Times are `CLOCK_BOOTTIME` nanoseconds, the kernel's `bpf_ktime_get_boot_ns`.
 
-use std::{collections::HashMap, time::Duration};
+use std::{hash::BuildHasher as _, num::NonZeroU64, time::Duration};
 
 use conduit_proto::v1::{FlowEndReason, RecordKind, Verdict};
 use sensor_common::{FLOW_TABLE_SIZE, FlowKey, FlowStats, flow_state, sni_state};
@@ -97,24 +97,155 @@ pub struct Sweep {
     pub unrecorded_ended: u64,
 }
 
+/// What the tracker keeps of a flow's kernel entry: what its records carry (the
+/// classification fields live in [`Classification`]). 56 bytes instead of 96.
+#[derive(Clone, Copy, Debug, Default)]
+struct Held {
+    first_seen_ns: u64,
+    last_seen_ns: u64,
+    packets: [u64; 2],
+    bytes: [u64; 2],
+    ifindex: u32,
+    tcp_flags: [u8; 2],
+    initiator_is_lo: u8,
+    state: u8,
+}
+
+impl Held {
+    fn of(s: &FlowStats) -> Held {
+        Held {
+            first_seen_ns: s.first_seen_ns,
+            last_seen_ns: s.last_seen_ns,
+            packets: s.packets,
+            bytes: s.bytes,
+            ifindex: s.ifindex,
+            tcp_flags: s.tcp_flags,
+            initiator_is_lo: s.initiator_is_lo,
+            state: s.state,
+        }
+    }
+
+    fn stats(&self) -> FlowStats {
+        FlowStats {
+            first_seen_ns: self.first_seen_ns,
+            last_seen_ns: self.last_seen_ns,
+            packets: self.packets,
+            bytes: self.bytes,
+            ifindex: self.ifindex,
+            tcp_flags: self.tcp_flags,
+            initiator_is_lo: self.initiator_is_lo,
+            state: self.state,
+            ..FlowStats::default()
+        }
+    }
+
+    /// Counters only grow; a snapshot read while packets arrive may be older than
+    /// the one already held, so keep the larger of each.
+    fn merge(&mut self, new: &FlowStats) {
+        for d in 0..2 {
+            self.packets[d] = self.packets[d].max(new.packets[d]);
+            self.bytes[d] = self.bytes[d].max(new.bytes[d]);
+            self.tcp_flags[d] |= new.tcp_flags[d];
+        }
+        self.last_seen_ns = self.last_seen_ns.max(new.last_seen_ns);
+        self.state |= new.state;
+        if self.first_seen_ns == 0 {
+            self.first_seen_ns = new.first_seen_ns;
+        }
+        self.ifindex = new.ifindex;
+        self.initiator_is_lo = new.initiator_is_lo;
+    }
+}
+
+/// One live flow: 136 bytes, boxed, so the table's buckets are one pointer each.
 #[derive(Debug)]
 struct Tracked {
+    key: FlowKey,
     flow_id: u64,
-    recorded: bool,
     last_report_ns: u64,
-    end_since_ns: Option<u64>,
-    stats: FlowStats,
+    end_since_ns: Option<NonZeroU64>,
+    held: Held,
     /// Boxed: most flows have none, and the tracker holds every live flow.
     class: Option<Box<Classification>>,
-    /// The agent finished classifying the flow (ClientHello parsed, or not TLS).
-    class_final: bool,
     /// The last sweep that saw the flow in the kernel table.
     seen: u32,
+    recorded: bool,
+    /// The agent finished classifying the flow (ClientHello parsed, or not TLS).
+    class_final: bool,
 }
 
 impl Tracked {
     fn is_ai(&self) -> bool {
         self.class.as_ref().is_some_and(|c| c.is_ai())
+    }
+}
+
+/// The live flows by key. A table of boxes whose entries hold their own key: at
+/// 120,000 flows its 262,144 buckets take 2 MiB (48 bytes each with a separate
+/// key and pointer), and a resize copies pointers only.
+#[derive(Default)]
+struct FlowTable {
+    table: hashbrown::HashTable<Box<Tracked>>,
+    hasher: hashbrown::DefaultHashBuilder,
+}
+
+impl std::fmt::Debug for FlowTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlowTable")
+            .field("len", &self.table.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl FlowTable {
+    fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    fn get(&self, key: &FlowKey) -> Option<&Tracked> {
+        let hash = self.hasher.hash_one(key);
+        self.table.find(hash, |t| t.key == *key).map(|t| &**t)
+    }
+
+    fn get_mut(&mut self, key: &FlowKey) -> Option<&mut Tracked> {
+        let hash = self.hasher.hash_one(key);
+        self.table
+            .find_mut(hash, |t| t.key == *key)
+            .map(|t| &mut **t)
+    }
+
+    fn contains(&self, key: &FlowKey) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// Inserts a flow that is not in the table.
+    fn insert_new(&mut self, t: Box<Tracked>) -> &mut Tracked {
+        let Self { table, hasher } = self;
+        let hash = hasher.hash_one(t.key);
+        table
+            .insert_unique(hash, t, |t| hasher.hash_one(t.key))
+            .into_mut()
+    }
+
+    fn remove(&mut self, key: &FlowKey) -> Option<Box<Tracked>> {
+        let hash = self.hasher.hash_one(key);
+        match self.table.find_entry(hash, |t| t.key == *key) {
+            Ok(entry) => Some(entry.remove().0),
+            Err(_) => None,
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Tracked> {
+        self.table.iter().map(|t| &**t)
+    }
+
+    /// Every flow, leaving the table empty (and its memory freed). The boxes stay
+    /// boxed: a drain moves pointers, not every entry.
+    #[allow(clippy::vec_box)]
+    fn take_all(&mut self) -> Vec<Box<Tracked>> {
+        let all = self.table.drain().collect();
+        self.table = hashbrown::HashTable::new();
+        all
     }
 }
 
@@ -124,8 +255,7 @@ pub struct FlowTracker {
     opts: TrackerOptions,
     /// With no conduit map every flow is recorded (foundation behaviour).
     policy_loaded: bool,
-    /// Boxed values: the table's buckets stay small (it is sized in powers of two).
-    flows: HashMap<FlowKey, Box<Tracked>>,
+    flows: FlowTable,
     next_flow_id: u64,
     /// Number of the current sweep; a tracked flow a sweep did not see is gone.
     epoch: u32,
@@ -140,7 +270,7 @@ impl FlowTracker {
         FlowTracker {
             opts,
             policy_loaded,
-            flows: HashMap::new(),
+            flows: FlowTable::default(),
             // Flow ids are unique within a spool: a restart continues after the highest
             // stored one (`continue_ids_after`).
             next_flow_id: 1,
@@ -165,7 +295,7 @@ impl FlowTracker {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.flows.is_empty()
+        self.flows.len() == 0
     }
 
     /// New flows refused because the tracker was full, since the start.
@@ -184,25 +314,25 @@ impl FlowTracker {
 
     /// The flow's entry, created if there is room.
     fn track(&mut self, key: FlowKey, stats: FlowStats, now_ns: u64) -> Option<&mut Tracked> {
-        if !self.flows.contains_key(&key) && self.flows.len() >= self.opts.max_flows {
+        if self.flows.contains(&key) {
+            return self.flows.get_mut(&key);
+        }
+        if self.flows.len() >= self.opts.max_flows {
             return None;
         }
-        let next_id = &mut self.next_flow_id;
-        let seen = self.epoch;
-        Some(self.flows.entry(key).or_insert_with(|| {
-            let flow_id = *next_id;
-            *next_id += 1;
-            Box::new(Tracked {
-                flow_id,
-                recorded: false,
-                last_report_ns: now_ns,
-                end_since_ns: None,
-                stats,
-                class: None,
-                class_final: false,
-                seen,
-            })
-        }))
+        let flow_id = self.next_flow_id;
+        self.next_flow_id += 1;
+        Some(self.flows.insert_new(Box::new(Tracked {
+            key,
+            flow_id,
+            last_report_ns: now_ns,
+            end_since_ns: None,
+            held: Held::of(&stats),
+            class: None,
+            seen: self.epoch,
+            recorded: false,
+            class_final: false,
+        })))
     }
 
     /// A new flow reported by the kernel. Its `flow_start` waits for the
@@ -225,7 +355,7 @@ impl FlowTracker {
         class: Classification,
         now_ns: u64,
     ) -> Option<FlowOut> {
-        let known = self.flows.contains_key(&key);
+        let known = self.flows.contains(&key);
         let unannounced = stats.state & flow_state::UNANNOUNCED != 0;
         if !known && !unannounced {
             return None;
@@ -238,7 +368,7 @@ impl FlowTracker {
             self.recovered += 1;
         }
         let t = self.track(key, stats, now_ns)?;
-        merge_stats(&mut t.stats, &stats);
+        t.held.merge(&stats);
         t.class_final = true;
         // One verdict, decided once: a flow_start already written keeps its
         // classification (a ClientHello completed past the deadline).
@@ -249,7 +379,7 @@ impl FlowTracker {
         if !recordable {
             return None;
         }
-        Some(start(t, key))
+        Some(start(t))
     }
 
     /// The agent found the flow is not TLS/QUIC (or gave up): its classification is
@@ -258,12 +388,12 @@ impl FlowTracker {
         let policy_loaded = self.policy_loaded;
         let record_all = self.opts.record_all;
         let t = self.flows.get_mut(&key)?;
-        merge_stats(&mut t.stats, &stats);
+        t.held.merge(&stats);
         t.class_final = true;
         if t.recorded || !(!policy_loaded || record_all || t.is_ai()) {
             return None;
         }
-        Some(start(t, key))
+        Some(start(t))
     }
 
     /// Current classification of a flow, if tracked.
@@ -320,7 +450,7 @@ impl FlowTracker {
         // Only flows the kernel could not announce are picked up here: any other
         // untracked flow was refused (counted) or its announcement is still in the
         // ring buffer.
-        let known = self.flows.contains_key(key);
+        let known = self.flows.contains(key);
         if !known && stats.state & flow_state::UNANNOUNCED == 0 {
             return;
         }
@@ -334,7 +464,7 @@ impl FlowTracker {
             return;
         };
         t.seen = epoch;
-        merge_stats(&mut t.stats, stats);
+        t.held.merge(stats);
         // The kernel's classification stands when the agent has none of its own
         // and no flow_start fixed it yet.
         if !t.recorded
@@ -348,13 +478,16 @@ impl FlowTracker {
         // done (not TLS/QUIC, or the agent's result merged), or its deadline passed.
         let classified = t.class_final
             || stats.sni_state == sni_state::DONE
-            || now_ns.saturating_sub(t.stats.first_seen_ns) >= deadline;
+            || now_ns.saturating_sub(t.held.first_seen_ns) >= deadline;
 
         let ended = stats.state & (flow_state::RST) != 0
             || stats.state & (flow_state::FIN_FORWARD | flow_state::FIN_REVERSE)
                 == (flow_state::FIN_FORWARD | flow_state::FIN_REVERSE);
         let reason = if ended {
-            let since = *t.end_since_ns.get_or_insert(now_ns);
+            let since = t
+                .end_since_ns
+                .get_or_insert(NonZeroU64::new(now_ns).unwrap_or(NonZeroU64::MIN))
+                .get();
             (now_ns.saturating_sub(since) >= grace).then_some(FlowEndReason::EndOfFlow)
         } else if now_ns.saturating_sub(stats.last_seen_ns) >= idle {
             Some(FlowEndReason::IdleTimeout)
@@ -362,26 +495,23 @@ impl FlowTracker {
             None
         };
         if !t.recorded && recordable && (classified || reason.is_some()) {
-            sweep.out.push(start(t, *key));
+            sweep.out.push(start(t));
         }
 
         if let Some(reason) = reason {
             sweep.remove.push(*key);
             if let Some(t) = self.flows.remove(key) {
                 if t.recorded {
-                    sweep.out.push(out(&t, *key, RecordKind::FlowEnd, reason));
+                    sweep.out.push(out(&t, RecordKind::FlowEnd, reason));
                 } else {
                     sweep.unrecorded_ended += 1;
                 }
             }
         } else if t.recorded && now_ns.saturating_sub(t.last_report_ns) >= active {
             t.last_report_ns = now_ns;
-            sweep.out.push(out(
-                t,
-                *key,
-                RecordKind::FlowUpdate,
-                FlowEndReason::Unspecified,
-            ));
+            sweep
+                .out
+                .push(out(t, RecordKind::FlowUpdate, FlowEndReason::Unspecified));
         }
     }
 
@@ -393,8 +523,8 @@ impl FlowTracker {
         let gone: Vec<FlowKey> = self
             .flows
             .iter()
-            .filter(|(_, t)| t.seen != epoch)
-            .map(|(k, _)| *k)
+            .filter(|t| t.seen != epoch)
+            .map(|t| t.key)
             .collect();
         let (policy_loaded, record_all) = (self.policy_loaded, self.opts.record_all);
         for key in gone {
@@ -402,16 +532,13 @@ impl FlowTracker {
                 // A recordable flow still waiting for its classification gets its
                 // flow_start now: it has records, like every evicted recorded flow.
                 if !t.recorded && (!policy_loaded || record_all || t.is_ai()) {
-                    sweep.out.push(start(&mut t, key));
+                    sweep.out.push(start(&mut t));
                 }
                 if t.recorded {
                     sweep.evicted += 1;
-                    sweep.out.push(out(
-                        &t,
-                        key,
-                        RecordKind::FlowEnd,
-                        FlowEndReason::LackOfResources,
-                    ));
+                    sweep
+                        .out
+                        .push(out(&t, RecordKind::FlowEnd, FlowEndReason::LackOfResources));
                 } else {
                     sweep.unrecorded_ended += 1;
                 }
@@ -422,42 +549,26 @@ impl FlowTracker {
     /// Takes the latest totals of a flow (final snapshot before a drain).
     pub fn update_stats(&mut self, key: &FlowKey, stats: &FlowStats) {
         if let Some(t) = self.flows.get_mut(key) {
-            merge_stats(&mut t.stats, stats);
+            t.held.merge(stats);
         }
     }
 
-    /// Keys of the flows that are recorded (or recordable, still waiting for their
-    /// classification) in flow id order, and the number of flows that leave the
-    /// tracker unrecorded (not AI traffic). With [`FlowTracker::force_end`], ends
-    /// them one at a time, so a drain holds no copy of every record.
-    pub fn drain_keys(&mut self) -> (Vec<(u64, FlowKey)>, u64) {
+    /// Takes every flow out of the tracker: those that are recorded (or
+    /// recordable, still waiting for their classification) in flow id order, and
+    /// the number that leave unrecorded (not AI traffic). [`Drained::close`] then
+    /// ends them one at a time, so a drain holds no copy of every record.
+    pub fn drain_all(&mut self) -> (Vec<Drained>, u64) {
         let (policy_loaded, record_all) = (self.policy_loaded, self.opts.record_all);
-        let keep = |t: &Tracked| t.recorded || !policy_loaded || record_all || t.is_ai();
-        let mut keys: Vec<(u64, FlowKey)> = self
-            .flows
-            .iter()
-            .filter(|(_, t)| keep(t))
-            .map(|(k, t)| (t.flow_id, *k))
+        let all = self.flows.take_all();
+        let before = all.len();
+        let mut keep: Vec<Drained> = all
+            .into_iter()
+            .filter(|t| t.recorded || !policy_loaded || record_all || t.is_ai())
+            .map(Drained)
             .collect();
-        keys.sort_unstable();
-        let before = self.flows.len();
-        self.flows.retain(|_, t| keep(t));
-        (keys, (before - self.flows.len()) as u64)
-    }
-
-    /// The records that close a flow from [`FlowTracker::drain_keys`]: its
-    /// `flow_start` if it was still waiting for its classification, then its
-    /// `flow_end` (`forced`).
-    pub fn force_end(&mut self, key: &FlowKey) -> Vec<FlowOut> {
-        let Some(mut t) = self.flows.remove(key) else {
-            return Vec::new();
-        };
-        let mut outs = Vec::with_capacity(2);
-        if !t.recorded {
-            outs.push(start(&mut t, *key));
-        }
-        outs.push(out(&t, *key, RecordKind::FlowEnd, FlowEndReason::ForcedEnd));
-        outs
+        keep.sort_unstable_by_key(|d| d.0.flow_id);
+        let unrecorded = (before - keep.len()) as u64;
+        (keep, unrecorded)
     }
 
     /// Ends every recorded flow (`forced`), e.g. on shutdown, with the totals of the
@@ -466,41 +577,42 @@ impl FlowTracker {
         for (key, stats) in entries {
             self.update_stats(key, stats);
         }
-        let (keys, _) = self.drain_keys();
-        keys.iter().flat_map(|(_, k)| self.force_end(k)).collect()
+        let (flows, _) = self.drain_all();
+        flows.into_iter().flat_map(Drained::close).collect()
     }
 }
 
-fn start(t: &mut Tracked, key: FlowKey) -> FlowOut {
-    t.recorded = true;
-    out(t, key, RecordKind::FlowStart, FlowEndReason::Unspecified)
+/// A flow taken out of the tracker by [`FlowTracker::drain_all`].
+#[derive(Debug)]
+pub struct Drained(Box<Tracked>);
+
+impl Drained {
+    /// Its `flow_start` if it was still waiting for its classification, then its
+    /// `flow_end` (`forced`).
+    pub fn close(self) -> Vec<FlowOut> {
+        let mut t = self.0;
+        let mut outs = Vec::with_capacity(2);
+        if !t.recorded {
+            outs.push(start(&mut t));
+        }
+        outs.push(out(&t, RecordKind::FlowEnd, FlowEndReason::ForcedEnd));
+        outs
+    }
 }
 
-fn out(t: &Tracked, key: FlowKey, kind: RecordKind, end_reason: FlowEndReason) -> FlowOut {
+fn start(t: &mut Tracked) -> FlowOut {
+    t.recorded = true;
+    out(t, RecordKind::FlowStart, FlowEndReason::Unspecified)
+}
+
+fn out(t: &Tracked, kind: RecordKind, end_reason: FlowEndReason) -> FlowOut {
     FlowOut {
         kind,
         flow_id: t.flow_id,
-        key,
-        stats: t.stats,
+        key: t.key,
+        stats: t.held.stats(),
         class: t.class.as_deref().cloned().unwrap_or_default(),
         end_reason,
-    }
-}
-
-/// Counters only grow; a snapshot read while packets arrive may be older than the
-/// one already held, so keep the larger of each.
-fn merge_stats(held: &mut FlowStats, new: &FlowStats) {
-    let older = *held;
-    *held = *new;
-    for d in 0..2 {
-        held.packets[d] = older.packets[d].max(new.packets[d]);
-        held.bytes[d] = older.bytes[d].max(new.bytes[d]);
-        held.tcp_flags[d] = older.tcp_flags[d] | new.tcp_flags[d];
-    }
-    held.last_seen_ns = older.last_seen_ns.max(new.last_seen_ns);
-    held.state |= older.state;
-    if held.first_seen_ns == 0 {
-        held.first_seen_ns = older.first_seen_ns;
     }
 }
 
@@ -560,6 +672,12 @@ mod tests {
             max_flows: DEFAULT_TRACKED_FLOWS as usize,
             classification_deadline: Duration::from_secs(3),
         }
+    }
+
+    #[test]
+    fn a_tracked_flow_stays_small() {
+        // The RSS budget (README, Limits): 136 bytes per entry plus its bucket.
+        assert_eq!(size_of::<Tracked>(), 136);
     }
 
     #[test]
