@@ -97,7 +97,7 @@ pub async fn run(settings: AgentSettings) -> Result<()> {
     }
     let uplink = settings.uplink.clone();
     let spool_dir = settings.recorder.spool_dir.clone();
-    let mut agent = Agent::start(settings, metrics.clone(), Mode::Live)?;
+    let mut agent = Agent::start(settings, metrics.clone(), Clock::Live)?;
 
     // The uplink reads the spool files on its own; the recorder stays their only writer.
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
@@ -149,34 +149,105 @@ const UPLINK_DRAIN: Duration = Duration::from_secs(5);
 
 /// `conduit-sensor replay`: runs the kernel program over every packet of a pcap with
 /// BPF_PROG_TEST_RUN and feeds its events to the same agent logic, so the records are
-/// those a live sensor would write (timestamps are the replay's clock: the kernel
-/// stamps packets when it runs them). Returns the number of packets run.
-pub fn replay(settings: AgentSettings, packets: impl Iterator<Item = Vec<u8>>) -> Result<u64> {
-    let mut agent = Agent::start(settings, Arc::new(Metrics::default()), Mode::Replay)?;
-    let mut n = 0u64;
-    for packet in packets {
-        agent.kernel.test_run(kernel::Program::Xdp, &packet)?;
-        n += 1;
+/// those a live sensor would write. Every time is the capture's: each packet's
+/// kernel timestamps carry its index (`Kernel::stamp_replay_packet`), which the
+/// agent maps to the packet's capture time, and the agent's own clock (sweeps,
+/// timeouts, record times) follows the capture. Returns the number of packets run.
+pub fn replay(settings: AgentSettings, packets: Vec<crate::pcap::Captured>) -> Result<u64> {
+    let times: Vec<u64> = packets.iter().map(|(t, _)| *t).collect();
+    let first = times.first().copied().unwrap_or_default();
+    let last = times.last().copied().unwrap_or_default();
+    let clock = Clock::Replay { times, now: first };
+    let mut agent = Agent::start(settings, Arc::new(Metrics::default()), clock)?;
+    let sweep_every = u64::try_from(SWEEP_INTERVAL.as_nanos()).unwrap_or(u64::MAX);
+    let mut last_sweep = first;
+    for (i, (t, packet)) in packets.iter().enumerate() {
+        let index = u32::try_from(i + 1).context("more than 2^32 packets in one capture")?;
+        agent.sink.clock.set_now(*t);
+        agent.kernel.stamp_replay_packet(index)?;
+        agent.kernel.test_run(kernel::Program::Xdp, packet)?;
         for ev in agent.kernel.drain_events() {
             agent.on_event(ev)?;
+        }
+        if t.saturating_sub(last_sweep) >= sweep_every {
+            agent.sweep()?;
+            last_sweep = *t;
         }
     }
     for ev in agent.kernel.drain_events() {
         agent.on_event(ev)?;
     }
+    // The capture is over: no later ACK can come, so the flows it closed (FIN from
+    // both sides, RST) end as such in the final sweep, at the capture's last time;
+    // the rest are forced.
+    agent.sink.clock.set_now(last);
+    agent.tracker.capture_over();
     agent.drain()?;
-    Ok(n)
+    Ok(packets.len() as u64)
 }
 
-/// Whether the agent attaches to interfaces or runs packets through test runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
+/// Whose time the agent keeps.
+#[derive(Clone, Debug)]
+enum Clock {
+    /// The machine's: CLOCK_BOOTTIME, as the kernel stamps, and the wall clock.
     Live,
-    Replay,
+    /// The capture's (`replay`): unix nanoseconds; kernel stamps carry the index
+    /// (from 1) of the packet that wrote them, `times[index - 1]` is its time.
+    Replay { times: Vec<u64>, now: u64 },
+}
+
+impl Clock {
+    fn now_ns(&self) -> u64 {
+        match self {
+            Clock::Live => BootClock::boot_now_ns(),
+            Clock::Replay { now, .. } => *now,
+        }
+    }
+
+    fn set_now(&mut self, t: u64) {
+        if let Clock::Replay { now, .. } = self {
+            *now = t;
+        }
+    }
+
+    /// Turns this clock's nanoseconds into wall-clock time for records.
+    fn boot_clock(&self) -> BootClock {
+        match self {
+            Clock::Live => BootClock::now(),
+            Clock::Replay { .. } => BootClock::from_offset(0),
+        }
+    }
+
+    /// The time a record is written at, if not now.
+    fn record_time(&self) -> Option<i64> {
+        match self {
+            Clock::Live => None,
+            Clock::Replay { now, .. } => i64::try_from(*now).ok(),
+        }
+    }
+
+    /// A kernel flow value with its timestamps in this clock.
+    fn stats(&self, mut s: FlowStats) -> FlowStats {
+        if let Clock::Replay { times, .. } = self {
+            let at = |stamp: u64| {
+                let i = kernel::replay_stamp_index(stamp) as usize;
+                if i == 0 {
+                    stamp
+                } else {
+                    times.get(i - 1).copied().unwrap_or(stamp)
+                }
+            };
+            s.first_seen_ns = at(s.first_seen_ns);
+            s.last_seen_ns = at(s.last_seen_ns);
+        }
+        s
+    }
 }
 
 impl Agent {
-    fn start(settings: AgentSettings, metrics: Arc<Metrics>, mode: Mode) -> Result<Agent> {
+    /// Attaches to the interfaces with the live clock; runs packets through test
+    /// runs (`replay`) with the capture's.
+    fn start(settings: AgentSettings, metrics: Arc<Metrics>, clock: Clock) -> Result<Agent> {
         let policy = match &settings.conduits {
             Some(path) => {
                 let map = ConduitMap::load(path, None).map_err(ConfigExit)?;
@@ -209,8 +280,8 @@ impl Agent {
         })
         .context("loading the kernel programs (needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON; `conduit-sensor probe` shows what this process has)")?;
         let mut ifnames = HashMap::new();
-        match mode {
-            Mode::Live => {
+        match clock {
+            Clock::Live => {
                 for iface in &settings.ifaces {
                     let info = kernel
                         .attach(iface)
@@ -222,7 +293,7 @@ impl Agent {
                     .set_local_addrs(&local_addresses())
                     .context("local addresses")?;
             }
-            Mode::Replay => {
+            Clock::Replay { .. } => {
                 // BPF_PROG_TEST_RUN runs XDP as if the packet arrived on loopback.
                 kernel.watch_ifindex(1)?;
                 ifnames.insert(1, "replay".to_string());
@@ -244,6 +315,7 @@ impl Agent {
                 metrics: metrics.clone(),
                 ifnames,
                 site,
+                clock,
             },
             settings,
             kernel,
@@ -424,11 +496,12 @@ impl Agent {
     }
 
     fn on_event(&mut self, ev: KernelEvent) -> Result<()> {
-        let now = BootClock::boot_now_ns();
+        let now = self.sink.clock.now_ns();
         match ev {
             KernelEvent::Flow(fe) => {
                 if fe.header.kind == sensor_common::EVENT_FLOW_NEW {
-                    self.tracker.on_new(fe.header.key, fe.stats, now);
+                    let stats = self.sink.clock.stats(fe.stats);
+                    self.tracker.on_new(fe.header.key, stats, now);
                 }
             }
             KernelEvent::Payload(pe) => {
@@ -503,10 +576,8 @@ impl Agent {
         self.kernel
             .update_classification(&key, &class_update(&stats))?;
         self.count_verdict(class.verdict);
-        if let Some(out) = self
-            .tracker
-            .on_classified(key, stats, class, BootClock::boot_now_ns())
-        {
+        let (stats, now) = (self.sink.clock.stats(stats), self.sink.clock.now_ns());
+        if let Some(out) = self.tracker.on_classified(key, stats, class, now) {
             self.write_flow(out)?;
         }
         Ok(())
@@ -517,6 +588,7 @@ impl Agent {
     fn finish_unclassified(&mut self, key: FlowKey) -> Result<()> {
         if let Some(s) = self.kernel.flow(&key)? {
             self.kernel.update_classification(&key, &class_update(&s))?;
+            let s = self.sink.clock.stats(s);
             if let Some(out) = self.tracker.on_unclassified(key, s) {
                 self.write_flow(out)?;
             }
@@ -556,7 +628,7 @@ impl Agent {
     }
 
     fn sweep(&mut self) -> Result<()> {
-        let now = BootClock::boot_now_ns();
+        let now = self.sink.clock.now_ns();
         // Counters before the table: every flow the kernel counted as unannounced
         // by now is in this snapshot unless it is gone (see `report_unannounced`).
         let counters = self.kernel.counters()?;
@@ -567,6 +639,7 @@ impl Agent {
         // Records are written as the walk goes: a burst's flow_starts are not held.
         let mut written: Result<()> = Ok(());
         self.kernel.for_each_flow(|k, s| {
+            let s = sink.clock.stats(s);
             tracker.sweep_entry(&mut sweep, &k, &s, &resolve);
             for out in sweep.out.drain(..) {
                 if written.is_ok() {
@@ -781,9 +854,9 @@ impl Agent {
         // The final sweep also makes the final loss report: its counters were read
         // before its table snapshot, which closes the accounting.
         self.sweep()?;
-        let tracker = &mut self.tracker;
+        let (tracker, clock) = (&mut self.tracker, &self.sink.clock);
         self.kernel
-            .for_each_flow(|k, s| tracker.update_stats(&k, &s))?;
+            .for_each_flow(|k, s| tracker.update_stats(&k, &clock.stats(s)))?;
         let (flows, unrecorded) = self.tracker.drain_all();
         self.metrics
             .flows_unrecorded
@@ -816,6 +889,7 @@ struct Sink {
     metrics: Arc<Metrics>,
     ifnames: HashMap<u32, String>,
     site: String,
+    clock: Clock,
 }
 
 impl Sink {
@@ -831,7 +905,7 @@ impl Sink {
             .get(&out.stats.ifindex)
             .cloned()
             .unwrap_or_default();
-        let record = flow_record(&out, &BootClock::now(), &ifname);
+        let record = flow_record(&out, &self.clock.boot_clock(), &ifname);
         self.append(record)
     }
 
@@ -861,6 +935,9 @@ impl Sink {
     fn append(&mut self, mut record: Record) -> Result<()> {
         if record.site.is_empty() {
             record.site = self.site.clone();
+        }
+        if let Some(t) = self.clock.record_time() {
+            record.time_unix_nano = t;
         }
         let written = self.recorder.append(record)?;
         self.emit_appended(written)

@@ -225,7 +225,7 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
     };
     let settings = settings_from(&run_args).map_err(ConfigExit)?;
     let spool = settings.recorder.spool_dir.clone();
-    let n = crate::agent::replay(settings, packets.into_iter())?;
+    let n = crate::agent::replay(settings, packets)?;
     eprintln!(
         "replayed {n} packets from {}; records in {}",
         args.pcap.display(),

@@ -4,7 +4,7 @@
 //! Pure logic over `(FlowKey, FlowStats)` snapshots, so it is tested without a kernel.
 //! Times are `CLOCK_BOOTTIME` nanoseconds, the kernel's `bpf_ktime_get_boot_ns`.
 
-use std::{hash::BuildHasher as _, num::NonZeroU64, time::Duration};
+use std::{hash::BuildHasher as _, time::Duration};
 
 use conduit_proto::v1::{FlowEndReason, RecordKind, Verdict};
 use sensor_common::{FLOW_TABLE_SIZE, FlowKey, FlowStats, flow_state, sni_state};
@@ -21,8 +21,8 @@ pub struct TrackerOptions {
     pub idle_timeout: Duration,
     /// A long flow gets a `flow_update` this often (IPFIX active timeout).
     pub active_timeout: Duration,
-    /// After FIN from both sides or a RST, wait this long for the last ACKs before
-    /// the `flow_end` (so its totals include them).
+    /// After FIN from both sides or a RST, end the flow once it has had no packet
+    /// for this long (its totals then include the last ACKs).
     pub end_grace: Duration,
     /// Record flows that match no AI endpoint too.
     pub record_all: bool,
@@ -157,13 +157,12 @@ impl Held {
     }
 }
 
-/// One live flow: 136 bytes, boxed, so the table's buckets are one pointer each.
+/// One live flow: 128 bytes, boxed, so the table's buckets are one pointer each.
 #[derive(Debug)]
 struct Tracked {
     key: FlowKey,
     flow_id: u64,
     last_report_ns: u64,
-    end_since_ns: Option<NonZeroU64>,
     held: Held,
     /// Boxed: most flows have none, and the tracker holds every live flow.
     class: Option<Box<Classification>>,
@@ -285,6 +284,12 @@ impl FlowTracker {
         self.next_flow_id = self.next_flow_id.max(max + 1);
     }
 
+    /// `replay` at the end of its capture: no later packet can come, so flows that
+    /// ended (FIN from both sides, RST) end now, without the grace for late ACKs.
+    pub fn capture_over(&mut self) {
+        self.opts.end_grace = Duration::ZERO;
+    }
+
     pub fn set_policy_loaded(&mut self, loaded: bool) {
         self.policy_loaded = loaded;
     }
@@ -326,7 +331,6 @@ impl FlowTracker {
             key,
             flow_id,
             last_report_ns: now_ns,
-            end_since_ns: None,
             held: Held::of(&stats),
             class: None,
             seen: self.epoch,
@@ -484,11 +488,8 @@ impl FlowTracker {
             || stats.state & (flow_state::FIN_FORWARD | flow_state::FIN_REVERSE)
                 == (flow_state::FIN_FORWARD | flow_state::FIN_REVERSE);
         let reason = if ended {
-            let since = t
-                .end_since_ns
-                .get_or_insert(NonZeroU64::new(now_ns).unwrap_or(NonZeroU64::MIN))
-                .get();
-            (now_ns.saturating_sub(since) >= grace).then_some(FlowEndReason::EndOfFlow)
+            (now_ns.saturating_sub(t.held.last_seen_ns) >= grace)
+                .then_some(FlowEndReason::EndOfFlow)
         } else if now_ns.saturating_sub(stats.last_seen_ns) >= idle {
             Some(FlowEndReason::IdleTimeout)
         } else {
@@ -676,8 +677,8 @@ mod tests {
 
     #[test]
     fn a_tracked_flow_stays_small() {
-        // The RSS budget (README, Limits): 136 bytes per entry plus its bucket.
-        assert_eq!(size_of::<Tracked>(), 136);
+        // The RSS budget (README, Limits): 128 bytes per entry plus its bucket.
+        assert_eq!(size_of::<Tracked>(), 128);
     }
 
     #[test]

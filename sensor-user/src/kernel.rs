@@ -276,6 +276,12 @@ impl BootClock {
     }
 }
 
+/// The packet index a timestamp written after [`Kernel::stamp_replay_packet`]
+/// carries.
+pub fn replay_stamp_index(stamp_ns: u64) -> u32 {
+    (stamp_ns >> 32) as u32
+}
+
 fn boot_offset_ns() -> u64 {
     (clock_ns(libc::CLOCK_BOOTTIME) - clock_ns(libc::CLOCK_MONOTONIC)).max(0) as u64
 }
@@ -433,6 +439,17 @@ impl Kernel {
     /// the kernel's flow timestamps.
     pub fn refresh_clock(&mut self) -> Result<()> {
         self.config.boot_offset_ns = boot_offset_ns();
+        self.write_config()
+    }
+
+    /// For `replay`: the flow timestamps of the next test runs carry `index` in
+    /// their upper 32 bits (see [`replay_stamp_index`]), so the agent can give them
+    /// the capture time of packet `index`. The kernel stamps with the coarse
+    /// monotonic clock plus the configured offset; the clock moves by far less than
+    /// 2^32 ns (4.3 s) during one test run.
+    pub fn stamp_replay_packet(&mut self, index: u32) -> Result<()> {
+        let coarse = clock_ns(libc::CLOCK_MONOTONIC_COARSE) as u64;
+        self.config.boot_offset_ns = (u64::from(index) << 32).wrapping_sub(coarse);
         self.write_config()
     }
 
