@@ -628,6 +628,13 @@ impl Agent {
     }
 
     fn sweep(&mut self) -> Result<()> {
+        self.sweep_table(false)
+    }
+
+    /// One walk over the kernel table. `last`: the drain's final walk, after which
+    /// nothing is tracked any more, so unannounced flows the tracker could not take
+    /// are lost now.
+    fn sweep_table(&mut self, last: bool) -> Result<()> {
         let now = self.sink.clock.now_ns();
         // Counters before the table: every flow the kernel counted as unannounced
         // by now is in this snapshot unless it is gone (see `report_unannounced`).
@@ -682,7 +689,8 @@ impl Agent {
             )?;
         }
         self.report_refused()?;
-        self.report_kernel_counters(&counters)
+        let pending = if last { 0 } else { sweep.unannounced_pending };
+        self.report_kernel_counters(&counters, pending)
     }
 
     /// Flows the tracker refused (full) have no record: loss in flow units.
@@ -703,7 +711,11 @@ impl Agent {
     }
 
     /// Kernel loss counters that grew become signed `loss` records.
-    fn report_kernel_counters(&mut self, counters: &[u64; Counter::COUNT as usize]) -> Result<()> {
+    fn report_kernel_counters(
+        &mut self,
+        counters: &[u64; Counter::COUNT as usize],
+        unannounced_pending: u64,
+    ) -> Result<()> {
         for c in Counter::ALL {
             let i = c as usize;
             self.metrics.kernel[i].store(counters[i], Ordering::Relaxed);
@@ -713,16 +725,21 @@ impl Agent {
             }
         }
         self.reported_counters = *counters;
-        self.report_unannounced(counters[Counter::LossNewFlowEvent as usize])
+        self.report_unannounced(
+            counters[Counter::LossNewFlowEvent as usize],
+            unannounced_pending,
+        )
     }
 
     /// Flows whose announcement the kernel lost and that no sweep found before they
     /// left the table have no record. `announced_lost` was read before the table
-    /// snapshot the tracker just swept, so each such flow is either recovered by now
-    /// or gone: `announced_lost - recovered` never exceeds the flows without a
-    /// record, and equals it once the last sweep has run.
-    fn report_unannounced(&mut self, announced_lost: u64) -> Result<()> {
-        let lost = announced_lost.saturating_sub(self.tracker.recovered());
+    /// snapshot the tracker just swept, so each such flow is by now recovered, gone,
+    /// or `pending` (in the table, but the tracker was full): `announced_lost -
+    /// recovered - pending` never exceeds the flows without a record, and equals it
+    /// once the last sweep has run (which passes no pending: nothing is tracked
+    /// after it).
+    fn report_unannounced(&mut self, announced_lost: u64, pending: u64) -> Result<()> {
+        let lost = announced_lost.saturating_sub(self.tracker.recovered() + pending);
         if lost > self.reported_unannounced {
             let delta = lost - self.reported_unannounced;
             self.reported_unannounced = lost;
@@ -853,7 +870,7 @@ impl Agent {
         self.metrics.ready.store(false, Ordering::Relaxed);
         // The final sweep also makes the final loss report: its counters were read
         // before its table snapshot, which closes the accounting.
-        self.sweep()?;
+        self.sweep_table(true)?;
         let (tracker, clock) = (&mut self.tracker, &self.sink.clock);
         self.kernel
             .for_each_flow(|k, s| tracker.update_stats(&k, &clock.stats(s)))?;

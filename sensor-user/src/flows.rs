@@ -95,6 +95,11 @@ pub struct Sweep {
     pub evicted: u64,
     /// Flows that ended without ever being recorded (not AI traffic).
     pub unrecorded_ended: u64,
+    /// Unannounced flows this walk found in the table but could not track (the
+    /// tracker was full): neither recovered nor gone yet, so not yet lost.
+    pub unannounced_pending: u64,
+    /// Their keys, so a walk that meets one twice counts it once.
+    pending: std::collections::HashSet<FlowKey>,
 }
 
 /// What the tracker keeps of a flow's kernel entry: what its records carry (the
@@ -460,6 +465,9 @@ impl FlowTracker {
         }
         if !known {
             if self.flows.len() >= self.opts.max_flows {
+                if sweep.pending.insert(*key) {
+                    sweep.unannounced_pending += 1;
+                }
                 return;
             }
             self.recovered += 1;
@@ -519,6 +527,27 @@ impl FlowTracker {
     /// Ends the walk. Tracked flows are in the kernel table before the walk started
     /// (their announcement was read first), so any the walk did not see are gone:
     /// the LRU evicted them.
+    ///
+    /// Why the walk misses no entry that is in the table throughout, even while the
+    /// LRU evicts: it steps with `BPF_MAP_GET_NEXT_KEY` from the last key it read.
+    /// The kernel finds that key again by lookup and continues after it in its
+    /// bucket, then in the following buckets; when the key is gone (evicted or
+    /// deleted meanwhile) it starts again from the first bucket. Deleting other
+    /// entries does not unlink the ones still there, and entries never move between
+    /// buckets, so every entry present from the walk's start to its end is
+    /// returned at least once (a restart returns some twice, which `seen` and
+    /// `pending` absorb). A key read whose value is gone by the lookup is skipped:
+    /// that flow was evicted and is handled as above. Entries inserted during the
+    /// walk may be missed; they are new, announced through the ring buffer (then
+    /// tracked, and swept next time) or marked UNANNOUNCED (counted by the kernel
+    /// before the snapshot of the next walk, which sees them or counts them lost).
+    /// So each flow ends up recorded (tracked flows get a `flow_start` at the
+    /// latest with their `flow_end`) or counted once: refused by the tracker,
+    /// unrecorded by policy, or lost unannounced. One gap remains: a flow key that
+    /// the LRU evicts and the same five-tuple then re-creates before a sweep noticed
+    /// the eviction continues the tracked flow (one record, counters of the first
+    /// incarnation kept by the max-merge); only a full table evicts, and the loss
+    /// there is counted as `flow_table_eviction`.
     pub fn end_sweep(&mut self, sweep: &mut Sweep) {
         let epoch = self.epoch;
         let gone: Vec<FlowKey> = self
@@ -861,6 +890,32 @@ mod tests {
         let sw = tr.sweep(6 * S, &[(key(20), lost)], &none);
         assert!(sw.out.is_empty());
         assert_eq!(tr.recovered(), 1);
+    }
+
+    #[test]
+    fn an_unannounced_flow_the_full_tracker_cannot_take_is_pending_not_lost() {
+        let mut tr = FlowTracker::new(
+            TrackerOptions {
+                max_flows: 1,
+                ..opts()
+            },
+            false,
+        );
+        tr.on_new(key(30), stats(S, 1, 0), S);
+        let lost = stats(S, 1, flow_state::UNANNOUNCED);
+        // Met twice in one walk (a restarted walk), counted once.
+        let sw = tr.sweep(
+            2 * S,
+            &[(key(30), stats(S, 1, 0)), (key(31), lost), (key(31), lost)],
+            &none,
+        );
+        assert_eq!((sw.unannounced_pending, tr.recovered()), (1, 0));
+        // The tracked flow left the table: this walk frees its room at the end...
+        let sw = tr.sweep(3 * S, &[(key(31), lost)], &none);
+        assert_eq!((sw.unannounced_pending, sw.evicted), (1, 1));
+        // ...and the next walk recovers the pending one.
+        let sw = tr.sweep(4 * S, &[(key(31), lost)], &none);
+        assert_eq!((sw.unannounced_pending, tr.recovered()), (0, 1));
     }
 
     #[test]
