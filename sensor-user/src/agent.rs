@@ -632,8 +632,8 @@ impl Agent {
     }
 
     /// One walk over the kernel table. `last`: the drain's final walk, after which
-    /// nothing is tracked any more, so unannounced flows the tracker could not take
-    /// are lost now.
+    /// nothing is tracked any more, so unannounced flows the full tracker could not
+    /// take are lost now (`tracker_full`).
     fn sweep_table(&mut self, last: bool) -> Result<()> {
         let now = self.sink.clock.now_ns();
         // Counters before the table: every flow the kernel counted as unannounced
@@ -688,9 +688,13 @@ impl Agent {
                 "ClientHello reassembly gave up (time or memory bound); the flows keep the kernel's classification",
             )?;
         }
+        if last {
+            // Nothing is tracked after the last walk: the flows the full tracker
+            // could not take have no record.
+            self.tracker.refuse(sweep.unannounced_pending);
+        }
         self.report_refused()?;
-        let pending = if last { 0 } else { sweep.unannounced_pending };
-        self.report_kernel_counters(&counters, pending)
+        self.report_kernel_counters(&counters, sweep.unannounced_pending)
     }
 
     /// Flows the tracker refused (full) have no record: loss in flow units.
@@ -735,9 +739,9 @@ impl Agent {
     /// left the table have no record. `announced_lost` was read before the table
     /// snapshot the tracker just swept, so each such flow is by now recovered, gone,
     /// or `pending` (in the table, but the tracker was full): `announced_lost -
-    /// recovered - pending` never exceeds the flows without a record, and equals it
-    /// once the last sweep has run (which passes no pending: nothing is tracked
-    /// after it).
+    /// recovered - pending` never exceeds the flows without a record, and equals
+    /// those that left the table once the last sweep has run (its pending ones are
+    /// counted as `tracker_full`).
     fn report_unannounced(&mut self, announced_lost: u64, pending: u64) -> Result<()> {
         let lost = announced_lost.saturating_sub(self.tracker.recovered() + pending);
         if lost > self.reported_unannounced {

@@ -313,6 +313,12 @@ impl FlowTracker {
         self.refused
     }
 
+    /// Counts `n` flows as refused: unannounced flows the full tracker could not
+    /// take before the drain's last walk.
+    pub fn refuse(&mut self, n: u64) {
+        self.refused += n;
+    }
+
     /// Unannounced flows found in the table, since the start.
     pub fn recovered(&self) -> u64 {
         self.recovered
