@@ -760,8 +760,10 @@ impl Kernel {
         }
     }
 
-    /// Installs the kernel part of a conduit map. Each map gets its new entries first
-    /// and loses its stale ones afterwards, so lookups never see an empty map.
+    /// Installs the kernel part of a conduit map, whole or not at all: on an error
+    /// every table is back as it was and the error is returned (see
+    /// `write_policy_maps`). Within a table new entries go in before stale ones
+    /// leave unless both together exceed it.
     pub fn install_policy(&mut self, p: &KernelPolicy) -> Result<()> {
         let split = |v: &[CidrEntry]| {
             let mut v4 = Vec::new();
