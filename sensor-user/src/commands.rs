@@ -123,6 +123,7 @@ pub fn settings_from(args: &RunArgs) -> Result<AgentSettings, ConfigError> {
             end_grace: cfg.timeouts.tcp_end_grace,
             record_all: args.record_all || cfg.record_all,
             max_flows: cfg.capacity.tracked_flows as usize,
+            ..TrackerOptions::default()
         },
         flow_table_size: cfg.capacity.flow_table,
         ringbuf_bytes: cfg.capacity.ring_buffer_bytes,
@@ -224,7 +225,7 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
     };
     let settings = settings_from(&run_args).map_err(ConfigExit)?;
     let spool = settings.recorder.spool_dir.clone();
-    let n = crate::agent::replay(settings, packets.into_iter())?;
+    let n = crate::agent::replay(settings, packets)?;
     eprintln!(
         "replayed {n} packets from {}; records in {}",
         args.pcap.display(),
