@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -208,11 +207,7 @@ impl collector_server::Collector for CollectorService {
         let inbound = request.into_inner();
         let (out_tx, out_rx) = mpsc::channel(32);
         let shared = self.shared.clone();
-        shared
-            .alarms
-            .metrics
-            .connections
-            .fetch_add(1, Ordering::Relaxed);
+        shared.alarms.metrics.connections.inc();
         tokio::spawn(async move {
             let session = Session {
                 shared,
@@ -246,11 +241,7 @@ impl Session {
     async fn reject(&self, sensor_id: &str, r: &Rejection) {
         let sensor_id = &*bounded(sensor_id, conduit_proto::limits::MAX_SENSOR_ID_BYTES);
         let message = bounded(&r.message, MAX_MESSAGE_BYTES).into_owned();
-        self.shared
-            .alarms
-            .metrics
-            .batches_rejected
-            .fetch_add(1, Ordering::Relaxed);
+        self.shared.alarms.metrics.batches_rejected.inc();
         if let Some(kind) = r.alarm_kind() {
             let shared = self.shared.clone();
             let (kind, sensor, seq, detail) = (
@@ -281,11 +272,7 @@ impl Session {
         let hello_timeout = self.shared.limits().hello_timeout;
         let Ok(first) = tokio::time::timeout(hello_timeout, inbound.message()).await else {
             tracing::debug!(?peer, "no Hello within the deadline: stream closed");
-            self.shared
-                .alarms
-                .metrics
-                .streams_evicted
-                .fetch_add(1, Ordering::Relaxed);
+            self.shared.alarms.metrics.streams_evicted.inc();
             return;
         };
         let hello = match first {
@@ -392,6 +379,7 @@ impl Session {
             return;
         };
         let (head_seq, head_hash) = st.head();
+        self.shared.alarms.metrics.sensor_seen(&sensor_id, head_seq);
         tracing::info!(sensor = %sensor_id, ?peer, stored_seq = head_seq, sensor_head = hello.head_seq,
             "sensor connected");
         let welcome = v1::Welcome {
@@ -520,7 +508,7 @@ impl Session {
                 () = &mut silence, if closing.is_none() => {
                     tracing::warn!(sensor = %sensor_id, timeout = ?idle_timeout,
                         "sensor stream silent: evicting it");
-                    self.shared.alarms.metrics.streams_evicted.fetch_add(1, Ordering::Relaxed);
+                    self.shared.alarms.metrics.streams_evicted.inc();
                     closing = Some(None);
                 }
                 first = brx.recv(), if closing.is_none() => {
@@ -561,8 +549,9 @@ impl Session {
                         }
                     });
                     let m = &self.shared.alarms.metrics;
-                    m.records_stored.fetch_add(applied.appended, Ordering::Relaxed);
-                    m.records_duplicate.fetch_add(applied.duplicates, Ordering::Relaxed);
+                    m.records_stored.inc_by(applied.appended);
+                    m.records_duplicate.inc_by(applied.duplicates);
+                    m.sensor_seen(&sensor_id, st.head().0);
                     dirty = true;
                     if applied.appended == 0 && applied.duplicates > 0 && st.head().0 == acked {
                         // Only re-sent frames: acknowledge at once so the sensor moves on.

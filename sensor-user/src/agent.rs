@@ -219,6 +219,7 @@ impl Agent {
                         .attach(iface)
                         .with_context(|| format!("attaching to {iface}"))?;
                     tracing::info!(iface, mode = ?info.xdp_mode, "attached");
+                    metrics.attached(iface, info.xdp_mode);
                     ifnames.insert(info.ifindex, iface.clone());
                 }
                 kernel
@@ -706,7 +707,7 @@ impl Agent {
         detail: &str,
     ) -> Result<()> {
         tracing::warn!(reason, count, origin, "loss");
-        self.metrics.loss_records.fetch_add(1, Ordering::Relaxed);
+        self.metrics.count_loss(reason, unit, origin, count);
         self.append(Record {
             kind: RecordKind::Loss as i32,
             body: Some(Body::Loss(Loss {
