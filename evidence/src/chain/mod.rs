@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod hashing;
+pub mod key_check;
 pub mod keys;
 pub mod verify;
 
@@ -106,6 +107,19 @@ impl Recorder {
     /// the chain, or starts a new one with a `chain_restart` record. Returns the records
     /// written on open (restart, spool recovery, and a checkpoint).
     pub fn open(opts: RecorderOptions) -> Result<(Recorder, Vec<Appended>), Error> {
+        let (key, key_created) = match &opts.key_path {
+            Some(path) => (keys::load_signing_key(path)?, false),
+            None => keys::load_or_create(&opts.spool_dir)?,
+        };
+        // A chain signed by another key is not continued (see key_check).
+        let retired =
+            key_check::retire_if_foreign(&opts.spool_dir, &key.verifying_key().to_bytes())
+                .map_err(|source| spool::Error::Io {
+                    path: opts.spool_dir.clone(),
+                    source,
+                })?;
+        // So that `verify-chain DIR` finds the key without --public-key.
+        keys::write_public_key_if_missing(&opts.spool_dir, &key)?;
         let (spool, recovery) = Spool::open(SpoolOptions {
             dir: opts.spool_dir.clone(),
             sensor_id: opts.sensor_id.clone(),
@@ -114,15 +128,6 @@ impl Recorder {
             sync: opts.sync,
             warn_percent: spool::DEFAULT_WARN_PERCENT,
         })?;
-        let (key, key_created) = match &opts.key_path {
-            Some(path) => {
-                let key = keys::load_signing_key(path)?;
-                // So that `verify-chain DIR` finds the key without --public-key.
-                keys::write_public_key_if_missing(&opts.spool_dir, &key)?;
-                (key, false)
-            }
-            None => keys::load_or_create(&opts.spool_dir)?,
-        };
         let now = SystemTime::now();
         let (seq, hash) = recovery.head.unwrap_or((0, ZERO_HASH));
         let mut rec = Recorder {
@@ -144,9 +149,19 @@ impl Recorder {
         };
         let mut out = Vec::new();
         if recovery.head.is_none() {
-            let (reason, detail) = match &recovery.unreadable {
-                Some(why) => ("spool_unreadable", why.clone()),
-                None => (
+            let (reason, detail) = match (&retired, &recovery.unreadable) {
+                (Some(r), _) => (
+                    "key_mismatch",
+                    format!(
+                        "the spool's chain (up to seq {}) is signed by key {}, this sensor's signing key is {}; the old chain was moved to {} and still verifies with its signing.pub",
+                        r.head_seq,
+                        hex::encode(r.chain_key),
+                        hex::encode(rec.key.verifying_key().to_bytes()),
+                        r.moved_to.display()
+                    ),
+                ),
+                (None, Some(why)) => ("spool_unreadable", why.clone()),
+                (None, None) => (
                     "no_spool",
                     format!(
                         "no spool segments in {} (first start, or the spool was lost)",
