@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod hashing;
+pub mod head_witness;
 pub mod key_check;
 pub mod keys;
 pub mod verify;
@@ -58,6 +59,9 @@ pub struct RecorderOptions {
     pub sync: SyncPolicy,
     pub checkpoint_every_records: u64,
     pub checkpoint_every: Duration,
+    /// Where the durable head is witnessed outside the spool (see head_witness);
+    /// None: not witnessed.
+    pub head_witness: Option<PathBuf>,
 }
 
 impl RecorderOptions {
@@ -71,6 +75,7 @@ impl RecorderOptions {
             sync: SyncPolicy::default(),
             checkpoint_every_records: checkpoint::DEFAULT_EVERY_RECORDS,
             checkpoint_every: checkpoint::DEFAULT_EVERY,
+            head_witness: None,
         }
     }
 }
@@ -100,6 +105,7 @@ pub struct Recorder {
     full_episode: bool,
     refused_unreported: u64,
     checkpoints_skipped: u64,
+    head_witness: Option<PathBuf>,
 }
 
 impl Recorder {
@@ -146,6 +152,7 @@ impl Recorder {
             full_episode: false,
             refused_unreported: 0,
             checkpoints_skipped: 0,
+            head_witness: opts.head_witness.clone(),
         };
         let mut out = Vec::new();
         if recovery.head.is_none() {
@@ -196,12 +203,34 @@ impl Recorder {
             };
             out.push(rec.write(r, Class::Control)?);
         }
+        // Records lost from the head of the spool, if the witness outside it saw more.
+        if let Some(witness) = rec.head_witness.as_deref().and_then(head_witness::read)
+            && retired.is_none()
+            && let Some(detail) = head_witness::compare(witness, seq, &hash)
+        {
+            tracing::error!(detail, "records missing from the head of the spool");
+            let r = v1::Record {
+                kind: RecordKind::Loss as i32,
+                time_unix_nano: checkpoint::unix_nanos(now),
+                sensor_id: rec.sensor_id.clone(),
+                site: String::new(),
+                body: Some(Body::Loss(v1::Loss {
+                    reason: "spool_head_lost".to_owned(),
+                    count: witness.seq.saturating_sub(seq).max(1),
+                    unit: "record".to_owned(),
+                    origin: "agent".to_owned(),
+                    detail,
+                })),
+            };
+            out.push(rec.write(r, Class::Control)?);
+        }
         // Sign the head at once, so that a restart is visible and the tail before the
         // crash is covered.
         if let Some(cp) = rec.checkpoint(now)? {
             out.push(cp);
         }
         rec.spool.sync()?;
+        rec.witness_head();
         Ok((rec, out))
     }
 
@@ -367,9 +396,27 @@ impl Recorder {
             && let Some(cp) = self.checkpoint(now)?
         {
             out.push(cp);
+            if self.head_witness.is_some() {
+                self.spool.sync()?;
+                self.witness_head();
+            }
         }
         self.spool.sync_if_due()?;
         Ok(out)
+    }
+
+    /// Writes the (durable) head to the witness file; a failure is logged, not fatal.
+    fn witness_head(&self) {
+        let Some(path) = &self.head_witness else {
+            return;
+        };
+        let head = head_witness::Head {
+            seq: self.seq,
+            hash: self.hash,
+        };
+        if let Err(err) = head_witness::write(path, head) {
+            tracing::warn!(path = %path.display(), "chain head witness: {err}");
+        }
     }
 
     /// Writes a checkpoint now, so that a chain that stops (shutdown) ends on a
@@ -384,7 +431,9 @@ impl Recorder {
 
     /// Forces everything written to stable storage (shutdown).
     pub fn sync(&mut self) -> Result<(), Error> {
-        Ok(self.spool.sync()?)
+        self.spool.sync()?;
+        self.witness_head();
+        Ok(())
     }
 
     /// The collector has stored everything up to `seq`.
