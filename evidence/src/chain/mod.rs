@@ -46,6 +46,38 @@ fn check_kind(record: &v1::Record) -> Result<(), Error> {
     }
 }
 
+/// Loss reason of a gap in the middle of the spool.
+pub const SPOOL_GAP: &str = "spool_gap";
+
+/// The gaps in `dir` that no `spool_gap` loss record in it names yet.
+fn unreported_gaps(dir: &std::path::Path) -> Vec<spool::damage::Gap> {
+    let mut reported = std::collections::HashSet::new();
+    let gaps = spool::damage::read_past_damage(dir, |f| {
+        if let Ok(r) = v1::Record::decode(f.record_bytes.as_slice())
+            && let Some(Body::Loss(l)) = &r.body
+            && l.reason == SPOOL_GAP
+            && let Some(range) = l
+                .detail
+                .strip_prefix("seqs ")
+                .and_then(|d| d.split_once(' '))
+                .and_then(|(range, _)| range.split_once("..="))
+            && let (Ok(from), Ok(to)) = (range.0.parse::<u64>(), range.1.parse::<u64>())
+        {
+            reported.insert((from, to));
+        }
+    });
+    match gaps {
+        Ok(gaps) => gaps
+            .into_iter()
+            .filter(|g| !reported.contains(&(g.from, g.to)))
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot scan the spool for gaps");
+            Vec::new()
+        }
+    }
+}
+
 /// Everything [`Recorder::open`] needs; [`RecorderOptions::new`] fills in the defaults.
 #[derive(Debug, Clone)]
 pub struct RecorderOptions {
@@ -199,6 +231,33 @@ impl Recorder {
                     last_good_seq: rec.seq,
                     detail: format!("cut at offset {}: {}", t.offset, t.why),
                     saved_as: t.saved_as.clone().unwrap_or_default(),
+                })),
+            };
+            out.push(rec.write(r, Class::Control)?);
+        }
+        // Seqs lost in the middle of the spool (a deleted or cut segment): each gap
+        // gets one signed loss record, the first time it is seen.
+        for gap in unreported_gaps(&opts.spool_dir) {
+            tracing::error!(
+                from = gap.from,
+                to = gap.to,
+                why = gap.why,
+                "records missing from the spool"
+            );
+            let r = v1::Record {
+                kind: RecordKind::Loss as i32,
+                time_unix_nano: checkpoint::unix_nanos(now),
+                sensor_id: rec.sensor_id.clone(),
+                site: String::new(),
+                body: Some(Body::Loss(v1::Loss {
+                    reason: SPOOL_GAP.to_owned(),
+                    count: gap.to - gap.from + 1,
+                    unit: "record".to_owned(),
+                    origin: "agent".to_owned(),
+                    detail: format!(
+                        "seqs {}..={} are missing from the spool: {}",
+                        gap.from, gap.to, gap.why
+                    ),
                 })),
             };
             out.push(rec.write(r, Class::Control)?);
