@@ -611,6 +611,15 @@ impl Agent {
             self.jsonl = open_jsonl(&path, &self.metrics);
         }
         let applied = self.reload_map();
+        // What `conduit-sensor reload` (ExecReload=) waits for.
+        crate::reload::record(
+            applied,
+            if applied {
+                "conduit map applied"
+            } else {
+                "conduit map rejected (its errors are in the journal)"
+            },
+        );
         let status = self.status_line(if applied {
             "running; reload applied"
         } else {

@@ -14,4 +14,5 @@ pub mod kernel_policy;
 pub mod metrics;
 pub mod pcap;
 pub mod record;
+pub mod reload;
 pub mod tls;
