@@ -534,6 +534,16 @@ impl Session {
                                     Ok(a) => {
                                         applied.appended += a.appended;
                                         applied.duplicates += a.duplicates;
+                                        // The sensor's own signed word that its spool
+                                        // lost records: an alarm for the SIEM.
+                                        for d in st.take_damage() {
+                                            self.shared.alarms.raise(
+                                                "sensor_spool_damage",
+                                                &sensor_id,
+                                                d.seq,
+                                                &format!("{}: {}", d.reason, d.detail),
+                                            );
+                                        }
                                     }
                                     Err(r) => {
                                         rejection = Some(r);

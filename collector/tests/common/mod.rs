@@ -288,7 +288,6 @@ pub fn has_binary(name: &str) -> bool {
 }
 
 /// The collector's `/metrics` page (status line and headers included).
-#[allow(dead_code, reason = "not every test binary scrapes metrics")]
 pub fn http_get(addr: &str) -> String {
     use std::io::{Read as _, Write as _};
     let mut s = std::net::TcpStream::connect(addr).expect("metrics connect");
