@@ -7,6 +7,7 @@ pub mod config;
 pub mod export;
 pub mod limits;
 pub mod listener;
+pub mod metrics;
 pub mod query;
 pub mod report;
 pub mod retention;

@@ -658,6 +658,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
         });
     }
     let endpoint = Arc::new(CollectorEndpoint {
+        registry: shared.alarms.metrics.registry(),
         shared: shared.clone(),
         ready: std::sync::atomic::AtomicBool::new(false),
     });
@@ -755,13 +756,14 @@ async fn run(args: Settings) -> anyhow::Result<()> {
 
 /// The collector's side of the shared metrics endpoint: ready once listening.
 struct CollectorEndpoint {
+    registry: prometheus_client::registry::Registry,
     shared: Arc<Shared>,
     ready: std::sync::atomic::AtomicBool,
 }
 
 impl conduit_ops::http::Endpoint for CollectorEndpoint {
-    fn metrics(&self) -> String {
-        self.shared.alarms.metrics.render()
+    fn registry(&self) -> &prometheus_client::registry::Registry {
+        &self.registry
     }
     fn ready(&self) -> bool {
         self.ready.load(std::sync::atomic::Ordering::Relaxed) && !*self.shared.shutdown.borrow()

@@ -78,6 +78,18 @@ impl Rejection {
     }
 }
 
+/// Loss reasons with which a sensor reports damage to its own spool (a gap in the
+/// middle, records missing at its head): each stored one becomes an alarm.
+pub const SPOOL_DAMAGE_REASONS: [&str; 2] = ["spool_gap", "spool_head_lost"];
+
+/// A stored record that reports spool damage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    pub seq: u64,
+    pub reason: String,
+    pub detail: String,
+}
+
 /// Outcome of applying a batch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Applied {
@@ -139,6 +151,9 @@ pub struct SensorStore {
     newest: Option<(PathBuf, Arc<fs::File>)>,
     /// When the last stream let go of this store.
     idle_since: Instant,
+    /// Stored records in which the sensor reports damage to its own spool, not yet
+    /// raised as alarms ([`SensorStore::take_damage`]).
+    damage: Vec<Damage>,
 }
 
 impl SensorStore {
@@ -179,6 +194,7 @@ impl SensorStore {
             unsynced: false,
             newest: None,
             idle_since: Instant::now(),
+            damage: Vec::new(),
         })
     }
 
@@ -241,6 +257,7 @@ impl SensorStore {
         let mut out = Applied::default();
         let (mut seq, mut hash) = self.head;
         let mut first_new = None;
+        let mut damage = Vec::new();
         for (i, f) in frames.iter().enumerate() {
             let fh = to_hash(&f.hash, f.seq, "hash")?;
             let fp = to_hash(&f.prev_hash, f.seq, "prev_hash")?;
@@ -312,7 +329,9 @@ impl SensorStore {
                     ),
                 ));
             }
-            self.check_record(f.seq, &fp, &f.record)?;
+            if let Some(d) = self.check_record(f.seq, &fp, &f.record)? {
+                damage.push(d);
+            }
             first_new.get_or_insert(i);
             seq = f.seq;
             hash = fh;
@@ -369,7 +388,16 @@ impl SensorStore {
         }
         self.unsynced |= !refs.is_empty();
         out.appended = refs.len() as u64;
+        // Only what was stored now (re-sent frames were reported the first time).
+        let stored = refs.first().map_or(u64::MAX, |f| f.seq);
+        self.damage
+            .extend(damage.into_iter().filter(|d| d.seq >= stored));
         Ok(out)
+    }
+
+    /// The spool damage reported by records stored since the last call.
+    pub fn take_damage(&mut self) -> Vec<Damage> {
+        std::mem::take(&mut self.damage)
     }
 
     /// Forces appended frames to stable storage; after this they may be acknowledged.
@@ -443,8 +471,13 @@ impl SensorStore {
     }
 
     /// Record-level checks: decodes, names this sensor, signatures verify with the
-    /// pinned key.
-    fn check_record(&self, seq: u64, prev_hash: &[u8; 32], bytes: &[u8]) -> Result<(), Rejection> {
+    /// pinned key. Returns the spool damage the record reports, if any.
+    fn check_record(
+        &self,
+        seq: u64,
+        prev_hash: &[u8; 32],
+        bytes: &[u8],
+    ) -> Result<Option<Damage>, Rejection> {
         let bad = |code, msg: String| Rejection::new(code, seq, msg);
         let record = v1::Record::decode(bytes).map_err(|e| {
             bad(
@@ -503,7 +536,14 @@ impl SensorStore {
                     format!("seq {seq}: kind and body do not match"),
                 ));
             }
-            _ => return Ok(()),
+            (_, Some(Body::Loss(l))) if SPOOL_DAMAGE_REASONS.contains(&l.reason.as_str()) => {
+                return Ok(Some(Damage {
+                    seq,
+                    reason: l.reason.clone(),
+                    detail: l.detail.clone(),
+                }));
+            }
+            _ => return Ok(None),
         };
         if named_key[..] != self.key[..] {
             return Err(bad(
@@ -516,6 +556,7 @@ impl SensorStore {
             ));
         }
         verify_signature(&self.key, &msg, sig)
+            .map(|()| None)
             .map_err(|e| bad(RejectCode::BadSignature, format!("seq {seq}: {e}")))
     }
 }

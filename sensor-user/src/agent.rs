@@ -288,6 +288,7 @@ impl Agent {
                         .attach(iface)
                         .with_context(|| format!("attaching to {iface}"))?;
                     tracing::info!(iface, mode = ?info.xdp_mode, "attached");
+                    metrics.attached(iface, info.xdp_mode);
                     ifnames.insert(info.ifindex, iface.clone());
                 }
                 kernel
@@ -771,6 +772,15 @@ impl Agent {
             self.sink.jsonl = open_jsonl(&path, &self.metrics);
         }
         let applied = self.reload_map();
+        // What `conduit-sensor reload` (ExecReload=) waits for.
+        crate::reload::record(
+            applied,
+            if applied {
+                "conduit map applied"
+            } else {
+                "conduit map rejected (its errors are in the journal)"
+            },
+        );
         let status = self.status_line(if applied {
             "running; reload applied"
         } else {
@@ -928,7 +938,7 @@ impl Sink {
         detail: &str,
     ) -> Result<()> {
         tracing::warn!(reason, count, origin, "loss");
-        self.metrics.loss_records.fetch_add(1, Ordering::Relaxed);
+        self.metrics.count_loss(reason, unit, origin, count);
         self.append(Record {
             kind: RecordKind::Loss as i32,
             body: Some(Body::Loss(Loss {

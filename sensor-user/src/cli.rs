@@ -45,6 +45,10 @@ pub enum Command {
     Keygen(KeygenArgs),
     /// Report kernel and interface capabilities.
     Probe(ProbeArgs),
+    /// Reload a running agent and wait for its outcome: SIGHUP to PID, then exit 0 once
+    /// it applied the conduit map, 1 if it rejected it or did not answer in time (for
+    /// ExecReload=; needs RUNTIME_DIRECTORY, as the unit sets it).
+    Reload(ReloadArgs),
     /// Print the JSON Schema of sensor.yaml and conduits.yaml.
     Schema,
     /// Print the version.
@@ -173,4 +177,15 @@ pub struct ProbeArgs {
     /// [default: all].
     #[arg(long = "iface", value_name = "NAME")]
     pub ifaces: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReloadArgs {
+    /// Process id of the running agent (the unit passes $MAINPID).
+    #[arg(long, value_name = "PID")]
+    pub pid: i32,
+    /// How long to wait for the agent's outcome.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration,
+          default_value = "60s")]
+    pub timeout: std::time::Duration,
 }

@@ -15,4 +15,5 @@ pub mod metrics;
 pub mod pcap;
 pub mod policy_change;
 pub mod record;
+pub mod reload;
 pub mod tls;

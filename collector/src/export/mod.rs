@@ -150,6 +150,11 @@ pub async fn run<S: Sink>(
 ) -> Result<(), ExportError> {
     let store = shared.opts.store.clone();
     let mut cursor = Cursor::load(&store, sink.name())?;
+    let metrics = &shared.alarms.metrics;
+    metrics.export_started(sink.name());
+    for (chain, seq) in &cursor.seqs {
+        metrics.exported(sink.name(), chain, *seq);
+    }
     let mut readers: BTreeMap<String, SpoolReader> = BTreeMap::new();
     let mut frames = Vec::new();
     // Chains whose last send failed: when to try again, and the next delay. A
@@ -210,6 +215,7 @@ pub async fn run<S: Sink>(
             backoff.remove(&chain);
             cursor.seqs.insert(chain.clone(), last);
             cursor.save()?;
+            metrics.exported(sink.name(), &chain, last);
             progressed = true;
         }
         if !progressed {

@@ -5,6 +5,7 @@
 //! returns, so a killed process loses nothing that was appended; `fdatasync` (power
 //! loss) follows [`SyncPolicy`].
 
+pub mod damage;
 pub mod frame;
 mod reader;
 mod recovery;
