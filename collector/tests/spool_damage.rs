@@ -92,4 +92,29 @@ async fn a_lost_middle_segment_is_named_by_the_sensor_and_alarmed_by_the_collect
     );
     assert!(alarm.seq > head, "{}", alarm.seq);
     assert_eq!(verified_records(&store.join(SENSOR)), new_head);
+    // The auditor's report over that time: verified, but incomplete, the loss named.
+    let html = tmp.path().join("report.html");
+    let now = std::time::SystemTime::now();
+    let t = |d: std::time::SystemTime| {
+        conduit_evidence::ecs::rfc3339(conduit_evidence::chain::checkpoint::unix_nanos(d))
+    };
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_conduit-collector"))
+        .args(["report", "--store"])
+        .arg(&store)
+        .args([
+            "--since",
+            &t(now - Duration::from_secs(3600)),
+            "--until",
+            &t(now),
+            "--out",
+        ])
+        .arg(&html)
+        .output()
+        .expect("report");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(
+        text.contains("records lost from the sensor's spool (spool_gap)"),
+        "{text}"
+    );
 }

@@ -406,6 +406,19 @@ fn sensor(
                     }
                     Some(Body::Loss(l)) => {
                         s.loss += l.count;
+                        // Records the sensor itself lost (damaged spool): the window
+                        // is not complete, whatever the heartbeats say.
+                        if crate::store::SPOOL_DAMAGE_REASONS.contains(&l.reason.as_str()) {
+                            out.gaps.push(Gap {
+                                from: rfc3339(t),
+                                to: rfc3339(t),
+                                reason: format!(
+                                    "{} records lost from the sensor's spool ({}): {}",
+                                    l.count, l.reason, l.detail
+                                ),
+                                seconds: 0.0,
+                            });
+                        }
                         s.loss_list.push(LossRow {
                             time: rfc3339(t),
                             sensor: chain.to_owned(),
