@@ -111,6 +111,7 @@ async fn stream_once(
             store: store.to_owned(),
             trusted_keys: None,
             tofu: true,
+            segment_bytes: conduit_evidence::spool::DEFAULT_SEGMENT_BYTES,
         },
         alarms,
         conduit_collector::limits::Limits::default(),

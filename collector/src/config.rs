@@ -41,6 +41,11 @@ pub struct CollectorConfig {
     #[serde(default)]
     pub export: ExportConfig,
     pub metrics: Option<SocketAddr>,
+    /// Prune whole segments whose records are all older than this many days and
+    /// exported (README, "Retention"); none: keep everything.
+    pub retention_days: Option<u64>,
+    /// Bytes at which a sensor's store segment is sealed (the unit of retention).
+    pub store_segment_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]

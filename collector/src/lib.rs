@@ -7,9 +7,14 @@ pub mod config;
 pub mod export;
 pub mod limits;
 pub mod listener;
+pub mod metrics;
+pub mod query;
+pub mod report;
+pub mod retention;
 pub mod server;
 pub mod store;
 pub mod text;
+pub mod time_index;
 
 use std::path::Path;
 

@@ -20,8 +20,8 @@ use tokio::time::Sleep;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-use crate::alarms::Metrics;
 use crate::limits::Limits;
+use crate::metrics::Metrics;
 use crate::server::Shared;
 
 /// Open connections, by peer, with each connection's stream count.
@@ -94,10 +94,7 @@ impl Drop for Permit {
                 st.per_peer.remove(&self.peer.ip());
             }
         }
-        self.gate
-            .metrics
-            .connections_open
-            .fetch_sub(1, Ordering::Relaxed);
+        self.gate.metrics.connections_open.dec();
     }
 }
 
@@ -144,9 +141,7 @@ impl Gate {
         st.total += 1;
         let conn = Arc::new(ConnState::new());
         st.conns.insert(peer, conn.clone());
-        self.metrics
-            .connections_open
-            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.connections_open.inc();
         Ok((
             Permit {
                 gate: self.clone(),
@@ -290,7 +285,7 @@ where
             let (tcp, peer) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    metrics.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    metrics.accept_errors.inc();
                     warn_limited(&metrics.last_accept_log, || {
                         tracing::error!(error = %e, "accept failed (out of file descriptors?); still listening");
                     });

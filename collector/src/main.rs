@@ -55,6 +55,11 @@ enum Cmd {
         #[arg(long, value_name = "DIR")]
         store: PathBuf,
     },
+    /// Print the stored records that match, as JSON lines of the export (or a table).
+    Query(QueryArgs),
+    /// Write the auditor's report for a window: exit 0 verified and complete,
+    /// 1 verification failed, 3 verified but incomplete.
+    Report(ReportArgs),
     /// Check collector.yaml and the files it names; exit 0, or 64 with errors (file:line:column).
     CheckConfig {
         /// collector.yaml [default: /etc/conduit-collector/collector.yaml; exit 2 if it is missing].
@@ -68,6 +73,80 @@ enum Cmd {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct QueryArgs {
+    /// Store directory (as `run --store`).
+    #[arg(long, value_name = "DIR")]
+    store: PathBuf,
+    /// Only this sensor's chain (`collector` for the collector's alarms) [default: all].
+    #[arg(long, value_name = "ID")]
+    sensor: Option<String>,
+    /// Records made at or after T (RFC 3339, e.g. 2026-12-01T08:00:00Z) [default: the first].
+    #[arg(long, value_name = "T", value_parser = parse_time)]
+    since: Option<i64>,
+    /// Records made before T (RFC 3339) [default: the last].
+    #[arg(long, value_name = "T", value_parser = parse_time)]
+    until: Option<i64>,
+    /// Flows whose initiator (source.ip) is IP.
+    #[arg(long, value_name = "IP")]
+    src_ip: Option<std::net::IpAddr>,
+    /// Flows from this zone id (conduit.zone).
+    #[arg(long, value_name = "ID")]
+    zone: Option<String>,
+    /// Flows through this conduit id (conduit.id).
+    #[arg(long, value_name = "ID")]
+    conduit: Option<String>,
+    /// Flows with this verdict: authorized, violation, blocked, unclassified.
+    #[arg(long, value_name = "V", value_parser = parse_verdict)]
+    verdict: Option<conduit_proto::v1::Verdict>,
+    /// Records of this kind (event.action): flow_start, flow_update, flow_end, loss,
+    /// policy_change, checkpoint, chain_restart, spool_recovery, alarm.
+    #[arg(long, value_name = "KIND", value_parser = parse_action)]
+    action: Option<conduit_proto::v1::RecordKind>,
+    /// Output: `jsonl` (the export's JSON lines) or `table` (one readable line each).
+    #[arg(long, value_name = "FORMAT", default_value = "jsonl", value_parser = ["jsonl", "table"])]
+    format: String,
+    /// Print on stderr how many index blocks and frames were read.
+    #[arg(long)]
+    stats: bool,
+}
+
+#[derive(clap::Args)]
+struct ReportArgs {
+    /// Store directory (as `run --store`).
+    #[arg(long, value_name = "DIR")]
+    store: PathBuf,
+    /// Window start, inclusive (RFC 3339).
+    #[arg(long, value_name = "T", value_parser = parse_time)]
+    since: i64,
+    /// Window end, exclusive (RFC 3339).
+    #[arg(long, value_name = "T", value_parser = parse_time)]
+    until: i64,
+    /// The HTML report to write (self-contained, printable).
+    #[arg(long, value_name = "FILE.html")]
+    out: PathBuf,
+    /// Also print it to PDF with headless Chromium (`chromium` on PATH, or $CHROMIUM).
+    #[arg(long, value_name = "FILE.pdf")]
+    pdf: Option<PathBuf>,
+}
+
+fn parse_time(s: &str) -> Result<i64, String> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("not an RFC 3339 time ({e}), e.g. 2026-12-01T08:00:00Z"))?;
+    i64::try_from(t.unix_timestamp_nanos()).map_err(|_| "out of range".to_owned())
+}
+
+fn parse_verdict(s: &str) -> Result<conduit_proto::v1::Verdict, String> {
+    conduit_collector::query::parse_verdict(s)
+        .ok_or_else(|| "one of authorized, violation, blocked, unclassified".to_owned())
+}
+
+fn parse_action(s: &str) -> Result<conduit_proto::v1::RecordKind, String> {
+    conduit_collector::query::parse_action(s).ok_or_else(|| {
+        "one of flow_start, flow_update, flow_end, loss, policy_change, checkpoint, chain_restart, spool_recovery, alarm".to_owned()
+    })
 }
 
 #[derive(clap::Args)]
@@ -111,6 +190,14 @@ struct RunArgs {
     /// whose CN or a DNS SAN is its sensor id [default: tls.client_ca].
     #[arg(long, value_name = "FILE")]
     client_ca: Option<PathBuf>,
+    /// Prune whole store segments whose records are all older than DAYS and exported,
+    /// leaving a retention anchor [default: retention_days, else keep everything].
+    #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u64).range(1..))]
+    retention: Option<u64>,
+    /// Bytes at which a sensor's store segment is sealed: retention prunes whole
+    /// segments [default: store_segment_bytes, else 64 MiB].
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(4096..))]
+    store_segment_bytes: Option<u64>,
     /// Prometheus metrics on this address [default: metrics, else off].
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
@@ -179,6 +266,8 @@ struct Settings {
     tls_key: Option<PathBuf>,
     client_ca: Option<PathBuf>,
     metrics: Option<SocketAddr>,
+    retention_days: Option<u64>,
+    store_segment_bytes: u64,
     limits: Limits,
 }
 
@@ -216,6 +305,11 @@ fn settings(args: RunArgs) -> Result<Settings, ConfigError> {
             .or_else(|| file.tls_key(credentials_dir().as_deref())),
         client_ca: args.client_ca.or(tls.and_then(|t| t.client_ca)),
         metrics: args.metrics.or(file.metrics),
+        retention_days: args.retention.or(file.retention_days),
+        store_segment_bytes: args
+            .store_segment_bytes
+            .or(file.store_segment_bytes)
+            .unwrap_or(conduit_evidence::spool::DEFAULT_SEGMENT_BYTES),
         limits,
     };
     match (&settings.tls_cert, &settings.tls_key) {
@@ -265,6 +359,8 @@ fn main() -> ExitCode {
     conduit_ops::logging::init(cli.log.log_format);
     match cli.cmd {
         Cmd::Verify { store } => verify(&store),
+        Cmd::Query(args) => query(&args),
+        Cmd::Report(args) => report(&args),
         Cmd::CheckConfig { config } => check_config(config),
         Cmd::GenerateDocs { out } => {
             use clap::CommandFactory as _;
@@ -346,6 +442,131 @@ fn verify(store: &std::path::Path) -> ExitCode {
     }
 }
 
+fn store_dir_or_usage(cmd: &str, store: &std::path::Path) -> Result<(), ExitCode> {
+    if store.is_dir() {
+        return Ok(());
+    }
+    eprintln!(
+        "conduit-collector {cmd}: {}: not a directory (give the store of `run --store`)",
+        store.display()
+    );
+    Err(ExitCode::from(EXIT_USAGE))
+}
+
+fn query(args: &QueryArgs) -> ExitCode {
+    use conduit_collector::query::{Filter, query, table_row};
+    use std::io::Write as _;
+    if let Err(code) = store_dir_or_usage("query", &args.store) {
+        return code;
+    }
+    let sensor = args.sensor.as_ref().map(|s| {
+        if s == "collector" {
+            conduit_collector::store::ALARM_DIR.to_owned()
+        } else {
+            s.clone()
+        }
+    });
+    let filter = Filter {
+        sensor,
+        since: args.since,
+        until: args.until,
+        src_ip: args.src_ip,
+        zone: args.zone.clone(),
+        conduit: args.conduit.clone(),
+        verdict: args.verdict,
+        action: args.action,
+    };
+    let table = args.format == "table";
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let result = query(&args.store, &filter, |item| {
+        if table {
+            writeln!(out, "{}", table_row(&item))?;
+        } else {
+            serde_json::to_writer(&mut out, &item.ecs())?;
+            out.write_all(b"\n")?;
+        }
+        Ok(())
+    })
+    .and_then(|stats| {
+        out.flush()?;
+        Ok(stats)
+    });
+    match result {
+        Ok(stats) => {
+            if args.stats {
+                eprintln!(
+                    "{} records matched; read {} of {} index blocks, {} frames",
+                    stats.matched, stats.blocks_read, stats.blocks, stats.frames_read
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        // A closed pipe (`| head`) is not a failure.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("conduit-collector query: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn report(args: &ReportArgs) -> ExitCode {
+    use conduit_collector::report;
+    if let Err(code) = store_dir_or_usage("report", &args.store) {
+        return code;
+    }
+    if args.until <= args.since {
+        eprintln!("conduit-collector report: --until must be after --since");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let now = conduit_evidence::chain::checkpoint::unix_nanos(std::time::SystemTime::now());
+    let written = report::build(&args.store, args.since, args.until, now).and_then(|s| {
+        let html = report::render_html(&s)?;
+        std::fs::write(&args.out, html)
+            .with_context(|| format!("writing {}", args.out.display()))?;
+        if let Some(pdf) = &args.pdf {
+            report::print_pdf(&args.out, pdf)?;
+        }
+        Ok(s)
+    });
+    match written {
+        Ok(s) => {
+            for x in &s.sensors {
+                if let Some(seq) = x.first_bad_seq {
+                    println!("sensor {}: first bad sequence number: {seq}", x.id);
+                }
+                for g in &x.gaps {
+                    println!("sensor {}: gap {} .. {}: {}", x.id, g.from, g.to, g.reason);
+                }
+            }
+            println!(
+                "{}: {} sensors, {} flows, {} violations, {} blocked, loss {}; {}",
+                args.out.display(),
+                s.sensors.len(),
+                s.flows,
+                s.violations,
+                s.blocked,
+                s.loss,
+                match s.exit_code() {
+                    0 => "verified and complete",
+                    1 => "VERIFICATION FAILED",
+                    _ => "verified but INCOMPLETE",
+                }
+            );
+            ExitCode::from(s.exit_code())
+        }
+        Err(e) => {
+            eprintln!("conduit-collector report: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 async fn run(args: Settings) -> anyhow::Result<()> {
     // Both rustls users (tonic, syslog TLS, NATS) use ring; make it the process default.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -361,6 +582,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
             store: args.store.clone(),
             trusted_keys: args.trusted_keys.clone(),
             tofu: args.tofu,
+            segment_bytes: args.store_segment_bytes,
         },
         alarms,
         limits.clone(),
@@ -395,14 +617,38 @@ async fn run(args: Settings) -> anyhow::Result<()> {
     }
     {
         let (sh, mut rx) = (shared.clone(), shutdown_rx.clone());
+        let retention = args
+            .retention_days
+            .map(|days| conduit_collector::retention::Policy {
+                days,
+                exports: [
+                    args.jsonl.as_ref().map(|_| "jsonl"),
+                    args.syslog.as_ref().map(|_| "syslog"),
+                    args.nats.as_ref().map(|_| "nats"),
+                ]
+                .into_iter()
+                .flatten()
+                .map(str::to_owned)
+                .collect(),
+            });
+        let mut next_prune = std::time::Instant::now();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {
                         let sh = sh.clone();
+                        let prune = retention
+                            .clone()
+                            .filter(|_| std::time::Instant::now() >= next_prune);
+                        if prune.is_some() {
+                            next_prune += conduit_collector::retention::PRUNE_EVERY;
+                        }
                         let _ = tokio::task::spawn_blocking(move || {
                             sh.alarms.tick();
                             sh.close_idle_stores();
+                            if let Some(policy) = prune {
+                                conduit_collector::retention::prune_store(&sh, &policy, std::time::SystemTime::now());
+                            }
                         })
                         .await;
                     }
@@ -412,6 +658,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
         });
     }
     let endpoint = Arc::new(CollectorEndpoint {
+        registry: shared.alarms.metrics.registry(),
         shared: shared.clone(),
         ready: std::sync::atomic::AtomicBool::new(false),
     });
@@ -509,13 +756,14 @@ async fn run(args: Settings) -> anyhow::Result<()> {
 
 /// The collector's side of the shared metrics endpoint: ready once listening.
 struct CollectorEndpoint {
+    registry: prometheus_client::registry::Registry,
     shared: Arc<Shared>,
     ready: std::sync::atomic::AtomicBool,
 }
 
 impl conduit_ops::http::Endpoint for CollectorEndpoint {
-    fn metrics(&self) -> String {
-        self.shared.alarms.metrics.render()
+    fn registry(&self) -> &prometheus_client::registry::Registry {
+        &self.registry
     }
     fn ready(&self) -> bool {
         self.ready.load(std::sync::atomic::Ordering::Relaxed) && !*self.shared.shutdown.borrow()

@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,6 +36,8 @@ pub struct ServerOptions {
     pub trusted_keys: Option<PathBuf>,
     /// Trust an unknown sensor's key on first use (and pin it in the store).
     pub tofu: bool,
+    /// Size at which a sensor's store segment is sealed: the unit of retention.
+    pub segment_bytes: u64,
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<SensorStore>>>;
@@ -87,6 +88,18 @@ impl Shared {
             }
             st.is_some() || Arc::strong_count(slot) > 1
         });
+    }
+
+    /// Runs `f` (blocking) with the sensor's store slot held, so no stream writes to
+    /// the chain meanwhile; `f` gets the open store, if one is open.
+    pub fn with_store<R>(
+        &self,
+        sensor_id: &str,
+        f: impl FnOnce(Option<&mut SensorStore>) -> R,
+    ) -> R {
+        let slot = self.slot(sensor_id);
+        let mut guard = slot.blocking_lock();
+        f(guard.as_mut())
     }
 
     fn slot(&self, sensor_id: &str) -> Slot {
@@ -208,11 +221,7 @@ impl collector_server::Collector for CollectorService {
         let inbound = request.into_inner();
         let (out_tx, out_rx) = mpsc::channel(32);
         let shared = self.shared.clone();
-        shared
-            .alarms
-            .metrics
-            .connections
-            .fetch_add(1, Ordering::Relaxed);
+        shared.alarms.metrics.connections.inc();
         tokio::spawn(async move {
             let session = Session {
                 shared,
@@ -246,11 +255,7 @@ impl Session {
     async fn reject(&self, sensor_id: &str, r: &Rejection) {
         let sensor_id = &*bounded(sensor_id, conduit_proto::limits::MAX_SENSOR_ID_BYTES);
         let message = bounded(&r.message, MAX_MESSAGE_BYTES).into_owned();
-        self.shared
-            .alarms
-            .metrics
-            .batches_rejected
-            .fetch_add(1, Ordering::Relaxed);
+        self.shared.alarms.metrics.batches_rejected.inc();
         if let Some(kind) = r.alarm_kind() {
             let shared = self.shared.clone();
             let (kind, sensor, seq, detail) = (
@@ -281,11 +286,7 @@ impl Session {
         let hello_timeout = self.shared.limits().hello_timeout;
         let Ok(first) = tokio::time::timeout(hello_timeout, inbound.message()).await else {
             tracing::debug!(?peer, "no Hello within the deadline: stream closed");
-            self.shared
-                .alarms
-                .metrics
-                .streams_evicted
-                .fetch_add(1, Ordering::Relaxed);
+            self.shared.alarms.metrics.streams_evicted.inc();
             return;
         };
         let hello = match first {
@@ -368,9 +369,12 @@ impl Session {
         }
         if guard.is_none() {
             let root = self.shared.opts.store.clone();
+            let segment_bytes = self.shared.opts.segment_bytes;
             let id = sensor_id.clone();
-            let opened =
-                tokio::task::spawn_blocking(move || SensorStore::open(&root, &id, key)).await;
+            let opened = tokio::task::spawn_blocking(move || {
+                SensorStore::open(&root, &id, key, segment_bytes)
+            })
+            .await;
             match opened {
                 Ok(Ok(s)) => *guard = Some(s),
                 Ok(Err(e)) => {
@@ -392,6 +396,7 @@ impl Session {
             return;
         };
         let (head_seq, head_hash) = st.head();
+        self.shared.alarms.metrics.sensor_seen(&sensor_id, head_seq);
         tracing::info!(sensor = %sensor_id, ?peer, stored_seq = head_seq, sensor_head = hello.head_seq,
             "sensor connected");
         let welcome = v1::Welcome {
@@ -520,7 +525,7 @@ impl Session {
                 () = &mut silence, if closing.is_none() => {
                     tracing::warn!(sensor = %sensor_id, timeout = ?idle_timeout,
                         "sensor stream silent: evicting it");
-                    self.shared.alarms.metrics.streams_evicted.fetch_add(1, Ordering::Relaxed);
+                    self.shared.alarms.metrics.streams_evicted.inc();
                     closing = Some(None);
                 }
                 first = brx.recv(), if closing.is_none() => {
@@ -546,6 +551,16 @@ impl Session {
                                     Ok(a) => {
                                         applied.appended += a.appended;
                                         applied.duplicates += a.duplicates;
+                                        // The sensor's own signed word that its spool
+                                        // lost records: an alarm for the SIEM.
+                                        for d in st.take_damage() {
+                                            self.shared.alarms.raise(
+                                                "sensor_spool_damage",
+                                                &sensor_id,
+                                                d.seq,
+                                                &format!("{}: {}", d.reason, d.detail),
+                                            );
+                                        }
                                     }
                                     Err(r) => {
                                         rejection = Some(r);
@@ -561,8 +576,9 @@ impl Session {
                         }
                     });
                     let m = &self.shared.alarms.metrics;
-                    m.records_stored.fetch_add(applied.appended, Ordering::Relaxed);
-                    m.records_duplicate.fetch_add(applied.duplicates, Ordering::Relaxed);
+                    m.records_stored.inc_by(applied.appended);
+                    m.records_duplicate.inc_by(applied.duplicates);
+                    m.sensor_seen(&sensor_id, st.head().0);
                     dirty = true;
                     if applied.appended == 0 && applied.duplicates > 0 && st.head().0 == acked {
                         // Only re-sent frames: acknowledge at once so the sensor moves on.

@@ -78,6 +78,18 @@ impl Rejection {
     }
 }
 
+/// Loss reasons with which a sensor reports damage to its own spool (a gap in the
+/// middle, records missing at its head): each stored one becomes an alarm.
+pub const SPOOL_DAMAGE_REASONS: [&str; 2] = ["spool_gap", "spool_head_lost"];
+
+/// A stored record that reports spool damage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    pub seq: u64,
+    pub reason: String,
+    pub detail: String,
+}
+
 /// Outcome of applying a batch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Applied {
@@ -129,6 +141,7 @@ pub struct SensorStore {
     /// frame: a Hello alone leaves nothing on disk.
     spool: Option<Spool>,
     key: [u8; 32],
+    segment_bytes: u64,
     head: (u64, [u8; 32]),
     /// Hashes of the last stored seqs: `recent[i]` is the hash of `recent_first + i`.
     recent: VecDeque<[u8; 32]>,
@@ -138,12 +151,20 @@ pub struct SensorStore {
     newest: Option<(PathBuf, Arc<fs::File>)>,
     /// When the last stream let go of this store.
     idle_since: Instant,
+    /// Stored records in which the sensor reports damage to its own spool, not yet
+    /// raised as alarms ([`SensorStore::take_damage`]).
+    damage: Vec<Damage>,
 }
 
 impl SensorStore {
     /// Opens (creating) `<root>/<sensor_id>` with the pinned key `key`; recovers the
     /// head from the segments (a torn tail past the last fsync is cut, as in the sensor).
-    pub fn open(root: &Path, sensor_id: &str, key: [u8; 32]) -> Result<SensorStore, StoreError> {
+    pub fn open(
+        root: &Path,
+        sensor_id: &str,
+        key: [u8; 32],
+        segment_bytes: u64,
+    ) -> Result<SensorStore, StoreError> {
         if !valid_sensor_id(sensor_id) {
             return Err(StoreError::BadSensorId(
                 crate::text::bounded(sensor_id, conduit_proto::limits::MAX_SENSOR_ID_BYTES)
@@ -152,7 +173,7 @@ impl SensorStore {
         }
         let dir = root.join(sensor_id);
         let (spool, head) = if dir.exists() {
-            let (spool, head) = open_spool(&dir, sensor_id, &key)?;
+            let (spool, head) = open_spool(&dir, sensor_id, &key, segment_bytes)?;
             (Some(spool), head)
         } else {
             (None, (0, ZERO_HASH))
@@ -166,12 +187,14 @@ impl SensorStore {
             dir,
             spool,
             key,
+            segment_bytes,
             recent_first: head.0.max(1),
             head,
             recent,
             unsynced: false,
             newest: None,
             idle_since: Instant::now(),
+            damage: Vec::new(),
         })
     }
 
@@ -179,7 +202,7 @@ impl SensorStore {
     fn spool(&mut self) -> Result<&mut Spool, StoreError> {
         let spool = match self.spool.take() {
             Some(s) => s,
-            None => open_spool(&self.dir, &self.sensor_id, &self.key)?.0,
+            None => open_spool(&self.dir, &self.sensor_id, &self.key, self.segment_bytes)?.0,
         };
         Ok(self.spool.insert(spool))
     }
@@ -234,6 +257,7 @@ impl SensorStore {
         let mut out = Applied::default();
         let (mut seq, mut hash) = self.head;
         let mut first_new = None;
+        let mut damage = Vec::new();
         for (i, f) in frames.iter().enumerate() {
             let fh = to_hash(&f.hash, f.seq, "hash")?;
             let fp = to_hash(&f.prev_hash, f.seq, "prev_hash")?;
@@ -305,7 +329,9 @@ impl SensorStore {
                     ),
                 ));
             }
-            self.check_record(f.seq, &fp, &f.record)?;
+            if let Some(d) = self.check_record(f.seq, &fp, &f.record)? {
+                damage.push(d);
+            }
             first_new.get_or_insert(i);
             seq = f.seq;
             hash = fh;
@@ -362,10 +388,28 @@ impl SensorStore {
         }
         self.unsynced |= !refs.is_empty();
         out.appended = refs.len() as u64;
+        // Only what was stored now (re-sent frames were reported the first time).
+        let stored = refs.first().map_or(u64::MAX, |f| f.seq);
+        self.damage
+            .extend(damage.into_iter().filter(|d| d.seq >= stored));
         Ok(out)
     }
 
+    /// The spool damage reported by records stored since the last call.
+    pub fn take_damage(&mut self) -> Vec<Damage> {
+        std::mem::take(&mut self.damage)
+    }
+
     /// Forces appended frames to stable storage; after this they may be acknowledged.
+    /// Deletes the oldest segments wholly at or below `seq` (retention; the chain
+    /// directory already holds its anchor). Returns how many.
+    pub fn delete_through(&mut self, seq: u64) -> Result<u64, StoreError> {
+        match self.spool.as_mut() {
+            Some(spool) => Ok(spool.delete_through(seq)?),
+            None => Ok(0), // nothing stored yet
+        }
+    }
+
     pub fn sync(&mut self) -> Result<(), StoreError> {
         if self.unsynced
             && let Some(spool) = self.spool.as_mut()
@@ -427,8 +471,13 @@ impl SensorStore {
     }
 
     /// Record-level checks: decodes, names this sensor, signatures verify with the
-    /// pinned key.
-    fn check_record(&self, seq: u64, prev_hash: &[u8; 32], bytes: &[u8]) -> Result<(), Rejection> {
+    /// pinned key. Returns the spool damage the record reports, if any.
+    fn check_record(
+        &self,
+        seq: u64,
+        prev_hash: &[u8; 32],
+        bytes: &[u8],
+    ) -> Result<Option<Damage>, Rejection> {
         let bad = |code, msg: String| Rejection::new(code, seq, msg);
         let record = v1::Record::decode(bytes).map_err(|e| {
             bad(
@@ -487,7 +536,14 @@ impl SensorStore {
                     format!("seq {seq}: kind and body do not match"),
                 ));
             }
-            _ => return Ok(()),
+            (_, Some(Body::Loss(l))) if SPOOL_DAMAGE_REASONS.contains(&l.reason.as_str()) => {
+                return Ok(Some(Damage {
+                    seq,
+                    reason: l.reason.clone(),
+                    detail: l.detail.clone(),
+                }));
+            }
+            _ => return Ok(None),
         };
         if named_key[..] != self.key[..] {
             return Err(bad(
@@ -500,6 +556,7 @@ impl SensorStore {
             ));
         }
         verify_signature(&self.key, &msg, sig)
+            .map(|()| None)
             .map_err(|e| bad(RejectCode::BadSignature, format!("seq {seq}: {e}")))
     }
 }
@@ -510,13 +567,14 @@ fn open_spool(
     dir: &Path,
     sensor_id: &str,
     key: &[u8; 32],
+    segment_bytes: u64,
 ) -> Result<(Spool, (u64, [u8; 32])), StoreError> {
     let (spool, recovery) = Spool::open(SpoolOptions {
         dir: dir.to_owned(),
         sensor_id: sensor_id.to_owned(),
         // The store is never trimmed by the spool logic (nothing is acknowledged).
         max_bytes: u64::MAX / 4,
-        segment_bytes: spool::DEFAULT_SEGMENT_BYTES,
+        segment_bytes,
         sync: SyncPolicy::OsOnly,
         warn_percent: 100,
     })?;

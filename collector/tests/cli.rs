@@ -118,3 +118,52 @@ fn generate_docs_writes_man_pages_and_completions() {
         assert!(dir.path().join(file).is_file(), "{file} missing");
     }
 }
+
+#[test]
+fn verify_of_a_tampered_store_exits_1_with_the_first_bad_seq() {
+    use conduit_evidence::chain::{Recorder, RecorderOptions};
+    use conduit_proto::v1::{self, RecordKind, record::Body};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let chain = dir.path().join("gw-1");
+    let (mut rec, _) = Recorder::open(RecorderOptions::new(&chain, "gw-1")).expect("open");
+    for i in 0..5 {
+        rec.append(v1::Record {
+            kind: RecordKind::FlowStart as i32,
+            body: Some(Body::Flow(v1::Flow {
+                flow_id: i,
+                ..Default::default()
+            })),
+            ..Default::default()
+        })
+        .expect("append");
+    }
+    rec.sync().expect("sync");
+    drop(rec);
+    let ok = bin()
+        .args(["verify", "--store"])
+        .arg(dir.path())
+        .output()
+        .expect("run");
+    assert_eq!(ok.status.code(), Some(0), "{}", text(&ok));
+    // Flip one byte of the last frame's record bytes.
+    let seg = conduit_evidence::spool::segment::list(&chain)
+        .expect("list")
+        .pop()
+        .expect("segment")
+        .1;
+    let mut bytes = std::fs::read(&seg).expect("read");
+    let n = bytes.len();
+    bytes[n - 3] ^= 0x40;
+    std::fs::write(&seg, bytes).expect("write");
+    let out = bin()
+        .args(["verify", "--store"])
+        .arg(dir.path())
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("first bad sequence number"),
+        "{}",
+        text(&out)
+    );
+}

@@ -150,7 +150,8 @@ async fn syslog_case(tls: bool) {
         format!("syslog+tcp://127.0.0.1:{port}")
     };
     let ca = pki.ca_path();
-    let mut args = vec!["--tofu", "--syslog", url.as_str()];
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut args = vec!["--tofu", "--syslog", url.as_str(), "--metrics", &metrics];
     if tls {
         args.extend(["--syslog-ca", ca.to_str().expect("utf8")]);
     }
@@ -169,6 +170,22 @@ async fn syslog_case(tls: bool) {
     let json = &first[first.find("] {").expect("json") + 2..];
     let v: serde_json::Value = serde_json::from_str(json).expect("json");
     assert_eq!(v["event"]["sequence"], 1);
+    // The export's position and lag per sensor: everything shipped, lag 0 (the cursor
+    // is saved right after the send: wait for it).
+    let shipped = format!(
+        "conduit_collector_export_sequence{{export=\"syslog\",sensor=\"{SENSOR}\"}} {head}"
+    );
+    let lag =
+        format!("conduit_collector_export_lag_records{{export=\"syslog\",sensor=\"{SENSOR}\"}} 0");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut text = http_get(&metrics);
+    while !(text.contains(&shipped) && text.contains(&lag)) && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        text = http_get(&metrics);
+    }
+    assert!(text.contains(&shipped), "{text}");
+    assert!(text.contains(&lag), "{text}");
     up.stop().await;
 }
 

@@ -240,9 +240,25 @@ async fn dedupe_equivocation_gap_tamper_and_authentication() {
     for line in [
         "conduit_collector_alarms_total{kind=\"gap\"} 1",
         "conduit_collector_alarms_total{kind=\"equivocation\"} 1",
+        "conduit_collector_alarms_total{kind=\"unknown_sensor\"} 1",
     ] {
         assert!(text.contains(line), "{text}");
     }
+    // Where the sensor's chain stands: its stored head and when it last spoke.
+    let sample = |name: &str| -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{{sensor=\"{SENSOR}\"}} ")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    };
+    assert!(
+        sample("conduit_collector_sensor_head_sequence").is_some_and(|v| v >= 1.0),
+        "{text}"
+    );
+    assert!(
+        sample("conduit_collector_sensor_last_seen_timestamp_seconds").is_some_and(|v| v > 1.7e9),
+        "{text}"
+    );
 
     // `verify` finds a flipped byte in the store and names the seq.
     drop(conn);
@@ -261,14 +277,4 @@ async fn dedupe_equivocation_gap_tamper_and_authentication() {
         text.contains(&format!("first bad sequence number: {head}")),
         "{text}"
     );
-}
-
-fn http_get(addr: &str) -> String {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(addr).expect("metrics connect");
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-        .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    out
 }

@@ -32,7 +32,8 @@ pub fn action_name(kind: RecordKind) -> &'static str {
     }
 }
 
-fn verdict_name(v: i32) -> &'static str {
+/// `conduit.verdict` of a flow's verdict value.
+pub fn verdict_name(v: i32) -> &'static str {
     match Verdict::try_from(v).unwrap_or(Verdict::Unspecified) {
         Verdict::Authorized => "authorized",
         Verdict::Violation => "violation",
@@ -62,7 +63,8 @@ pub fn rfc3339(unix_nanos: i64) -> String {
     t.format(&fmt).unwrap_or_default()
 }
 
-fn ip_text(bytes: &[u8]) -> Option<String> {
+/// An address field of a flow as text (None unless 4 or 16 bytes).
+pub fn ip_text(bytes: &[u8]) -> Option<String> {
     match bytes.len() {
         4 => Some(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).to_string()),
         16 => <[u8; 16]>::try_from(bytes)

@@ -88,7 +88,9 @@ pub fn print_error(message: &str) {
     }
 }
 
-/// Prefixes every event with its `<N>` priority.
+/// Prefixes every line of every event with its `<N>` priority: journald makes each
+/// line of a stream its own entry, so a multi-line message (a rejected map's
+/// file:line:column list) keeps its priority on every line.
 struct Prioritized<F>(F);
 
 impl<S, N, F> FormatEvent<S, N> for Prioritized<F>
@@ -103,9 +105,23 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> std::fmt::Result {
-        write!(writer, "<{}>", priority(*event.metadata().level()))?;
-        self.0.format_event(ctx, writer, event)
+        let mut text = String::new();
+        self.0.format_event(ctx, Writer::new(&mut text), event)?;
+        write!(
+            writer,
+            "{}",
+            prefix_lines(priority(*event.metadata().level()), &text)
+        )
     }
+}
+
+/// `text` with `<priority>` at the start of every line.
+fn prefix_lines(priority: u8, text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 8);
+    for line in text.split_inclusive('\n') {
+        out.push_str(&format!("<{priority}>{line}"));
+    }
+    out
 }
 
 /// Installs the global subscriber, writing to stderr.
@@ -132,6 +148,14 @@ pub fn init(format: LogFormat) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_line_of_a_message_has_its_priority() {
+        assert_eq!(
+            prefix_lines(3, "reload rejected:\nconduits.yaml:4:7: bad\n"),
+            "<3>reload rejected:\n<3>conduits.yaml:4:7: bad\n"
+        );
+    }
 
     #[test]
     fn priorities_follow_sd_daemon() {

@@ -14,3 +14,7 @@ pub const MAX_RECORD_BYTES: usize = 1 << 20;
 pub const MAX_MESSAGE_BYTES: usize = MAX_BATCH_BYTES + MAX_RECORD_BYTES + MAX_BATCH_FRAMES * 96;
 /// Longest sensor id (bytes), as in the spool segment header's limit for the store.
 pub const MAX_SENSOR_ID_BYTES: usize = 128;
+/// Bound on the map content a `policy_change` record lists (zones, endpoints,
+/// conduits): well below [`MAX_RECORD_BYTES`], so a huge map never makes a record
+/// that cannot travel.
+pub const MAX_POLICY_CONTENT_BYTES: usize = 256 * 1024;

@@ -18,7 +18,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use conduit_evidence::chain::{Appended, Recorder, RecorderOptions};
 use conduit_evidence::ecs::{ChainPosition, ecs_json};
-use conduit_proto::v1::{Loss, PolicyChange, Record, RecordKind, Verdict, record::Body};
+use conduit_proto::v1::{Loss, Record, RecordKind, Verdict, record::Body};
 use sensor_common::{ClassUpdate, Counter, FlowKey, FlowStats, app_protocol, sni_state, verdict};
 use tokio::{
     io::unix::AsyncFd,
@@ -28,13 +28,14 @@ use tokio::{
 use conduit_uplink::UplinkOptions;
 
 use crate::{
-    completion::{Completed, Completion},
+    completion::{CLASSIFICATION_DEADLINE, Completed, Completion},
     config::{self, AppProto, ConduitMap, DefaultAction},
     flows::{Classification, FlowOut, FlowTracker, TrackerOptions},
     kernel::BootClock,
     kernel::{self, Kernel, KernelEvent, KernelOptions},
     kernel_policy::kernel_policy,
     metrics::Metrics,
+    policy_change::policy_change_record,
     record::{endpoints, flow_record},
     tls::ClientHelloInfo,
 };
@@ -66,8 +67,7 @@ struct Agent {
     settings: AgentSettings,
     kernel: Kernel,
     tracker: FlowTracker,
-    recorder: Recorder,
-    jsonl: Option<BufWriter<File>>,
+    sink: Sink,
     policy: Option<ConduitMap>,
     metrics: Arc<Metrics>,
     completion: Completion,
@@ -78,8 +78,6 @@ struct Agent {
     reported_unannounced: u64,
     /// Flows already reported refused by the tracker.
     reported_refused: u64,
-    ifnames: HashMap<u32, String>,
-    site: String,
     /// Link status when streaming to a collector.
     uplink: Option<tokio::sync::watch::Receiver<conduit_uplink::UplinkStatus>>,
 }
@@ -100,12 +98,12 @@ pub async fn run(settings: AgentSettings) -> Result<()> {
     }
     let uplink = settings.uplink.clone();
     let spool_dir = settings.recorder.spool_dir.clone();
-    let mut agent = Agent::start(settings, metrics.clone(), Mode::Live)?;
+    let mut agent = Agent::start(settings, metrics.clone(), Clock::Live)?;
 
     // The uplink reads the spool files on its own; the recorder stays their only writer.
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let link = uplink.map(|mut opts| {
-        opts.public_key = Some(agent.recorder.public_key());
+        opts.public_key = Some(agent.sink.recorder.public_key());
         tracing::info!(collector = %opts.collector, "streaming the spool to the collector");
         let (status_tx, status_rx) = conduit_uplink::status_channel();
         let task = tokio::spawn(conduit_uplink::stream_spool(
@@ -125,7 +123,7 @@ pub async fn run(settings: AgentSettings) -> Result<()> {
 
     if let Some((task, mut status)) = link {
         // Give the collector a moment to store the final records (flow_end, checkpoint).
-        let head = agent.recorder.head().0;
+        let head = agent.sink.recorder.head().0;
         let _ = tokio::time::timeout(UPLINK_DRAIN, status.wait_for(|s| s.acked_seq >= head)).await;
         let _ = shutdown_tx.send(true);
         match tokio::time::timeout(Duration::from_secs(5), task).await {
@@ -152,34 +150,105 @@ const UPLINK_DRAIN: Duration = Duration::from_secs(5);
 
 /// `conduit-sensor replay`: runs the kernel program over every packet of a pcap with
 /// BPF_PROG_TEST_RUN and feeds its events to the same agent logic, so the records are
-/// those a live sensor would write (timestamps are the replay's clock: the kernel
-/// stamps packets when it runs them). Returns the number of packets run.
-pub fn replay(settings: AgentSettings, packets: impl Iterator<Item = Vec<u8>>) -> Result<u64> {
-    let mut agent = Agent::start(settings, Arc::new(Metrics::default()), Mode::Replay)?;
-    let mut n = 0u64;
-    for packet in packets {
-        agent.kernel.test_run(kernel::Program::Xdp, &packet)?;
-        n += 1;
+/// those a live sensor would write. Every time is the capture's: each packet's
+/// kernel timestamps carry its index (`Kernel::stamp_replay_packet`), which the
+/// agent maps to the packet's capture time, and the agent's own clock (sweeps,
+/// timeouts, record times) follows the capture. Returns the number of packets run.
+pub fn replay(settings: AgentSettings, packets: Vec<crate::pcap::Captured>) -> Result<u64> {
+    let times: Vec<u64> = packets.iter().map(|(t, _)| *t).collect();
+    let first = times.first().copied().unwrap_or_default();
+    let last = times.last().copied().unwrap_or_default();
+    let clock = Clock::Replay { times, now: first };
+    let mut agent = Agent::start(settings, Arc::new(Metrics::default()), clock)?;
+    let sweep_every = u64::try_from(SWEEP_INTERVAL.as_nanos()).unwrap_or(u64::MAX);
+    let mut last_sweep = first;
+    for (i, (t, packet)) in packets.iter().enumerate() {
+        let index = u32::try_from(i + 1).context("more than 2^32 packets in one capture")?;
+        agent.sink.clock.set_now(*t);
+        agent.kernel.stamp_replay_packet(index)?;
+        agent.kernel.test_run(kernel::Program::Xdp, packet)?;
         for ev in agent.kernel.drain_events() {
             agent.on_event(ev)?;
+        }
+        if t.saturating_sub(last_sweep) >= sweep_every {
+            agent.sweep()?;
+            last_sweep = *t;
         }
     }
     for ev in agent.kernel.drain_events() {
         agent.on_event(ev)?;
     }
+    // The capture is over: no later ACK can come, so the flows it closed (FIN from
+    // both sides, RST) end as such in the final sweep, at the capture's last time;
+    // the rest are forced.
+    agent.sink.clock.set_now(last);
+    agent.tracker.capture_over();
     agent.drain()?;
-    Ok(n)
+    Ok(packets.len() as u64)
 }
 
-/// Whether the agent attaches to interfaces or runs packets through test runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
+/// Whose time the agent keeps.
+#[derive(Clone, Debug)]
+enum Clock {
+    /// The machine's: CLOCK_BOOTTIME, as the kernel stamps, and the wall clock.
     Live,
-    Replay,
+    /// The capture's (`replay`): unix nanoseconds; kernel stamps carry the index
+    /// (from 1) of the packet that wrote them, `times[index - 1]` is its time.
+    Replay { times: Vec<u64>, now: u64 },
+}
+
+impl Clock {
+    fn now_ns(&self) -> u64 {
+        match self {
+            Clock::Live => BootClock::boot_now_ns(),
+            Clock::Replay { now, .. } => *now,
+        }
+    }
+
+    fn set_now(&mut self, t: u64) {
+        if let Clock::Replay { now, .. } = self {
+            *now = t;
+        }
+    }
+
+    /// Turns this clock's nanoseconds into wall-clock time for records.
+    fn boot_clock(&self) -> BootClock {
+        match self {
+            Clock::Live => BootClock::now(),
+            Clock::Replay { .. } => BootClock::from_offset(0),
+        }
+    }
+
+    /// The time a record is written at, if not now.
+    fn record_time(&self) -> Option<i64> {
+        match self {
+            Clock::Live => None,
+            Clock::Replay { now, .. } => i64::try_from(*now).ok(),
+        }
+    }
+
+    /// A kernel flow value with its timestamps in this clock.
+    fn stats(&self, mut s: FlowStats) -> FlowStats {
+        if let Clock::Replay { times, .. } = self {
+            let at = |stamp: u64| {
+                let i = kernel::replay_stamp_index(stamp) as usize;
+                if i == 0 {
+                    stamp
+                } else {
+                    times.get(i - 1).copied().unwrap_or(stamp)
+                }
+            };
+            s.first_seen_ns = at(s.first_seen_ns);
+            s.last_seen_ns = at(s.last_seen_ns);
+        }
+        s
+    }
 }
 
 impl Agent {
-    fn start(settings: AgentSettings, metrics: Arc<Metrics>, mode: Mode) -> Result<Agent> {
+    /// Attaches to the interfaces with the live clock; runs packets through test
+    /// runs (`replay`) with the capture's.
+    fn start(settings: AgentSettings, metrics: Arc<Metrics>, clock: Clock) -> Result<Agent> {
         let policy = match &settings.conduits {
             Some(path) => {
                 let map = ConduitMap::load(path, None).map_err(ConfigExit)?;
@@ -220,20 +289,21 @@ impl Agent {
             "kernel programs loaded"
         );
         let mut ifnames = HashMap::new();
-        match mode {
-            Mode::Live => {
+        match clock {
+            Clock::Live => {
                 for iface in &settings.ifaces {
                     let info = kernel
                         .attach(iface)
                         .with_context(|| format!("attaching to {iface}"))?;
                     tracing::info!(iface, mode = ?info.xdp_mode, "attached");
+                    metrics.attached(iface, info.xdp_mode);
                     ifnames.insert(info.ifindex, iface.clone());
                 }
                 kernel
                     .set_local_addrs(&local_addresses())
                     .context("local addresses")?;
             }
-            Mode::Replay => {
+            Clock::Replay { .. } => {
                 // BPF_PROG_TEST_RUN runs XDP as if the packet arrived on loopback.
                 kernel.watch_ifindex(1)?;
                 ifnames.insert(1, "replay".to_string());
@@ -248,18 +318,23 @@ impl Agent {
         let site = policy.as_ref().map(|p| p.site.clone()).unwrap_or_default();
         let mut agent = Agent {
             tracker: FlowTracker::new(settings.tracker.clone(), policy.is_some()),
+            sink: Sink {
+                recorder,
+                jsonl,
+                jsonl_path: settings.jsonl.clone(),
+                metrics: metrics.clone(),
+                ifnames,
+                site,
+                clock,
+            },
             settings,
             kernel,
-            recorder,
-            jsonl,
             policy: None,
             metrics,
             completion: Completion::new(),
             reported_counters: [0; Counter::COUNT as usize],
             reported_unannounced: 0,
             reported_refused: 0,
-            ifnames,
-            site,
             uplink: None,
         };
         agent.emit_appended(opened)?;
@@ -339,10 +414,11 @@ impl Agent {
                 break Err(err);
             }
         };
-        // Stopping or failing, the same path: detach first so the accounting can
-        // close, read the ring buffer to its end, then drain.
+        // Stopping or failing, the same path. Still attached (forwarding never
+        // stops: the programs always pass), finish the classifications in flight;
+        // then detach so the accounting can close, read the ring buffer to its end,
+        // and drain.
         conduit_ops::notify::stopping();
-        self.kernel.detach_all();
         let mut failure = result.err();
         if let Some(err) = &failure {
             tracing::error!("event loop failed: {err:#}; draining");
@@ -351,6 +427,12 @@ impl Agent {
                 tracing::error!("recording the failure: {e:#}");
             }
         }
+        if let Err(e) = self.finish_pending(&mut events).await {
+            tracing::error!("finishing pending classifications: {e:#}");
+            failure.get_or_insert(e);
+        }
+        self.kernel.detach_all();
+        tracing::info!("detached; reading the ring buffer to its end");
         loop {
             let rest = read_events(events.get_mut(), EVENT_BATCH);
             if rest.is_empty() {
@@ -370,20 +452,66 @@ impl Agent {
         }
     }
 
+    /// While still attached, reads events until no ClientHello is left half
+    /// reassembled (its next segments still pass through the programs), or until
+    /// [`CLASSIFICATION_DEADLINE`].
+    async fn finish_pending(
+        &mut self,
+        events: &mut AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>,
+    ) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + CLASSIFICATION_DEADLINE;
+        tracing::info!(
+            pending = self.completion.pending(),
+            "stopping: finishing pending classifications before detaching"
+        );
+        loop {
+            let batch = read_events(events.get_mut(), EVENT_BATCH);
+            let more = !batch.is_empty();
+            for ev in batch {
+                self.on_event(ev)?;
+            }
+            if more {
+                continue;
+            }
+            if self.completion.pending() == 0 {
+                tracing::info!("no classification pending");
+                return Ok(());
+            }
+            tokio::select! {
+                guard = events.readable_mut() => {
+                    let mut guard = guard?;
+                    let batch = read_events(guard.get_inner_mut(), EVENT_BATCH);
+                    if batch.len() < EVENT_BATCH {
+                        guard.clear_ready();
+                    }
+                    for ev in batch {
+                        self.on_event(ev)?;
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(
+                        pending = self.completion.pending(),
+                        "classifications still pending at the deadline; their flows keep the kernel's classification"
+                    );
+                    return Ok(());
+                }
+            }
+        }
+    }
+
     fn tick(&mut self) -> Result<()> {
         self.acknowledge_collector()?;
-        let written = self.recorder.tick(SystemTime::now())?;
+        let written = self.sink.recorder.tick(SystemTime::now())?;
         self.emit_appended(written)
     }
 
     fn on_event(&mut self, ev: KernelEvent) -> Result<()> {
-        let now = BootClock::boot_now_ns();
+        let now = self.sink.clock.now_ns();
         match ev {
             KernelEvent::Flow(fe) => {
-                if fe.header.kind == sensor_common::EVENT_FLOW_NEW
-                    && let Some(out) = self.tracker.on_new(fe.header.key, fe.stats, now)
-                {
-                    self.write_flow(out)?;
+                if fe.header.kind == sensor_common::EVENT_FLOW_NEW {
+                    let stats = self.sink.clock.stats(fe.stats);
+                    self.tracker.on_new(fe.header.key, stats, now);
                 }
             }
             KernelEvent::Payload(pe) => {
@@ -458,19 +586,22 @@ impl Agent {
         self.kernel
             .update_classification(&key, &class_update(&stats))?;
         self.count_verdict(class.verdict);
-        if let Some(out) = self
-            .tracker
-            .on_classified(key, stats, class, BootClock::boot_now_ns())
-        {
+        let (stats, now) = (self.sink.clock.stats(stats), self.sink.clock.now_ns());
+        if let Some(out) = self.tracker.on_classified(key, stats, class, now) {
             self.write_flow(out)?;
         }
         Ok(())
     }
 
-    /// Not TLS/QUIC after all: tell the kernel to stop copying payload.
+    /// Not TLS/QUIC after all: tell the kernel to stop copying payload. The
+    /// kernel's classification is final, so the flow_start can be written.
     fn finish_unclassified(&mut self, key: FlowKey) -> Result<()> {
         if let Some(s) = self.kernel.flow(&key)? {
             self.kernel.update_classification(&key, &class_update(&s))?;
+            let s = self.sink.clock.stats(s);
+            if let Some(out) = self.tracker.on_unclassified(key, s) {
+                self.write_flow(out)?;
+            }
         }
         Ok(())
     }
@@ -485,13 +616,13 @@ impl Agent {
         m.collector_connected.store(s.connected, Ordering::Relaxed);
         m.collector_acked_seq.store(s.acked_seq, Ordering::Relaxed);
         m.collector_lag_records.store(
-            self.recorder.head().0.saturating_sub(s.acked_seq),
+            self.sink.recorder.head().0.saturating_sub(s.acked_seq),
             Ordering::Relaxed,
         );
         if let Some(acked) = conduit_uplink::read_acked(&self.settings.recorder.spool_dir)
             && acked > 0
         {
-            self.recorder.acknowledge(acked)?;
+            self.sink.recorder.acknowledge(acked)?;
         }
         Ok(())
     }
@@ -507,16 +638,33 @@ impl Agent {
     }
 
     fn sweep(&mut self) -> Result<()> {
-        let now = BootClock::boot_now_ns();
+        self.sweep_table(false)
+    }
+
+    /// One walk over the kernel table. `last`: the drain's final walk, after which
+    /// nothing is tracked any more, so unannounced flows the full tracker could not
+    /// take are lost now (`tracker_full`).
+    fn sweep_table(&mut self, last: bool) -> Result<()> {
+        let now = self.sink.clock.now_ns();
         // Counters before the table: every flow the kernel counted as unannounced
         // by now is in this snapshot unless it is gone (see `report_unannounced`).
         let counters = self.kernel.counters()?;
         let policy = self.policy.as_ref();
         let resolve = |_: &FlowKey, s: &FlowStats| kernel_classification(policy, s);
-        let tracker = &mut self.tracker;
+        let (tracker, sink) = (&mut self.tracker, &mut self.sink);
         let mut sweep = tracker.begin_sweep(now);
-        self.kernel
-            .for_each_flow(|k, s| tracker.sweep_entry(&mut sweep, &k, &s, &resolve))?;
+        // Records are written as the walk goes: a burst's flow_starts are not held.
+        let mut written: Result<()> = Ok(());
+        self.kernel.for_each_flow(|k, s| {
+            let s = sink.clock.stats(s);
+            tracker.sweep_entry(&mut sweep, &k, &s, &resolve);
+            for out in sweep.out.drain(..) {
+                if written.is_ok() {
+                    written = sink.write_flow(out);
+                }
+            }
+        })?;
+        written?;
         tracker.end_sweep(&mut sweep);
         for key in &sweep.remove {
             self.kernel.remove_flow(key)?;
@@ -550,8 +698,13 @@ impl Agent {
                 "ClientHello reassembly gave up (time or memory bound); the flows keep the kernel's classification",
             )?;
         }
+        if last {
+            // Nothing is tracked after the last walk: the flows the full tracker
+            // could not take have no record.
+            self.tracker.refuse(sweep.unannounced_pending);
+        }
         self.report_refused()?;
-        self.report_kernel_counters(&counters)
+        self.report_kernel_counters(&counters, sweep.unannounced_pending)
     }
 
     /// Flows the tracker refused (full) have no record: loss in flow units.
@@ -572,7 +725,11 @@ impl Agent {
     }
 
     /// Kernel loss counters that grew become signed `loss` records.
-    fn report_kernel_counters(&mut self, counters: &[u64; Counter::COUNT as usize]) -> Result<()> {
+    fn report_kernel_counters(
+        &mut self,
+        counters: &[u64; Counter::COUNT as usize],
+        unannounced_pending: u64,
+    ) -> Result<()> {
         for c in Counter::ALL {
             let i = c as usize;
             self.metrics.kernel[i].store(counters[i], Ordering::Relaxed);
@@ -582,16 +739,21 @@ impl Agent {
             }
         }
         self.reported_counters = *counters;
-        self.report_unannounced(counters[Counter::LossNewFlowEvent as usize])
+        self.report_unannounced(
+            counters[Counter::LossNewFlowEvent as usize],
+            unannounced_pending,
+        )
     }
 
     /// Flows whose announcement the kernel lost and that no sweep found before they
     /// left the table have no record. `announced_lost` was read before the table
-    /// snapshot the tracker just swept, so each such flow is either recovered by now
-    /// or gone: `announced_lost - recovered` never exceeds the flows without a
-    /// record, and equals it once the last sweep has run.
-    fn report_unannounced(&mut self, announced_lost: u64) -> Result<()> {
-        let lost = announced_lost.saturating_sub(self.tracker.recovered());
+    /// snapshot the tracker just swept, so each such flow is by now recovered, gone,
+    /// or `pending` (in the table, but the tracker was full): `announced_lost -
+    /// recovered - pending` never exceeds the flows without a record, and equals
+    /// those that left the table once the last sweep has run (its pending ones are
+    /// counted as `tracker_full`).
+    fn report_unannounced(&mut self, announced_lost: u64, pending: u64) -> Result<()> {
+        let lost = announced_lost.saturating_sub(self.tracker.recovered() + pending);
         if lost > self.reported_unannounced {
             let delta = lost - self.reported_unannounced;
             self.reported_unannounced = lost;
@@ -612,12 +774,21 @@ impl Agent {
     fn reload(&mut self) {
         conduit_ops::notify::reloading();
         if let Some(path) = self.settings.jsonl.clone() {
-            if let Some(mut old) = self.jsonl.take() {
+            if let Some(mut old) = self.sink.jsonl.take() {
                 let _ = old.flush();
             }
-            self.jsonl = open_jsonl(&path, &self.metrics);
+            self.sink.jsonl = open_jsonl(&path, &self.metrics);
         }
         let applied = self.reload_map();
+        // What `conduit-sensor reload` (ExecReload=) waits for.
+        crate::reload::record(
+            applied,
+            if applied {
+                "conduit map applied"
+            } else {
+                "conduit map rejected (its errors are in the journal)"
+            },
+        );
         let status = self.status_line(if applied {
             "running; reload applied"
         } else {
@@ -633,7 +804,10 @@ impl Agent {
             .as_ref()
             .map(|m| hex::encode(&m.policy_hash()[..8]))
             .unwrap_or_else(|| "none".into());
-        format!("{state}; policy {policy}; seq {}", self.recorder.head().0)
+        format!(
+            "{state}; policy {policy}; seq {}",
+            self.sink.recorder.head().0
+        )
     }
 
     /// Whether a new map was installed.
@@ -670,25 +844,83 @@ impl Agent {
         self.kernel
             .install_policy(&kernel_policy(&map, self.settings.enforcement)?)
             .context("installing the conduit map into the kernel")?;
-        self.site = map.site.clone();
-        let record = Record {
-            kind: RecordKind::PolicyChange as i32,
-            body: Some(Body::PolicyChange(PolicyChange {
-                policy_hash: map.policy_hash().to_vec(),
-                path: map.file.clone(),
-                zones: map.zones.len() as u32,
-                endpoints: map.endpoints.len() as u32,
-                conduits: map.conduits.len() as u32,
-                enforcement: self.settings.enforcement,
-                trigger: trigger.to_string(),
-            })),
-            ..Record::default()
-        };
+        self.sink.site = map.site.clone();
+        let record = policy_change_record(&map, self.settings.enforcement, trigger);
         self.policy = Some(map);
         self.tracker.set_policy_loaded(true);
         self.append(record)
     }
 
+    fn write_flow(&mut self, out: FlowOut) -> Result<()> {
+        self.sink.write_flow(out)
+    }
+
+    fn write_loss(
+        &mut self,
+        reason: &str,
+        count: u64,
+        unit: &str,
+        origin: &str,
+        detail: &str,
+    ) -> Result<()> {
+        self.sink.write_loss(reason, count, unit, origin, detail)
+    }
+
+    fn append(&mut self, record: Record) -> Result<()> {
+        self.sink.append(record)
+    }
+
+    fn emit_appended(&mut self, written: Vec<Appended>) -> Result<()> {
+        self.sink.emit_appended(written)
+    }
+
+    /// SIGTERM: final sweep, forced end of every recorded flow, final loss report,
+    /// fsync, detach.
+    fn drain(&mut self) -> Result<()> {
+        tracing::info!("draining");
+        self.metrics.ready.store(false, Ordering::Relaxed);
+        // The final sweep also makes the final loss report: its counters were read
+        // before its table snapshot, which closes the accounting.
+        self.sweep_table(true)?;
+        let (tracker, clock) = (&mut self.tracker, &self.sink.clock);
+        self.kernel
+            .for_each_flow(|k, s| tracker.update_stats(&k, &clock.stats(s)))?;
+        let (flows, unrecorded) = self.tracker.drain_all();
+        self.metrics
+            .flows_unrecorded
+            .fetch_add(unrecorded, Ordering::Relaxed);
+        for flow in flows {
+            for out in flow.close() {
+                self.write_flow(out)?;
+            }
+        }
+        let last = self.sink.recorder.checkpoint_now()?;
+        self.emit_appended(last)?;
+        self.sink.recorder.sync()?;
+        if let Some(out) = &mut self.sink.jsonl
+            && let Err(err) = out.flush().and_then(|()| out.get_ref().sync_all())
+        {
+            self.metrics.jsonl_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!("JSONL side file: {err}");
+        }
+        self.kernel.detach_all();
+        Ok(())
+    }
+}
+
+/// Where records go: the chain (spool) and its JSON-lines mirror. Apart from the
+/// rest of the agent so a table walk can write records as it goes.
+struct Sink {
+    recorder: Recorder,
+    jsonl: Option<BufWriter<File>>,
+    jsonl_path: Option<PathBuf>,
+    metrics: Arc<Metrics>,
+    ifnames: HashMap<u32, String>,
+    site: String,
+    clock: Clock,
+}
+
+impl Sink {
     fn write_flow(&mut self, out: FlowOut) -> Result<()> {
         let m = &self.metrics;
         match out.kind {
@@ -701,7 +933,7 @@ impl Agent {
             .get(&out.stats.ifindex)
             .cloned()
             .unwrap_or_default();
-        let record = flow_record(&out, &BootClock::now(), &ifname);
+        let record = flow_record(&out, &self.clock.boot_clock(), &ifname);
         self.append(record)
     }
 
@@ -714,7 +946,7 @@ impl Agent {
         detail: &str,
     ) -> Result<()> {
         tracing::warn!(reason, count, origin, "loss");
-        self.metrics.loss_records.fetch_add(1, Ordering::Relaxed);
+        self.metrics.count_loss(reason, unit, origin, count);
         self.append(Record {
             kind: RecordKind::Loss as i32,
             body: Some(Body::Loss(Loss {
@@ -731,6 +963,9 @@ impl Agent {
     fn append(&mut self, mut record: Record) -> Result<()> {
         if record.site.is_empty() {
             record.site = self.site.clone();
+        }
+        if let Some(t) = self.clock.record_time() {
+            record.time_unix_nano = t;
         }
         let written = self.recorder.append(record)?;
         self.emit_appended(written)
@@ -759,40 +994,11 @@ impl Agent {
             // until SIGHUP reopens it.
             self.metrics.jsonl_errors.fetch_add(1, Ordering::Relaxed);
             tracing::error!(
-                path = %self.settings.jsonl.as_deref().unwrap_or(std::path::Path::new("")).display(),
+                path = %self.jsonl_path.as_deref().unwrap_or(std::path::Path::new("")).display(),
                 "JSONL side file: {err}; records stay in the spool; the file is reopened on SIGHUP"
             );
             self.jsonl = None;
         }
-        Ok(())
-    }
-
-    /// SIGTERM: final sweep, forced end of every recorded flow, final loss report,
-    /// fsync, detach.
-    fn drain(&mut self) -> Result<()> {
-        tracing::info!("draining");
-        self.metrics.ready.store(false, Ordering::Relaxed);
-        // The final sweep also makes the final loss report: its counters were read
-        // before its table snapshot, which closes the accounting.
-        self.sweep()?;
-        let tracker = &mut self.tracker;
-        self.kernel
-            .for_each_flow(|k, s| tracker.update_stats(&k, &s))?;
-        for (_, key) in self.tracker.drain_keys() {
-            if let Some(out) = self.tracker.force_end(&key) {
-                self.write_flow(out)?;
-            }
-        }
-        let last = self.recorder.checkpoint_now()?;
-        self.emit_appended(last)?;
-        self.recorder.sync()?;
-        if let Some(out) = &mut self.jsonl
-            && let Err(err) = out.flush().and_then(|()| out.get_ref().sync_all())
-        {
-            self.metrics.jsonl_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::error!("JSONL side file: {err}");
-        }
-        self.kernel.detach_all();
         Ok(())
     }
 }

@@ -48,6 +48,10 @@ pub enum Command {
     /// Remove the sensor's TC programs left on an interface by an agent that did
     /// not shut down (kernels without TCX keep netlink filters after the process).
     Detach(DetachArgs),
+    /// Reload a running agent and wait for its outcome: SIGHUP to PID, then exit 0 once
+    /// it applied the conduit map, 1 if it rejected it or did not answer in time (for
+    /// ExecReload=; needs RUNTIME_DIRECTORY, as the unit sets it).
+    Reload(ReloadArgs),
     /// Print the JSON Schema of sensor.yaml and conduits.yaml.
     Schema,
     /// Print the version.
@@ -183,4 +187,15 @@ pub struct ProbeArgs {
     /// [default: all].
     #[arg(long = "iface", value_name = "NAME")]
     pub ifaces: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReloadArgs {
+    /// Process id of the running agent (the unit passes $MAINPID).
+    #[arg(long, value_name = "PID")]
+    pub pid: i32,
+    /// How long to wait for the agent's outcome.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration,
+          default_value = "60s")]
+    pub timeout: std::time::Duration,
 }

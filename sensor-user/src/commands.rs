@@ -15,7 +15,7 @@ use crate::{
     agent::{AgentSettings, ConfigExit},
     cli::{
         CheckConfigArgs, Cli, Command, DEFAULT_CONFIG, EXIT_CHAIN_BROKEN, EXIT_CONFIG, EXIT_USAGE,
-        KeygenArgs, ProbeArgs, ReplayArgs, RunArgs, VerifyChainArgs,
+        KeygenArgs, ProbeArgs, ReloadArgs, ReplayArgs, RunArgs, VerifyChainArgs,
     },
     config::{ConduitMap, ConfigError, SensorConfig},
     flows::TrackerOptions,
@@ -30,6 +30,7 @@ pub fn dispatch(cli: Cli) -> ExitCode {
         Command::Keygen(args) => keygen(args),
         Command::Probe(args) => probe(args),
         Command::Detach(args) => detach(args),
+        Command::Reload(args) => reload(args),
         Command::Schema => schema(),
         Command::Version => {
             println!("conduit-sensor {}", env!("CARGO_PKG_VERSION"));
@@ -102,6 +103,7 @@ pub fn settings_from(args: &RunArgs) -> Result<AgentSettings, ConfigError> {
         args.ifaces.clone()
     };
     let mut recorder = RecorderOptions::new(spool_dir, sensor_id.clone());
+    recorder.head_witness = conduit_evidence::chain::head_witness::beside(&recorder.spool_dir);
     recorder.key_path = cfg.signing_key.clone();
     recorder.max_spool_bytes = cfg.spool.max_bytes;
     recorder.segment_bytes = cfg.spool.segment_bytes;
@@ -124,6 +126,7 @@ pub fn settings_from(args: &RunArgs) -> Result<AgentSettings, ConfigError> {
             end_grace: cfg.timeouts.tcp_end_grace,
             record_all: args.record_all || cfg.record_all,
             max_flows: cfg.capacity.tracked_flows as usize,
+            ..TrackerOptions::default()
         },
         flow_table_size: cfg.capacity.flow_table,
         ringbuf_bytes: cfg.capacity.ring_buffer_bytes,
@@ -225,7 +228,7 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
     };
     let settings = settings_from(&run_args).map_err(ConfigExit)?;
     let spool = settings.recorder.spool_dir.clone();
-    let n = crate::agent::replay(settings, packets.into_iter())?;
+    let n = crate::agent::replay(settings, packets)?;
     eprintln!(
         "replayed {n} packets from {}; records in {}",
         args.pcap.display(),
@@ -365,6 +368,27 @@ fn keygen(args: KeygenArgs) -> Result<ExitCode> {
         hex::encode(key.verifying_key().to_bytes())
     );
     Ok(ExitCode::SUCCESS)
+}
+
+fn reload(args: ReloadArgs) -> Result<ExitCode> {
+    use crate::reload::ReloadError;
+    match crate::reload::reload(args.pid, args.timeout) {
+        Ok(status) => {
+            eprintln!(
+                "reload applied (generation {}): {}",
+                status.generation, status.message
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(err @ (ReloadError::NoRuntimeDirectory | ReloadError::Signal { .. })) => {
+            conduit_ops::logging::print_error(&format!("conduit-sensor reload: {err}"));
+            Ok(ExitCode::from(EXIT_USAGE))
+        }
+        Err(err) => {
+            conduit_ops::logging::print_error(&format!("conduit-sensor reload: {err}"));
+            Ok(ExitCode::from(EXIT_CHAIN_BROKEN))
+        }
+    }
 }
 
 fn schema() -> Result<ExitCode> {

@@ -2,7 +2,7 @@
 //! QUIC Initials (decryption, CRYPTO reassembly), parsed for SNI, ALPN, version,
 //! ECH and JA4. Bounded in memory and time by the tables' limits.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sensor_common::{FlowKey, PayloadEvent};
 
@@ -13,6 +13,11 @@ use crate::{
         reassembly::{Limits, Push, ReassemblyTable},
     },
 };
+
+/// How long a flow's classification may take: an incomplete ClientHello is given
+/// up after it, a `flow_start` waits for it at most this long, and a stopping agent
+/// stays attached at most this long to finish what is pending.
+pub const CLASSIFICATION_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Outcome of feeding one payload event.
 #[derive(Debug)]
@@ -35,9 +40,13 @@ pub struct Completion {
 
 impl Default for Completion {
     fn default() -> Self {
+        let limits = || Limits {
+            timeout: CLASSIFICATION_DEADLINE,
+            ..Limits::default()
+        };
         Completion {
-            tcp: ReassemblyTable::new(Limits::default()),
-            quic: QuicInitialTable::new(Limits::default()),
+            tcp: ReassemblyTable::new(limits()),
+            quic: QuicInitialTable::new(limits()),
         }
     }
 }
@@ -69,6 +78,11 @@ impl Completion {
             Push::NotTls | Push::Failed(_) => Completed::NotTls,
             Push::Limit => Completed::Limit,
         }
+    }
+
+    /// ClientHellos still being reassembled or decrypted.
+    pub fn pending(&self) -> usize {
+        self.tcp.len() + self.quic.len()
     }
 
     /// Drops entries past their time bound; returns how many gave up.

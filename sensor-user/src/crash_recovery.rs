@@ -5,7 +5,7 @@
 
 use std::{collections::HashMap, path::Path};
 
-use conduit_evidence::spool::{ReadError, SpoolReader};
+use conduit_evidence::spool::ReadError;
 use conduit_proto::v1::{FlowEndReason, Record, RecordKind, record::Body};
 use prost::Message as _;
 
@@ -23,13 +23,14 @@ pub struct SpoolFlows {
 pub fn spool_flows(dir: &Path) -> Result<SpoolFlows, ReadError> {
     let mut open: HashMap<u64, Record> = HashMap::new();
     let mut max_flow_id = 0;
-    let mut reader = SpoolReader::all(dir);
-    while let Some(frame) = reader.next_frame()? {
+    // Past damage (a deleted or cut middle segment, reported by the recorder as a
+    // `spool_gap` loss): the flows on either side still get closed.
+    conduit_evidence::spool::damage::read_past_damage(dir, |frame| {
         let Ok(record) = Record::decode(frame.record_bytes.as_slice()) else {
-            continue;
+            return;
         };
         let Some(Body::Flow(flow)) = &record.body else {
-            continue;
+            return;
         };
         let id = flow.flow_id;
         max_flow_id = max_flow_id.max(id);
@@ -42,7 +43,7 @@ pub fn spool_flows(dir: &Path) -> Result<SpoolFlows, ReadError> {
             }
             _ => {}
         }
-    }
+    })?;
     let mut open: Vec<(u64, Record)> = open.into_iter().collect();
     open.sort_by_key(|(id, _)| *id);
     Ok(SpoolFlows {

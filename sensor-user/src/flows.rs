@@ -4,10 +4,12 @@
 //! Pure logic over `(FlowKey, FlowStats)` snapshots, so it is tested without a kernel.
 //! Times are `CLOCK_BOOTTIME` nanoseconds, the kernel's `bpf_ktime_get_boot_ns`.
 
-use std::{collections::HashMap, time::Duration};
+use std::{hash::BuildHasher as _, time::Duration};
 
 use conduit_proto::v1::{FlowEndReason, RecordKind, Verdict};
-use sensor_common::{FLOW_TABLE_SIZE, FlowKey, FlowStats, flow_state};
+use sensor_common::{FLOW_TABLE_SIZE, FlowKey, FlowStats, flow_state, sni_state};
+
+use crate::completion::CLASSIFICATION_DEADLINE;
 
 /// Default bound of the tracker: as many flows as the default kernel table holds.
 pub const DEFAULT_TRACKED_FLOWS: u32 = FLOW_TABLE_SIZE;
@@ -19,13 +21,16 @@ pub struct TrackerOptions {
     pub idle_timeout: Duration,
     /// A long flow gets a `flow_update` this often (IPFIX active timeout).
     pub active_timeout: Duration,
-    /// After FIN from both sides or a RST, wait this long for the last ACKs before
-    /// the `flow_end` (so its totals include them).
+    /// After FIN from both sides or a RST, end the flow once it has had no packet
+    /// for this long (its totals then include the last ACKs).
     pub end_grace: Duration,
     /// Record flows that match no AI endpoint too.
     pub record_all: bool,
     /// Most flows tracked at once; new flows beyond are counted, not tracked.
     pub max_flows: usize,
+    /// A flow's `flow_start` waits for its classification at most this long after
+    /// its first packet; then it is written with what is known.
+    pub classification_deadline: Duration,
 }
 
 impl Default for TrackerOptions {
@@ -36,6 +41,7 @@ impl Default for TrackerOptions {
             end_grace: Duration::from_secs(2),
             record_all: false,
             max_flows: DEFAULT_TRACKED_FLOWS as usize,
+            classification_deadline: CLASSIFICATION_DEADLINE,
         }
     }
 }
@@ -89,24 +95,161 @@ pub struct Sweep {
     pub evicted: u64,
     /// Flows that ended without ever being recorded (not AI traffic).
     pub unrecorded_ended: u64,
+    /// Unannounced flows this walk found in the table but could not track (the
+    /// tracker was full): neither recovered nor gone yet, so not yet lost.
+    pub unannounced_pending: u64,
+    /// Their keys, so a walk that meets one twice counts it once.
+    pending: std::collections::HashSet<FlowKey>,
 }
 
+/// What the tracker keeps of a flow's kernel entry: what its records carry (the
+/// classification fields live in [`Classification`]). 56 bytes instead of 96.
+#[derive(Clone, Copy, Debug, Default)]
+struct Held {
+    first_seen_ns: u64,
+    last_seen_ns: u64,
+    packets: [u64; 2],
+    bytes: [u64; 2],
+    ifindex: u32,
+    tcp_flags: [u8; 2],
+    initiator_is_lo: u8,
+    state: u8,
+}
+
+impl Held {
+    fn of(s: &FlowStats) -> Held {
+        Held {
+            first_seen_ns: s.first_seen_ns,
+            last_seen_ns: s.last_seen_ns,
+            packets: s.packets,
+            bytes: s.bytes,
+            ifindex: s.ifindex,
+            tcp_flags: s.tcp_flags,
+            initiator_is_lo: s.initiator_is_lo,
+            state: s.state,
+        }
+    }
+
+    fn stats(&self) -> FlowStats {
+        FlowStats {
+            first_seen_ns: self.first_seen_ns,
+            last_seen_ns: self.last_seen_ns,
+            packets: self.packets,
+            bytes: self.bytes,
+            ifindex: self.ifindex,
+            tcp_flags: self.tcp_flags,
+            initiator_is_lo: self.initiator_is_lo,
+            state: self.state,
+            ..FlowStats::default()
+        }
+    }
+
+    /// Counters only grow; a snapshot read while packets arrive may be older than
+    /// the one already held, so keep the larger of each.
+    fn merge(&mut self, new: &FlowStats) {
+        for d in 0..2 {
+            self.packets[d] = self.packets[d].max(new.packets[d]);
+            self.bytes[d] = self.bytes[d].max(new.bytes[d]);
+            self.tcp_flags[d] |= new.tcp_flags[d];
+        }
+        self.last_seen_ns = self.last_seen_ns.max(new.last_seen_ns);
+        self.state |= new.state;
+        if self.first_seen_ns == 0 {
+            self.first_seen_ns = new.first_seen_ns;
+        }
+        self.ifindex = new.ifindex;
+        self.initiator_is_lo = new.initiator_is_lo;
+    }
+}
+
+/// One live flow: 128 bytes, boxed, so the table's buckets are one pointer each.
 #[derive(Debug)]
 struct Tracked {
+    key: FlowKey,
     flow_id: u64,
-    recorded: bool,
     last_report_ns: u64,
-    end_since_ns: Option<u64>,
-    stats: FlowStats,
+    held: Held,
     /// Boxed: most flows have none, and the tracker holds every live flow.
     class: Option<Box<Classification>>,
     /// The last sweep that saw the flow in the kernel table.
     seen: u32,
+    recorded: bool,
+    /// The agent finished classifying the flow (ClientHello parsed, or not TLS).
+    class_final: bool,
 }
 
 impl Tracked {
     fn is_ai(&self) -> bool {
         self.class.as_ref().is_some_and(|c| c.is_ai())
+    }
+}
+
+/// The live flows by key. A table of boxes whose entries hold their own key: at
+/// 120,000 flows its 262,144 buckets take 2 MiB (48 bytes each with a separate
+/// key and pointer), and a resize copies pointers only.
+#[derive(Default)]
+struct FlowTable {
+    table: hashbrown::HashTable<Box<Tracked>>,
+    hasher: hashbrown::DefaultHashBuilder,
+}
+
+impl std::fmt::Debug for FlowTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlowTable")
+            .field("len", &self.table.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl FlowTable {
+    fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    fn get(&self, key: &FlowKey) -> Option<&Tracked> {
+        let hash = self.hasher.hash_one(key);
+        self.table.find(hash, |t| t.key == *key).map(|t| &**t)
+    }
+
+    fn get_mut(&mut self, key: &FlowKey) -> Option<&mut Tracked> {
+        let hash = self.hasher.hash_one(key);
+        self.table
+            .find_mut(hash, |t| t.key == *key)
+            .map(|t| &mut **t)
+    }
+
+    fn contains(&self, key: &FlowKey) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// Inserts a flow that is not in the table.
+    fn insert_new(&mut self, t: Box<Tracked>) -> &mut Tracked {
+        let Self { table, hasher } = self;
+        let hash = hasher.hash_one(t.key);
+        table
+            .insert_unique(hash, t, |t| hasher.hash_one(t.key))
+            .into_mut()
+    }
+
+    fn remove(&mut self, key: &FlowKey) -> Option<Box<Tracked>> {
+        let hash = self.hasher.hash_one(key);
+        match self.table.find_entry(hash, |t| t.key == *key) {
+            Ok(entry) => Some(entry.remove().0),
+            Err(_) => None,
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Tracked> {
+        self.table.iter().map(|t| &**t)
+    }
+
+    /// Every flow, leaving the table empty (and its memory freed). The boxes stay
+    /// boxed: a drain moves pointers, not every entry.
+    #[allow(clippy::vec_box)]
+    fn take_all(&mut self) -> Vec<Box<Tracked>> {
+        let all = self.table.drain().collect();
+        self.table = hashbrown::HashTable::new();
+        all
     }
 }
 
@@ -116,8 +259,7 @@ pub struct FlowTracker {
     opts: TrackerOptions,
     /// With no conduit map every flow is recorded (foundation behaviour).
     policy_loaded: bool,
-    /// Boxed values: the table's buckets stay small (it is sized in powers of two).
-    flows: HashMap<FlowKey, Box<Tracked>>,
+    flows: FlowTable,
     next_flow_id: u64,
     /// Number of the current sweep; a tracked flow a sweep did not see is gone.
     epoch: u32,
@@ -132,7 +274,7 @@ impl FlowTracker {
         FlowTracker {
             opts,
             policy_loaded,
-            flows: HashMap::new(),
+            flows: FlowTable::default(),
             // Flow ids are unique within a spool: a restart continues after the highest
             // stored one (`continue_ids_after`).
             next_flow_id: 1,
@@ -147,6 +289,12 @@ impl FlowTracker {
         self.next_flow_id = self.next_flow_id.max(max + 1);
     }
 
+    /// `replay` at the end of its capture: no later packet can come, so flows that
+    /// ended (FIN from both sides, RST) end now, without the grace for late ACKs.
+    pub fn capture_over(&mut self) {
+        self.opts.end_grace = Duration::ZERO;
+    }
+
     pub fn set_policy_loaded(&mut self, loaded: bool) {
         self.policy_loaded = loaded;
     }
@@ -157,12 +305,18 @@ impl FlowTracker {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.flows.is_empty()
+        self.flows.len() == 0
     }
 
     /// New flows refused because the tracker was full, since the start.
     pub fn refused(&self) -> u64 {
         self.refused
+    }
+
+    /// Counts `n` flows as refused: unannounced flows the full tracker could not
+    /// take before the drain's last walk.
+    pub fn refuse(&mut self, n: u64) {
+        self.refused += n;
     }
 
     /// Unannounced flows found in the table, since the start.
@@ -176,39 +330,33 @@ impl FlowTracker {
 
     /// The flow's entry, created if there is room.
     fn track(&mut self, key: FlowKey, stats: FlowStats, now_ns: u64) -> Option<&mut Tracked> {
-        if !self.flows.contains_key(&key) && self.flows.len() >= self.opts.max_flows {
+        if self.flows.contains(&key) {
+            return self.flows.get_mut(&key);
+        }
+        if self.flows.len() >= self.opts.max_flows {
             return None;
         }
-        let next_id = &mut self.next_flow_id;
-        let seen = self.epoch;
-        Some(self.flows.entry(key).or_insert_with(|| {
-            let flow_id = *next_id;
-            *next_id += 1;
-            Box::new(Tracked {
-                flow_id,
-                recorded: false,
-                last_report_ns: now_ns,
-                end_since_ns: None,
-                stats,
-                class: None,
-                seen,
-            })
-        }))
+        let flow_id = self.next_flow_id;
+        self.next_flow_id += 1;
+        Some(self.flows.insert_new(Box::new(Tracked {
+            key,
+            flow_id,
+            last_report_ns: now_ns,
+            held: Held::of(&stats),
+            class: None,
+            seen: self.epoch,
+            recorded: false,
+            class_final: false,
+        })))
     }
 
-    /// A new flow reported by the kernel. Returns its `flow_start` if it is recorded
-    /// right away (no conduit map, or `--record-all`). Past the bound the flow is
-    /// counted as refused and never tracked.
-    pub fn on_new(&mut self, key: FlowKey, stats: FlowStats, now_ns: u64) -> Option<FlowOut> {
-        let recordable = self.recordable(None);
-        let Some(t) = self.track(key, stats, now_ns) else {
+    /// A new flow reported by the kernel. Its `flow_start` waits for the
+    /// classification (or its deadline), so it carries the verdict. Past the bound
+    /// the flow is counted as refused and never tracked.
+    pub fn on_new(&mut self, key: FlowKey, stats: FlowStats, now_ns: u64) {
+        if self.track(key, stats, now_ns).is_none() {
             self.refused += 1;
-            return None;
-        };
-        if t.recorded || !recordable {
-            return None;
         }
-        Some(start(t, key))
     }
 
     /// Classification finished (kernel or agent). Returns the `flow_start` if this
@@ -222,7 +370,7 @@ impl FlowTracker {
         class: Classification,
         now_ns: u64,
     ) -> Option<FlowOut> {
-        let known = self.flows.contains_key(&key);
+        let known = self.flows.contains(&key);
         let unannounced = stats.state & flow_state::UNANNOUNCED != 0;
         if !known && !unannounced {
             return None;
@@ -235,12 +383,32 @@ impl FlowTracker {
             self.recovered += 1;
         }
         let t = self.track(key, stats, now_ns)?;
-        t.class = Some(Box::new(class));
-        merge_stats(&mut t.stats, &stats);
-        if t.recorded || !recordable {
+        t.held.merge(&stats);
+        t.class_final = true;
+        // One verdict, decided once: a flow_start already written keeps its
+        // classification (a ClientHello completed past the deadline).
+        if t.recorded {
             return None;
         }
-        Some(start(t, key))
+        t.class = Some(Box::new(class));
+        if !recordable {
+            return None;
+        }
+        Some(start(t))
+    }
+
+    /// The agent found the flow is not TLS/QUIC (or gave up): its classification is
+    /// final as the kernel has it. Returns the `flow_start` if it is recorded.
+    pub fn on_unclassified(&mut self, key: FlowKey, stats: FlowStats) -> Option<FlowOut> {
+        let policy_loaded = self.policy_loaded;
+        let record_all = self.opts.record_all;
+        let t = self.flows.get_mut(&key)?;
+        t.held.merge(&stats);
+        t.class_final = true;
+        if t.recorded || !(!policy_loaded || record_all || t.is_ai()) {
+            return None;
+        }
+        Some(start(t))
     }
 
     /// Current classification of a flow, if tracked.
@@ -287,6 +455,7 @@ impl FlowTracker {
         kernel_class: &dyn Fn(&FlowKey, &FlowStats) -> Option<Classification>,
     ) {
         let now_ns = sweep.now_ns;
+        let deadline = nanos(self.opts.classification_deadline);
         let idle = nanos(self.opts.idle_timeout);
         let active = nanos(self.opts.active_timeout);
         let grace = nanos(self.opts.end_grace);
@@ -296,12 +465,15 @@ impl FlowTracker {
         // Only flows the kernel could not announce are picked up here: any other
         // untracked flow was refused (counted) or its announcement is still in the
         // ring buffer.
-        let known = self.flows.contains_key(key);
+        let known = self.flows.contains(key);
         if !known && stats.state & flow_state::UNANNOUNCED == 0 {
             return;
         }
         if !known {
             if self.flows.len() >= self.opts.max_flows {
+                if sweep.pending.insert(*key) {
+                    sweep.unannounced_pending += 1;
+                }
                 return;
             }
             self.recovered += 1;
@@ -310,70 +482,99 @@ impl FlowTracker {
             return;
         };
         t.seen = epoch;
-        merge_stats(&mut t.stats, stats);
-        if !t.is_ai()
+        t.held.merge(stats);
+        // The kernel's classification stands when the agent has none of its own
+        // and no flow_start fixed it yet.
+        if !t.recorded
+            && !t.class_final
             && let Some(class) = kernel_class(key, stats)
         {
             t.class = Some(Box::new(class));
         }
         let recordable = !policy_loaded || record_all || t.is_ai();
-        if !t.recorded && recordable {
-            sweep.out.push(start(t, *key));
-        }
+        // Classification is over when the agent finished it, the kernel marked it
+        // done (not TLS/QUIC, or the agent's result merged), or its deadline passed.
+        let classified = t.class_final
+            || stats.sni_state == sni_state::DONE
+            || now_ns.saturating_sub(t.held.first_seen_ns) >= deadline;
 
         let ended = stats.state & (flow_state::RST) != 0
             || stats.state & (flow_state::FIN_FORWARD | flow_state::FIN_REVERSE)
                 == (flow_state::FIN_FORWARD | flow_state::FIN_REVERSE);
         let reason = if ended {
-            let since = *t.end_since_ns.get_or_insert(now_ns);
-            (now_ns.saturating_sub(since) >= grace).then_some(FlowEndReason::EndOfFlow)
+            (now_ns.saturating_sub(t.held.last_seen_ns) >= grace)
+                .then_some(FlowEndReason::EndOfFlow)
         } else if now_ns.saturating_sub(stats.last_seen_ns) >= idle {
             Some(FlowEndReason::IdleTimeout)
         } else {
             None
         };
+        if !t.recorded && recordable && (classified || reason.is_some()) {
+            sweep.out.push(start(t));
+        }
 
         if let Some(reason) = reason {
             sweep.remove.push(*key);
             if let Some(t) = self.flows.remove(key) {
                 if t.recorded {
-                    sweep.out.push(out(&t, *key, RecordKind::FlowEnd, reason));
+                    sweep.out.push(out(&t, RecordKind::FlowEnd, reason));
                 } else {
                     sweep.unrecorded_ended += 1;
                 }
             }
         } else if t.recorded && now_ns.saturating_sub(t.last_report_ns) >= active {
             t.last_report_ns = now_ns;
-            sweep.out.push(out(
-                t,
-                *key,
-                RecordKind::FlowUpdate,
-                FlowEndReason::Unspecified,
-            ));
+            sweep
+                .out
+                .push(out(t, RecordKind::FlowUpdate, FlowEndReason::Unspecified));
         }
     }
 
     /// Ends the walk. Tracked flows are in the kernel table before the walk started
     /// (their announcement was read first), so any the walk did not see are gone:
     /// the LRU evicted them.
+    ///
+    /// Why the walk misses no entry that is in the table throughout, even while the
+    /// LRU evicts: it steps with `BPF_MAP_GET_NEXT_KEY` from the last key it read.
+    /// The kernel finds that key again by lookup and continues after it in its
+    /// bucket, then in the following buckets; when the key is gone (evicted or
+    /// deleted meanwhile) it starts again from the first bucket. Deleting other
+    /// entries does not unlink the ones still there, and entries never move between
+    /// buckets, so every entry present from the walk's start to its end is
+    /// returned at least once (a restart returns some twice, which `seen` and
+    /// `pending` absorb). A key read whose value is gone by the lookup is skipped:
+    /// that flow was evicted and is handled as above. Entries inserted during the
+    /// walk may be missed; they are new, announced through the ring buffer (then
+    /// tracked, and swept next time) or marked UNANNOUNCED (counted by the kernel
+    /// before the snapshot of the next walk, which sees them or counts them lost).
+    /// So each flow ends up recorded (tracked flows get a `flow_start` at the
+    /// latest with their `flow_end`) or counted once: refused by the tracker,
+    /// unrecorded by policy, or lost unannounced. One gap remains: a flow key that
+    /// the LRU evicts and the same five-tuple then re-creates before a sweep noticed
+    /// the eviction continues the tracked flow (one record, counters of the first
+    /// incarnation kept by the max-merge); only a full table evicts, and the loss
+    /// there is counted as `flow_table_eviction`.
     pub fn end_sweep(&mut self, sweep: &mut Sweep) {
         let epoch = self.epoch;
         let gone: Vec<FlowKey> = self
             .flows
             .iter()
-            .filter(|(_, t)| t.seen != epoch)
-            .map(|(k, _)| *k)
+            .filter(|t| t.seen != epoch)
+            .map(|t| t.key)
             .collect();
+        let (policy_loaded, record_all) = (self.policy_loaded, self.opts.record_all);
         for key in gone {
-            if let Some(t) = self.flows.remove(&key) {
+            if let Some(mut t) = self.flows.remove(&key) {
+                // A recordable flow still waiting for its classification gets its
+                // flow_start now: it has records, like every evicted recorded flow.
+                if !t.recorded && (!policy_loaded || record_all || t.is_ai()) {
+                    sweep.out.push(start(&mut t));
+                }
                 if t.recorded {
                     sweep.evicted += 1;
-                    sweep.out.push(out(
-                        &t,
-                        key,
-                        RecordKind::FlowEnd,
-                        FlowEndReason::LackOfResources,
-                    ));
+                    sweep
+                        .out
+                        .push(out(&t, RecordKind::FlowEnd, FlowEndReason::LackOfResources));
                 } else {
                     sweep.unrecorded_ended += 1;
                 }
@@ -384,29 +585,26 @@ impl FlowTracker {
     /// Takes the latest totals of a flow (final snapshot before a drain).
     pub fn update_stats(&mut self, key: &FlowKey, stats: &FlowStats) {
         if let Some(t) = self.flows.get_mut(key) {
-            merge_stats(&mut t.stats, stats);
+            t.held.merge(stats);
         }
     }
 
-    /// Keys of the recorded flows in the order they started; every flow leaves the
-    /// tracker. With [`FlowTracker::force_end`], ends them one at a time, so a drain
-    /// holds no copy of every record.
-    pub fn drain_keys(&mut self) -> Vec<(u64, FlowKey)> {
-        let mut keys: Vec<(u64, FlowKey)> = self
-            .flows
-            .iter()
-            .filter(|(_, t)| t.recorded)
-            .map(|(k, t)| (t.flow_id, *k))
+    /// Takes every flow out of the tracker: those that are recorded (or
+    /// recordable, still waiting for their classification) in flow id order, and
+    /// the number that leave unrecorded (not AI traffic). [`Drained::close`] then
+    /// ends them one at a time, so a drain holds no copy of every record.
+    pub fn drain_all(&mut self) -> (Vec<Drained>, u64) {
+        let (policy_loaded, record_all) = (self.policy_loaded, self.opts.record_all);
+        let all = self.flows.take_all();
+        let before = all.len();
+        let mut keep: Vec<Drained> = all
+            .into_iter()
+            .filter(|t| t.recorded || !policy_loaded || record_all || t.is_ai())
+            .map(Drained)
             .collect();
-        keys.sort_unstable();
-        self.flows.retain(|_, t| t.recorded);
-        keys
-    }
-
-    /// The `flow_end` (`forced`) of a flow from [`FlowTracker::drain_keys`].
-    pub fn force_end(&mut self, key: &FlowKey) -> Option<FlowOut> {
-        let t = self.flows.remove(key)?;
-        Some(out(&t, *key, RecordKind::FlowEnd, FlowEndReason::ForcedEnd))
+        keep.sort_unstable_by_key(|d| d.0.flow_id);
+        let unrecorded = (before - keep.len()) as u64;
+        (keep, unrecorded)
     }
 
     /// Ends every recorded flow (`forced`), e.g. on shutdown, with the totals of the
@@ -415,41 +613,42 @@ impl FlowTracker {
         for (key, stats) in entries {
             self.update_stats(key, stats);
         }
-        let keys = self.drain_keys();
-        keys.iter().filter_map(|(_, k)| self.force_end(k)).collect()
+        let (flows, _) = self.drain_all();
+        flows.into_iter().flat_map(Drained::close).collect()
     }
 }
 
-fn start(t: &mut Tracked, key: FlowKey) -> FlowOut {
-    t.recorded = true;
-    out(t, key, RecordKind::FlowStart, FlowEndReason::Unspecified)
+/// A flow taken out of the tracker by [`FlowTracker::drain_all`].
+#[derive(Debug)]
+pub struct Drained(Box<Tracked>);
+
+impl Drained {
+    /// Its `flow_start` if it was still waiting for its classification, then its
+    /// `flow_end` (`forced`).
+    pub fn close(self) -> Vec<FlowOut> {
+        let mut t = self.0;
+        let mut outs = Vec::with_capacity(2);
+        if !t.recorded {
+            outs.push(start(&mut t));
+        }
+        outs.push(out(&t, RecordKind::FlowEnd, FlowEndReason::ForcedEnd));
+        outs
+    }
 }
 
-fn out(t: &Tracked, key: FlowKey, kind: RecordKind, end_reason: FlowEndReason) -> FlowOut {
+fn start(t: &mut Tracked) -> FlowOut {
+    t.recorded = true;
+    out(t, RecordKind::FlowStart, FlowEndReason::Unspecified)
+}
+
+fn out(t: &Tracked, kind: RecordKind, end_reason: FlowEndReason) -> FlowOut {
     FlowOut {
         kind,
         flow_id: t.flow_id,
-        key,
-        stats: t.stats,
+        key: t.key,
+        stats: t.held.stats(),
         class: t.class.as_deref().cloned().unwrap_or_default(),
         end_reason,
-    }
-}
-
-/// Counters only grow; a snapshot read while packets arrive may be older than the
-/// one already held, so keep the larger of each.
-fn merge_stats(held: &mut FlowStats, new: &FlowStats) {
-    let older = *held;
-    *held = *new;
-    for d in 0..2 {
-        held.packets[d] = older.packets[d].max(new.packets[d]);
-        held.bytes[d] = older.bytes[d].max(new.bytes[d]);
-        held.tcp_flags[d] = older.tcp_flags[d] | new.tcp_flags[d];
-    }
-    held.last_seen_ns = older.last_seen_ns.max(new.last_seen_ns);
-    held.state |= older.state;
-    if held.first_seen_ns == 0 {
-        held.first_seen_ns = older.first_seen_ns;
     }
 }
 
@@ -507,17 +706,29 @@ mod tests {
             end_grace: Duration::from_secs(2),
             record_all: false,
             max_flows: DEFAULT_TRACKED_FLOWS as usize,
+            classification_deadline: Duration::from_secs(3),
         }
+    }
+
+    #[test]
+    fn a_tracked_flow_stays_small() {
+        // The RSS budget (README, Limits): 128 bytes per entry plus its bucket.
+        assert_eq!(size_of::<Tracked>(), 128);
     }
 
     #[test]
     fn without_policy_every_flow_starts_updates_and_ends_idle() {
         let mut tr = FlowTracker::new(opts(), false);
-        let start = tr.on_new(key(1), stats(S, 1, 0), S);
-        assert_eq!(start.map(|o| o.kind), Some(RecordKind::FlowStart));
+        tr.on_new(key(1), stats(S, 1, 0), S);
 
-        let sw = tr.sweep(5 * S, &[(key(1), stats(4 * S, 3, 0))], &none);
+        // Not classified yet, and within the deadline: no flow_start yet.
+        let sw = tr.sweep(2 * S, &[(key(1), stats(2 * S, 2, 0))], &none);
         assert!(sw.out.is_empty() && sw.remove.is_empty());
+        // Past the deadline the flow_start is written with what is known.
+        let sw = tr.sweep(5 * S, &[(key(1), stats(4 * S, 3, 0))], &none);
+        assert_eq!(sw.out.len(), 1);
+        assert_eq!(sw.out[0].kind, RecordKind::FlowStart);
+        assert!(sw.remove.is_empty());
 
         let sw = tr.sweep(62 * S, &[(key(1), stats(61 * S, 9, 0))], &none);
         assert_eq!(sw.out.len(), 1);
@@ -542,14 +753,77 @@ mod tests {
                 .is_empty()
         );
         let sw = tr.sweep(5 * S, &[(key(2), stats(3 * S, 6, fin))], &none);
-        assert_eq!(sw.out[0].end_reason, FlowEndReason::EndOfFlow);
-        assert_eq!(sw.out[0].stats.packets, [6, 6]);
+        // Ended before its classification deadline: flow_start, then flow_end.
+        assert_eq!(sw.out[0].kind, RecordKind::FlowStart);
+        assert_eq!(sw.out[1].end_reason, FlowEndReason::EndOfFlow);
+        assert_eq!(sw.out[1].stats.packets, [6, 6]);
+    }
+
+    #[test]
+    fn flow_start_waits_for_the_classification_and_carries_it() {
+        let mut tr = FlowTracker::new(
+            TrackerOptions {
+                record_all: true,
+                ..opts()
+            },
+            true,
+        );
+        tr.on_new(key(8), stats(S, 1, 0), S);
+        // The ClientHello is still being reassembled: nothing written at the sweep.
+        let mut pending = stats(S, 2, 0);
+        pending.sni_state = sni_state::PENDING;
+        assert!(tr.sweep(2 * S, &[(key(8), pending)], &none).out.is_empty());
+        let class = Classification {
+            verdict: Verdict::Authorized,
+            server_name: Some("api.openai.com".into()),
+            ..Classification::default()
+        };
+        let start = tr.on_classified(key(8), pending, class.clone(), 2 * S);
+        assert_eq!(start.map(|o| o.class), Some(class.clone()));
+        // Decided once: nothing later changes it.
+        let other = Classification {
+            verdict: Verdict::Violation,
+            ..Classification::default()
+        };
+        assert!(tr.on_classified(key(8), pending, other, 3 * S).is_none());
+        assert_eq!(tr.classification(&key(8)), Some(&class));
+
+        // A flow the kernel classified on its own (not TLS: done) starts at the sweep.
+        tr.on_new(key(9), stats(S, 1, 0), S);
+        let mut done = stats(S, 1, 0);
+        done.sni_state = sni_state::DONE;
+        let sw = tr.sweep(2 * S, &[(key(8), pending), (key(9), done)], &none);
+        assert_eq!(sw.out.len(), 1);
+        assert_eq!(sw.out[0].key, key(9));
+        assert_eq!(sw.out[0].kind, RecordKind::FlowStart);
+
+        // The agent found no TLS: the flow_start is written at once.
+        tr.on_new(key(10), stats(S, 1, 0), S);
+        let out = tr.on_unclassified(key(10), stats(S, 1, 0));
+        assert_eq!(out.map(|o| o.kind), Some(RecordKind::FlowStart));
+    }
+
+    #[test]
+    fn a_flow_waiting_for_its_classification_is_closed_with_both_records() {
+        let mut tr = FlowTracker::new(opts(), false);
+        // Evicted before its classification finished: flow_start + flow_end.
+        tr.on_new(key(11), stats(S, 1, 0), S);
+        let sw = tr.sweep(2 * S, &[], &none);
+        let kinds: Vec<_> = sw.out.iter().map(|o| o.kind).collect();
+        assert_eq!(kinds, [RecordKind::FlowStart, RecordKind::FlowEnd]);
+        assert_eq!(sw.evicted, 1);
+        // Drained before its classification finished: flow_start + forced end.
+        tr.on_new(key(12), stats(S, 1, 0), S);
+        let out = tr.drain(&[(key(12), stats(S, 2, 0))]);
+        let kinds: Vec<_> = out.iter().map(|o| o.kind).collect();
+        assert_eq!(kinds, [RecordKind::FlowStart, RecordKind::FlowEnd]);
+        assert_eq!(out[1].end_reason, FlowEndReason::ForcedEnd);
     }
 
     #[test]
     fn with_policy_only_ai_flows_are_recorded() {
         let mut tr = FlowTracker::new(opts(), true);
-        assert!(tr.on_new(key(3), stats(S, 1, 0), S).is_none());
+        tr.on_new(key(3), stats(S, 1, 0), S);
         let class = Classification {
             verdict: Verdict::Violation,
             server_name: Some("api.openai.com".into()),
@@ -575,8 +849,9 @@ mod tests {
         tr.sweep(2 * S, &[(key(5), stats(2 * S, 4, 0))], &none);
         let sw = tr.sweep(3 * S, &[], &none);
         assert_eq!(sw.evicted, 1);
-        assert_eq!(sw.out[0].end_reason, FlowEndReason::LackOfResources);
-        assert_eq!(sw.out[0].stats.packets, [4, 4]);
+        let end = sw.out.last().expect("a flow_end");
+        assert_eq!(end.end_reason, FlowEndReason::LackOfResources);
+        assert_eq!(end.stats.packets, [4, 4]);
     }
 
     #[test]
@@ -585,7 +860,10 @@ mod tests {
         tr.on_new(key(7), stats(S, 1, 0), S);
         let sw = tr.sweep(2 * S, &[], &none);
         assert_eq!(sw.evicted, 1);
-        assert_eq!(sw.out[0].end_reason, FlowEndReason::LackOfResources);
+        assert_eq!(
+            sw.out.last().map(|o| o.end_reason),
+            Some(FlowEndReason::LackOfResources)
+        );
         assert!(tr.is_empty());
     }
 
@@ -613,11 +891,37 @@ mod tests {
     fn unannounced_flow_is_recovered_once() {
         let mut tr = FlowTracker::new(opts(), false);
         let lost = stats(S, 1, flow_state::UNANNOUNCED);
-        let sw = tr.sweep(2 * S, &[(key(20), lost)], &none);
+        let sw = tr.sweep(5 * S, &[(key(20), lost)], &none);
         assert_eq!(sw.out[0].kind, RecordKind::FlowStart);
-        let sw = tr.sweep(3 * S, &[(key(20), lost)], &none);
+        let sw = tr.sweep(6 * S, &[(key(20), lost)], &none);
         assert!(sw.out.is_empty());
         assert_eq!(tr.recovered(), 1);
+    }
+
+    #[test]
+    fn an_unannounced_flow_the_full_tracker_cannot_take_is_pending_not_lost() {
+        let mut tr = FlowTracker::new(
+            TrackerOptions {
+                max_flows: 1,
+                ..opts()
+            },
+            false,
+        );
+        tr.on_new(key(30), stats(S, 1, 0), S);
+        let lost = stats(S, 1, flow_state::UNANNOUNCED);
+        // Met twice in one walk (a restarted walk), counted once.
+        let sw = tr.sweep(
+            2 * S,
+            &[(key(30), stats(S, 1, 0)), (key(31), lost), (key(31), lost)],
+            &none,
+        );
+        assert_eq!((sw.unannounced_pending, tr.recovered()), (1, 0));
+        // The tracked flow left the table: this walk frees its room at the end...
+        let sw = tr.sweep(3 * S, &[(key(31), lost)], &none);
+        assert_eq!((sw.unannounced_pending, sw.evicted), (1, 1));
+        // ...and the next walk recovers the pending one.
+        let sw = tr.sweep(4 * S, &[(key(31), lost)], &none);
+        assert_eq!((sw.unannounced_pending, tr.recovered()), (0, 1));
     }
 
     #[test]
@@ -625,8 +929,8 @@ mod tests {
         let mut tr = FlowTracker::new(opts(), false);
         tr.on_new(key(6), stats(S, 1, 0), S);
         let out = tr.drain(&[(key(6), stats(2 * S, 7, 0))]);
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].end_reason, FlowEndReason::ForcedEnd);
-        assert_eq!(out[0].stats.packets, [7, 7]);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1].end_reason, FlowEndReason::ForcedEnd);
+        assert_eq!(out[1].stats.packets, [7, 7]);
     }
 }

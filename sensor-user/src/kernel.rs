@@ -100,6 +100,8 @@ pub enum KernelError {
         #[source]
         source: ProgramError,
     },
+    #[error("map {0}: injected failure (test hook, `inject_policy_write_failure`)")]
+    Injected(&'static str),
     #[error("adding clsact qdisc to {name}: {source}")]
     Clsact {
         name: String,
@@ -360,6 +362,12 @@ impl BootClock {
     }
 }
 
+/// The packet index a timestamp written after [`Kernel::stamp_replay_packet`]
+/// carries.
+pub fn replay_stamp_index(stamp_ns: u64) -> u32 {
+    (stamp_ns >> 32) as u32
+}
+
 fn boot_offset_ns() -> u64 {
     (clock_ns(libc::CLOCK_BOOTTIME) - clock_ns(libc::CLOCK_MONOTONIC)).max(0) as u64
 }
@@ -504,6 +512,17 @@ impl Kernel {
     /// the kernel's flow timestamps.
     pub fn refresh_clock(&mut self) -> Result<()> {
         self.config.boot_offset_ns = boot_offset_ns();
+        self.write_config()
+    }
+
+    /// For `replay`: the flow timestamps of the next test runs carry `index` in
+    /// their upper 32 bits (see [`replay_stamp_index`]), so the agent can give them
+    /// the capture time of packet `index`. The kernel stamps with the coarse
+    /// monotonic clock plus the configured offset; the clock moves by far less than
+    /// 2^32 ns (4.3 s) during one test run.
+    pub fn stamp_replay_packet(&mut self, index: u32) -> Result<()> {
+        let coarse = clock_ns(libc::CLOCK_MONOTONIC_COARSE) as u64;
+        self.config.boot_offset_ns = (u64::from(index) << 32).wrapping_sub(coarse);
         self.write_config()
     }
 
@@ -847,8 +866,10 @@ impl Kernel {
         }
     }
 
-    /// Installs the kernel part of a conduit map. Each map gets its new entries first
-    /// and loses its stale ones afterwards, so lookups never see an empty map.
+    /// Installs the kernel part of a conduit map, whole or not at all: on an error
+    /// every table is back as it was and the error is returned (see
+    /// `write_policy_maps`). Within a table new entries go in before stale ones
+    /// leave unless both together exceed it.
     pub fn install_policy(&mut self, p: &KernelPolicy) -> Result<()> {
         let split = |v: &[CidrEntry]| {
             let mut v4 = Vec::new();
@@ -893,13 +914,17 @@ impl Kernel {
             .iter()
             .map(|c| (Key::new(c.prefix_len, c.key), c.value))
             .collect();
-        replace_lpm(&mut self.ebpf, map_names::ZONES_V4, &z4)?;
-        replace_lpm(&mut self.ebpf, map_names::ZONES_V6, &z6)?;
-        replace_lpm(&mut self.ebpf, map_names::ENDPOINT_NETS_V4, &e4)?;
-        replace_lpm(&mut self.ebpf, map_names::ENDPOINT_NETS_V6, &e6)?;
-        replace_hash(&mut self.ebpf, map_names::SNI_EXACT, &p.sni_exact)?;
-        replace_hash(&mut self.ebpf, map_names::SNI_SUFFIX, &p.sni_suffix)?;
-        replace_lpm(&mut self.ebpf, map_names::CONDUITS, &conduits)?;
+        let entries = PolicyEntries {
+            z4,
+            z6,
+            e4,
+            e6,
+            sni_exact: p.sni_exact.clone(),
+            sni_suffix: p.sni_suffix.clone(),
+            conduits,
+        };
+        write_policy_maps(&mut self.ebpf, &entries)?;
+        // The switches last: only a policy whose tables are all in place gets them.
         self.config.default_action = p.default_action;
         self.config.enforce = p.enforce as u8;
         self.write_config()
@@ -1088,50 +1113,214 @@ fn local_addr(a: IpAddr) -> LocalAddr {
     }
 }
 
-fn replace_lpm<K: aya::Pod + PartialEq, V: aya::Pod>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    entries: &[(Key<K>, V)],
-) -> Result<()> {
-    let mut m: LpmTrie<&mut MapData, K, V> =
-        LpmTrie::try_from(ebpf.map_mut(name).ok_or(KernelError::Missing(name))?)
-            .map_err(map_err(name))?;
-    for (k, v) in entries {
-        m.insert(k, v, 0).map_err(map_err(name))?;
-    }
-    let stale: Vec<Key<K>> = m
-        .keys()
-        .filter_map(|k| k.ok())
-        .filter(|k| {
-            !entries
-                .iter()
-                .any(|(e, _)| e.prefix_len() == k.prefix_len() && e.data() == k.data())
-        })
-        .collect();
-    for k in stale {
-        let _ = m.remove(&k);
+/// The entries of the conduit map's kernel tables, in the order they are written.
+#[derive(Default)]
+struct PolicyEntries {
+    z4: Vec<(Key<ZoneKeyV4>, u16)>,
+    z6: Vec<(Key<ZoneKeyV6>, u16)>,
+    e4: Vec<(Key<[u8; 4]>, u16)>,
+    e6: Vec<(Key<[u8; 16]>, u16)>,
+    sni_exact: Vec<(u64, u16)>,
+    sni_suffix: Vec<(u64, u16)>,
+    conduits: Vec<(Key<ConduitKey>, ConduitValue)>,
+}
+
+/// The policy tables, in write order.
+const POLICY_MAPS: [&str; 7] = [
+    map_names::ZONES_V4,
+    map_names::ZONES_V6,
+    map_names::ENDPOINT_NETS_V4,
+    map_names::ENDPOINT_NETS_V6,
+    map_names::SNI_EXACT,
+    map_names::SNI_SUFFIX,
+    map_names::CONDUITS,
+];
+
+/// Test hook: the next policy writes of this map fail half-way through its entries.
+static FAIL_POLICY_MAP: std::sync::Mutex<Option<&'static str>> = std::sync::Mutex::new(None);
+
+/// **Test only.** Makes every later write of the named policy map (one of
+/// [`map_names`]) fail after half of its entries, as a kernel error half-way through
+/// a reload would; `None` ends it. Rollbacks are not affected.
+#[doc(hidden)]
+pub fn inject_policy_write_failure(map: Option<&'static str>) {
+    *FAIL_POLICY_MAP.lock().unwrap_or_else(|e| e.into_inner()) = map;
+}
+
+fn injected(name: &str) -> bool {
+    *FAIL_POLICY_MAP.lock().unwrap_or_else(|e| e.into_inner()) == Some(name)
+}
+
+/// Writes every policy table, or none: the current contents of each table are saved
+/// before it is written, and when any write fails every table written so far (the
+/// failed one too) gets its saved contents back, so the old policy stays in force
+/// whole. Each table is rewritten entry by entry (see [`replace_lpm`]), so a packet
+/// classified during the write may still see a table half old, half new.
+fn write_policy_maps(ebpf: &mut Ebpf, new: &PolicyEntries) -> Result<()> {
+    let mut saved = PolicyEntries::default();
+    for (step, name) in POLICY_MAPS.iter().enumerate() {
+        if let Err(err) = save_step(ebpf, step, &mut saved) {
+            restore(ebpf, step, &saved);
+            return Err(err);
+        }
+        if let Err(err) = write_step(ebpf, step, new, injected(name)) {
+            restore(ebpf, step + 1, &saved);
+            return Err(err);
+        }
     }
     Ok(())
 }
 
+/// Puts back the saved contents of the first `steps` tables.
+fn restore(ebpf: &mut Ebpf, steps: usize, saved: &PolicyEntries) {
+    for (step, name) in POLICY_MAPS.iter().enumerate().take(steps) {
+        if let Err(err) = write_step(ebpf, step, saved, false) {
+            tracing::error!(map = name, "restoring the previous policy table: {err}");
+        }
+    }
+}
+
+fn save_step(ebpf: &Ebpf, step: usize, saved: &mut PolicyEntries) -> Result<()> {
+    let name = POLICY_MAPS[step];
+    match step {
+        0 => saved.z4 = lpm_entries(ebpf, name)?,
+        1 => saved.z6 = lpm_entries(ebpf, name)?,
+        2 => saved.e4 = lpm_entries(ebpf, name)?,
+        3 => saved.e6 = lpm_entries(ebpf, name)?,
+        4 => saved.sni_exact = hash_entries(ebpf, name)?,
+        5 => saved.sni_suffix = hash_entries(ebpf, name)?,
+        _ => saved.conduits = lpm_entries(ebpf, name)?,
+    }
+    Ok(())
+}
+
+fn write_step(ebpf: &mut Ebpf, step: usize, e: &PolicyEntries, fail: bool) -> Result<()> {
+    use sensor_common::{MAX_POLICY_CIDRS, MAX_POLICY_CONDUITS, MAX_POLICY_SNI};
+    let name = POLICY_MAPS[step];
+    match step {
+        0 => replace_lpm(ebpf, name, &e.z4, MAX_POLICY_CIDRS, fail),
+        1 => replace_lpm(ebpf, name, &e.z6, MAX_POLICY_CIDRS, fail),
+        2 => replace_lpm(ebpf, name, &e.e4, MAX_POLICY_CIDRS, fail),
+        3 => replace_lpm(ebpf, name, &e.e6, MAX_POLICY_CIDRS, fail),
+        4 => replace_hash(ebpf, name, &e.sni_exact, MAX_POLICY_SNI, fail),
+        5 => replace_hash(ebpf, name, &e.sni_suffix, MAX_POLICY_SNI, fail),
+        _ => replace_lpm(ebpf, name, &e.conduits, MAX_POLICY_CONDUITS, fail),
+    }
+}
+
+fn lpm_entries<K: aya::Pod, V: aya::Pod>(
+    ebpf: &Ebpf,
+    name: &'static str,
+) -> Result<Vec<(Key<K>, V)>> {
+    let m: LpmTrie<&MapData, K, V> =
+        LpmTrie::try_from(ebpf.map(name).ok_or(KernelError::Missing(name))?)
+            .map_err(map_err(name))?;
+    m.iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(map_err(name))
+}
+
+fn hash_entries<K: aya::Pod, V: aya::Pod>(ebpf: &Ebpf, name: &'static str) -> Result<Vec<(K, V)>> {
+    let m: HashMap<&MapData, K, V> =
+        HashMap::try_from(ebpf.map(name).ok_or(KernelError::Missing(name))?)
+            .map_err(map_err(name))?;
+    m.iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(map_err(name))
+}
+
+/// Removes keys, ignoring those already gone.
+fn remove_all<K>(
+    name: &'static str,
+    keys: &[K],
+    mut remove: impl FnMut(&K) -> Result<(), MapError>,
+) -> Result<()> {
+    for k in keys {
+        match remove(k) {
+            Err(e) if !is_not_found(&e) => return Err(map_err(name)(e)),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Makes a table hold exactly `entries`. New entries go in before stale ones
+/// leave, so a lookup never misses an entry both policies have; when the old and
+/// the new entries together exceed `capacity`, the stale ones leave first, so a map
+/// that fits always installs. `fail` (test hook) stops after half the entries.
+fn replace_lpm<K: aya::Pod + PartialEq, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    entries: &[(Key<K>, V)],
+    capacity: u32,
+    fail: bool,
+) -> Result<()> {
+    let mut m: LpmTrie<&mut MapData, K, V> =
+        LpmTrie::try_from(ebpf.map_mut(name).ok_or(KernelError::Missing(name))?)
+            .map_err(map_err(name))?;
+    let same = |a: &Key<K>, b: &Key<K>| a.prefix_len() == b.prefix_len() && a.data() == b.data();
+    let present: Vec<Key<K>> = m.keys().collect::<Result<_, _>>().map_err(map_err(name))?;
+    let stale: Vec<Key<K>> = present
+        .iter()
+        .filter(|k| !entries.iter().any(|(e, _)| same(e, k)))
+        .copied()
+        .collect();
+    let added = entries
+        .iter()
+        .filter(|(e, _)| !present.iter().any(|k| same(e, k)))
+        .count();
+    let remove_first = present.len() + added > capacity as usize;
+    if remove_first {
+        remove_all(name, &stale, |k| m.remove(k))?;
+    }
+    for (i, (k, v)) in entries.iter().enumerate() {
+        if fail && i >= entries.len() / 2 {
+            return Err(KernelError::Injected(name));
+        }
+        m.insert(k, v, 0).map_err(map_err(name))?;
+    }
+    if fail {
+        return Err(KernelError::Injected(name));
+    }
+    if !remove_first {
+        remove_all(name, &stale, |k| m.remove(k))?;
+    }
+    Ok(())
+}
+
+/// [`replace_lpm`] for a hash table.
 fn replace_hash<K: aya::Pod + PartialEq, V: aya::Pod>(
     ebpf: &mut Ebpf,
     name: &'static str,
     entries: &[(K, V)],
+    capacity: u32,
+    fail: bool,
 ) -> Result<()> {
     let mut m: HashMap<&mut MapData, K, V> =
         HashMap::try_from(ebpf.map_mut(name).ok_or(KernelError::Missing(name))?)
             .map_err(map_err(name))?;
-    for (k, v) in entries {
+    let present: Vec<K> = m.keys().collect::<Result<_, _>>().map_err(map_err(name))?;
+    let stale: Vec<K> = present
+        .iter()
+        .filter(|k| !entries.iter().any(|(e, _)| e == *k))
+        .copied()
+        .collect();
+    let added = entries.iter().filter(|(e, _)| !present.contains(e)).count();
+    let remove_first = present.len() + added > capacity as usize;
+    if remove_first {
+        remove_all(name, &stale, |k| m.remove(k))?;
+    }
+    for (i, (k, v)) in entries.iter().enumerate() {
+        if fail && i >= entries.len() / 2 {
+            return Err(KernelError::Injected(name));
+        }
         m.insert(k, v, 0).map_err(map_err(name))?;
     }
-    let stale: Vec<K> = m
-        .keys()
-        .filter_map(|k| k.ok())
-        .filter(|k| !entries.iter().any(|(e, _)| e == k))
-        .collect();
-    for k in stale {
-        let _ = m.remove(&k);
+    if fail {
+        return Err(KernelError::Injected(name));
+    }
+    if !remove_first {
+        remove_all(name, &stale, |k| m.remove(k))?;
     }
     Ok(())
 }

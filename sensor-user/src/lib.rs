@@ -13,5 +13,7 @@ pub mod kernel;
 pub mod kernel_policy;
 pub mod metrics;
 pub mod pcap;
+pub mod policy_change;
 pub mod record;
+pub mod reload;
 pub mod tls;

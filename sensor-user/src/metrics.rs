@@ -1,14 +1,46 @@
 //! Prometheus metrics, `/livez` and `/readyz`, on an opt-in (normally localhost)
-//! address. Counters are atomics the agent updates; the server only reads them.
+//! address, through conduit-ops' endpoint and prometheus-client's encoder.
+//!
+//! The agent updates plain atomics on its hot paths (no locks, no allocation);
+//! [`Snapshot`] turns them into metric families at each scrape. Values with open
+//! label sets (loss by reason, unit and origin; attached interfaces) are
+//! prometheus-client families the agent updates directly.
 
 use std::{
-    fmt::Write as _,
     net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{
+        MetricType,
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+    },
+    registry::Registry,
+};
+
+/// Labels of the loss families: what a `loss` record says.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LossLabels {
+    pub reason: String,
+    pub unit: String,
+    pub origin: String,
+}
+
+/// Labels of an attached interface.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InterfaceLabels {
+    pub interface: String,
+    /// `native` or `generic` XDP.
+    pub xdp_mode: String,
+}
 
 /// Everything the agent exports.
 #[derive(Debug, Default)]
@@ -25,7 +57,6 @@ pub struct Metrics {
     pub verdict_violation: AtomicU64,
     pub verdict_blocked: AtomicU64,
     pub records_written: AtomicU64,
-    pub loss_records: AtomicU64,
     pub spool_bytes: AtomicU64,
     pub spool_max_bytes: AtomicU64,
     pub spool_records_refused: AtomicU64,
@@ -37,172 +68,245 @@ pub struct Metrics {
     pub collector_connected: AtomicBool,
     pub collector_acked_seq: AtomicU64,
     pub collector_lag_records: AtomicU64,
+    /// Signed loss records written, and the sum of their counts.
+    pub loss_records: Family<LossLabels, Counter>,
+    pub lost: Family<LossLabels, Counter>,
+    /// 1 per interface the programs are attached to.
+    pub interfaces: Family<InterfaceLabels, Gauge>,
 }
 
 impl Metrics {
-    /// Prometheus text exposition format.
-    pub fn render(&self) -> String {
-        let mut s = String::new();
-        let mut gauge = |name: &str, help: &str, kind: &str, v: u64| {
-            let _ = writeln!(
-                s,
-                "# HELP conduit_sensor_{name} {help}\n# TYPE conduit_sensor_{name} {kind}\nconduit_sensor_{name} {v}"
-            );
+    /// One signed `loss` record of `count` units was written.
+    pub fn count_loss(&self, reason: &str, unit: &str, origin: &str, count: u64) {
+        let labels = LossLabels {
+            reason: reason.to_owned(),
+            unit: unit.to_owned(),
+            origin: origin.to_owned(),
         };
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        gauge(
-            "flows_active",
-            "Flows the agent is tracking.",
-            "gauge",
-            get(&self.flows_active),
+        self.loss_records.get_or_create(&labels).inc();
+        self.lost.get_or_create(&labels).inc_by(count);
+    }
+
+    /// The programs are attached to `interface`.
+    pub fn attached(&self, interface: &str, mode: crate::kernel::XdpAttachMode) {
+        let xdp_mode = match mode {
+            crate::kernel::XdpAttachMode::Driver => "native",
+            crate::kernel::XdpAttachMode::Skb => "generic",
+        };
+        self.interfaces
+            .get_or_create(&InterfaceLabels {
+                interface: interface.to_owned(),
+                xdp_mode: xdp_mode.to_owned(),
+            })
+            .set(1);
+    }
+
+    /// The registry the endpoint encodes: `conduit_sensor_*`.
+    pub fn registry(self: &Arc<Self>) -> Registry {
+        let mut registry =
+            conduit_ops::metrics::registry("conduit_sensor", env!("CARGO_PKG_VERSION"));
+        registry.register_collector(Box::new(Snapshot(self.clone())));
+        registry.register(
+            "loss_records",
+            "Signed loss records written, by reason, unit and origin",
+            self.loss_records.clone(),
         );
-        gauge(
-            "flows_started_total",
-            "Flows recorded (flow_start written).",
-            "counter",
-            get(&self.flows_started),
+        registry.register(
+            "lost",
+            "Sum of the counts of the loss records (units lost), by reason, unit and origin",
+            self.lost.clone(),
         );
-        gauge(
-            "flows_ended_total",
-            "Recorded flows that ended.",
-            "counter",
-            get(&self.flows_ended),
+        registry.register(
+            "interface_attached",
+            "1 for each interface the programs are attached to, with the XDP mode",
+            self.interfaces.clone(),
         );
-        gauge(
-            "flows_unrecorded_total",
-            "Flows that ended without a record (not AI traffic).",
-            "counter",
-            get(&self.flows_unrecorded),
-        );
-        gauge(
-            "flows_evicted_total",
-            "Recorded flows evicted from the kernel flow table.",
-            "counter",
-            get(&self.flows_evicted),
-        );
-        gauge(
-            "verdict_authorized_total",
-            "Flows authorized by a conduit.",
-            "counter",
-            get(&self.verdict_authorized),
-        );
-        gauge(
-            "verdict_violation_total",
-            "AI flows no conduit allows.",
-            "counter",
-            get(&self.verdict_violation),
-        );
-        gauge(
-            "verdict_blocked_total",
-            "AI flows blocked by enforcement.",
-            "counter",
-            get(&self.verdict_blocked),
-        );
-        gauge(
-            "records_written_total",
-            "Records appended to the chain.",
-            "counter",
-            get(&self.records_written),
-        );
-        gauge(
-            "loss_records_total",
-            "Signed loss records written.",
-            "counter",
-            get(&self.loss_records),
-        );
-        gauge(
-            "spool_bytes",
-            "Bytes in the spool.",
-            "gauge",
-            get(&self.spool_bytes),
-        );
-        gauge(
-            "spool_max_bytes",
-            "Configured spool bound.",
-            "gauge",
-            get(&self.spool_max_bytes),
-        );
-        gauge(
-            "spool_records_refused_total",
-            "Records refused because the spool was full.",
-            "counter",
-            get(&self.spool_records_refused),
-        );
-        gauge(
-            "policy_reloads_total",
-            "Conduit map reloads that succeeded.",
-            "counter",
-            get(&self.policy_reloads),
-        );
-        gauge(
-            "policy_reload_failures_total",
-            "Conduit map reloads rejected.",
-            "counter",
-            get(&self.policy_reload_failures),
-        );
-        gauge(
-            "jsonl_errors_total",
-            "JSONL side-file open or write failures (the records stay in the spool).",
-            "counter",
-            get(&self.jsonl_errors),
-        );
-        gauge(
-            "chain_sequence",
-            "Sequence number of the chain head.",
-            "gauge",
-            get(&self.chain_seq),
-        );
-        gauge(
-            "collector_connected",
-            "1 while the stream to the collector is up.",
-            "gauge",
-            u64::from(self.collector_connected.load(Ordering::Relaxed)),
-        );
-        gauge(
-            "collector_acked_sequence",
-            "Highest sequence number the collector has acknowledged (stored).",
-            "gauge",
-            get(&self.collector_acked_seq),
-        );
-        gauge(
-            "collector_lag_records",
-            "Records written but not yet acknowledged by the collector.",
-            "gauge",
-            get(&self.collector_lag_records),
-        );
-        let _ = writeln!(
-            s,
-            "# HELP conduit_sensor_build_info The running build.\n# TYPE conduit_sensor_build_info gauge\nconduit_sensor_build_info{{version=\"{}\"}} 1",
-            env!("CARGO_PKG_VERSION")
-        );
-        let _ = writeln!(
-            s,
-            "# HELP conduit_sensor_kernel_total Kernel counters by reason.\n# TYPE conduit_sensor_kernel_total counter"
-        );
-        for (i, c) in sensor_common::Counter::ALL.iter().enumerate() {
-            let _ = writeln!(
-                s,
-                "conduit_sensor_kernel_total{{reason=\"{}\"}} {}",
-                c.name(),
-                get(&self.kernel[i])
-            );
-        }
-        s
+        registry
+    }
+
+    /// The text exposition (what `/metrics` serves).
+    pub fn render(self: &Arc<Self>) -> String {
+        conduit_ops::metrics::encode(&self.registry())
     }
 }
 
-impl conduit_ops::http::Endpoint for Metrics {
-    fn metrics(&self) -> String {
-        self.render()
+/// The atomics as metric families, read at each scrape.
+#[derive(Debug)]
+struct Snapshot(Arc<Metrics>);
+
+fn counter(
+    e: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    v: &AtomicU64,
+) -> std::fmt::Result {
+    let c = ConstCounter::new(v.load(Ordering::Relaxed));
+    c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+fn gauge(e: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let g = ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
+    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let m = &self.0;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        gauge(
+            &mut e,
+            "ready",
+            "1 once the programs are attached and the spool is open, 0 while draining",
+            u64::from(m.ready.load(Ordering::Relaxed)),
+        )?;
+        gauge(
+            &mut e,
+            "flows_active",
+            "Flows the agent is tracking",
+            get(&m.flows_active),
+        )?;
+        counter(
+            &mut e,
+            "flows_started",
+            "Flows recorded (flow_start written)",
+            &m.flows_started,
+        )?;
+        counter(
+            &mut e,
+            "flows_ended",
+            "Recorded flows that ended (flow_end written)",
+            &m.flows_ended,
+        )?;
+        counter(
+            &mut e,
+            "flows_unrecorded",
+            "Flows that ended without a record (not AI traffic, without --record-all)",
+            &m.flows_unrecorded,
+        )?;
+        counter(
+            &mut e,
+            "flows_evicted",
+            "Recorded flows evicted from the kernel flow table before they ended",
+            &m.flows_evicted,
+        )?;
+        {
+            let mut family = e.encode_descriptor(
+                "verdicts",
+                "Flows classified, by verdict (authorized: a conduit allows it; violation: AI traffic no conduit allows; blocked: a violation under enforcement)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (verdict, v) in [
+                ("authorized", &m.verdict_authorized),
+                ("violation", &m.verdict_violation),
+                ("blocked", &m.verdict_blocked),
+            ] {
+                ConstCounter::new(get(v)).encode(family.encode_family(&[("verdict", verdict)])?)?;
+            }
+        }
+        counter(
+            &mut e,
+            "records_written",
+            "Records appended to the chain",
+            &m.records_written,
+        )?;
+        gauge(
+            &mut e,
+            "spool_bytes",
+            "Bytes in the spool",
+            get(&m.spool_bytes),
+        )?;
+        gauge(
+            &mut e,
+            "spool_max_bytes",
+            "Configured spool bound in bytes",
+            get(&m.spool_max_bytes),
+        )?;
+        counter(
+            &mut e,
+            "spool_records_refused",
+            "Records refused because the spool was full",
+            &m.spool_records_refused,
+        )?;
+        counter(
+            &mut e,
+            "policy_reloads",
+            "Conduit map reloads applied",
+            &m.policy_reloads,
+        )?;
+        counter(
+            &mut e,
+            "policy_reload_failures",
+            "Conduit map reloads rejected (the previous map stays in force)",
+            &m.policy_reload_failures,
+        )?;
+        counter(
+            &mut e,
+            "jsonl_errors",
+            "JSONL side-file open or write failures (the records stay in the spool)",
+            &m.jsonl_errors,
+        )?;
+        gauge(
+            &mut e,
+            "chain_sequence",
+            "Sequence number of the chain head",
+            get(&m.chain_seq),
+        )?;
+        gauge(
+            &mut e,
+            "collector_connected",
+            "1 while the stream to the collector is up",
+            u64::from(m.collector_connected.load(Ordering::Relaxed)),
+        )?;
+        gauge(
+            &mut e,
+            "collector_acked_sequence",
+            "Highest sequence number the collector has acknowledged (stored)",
+            get(&m.collector_acked_seq),
+        )?;
+        gauge(
+            &mut e,
+            "collector_lag_records",
+            "Records written but not yet acknowledged by the collector",
+            get(&m.collector_lag_records),
+        )?;
+        let mut family = e.encode_descriptor(
+            "kernel",
+            "Kernel counters (summed over CPUs), by reason: packets seen and counted, and every place the kernel can lose data",
+            None,
+            MetricType::Counter,
+        )?;
+        for (i, c) in sensor_common::Counter::ALL.iter().enumerate() {
+            ConstCounter::new(get(&m.kernel[i]))
+                .encode(family.encode_family(&[("reason", c.name())])?)?;
+        }
+        Ok(())
+    }
+}
+
+struct Exporter {
+    registry: Registry,
+    metrics: Arc<Metrics>,
+}
+
+impl conduit_ops::http::Endpoint for Exporter {
+    fn registry(&self) -> &Registry {
+        &self.registry
     }
     fn ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.metrics.ready.load(Ordering::Relaxed)
     }
 }
 
 /// Serves `/metrics`, `/livez`, `/readyz` (conduit-ops' endpoint) until the task is dropped.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
-    conduit_ops::http::bind(addr, metrics).await?.await
+    let exporter = Exporter {
+        registry: metrics.registry(),
+        metrics,
+    };
+    conduit_ops::http::bind(addr, Arc::new(exporter))
+        .await?
+        .await
 }
 
 #[cfg(test)]
@@ -210,12 +314,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renders_the_uplink_gauges_and_the_spool_bound() {
-        let m = Metrics::default();
+    fn renders_labels_the_uplink_gauges_and_the_spool_bound() {
+        let m = Arc::new(Metrics::default());
         m.collector_connected.store(true, Ordering::Relaxed);
         m.collector_acked_seq.store(41, Ordering::Relaxed);
         m.collector_lag_records.store(2, Ordering::Relaxed);
         m.spool_max_bytes.store(1 << 30, Ordering::Relaxed);
+        m.verdict_violation.store(5, Ordering::Relaxed);
+        m.count_loss("tracker_full", "flow", "agent", 7);
+        m.count_loss("tracker_full", "flow", "agent", 3);
+        m.attached("eth1", crate::kernel::XdpAttachMode::Driver);
         let text = m.render();
         for line in [
             "conduit_sensor_collector_connected 1",
@@ -223,9 +331,24 @@ mod tests {
             "conduit_sensor_collector_lag_records 2",
             "conduit_sensor_spool_max_bytes 1073741824",
             "# TYPE conduit_sensor_jsonl_errors_total counter",
+            "conduit_sensor_jsonl_errors_total 0",
             "conduit_sensor_build_info{version=\"0.1.0\"} 1",
+            "conduit_sensor_verdicts_total{verdict=\"violation\"} 5",
+            "conduit_sensor_verdicts_total{verdict=\"authorized\"} 0",
+            "conduit_sensor_kernel_total{reason=\"packets_counted\"} 0",
+            "conduit_sensor_loss_records_total{reason=\"tracker_full\",unit=\"flow\",origin=\"agent\"} 2",
+            "conduit_sensor_lost_total{reason=\"tracker_full\",unit=\"flow\",origin=\"agent\"} 10",
+            "conduit_sensor_interface_attached{interface=\"eth1\",xdp_mode=\"native\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
+        // Every family has its HELP and TYPE.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap_or_default();
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "no TYPE for {name}"
+            );
         }
     }
 }

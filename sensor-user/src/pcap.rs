@@ -21,8 +21,12 @@ pub enum PcapError {
     LinkType { path: String, link: DataLink },
 }
 
-/// Every packet's bytes, in file order.
-pub fn read_packets(path: &Path) -> Result<Vec<Vec<u8>>, PcapError> {
+/// A captured packet: its capture time (unix nanoseconds) and bytes.
+pub type Captured = (u64, Vec<u8>);
+
+/// Every packet with its capture time, in file order. A pcapng simple packet has
+/// no time of its own: it gets the time of the packet before it.
+pub fn read_packets(path: &Path) -> Result<Vec<Captured>, PcapError> {
     let name = path.display().to_string();
     let io = |source| PcapError::Io {
         path: name.clone(),
@@ -46,8 +50,11 @@ pub fn read_packets(path: &Path) -> Result<Vec<Vec<u8>>, PcapError> {
         let mut reader = PcapNgReader::new(file).map_err(format)?;
         while let Some(block) = reader.next_block() {
             match block.map_err(format)? {
-                Block::EnhancedPacket(p) => out.push(p.data.into_owned()),
-                Block::SimplePacket(p) => out.push(p.data.into_owned()),
+                Block::EnhancedPacket(p) => out.push((nanos(p.timestamp), p.data.into_owned())),
+                Block::SimplePacket(p) => {
+                    let t = out.last().map_or(0, |(t, _)| *t);
+                    out.push((t, p.data.into_owned()));
+                }
                 Block::InterfaceDescription(i) if i.linktype != DataLink::ETHERNET => {
                     return Err(PcapError::LinkType {
                         path: name,
@@ -64,8 +71,13 @@ pub fn read_packets(path: &Path) -> Result<Vec<Vec<u8>>, PcapError> {
             return Err(PcapError::LinkType { path: name, link });
         }
         while let Some(packet) = reader.next_packet() {
-            out.push(packet.map_err(format)?.data.into_owned());
+            let packet = packet.map_err(format)?;
+            out.push((nanos(packet.timestamp), packet.data.into_owned()));
         }
     }
     Ok(out)
+}
+
+fn nanos(since_epoch: std::time::Duration) -> u64 {
+    u64::try_from(since_epoch.as_nanos()).unwrap_or(u64::MAX)
 }

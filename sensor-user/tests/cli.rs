@@ -333,3 +333,40 @@ fn logs_have_priorities_and_no_ansi_under_journald() {
         serde_json::from_str(first).unwrap_or_else(|e| panic!("{e}: {stderr}"));
     assert_eq!(value["level"], "WARN", "{stderr}");
 }
+
+#[test]
+fn reload_without_a_runtime_directory_exits_2() {
+    let out = bin()
+        .args(["reload", "--pid", &std::process::id().to_string()])
+        .env_remove("RUNTIME_DIRECTORY")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("RUNTIME_DIRECTORY"), "{}", text(&out));
+}
+
+#[test]
+fn reload_of_a_process_that_never_answers_fails_at_its_deadline() {
+    // A process that survives SIGHUP and writes no outcome: reload must not hang
+    // and must not report success (the agent's own answers are in tests/package).
+    let mut quiet = Command::new("sh")
+        .args(["-c", "trap '' HUP; sleep 30"])
+        .spawn()
+        .expect("sh");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = bin()
+        .args([
+            "reload",
+            "--pid",
+            &quiet.id().to_string(),
+            "--timeout",
+            "500ms",
+        ])
+        .env("RUNTIME_DIRECTORY", dir.path())
+        .output()
+        .expect("run");
+    let _ = quiet.kill();
+    let _ = quiet.wait();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("no reload outcome"), "{}", text(&out));
+}

@@ -121,13 +121,22 @@ wait_for 30 sh -c "systemctl show -p StatusText --value conduit-sensor.service |
 systemctl show -p StatusText --value conduit-sensor.service
 good_status=$(systemctl show -p StatusText --value conduit-sensor.service)
 
-step "reload with a broken map: reported failed, the old map stays"
+step "reload with a broken map: the agent rejects it, systemctl reload fails, the old map stays"
+# No check before the SIGHUP: ExecReload= (conduit-sensor reload) reports what the
+# agent itself did with the map, so a map that breaks at any moment is caught.
 cp /etc/conduit-sensor/conduits.yaml /tmp/good.yaml
 printf 'zones:\n  - id: [broken\n' >> /etc/conduit-sensor/conduits.yaml
 if systemctl reload conduit-sensor.service; then fail "a broken map reloaded successfully"; fi
 systemctl is-active conduit-sensor.service || fail "the sensor stopped after a rejected reload"
-[ "$(systemctl show -p StatusText --value conduit-sensor.service)" = "$good_status" ] || fail "the status changed after a rejected reload"
+bad_status=$(systemctl show -p StatusText --value conduit-sensor.service)
+echo "$bad_status"
+echo "$bad_status" | grep -q 'RELOAD FAILED' || fail "the status does not say the reload failed"
+policy() { echo "$1" | grep -o 'policy [0-9a-f]*'; }
+[ "$(policy "$bad_status")" = "$(policy "$good_status")" ] || fail "the policy changed after a rejected reload"
+journalctl -u conduit-sensor --no-pager -o cat | grep -q 'the agent rejected the reload' || fail "ExecReload did not report the agent's rejection"
+cat /run/conduit-sensor/reload.status
 cp /tmp/good.yaml /etc/conduit-sensor/conduits.yaml
+systemctl reload conduit-sensor.service || fail "the reload after the repair failed"
 
 step "stop (SIGTERM drains, exit 0)"
 systemctl stop conduit-sensor.service

@@ -1,7 +1,7 @@
 //! Operating the sensor: the opt-in metrics endpoint serves Prometheus text with the
 //! kernel counters and flow metrics, `/livez` and `/readyz`.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
 use conduit_lab::{
@@ -36,8 +36,6 @@ fn metrics_livez_and_readyz() -> Result<()> {
             "python3", &echo, "client", "udp", AI_V4[0], "5000", "3", "10",
         ],
     )?;
-    // The sweep publishes counters every 500 ms.
-    std::thread::sleep(Duration::from_millis(1200));
 
     let get = |path: &str| -> Result<(String, String)> {
         let out = lab.lab.exec_any(
@@ -54,14 +52,29 @@ fn metrics_livez_and_readyz() -> Result<()> {
         let (body, code) = text.rsplit_once('\n').unwrap_or((&text, ""));
         Ok((code.to_string(), body.to_string()))
     };
-    let (code, body) = get("/metrics")?;
-    ensure!(code == "200", "/metrics answered {code}");
-    let value = |name: &str| -> Option<u64> {
+    let value = |body: &str, name: &str| -> Option<u64> {
         body.lines()
             .find(|l| l.starts_with(name))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
     };
+    // The sweep publishes the kernel counters every 500 ms: wait for them.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let body = loop {
+        let (code, body) = get("/metrics")?;
+        ensure!(code == "200", "/metrics answered {code}");
+        if value(
+            &body,
+            "conduit_sensor_kernel_total{reason=\"packets_counted\"}",
+        )
+        .is_some_and(|v| v >= 6)
+            || Instant::now() > deadline
+        {
+            break body;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let value = |name: &str| value(&body, name);
     ensure!(
         value("conduit_sensor_kernel_total{reason=\"packets_counted\"}").is_some_and(|v| v >= 6),
         "{body}"
@@ -76,6 +89,25 @@ fn metrics_livez_and_readyz() -> Result<()> {
     );
     ensure!(
         body.contains("# TYPE conduit_sensor_chain_sequence gauge"),
+        "{body}"
+    );
+    // Labels, not one name per value; the build and the attached interface.
+    ensure!(
+        value("conduit_sensor_verdicts_total{verdict=\"violation\"}").is_some(),
+        "{body}"
+    );
+    ensure!(
+        body.contains(&format!(
+            "conduit_sensor_interface_attached{{interface=\"{GW_OT1_IF}\",xdp_mode=\""
+        )),
+        "{body}"
+    );
+    ensure!(
+        value("conduit_sensor_build_info{version=").is_some_and(|v| v == 1),
+        "{body}"
+    );
+    ensure!(
+        value("conduit_sensor_ready").is_some_and(|v| v == 1),
         "{body}"
     );
     ensure!(get("/livez")?.0 == "200", "/livez");

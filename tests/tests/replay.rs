@@ -151,8 +151,71 @@ fn replay_of_a_capture_gives_the_live_records() -> Result<()> {
         "{tls:#}"
     );
     ensure!(
+        tls["event"]["reason"] == "end",
+        "the capture closed the TLS flow with FIN: {tls:#}"
+    );
+
+    // Every time is the capture's: each flow's start and end are the capture times
+    // of its first and last packet (to the millisecond the JSON carries), and every
+    // flow and policy record is stamped within the capture, not with the replay's
+    // clock.
+    for ((transport, sip, sport, dip, dport), r) in &replay_flows {
+        let filter =
+            format!("{transport} and host {sip} and port {sport} and host {dip} and port {dport}");
+        let times = capture_times(&pcap, &filter)?;
+        let (first, last) = (
+            times.first().context("no packet")?,
+            times.last().context("no packet")?,
+        );
+        ensure!(
+            r["event"]["start"] == rfc3339_ms(first)? && r["event"]["end"] == rfc3339_ms(last)?,
+            "{filter}: start/end {} {} in the replay, first/last packet {first} {last} in the capture",
+            r["event"]["start"],
+            r["event"]["end"]
+        );
+    }
+    let all = capture_times(&pcap, "")?;
+    let lo = rfc3339_ms(all.first().context("empty capture")?)?;
+    let hi = rfc3339_ms(all.last().context("empty capture")?)?;
+    for r in &replayed {
+        let action = r["event"]["action"].as_str().unwrap_or_default();
+        if action.starts_with("flow_") || action == "policy_change" {
+            let at = r["@timestamp"].as_str().unwrap_or_default();
+            ensure!(
+                lo.as_str() <= at && at <= hi.as_str(),
+                "{action} stamped {at}, outside the capture ({lo} to {hi}): {r:#}"
+            );
+        }
+    }
+    ensure!(
         verify_chain(&spool)?.contains("records verified"),
         "replay spool does not verify"
     );
     Ok(())
+}
+
+/// Capture times (`tcpdump -tt`: seconds.microseconds) of the packets matching
+/// `filter`, in file order.
+fn capture_times(pcap: &std::path::Path, filter: &str) -> Result<Vec<String>> {
+    let mut cmd = std::process::Command::new("tcpdump");
+    cmd.args(["-r"]).arg(pcap).args(["-n", "-tt"]);
+    if !filter.is_empty() {
+        cmd.arg(filter);
+    }
+    let out = sh(&mut cmd)?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect())
+}
+
+/// `seconds.fraction` as the JSON's RFC 3339 UTC with milliseconds (truncated).
+fn rfc3339_ms(t: &str) -> Result<String> {
+    let out = sh(std::process::Command::new("date").args([
+        "-u",
+        "-d",
+        &format!("@{t}"),
+        "+%Y-%m-%dT%H:%M:%S.%3NZ",
+    ]))?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }

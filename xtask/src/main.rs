@@ -436,6 +436,9 @@ fn bench() -> Result<()> {
         ("sensor-user", "bench_kernel"),
         ("conduit-evidence", "bench_chain"),
         ("sensor-user", "bench_tls"),
+        ("conduit-collector", "bench_collector"),
+        // A 10-million-record store (about 2.3 GB in a temporary directory).
+        ("conduit-collector", "bench_query"),
     ] {
         step(example);
         run(cargo().args(["run", "--release", "-p", package, "--example", example]))?;

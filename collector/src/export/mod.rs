@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use conduit_evidence::ecs::{ChainPosition, ecs_json};
-use conduit_evidence::spool::SpoolReader;
+use conduit_evidence::spool::{SpoolReader, StoredFrame};
 use conduit_proto::v1;
 use prost::Message as _;
 use tokio::sync::watch;
@@ -52,6 +52,19 @@ pub struct Item {
 }
 
 impl Item {
+    /// The item of a stored frame of `chain` whose record decoded as `record`.
+    pub fn new(chain: &str, frame: &StoredFrame, record: v1::Record) -> Item {
+        Item {
+            chain: chain.to_owned(),
+            pos: ChainPosition {
+                seq: frame.seq,
+                hash: frame.hash,
+                prev_hash: frame.prev_hash,
+            },
+            record,
+        }
+    }
+
     pub fn ecs(&self) -> serde_json::Value {
         ecs_json(&self.record, &self.pos)
     }
@@ -137,6 +150,11 @@ pub async fn run<S: Sink>(
 ) -> Result<(), ExportError> {
     let store = shared.opts.store.clone();
     let mut cursor = Cursor::load(&store, sink.name())?;
+    let metrics = &shared.alarms.metrics;
+    metrics.export_started(sink.name());
+    for (chain, seq) in &cursor.seqs {
+        metrics.exported(sink.name(), chain, *seq);
+    }
     let mut readers: BTreeMap<String, SpoolReader> = BTreeMap::new();
     let mut frames = Vec::new();
     // Chains whose last send failed: when to try again, and the next delay. A
@@ -175,15 +193,7 @@ pub async fn run<S: Sink>(
                 .iter()
                 .filter_map(|f| {
                     let record = v1::Record::decode(&f.record_bytes[..]).ok()?;
-                    Some(Item {
-                        chain: chain.clone(),
-                        pos: ChainPosition {
-                            seq: f.seq,
-                            hash: f.hash,
-                            prev_hash: f.prev_hash,
-                        },
-                        record,
-                    })
+                    Some(Item::new(&chain, f, record))
                 })
                 .collect();
             let sent = tokio::select! {
@@ -205,6 +215,7 @@ pub async fn run<S: Sink>(
             backoff.remove(&chain);
             cursor.seqs.insert(chain.clone(), last);
             cursor.save()?;
+            metrics.exported(sink.name(), &chain, last);
             progressed = true;
         }
         if !progressed {

@@ -286,3 +286,14 @@ pub fn has_binary(name: &str) -> bool {
         .map(|s| s.success())
         .unwrap_or(false)
 }
+
+/// The collector's `/metrics` page (status line and headers included).
+pub fn http_get(addr: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).expect("metrics connect");
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
+}

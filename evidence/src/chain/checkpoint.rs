@@ -55,7 +55,8 @@ pub fn unix_nanos(t: SystemTime) -> i64 {
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
-/// A checkpoint record covering (seq, hash), the record just before it.
+/// A checkpoint record covering (seq, hash), the record just before it; `interval`
+/// is the heartbeat the sensor promises (the next checkpoint comes within it).
 pub fn checkpoint_record(
     key: &SigningKey,
     sensor_id: &str,
@@ -63,6 +64,7 @@ pub fn checkpoint_record(
     hash: &[u8; 32],
     now: SystemTime,
     records_since_last: u64,
+    interval: Duration,
 ) -> v1::Record {
     let time = unix_nanos(now);
     let sig = key.sign(&signing_bytes(sensor_id, seq, hash, time));
@@ -78,6 +80,7 @@ pub fn checkpoint_record(
             public_key: key.verifying_key().to_bytes().to_vec(),
             signature: sig.to_bytes().to_vec(),
             records_since_last,
+            interval_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
         })),
     }
 }
@@ -168,7 +171,7 @@ mod tests {
     fn checkpoint_signature_verifies_and_binds_fields() {
         let key = SigningKey::from_bytes(&[3; 32]);
         let now = SystemTime::now();
-        let rec = checkpoint_record(&key, "gw", 5, &[1; 32], now, 5);
+        let rec = checkpoint_record(&key, "gw", 5, &[1; 32], now, 5, DEFAULT_EVERY);
         let Some(Body::Checkpoint(cp)) = rec.body else {
             panic!("not a checkpoint")
         };

@@ -2,8 +2,11 @@
 //! spool, and is covered by signed checkpoints. The agent calls only [`Recorder`].
 //! Byte-level format: docs/spool-format.md.
 
+pub mod anchor;
 pub mod checkpoint;
 pub mod hashing;
+pub mod head_witness;
+pub mod key_check;
 pub mod keys;
 pub mod verify;
 
@@ -44,6 +47,38 @@ fn check_kind(record: &v1::Record) -> Result<(), Error> {
     }
 }
 
+/// Loss reason of a gap in the middle of the spool.
+pub const SPOOL_GAP: &str = "spool_gap";
+
+/// The gaps in `dir` that no `spool_gap` loss record in it names yet.
+fn unreported_gaps(dir: &std::path::Path) -> Vec<spool::damage::Gap> {
+    let mut reported = std::collections::HashSet::new();
+    let gaps = spool::damage::read_past_damage(dir, |f| {
+        if let Ok(r) = v1::Record::decode(f.record_bytes.as_slice())
+            && let Some(Body::Loss(l)) = &r.body
+            && l.reason == SPOOL_GAP
+            && let Some(range) = l
+                .detail
+                .strip_prefix("seqs ")
+                .and_then(|d| d.split_once(' '))
+                .and_then(|(range, _)| range.split_once("..="))
+            && let (Ok(from), Ok(to)) = (range.0.parse::<u64>(), range.1.parse::<u64>())
+        {
+            reported.insert((from, to));
+        }
+    });
+    match gaps {
+        Ok(gaps) => gaps
+            .into_iter()
+            .filter(|g| !reported.contains(&(g.from, g.to)))
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot scan the spool for gaps");
+            Vec::new()
+        }
+    }
+}
+
 /// Everything [`Recorder::open`] needs; [`RecorderOptions::new`] fills in the defaults.
 #[derive(Debug, Clone)]
 pub struct RecorderOptions {
@@ -57,6 +92,11 @@ pub struct RecorderOptions {
     pub sync: SyncPolicy,
     pub checkpoint_every_records: u64,
     pub checkpoint_every: Duration,
+    /// The wall clock records are stamped with (tests of old evidence set their own).
+    pub clock: fn() -> SystemTime,
+    /// Where the durable head is witnessed outside the spool (see head_witness);
+    /// None: not witnessed.
+    pub head_witness: Option<PathBuf>,
 }
 
 impl RecorderOptions {
@@ -70,6 +110,8 @@ impl RecorderOptions {
             sync: SyncPolicy::default(),
             checkpoint_every_records: checkpoint::DEFAULT_EVERY_RECORDS,
             checkpoint_every: checkpoint::DEFAULT_EVERY,
+            clock: SystemTime::now,
+            head_witness: None,
         }
     }
 }
@@ -99,6 +141,8 @@ pub struct Recorder {
     full_episode: bool,
     refused_unreported: u64,
     checkpoints_skipped: u64,
+    clock: fn() -> SystemTime,
+    head_witness: Option<PathBuf>,
 }
 
 impl Recorder {
@@ -106,6 +150,19 @@ impl Recorder {
     /// the chain, or starts a new one with a `chain_restart` record. Returns the records
     /// written on open (restart, spool recovery, and a checkpoint).
     pub fn open(opts: RecorderOptions) -> Result<(Recorder, Vec<Appended>), Error> {
+        let (key, key_created) = match &opts.key_path {
+            Some(path) => (keys::load_signing_key(path)?, false),
+            None => keys::load_or_create(&opts.spool_dir)?,
+        };
+        // A chain signed by another key is not continued (see key_check).
+        let retired =
+            key_check::retire_if_foreign(&opts.spool_dir, &key.verifying_key().to_bytes())
+                .map_err(|source| spool::Error::Io {
+                    path: opts.spool_dir.clone(),
+                    source,
+                })?;
+        // So that `verify-chain DIR` finds the key without --public-key.
+        keys::write_public_key_if_missing(&opts.spool_dir, &key)?;
         let (spool, recovery) = Spool::open(SpoolOptions {
             dir: opts.spool_dir.clone(),
             sensor_id: opts.sensor_id.clone(),
@@ -114,16 +171,7 @@ impl Recorder {
             sync: opts.sync,
             warn_percent: spool::DEFAULT_WARN_PERCENT,
         })?;
-        let (key, key_created) = match &opts.key_path {
-            Some(path) => {
-                let key = keys::load_signing_key(path)?;
-                // So that `verify-chain DIR` finds the key without --public-key.
-                keys::write_public_key_if_missing(&opts.spool_dir, &key)?;
-                (key, false)
-            }
-            None => keys::load_or_create(&opts.spool_dir)?,
-        };
-        let now = SystemTime::now();
+        let now = (opts.clock)();
         let (seq, hash) = recovery.head.unwrap_or((0, ZERO_HASH));
         let mut rec = Recorder {
             spool,
@@ -141,12 +189,24 @@ impl Recorder {
             full_episode: false,
             refused_unreported: 0,
             checkpoints_skipped: 0,
+            clock: opts.clock,
+            head_witness: opts.head_witness.clone(),
         };
         let mut out = Vec::new();
         if recovery.head.is_none() {
-            let (reason, detail) = match &recovery.unreadable {
-                Some(why) => ("spool_unreadable", why.clone()),
-                None => (
+            let (reason, detail) = match (&retired, &recovery.unreadable) {
+                (Some(r), _) => (
+                    "key_mismatch",
+                    format!(
+                        "the spool's chain (up to seq {}) is signed by key {}, this sensor's signing key is {}; the old chain was moved to {} and still verifies with its signing.pub",
+                        r.head_seq,
+                        hex::encode(r.chain_key),
+                        hex::encode(rec.key.verifying_key().to_bytes()),
+                        r.moved_to.display()
+                    ),
+                ),
+                (None, Some(why)) => ("spool_unreadable", why.clone()),
+                (None, None) => (
                     "no_spool",
                     format!(
                         "no spool segments in {} (first start, or the spool was lost)",
@@ -181,12 +241,61 @@ impl Recorder {
             };
             out.push(rec.write(r, Class::Control)?);
         }
+        // Seqs lost in the middle of the spool (a deleted or cut segment): each gap
+        // gets one signed loss record, the first time it is seen.
+        for gap in unreported_gaps(&opts.spool_dir) {
+            tracing::error!(
+                from = gap.from,
+                to = gap.to,
+                why = gap.why,
+                "records missing from the spool"
+            );
+            let r = v1::Record {
+                kind: RecordKind::Loss as i32,
+                time_unix_nano: checkpoint::unix_nanos(now),
+                sensor_id: rec.sensor_id.clone(),
+                site: String::new(),
+                body: Some(Body::Loss(v1::Loss {
+                    reason: SPOOL_GAP.to_owned(),
+                    count: gap.to - gap.from + 1,
+                    unit: "record".to_owned(),
+                    origin: "agent".to_owned(),
+                    detail: format!(
+                        "seqs {}..={} are missing from the spool: {}",
+                        gap.from, gap.to, gap.why
+                    ),
+                })),
+            };
+            out.push(rec.write(r, Class::Control)?);
+        }
+        // Records lost from the head of the spool, if the witness outside it saw more.
+        if let Some(witness) = rec.head_witness.as_deref().and_then(head_witness::read)
+            && retired.is_none()
+            && let Some(detail) = head_witness::compare(witness, seq, &hash)
+        {
+            tracing::error!(detail, "records missing from the head of the spool");
+            let r = v1::Record {
+                kind: RecordKind::Loss as i32,
+                time_unix_nano: checkpoint::unix_nanos(now),
+                sensor_id: rec.sensor_id.clone(),
+                site: String::new(),
+                body: Some(Body::Loss(v1::Loss {
+                    reason: "spool_head_lost".to_owned(),
+                    count: witness.seq.saturating_sub(seq).max(1),
+                    unit: "record".to_owned(),
+                    origin: "agent".to_owned(),
+                    detail,
+                })),
+            };
+            out.push(rec.write(r, Class::Control)?);
+        }
         // Sign the head at once, so that a restart is visible and the tail before the
         // crash is covered.
         if let Some(cp) = rec.checkpoint(now)? {
             out.push(cp);
         }
         rec.spool.sync()?;
+        rec.witness_head();
         Ok((rec, out))
     }
 
@@ -207,7 +316,7 @@ impl Recorder {
             });
         }
         if record.time_unix_nano == 0 {
-            record.time_unix_nano = checkpoint::unix_nanos(SystemTime::now());
+            record.time_unix_nano = checkpoint::unix_nanos((self.clock)());
         }
         let mut out = Vec::with_capacity(1);
         if self.full_episode {
@@ -230,7 +339,7 @@ impl Recorder {
         }
         self.since_checkpoint += 1;
         if self.policy.due_by_count(self.since_checkpoint)
-            && let Some(cp) = self.checkpoint(SystemTime::now())?
+            && let Some(cp) = self.checkpoint((self.clock)())?
         {
             out.push(cp);
         }
@@ -242,7 +351,7 @@ impl Recorder {
     /// `write(2)`. Falls back to one-by-one appends when the batch does not fit the
     /// current segment or the spool is (nearly) full, so the results are the same.
     pub fn append_batch(&mut self, records: Vec<v1::Record>) -> Result<Vec<Appended>, Error> {
-        let now = SystemTime::now();
+        let now = (self.clock)();
         let now_nanos = checkpoint::unix_nanos(now);
         for r in &records {
             check_kind(r)?;
@@ -293,6 +402,7 @@ impl Recorder {
                     &hash,
                     now,
                     since,
+                    self.policy.every,
                 );
                 link(&mut seq, &mut hash, record, &mut out);
                 made_here.push(true);
@@ -352,9 +462,27 @@ impl Recorder {
             && let Some(cp) = self.checkpoint(now)?
         {
             out.push(cp);
+            if self.head_witness.is_some() {
+                self.spool.sync()?;
+                self.witness_head();
+            }
         }
         self.spool.sync_if_due()?;
         Ok(out)
+    }
+
+    /// Writes the (durable) head to the witness file; a failure is logged, not fatal.
+    fn witness_head(&self) {
+        let Some(path) = &self.head_witness else {
+            return;
+        };
+        let head = head_witness::Head {
+            seq: self.seq,
+            hash: self.hash,
+        };
+        if let Err(err) = head_witness::write(path, head) {
+            tracing::warn!(path = %path.display(), "chain head witness: {err}");
+        }
     }
 
     /// Writes a checkpoint now, so that a chain that stops (shutdown) ends on a
@@ -364,12 +492,14 @@ impl Recorder {
         if self.since_checkpoint == 0 {
             return Ok(Vec::new());
         }
-        Ok(self.checkpoint(SystemTime::now())?.into_iter().collect())
+        Ok(self.checkpoint((self.clock)())?.into_iter().collect())
     }
 
     /// Forces everything written to stable storage (shutdown).
     pub fn sync(&mut self) -> Result<(), Error> {
-        Ok(self.spool.sync()?)
+        self.spool.sync()?;
+        self.witness_head();
+        Ok(())
     }
 
     /// The collector has stored everything up to `seq`.
@@ -438,6 +568,7 @@ impl Recorder {
             &self.hash,
             now,
             self.since_checkpoint,
+            self.policy.every,
         );
         self.last_checkpoint = now;
         match self.write(r, Class::Control) {
@@ -456,7 +587,7 @@ impl Recorder {
     fn loss_record(&self, count: u64, detail: String) -> v1::Record {
         v1::Record {
             kind: RecordKind::Loss as i32,
-            time_unix_nano: checkpoint::unix_nanos(SystemTime::now()),
+            time_unix_nano: checkpoint::unix_nanos((self.clock)()),
             sensor_id: self.sensor_id.clone(),
             site: String::new(),
             body: Some(Body::Loss(v1::Loss {

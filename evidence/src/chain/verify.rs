@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use conduit_proto::v1::{self, RecordKind, record::Body};
 use prost::Message as _;
 
+use super::anchor::{self, Anchor};
 use super::checkpoint::{signing_bytes, verify_signature};
 use super::hashing::{ZERO_HASH, record_hash};
 use super::keys;
@@ -96,9 +97,31 @@ struct State {
     expected: Option<u64>,
     prev_hash: [u8; 32],
     sensor_id: Option<String>,
+    /// Where retention pruned the chain: the first stored record links to it.
+    anchor: Option<Anchor>,
 }
 
 impl State {
+    /// The anchor's checkpoint: signed by the sensor's key.
+    fn check_anchor(&mut self) -> Result<(), Break> {
+        let Some((seq, _, bytes)) = self.anchor.as_ref().and_then(|a| a.checkpoint.clone()) else {
+            return Ok(());
+        };
+        let bad = |what: String| Break {
+            seq,
+            what: format!("retention anchor's checkpoint: {what}"),
+        };
+        let record = v1::Record::decode(&bytes[..]).map_err(|e| bad(e.to_string()))?;
+        let Some(Body::Checkpoint(cp)) = &record.body else {
+            return Err(bad("not a checkpoint".to_owned()));
+        };
+        let hash: [u8; 32] = cp.hash[..]
+            .try_into()
+            .map_err(|_| bad("hash is not 32 bytes".to_owned()))?;
+        self.check_key(&cp.public_key, "checkpoint").map_err(bad)?;
+        let msg = signing_bytes(&record.sensor_id, cp.seq, &hash, cp.time_unix_nano);
+        verify_signature(&cp.public_key, &msg, &cp.signature).map_err(bad)
+    }
     fn next_seq(&self) -> u64 {
         self.expected.unwrap_or(1)
     }
@@ -158,12 +181,36 @@ impl State {
                     return Err(bad(1, "prev_hash of seq 1 is not all zero".to_owned()));
                 }
             }
-            None => {
-                self.report.warnings.push(format!(
-                    "chain starts at seq {seq} (earlier segments deleted after acknowledgement?); the prev_hash of seq {seq} is not checked"
-                ));
-                self.prev_hash = *prev_hash;
-            }
+            None => match &self.anchor {
+                Some(a) if seq == a.seq + 1 => {
+                    if *prev_hash != a.hash {
+                        return Err(bad(
+                            seq,
+                            format!(
+                                "prev_hash does not link to the retention anchor (seq {}, hash {})",
+                                a.seq,
+                                hex::encode(a.hash)
+                            ),
+                        ));
+                    }
+                    self.prev_hash = *prev_hash;
+                }
+                Some(a) if seq > a.seq + 1 => {
+                    return Err(bad(
+                        a.seq + 1,
+                        format!(
+                            "missing: the chain resumes at seq {seq}, the retention anchor ends at seq {}",
+                            a.seq
+                        ),
+                    ));
+                }
+                _ => {
+                    self.report.warnings.push(format!(
+                        "chain starts at seq {seq} (earlier segments deleted after acknowledgement?); the prev_hash of seq {seq} is not checked"
+                    ));
+                    self.prev_hash = *prev_hash;
+                }
+            },
             Some(exp) if seq == exp => {}
             Some(exp) if seq < exp => {
                 return Err(bad(
@@ -189,6 +236,15 @@ impl State {
                     "prev_hash does not link to the hash of seq {} (record from another chain?)",
                     seq - 1
                 ),
+            ));
+        }
+        if let Some(a) = &self.anchor
+            && seq == a.seq
+            && *hash != a.hash
+        {
+            return Err(bad(
+                seq,
+                "hash differs from the retention anchor's".to_owned(),
             ));
         }
         if record_hash(seq, prev_hash, bytes) != *hash {
@@ -306,8 +362,16 @@ pub fn verify_dir(dir: &Path, public_key: Option<[u8; 32]>) -> Report {
         expected: None,
         prev_hash: ZERO_HASH,
         sensor_id: None,
+        anchor: None,
     };
-    if let Err(b) = walk(dir, &mut st) {
+    match anchor::read(dir) {
+        Ok(a) => st.anchor = a,
+        Err(what) => {
+            st.report.first_bad = Some(Break { seq: 0, what });
+            return st.report;
+        }
+    }
+    if let Err(b) = st.check_anchor().and_then(|()| walk(dir, &mut st)) {
         st.report.first_bad = Some(b);
     }
     let mut report = st.report;

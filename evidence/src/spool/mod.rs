@@ -5,6 +5,7 @@
 //! returns, so a killed process loses nothing that was appended; `fdatasync` (power
 //! loss) follows [`SyncPolicy`].
 
+pub mod damage;
 pub mod frame;
 mod reader;
 mod recovery;
@@ -605,6 +606,18 @@ impl Spool {
         let warn = self.warn_bytes();
         while self.total_bytes > warn && self.delete_oldest_acked()? {}
         Ok(())
+    }
+
+    /// Deletes the oldest segments whose every record is at or below `seq`, never the
+    /// newest one (a collector's retention; the caller has anchored the chain).
+    /// Returns how many were deleted.
+    pub fn delete_through(&mut self, seq: u64) -> Result<u64, Error> {
+        self.acked = self.acked.max(seq.min(self.head.map_or(0, |h| h.0)));
+        let mut n = 0;
+        while self.delete_oldest_acked()? {
+            n += 1;
+        }
+        Ok(n)
     }
 
     fn warn_bytes(&self) -> u64 {

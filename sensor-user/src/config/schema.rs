@@ -185,8 +185,8 @@ pub fn sensor_schema() -> Value {
             "checkpoint": {
                 "type": "object", "additionalProperties": false,
                 "properties": {
-                    "every_records": {"type": "integer", "minimum": 1, "default": 1000},
-                    "every_seconds": {"type": "integer", "minimum": 1, "maximum": 86400, "default": 60}
+                    "every_records": {"type": "integer", "minimum": 1, "default": conduit_evidence::chain::checkpoint::DEFAULT_EVERY_RECORDS},
+                    "every_seconds": {"type": "integer", "minimum": 1, "maximum": 86400, "default": conduit_evidence::chain::checkpoint::DEFAULT_EVERY.as_secs()}
                 }
             }
         }

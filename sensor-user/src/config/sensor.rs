@@ -189,9 +189,11 @@ impl Default for Timeouts {
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
+        // The one source of the heartbeat defaults is the chain's checkpoint policy.
+        use conduit_evidence::chain::checkpoint::{DEFAULT_EVERY, DEFAULT_EVERY_RECORDS};
         CheckpointConfig {
-            every_records: 1000,
-            every_seconds: 60,
+            every_records: DEFAULT_EVERY_RECORDS,
+            every_seconds: DEFAULT_EVERY.as_secs(),
         }
     }
 }

@@ -239,6 +239,59 @@ fn demo() -> Result<()> {
         println!("  one exported violation, as the SIEM receives it:\n  {v}");
     }
 
+    say("The auditor's report for the sensor's run");
+    // From the first signed checkpoint to the last (JSON times are milliseconds).
+    let checkpoints: Vec<&str> = exported
+        .iter()
+        .filter(|r| r["event"]["action"] == "checkpoint" && r["observer"]["id"] == "sensor-gw")
+        .filter_map(|r| r["@timestamp"].as_str())
+        .collect();
+    let (Some(first), Some(last)) = (checkpoints.first(), checkpoints.last()) else {
+        anyhow::bail!("the export has no checkpoint of the sensor");
+    };
+    let fmt = time::format_description::well_known::Rfc3339;
+    let since = (time::OffsetDateTime::parse(first, &fmt)? + time::Duration::milliseconds(1))
+        .format(&fmt)?;
+    let out_dir = workspace_bin("conduit-collector")
+        .parent()
+        .and_then(|p| p.parent())
+        .map(|t| t.join("demo"))
+        .context("no target directory")?;
+    fs::create_dir_all(&out_dir)?;
+    let (html, pdf) = (
+        out_dir.join("conduit-report.html"),
+        out_dir.join("conduit-report.pdf"),
+    );
+    let mut report = Command::new(workspace_bin("conduit-collector"));
+    report
+        .args(["report", "--store"])
+        .arg(&store)
+        .args(["--since", &since, "--until", last, "--out"])
+        .arg(&html);
+    if Command::new("sh")
+        .args(["-c", "command -v chromium"])
+        .output()?
+        .status
+        .success()
+    {
+        report.arg("--pdf").arg(&pdf);
+    }
+    let out = report.output()?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    println!(
+        "  conduit-collector report: exit code {} (0: verified and complete)",
+        out.status.code().unwrap_or(-1)
+    );
+    anyhow::ensure!(
+        out.status.success(),
+        "the report is not verified and complete"
+    );
+    println!("  open it: file://{}", html.display());
+    if pdf.exists() {
+        println!("  printed: {}", pdf.display());
+    }
+
     say("Done; the lab is being removed");
     Ok(())
 }
