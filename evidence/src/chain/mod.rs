@@ -226,20 +226,14 @@ impl Recorder {
                 why = t.why,
                 "spool recovery cut a torn tail"
             );
-            let r = v1::Record {
-                kind: RecordKind::SpoolRecovery as i32,
-                time_unix_nano: checkpoint::unix_nanos(now),
-                sensor_id: rec.sensor_id.clone(),
-                site: String::new(),
-                body: Some(Body::SpoolRecovery(v1::SpoolRecovery {
-                    segment: t.segment.clone(),
-                    truncated_bytes: t.bytes,
-                    last_good_seq: rec.seq,
-                    detail: format!("cut at offset {}: {}", t.offset, t.why),
-                    saved_as: t.saved_as.clone().unwrap_or_default(),
-                })),
-            };
-            out.push(rec.write(r, Class::Control)?);
+            let body = Body::SpoolRecovery(v1::SpoolRecovery {
+                segment: t.segment.clone(),
+                truncated_bytes: t.bytes,
+                last_good_seq: rec.seq,
+                detail: format!("cut at offset {}: {}", t.offset, t.why),
+                saved_as: t.saved_as.clone().unwrap_or_default(),
+            });
+            out.push(rec.write_control(RecordKind::SpoolRecovery, body, now)?);
         }
         // Seqs lost in the middle of the spool (a deleted or cut segment): each gap
         // gets one signed loss record, the first time it is seen.
@@ -250,23 +244,17 @@ impl Recorder {
                 why = gap.why,
                 "records missing from the spool"
             );
-            let r = v1::Record {
-                kind: RecordKind::Loss as i32,
-                time_unix_nano: checkpoint::unix_nanos(now),
-                sensor_id: rec.sensor_id.clone(),
-                site: String::new(),
-                body: Some(Body::Loss(v1::Loss {
-                    reason: SPOOL_GAP.to_owned(),
-                    count: gap.to - gap.from + 1,
-                    unit: "record".to_owned(),
-                    origin: "agent".to_owned(),
-                    detail: format!(
-                        "seqs {}..={} are missing from the spool: {}",
-                        gap.from, gap.to, gap.why
-                    ),
-                })),
-            };
-            out.push(rec.write(r, Class::Control)?);
+            let body = Body::Loss(v1::Loss {
+                reason: SPOOL_GAP.to_owned(),
+                count: gap.to - gap.from + 1,
+                unit: "record".to_owned(),
+                origin: "agent".to_owned(),
+                detail: format!(
+                    "seqs {}..={} are missing from the spool: {}",
+                    gap.from, gap.to, gap.why
+                ),
+            });
+            out.push(rec.write_control(RecordKind::Loss, body, now)?);
         }
         // Records lost from the head of the spool, if the witness outside it saw more.
         if let Some(witness) = rec.head_witness.as_deref().and_then(head_witness::read)
@@ -274,20 +262,14 @@ impl Recorder {
             && let Some(detail) = head_witness::compare(witness, seq, &hash)
         {
             tracing::error!(detail, "records missing from the head of the spool");
-            let r = v1::Record {
-                kind: RecordKind::Loss as i32,
-                time_unix_nano: checkpoint::unix_nanos(now),
-                sensor_id: rec.sensor_id.clone(),
-                site: String::new(),
-                body: Some(Body::Loss(v1::Loss {
-                    reason: "spool_head_lost".to_owned(),
-                    count: witness.seq.saturating_sub(seq).max(1),
-                    unit: "record".to_owned(),
-                    origin: "agent".to_owned(),
-                    detail,
-                })),
-            };
-            out.push(rec.write(r, Class::Control)?);
+            let body = Body::Loss(v1::Loss {
+                reason: "spool_head_lost".to_owned(),
+                count: witness.seq.saturating_sub(seq).max(1),
+                unit: "record".to_owned(),
+                origin: "agent".to_owned(),
+                detail,
+            });
+            out.push(rec.write_control(RecordKind::Loss, body, now)?);
         }
         // Sign the head at once, so that a restart is visible and the tail before the
         // crash is covered.
@@ -557,6 +539,24 @@ impl Recorder {
             record,
             record_bytes,
         })
+    }
+
+    /// Writes a record of the recorder's own (recovery, damage found on start) at
+    /// `now`, from the control reserve.
+    fn write_control(
+        &mut self,
+        kind: RecordKind,
+        body: Body,
+        now: SystemTime,
+    ) -> Result<Appended, Error> {
+        let r = v1::Record {
+            kind: kind as i32,
+            time_unix_nano: checkpoint::unix_nanos(now),
+            sensor_id: self.sensor_id.clone(),
+            site: String::new(),
+            body: Some(body),
+        };
+        self.write(r, Class::Control)
     }
 
     /// Writes a checkpoint covering the head; None if even the control reserve is full.
