@@ -11,7 +11,10 @@ use std::{
     io::{BufWriter, Write as _},
     net::IpAddr,
     path::PathBuf,
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -154,10 +157,13 @@ const UPLINK_DRAIN: Duration = Duration::from_secs(5);
 /// kernel timestamps carry its index (`Kernel::stamp_replay_packet`), which the
 /// agent maps to the packet's capture time, and the agent's own clock (sweeps,
 /// timeouts, record times) follows the capture. Returns the number of packets run.
-pub fn replay(settings: AgentSettings, packets: Vec<crate::pcap::Captured>) -> Result<u64> {
+pub fn replay(mut settings: AgentSettings, packets: Vec<crate::pcap::Captured>) -> Result<u64> {
     let times: Vec<u64> = packets.iter().map(|(t, _)| *t).collect();
     let first = times.first().copied().unwrap_or_default();
     let last = times.last().copied().unwrap_or_default();
+    // The chain's own records (chain start, checkpoints) follow the capture too.
+    REPLAY_NOW_NANOS.store(first, Ordering::Relaxed);
+    settings.recorder.clock = replay_wall_clock;
     let clock = Clock::Replay { times, now: first };
     let mut agent = Agent::start(settings, Arc::new(Metrics::default()), clock)?;
     let sweep_every = u64::try_from(SWEEP_INTERVAL.as_nanos()).unwrap_or(u64::MAX);
@@ -172,6 +178,7 @@ pub fn replay(settings: AgentSettings, packets: Vec<crate::pcap::Captured>) -> R
         }
         if t.saturating_sub(last_sweep) >= sweep_every {
             agent.sweep()?;
+            agent.tick()?;
             last_sweep = *t;
         }
     }
@@ -185,6 +192,14 @@ pub fn replay(settings: AgentSettings, packets: Vec<crate::pcap::Captured>) -> R
     agent.tracker.capture_over();
     agent.drain()?;
     Ok(packets.len() as u64)
+}
+
+/// The capture time a replay has reached (one replay per process), for the
+/// recorder's clock: [`replay_wall_clock`].
+static REPLAY_NOW_NANOS: AtomicU64 = AtomicU64::new(0);
+
+fn replay_wall_clock() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_nanos(REPLAY_NOW_NANOS.load(Ordering::Relaxed))
 }
 
 /// Whose time the agent keeps.
@@ -208,6 +223,15 @@ impl Clock {
     fn set_now(&mut self, t: u64) {
         if let Clock::Replay { now, .. } = self {
             *now = t;
+            REPLAY_NOW_NANOS.store(t, Ordering::Relaxed);
+        }
+    }
+
+    /// Wall-clock time for the recorder's timer (checkpoints).
+    fn wall_now(&self) -> SystemTime {
+        match self {
+            Clock::Live => SystemTime::now(),
+            Clock::Replay { .. } => replay_wall_clock(),
         }
     }
 
@@ -501,7 +525,7 @@ impl Agent {
 
     fn tick(&mut self) -> Result<()> {
         self.acknowledge_collector()?;
-        let written = self.sink.recorder.tick(SystemTime::now())?;
+        let written = self.sink.recorder.tick(self.sink.clock.wall_now())?;
         self.emit_appended(written)
     }
 
