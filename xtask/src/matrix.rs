@@ -2,11 +2,11 @@
 //! per Debian kernel, with the test binaries built on the host (the VM sees the
 //! host's files).
 
-use std::{path::PathBuf, process::Command, time::Instant};
+use std::{path::PathBuf, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{cargo, run, step};
+use crate::{cargo, step};
 
 /// The kernels of the matrix (`cargo xtask vm --kernel`).
 pub const KERNELS: [&str; 3] = ["5.10", "6.1", "6.12"];
@@ -51,33 +51,46 @@ pub fn run_matrix(full: bool) -> Result<()> {
         Vec::new()
     };
     let sensor = crate::workspace_root().join("target/debug/conduit-sensor");
-    let xtask = std::env::current_exe().context("the xtask binary's path")?;
+    // In this process, not through the xtask binary: an earlier step may have
+    // rebuilt (replaced) it.
+    std::env::set_current_dir(crate::workspace_root()).context("the workspace root")?;
     for kernel in KERNELS {
         let started = Instant::now();
-        let vm = |args: &[&std::ffi::OsStr]| {
-            let mut cmd = Command::new(&xtask);
-            cmd.current_dir(crate::workspace_root())
-                .args(["vm", "--kernel", kernel, "--"])
-                .args(args);
-            cmd
+        let vm = |args: &[&std::ffi::OsStr]| -> Result<()> {
+            let shown: Vec<String> = args
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            println!(
+                "    $ cargo xtask vm --kernel {kernel} -- {}",
+                shown.join(" ")
+            );
+            let command = args.iter().map(|a| a.to_os_string()).collect();
+            match crate::vm::run(crate::vm::VmArgs::new(kernel, command)?)? {
+                0 => Ok(()),
+                code => bail!(
+                    "`{}` in the {kernel} VM exited with {code}",
+                    shown.join(" ")
+                ),
+            }
         };
-        run(&mut vm(&[
+        vm(&[
             sensor.as_os_str(),
             "probe".as_ref(),
             "--iface".as_ref(),
             "lo".as_ref(),
-        ]))?;
+        ])?;
         for (name, exe) in &binaries {
             step(&format!("{name} on {kernel}"));
-            run(&mut vm(&[exe.as_os_str(), "--test-threads=1".as_ref()]))?;
+            vm(&[exe.as_os_str(), "--test-threads=1".as_ref()])?;
         }
         for (name, exe) in &e2e_exe {
             step(&format!("{name} ({e2e_filter}) on {kernel}"));
-            run(&mut vm(&[
+            vm(&[
                 exe.as_os_str(),
                 "--test-threads=1".as_ref(),
                 e2e_filter.as_ref(),
-            ]))?;
+            ])?;
         }
         println!(
             "    kernel {kernel}: {:.0} s",

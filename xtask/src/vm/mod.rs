@@ -56,13 +56,13 @@ pub struct VmArgs {
     #[arg(long)]
     pub systemd: bool,
     /// Guest memory in MiB.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = DEFAULT_MEMORY_MIB)]
     pub memory: u32,
     /// Guest CPUs.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = DEFAULT_CPUS)]
     pub cpus: u32,
     /// Kill the VM after this many seconds (exit status 124).
-    #[arg(long, default_value_t = 1200)]
+    #[arg(long, default_value_t = DEFAULT_TIMEOUT_SECS)]
     pub timeout: u64,
     /// Extra environment for COMMAND, NAME=VALUE or NAME (taken from the caller).
     #[arg(long = "env", value_name = "NAME[=VALUE]")]
@@ -70,6 +70,25 @@ pub struct VmArgs {
     /// The command and its arguments (after `--`).
     #[arg(required = true, allow_hyphen_values = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+}
+
+const DEFAULT_MEMORY_MIB: u32 = 2048;
+const DEFAULT_CPUS: u32 = 2;
+const DEFAULT_TIMEOUT_SECS: u64 = 1200;
+
+impl VmArgs {
+    /// COMMAND in a VM with `kernel` (a series name), with the defaults of the flags.
+    pub fn new(kernel: &str, command: Vec<OsString>) -> Result<VmArgs> {
+        Ok(VmArgs {
+            kernel: parse_series(kernel).map_err(anyhow::Error::msg)?,
+            systemd: false,
+            memory: DEFAULT_MEMORY_MIB,
+            cpus: DEFAULT_CPUS,
+            timeout: DEFAULT_TIMEOUT_SECS,
+            env: Vec::new(),
+            command,
+        })
+    }
 }
 
 /// A kernel series and the Debian suite whose `linux-image-amd64` provides it.
