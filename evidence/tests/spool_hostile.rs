@@ -26,14 +26,13 @@ fn flow(i: u64) -> v1::Record {
     }
 }
 
+/// Segment files, oldest first (the spool's own listing).
 fn segments(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut v: Vec<_> = std::fs::read_dir(dir)
-        .expect("dir")
-        .filter_map(|e| Some(e.ok()?.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "cspool"))
-        .collect();
-    v.sort();
-    v
+    conduit_evidence::spool::segment::list(dir)
+        .expect("list")
+        .into_iter()
+        .map(|(_, path)| path)
+        .collect()
 }
 
 #[test]
