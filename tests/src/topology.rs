@@ -165,8 +165,8 @@ impl GatewayLab {
     /// Sends `count` one-datagram UDP flows from OT host 1 to `AI_V4[0]`, each its
     /// own (source port, destination port) pair from `port` up, paced over
     /// `seconds`, with `tests/peers/udp_burst.py` (a raw socket: one syscall per
-    /// datagram). Returns how many it sent.
-    pub fn udp_burst(&self, port: u16, count: u64, seconds: f64) -> Result<u64> {
+    /// datagram). Every datagram goes out once; see [`Burst`].
+    pub fn udp_burst(&self, port: u16, count: u64, seconds: f64) -> Result<Burst> {
         // A static neighbour entry for the gateway: raw datagrams queued behind ARP
         // resolution would be dropped before they reach it.
         let mac = self.lab.exec(
@@ -202,6 +202,20 @@ impl GatewayLab {
                 &seconds.to_string(),
             ],
         )?;
-        Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+        let out = String::from_utf8_lossy(&out.stdout);
+        let mut fields = out.split_whitespace().map(str::parse::<u64>);
+        match (fields.next(), fields.next()) {
+            (Some(Ok(sent)), Some(Ok(resent))) => Ok(Burst { sent, resent }),
+            _ => anyhow::bail!("udp_burst.py printed {out:?}"),
+        }
     }
+}
+
+/// What [`GatewayLab::udp_burst`] sent: `sent` datagrams, `resent` of which the
+/// OT host's veth refused at first (its peer's XDP ring full: counted in its
+/// `tx_dropped`, never seen by the gateway) and took on a second try.
+#[derive(Debug, Clone, Copy)]
+pub struct Burst {
+    pub sent: u64,
+    pub resent: u64,
 }

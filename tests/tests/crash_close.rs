@@ -35,7 +35,7 @@ fn restart_after_kill_9_closes_every_open_flow() -> Result<()> {
         "300s",
     ];
     let sensor = SensorRun::start(&mut lab.lab, &gw, "sensor", &args)?;
-    ensure!(lab.udp_burst(6000, FLOWS, 0.1)? == FLOWS);
+    ensure!(lab.udp_burst(6000, FLOWS, 0.1)?.sent == FLOWS);
     // Wait until every flow has its flow_start, then crash the sensor.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {

@@ -37,9 +37,10 @@ table netdev burst {{
     )
 }
 
-/// What a burst left (the gateway received all [`FLOWS`]): flows recorded, lost
+/// What a burst left: flows the gateway received, recorded, lost
 /// (loss records in unit `flow`, by reason), and the agent's peak RSS.
 struct Outcome {
+    received: u64,
     recorded: u64,
     lost: u64,
     lost_by_reason: std::collections::BTreeMap<String, u64>,
@@ -77,8 +78,9 @@ fn past_its_limits_the_accounting_stays_exact() -> Result<()> {
         Some("capacity:\n  ring_buffer_bytes: 65536\n  tracked_flows: 100000\n"),
     )?;
     ensure!(
-        o.recorded == 100_000,
-        "the tracker holds 100,000 flows, recorded {}",
+        o.recorded == o.received.min(100_000),
+        "the tracker holds 100,000 flows; received {}, recorded {}",
+        o.received,
         o.recorded
     );
     ensure!(
@@ -92,7 +94,8 @@ fn past_its_limits_the_accounting_stays_exact() -> Result<()> {
 }
 
 /// Sends the burst through a sensor with the defaults, or with `capacity` (YAML
-/// for sensor.yaml) added; checks recorded + lost == received == FLOWS.
+/// for sensor.yaml) added; checks recorded + lost == received, and that every
+/// datagram of the burst either reached the gateway or was dropped by the link.
 fn burst(tag: &str, capacity: Option<&str>) -> Result<Outcome> {
     let mut lab = GatewayLab::build(tag, GatewayLabOptions::default())?;
     let rules = lab.lab.workdir.join("burst.nft");
@@ -126,9 +129,11 @@ fn burst(tag: &str, capacity: Option<&str>) -> Result<Outcome> {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let sensor = SensorRun::start(&mut lab.lab, &gw, "sensor", &args)?;
 
+    let dropped_before = tx_dropped(&lab)?;
     let started = std::time::Instant::now();
-    let sent = lab.udp_burst(PORT, FLOWS, 1.5)?;
+    let burst = lab.udp_burst(PORT, FLOWS, 1.5)?;
     let took = started.elapsed();
+    let sent = burst.sent;
     ensure!(sent == FLOWS, "the sender sent {sent}");
 
     // Wait until the gateway has seen what it will see (the count stops moving),
@@ -197,23 +202,46 @@ fn burst(tag: &str, capacity: Option<&str>) -> Result<Outcome> {
         })
         .with_context(|| format!("no peak_rss_kib in the sensor log:\n{log}"))?;
     let recorded = recorded.len() as u64;
+    // A datagram the sender's veth dropped (its peer's XDP ring full on a loaded
+    // host) never reached the gateway's XDP: not the sensor's to count. The
+    // sender resends those the device reports (ENOBUFS); whatever the link
+    // dropped beyond them is the gateway's shortfall, measured, not assumed, so
+    // a datagram lost anywhere else fails the test.
+    let link_dropped = tx_dropped(&lab)? - dropped_before;
+    let link_lost = link_dropped.saturating_sub(burst.resent);
     println!(
-        "sent {sent} in {took:?}, gateway received {received}, recorded {recorded}, lost {lost}, peak RSS {} KiB; loss records: {losses:?}",
-        peak_kib
+        "sent {sent} in {took:?}, gateway received {received}, the sender's link dropped {link_dropped} (resent {}), recorded {recorded}, lost {lost}, peak RSS {} KiB; loss records: {losses:?}",
+        burst.resent, peak_kib
     );
     ensure!(
         recorded + lost == received,
         "recorded {recorded} + lost {lost} != received {received}; losses {losses:?}"
     );
     ensure!(
-        received == FLOWS,
-        "the gateway received {received} of {FLOWS}"
+        received + link_lost == FLOWS && link_dropped >= burst.resent,
+        "the gateway received {received} of {FLOWS}; the sender's link dropped \
+         {link_dropped}, the sender resent {}",
+        burst.resent
+    );
+    ensure!(
+        received > FLOWS * 9 / 10,
+        "the link lost {link_lost} of the burst: too few reached the gateway to test it"
     );
     conduit_lab::verify_chain(&lab.lab.workdir.join(format!("{label}-spool")))?;
     Ok(Outcome {
+        received,
         recorded,
         lost,
         lost_by_reason,
         peak_kib,
     })
+}
+
+/// The OT host's veth drops (what its peer could not take), from sysfs.
+fn tx_dropped(lab: &GatewayLab) -> Result<u64> {
+    let out = lab.lab.exec(
+        &lab.ot1,
+        &["cat", "/sys/class/net/eth0/statistics/tx_dropped"],
+    )?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
 }
