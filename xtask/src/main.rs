@@ -273,6 +273,7 @@ fn test(lint: bool, full_matrix: bool) -> Result<()> {
     remove_stale_labs();
     toolchain::fresh_check()?;
     collector_free_of_ebpf_build()?;
+    lock_free_of_unmaintained()?;
     if lint {
         step("cargo fmt --check");
         run(cargo().args(["fmt", "--all", "--check"]))?;
@@ -381,6 +382,34 @@ fn collector_free_of_ebpf_build() -> Result<()> {
     Ok(())
 }
 
+/// Crates with an advisory that names no fixed version (unmaintained): the lock
+/// file must not bring them back through an upgrade or a new dependency.
+const UNMAINTAINED: &[(&str, &str)] = &[("rustls-pemfile", "RUSTSEC-2025-0134")];
+
+fn lock_free_of_unmaintained() -> Result<()> {
+    step("The lock file has no crate known to be unmaintained");
+    let lock =
+        std::fs::read_to_string(workspace_root().join("Cargo.lock")).context("Cargo.lock")?;
+    let lock: toml::Table = toml::from_str(&lock).context("parsing Cargo.lock")?;
+    let names: Vec<&str> = lock
+        .get("package")
+        .and_then(toml::Value::as_array)
+        .context("Cargo.lock has no [[package]]")?
+        .iter()
+        .filter_map(|p| p.get("name").and_then(toml::Value::as_str))
+        .collect();
+    let found: Vec<String> = UNMAINTAINED
+        .iter()
+        .filter(|(name, _)| names.contains(name))
+        .map(|(name, advisory)| format!("{name} ({advisory})"))
+        .collect();
+    if !found.is_empty() {
+        bail!("Cargo.lock holds unmaintained crates: {}", found.join(", "));
+    }
+    println!("    {} packages, none of {:?}", names.len(), UNMAINTAINED);
+    Ok(())
+}
+
 fn demo() -> Result<()> {
     build_release()?;
     remove_stale_labs();
@@ -467,5 +496,13 @@ fn remove_stale_labs() {
             println!("    removing stale namespace {name}");
             let _ = Command::new("ip").args(["netns", "del", name]).status();
         }
+    }
+}
+
+#[cfg(test)]
+mod lock_tests {
+    #[test]
+    fn the_lock_file_parses_and_has_no_unmaintained_crate() -> anyhow::Result<()> {
+        super::lock_free_of_unmaintained()
     }
 }
