@@ -27,6 +27,10 @@ pub const MAX_POLICY_CIDRS: u32 = 4096;
 pub const MAX_POLICY_SNI: u32 = 8192;
 /// Capacity of the conduit map.
 pub const MAX_POLICY_CONDUITS: u32 = 8192;
+/// Policies each policy table holds at once (see [`PolicyKey`]): the one in force
+/// and the next, during a reload. The tables are sized for this many of the
+/// `MAX_POLICY_*` limits above, which bound one policy.
+pub const POLICY_GENERATIONS: u32 = 2;
 
 /// Address family tag stored in [`FlowKey::family`].
 pub const FAMILY_IPV4: u8 = 4;
@@ -356,6 +360,40 @@ pub struct ZoneKeyV6 {
 /// Bits of the VLAN in front of a zone key's address.
 pub const ZONE_KEY_VLAN_BITS: u32 = 16;
 
+/// Key of every policy table: the policy generation the entry belongs to, then the
+/// table's own key (for the LPM tries, the generation is the first
+/// [`POLICY_GEN_BITS`] of the prefix). A reload writes the new policy under the
+/// generation not in force, then switches [`KernelConfig::policy_gen`] in one
+/// write; a lookup only ever sees entries of the generation it read from the
+/// config, so a packet meets the old policy whole or the new one whole.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyKey<K> {
+    pub generation: u8,
+    pub key: K,
+}
+
+impl<K> PolicyKey<K> {
+    #[inline(always)]
+    pub const fn new(generation: u8, key: K) -> PolicyKey<K> {
+        PolicyKey { generation, key }
+    }
+}
+
+/// Bits of the generation in front of a policy trie key.
+pub const POLICY_GEN_BITS: u32 = 8;
+
+/// Key of the SNI hash tables: the name hash's bytes (native order), so that a
+/// [`PolicyKey`] of it has no padding.
+pub type SniKey = PolicyKey<[u8; 8]>;
+
+impl SniKey {
+    #[inline(always)]
+    pub const fn sni(generation: u8, hash: u64) -> SniKey {
+        PolicyKey::new(generation, hash.to_ne_bytes())
+    }
+}
+
 /// Value of the `CONDUITS` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -378,7 +416,11 @@ pub struct KernelConfig {
     pub default_action: u8,
     /// 1 when `LOCAL_ADDRS` has entries; lets the fast path skip that lookup.
     pub has_local_addrs: u8,
-    pub _pad: [u8; 4],
+    /// The policy generation in force (0 or 1, see [`PolicyKey`]). It shares the
+    /// first aligned word with `enforce` and `default_action`, so the three switch
+    /// together: the program copies the config once per packet.
+    pub policy_gen: u8,
+    pub _pad: [u8; 3],
     /// CLOCK_BOOTTIME - CLOCK_MONOTONIC in ns, sampled by the agent. Flow timestamps
     /// are `bpf_ktime_get_coarse_ns() + boot_offset_ns`: boot-clock time at tick
     /// resolution, much cheaper than `bpf_ktime_get_boot_ns`.
@@ -612,6 +654,13 @@ mod pod {
     unsafe impl aya::Pod for super::ConduitKey {}
     unsafe impl aya::Pod for super::ZoneKeyV4 {}
     unsafe impl aya::Pod for super::ZoneKeyV6 {}
+    // Only keys of alignment 1: a `PolicyKey` of them has no padding.
+    unsafe impl aya::Pod for super::PolicyKey<super::ZoneKeyV4> {}
+    unsafe impl aya::Pod for super::PolicyKey<super::ZoneKeyV6> {}
+    unsafe impl aya::Pod for super::PolicyKey<super::LpmV4> {}
+    unsafe impl aya::Pod for super::PolicyKey<super::LpmV6> {}
+    unsafe impl aya::Pod for super::PolicyKey<super::ConduitKey> {}
+    unsafe impl aya::Pod for super::SniKey {}
     unsafe impl aya::Pod for super::ConduitValue {}
     unsafe impl aya::Pod for super::KernelConfig {}
 }

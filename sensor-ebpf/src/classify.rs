@@ -10,9 +10,9 @@ use aya_ebpf::{
 };
 use sensor_common::{
     CONDUIT_KEY_BITS, ConduitKey, Counter, DIR_FORWARD, EVENT_PAYLOAD, FAMILY_IPV4, FlowKey,
-    FlowStats, KernelConfig, PAYLOAD_COPY_MAX, PayloadEvent, SNI_HASH_INIT, Verdict,
-    ZONE_KEY_VLAN_BITS, ZoneKeyV4, ZoneKeyV6, app_protocol, conduit_proto, sni_hash_step,
-    sni_state,
+    FlowStats, KernelConfig, PAYLOAD_COPY_MAX, POLICY_GEN_BITS, PayloadEvent, PolicyKey,
+    SNI_HASH_INIT, SniKey, Verdict, ZONE_KEY_VLAN_BITS, ZoneKeyV4, ZoneKeyV6, app_protocol,
+    conduit_proto, sni_hash_step, sni_state,
 };
 
 use crate::{
@@ -172,14 +172,16 @@ fn copy_chunk(b: &Bounds, off: usize, dst: *mut u8, at: usize) -> Option<()> {
 pub trait Variant {
     /// Copies `len` packet bytes at `off` into `dst`; 0 on success.
     fn copy<C: LoadBytes>(ctx: &C, b: &Bounds, off: u32, dst: *mut u8, len: u32) -> i64;
-    /// Hash and endpoint of the host name at `name_off` (relative to the payload,
-    /// which starts at packet offset `payload_off` and is copied in `data`).
+    /// Hash and endpoint (in policy generation `generation`) of the host name at
+    /// `name_off` (relative to the payload, which starts at packet offset
+    /// `payload_off` and is copied in `data`).
     fn sni<C: LoadBytes>(
         ctx: &C,
         data: &[u8; PAYLOAD_COPY_MAX],
         payload_off: u32,
         name_off: u32,
         name_len: u32,
+        generation: u8,
     ) -> Option<(u64, u16)>;
 }
 
@@ -204,8 +206,9 @@ impl Variant for Helpers {
         payload_off: u32,
         name_off: u32,
         name_len: u32,
+        generation: u8,
     ) -> Option<(u64, u16)> {
-        sni_lookup(ctx, payload_off + name_off, name_len)
+        sni_lookup(ctx, payload_off + name_off, name_len, generation)
     }
 }
 
@@ -222,8 +225,9 @@ impl Variant for Bounded {
         _payload_off: u32,
         name_off: u32,
         name_len: u32,
+        generation: u8,
     ) -> Option<(u64, u16)> {
-        sni_hash_bounded(data, name_off, name_len)
+        sni_hash_bounded(data, name_off, name_len, generation)
     }
 }
 
@@ -238,9 +242,10 @@ fn sides(p: &Packet, dir: usize) -> (&[u8; 16], &[u8; 16], u16) {
 }
 
 /// Zone of the initiator: (VLAN, address) among VLAN-scoped zones, else (0, address)
-/// among zones for any VLAN. The map loader rejects overlaps, so at most one applies.
+/// among zones for any VLAN, in policy generation `generation`. The map loader
+/// rejects overlaps, so at most one applies.
 #[inline(always)]
-fn zone_of(family: u8, addr: &[u8; 16], vlan: u16) -> u16 {
+fn zone_of(generation: u8, family: u8, addr: &[u8; 16], vlan: u16) -> u16 {
     let lookup = |vlan: u16| -> u16 {
         let v = vlan.to_be_bytes();
         if family == FAMILY_IPV4 {
@@ -248,15 +253,19 @@ fn zone_of(family: u8, addr: &[u8; 16], vlan: u16) -> u16 {
                 vlan: v,
                 addr: [addr[0], addr[1], addr[2], addr[3]],
             };
-            let k = Key::new(ZONE_KEY_VLAN_BITS + 32, data);
+            let k = Key::new(
+                POLICY_GEN_BITS + ZONE_KEY_VLAN_BITS + 32,
+                PolicyKey::new(generation, data),
+            );
             ZONES_V4.get(k).copied().unwrap_or(0)
         } else {
+            let data = ZoneKeyV6 {
+                vlan: v,
+                addr: *addr,
+            };
             let k = Key::new(
-                ZONE_KEY_VLAN_BITS + 128,
-                ZoneKeyV6 {
-                    vlan: v,
-                    addr: *addr,
-                },
+                POLICY_GEN_BITS + ZONE_KEY_VLAN_BITS + 128,
+                PolicyKey::new(generation, data),
             );
             ZONES_V6.get(k).copied().unwrap_or(0)
         }
@@ -265,17 +274,16 @@ fn zone_of(family: u8, addr: &[u8; 16], vlan: u16) -> u16 {
     if scoped != 0 { scoped } else { lookup(0) }
 }
 
-/// Endpoint of the responder by CIDR.
+/// Endpoint of the responder by CIDR, in policy generation `generation`.
 #[inline(always)]
-fn endpoint_by_net(family: u8, addr: &[u8; 16]) -> u16 {
+fn endpoint_by_net(generation: u8, family: u8, addr: &[u8; 16]) -> u16 {
     if family == FAMILY_IPV4 {
-        let k = Key::new(32, [addr[0], addr[1], addr[2], addr[3]]);
+        let data = [addr[0], addr[1], addr[2], addr[3]];
+        let k = Key::new(POLICY_GEN_BITS + 32, PolicyKey::new(generation, data));
         ENDPOINT_NETS_V4.get(k).copied().unwrap_or(0)
     } else {
-        ENDPOINT_NETS_V6
-            .get(Key::new(128, *addr))
-            .copied()
-            .unwrap_or(0)
+        let k = Key::new(POLICY_GEN_BITS + 128, PolicyKey::new(generation, *addr));
+        ENDPOINT_NETS_V6.get(k).copied().unwrap_or(0)
     }
 }
 
@@ -288,8 +296,8 @@ fn decide(s: *mut FlowStats, zone: u16, endpoint: u16, port: u16, proto: u8, cfg
         (0, None)
     } else {
         let ck = Key::new(
-            CONDUIT_KEY_BITS,
-            ConduitKey::new(zone, endpoint, proto, port),
+            POLICY_GEN_BITS + CONDUIT_KEY_BITS,
+            PolicyKey::new(cfg.policy_gen, ConduitKey::new(zone, endpoint, proto, port)),
         );
         match CONDUITS.get(ck) {
             Some(c) => (c.conduit_id, Some(c.action)),
@@ -311,11 +319,11 @@ fn decide(s: *mut FlowStats, zone: u16, endpoint: u16, port: u16, proto: u8, cfg
 #[inline(never)]
 pub fn on_new_flow(p: &Packet, dir: usize, s: *mut FlowStats, cfg: &KernelConfig) {
     let (init, resp, port) = sides(p, dir);
-    let endpoint = endpoint_by_net(p.family, resp);
+    let endpoint = endpoint_by_net(cfg.policy_gen, p.family, resp);
     if endpoint == 0 {
         return;
     }
-    let zone = zone_of(p.family, init, p.vlan);
+    let zone = zone_of(cfg.policy_gen, p.family, init, p.vlan);
     let proto = if p.protocol == IPPROTO_TCP {
         conduit_proto::TLS
     } else {
@@ -441,15 +449,16 @@ pub fn on_first_payload<C: LoadBytes, V: Variant>(
         // SAFETY: the data array of the reservation; bytes past `copied` are never read.
         let data = unsafe { &(*ev).data };
         if let Some((name_off, name_len)) = client_hello_sni(data, copied)
-            && let Some((hash, endpoint)) = V::sni(ctx, data, p.payload_off, name_off, name_len)
+            && let Some((hash, endpoint)) =
+                V::sni(ctx, data, p.payload_off, name_off, name_len, cfg.policy_gen)
         {
             let (init, resp, port) = sides(p, DIR_FORWARD);
             let endpoint = if endpoint != 0 {
                 endpoint
             } else {
-                endpoint_by_net(p.family, resp)
+                endpoint_by_net(cfg.policy_gen, p.family, resp)
             };
-            let zone = zone_of(p.family, init, p.vlan);
+            let zone = zone_of(cfg.policy_gen, p.family, init, p.vlan);
             decide(s, zone, endpoint, port, conduit_proto::TLS, cfg);
             // SAFETY: live flow-table value.
             unsafe { (*s).sni_hash = hash };
@@ -591,7 +600,7 @@ const MAX_SUFFIXES: usize = 8;
 /// The name is loaded from the packet into a fixed-size map buffer so the byte loop
 /// has constant bounds (cheap for the verifier); suffix lookups happen after it.
 #[inline(always)]
-fn sni_lookup<C: LoadBytes>(ctx: &C, pkt_off: u32, len: u32) -> Option<(u64, u16)> {
+fn sni_lookup<C: LoadBytes>(ctx: &C, pkt_off: u32, len: u32, generation: u8) -> Option<(u64, u16)> {
     let sc = crate::SNI_SCRATCH.get_ptr_mut(0)?;
     let n = helper_len(len as usize, MAX_SNI)?;
     let len = n as usize;
@@ -620,7 +629,12 @@ fn sni_lookup<C: LoadBytes>(ctx: &C, pkt_off: u32, len: u32) -> Option<(u64, u16
         )
     };
     // SAFETY: per-CPU scratch, used by this invocation only.
-    Some(sni_endpoint(st.hash, st.suffixes as usize, unsafe { &*sc }))
+    Some(sni_endpoint(
+        generation,
+        st.hash,
+        st.suffixes as usize,
+        unsafe { &*sc },
+    ))
 }
 
 /// [`sni_lookup`] without `bpf_loop`: hashes the name in the copied payload, right
@@ -633,6 +647,7 @@ fn sni_hash_bounded(
     data: &[u8; PAYLOAD_COPY_MAX],
     name_off: u32,
     name_len: u32,
+    generation: u8,
 ) -> Option<(u64, u16)> {
     let sc = crate::SNI_SCRATCH.get_ptr_mut(0)?;
     let (start, len) = (name_off as usize, name_len as usize);
@@ -670,14 +685,17 @@ fn sni_hash_bounded(
     // SAFETY: as above.
     let found = unsafe { core::ptr::read_volatile(&raw const (*sc).found) };
     // SAFETY: as above.
-    Some(sni_endpoint(hash, found as usize, unsafe { &*sc }))
+    Some(sni_endpoint(generation, hash, found as usize, unsafe {
+        &*sc
+    }))
 }
 
 /// Endpoint of the exact name's hash `h`, else of the longest of the `k` suffix
-/// hashes in `sc` that SNI_SUFFIX holds (0 if none); returns `(h, endpoint)`.
+/// hashes in `sc` that SNI_SUFFIX holds (0 if none), in policy generation
+/// `generation`; returns `(h, endpoint)`.
 #[inline(always)]
-fn sni_endpoint(h: u64, k: usize, sc: &SniScratch) -> (u64, u16) {
-    if let Some(ep) = SNI_EXACT.get_ptr(h) {
+fn sni_endpoint(generation: u8, h: u64, k: usize, sc: &SniScratch) -> (u64, u16) {
+    if let Some(ep) = SNI_EXACT.get_ptr(&SniKey::sni(generation, h)) {
         // SAFETY: map value pointer from a successful lookup.
         return (h, unsafe { *ep });
     }
@@ -688,7 +706,7 @@ fn sni_endpoint(h: u64, k: usize, sc: &SniScratch) -> (u64, u16) {
             break;
         }
         // Later entries are longer (more specific) suffixes and win.
-        if let Some(ep) = SNI_SUFFIX.get_ptr(sc.suffixes[i]) {
+        if let Some(ep) = SNI_SUFFIX.get_ptr(&SniKey::sni(generation, sc.suffixes[i])) {
             // SAFETY: as above.
             endpoint = unsafe { *ep };
         }

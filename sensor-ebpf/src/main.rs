@@ -24,7 +24,8 @@ use sensor_common::{
     ClassUpdate, ConduitKey, ConduitValue, Counter, DIR_FORWARD, EVENTS_RINGBUF_BYTES,
     FLOW_TABLE_SIZE, FlowKey, FlowStats, KernelConfig, LocalAddr, LpmV4, LpmV6, MAX_CLASS_UPDATES,
     MAX_LOCAL_ADDRS, MAX_PAYLOAD_COPIES, MAX_POLICY_CIDRS, MAX_POLICY_CONDUITS, MAX_POLICY_SNI,
-    MAX_WATCHED_IFACES, ZoneKeyV4, ZoneKeyV6, sni_state, verdict,
+    MAX_WATCHED_IFACES, POLICY_GENERATIONS, PolicyKey, SniKey, ZoneKeyV4, ZoneKeyV6, sni_state,
+    verdict,
 };
 
 use crate::parse::{Bounds, IPPROTO_TCP, Packet};
@@ -59,26 +60,36 @@ static CONFIG: Array<KernelConfig> = Array::with_max_entries(1, 0);
 #[map]
 static HANDOFF: LruPerCpuHashMap<HandoffKey, u8> = LruPerCpuHashMap::with_max_entries(4096, 0);
 
-/// Source zone by (outer VLAN or 0, initiator address) -> zone id.
+// The policy tables. Every key starts with the policy generation (`PolicyKey`):
+// each table holds two policies' entries at most (the one in force and, during a
+// reload, the next), so it is sized for `POLICY_GENERATIONS` of them.
+
+/// Source zone by (generation, outer VLAN or 0, initiator address) -> zone id.
 #[map]
-static ZONES_V4: LpmTrie<ZoneKeyV4, u16> = LpmTrie::with_max_entries(MAX_POLICY_CIDRS, 0);
+static ZONES_V4: LpmTrie<PolicyKey<ZoneKeyV4>, u16> =
+    LpmTrie::with_max_entries(POLICY_GENERATIONS * MAX_POLICY_CIDRS, 0);
 #[map]
-static ZONES_V6: LpmTrie<ZoneKeyV6, u16> = LpmTrie::with_max_entries(MAX_POLICY_CIDRS, 0);
-/// AI endpoint by responder address (CIDR -> endpoint id).
+static ZONES_V6: LpmTrie<PolicyKey<ZoneKeyV6>, u16> =
+    LpmTrie::with_max_entries(POLICY_GENERATIONS * MAX_POLICY_CIDRS, 0);
+/// AI endpoint by (generation, responder address) (CIDR -> endpoint id).
 #[map]
-static ENDPOINT_NETS_V4: LpmTrie<LpmV4, u16> = LpmTrie::with_max_entries(MAX_POLICY_CIDRS, 0);
+static ENDPOINT_NETS_V4: LpmTrie<PolicyKey<LpmV4>, u16> =
+    LpmTrie::with_max_entries(POLICY_GENERATIONS * MAX_POLICY_CIDRS, 0);
 #[map]
-static ENDPOINT_NETS_V6: LpmTrie<LpmV6, u16> = LpmTrie::with_max_entries(MAX_POLICY_CIDRS, 0);
-/// `sni_hash(name)` -> endpoint id.
+static ENDPOINT_NETS_V6: LpmTrie<PolicyKey<LpmV6>, u16> =
+    LpmTrie::with_max_entries(POLICY_GENERATIONS * MAX_POLICY_CIDRS, 0);
+/// (generation, `sni_hash(name)`) -> endpoint id.
 #[map]
-static SNI_EXACT: HashMap<u64, u16> = HashMap::with_max_entries(MAX_POLICY_SNI, 0);
-/// `sni_hash(".suffix")` -> endpoint id.
+static SNI_EXACT: HashMap<SniKey, u16> =
+    HashMap::with_max_entries(POLICY_GENERATIONS * MAX_POLICY_SNI, 0);
+/// (generation, `sni_hash(".suffix")`) -> endpoint id.
 #[map]
-static SNI_SUFFIX: HashMap<u64, u16> = HashMap::with_max_entries(MAX_POLICY_SNI, 0);
-/// (zone, endpoint, proto, port prefix) -> conduit.
+static SNI_SUFFIX: HashMap<SniKey, u16> =
+    HashMap::with_max_entries(POLICY_GENERATIONS * MAX_POLICY_SNI, 0);
+/// (generation, zone, endpoint, proto, port prefix) -> conduit.
 #[map]
-static CONDUITS: LpmTrie<ConduitKey, ConduitValue> =
-    LpmTrie::with_max_entries(MAX_POLICY_CONDUITS, 0);
+static CONDUITS: LpmTrie<PolicyKey<ConduitKey>, ConduitValue> =
+    LpmTrie::with_max_entries(POLICY_GENERATIONS * MAX_POLICY_CONDUITS, 0);
 
 /// Per-CPU scratch for hashing the SNI.
 #[map]

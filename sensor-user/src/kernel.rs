@@ -27,8 +27,8 @@ use aya::{
 };
 use sensor_common::{
     ClassUpdate, ConduitKey, ConduitValue, Counter, EVENT_FLOW_NEW, EVENT_PAYLOAD, FAMILY_IPV4,
-    FAMILY_IPV6, FlowEvent, FlowKey, FlowStats, KernelConfig, LocalAddr, PayloadEvent,
-    ZONE_KEY_VLAN_BITS, ZoneKeyV4, ZoneKeyV6,
+    FAMILY_IPV6, FlowEvent, FlowKey, FlowStats, KernelConfig, LocalAddr, LpmV4, LpmV6,
+    POLICY_GEN_BITS, PayloadEvent, PolicyKey, SniKey, ZONE_KEY_VLAN_BITS, ZoneKeyV4, ZoneKeyV6,
 };
 
 /// Program names in the object.
@@ -866,68 +866,36 @@ impl Kernel {
         }
     }
 
-    /// Installs the kernel part of a conduit map, whole or not at all: on an error
-    /// every table is back as it was and the error is returned (see
-    /// `write_policy_maps`). Within a table new entries go in before stale ones
-    /// leave unless both together exceed it.
+    /// Installs the kernel part of a conduit map, whole or not at all, and
+    /// switches to it at once: its entries go into every policy table under the
+    /// generation not in force (see `sensor_common::PolicyKey`), then one config
+    /// write switches the generation together with `default_action` and `enforce`.
+    /// Until then packets see only the old policy; from then only the new one. On
+    /// an error the new generation's entries leave again and the old policy stays
+    /// in force, untouched. The tables hold two policies, so a map that fits the
+    /// limits always installs.
     pub fn install_policy(&mut self, p: &KernelPolicy) -> Result<()> {
-        let split = |v: &[CidrEntry]| {
-            let mut v4 = Vec::new();
-            let mut v6 = Vec::new();
-            for e in v {
-                match e.addr {
-                    IpAddr::V4(a) => {
-                        v4.push((Key::new(e.prefix_len.min(32) as u32, a.octets()), e.id))
-                    }
-                    IpAddr::V6(a) => {
-                        v6.push((Key::new(e.prefix_len.min(128) as u32, a.octets()), e.id))
-                    }
-                }
-            }
-            (v4, v6)
-        };
-        let mut z4 = Vec::new();
-        let mut z6 = Vec::new();
-        for z in &p.zones {
-            let vlan = z.vlan.to_be_bytes();
-            let bits = |max: u8| ZONE_KEY_VLAN_BITS + u32::from(z.cidr.prefix_len.min(max));
-            match z.cidr.addr {
-                IpAddr::V4(a) => {
-                    let data = ZoneKeyV4 {
-                        vlan,
-                        addr: a.octets(),
-                    };
-                    z4.push((Key::new(bits(32), data), z.cidr.id));
-                }
-                IpAddr::V6(a) => {
-                    let data = ZoneKeyV6 {
-                        vlan,
-                        addr: a.octets(),
-                    };
-                    z6.push((Key::new(bits(128), data), z.cidr.id));
-                }
-            }
-        }
-        let (e4, e6) = split(&p.endpoint_nets);
-        let conduits: Vec<_> = p
-            .conduits
-            .iter()
-            .map(|c| (Key::new(c.prefix_len, c.key), c.value))
-            .collect();
-        let entries = PolicyEntries {
-            z4,
-            z6,
-            e4,
-            e6,
-            sni_exact: p.sni_exact.clone(),
-            sni_suffix: p.sni_suffix.clone(),
-            conduits,
-        };
-        write_policy_maps(&mut self.ebpf, &entries)?;
-        // The switches last: only a policy whose tables are all in place gets them.
+        let next = 1 - (self.config.policy_gen & 1);
+        let entries = PolicyEntries::new(p, next);
+        write_generation(&mut self.ebpf, &entries, next)?;
+        let before = self.config;
+        self.config.policy_gen = next;
         self.config.default_action = p.default_action;
         self.config.enforce = p.enforce as u8;
-        self.write_config()
+        let switched = if injected(map_names::CONFIG) {
+            Err(KernelError::Injected(map_names::CONFIG))
+        } else {
+            self.write_config()
+        };
+        if let Err(err) = switched {
+            self.config = before;
+            clear_generation(&mut self.ebpf, next);
+            return Err(err);
+        }
+        // The old generation is out of force: its entries are inert, and the next
+        // install clears whatever of them this leaves.
+        clear_generation(&mut self.ebpf, 1 - next);
+        Ok(())
     }
 }
 
@@ -1113,16 +1081,75 @@ fn local_addr(a: IpAddr) -> LocalAddr {
     }
 }
 
-/// The entries of the conduit map's kernel tables, in the order they are written.
+/// The entries of the conduit map's kernel tables under one policy generation.
 #[derive(Default)]
 struct PolicyEntries {
-    z4: Vec<(Key<ZoneKeyV4>, u16)>,
-    z6: Vec<(Key<ZoneKeyV6>, u16)>,
-    e4: Vec<(Key<[u8; 4]>, u16)>,
-    e6: Vec<(Key<[u8; 16]>, u16)>,
-    sni_exact: Vec<(u64, u16)>,
-    sni_suffix: Vec<(u64, u16)>,
-    conduits: Vec<(Key<ConduitKey>, ConduitValue)>,
+    z4: Vec<(Key<PolicyKey<ZoneKeyV4>>, u16)>,
+    z6: Vec<(Key<PolicyKey<ZoneKeyV6>>, u16)>,
+    e4: Vec<(Key<PolicyKey<LpmV4>>, u16)>,
+    e6: Vec<(Key<PolicyKey<LpmV6>>, u16)>,
+    sni_exact: Vec<(SniKey, u16)>,
+    sni_suffix: Vec<(SniKey, u16)>,
+    conduits: Vec<(Key<PolicyKey<ConduitKey>>, ConduitValue)>,
+}
+
+impl PolicyEntries {
+    fn new(p: &KernelPolicy, generation: u8) -> PolicyEntries {
+        let mut e = PolicyEntries::default();
+        for z in &p.zones {
+            let vlan = z.vlan.to_be_bytes();
+            let bits = |max: u8| ZONE_KEY_VLAN_BITS + u32::from(z.cidr.prefix_len.min(max));
+            match z.cidr.addr {
+                IpAddr::V4(a) => {
+                    let data = ZoneKeyV4 {
+                        vlan,
+                        addr: a.octets(),
+                    };
+                    e.z4.push((policy_key(generation, bits(32), data), z.cidr.id));
+                }
+                IpAddr::V6(a) => {
+                    let data = ZoneKeyV6 {
+                        vlan,
+                        addr: a.octets(),
+                    };
+                    e.z6.push((policy_key(generation, bits(128), data), z.cidr.id));
+                }
+            }
+        }
+        for n in &p.endpoint_nets {
+            match n.addr {
+                IpAddr::V4(a) => e.e4.push((
+                    policy_key(generation, u32::from(n.prefix_len.min(32)), a.octets()),
+                    n.id,
+                )),
+                IpAddr::V6(a) => e.e6.push((
+                    policy_key(generation, u32::from(n.prefix_len.min(128)), a.octets()),
+                    n.id,
+                )),
+            }
+        }
+        let sni = |v: &[(u64, u16)]| {
+            v.iter()
+                .map(|&(h, id)| (SniKey::sni(generation, h), id))
+                .collect()
+        };
+        e.sni_exact = sni(&p.sni_exact);
+        e.sni_suffix = sni(&p.sni_suffix);
+        e.conduits = p
+            .conduits
+            .iter()
+            .map(|c| (policy_key(generation, c.prefix_len, c.key), c.value))
+            .collect();
+        e
+    }
+}
+
+/// The trie key of `data` (its first `bits` significant) under `generation`.
+fn policy_key<K>(generation: u8, bits: u32, data: K) -> Key<PolicyKey<K>>
+where
+    PolicyKey<K>: aya::Pod,
+{
+    Key::new(POLICY_GEN_BITS + bits, PolicyKey::new(generation, data))
 }
 
 /// The policy tables, in write order.
@@ -1141,7 +1168,8 @@ static FAIL_POLICY_MAP: std::sync::Mutex<Option<&'static str>> = std::sync::Mute
 
 /// **Test only.** Makes every later write of the named policy map (one of
 /// [`map_names`]) fail after half of its entries, as a kernel error half-way through
-/// a reload would; `None` ends it. Rollbacks are not affected.
+/// a reload would; [`map_names::CONFIG`] makes the switch itself fail, after every
+/// table got the new generation. `None` ends it.
 #[doc(hidden)]
 pub fn inject_policy_write_failure(map: Option<&'static str>) {
     *FAIL_POLICY_MAP.lock().unwrap_or_else(|e| e.into_inner()) = map;
@@ -1151,82 +1179,87 @@ fn injected(name: &str) -> bool {
     *FAIL_POLICY_MAP.lock().unwrap_or_else(|e| e.into_inner()) == Some(name)
 }
 
-/// Writes every policy table, or none: the current contents of each table are saved
-/// before it is written, and when any write fails every table written so far (the
-/// failed one too) gets its saved contents back, so the old policy stays in force
-/// whole. Each table is rewritten entry by entry (see [`replace_lpm`]), so a packet
-/// classified during the write may still see a table half old, half new.
-fn write_policy_maps(ebpf: &mut Ebpf, new: &PolicyEntries) -> Result<()> {
-    let mut saved = PolicyEntries::default();
+/// Writes `e` into every policy table under `generation`, which is not in force:
+/// first what an earlier failed install left of that generation leaves. On an
+/// error the generation is cleared again (nothing looks it up either way).
+fn write_generation(ebpf: &mut Ebpf, e: &PolicyEntries, generation: u8) -> Result<()> {
+    let result = (|| {
+        for (step, name) in POLICY_MAPS.iter().enumerate() {
+            clear_step(ebpf, step, generation)?;
+            let fail = injected(name);
+            match step {
+                0 => insert_lpm(ebpf, name, &e.z4, fail),
+                1 => insert_lpm(ebpf, name, &e.z6, fail),
+                2 => insert_lpm(ebpf, name, &e.e4, fail),
+                3 => insert_lpm(ebpf, name, &e.e6, fail),
+                4 => insert_hash(ebpf, name, &e.sni_exact, fail),
+                5 => insert_hash(ebpf, name, &e.sni_suffix, fail),
+                _ => insert_lpm(ebpf, name, &e.conduits, fail),
+            }?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        clear_generation(ebpf, generation);
+    }
+    result
+}
+
+/// Removes every entry of `generation` from the policy tables; errors are logged
+/// (the entries of a generation not in force are never looked up).
+fn clear_generation(ebpf: &mut Ebpf, generation: u8) {
     for (step, name) in POLICY_MAPS.iter().enumerate() {
-        if let Err(err) = save_step(ebpf, step, &mut saved) {
-            restore(ebpf, step, &saved);
-            return Err(err);
-        }
-        if let Err(err) = write_step(ebpf, step, new, injected(name)) {
-            restore(ebpf, step + 1, &saved);
-            return Err(err);
-        }
-    }
-    Ok(())
-}
-
-/// Puts back the saved contents of the first `steps` tables.
-fn restore(ebpf: &mut Ebpf, steps: usize, saved: &PolicyEntries) {
-    for (step, name) in POLICY_MAPS.iter().enumerate().take(steps) {
-        if let Err(err) = write_step(ebpf, step, saved, false) {
-            tracing::error!(map = name, "restoring the previous policy table: {err}");
+        if let Err(err) = clear_step(ebpf, step, generation) {
+            tracing::warn!(
+                map = name,
+                generation,
+                "clearing a policy generation: {err}"
+            );
         }
     }
 }
 
-fn save_step(ebpf: &Ebpf, step: usize, saved: &mut PolicyEntries) -> Result<()> {
+fn clear_step(ebpf: &mut Ebpf, step: usize, generation: u8) -> Result<()> {
     let name = POLICY_MAPS[step];
     match step {
-        0 => saved.z4 = lpm_entries(ebpf, name)?,
-        1 => saved.z6 = lpm_entries(ebpf, name)?,
-        2 => saved.e4 = lpm_entries(ebpf, name)?,
-        3 => saved.e6 = lpm_entries(ebpf, name)?,
-        4 => saved.sni_exact = hash_entries(ebpf, name)?,
-        5 => saved.sni_suffix = hash_entries(ebpf, name)?,
-        _ => saved.conduits = lpm_entries(ebpf, name)?,
-    }
-    Ok(())
-}
-
-fn write_step(ebpf: &mut Ebpf, step: usize, e: &PolicyEntries, fail: bool) -> Result<()> {
-    use sensor_common::{MAX_POLICY_CIDRS, MAX_POLICY_CONDUITS, MAX_POLICY_SNI};
-    let name = POLICY_MAPS[step];
-    match step {
-        0 => replace_lpm(ebpf, name, &e.z4, MAX_POLICY_CIDRS, fail),
-        1 => replace_lpm(ebpf, name, &e.z6, MAX_POLICY_CIDRS, fail),
-        2 => replace_lpm(ebpf, name, &e.e4, MAX_POLICY_CIDRS, fail),
-        3 => replace_lpm(ebpf, name, &e.e6, MAX_POLICY_CIDRS, fail),
-        4 => replace_hash(ebpf, name, &e.sni_exact, MAX_POLICY_SNI, fail),
-        5 => replace_hash(ebpf, name, &e.sni_suffix, MAX_POLICY_SNI, fail),
-        _ => replace_lpm(ebpf, name, &e.conduits, MAX_POLICY_CONDUITS, fail),
+        0 => clear_lpm::<ZoneKeyV4, u16>(ebpf, name, generation),
+        1 => clear_lpm::<ZoneKeyV6, u16>(ebpf, name, generation),
+        2 => clear_lpm::<LpmV4, u16>(ebpf, name, generation),
+        3 => clear_lpm::<LpmV6, u16>(ebpf, name, generation),
+        4 | 5 => clear_hash(ebpf, name, generation),
+        _ => clear_lpm::<ConduitKey, ConduitValue>(ebpf, name, generation),
     }
 }
 
-fn lpm_entries<K: aya::Pod, V: aya::Pod>(
-    ebpf: &Ebpf,
+fn clear_lpm<K: Copy, V: aya::Pod>(
+    ebpf: &mut Ebpf,
     name: &'static str,
-) -> Result<Vec<(Key<K>, V)>> {
-    let m: LpmTrie<&MapData, K, V> =
-        LpmTrie::try_from(ebpf.map(name).ok_or(KernelError::Missing(name))?)
+    generation: u8,
+) -> Result<()>
+where
+    PolicyKey<K>: aya::Pod,
+{
+    let mut m: LpmTrie<&mut MapData, PolicyKey<K>, V> =
+        LpmTrie::try_from(ebpf.map_mut(name).ok_or(KernelError::Missing(name))?)
             .map_err(map_err(name))?;
-    m.iter()
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(map_err(name))
+    let keys: Vec<Key<PolicyKey<K>>> = m.keys().collect::<Result<_, _>>().map_err(map_err(name))?;
+    let stale: Vec<_> = keys
+        .into_iter()
+        .filter(|k| k.data().generation == generation)
+        .collect();
+    remove_all(name, &stale, |k| m.remove(k))
 }
 
-fn hash_entries<K: aya::Pod, V: aya::Pod>(ebpf: &Ebpf, name: &'static str) -> Result<Vec<(K, V)>> {
-    let m: HashMap<&MapData, K, V> =
-        HashMap::try_from(ebpf.map(name).ok_or(KernelError::Missing(name))?)
+fn clear_hash(ebpf: &mut Ebpf, name: &'static str, generation: u8) -> Result<()> {
+    let mut m: HashMap<&mut MapData, SniKey, u16> =
+        HashMap::try_from(ebpf.map_mut(name).ok_or(KernelError::Missing(name))?)
             .map_err(map_err(name))?;
-    m.iter()
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(map_err(name))
+    let keys: Vec<SniKey> = m.keys().collect::<Result<_, _>>().map_err(map_err(name))?;
+    let stale: Vec<_> = keys
+        .into_iter()
+        .filter(|k| k.generation == generation)
+        .collect();
+    remove_all(name, &stale, |k| m.remove(k))
 }
 
 /// Removes keys, ignoring those already gone.
@@ -1244,35 +1277,16 @@ fn remove_all<K>(
     Ok(())
 }
 
-/// Makes a table hold exactly `entries`. New entries go in before stale ones
-/// leave, so a lookup never misses an entry both policies have; when the old and
-/// the new entries together exceed `capacity`, the stale ones leave first, so a map
-/// that fits always installs. `fail` (test hook) stops after half the entries.
-fn replace_lpm<K: aya::Pod + PartialEq, V: aya::Pod>(
+/// Inserts `entries`; `fail` (test hook) stops after half of them.
+fn insert_lpm<K: aya::Pod, V: aya::Pod>(
     ebpf: &mut Ebpf,
     name: &'static str,
     entries: &[(Key<K>, V)],
-    capacity: u32,
     fail: bool,
 ) -> Result<()> {
     let mut m: LpmTrie<&mut MapData, K, V> =
         LpmTrie::try_from(ebpf.map_mut(name).ok_or(KernelError::Missing(name))?)
             .map_err(map_err(name))?;
-    let same = |a: &Key<K>, b: &Key<K>| a.prefix_len() == b.prefix_len() && a.data() == b.data();
-    let present: Vec<Key<K>> = m.keys().collect::<Result<_, _>>().map_err(map_err(name))?;
-    let stale: Vec<Key<K>> = present
-        .iter()
-        .filter(|k| !entries.iter().any(|(e, _)| same(e, k)))
-        .copied()
-        .collect();
-    let added = entries
-        .iter()
-        .filter(|(e, _)| !present.iter().any(|k| same(e, k)))
-        .count();
-    let remove_first = present.len() + added > capacity as usize;
-    if remove_first {
-        remove_all(name, &stale, |k| m.remove(k))?;
-    }
     for (i, (k, v)) in entries.iter().enumerate() {
         if fail && i >= entries.len() / 2 {
             return Err(KernelError::Injected(name));
@@ -1282,34 +1296,19 @@ fn replace_lpm<K: aya::Pod + PartialEq, V: aya::Pod>(
     if fail {
         return Err(KernelError::Injected(name));
     }
-    if !remove_first {
-        remove_all(name, &stale, |k| m.remove(k))?;
-    }
     Ok(())
 }
 
-/// [`replace_lpm`] for a hash table.
-fn replace_hash<K: aya::Pod + PartialEq, V: aya::Pod>(
+/// [`insert_lpm`] for a hash table.
+fn insert_hash<K: aya::Pod, V: aya::Pod>(
     ebpf: &mut Ebpf,
     name: &'static str,
     entries: &[(K, V)],
-    capacity: u32,
     fail: bool,
 ) -> Result<()> {
     let mut m: HashMap<&mut MapData, K, V> =
         HashMap::try_from(ebpf.map_mut(name).ok_or(KernelError::Missing(name))?)
             .map_err(map_err(name))?;
-    let present: Vec<K> = m.keys().collect::<Result<_, _>>().map_err(map_err(name))?;
-    let stale: Vec<K> = present
-        .iter()
-        .filter(|k| !entries.iter().any(|(e, _)| e == *k))
-        .copied()
-        .collect();
-    let added = entries.iter().filter(|(e, _)| !present.contains(e)).count();
-    let remove_first = present.len() + added > capacity as usize;
-    if remove_first {
-        remove_all(name, &stale, |k| m.remove(k))?;
-    }
     for (i, (k, v)) in entries.iter().enumerate() {
         if fail && i >= entries.len() / 2 {
             return Err(KernelError::Injected(name));
@@ -1318,9 +1317,6 @@ fn replace_hash<K: aya::Pod + PartialEq, V: aya::Pod>(
     }
     if fail {
         return Err(KernelError::Injected(name));
-    }
-    if !remove_first {
-        remove_all(name, &stale, |k| m.remove(k))?;
     }
     Ok(())
 }

@@ -1,9 +1,12 @@
 //! A reload either applies whole or leaves the old policy whole: a write that fails
-//! half-way through any one of the seven policy tables (injected through the
-//! test-only hook) leaves every table as the old policy had it, checked by running
-//! probe flows through the kernel program (BPF_PROG_TEST_RUN) against the agent's
-//! classifier of the old map; the next good reload then applies whole. A map that
-//! fits the tables reloads even when the old and the new one together do not.
+//! half-way through any one of the seven policy tables, or the generation switch
+//! failing after every table has the new policy's entries (injected through the
+//! test-only hook), leaves the old policy in force, checked by running probe flows
+//! through the kernel program (BPF_PROG_TEST_RUN) against the agent's classifier of
+//! the old map; the next good reload then applies whole. The second case is what a
+//! packet classified during a reload meets: the new entries are all in the tables,
+//! and the kernel still sees only the old policy. A map that fits the tables
+//! reloads even when the old and the new one together do not.
 
 mod common;
 
@@ -195,6 +198,7 @@ fn a_reload_that_fails_half_way_leaves_the_old_policy_whole() {
         map_names::SNI_EXACT,
         map_names::SNI_SUFFIX,
         map_names::CONDUITS,
+        map_names::CONFIG,
     ] {
         k.install_policy(&old_p).expect("kernel reload test");
         assert_in_force(&mut k, &old, "old map installed", &mut port);
