@@ -257,4 +257,11 @@ async fn a_rewritten_or_forged_witnessed_head_is_caught() {
     let sensor_pub = keys::read_public_key(&spool.join(keys::PUB_FILE)).expect("pub");
     let r = verify_dir_witnessed(&audit, Some(sensor_pub), Some(witness_pub));
     assert!(!r.ok(), "{r}");
+    let contradicted: Vec<u64> = sensor_side
+        .cosignatures
+        .iter()
+        .filter(|c| c.seq >= changed && forged[&c.seq] != c.hash)
+        .map(|c| c.seq)
+        .collect();
+    assert!(contradicted.contains(&first_witnessed), "{contradicted:?}");
 }
