@@ -119,6 +119,35 @@ fn collector_verify(store: &Path) -> (Option<i32>, String) {
     )
 }
 
+/// Writes the report of the last hour and returns its embedded summary.
+fn report_summary(store: &Path, html: &Path) -> serde_json::Value {
+    let now = conduit_evidence::chain::checkpoint::unix_nanos(std::time::SystemTime::now());
+    let t = conduit_evidence::ecs::rfc3339;
+    let out = Command::new(env!("CARGO_BIN_EXE_conduit-collector"))
+        .args(["report", "--store"])
+        .arg(store)
+        .args([
+            "--since",
+            &t(now - 3600 * 1_000_000_000),
+            "--until",
+            &t(now + 1_000_000_000),
+            "--out",
+        ])
+        .arg(html)
+        .output()
+        .expect("report");
+    assert!(
+        matches!(out.status.code(), Some(0 | 3)),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let text = fs::read_to_string(html).expect("html");
+    let tag = r#"<script type="application/json" id="summary">"#;
+    let start = text.find(tag).expect("summary") + tag.len();
+    let end = start + text[start..].find("</script>").expect("end");
+    serde_json::from_str(&text[start..end]).expect("summary json")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rewritten_or_forged_witnessed_head_is_caught() {
     init_tracing();
@@ -183,6 +212,23 @@ async fn a_rewritten_or_forged_witnessed_head_is_caught() {
     assert!(
         text.contains("witness cosignatures match the chain"),
         "{text}"
+    );
+    // The auditor's report lists the witnessed heads and counts them.
+    let summary = report_summary(&store, &tmp.path().join("report.html"));
+    let sensor = summary["sensors"]
+        .as_array()
+        .and_then(|s| s.iter().find(|x| x["id"] == SENSOR))
+        .expect("sensor in the summary");
+    let n = store_side.cosignatures.len() as u64;
+    assert_eq!(sensor["witnessed_heads"], n, "{sensor}");
+    assert_eq!(summary["witnessed_heads"], n);
+    assert_eq!(sensor["cosignatures_verified"], n);
+    assert_eq!(
+        sensor["witnessed"]
+            .as_array()
+            .and_then(|w| w.last())
+            .map(|w| w["seq"].clone()),
+        Some(head.into())
     );
 
     // (a) The sensor rewrites a witnessed part of its spool, re-signed with its own

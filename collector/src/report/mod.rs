@@ -731,6 +731,24 @@ mod tests {
     const S: i64 = 1_000_000_000;
 
     #[test]
+    fn witnessed_heads_in_and_around_the_window() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        for (seq, t) in [(10, 5), (20, 12), (30, 18), (40, 25), (50, 30)] {
+            let c = cosignature::Cosignature::sign(&key, "gw", seq, &[seq as u8; 32], t * S);
+            cosignature::append(dir.path(), &c).expect("append");
+        }
+        let mut out = summary();
+        witnessed_heads(dir.path(), 10 * S, 20 * S, &mut out);
+        assert_eq!(out.witnessed_heads, 2);
+        let seqs: Vec<u64> = out.witnessed.iter().map(|w| w.seq).collect();
+        assert_eq!(seqs, vec![20, 30]);
+        assert_eq!(out.witnessed_before.as_ref().map(|w| w.seq), Some(10));
+        assert_eq!(out.witnessed_after.as_ref().map(|w| w.seq), Some(40));
+        assert_eq!(out.witnessed[0].hash, "1414141414141414");
+    }
+
+    #[test]
     fn steady_heartbeats_bracket_the_window() {
         let beats: Vec<_> = (0..10).map(|i| beat(i * 10)).collect();
         let mut out = summary();
