@@ -311,3 +311,82 @@ async fn a_rewritten_or_forged_witnessed_head_is_caught() {
         .collect();
     assert!(contradicted.contains(&first_witnessed), "{contradicted:?}");
 }
+
+/// The spool's frames from `from` on, as the uplink sends them.
+fn frames_from(spool: &Path, from: u64) -> Vec<v1::Frame> {
+    conduit_evidence::spool::SpoolReader::new(spool, from)
+        .map(|f| {
+            let f = f.expect("frame");
+            v1::Frame {
+                seq: f.seq,
+                prev_hash: f.prev_hash.to_vec().into(),
+                hash: f.hash.to_vec().into(),
+                record: f.record_bytes.into(),
+            }
+        })
+        .collect()
+}
+
+fn record_flows(spool: &Path, from: u64, n: u64) -> u64 {
+    let mut o = RecorderOptions::new(spool, SENSOR);
+    o.sync = SyncPolicy::OsOnly;
+    o.checkpoint_every_records = 10;
+    o.checkpoint_every = Duration::from_secs(3600);
+    let (mut rec, _) = Recorder::open(o).expect("open");
+    for i in from..from + n {
+        rec.append(flow(i)).expect("append");
+    }
+    rec.checkpoint_now().expect("checkpoint");
+    rec.sync().expect("sync");
+    rec.head().0
+}
+
+#[test]
+fn the_store_cosigns_only_durable_heads_that_extend_what_it_witnessed() {
+    use conduit_collector::store::{SensorStore, WitnessError};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let spool = tmp.path().join("spool");
+    let store = tmp.path().join("store");
+    let head = record_flows(&spool, 0, 30);
+    let key = keys::read_public_key(&spool.join(keys::PUB_FILE)).expect("pub");
+    let witness = SigningKey::from_bytes(&[9; 32]);
+    let frames = frames_from(&spool, 1);
+    let mut st = SensorStore::open(&store, SENSOR, key, 1 << 20).expect("open");
+    st.apply(&frames[..15]).expect("apply");
+    let first = st
+        .cosign(15, &witness, 1)
+        .expect("cosign")
+        .expect("a checkpoint among the first 15 frames");
+    assert!(first.seq <= 15);
+    assert_eq!(st.cosign(15, &witness, 2), Ok(None), "already witnessed");
+    st.apply(&frames[15..]).expect("apply");
+    // Not durable yet: nothing.
+    assert_eq!(st.cosign(first.seq, &witness, 3), Ok(None));
+    let last = st
+        .cosign(head, &witness, 4)
+        .expect("cosign")
+        .expect("new head");
+    assert_eq!(last.seq, head);
+    assert_eq!(
+        cosignature::read(&store.join(SENSOR))
+            .expect("read")
+            .cosignatures,
+        vec![first, last]
+    );
+    drop(st);
+
+    // The store beneath the witness no longer holds what it witnessed (here: the
+    // witness file names another hash for its last head): nothing more is cosigned.
+    let planted = Cosignature::sign(&witness, SENSOR, head, &[1; 32], 5);
+    cosignature::append(&store.join(SENSOR), &planted).expect("append");
+    let mut st = SensorStore::open(&store, SENSOR, key, 1 << 20).expect("reopen");
+    let new_head = record_flows(&spool, 100, 15);
+    st.apply(&frames_from(&spool, head + 1)).expect("apply");
+    match st.cosign(new_head, &witness, 6) {
+        Err(WitnessError::Conflict(why)) => {
+            assert!(why.contains("was witnessed with hash"), "{why}")
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(st.cosign(new_head, &witness, 7), Ok(None), "stays refused");
+}

@@ -29,6 +29,10 @@ use conduit_evidence::spool::{ReadError, SpoolReader, StoredFrame};
 
 /// Version of the stream protocol this sensor speaks.
 pub const PROTOCOL_VERSION: u32 = StreamProtocol::V1 as u32;
+/// `<spool>/witness.cosig` is cut to its newest [`COSIG_KEEP`] lines once it is
+/// larger than this (about 430 lines).
+pub const COSIG_COMPACT_BYTES: u64 = 128 * 1024;
+pub const COSIG_KEEP: usize = 128;
 /// File in the spool directory holding the collector's acknowledged seq (decimal).
 pub const ACKED_FILE: &str = "acked";
 
@@ -238,6 +242,10 @@ fn keep_cosignature(
         path: spool_dir.join(cosignature::COSIG_FILE),
         source: e,
     })?;
+    // Bounded beside the spool: the newest witnessed head covers all before it.
+    if let Err(e) = cosignature::compact(spool_dir, COSIG_COMPACT_BYTES, COSIG_KEEP) {
+        tracing::warn!(error = %e, "cannot compact the witness cosignatures");
+    }
     tracing::debug!(seq = c.seq, "collector cosigned the chain head");
     Ok(Some(c.seq))
 }

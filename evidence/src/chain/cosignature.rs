@@ -220,6 +220,39 @@ pub fn append(dir: &Path, c: &Cosignature) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Keeps only the newest `keep` cosignatures once the file is larger than
+/// `above_bytes`, replacing it atomically (temporary file, fsync, rename, directory
+/// fsync). The newest witnessed head covers every record before it, so older lines
+/// add nothing to what verify-chain can catch; the sensor's file stays bounded (the
+/// collector keeps them all). Returns whether it rewrote the file.
+pub fn compact(dir: &Path, above_bytes: u64, keep: usize) -> std::io::Result<bool> {
+    let path = dir.join(COSIG_FILE);
+    if fs::symlink_metadata(&path)?.len() <= above_bytes {
+        return Ok(false);
+    }
+    let w = read(dir).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    if w.cosignatures.len() <= keep {
+        return Ok(false);
+    }
+    let mut text = String::new();
+    for c in &w.cosignatures[w.cosignatures.len() - keep..] {
+        text.push_str(&c.to_line());
+    }
+    let tmp = dir.join(format!("{COSIG_FILE}.tmp"));
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    fs::rename(&tmp, &path)?;
+    fs::File::open(dir)?.sync_all()?;
+    Ok(true)
+}
+
 /// Whether a new head may be witnessed after the last one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Consistency {
@@ -357,6 +390,28 @@ mod tests {
         fs::write(&path, format!("{}garbage\n", a.to_line())).expect("write");
         let err = read(dir.path()).expect_err("a bad line");
         assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn compact_keeps_the_newest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let all: Vec<_> = (1..=10)
+            .map(|i| Cosignature::sign(&key(), "gw", i * 10, &[i as u8; 32], i as i64))
+            .collect();
+        for c in &all {
+            append(dir.path(), c).expect("append");
+        }
+        assert!(!compact(dir.path(), 1 << 20, 3).expect("small file"));
+        assert!(compact(dir.path(), 100, 3).expect("compact"));
+        assert_eq!(
+            read(dir.path()).expect("read").cosignatures,
+            all[7..].to_vec()
+        );
+        assert!(!compact(dir.path(), 100, 3).expect("nothing more"));
+        // Appends go on after a compaction.
+        let next = Cosignature::sign(&key(), "gw", 110, &[11; 32], 11);
+        append(dir.path(), &next).expect("append");
+        assert_eq!(read(dir.path()).expect("read").last(), Some(&next));
     }
 
     #[test]
