@@ -6,9 +6,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use conduit_evidence::chain::{Recorder, RecorderOptions};
+use conduit_evidence::chain::{Recorder, RecorderOptions, keys};
 use conduit_evidence::spool::SyncPolicy;
 use conduit_proto::v1::{self, RecordKind, record::Body};
+use ed25519_dalek::SigningKey;
 
 use crate::metrics::Metrics;
 use crate::store::ALARM_DIR;
@@ -22,6 +23,9 @@ pub const ALARM_SENSOR_ID: &str = "collector";
 
 pub struct Alarms {
     recorder: Mutex<Recorder>,
+    /// The alarm chain's key, which also cosigns the sensors' checkpoints (its
+    /// public half is `<store>/_collector/signing.pub`; docs/witness.md).
+    witness: SigningKey,
     pub metrics: Arc<Metrics>,
 }
 
@@ -30,10 +34,17 @@ impl Alarms {
         let mut opts = RecorderOptions::new(store.join(ALARM_DIR), ALARM_SENSOR_ID);
         opts.sync = SyncPolicy::EveryRecord;
         let (recorder, _) = Recorder::open(opts)?;
+        let witness = keys::load_signing_key(&store.join(ALARM_DIR).join(keys::KEY_FILE))?;
         Ok(Alarms {
             recorder: Mutex::new(recorder),
+            witness,
             metrics: Arc::default(),
         })
+    }
+
+    /// The collector's witness key (cosignatures).
+    pub fn witness_key(&self) -> &SigningKey {
+        &self.witness
     }
 
     /// Logs, counts and records an alarm about `sensor_id` at `seq`.

@@ -18,12 +18,28 @@ pub mod time_index;
 
 use std::path::Path;
 
-use conduit_evidence::chain::verify::{Report, verify_dir};
+use conduit_evidence::chain::keys;
+use conduit_evidence::chain::verify::{Report, verify_dir_witnessed};
 
-/// Verifies every chain in the store; reports in store order.
+/// The collector's own public key (`<store>/_collector/signing.pub`): it signs the
+/// alarm chain and cosigns the sensors' checkpoints. None: not there (or unreadable).
+pub fn witness_key(store: &Path) -> Option<[u8; 32]> {
+    keys::read_public_key(&store.join(store::ALARM_DIR).join(keys::PUB_FILE)).ok()
+}
+
+/// Verifies every chain in the store, and every sensor chain's cosignatures against
+/// the collector's own key; reports in store order.
 pub fn verify_store(store: &Path) -> std::io::Result<Vec<Report>> {
+    let witness = witness_key(store);
     Ok(store::chain_dirs(store)?
         .into_iter()
-        .map(|(_, dir)| verify_dir(&dir, None))
+        .map(|(name, dir)| {
+            let w = if name == store::ALARM_DIR {
+                None
+            } else {
+                witness
+            };
+            verify_dir_witnessed(&dir, None, w)
+        })
         .collect())
 }

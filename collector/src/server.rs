@@ -252,6 +252,36 @@ fn msg(m: collector_message::Msg) -> Result<CollectorMessage, Status> {
 }
 
 impl Session {
+    /// Cosigns the newest checkpoint that `durable_seq` made durable, if it extends
+    /// what this collector witnessed before (docs/witness.md). A contradiction is an
+    /// alarm; a failure to store the cosignature only delays it to the next one.
+    fn witness(
+        &self,
+        st: &mut SensorStore,
+        sensor_id: &str,
+        durable_seq: u64,
+    ) -> Option<conduit_evidence::chain::cosignature::Cosignature> {
+        let now = conduit_evidence::chain::checkpoint::unix_nanos(std::time::SystemTime::now());
+        let key = self.shared.alarms.witness_key();
+        // An fsync of witness.cosig: off the async workers.
+        match tokio::task::block_in_place(|| st.cosign(durable_seq, key, now)) {
+            Ok(c) => c,
+            Err(store::WitnessError::Conflict(why)) => {
+                let seq = st.witnessed().map_or(0, |w| w.seq);
+                tokio::task::block_in_place(|| {
+                    self.shared
+                        .alarms
+                        .raise("witness_conflict", sensor_id, seq, &why);
+                });
+                None
+            }
+            Err(e) => {
+                tracing::error!(sensor = sensor_id, error = %e, "cosignature not stored");
+                None
+            }
+        }
+    }
+
     async fn reject(&self, sensor_id: &str, r: &Rejection) {
         let sensor_id = &*bounded(sensor_id, conduit_proto::limits::MAX_SENSOR_ID_BYTES);
         let message = bounded(&r.message, MAX_MESSAGE_BYTES).into_owned();
@@ -407,6 +437,7 @@ impl Session {
             } else {
                 head_hash.to_vec()
             },
+            last_cosignature: st.witnessed().map(|c| c.to_proto()),
         };
         if self
             .out
@@ -507,9 +538,13 @@ impl Session {
                     };
                     acked = acked.max(seq);
                     self.shared.committed.notify_waiters();
+                    let cosignature = self.witness(st, &sensor_id, acked);
                     if self
                         .out
-                        .send(msg(collector_message::Msg::Ack(v1::Ack { stored_seq: acked })))
+                        .send(msg(collector_message::Msg::Ack(v1::Ack {
+                            stored_seq: acked,
+                            cosignature: cosignature.map(|c| c.to_proto()),
+                        })))
                         .await
                         .is_err()
                     {
@@ -585,7 +620,10 @@ impl Session {
                         dirty = false;
                         if self
                             .out
-                            .send(msg(collector_message::Msg::Ack(v1::Ack { stored_seq: acked })))
+                            .send(msg(collector_message::Msg::Ack(v1::Ack {
+                                stored_seq: acked,
+                                cosignature: None,
+                            })))
                             .await
                             .is_err()
                         {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use conduit_evidence::chain::checkpoint::{batch_signing_bytes, signing_bytes, verify_signature};
+use conduit_evidence::chain::cosignature::{self, Consistency, Cosignature};
 use conduit_evidence::chain::keys;
 use conduit_evidence::chain::{ZERO_HASH, record_hash};
 use conduit_evidence::spool::{
@@ -42,6 +43,17 @@ pub enum StoreError {
     },
     #[error("invalid sensor id {0:?} ({SENSOR_ID_GRAMMAR})")]
     BadSensorId(String),
+}
+
+/// Why a head was not cosigned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WitnessError {
+    /// The stored chain contradicts a witnessed head: an alarm; nothing more is
+    /// cosigned for this sensor until an operator looks.
+    #[error("{0}")]
+    Conflict(String),
+    #[error("storing the cosignature: {0}")]
+    Storage(String),
 }
 
 /// Why a batch was refused: the code for the sensor, the first bad seq, and text.
@@ -154,6 +166,12 @@ pub struct SensorStore {
     /// Stored records in which the sensor reports damage to its own spool, not yet
     /// raised as alarms ([`SensorStore::take_damage`]).
     damage: Vec<Damage>,
+    /// The newest checkpoint record stored (seq, record hash), a head to witness.
+    last_checkpoint: Option<(u64, [u8; 32])>,
+    /// The last head this collector cosigned for the sensor (`witness.cosig`).
+    witnessed: Option<Cosignature>,
+    /// Why the stored chain contradicts a witnessed head: nothing more is cosigned.
+    witness_conflict: Option<String>,
 }
 
 impl SensorStore {
@@ -182,6 +200,13 @@ impl SensorStore {
         if head.0 > 0 {
             recent.push_back(head.1);
         }
+        let witnessed = cosignature::read(&dir)
+            .map_err(|e| StoreError::Io {
+                path: dir.join(cosignature::COSIG_FILE),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            })?
+            .last()
+            .copied();
         Ok(SensorStore {
             sensor_id: sensor_id.to_owned(),
             dir,
@@ -195,7 +220,55 @@ impl SensorStore {
             newest: None,
             idle_since: Instant::now(),
             damage: Vec::new(),
+            last_checkpoint: None,
+            witnessed,
+            witness_conflict: None,
         })
+    }
+
+    /// The last head this collector witnessed for the sensor.
+    pub fn witnessed(&self) -> Option<Cosignature> {
+        self.witnessed
+    }
+
+    /// Cosigns the newest stored checkpoint if it is durable (at or below
+    /// `durable_seq`) and extends the last witnessed head; appends the cosignature
+    /// to `witness.cosig` (fsynced) and returns it. Ok(None): nothing new to witness.
+    /// Err: the stored chain contradicts what was witnessed (an alarm), or the
+    /// cosignature could not be stored; nothing is cosigned then.
+    pub fn cosign(
+        &mut self,
+        durable_seq: u64,
+        key: &ed25519_dalek::SigningKey,
+        now_unix_nano: i64,
+    ) -> Result<Option<Cosignature>, WitnessError> {
+        if self.witness_conflict.is_some() {
+            return Ok(None);
+        }
+        let Some(head) = self.last_checkpoint.filter(|(seq, _)| *seq <= durable_seq) else {
+            return Ok(None);
+        };
+        let last = self.witnessed.map(|w| (w.seq, w.hash));
+        let hash_at_last = last.and_then(|(seq, _)| self.stored_hash(seq));
+        match cosignature::check_extends(last, head, hash_at_last, self.head.0) {
+            Consistency::AlreadyWitnessed => Ok(None),
+            Consistency::Conflict(why) => {
+                let why = format!("not cosigning seq {}: {why}", head.0);
+                self.witness_conflict = Some(why.clone());
+                Err(WitnessError::Conflict(why))
+            }
+            Consistency::Extends => {
+                let c = Cosignature::sign(key, &self.sensor_id, head.0, &head.1, now_unix_nano);
+                cosignature::append(&self.dir, &c).map_err(|e| {
+                    WitnessError::Storage(format!(
+                        "{}: {e}",
+                        self.dir.join(cosignature::COSIG_FILE).display()
+                    ))
+                })?;
+                self.witnessed = Some(c);
+                Ok(Some(c))
+            }
+        }
     }
 
     /// The spool, created on first use.
@@ -258,6 +331,7 @@ impl SensorStore {
         let (mut seq, mut hash) = self.head;
         let mut first_new = None;
         let mut damage = Vec::new();
+        let mut checkpoints = Vec::new();
         for (i, f) in frames.iter().enumerate() {
             let fh = to_hash(&f.hash, f.seq, "hash")?;
             let fp = to_hash(&f.prev_hash, f.seq, "prev_hash")?;
@@ -329,8 +403,10 @@ impl SensorStore {
                     ),
                 ));
             }
-            if let Some(d) = self.check_record(f.seq, &fp, &f.record)? {
-                damage.push(d);
+            let (d, is_checkpoint) = self.check_record(f.seq, &fp, &f.record)?;
+            damage.extend(d);
+            if is_checkpoint {
+                checkpoints.push((f.seq, fh));
             }
             first_new.get_or_insert(i);
             seq = f.seq;
@@ -392,6 +468,12 @@ impl SensorStore {
         let stored = refs.first().map_or(u64::MAX, |f| f.seq);
         self.damage
             .extend(damage.into_iter().filter(|d| d.seq >= stored));
+        if let Some(cp) = checkpoints
+            .into_iter()
+            .rfind(|(seq, _)| *seq >= stored && *seq <= self.head.0)
+        {
+            self.last_checkpoint = Some(cp);
+        }
         Ok(out)
     }
 
@@ -471,13 +553,14 @@ impl SensorStore {
     }
 
     /// Record-level checks: decodes, names this sensor, signatures verify with the
-    /// pinned key. Returns the spool damage the record reports, if any.
+    /// pinned key. Returns the spool damage the record reports, if any, and whether
+    /// it is a checkpoint.
     fn check_record(
         &self,
         seq: u64,
         prev_hash: &[u8; 32],
         bytes: &[u8],
-    ) -> Result<Option<Damage>, Rejection> {
+    ) -> Result<(Option<Damage>, bool), Rejection> {
         let bad = |code, msg: String| Rejection::new(code, seq, msg);
         let record = v1::Record::decode(bytes).map_err(|e| {
             bad(
@@ -537,14 +620,18 @@ impl SensorStore {
                 ));
             }
             (_, Some(Body::Loss(l))) if SPOOL_DAMAGE_REASONS.contains(&l.reason.as_str()) => {
-                return Ok(Some(Damage {
-                    seq,
-                    reason: l.reason.clone(),
-                    detail: l.detail.clone(),
-                }));
+                return Ok((
+                    Some(Damage {
+                        seq,
+                        reason: l.reason.clone(),
+                        detail: l.detail.clone(),
+                    }),
+                    false,
+                ));
             }
-            _ => return Ok(None),
+            _ => return Ok((None, false)),
         };
+        let is_checkpoint = record.kind == RecordKind::Checkpoint as i32;
         if named_key[..] != self.key[..] {
             return Err(bad(
                 RejectCode::KeyMismatch,
@@ -556,7 +643,7 @@ impl SensorStore {
             ));
         }
         verify_signature(&self.key, &msg, sig)
-            .map(|()| None)
+            .map(|()| (None, is_checkpoint))
             .map_err(|e| bad(RejectCode::BadSignature, format!("seq {seq}: {e}")))
     }
 }

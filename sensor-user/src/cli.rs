@@ -144,6 +144,11 @@ pub struct VerifyChainArgs {
     /// Sensor public key (hex or PEM file) [default: signing.pub in DIR].
     #[arg(long, value_name = "FILE")]
     pub public_key: Option<PathBuf>,
+    /// The collector's public key (hex or PEM; `<store>/_collector/signing.pub`):
+    /// every witness cosignature in DIR must be by it. Without it, cosignatures are
+    /// checked against the chain and the key each names (present but unverified).
+    #[arg(long, value_name = "FILE")]
+    pub witness_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

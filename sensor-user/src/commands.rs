@@ -7,7 +7,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use conduit_evidence::chain::{RecorderOptions, keys, verify::verify_dir};
+use conduit_evidence::chain::{RecorderOptions, keys, verify::verify_dir_witnessed};
 use conduit_evidence::spool::SyncPolicy;
 use conduit_uplink::{UplinkOptions, UplinkTls};
 
@@ -351,7 +351,11 @@ fn verify_chain(args: VerifyChainArgs) -> Result<ExitCode> {
         Some(path) => Some(keys::read_public_key(path)?),
         None => None,
     };
-    let report = verify_dir(&args.dir, key);
+    let witness = match &args.witness_key {
+        Some(path) => Some(keys::read_public_key(path)?),
+        None => None,
+    };
+    let report = verify_dir_witnessed(&args.dir, key, witness);
     print!("{report}");
     Ok(if report.ok() {
         ExitCode::SUCCESS

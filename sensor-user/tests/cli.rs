@@ -177,6 +177,64 @@ fn verify_chain_counts_records_and_names_the_first_bad_sequence() {
     );
 }
 
+#[test]
+fn verify_chain_checks_witness_cosignatures_against_the_witness_key() {
+    use conduit_evidence::chain::cosignature::{self, Cosignature};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool = dir.path().join("spool");
+    let (mut rec, _) = Recorder::open(RecorderOptions::new(&spool, "gw-cli")).expect("open");
+    rec.append(Record {
+        kind: RecordKind::Loss as i32,
+        body: Some(Body::Loss(Loss::default())),
+        ..Record::default()
+    })
+    .expect("append");
+    let cp = rec.checkpoint_now().expect("checkpoint");
+    rec.sync().expect("sync");
+    drop(rec);
+    let (seq, hash) = (cp[0].seq, cp[0].hash);
+    // The collector's key, as `<store>/_collector/signing.pub` holds it.
+    let witness =
+        conduit_evidence::chain::keys::keygen(&dir.path().join("collector")).expect("witness key");
+    let witness_pub = dir.path().join("collector/signing.pub");
+    let c = Cosignature::sign(&witness, "gw-cli", seq, &hash, 1);
+    cosignature::append(&spool, &c).expect("append");
+    let verify = |extra: &[&std::ffi::OsStr]| {
+        bin()
+            .arg("verify-chain")
+            .arg(&spool)
+            .args(extra)
+            .output()
+            .expect("run")
+    };
+    let out = verify(&["--witness-key".as_ref(), witness_pub.as_os_str()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("1 witness cosignatures match the chain"),
+        "{}",
+        text(&out)
+    );
+    let out = verify(&[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("present but unverified"),
+        "{}",
+        text(&out)
+    );
+    // The same seq witnessed with another hash: the chain was rewritten after it.
+    let other = Cosignature::sign(&witness, "gw-cli", seq, &[9; 32], 2);
+    cosignature::append(&spool, &other).expect("append");
+    let out = verify(&["--witness-key".as_ref(), witness_pub.as_os_str()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!(
+            "first bad sequence number: {seq}: witnessed head rewritten"
+        )),
+        "{}",
+        text(&out)
+    );
+}
+
 // One test per exit code of the contract: 0 ok, 1 verification failure (above),
 // 2 usage or missing path, 64 bad configuration.
 

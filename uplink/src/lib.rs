@@ -6,6 +6,10 @@
 //! fsynced; the uplink publishes that watermark in [`UplinkStatus`] and in the file
 //! `<spool>/acked` ([`read_acked`]), from which the agent calls
 //! `Recorder::acknowledge` (the only writer of the spool stays the agent).
+//!
+//! The collector's witness cosignatures (in Acks, and the last one in the Welcome)
+//! are checked against the spool and kept in `<spool>/witness.cosig`
+//! (docs/witness.md); the segments stay the agent's alone.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -19,11 +23,16 @@ use tokio::sync::{mpsc, watch};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use conduit_evidence::chain::checkpoint::sign_batch;
+use conduit_evidence::chain::cosignature::{self, Cosignature};
 use conduit_evidence::chain::keys;
 use conduit_evidence::spool::{ReadError, SpoolReader, StoredFrame};
 
 /// Version of the stream protocol this sensor speaks.
 pub const PROTOCOL_VERSION: u32 = StreamProtocol::V1 as u32;
+/// `<spool>/witness.cosig` is cut to its newest [`COSIG_KEEP`] lines once it is
+/// larger than this (about 430 lines).
+pub const COSIG_COMPACT_BYTES: u64 = 128 * 1024;
+pub const COSIG_KEEP: usize = 128;
 /// File in the spool directory holding the collector's acknowledged seq (decimal).
 pub const ACKED_FILE: &str = "acked";
 
@@ -90,6 +99,8 @@ pub struct UplinkStatus {
     pub read_seq: u64,
     pub reconnects: u64,
     pub last_error: Option<String>,
+    /// Seq of the newest head the collector cosigned and the spool keeps (0: none).
+    pub witnessed_seq: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +190,75 @@ fn check_welcome(spool_dir: &Path, w: &v1::Welcome) -> Result<u64, UplinkError> 
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Checks a cosignature the collector sent and keeps it in `<spool>/witness.cosig`
+/// if it is new. It must be signed by the key it names, for this sensor, for a seq
+/// the collector has stored (at most `stored_seq`), and name the hash the spool
+/// holds at that seq: a collector that cosigns another history is not trusted.
+/// Returns the seq kept, if any.
+fn keep_cosignature(
+    spool_dir: &Path,
+    sensor_id: &str,
+    c: &v1::Cosignature,
+    stored_seq: u64,
+    witnessed_seq: u64,
+) -> Result<Option<u64>, UplinkError> {
+    let untrusted =
+        |why: String| UplinkError::Protocol(format!("collector's cosignature {why}: not trusted"));
+    let c = Cosignature::from_proto(c).map_err(untrusted)?;
+    if c.seq <= witnessed_seq {
+        return Ok(None);
+    }
+    if c.seq > stored_seq {
+        return Err(untrusted(format!(
+            "is for seq {}, beyond what it stored (seq {stored_seq})",
+            c.seq
+        )));
+    }
+    c.verify(sensor_id)
+        .map_err(|e| untrusted(format!("of seq {}: {e}", c.seq)))?;
+    match SpoolReader::new(spool_dir, c.seq).next_frame() {
+        Ok(Some(f)) if f.seq == c.seq => {
+            if f.hash != c.hash {
+                return Err(untrusted(format!(
+                    "names hash {} for seq {}, the spool holds hash {}",
+                    hex(&c.hash),
+                    c.seq,
+                    hex(&f.hash)
+                )));
+            }
+        }
+        // Deleted since it was acknowledged: the spool cannot vouch for it.
+        Ok(_) => return Ok(None),
+        Err(e) => {
+            return Err(untrusted(format!(
+                "of seq {} cannot be checked against the spool ({e})",
+                c.seq
+            )));
+        }
+    }
+    cosignature::append(spool_dir, &c).map_err(|e| UplinkError::Io {
+        path: spool_dir.join(cosignature::COSIG_FILE),
+        source: e,
+    })?;
+    // Bounded beside the spool: the newest witnessed head covers all before it.
+    if let Err(e) = cosignature::compact(spool_dir, COSIG_COMPACT_BYTES, COSIG_KEEP) {
+        tracing::warn!(error = %e, "cannot compact the witness cosignatures");
+    }
+    tracing::debug!(seq = c.seq, "collector cosigned the chain head");
+    Ok(Some(c.seq))
+}
+
+/// The newest seq in `<spool>/witness.cosig` (0: none or unreadable).
+fn witnessed_seq(spool_dir: &Path) -> u64 {
+    match cosignature::read(spool_dir) {
+        Ok(w) => w.last().map_or(0, |c| c.seq),
+        Err(e) => {
+            tracing::warn!(error = %e, "witness cosignatures unreadable");
+            0
+        }
+    }
 }
 
 fn write_acked(spool_dir: &Path, seq: u64) -> Result<(), UplinkError> {
@@ -371,7 +451,14 @@ async fn session(
         "connected to the collector"
     );
     write_acked(spool_dir, acked)?;
+    let mut witnessed = witnessed_seq(spool_dir);
+    if let Some(c) = &welcome.last_cosignature
+        && let Some(seq) = keep_cosignature(spool_dir, &opts.sensor_id, c, acked, witnessed)?
+    {
+        witnessed = seq;
+    }
     status.send_modify(|s| {
+        s.witnessed_seq = witnessed;
         s.connected = true;
         s.acked_seq = acked;
         s.read_seq = s.read_seq.max(acked);
@@ -405,6 +492,14 @@ async fn session(
                     }
                     while in_flight.front().is_some_and(|s| *s <= a.stored_seq) {
                         in_flight.pop_front();
+                    }
+                    if let Some(c) = &a.cosignature
+                        && let Some(seq) = keep_cosignature(
+                            spool_dir, &opts.sensor_id, c, a.stored_seq, witnessed,
+                        )?
+                    {
+                        witnessed = seq;
+                        status.send_modify(|s| s.witnessed_seq = seq);
                     }
                     if a.stored_seq > acked {
                         // Only stored records reset the backoff: a collector that

@@ -22,6 +22,8 @@ struct Rogue {
     welcome_hash: Vec<u8>,
     /// Ack sent after the first batch (None: none).
     ack: Option<u64>,
+    /// The Welcome's witnessed head.
+    cosignature: Option<v1::Cosignature>,
 }
 
 #[tonic::async_trait]
@@ -41,6 +43,7 @@ impl Collector for Rogue {
                 protocol_version: 1,
                 last_stored_seq: me.welcome_seq,
                 last_stored_hash: me.welcome_hash.clone(),
+                last_cosignature: me.cosignature.clone(),
             };
             let _ = tx
                 .send(Ok(CollectorMessage {
@@ -51,7 +54,10 @@ impl Collector for Rogue {
                 let _ = inbound.message().await;
                 let _ = tx
                     .send(Ok(CollectorMessage {
-                        msg: Some(Msg::Ack(v1::Ack { stored_seq: seq })),
+                        msg: Some(Msg::Ack(v1::Ack {
+                            stored_seq: seq,
+                            cosignature: None,
+                        })),
                     }))
                     .await;
             }
@@ -66,6 +72,7 @@ fn rogue(welcome_seq: u64, welcome_hash: Vec<u8>, ack: Option<u64>) -> Rogue {
         welcome_seq,
         welcome_hash,
         ack,
+        cosignature: None,
     }
 }
 
@@ -163,4 +170,39 @@ async fn a_collector_claiming_unsent_records_is_not_trusted() {
     let s = run_against(rogue(5, hashes[4].to_vec(), None), spool, "").await;
     assert_eq!(s.acked_seq, 5, "{s:?}");
     assert_eq!(read_acked(spool), Some(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cosignature_of_another_history_is_not_kept() {
+    use conduit_evidence::chain::cosignature::{self, Cosignature};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let spool = tmp.path();
+    let hashes = spool_with(spool, 20);
+    let witness = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+    let welcome = |c: Cosignature| Rogue {
+        cosignature: Some(c.to_proto()),
+        ..rogue(5, hashes[4].to_vec(), None)
+    };
+    // Validly signed, but for a hash the spool does not hold at that seq.
+    let lie = Cosignature::sign(&witness, "gw-rogue", 5, &[7; 32], 1);
+    let s = run_against(welcome(lie), spool, "not trusted").await;
+    assert_eq!(s.witnessed_seq, 0, "{s:?}");
+    assert!(
+        cosignature::read(spool)
+            .expect("read")
+            .cosignatures
+            .is_empty()
+    );
+    // Beyond what the collector says it stored.
+    let ahead = Cosignature::sign(&witness, "gw-rogue", 6, &hashes[5], 1);
+    let s = run_against(welcome(ahead), spool, "not trusted").await;
+    assert_eq!(s.witnessed_seq, 0, "{s:?}");
+    // The spool's own head at seq 5: kept.
+    let good = Cosignature::sign(&witness, "gw-rogue", 5, &hashes[4], 1);
+    let s = run_against(welcome(good), spool, "").await;
+    assert_eq!(s.witnessed_seq, 5, "{s:?}");
+    assert_eq!(
+        cosignature::read(spool).expect("read").cosignatures,
+        vec![good]
+    );
 }

@@ -13,7 +13,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use conduit_evidence::chain::checkpoint::DEFAULT_EVERY;
-use conduit_evidence::chain::verify::verify_dir;
+use conduit_evidence::chain::cosignature;
+use conduit_evidence::chain::verify::verify_dir_witnessed;
 use conduit_evidence::ecs::{ip_text, rfc3339, verdict_name};
 use conduit_proto::v1::{self, RecordKind, record::Body};
 use prost::Message as _;
@@ -47,6 +48,16 @@ pub struct CheckpointRef {
     pub hash: String,
 }
 
+/// A head the collector witnessed (cosigned).
+#[derive(Debug, Clone, Serialize)]
+pub struct WitnessedHead {
+    pub seq: u64,
+    /// The first 16 hex digits of the checkpoint record's hash.
+    pub hash: String,
+    /// The collector's time of the cosignature.
+    pub time: String,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct SensorSummary {
     pub id: String,
@@ -71,6 +82,15 @@ pub struct SensorSummary {
     pub chain_last_seq: u64,
     /// What retention pruned from this chain, under which policy, and when.
     pub retention: Option<String>,
+    /// Heads the collector cosigned within the window (by its witness time).
+    pub witnessed_heads: u64,
+    pub witnessed: Vec<WitnessedHead>,
+    /// The last head witnessed before the window, the first at or after its end.
+    pub witnessed_before: Option<WitnessedHead>,
+    pub witnessed_after: Option<WitnessedHead>,
+    /// Cosignatures that verify against the collector's key and match the chain.
+    pub cosignatures_verified: u64,
+    pub witness_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -149,6 +169,8 @@ pub struct Summary {
     pub violations: u64,
     pub blocked: u64,
     pub loss: u64,
+    /// Heads the collector cosigned within the window, all sensors.
+    pub witnessed_heads: u64,
     pub policies: Vec<PolicyRow>,
     pub violation_list: Vec<FlowRow>,
     pub blocked_list: Vec<FlowRow>,
@@ -192,6 +214,7 @@ pub fn build(store: &Path, since: i64, until: i64, now: i64) -> anyhow::Result<S
         violations: 0,
         blocked: 0,
         loss: 0,
+        witnessed_heads: 0,
         policies: Vec::new(),
         violation_list: Vec::new(),
         blocked_list: Vec::new(),
@@ -207,6 +230,7 @@ pub fn build(store: &Path, since: i64, until: i64, now: i64) -> anyhow::Result<S
         sensor(store, &chain, &dir, since, until, &mut s)?;
     }
     s.verified = s.sensors.iter().all(|x| x.verified);
+    s.witnessed_heads = s.sensors.iter().map(|x| x.witnessed_heads).sum();
     s.complete = s.sensors.iter().all(|x| x.gaps.is_empty());
     Ok(s)
 }
@@ -260,7 +284,7 @@ fn sensor(
     until: i64,
     s: &mut Summary,
 ) -> anyhow::Result<()> {
-    let v = verify_dir(dir, None);
+    let v = verify_dir_witnessed(dir, None, crate::witness_key(store));
     let mut out = SensorSummary {
         id: chain.to_owned(),
         first_seq: 0,
@@ -288,7 +312,14 @@ fn sensor(
         chain_first_seq: v.first_seq,
         chain_last_seq: v.last_seq,
         retention: None,
+        witnessed_heads: 0,
+        witnessed: Vec::new(),
+        witnessed_before: None,
+        witnessed_after: None,
+        cosignatures_verified: v.cosignatures,
+        witness_key: v.witness_key.map(hex::encode),
     };
+    witnessed_heads(dir, since, until, &mut out);
     let anchor = conduit_evidence::chain::anchor::read(dir).ok().flatten();
     if let Some(a) = &anchor {
         out.retention = Some(format!(
@@ -491,6 +522,31 @@ fn sensor(
     Ok(())
 }
 
+/// The heads the collector cosigned in the window and the two that bracket it (the
+/// verification above checked each against the chain).
+fn witnessed_heads(dir: &Path, since: i64, until: i64, out: &mut SensorSummary) {
+    let Ok(w) = cosignature::read(dir) else {
+        return; // the verification names it
+    };
+    let head = |c: &cosignature::Cosignature| WitnessedHead {
+        seq: c.seq,
+        hash: hex::encode(&c.hash[..8]),
+        time: rfc3339(c.time_unix_nano),
+    };
+    let mut cosigs = w.cosignatures;
+    cosigs.sort_by_key(|c| (c.time_unix_nano, c.seq));
+    for c in &cosigs {
+        if c.time_unix_nano < since {
+            out.witnessed_before = Some(head(c));
+        } else if c.time_unix_nano < until {
+            out.witnessed.push(head(c));
+        } else if out.witnessed_after.is_none() {
+            out.witnessed_after = Some(head(c));
+        }
+    }
+    out.witnessed_heads = out.witnessed.len() as u64;
+}
+
 /// Every silence longer than the heartbeat (plus its grace) that meets the window,
 /// and the checkpoints that bracket it.
 fn heartbeat_gaps(beats: &[Heartbeat], since: i64, until: i64, out: &mut SensorSummary) {
@@ -663,10 +719,34 @@ mod tests {
             chain_first_seq: 0,
             chain_last_seq: 0,
             retention: None,
+            witnessed_heads: 0,
+            witnessed: Vec::new(),
+            witnessed_before: None,
+            witnessed_after: None,
+            cosignatures_verified: 0,
+            witness_key: None,
         }
     }
 
     const S: i64 = 1_000_000_000;
+
+    #[test]
+    fn witnessed_heads_in_and_around_the_window() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        for (seq, t) in [(10, 5), (20, 12), (30, 18), (40, 25), (50, 30)] {
+            let c = cosignature::Cosignature::sign(&key, "gw", seq, &[seq as u8; 32], t * S);
+            cosignature::append(dir.path(), &c).expect("append");
+        }
+        let mut out = summary();
+        witnessed_heads(dir.path(), 10 * S, 20 * S, &mut out);
+        assert_eq!(out.witnessed_heads, 2);
+        let seqs: Vec<u64> = out.witnessed.iter().map(|w| w.seq).collect();
+        assert_eq!(seqs, vec![20, 30]);
+        assert_eq!(out.witnessed_before.as_ref().map(|w| w.seq), Some(10));
+        assert_eq!(out.witnessed_after.as_ref().map(|w| w.seq), Some(40));
+        assert_eq!(out.witnessed[0].hash, "1414141414141414");
+    }
 
     #[test]
     fn steady_heartbeats_bracket_the_window() {

@@ -4,6 +4,7 @@
 
 pub mod anchor;
 pub mod checkpoint;
+pub mod cosignature;
 pub mod hashing;
 pub mod head_witness;
 pub mod key_check;

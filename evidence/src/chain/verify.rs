@@ -2,6 +2,7 @@
 //! one directory holds one chain) frame by frame, link by link, signature by signature,
 //! and reports the first break.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -10,6 +11,7 @@ use prost::Message as _;
 
 use super::anchor::{self, Anchor};
 use super::checkpoint::{signing_bytes, verify_signature};
+use super::cosignature::{self, Cosignature};
 use super::hashing::{ZERO_HASH, record_hash};
 use super::keys;
 use crate::spool::{Entry, ReadError, SpoolReader};
@@ -53,6 +55,17 @@ pub struct Report {
     pub unsigned_tail: u64,
     pub first_bad: Option<Break>,
     pub warnings: Vec<String>,
+    /// Witness cosignatures (`witness.cosig`) whose signature verifies and whose
+    /// (seq, hash) is the chain's.
+    pub cosignatures: u64,
+    /// Cosignatures of seqs before the chain's first stored record (deleted after
+    /// acknowledgement, or pruned): signature checked, the head no longer can be.
+    pub cosignatures_before: u64,
+    /// The witness key cosignatures must be by (`--witness-key`); None: each is
+    /// checked against the key it names (integrity, not origin).
+    pub witness_key: Option<[u8; 32]>,
+    /// The newest witnessed head that matched: seq and the witness's time.
+    pub last_witnessed: Option<(u64, i64)>,
 }
 
 impl Report {
@@ -81,6 +94,36 @@ impl fmt::Display for Report {
             "{} records verified ({} checkpoints) in {} segments, seq {}..{}",
             self.records, self.checkpoints, self.segments, self.first_seq, self.last_seq
         )?;
+        let witnessed = self.cosignatures + self.cosignatures_before;
+        if witnessed > 0 || self.witness_key.is_some() {
+            match &self.witness_key {
+                Some(k) => writeln!(f, "witness key hex: {}", hex::encode(k))?,
+                None => writeln!(
+                    f,
+                    "witness key: not given (--witness-key); cosignatures checked against the key each names (integrity, not origin): present but unverified"
+                )?,
+            }
+            write!(
+                f,
+                "{} witness cosignatures match the chain",
+                self.cosignatures
+            )?;
+            if let Some((seq, t)) = self.last_witnessed {
+                write!(
+                    f,
+                    "; last witnessed head: seq {seq} at {}",
+                    crate::ecs::rfc3339(t)
+                )?;
+            }
+            if self.cosignatures_before > 0 {
+                write!(
+                    f,
+                    "; {} of seqs before the first stored record (signature checked)",
+                    self.cosignatures_before
+                )?;
+            }
+            writeln!(f)?;
+        }
         for w in &self.warnings {
             writeln!(f, "warning: {w}")?;
         }
@@ -99,6 +142,8 @@ struct State {
     sensor_id: Option<String>,
     /// Where retention pruned the chain: the first stored record links to it.
     anchor: Option<Anchor>,
+    /// Witnessed heads by seq, checked as the walk reaches them.
+    cosigs: BTreeMap<u64, Vec<Cosignature>>,
 }
 
 impl State {
@@ -267,6 +312,11 @@ impl State {
         }
         self.signed(seq, prev_hash, &record)
             .map_err(|what| bad(seq, what))?;
+        if let Some(cosigs) = self.cosigs.remove(&seq) {
+            for c in &cosigs {
+                self.witnessed(c, hash).map_err(|what| bad(seq, what))?;
+            }
+        }
         self.report.records += 1;
         if self.report.records == 1 {
             self.report.first_seq = seq;
@@ -274,6 +324,70 @@ impl State {
         self.report.last_seq = seq;
         self.prev_hash = *hash;
         self.expected = Some(seq + 1);
+        Ok(())
+    }
+
+    /// A cosignature's signature: by the given witness key, if one was given.
+    fn cosignature_signed(&self, c: &Cosignature) -> Result<(), String> {
+        if let Some(w) = self.report.witness_key
+            && w != c.witness_key
+        {
+            return Err(format!(
+                "the cosignature of seq {} is by key {}, the witness key is {}",
+                c.seq,
+                hex::encode(c.witness_key),
+                hex::encode(w)
+            ));
+        }
+        let sensor = self.sensor_id.clone().unwrap_or_default();
+        c.verify(&sensor).map_err(|e| {
+            format!(
+                "the cosignature of seq {}: {e} ({} was changed?)",
+                c.seq,
+                cosignature::COSIG_FILE
+            )
+        })
+    }
+
+    /// A witnessed head the walk reached: signed, and the chain's own.
+    fn witnessed(&mut self, c: &Cosignature, hash: &[u8; 32]) -> Result<(), String> {
+        self.cosignature_signed(c)?;
+        if c.hash != *hash {
+            return Err(format!(
+                "witnessed head rewritten: the collector (key {}) cosigned seq {} with hash {} at {}, the chain has hash {} there: the chain was changed after this head was witnessed",
+                hex::encode(c.witness_key),
+                c.seq,
+                hex::encode(c.hash),
+                crate::ecs::rfc3339(c.time_unix_nano),
+                hex::encode(hash)
+            ));
+        }
+        self.report.cosignatures += 1;
+        if self.report.last_witnessed.is_none_or(|(s, _)| s <= c.seq) {
+            self.report.last_witnessed = Some((c.seq, c.time_unix_nano));
+        }
+        Ok(())
+    }
+
+    /// After the walk: the cosignatures it did not reach.
+    fn unreached_cosignatures(&mut self) -> Result<(), Break> {
+        let cosigs = std::mem::take(&mut self.cosigs);
+        for c in cosigs.values().flatten() {
+            let bad = |what: String| Break { seq: c.seq, what };
+            self.cosignature_signed(c).map_err(bad)?;
+            if self.report.records > 0 && c.seq < self.report.first_seq {
+                self.report.cosignatures_before += 1;
+                continue;
+            }
+            return Err(bad(format!(
+                "witnessed head missing: the collector (key {}) cosigned seq {} (hash {}) at {}, but the chain ends at seq {}: witnessed records were deleted or the chain was replaced",
+                hex::encode(c.witness_key),
+                c.seq,
+                hex::encode(c.hash),
+                crate::ecs::rfc3339(c.time_unix_nano),
+                self.report.last_seq
+            )));
+        }
         Ok(())
     }
 
@@ -322,7 +436,19 @@ impl State {
 
 /// Verifies the chain in `dir`. Without `public_key`, `dir/signing.pub` is the trusted
 /// key; without either, the key named by the chain's first signed record (reported).
+/// Cosignatures in `dir/witness.cosig` are checked against the chain; their origin
+/// only with [`verify_dir_witnessed`].
 pub fn verify_dir(dir: &Path, public_key: Option<[u8; 32]>) -> Report {
+    verify_dir_witnessed(dir, public_key, None)
+}
+
+/// [`verify_dir`], with every cosignature required to be by `witness_key` (the
+/// collector's pinned public key).
+pub fn verify_dir_witnessed(
+    dir: &Path,
+    public_key: Option<[u8; 32]>,
+    witness_key: Option<[u8; 32]>,
+) -> Report {
     let mut report = Report {
         dir: dir.to_owned(),
         sensor_id: None,
@@ -337,6 +463,10 @@ pub fn verify_dir(dir: &Path, public_key: Option<[u8; 32]>) -> Report {
         unsigned_tail: 0,
         first_bad: None,
         warnings: Vec::new(),
+        cosignatures: 0,
+        cosignatures_before: 0,
+        witness_key,
+        last_witnessed: None,
     };
     if public_key.is_none() {
         let pub_path = dir.join(keys::PUB_FILE);
@@ -363,6 +493,7 @@ pub fn verify_dir(dir: &Path, public_key: Option<[u8; 32]>) -> Report {
         prev_hash: ZERO_HASH,
         sensor_id: None,
         anchor: None,
+        cosigs: BTreeMap::new(),
     };
     match anchor::read(dir) {
         Ok(a) => st.anchor = a,
@@ -371,7 +502,28 @@ pub fn verify_dir(dir: &Path, public_key: Option<[u8; 32]>) -> Report {
             return st.report;
         }
     }
-    if let Err(b) = st.check_anchor().and_then(|()| walk(dir, &mut st)) {
+    match cosignature::read(dir) {
+        Ok(w) => {
+            if w.torn_tail {
+                st.report.warnings.push(format!(
+                    "{}: the last line is incomplete (an append cut by a crash); not counted",
+                    cosignature::COSIG_FILE
+                ));
+            }
+            for c in w.cosignatures {
+                st.cosigs.entry(c.seq).or_default().push(c);
+            }
+        }
+        Err(what) => {
+            st.report.first_bad = Some(Break { seq: 0, what });
+            return st.report;
+        }
+    }
+    if let Err(b) = st
+        .check_anchor()
+        .and_then(|()| walk(dir, &mut st))
+        .and_then(|()| st.unreached_cosignatures())
+    {
         st.report.first_bad = Some(b);
     }
     let mut report = st.report;
