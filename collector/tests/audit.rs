@@ -430,8 +430,20 @@ async fn retention_prunes_old_exported_segments_and_the_rest_still_verifies() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // The export cursor is saved right after the lines.
-    std::thread::sleep(Duration::from_millis(500));
+    // The export cursor is saved right after the lines: wait for it, since
+    // retention keeps what the cursor has not passed.
+    let cursor = store.join("exports").join("jsonl.cursor");
+    while !std::fs::read_to_string(&cursor)
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l == format!("{SENSOR} {head}"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the export cursor did not reach {head}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     c.kill();
     let dir = store.join(SENSOR);
     let before = conduit_evidence::spool::segment::list(&dir).expect("segments");
@@ -470,7 +482,19 @@ async fn retention_prunes_old_exported_segments_and_the_rest_still_verifies() {
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    let after = conduit_evidence::spool::segment::list(&dir).expect("segments");
+    // The anchor is written before the segments it covers are removed: wait for
+    // the removal to finish.
+    let after = loop {
+        let after = conduit_evidence::spool::segment::list(&dir).expect("segments");
+        if after.first().is_some_and(|s| s.0 > a.seq) {
+            break after;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pruning did not finish: {after:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert!(
         after.len() < before.len() && !after.is_empty(),
         "{} -> {}",
