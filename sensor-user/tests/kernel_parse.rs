@@ -15,6 +15,7 @@ use sensor_user::kernel::{BootClock, Kernel, KernelEvent, KernelOptions, Program
 const XDP_PASS: u32 = 2;
 const TC_ACT_OK: u32 = 0;
 const EINVAL: i32 = 22;
+const ETH_HLEN: usize = 14;
 
 fn kernel() -> Option<Kernel> {
     if !nix::unistd::geteuid().is_root() {
@@ -329,13 +330,13 @@ fn truncations(k: &Kernel, frame: &[u8], hdr_end: usize, expect: impl Fn(usize) 
         match k.test_run(Program::Xdp, &frame[..len]) {
             Ok(ret) => assert_eq!(ret, XDP_PASS, "len {len}"),
             Err(e) => {
-                // The kernel refuses test-run frames shorter than an Ethernet header.
-                assert!(len < 14, "len {len}: {e}");
+                // Newer kernels refuse test-run frames shorter than an Ethernet header.
+                assert!(len < ETH_HLEN, "len {len}: {e}");
                 let src = std::error::Error::source(&e).map(|s| s.to_string());
                 assert!(
                     src.as_deref().unwrap_or("").contains(&EINVAL.to_string())
                         || e.to_string().contains("nvalid")
-                        || len < 14,
+                        || len < ETH_HLEN,
                     "len {len}: {e}"
                 );
                 continue;
@@ -347,7 +348,12 @@ fn truncations(k: &Kernel, frame: &[u8], hdr_end: usize, expect: impl Fn(usize) 
             .filter(|c| after[**c as usize] != before[**c as usize])
             .map(|c| (*c, after[*c as usize] - before[*c as usize]))
             .collect();
-        if len < hdr_end {
+        if len < ETH_HLEN {
+            // Kernels before 5.18 (5.10 here) check the XDP test-run buffer's size,
+            // not the frame's, against ETH_HLEN, and run shorter frames: not even the
+            // Ethernet header is there.
+            only(&changed, Counter::ErrEthTruncated);
+        } else if len < hdr_end {
             only(&changed, expect(len));
         } else {
             counted(&changed);
@@ -563,12 +569,35 @@ fn run_tc(k: &Kernel, frame: &[u8], ingress_ifindex: u32, gso_segs: u32) -> Vec<
         .collect()
 }
 
+/// Whether this kernel's TC test runs take `ingress_ifindex` from the context. Older
+/// kernels (5.10 here) accept only some `__sk_buff` fields in a test run's context
+/// (mark, priority, ifindex, cb, tstamp, wire_len, gso_segs, gso_size) and refuse
+/// any other with EINVAL, so a test run cannot show the program a packet that
+/// arrived on an interface. Probed with a context that differs from an accepted one
+/// only in that field.
+fn tc_ctx_takes_ingress_ifindex(k: &Kernel) -> bool {
+    let frame = eth(&[], 0x0806, &[0u8; 28]);
+    k.test_run_opts(Program::Tc, &frame, 1, Some(&skb_ctx(0, 0)))
+        .expect("a TC test run with a zero context");
+    match k.test_run_opts(Program::Tc, &frame, 1, Some(&skb_ctx(1, 0))) {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(
+                format!("{e:?}").contains(&format!("code: {EINVAL}")),
+                "ingress_ifindex in a TC test-run context: {e:?}"
+            );
+            false
+        }
+    }
+}
+
 /// TC egress counts locally generated and non-watched-ingress packets, skips what
 /// XDP counted, and counts GSO aggregates as their segments.
 #[test]
 fn tc_egress_counting() {
     let Some(mut k) = kernel() else { return };
     k.watch_ifindex(1).unwrap();
+    let with_ingress = tc_ctx_takes_ingress_ifindex(&k);
     let t = Tcp {
         ack: true,
         ..Tcp::default()
@@ -578,10 +607,20 @@ fn tc_egress_counting() {
     let key = v4key(C4, 40000, S4, 443, 6, 0);
     // Locally generated (ingress_ifindex 0).
     counted(&run_tc(&k, &frame, 0, 0));
-    // From a watched interface: XDP counted it already.
-    only(&run_tc(&k, &frame, 1, 0), Counter::SkippedAlreadyCounted);
-    // From a non-watched interface (e.g. the uplink), as a 4-segment GSO aggregate.
-    let changed = run_tc(&k, &frame, 77, 4);
+    // From a non-watched interface (e.g. the uplink), as a 4-segment GSO aggregate;
+    // where the context cannot carry an ingress interface, locally generated.
+    let other = if with_ingress {
+        // From a watched interface: XDP counted it already.
+        only(&run_tc(&k, &frame, 1, 0), Counter::SkippedAlreadyCounted);
+        77
+    } else {
+        println!(
+            "this kernel's TC test runs take no ingress_ifindex: \
+             the watched-ingress skip is not checked here"
+        );
+        0
+    };
+    let changed = run_tc(&k, &frame, other, 4);
     assert_eq!(
         changed,
         vec![(Counter::PacketsSeen, 1), (Counter::PacketsCounted, 4)]
@@ -605,6 +644,7 @@ fn handoff_local_to_egress() {
         libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
     }
     k.watch_ifindex(1).unwrap();
+    let with_ingress = tc_ctx_takes_ingress_ifindex(&k);
     let gw = [203, 0, 113, 1];
     k.set_local_addrs(&[std::net::IpAddr::from(gw)]).unwrap();
     let t = Tcp {
@@ -628,6 +668,13 @@ fn handoff_local_to_egress() {
         Counter::HandedOffLocal,
     );
     assert!(k.flow(&v4key(S4, 443, gw, 61000, 6, 0)).unwrap().is_none());
+    if !with_ingress {
+        println!(
+            "this kernel's TC test runs take no ingress_ifindex: \
+             the egress half of the handoff is not checked here"
+        );
+        return;
+    }
     // De-NATed on the OT interface egress, arrived from a watched interface.
     let back = eth(&[], 0x0800, &v4_tcp(S4, C4, 443, 40000, t, b"a"));
     counted(&run_tc(&k, &back, 1, 0));

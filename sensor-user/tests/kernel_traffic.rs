@@ -8,7 +8,7 @@ use std::{
     net::{Shutdown, TcpStream},
     process::{Child, Command},
     thread::sleep,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use sensor_common::{DIR_FORWARD, DIR_REVERSE, FAMILY_IPV4, FlowKey, flow_state};
@@ -17,6 +17,17 @@ use sensor_user::kernel::{Kernel, KernelOptions};
 const NS: &str = "csktns";
 const HOST_IF: &str = "csktv0";
 const PEER_IF: &str = "csktv1";
+
+/// `d` multiplied by `CONDUIT_TEST_TIMEOUT_SCALE` (default 1): the kernel matrix sets
+/// it in its TCG VMs, where Python starts and the programs load many times slower.
+fn scaled(d: Duration) -> Duration {
+    let scale = std::env::var("CONDUIT_TEST_TIMEOUT_SCALE")
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1);
+    d * scale
+}
 
 fn ip(args: &[&str]) {
     let ok = Command::new("ip").args(args).status().unwrap().success();
@@ -83,8 +94,10 @@ c.close()
     let mut k = Kernel::load(&KernelOptions::default()).unwrap();
     k.attach(HOST_IF).unwrap();
 
+    // Until the server listens (Python starts slowly in a TCG VM).
+    let deadline = Instant::now() + scaled(Duration::from_secs(15));
     let mut conn = None;
-    for _ in 0..150 {
+    while Instant::now() < deadline {
         match TcpStream::connect("10.213.0.2:18080") {
             Ok(c) => {
                 conn = Some(c);
@@ -106,7 +119,6 @@ c.close()
     c.read_to_end(&mut back).unwrap();
     assert_eq!(back.len(), 1 << 20);
     drop(c);
-    sleep(Duration::from_millis(300));
 
     let mut lo = [0u8; 16];
     let mut hi = [0u8; 16];
@@ -121,7 +133,18 @@ c.close()
         protocol: 6,
         family: FAMILY_IPV4,
     };
-    let s = k.flow(&key).unwrap().expect("flow in the table");
+    // Both FINs went through the programs before read_to_end returned (XDP runs
+    // before the stack, TC egress in the sender's context); wait for the table to
+    // show them, with a deadline.
+    let both_fins = flow_state::FIN_FORWARD | flow_state::FIN_REVERSE;
+    let deadline = Instant::now() + scaled(Duration::from_secs(5));
+    let s = loop {
+        let s = k.flow(&key).unwrap().expect("flow in the table");
+        if s.state & both_fins == both_fins || Instant::now() >= deadline {
+            break s;
+        }
+        sleep(Duration::from_millis(20));
+    };
     println!("{s:?}");
     assert_eq!(s.initiator_is_lo, 1);
     // Sent 256 KiB (+ headers), received 1 MiB (+ headers); GSO aggregates are

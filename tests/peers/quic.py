@@ -5,12 +5,16 @@ server ADDRS PORT CERT KEY           ADDRS comma-separated; answer each stream w
 client ADDR PORT SNI CAFILE [v1|v2]  handshake (ALPN h3), send one stream, print reply
 """
 import asyncio
+import os
 import sys
 
 from aioquic.asyncio import QuicConnectionProtocol, connect, serve
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import StreamDataReceived
 from aioquic.quic.packet import QuicProtocolVersion
+
+# The lab's deadlines are scaled in slow VMs (conduit_lab::timeout_scale).
+SCALE = max(1, int(os.environ.get("CONDUIT_TEST_TIMEOUT_SCALE", "1") or "1"))
 
 
 class Echo(QuicConnectionProtocol):
@@ -40,7 +44,7 @@ async def run_client(addr, port, sni, cafile, version):
         reader, writer = await client.create_stream()
         writer.write(b"hello")
         writer.write_eof()
-        data = await asyncio.wait_for(reader.read(), timeout=5)
+        data = await asyncio.wait_for(reader.read(), timeout=5 * SCALE)
         print(data.decode().strip(), flush=True)
 
 
@@ -49,4 +53,4 @@ if __name__ == "__main__":
         asyncio.run(run_server(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]))
     else:
         version = sys.argv[6] if len(sys.argv) > 6 else "v1"
-        asyncio.run(asyncio.wait_for(run_client(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], version), 10))
+        asyncio.run(asyncio.wait_for(run_client(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], version), 10 * SCALE))

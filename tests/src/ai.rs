@@ -225,6 +225,8 @@ pub fn call(
     } else {
         addr.to_string()
     };
+    // Each client's own limit, in seconds, scaled like the lab's deadlines.
+    let limit = |secs: u32| (secs * crate::timeout_scale()).to_string();
     let out = match client {
         Client::Curl => lab.exec_any(
             ns,
@@ -232,7 +234,7 @@ pub fn call(
                 "curl",
                 "-sS",
                 "--max-time",
-                "10",
+                &limit(10),
                 "--http1.1",
                 "--cacert",
                 &ca,
@@ -244,7 +246,8 @@ pub fn call(
         Client::OpensslSClient => {
             // s_client reads stdin; give it a request and let it close.
             let cmd = format!(
-                "printf 'GET / HTTP/1.1\\r\\nHost: {name}\\r\\nConnection: close\\r\\n\\r\\n' | timeout 10 openssl s_client -quiet -connect {host}:443 -servername {name} -CAfile {ca} -verify_return_error"
+                "printf 'GET / HTTP/1.1\\r\\nHost: {name}\\r\\nConnection: close\\r\\n\\r\\n' | timeout {} openssl s_client -quiet -connect {host}:443 -servername {name} -CAfile {ca} -verify_return_error",
+                limit(10)
             );
             lab.exec_any(ns, &["sh", "-c", &cmd])?
         }
@@ -259,7 +262,7 @@ pub fn call(
                 ns,
                 &[
                     "timeout",
-                    "40",
+                    &limit(40),
                     "chromium",
                     "--headless",
                     "--no-sandbox",

@@ -41,6 +41,25 @@ pub fn skip_unless_root(test: &str) -> bool {
     }
 }
 
+/// How much longer than on the host the lab waits for anything: the value of
+/// `CONDUIT_TEST_TIMEOUT_SCALE` (a whole number, at least 1; default 1). The kernel
+/// matrix sets it in its VMs, whose TCG guests run 5 to 20 times slower than the
+/// host. Every deadline of the lab ([`Lab::wait_for_log`], [`Lab::wait_for_port`],
+/// [`Lab::stop`]) and every client's own time limit is multiplied by it; the peer
+/// scripts read the same variable.
+pub fn timeout_scale() -> u32 {
+    std::env::var("CONDUIT_TEST_TIMEOUT_SCALE")
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// `timeout` multiplied by [`timeout_scale`].
+pub fn scaled(timeout: Duration) -> Duration {
+    timeout * timeout_scale()
+}
+
 /// A set of namespaces and processes that is torn down on drop.
 pub struct Lab {
     prefix: String,
@@ -198,6 +217,7 @@ impl Lab {
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         // `ip netns exec` execs the command, so the child's pid is the program's.
         let _ = nix::sys::signal::kill(pid, signal);
+        let timeout = scaled(timeout);
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = child.try_wait()? {
@@ -215,6 +235,7 @@ impl Lab {
     /// Waits until a spawned process's log contains `needle`.
     pub fn wait_for_log(&self, label: &str, needle: &str, timeout: Duration) -> Result<()> {
         let path = self.log_path(label);
+        let timeout = scaled(timeout);
         let deadline = Instant::now() + timeout;
         loop {
             let text = fs::read_to_string(&path).unwrap_or_default();
@@ -230,6 +251,7 @@ impl Lab {
 
     /// Waits until a TCP or UDP port listens in a namespace.
     pub fn wait_for_port(&self, ns: &Ns, proto: &str, port: u16, timeout: Duration) -> Result<()> {
+        let timeout = scaled(timeout);
         let deadline = Instant::now() + timeout;
         let flag = if proto == "udp" { "-lun" } else { "-ltn" };
         loop {

@@ -46,6 +46,10 @@ enum Cmd {
         /// 6.12), not only the smoke tests.
         #[arg(long)]
         kernels: bool,
+        /// Run the kernel matrix only on this kernel series (5.10, 6.1, 6.12);
+        /// repeatable. Default: all three.
+        #[arg(long = "kernel", value_name = "SERIES")]
+        kernel: Vec<String>,
     },
     /// Setup, then the demo: a lab of namespaces with OT hosts, a gateway running the
     /// sensor, fake AI endpoints; prints the flow records; leaves nothing behind.
@@ -66,8 +70,12 @@ enum Cmd {
     /// Only the kernel matrix of `test` (smoke tests, or with --full the kernel suite)
     /// in the 5.10, 6.1 and 6.12 VMs.
     Matrix {
+        /// The whole kernel suite and the end-to-end test, not only the smoke tests.
         #[arg(long)]
         full: bool,
+        /// Only this kernel series (5.10, 6.1, 6.12); repeatable. Default: all three.
+        #[arg(long = "kernel", value_name = "SERIES")]
+        kernel: Vec<String>,
     },
     /// Run COMMAND as root in a VM with one of Debian's kernels (5.10, 6.1, 6.12):
     /// the host's files read-only, /tmp writable; exits with COMMAND's status.
@@ -118,11 +126,18 @@ fn main() -> ExitCode {
         }
         Cmd::Build => build_release(),
         Cmd::Package => package::package(),
-        Cmd::Test { no_lint, kernels } => setup().and_then(|()| test(!no_lint, kernels)),
+        Cmd::Test {
+            no_lint,
+            kernels,
+            kernel,
+        } => matrix::select_kernels(&kernel)
+            .and_then(|k| setup().and_then(|()| test(!no_lint, kernels, &k))),
         Cmd::Demo => setup().and_then(|()| demo()),
         Cmd::Bench => setup().and_then(|()| bench()),
         Cmd::Fuzz { seconds } => setup().and_then(|()| fuzz(seconds)),
-        Cmd::Matrix { full } => matrix::run_matrix(full),
+        Cmd::Matrix { full, kernel } => {
+            matrix::select_kernels(&kernel).and_then(|k| matrix::run_matrix(full, &k))
+        }
         Cmd::Vm(args) => return vm::main(args),
     };
     match result {
@@ -269,7 +284,7 @@ fn build_release() -> Result<()> {
     ]))
 }
 
-fn test(lint: bool, full_matrix: bool) -> Result<()> {
+fn test(lint: bool, full_matrix: bool, matrix_kernels: &[&str]) -> Result<()> {
     remove_stale_labs();
     toolchain::fresh_check()?;
     collector_free_of_ebpf_build()?;
@@ -320,7 +335,7 @@ fn test(lint: bool, full_matrix: bool) -> Result<()> {
             "kernel_agree",
         ])
         .env("CONDUIT_TEST_KERNEL_VARIANTS", "oldest"))?;
-    matrix::run_matrix(full_matrix)?;
+    matrix::run_matrix(full_matrix, matrix_kernels)?;
     step("End-to-end tests (network namespaces, real clients and servers)");
     // The binaries under test are the release ones the demo uses.
     build_release()?;
