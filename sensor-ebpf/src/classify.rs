@@ -695,7 +695,7 @@ fn sni_hash_bounded(
 /// `generation`; returns `(h, endpoint)`.
 #[inline(always)]
 fn sni_endpoint(generation: u8, h: u64, k: usize, sc: &SniScratch) -> (u64, u16) {
-    if let Some(ep) = SNI_EXACT.get_ptr(&SniKey::sni(generation, h)) {
+    if let Some(ep) = SNI_EXACT.get_ptr(SniKey::sni(generation, h)) {
         // SAFETY: map value pointer from a successful lookup.
         return (h, unsafe { *ep });
     }
@@ -706,7 +706,7 @@ fn sni_endpoint(generation: u8, h: u64, k: usize, sc: &SniScratch) -> (u64, u16)
             break;
         }
         // Later entries are longer (more specific) suffixes and win.
-        if let Some(ep) = SNI_SUFFIX.get_ptr(&SniKey::sni(generation, sc.suffixes[i])) {
+        if let Some(ep) = SNI_SUFFIX.get_ptr(SniKey::sni(generation, sc.suffixes[i])) {
             // SAFETY: as above.
             endpoint = unsafe { *ep };
         }
