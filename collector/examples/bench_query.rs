@@ -7,7 +7,10 @@
 //! millisecond of record time, in a temporary store, then prints
 //! `bench query records=… store_bytes=… full_decode_s=…
 //! narrow_cold_s=… (builds the index) narrow_warm_s=… narrow_matched=… ratio=…`
-//! (ratio: warm narrow query time / full decode time).
+//! (ratio: warm narrow query time / full decode time), then the auditor's report
+//! over the same minute and over the whole store:
+//! `bench report minute_s=… minute_flows=… whole_s=… ratio_minute=…` (ratio: the
+//! minute's report time / full decode time).
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -133,6 +136,26 @@ fn main() -> anyhow::Result<()> {
         "bench query records={n} decoded={decoded} store_bytes={store_bytes} full_decode_s={full:.2} \
          narrow_cold_s={cold:.3} narrow_warm_s={warm:.4} narrow_matched={matched} ratio={:.5}",
         warm / full
+    );
+
+    // The report (summary and HTML) over that minute, and over the whole store.
+    let now = unix_nanos(SystemTime::now());
+    let report = |since: i64, until: i64| -> anyhow::Result<(f64, u64)> {
+        let started = Instant::now();
+        let summary = conduit_collector::report::build(&store, since, until, now)?;
+        let html = conduit_collector::report::render_html(&summary)?;
+        anyhow::ensure!(
+            summary.verified && !html.is_empty(),
+            "the report did not verify the store"
+        );
+        Ok((started.elapsed().as_secs_f64(), summary.flows))
+    };
+    let (minute_s, minute_flows) = report(mid, mid + 60_000_000_000)?;
+    let (whole_s, whole_flows) = report(t0 - 1, now)?;
+    println!(
+        "bench report minute_s={minute_s:.3} minute_flows={minute_flows} whole_s={whole_s:.2} \
+         whole_flows={whole_flows} ratio_minute={:.4}",
+        minute_s / full
     );
     Ok(())
 }
