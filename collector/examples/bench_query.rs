@@ -8,9 +8,9 @@
 //! `bench query records=… store_bytes=… full_decode_s=…
 //! narrow_cold_s=… (builds the index) narrow_warm_s=… narrow_matched=… ratio=…`
 //! (ratio: warm narrow query time / full decode time), then the auditor's report
-//! over the same minute and over the whole store:
-//! `bench report minute_s=… minute_flows=… whole_s=… ratio_minute=…` (ratio: the
-//! minute's report time / full decode time).
+//! over the same minute: `bench report minute_s=… minute_flows=… ratio=…` (ratio:
+//! the report's time / full decode time). Not over the whole store: the report
+//! keeps every violation row in memory, and ten million of them exhaust 24 GiB.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -138,7 +138,7 @@ fn main() -> anyhow::Result<()> {
         warm / full
     );
 
-    // The report (summary and HTML) over that minute, and over the whole store.
+    // The report (summary and HTML) over that minute.
     let now = unix_nanos(SystemTime::now());
     let report = |since: i64, until: i64| -> anyhow::Result<(f64, u64)> {
         let started = Instant::now();
@@ -151,10 +151,8 @@ fn main() -> anyhow::Result<()> {
         Ok((started.elapsed().as_secs_f64(), summary.flows))
     };
     let (minute_s, minute_flows) = report(mid, mid + 60_000_000_000)?;
-    let (whole_s, whole_flows) = report(t0 - 1, now)?;
     println!(
-        "bench report minute_s={minute_s:.3} minute_flows={minute_flows} whole_s={whole_s:.2} \
-         whole_flows={whole_flows} ratio_minute={:.4}",
+        "bench report minute_s={minute_s:.3} minute_flows={minute_flows} ratio={:.4}",
         minute_s / full
     );
     Ok(())
