@@ -536,6 +536,7 @@ impl Agent {
                 if fe.header.kind == sensor_common::EVENT_FLOW_NEW {
                     let stats = self.sink.clock.stats(fe.stats);
                     self.tracker.on_new(fe.header.key, stats, now);
+                    self.write_retired()?;
                 }
             }
             KernelEvent::Payload(pe) => {
@@ -611,7 +612,9 @@ impl Agent {
             .update_classification(&key, &class_update(&stats))?;
         self.count_verdict(class.verdict);
         let (stats, now) = (self.sink.clock.stats(stats), self.sink.clock.now_ns());
-        if let Some(out) = self.tracker.on_classified(key, stats, class, now) {
+        let start = self.tracker.on_classified(key, stats, class, now);
+        self.write_retired()?;
+        if let Some(out) = start {
             self.write_flow(out)?;
         }
         Ok(())
@@ -623,9 +626,20 @@ impl Agent {
         if let Some(s) = self.kernel.flow(&key)? {
             self.kernel.update_classification(&key, &class_update(&s))?;
             let s = self.sink.clock.stats(s);
-            if let Some(out) = self.tracker.on_unclassified(key, s) {
+            let start = self.tracker.on_unclassified(key, s);
+            self.write_retired()?;
+            if let Some(out) = start {
                 self.write_flow(out)?;
             }
+        }
+        Ok(())
+    }
+
+    /// The records of flows an event found replaced by a later incarnation of their
+    /// five-tuple (counted with the next sweep).
+    fn write_retired(&mut self) -> Result<()> {
+        for out in self.tracker.take_retired() {
+            self.write_flow(out)?;
         }
         Ok(())
     }

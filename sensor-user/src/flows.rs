@@ -267,6 +267,12 @@ pub struct FlowTracker {
     refused: u64,
     /// Flows whose announcement the kernel lost, found in the table instead.
     recovered: u64,
+    /// Earlier incarnations of a five-tuple, ended when a new one appeared (see
+    /// [`FlowTracker::renew`]): their records, taken by the caller at once...
+    retired_out: Vec<FlowOut>,
+    /// ...and their counts, reported with the next sweep's.
+    retired_evicted: u64,
+    retired_unrecorded: u64,
 }
 
 impl FlowTracker {
@@ -281,6 +287,9 @@ impl FlowTracker {
             refused: 0,
             recovered: 0,
             epoch: 0,
+            retired_out: Vec::new(),
+            retired_evicted: 0,
+            retired_unrecorded: 0,
         }
     }
 
@@ -328,8 +337,83 @@ impl FlowTracker {
         !self.policy_loaded || self.opts.record_all || class.is_some_and(|c| c.is_ai())
     }
 
+    /// Records of earlier incarnations ended since the last call (see
+    /// [`FlowTracker::renew`]); write them before any record the same event returns.
+    pub fn take_retired(&mut self) -> Vec<FlowOut> {
+        std::mem::take(&mut self.retired_out)
+    }
+
+    /// Ends the tracked flow of `key` if `stats` is a later incarnation of the
+    /// five-tuple: the LRU evicted the tracked one, and the same five-tuple came
+    /// back, before a sweep noticed. Each kernel entry is stamped with its first
+    /// packet's time, which never changes while the entry lives, so a different
+    /// `first_seen_ns` is a different flow. The old one ends as an eviction
+    /// (`lack of resources`, its last counts), the new one gets a flow id of its own.
+    /// A snapshot of an earlier incarnation than the tracked one (its announcement
+    /// read late) is such an ended flow too. Returns whether `stats` belongs to the
+    /// tracked flow (or none is tracked).
+    fn renew(&mut self, key: &FlowKey, stats: &FlowStats) -> bool {
+        let Some(held) = self.flows.get(key).map(|t| t.held.first_seen_ns) else {
+            return true;
+        };
+        let first = stats.first_seen_ns;
+        if held == 0 || first == 0 || first == held {
+            return true;
+        }
+        if first > held {
+            if let Some(old) = self.flows.remove(key) {
+                self.retire(old);
+            }
+            return true;
+        }
+        let stale = Box::new(Tracked {
+            key: *key,
+            flow_id: self.next_flow_id,
+            last_report_ns: 0,
+            held: Held::of(stats),
+            class: None,
+            seen: self.epoch,
+            recorded: false,
+            class_final: false,
+        });
+        self.next_flow_id += 1;
+        self.retire(stale);
+        false
+    }
+
+    /// Ends a flow the kernel table no longer holds: a recorded (or recordable)
+    /// flow gets its `flow_end` (lack of resources), preceded by its `flow_start`
+    /// if it was still waiting for its classification; any other flow leaves
+    /// unrecorded.
+    fn evict(&self, mut t: Box<Tracked>, out: &mut Vec<FlowOut>) -> bool {
+        if !t.recorded && self.recordable(t.class.as_deref()) {
+            out.push(start(&mut t));
+        }
+        if t.recorded {
+            out.push(self::out(
+                &t,
+                RecordKind::FlowEnd,
+                FlowEndReason::LackOfResources,
+            ));
+        }
+        t.recorded
+    }
+
+    fn retire(&mut self, t: Box<Tracked>) {
+        let mut out = std::mem::take(&mut self.retired_out);
+        if self.evict(t, &mut out) {
+            self.retired_evicted += 1;
+        } else {
+            self.retired_unrecorded += 1;
+        }
+        self.retired_out = out;
+    }
+
     /// The flow's entry, created if there is room.
     fn track(&mut self, key: FlowKey, stats: FlowStats, now_ns: u64) -> Option<&mut Tracked> {
+        if !self.renew(&key, &stats) {
+            return None;
+        }
         if self.flows.contains(&key) {
             return self.flows.get_mut(&key);
         }
@@ -354,6 +438,9 @@ impl FlowTracker {
     /// classification (or its deadline), so it carries the verdict. Past the bound
     /// the flow is counted as refused and never tracked.
     pub fn on_new(&mut self, key: FlowKey, stats: FlowStats, now_ns: u64) {
+        if !self.renew(&key, &stats) {
+            return;
+        }
         if self.track(key, stats, now_ns).is_none() {
             self.refused += 1;
         }
@@ -370,6 +457,9 @@ impl FlowTracker {
         class: Classification,
         now_ns: u64,
     ) -> Option<FlowOut> {
+        if !self.renew(&key, &stats) {
+            return None;
+        }
         let known = self.flows.contains(&key);
         let unannounced = stats.state & flow_state::UNANNOUNCED != 0;
         if !known && !unannounced {
@@ -402,6 +492,9 @@ impl FlowTracker {
     pub fn on_unclassified(&mut self, key: FlowKey, stats: FlowStats) -> Option<FlowOut> {
         let policy_loaded = self.policy_loaded;
         let record_all = self.opts.record_all;
+        if !self.renew(&key, &stats) {
+            return None;
+        }
         let t = self.flows.get_mut(&key)?;
         t.held.merge(&stats);
         t.class_final = true;
@@ -462,6 +555,9 @@ impl FlowTracker {
         let policy_loaded = self.policy_loaded;
         let record_all = self.opts.record_all;
         let epoch = self.epoch;
+        // A walk reads the live entry, never an older incarnation than the tracked.
+        self.renew(key, stats);
+        sweep.out.append(&mut self.retired_out);
         // Only flows the kernel could not announce are picked up here: any other
         // untracked flow was refused (counted) or its announcement is still in the
         // ring buffer.
@@ -549,11 +645,9 @@ impl FlowTracker {
     /// before the snapshot of the next walk, which sees them or counts them lost).
     /// So each flow ends up recorded (tracked flows get a `flow_start` at the
     /// latest with their `flow_end`) or counted once: refused by the tracker,
-    /// unrecorded by policy, or lost unannounced. One gap remains: a flow key that
-    /// the LRU evicts and the same five-tuple then re-creates before a sweep noticed
-    /// the eviction continues the tracked flow (one record, counters of the first
-    /// incarnation kept by the max-merge); only a full table evicts, and the loss
-    /// there is counted as `flow_table_eviction`.
+    /// unrecorded by policy, or lost unannounced. A five-tuple the LRU evicts and
+    /// that comes back before a walk noticed is told apart by its entry's first
+    /// packet time ([`FlowTracker::renew`]): two flows, two flow ids.
     pub fn end_sweep(&mut self, sweep: &mut Sweep) {
         let epoch = self.epoch;
         let gone: Vec<FlowKey> = self
@@ -562,19 +656,13 @@ impl FlowTracker {
             .filter(|t| t.seen != epoch)
             .map(|t| t.key)
             .collect();
-        let (policy_loaded, record_all) = (self.policy_loaded, self.opts.record_all);
+        sweep.out.append(&mut self.retired_out);
+        sweep.evicted += std::mem::take(&mut self.retired_evicted);
+        sweep.unrecorded_ended += std::mem::take(&mut self.retired_unrecorded);
         for key in gone {
-            if let Some(mut t) = self.flows.remove(&key) {
-                // A recordable flow still waiting for its classification gets its
-                // flow_start now: it has records, like every evicted recorded flow.
-                if !t.recorded && (!policy_loaded || record_all || t.is_ai()) {
-                    sweep.out.push(start(&mut t));
-                }
-                if t.recorded {
+            if let Some(t) = self.flows.remove(&key) {
+                if self.evict(t, &mut sweep.out) {
                     sweep.evicted += 1;
-                    sweep
-                        .out
-                        .push(out(&t, RecordKind::FlowEnd, FlowEndReason::LackOfResources));
                 } else {
                     sweep.unrecorded_ended += 1;
                 }
@@ -584,7 +672,9 @@ impl FlowTracker {
 
     /// Takes the latest totals of a flow (final snapshot before a drain).
     pub fn update_stats(&mut self, key: &FlowKey, stats: &FlowStats) {
-        if let Some(t) = self.flows.get_mut(key) {
+        if let Some(t) = self.flows.get_mut(key)
+            && (t.held.first_seen_ns == stats.first_seen_ns || stats.first_seen_ns == 0)
+        {
             t.held.merge(stats);
         }
     }
@@ -865,6 +955,94 @@ mod tests {
             Some(FlowEndReason::LackOfResources)
         );
         assert!(tr.is_empty());
+    }
+
+    /// A later incarnation of the same five-tuple: the entry was evicted and
+    /// re-created between two walks.
+    fn reborn(first_seen: u64, last_seen: u64, packets: u64) -> FlowStats {
+        FlowStats {
+            first_seen_ns: first_seen,
+            ..stats(last_seen, packets, 0)
+        }
+    }
+
+    #[test]
+    fn a_five_tuple_recreated_before_a_sweep_noticed_is_a_new_flow() {
+        let mut tr = FlowTracker::new(opts(), false);
+        tr.on_new(key(8), stats(S, 1, 0), S);
+        let sw = tr.sweep(5 * S, &[(key(8), stats(5 * S, 9, 0))], &none);
+        let first_id = sw.out[0].flow_id;
+        // Evicted, then the same five-tuple again, announced before the next walk.
+        tr.on_new(key(8), reborn(6 * S, 6 * S, 1), 6 * S);
+        let retired = tr.take_retired();
+        assert_eq!(retired.len(), 1);
+        assert_eq!(retired[0].flow_id, first_id);
+        assert_eq!(retired[0].kind, RecordKind::FlowEnd);
+        assert_eq!(retired[0].end_reason, FlowEndReason::LackOfResources);
+        assert_eq!(retired[0].stats.packets, [9, 9]);
+        // The new flow has its own id and its own counts, not the old ones'.
+        let sw = tr.sweep(9 * S, &[(key(8), reborn(6 * S, 9 * S, 2))], &none);
+        assert_eq!(sw.evicted, 1);
+        let start = &sw.out[0];
+        assert_eq!(start.kind, RecordKind::FlowStart);
+        assert_ne!(start.flow_id, first_id);
+        assert_eq!(start.stats.packets, [2, 2]);
+        assert_eq!(start.stats.first_seen_ns, 6 * S);
+        assert_eq!(tr.len(), 1);
+    }
+
+    #[test]
+    fn a_walk_that_meets_the_new_incarnation_first_ends_the_old_one() {
+        let mut tr = FlowTracker::new(opts(), false);
+        tr.on_new(key(9), stats(S, 1, 0), S);
+        tr.sweep(5 * S, &[(key(9), stats(5 * S, 5, 0))], &none);
+        // Its announcement is still in the ring buffer: the walk ends the old
+        // flow and leaves the new one to its announcement.
+        let sw = tr.sweep(7 * S, &[(key(9), reborn(6 * S, 7 * S, 1))], &none);
+        assert_eq!(sw.evicted, 1);
+        assert_eq!(sw.out.len(), 1);
+        assert_eq!(sw.out[0].end_reason, FlowEndReason::LackOfResources);
+        assert_eq!(sw.out[0].stats.packets, [5, 5]);
+        assert!(tr.is_empty());
+        tr.on_new(key(9), reborn(6 * S, 6 * S, 1), 7 * S);
+        assert!(tr.take_retired().is_empty());
+        assert_eq!((tr.len(), tr.refused()), (1, 0));
+    }
+
+    #[test]
+    fn a_late_announcement_of_an_earlier_incarnation_is_its_own_flow() {
+        let mut tr = FlowTracker::new(opts(), false);
+        // The walk recovered the new incarnation (its announcement was lost)...
+        let lost = FlowStats {
+            state: flow_state::UNANNOUNCED,
+            ..reborn(3 * S, 3 * S, 1)
+        };
+        let sw = tr.sweep(6 * S, &[(key(10), lost)], &none);
+        let new_id = sw.out[0].flow_id;
+        // ...then the earlier one's announcement is read: recorded and ended, and
+        // the tracked flow keeps its own counts.
+        tr.on_new(key(10), stats(S, 4, 0), 6 * S);
+        let retired = tr.take_retired();
+        assert_eq!(retired.len(), 2);
+        assert_eq!(retired[0].kind, RecordKind::FlowStart);
+        assert_eq!(retired[1].end_reason, FlowEndReason::LackOfResources);
+        assert_ne!(retired[1].flow_id, new_id);
+        assert_eq!(retired[1].stats.packets, [4, 4]);
+        assert_eq!((tr.len(), tr.refused()), (1, 0));
+        let sw = tr.sweep(7 * S, &[(key(10), reborn(3 * S, 7 * S, 3))], &none);
+        assert_eq!(sw.evicted, 1);
+        assert!(sw.out.is_empty());
+    }
+
+    #[test]
+    fn with_policy_an_unrecorded_old_incarnation_is_counted_unrecorded() {
+        let mut tr = FlowTracker::new(opts(), true);
+        tr.on_new(key(11), stats(S, 1, 0), S);
+        tr.on_new(key(11), reborn(3 * S, 3 * S, 1), 3 * S);
+        assert!(tr.take_retired().is_empty());
+        let sw = tr.sweep(4 * S, &[(key(11), reborn(3 * S, 4 * S, 1))], &none);
+        assert_eq!((sw.evicted, sw.unrecorded_ended), (0, 1));
+        assert_eq!(tr.len(), 1);
     }
 
     #[test]
