@@ -144,6 +144,12 @@ impl Held {
         }
     }
 
+    /// Whether `s` is a snapshot of the same kernel entry: an entry keeps its first
+    /// packet's time while it lives (0: not known, taken as the same).
+    fn same_entry(&self, s: &FlowStats) -> bool {
+        self.first_seen_ns == 0 || s.first_seen_ns == 0 || s.first_seen_ns == self.first_seen_ns
+    }
+
     /// Counters only grow; a snapshot read while packets arrive may be older than
     /// the one already held, so keep the larger of each.
     fn merge(&mut self, new: &FlowStats) {
@@ -353,85 +359,57 @@ impl FlowTracker {
     /// read late) is such an ended flow too. Returns whether `stats` belongs to the
     /// tracked flow (or none is tracked).
     fn renew(&mut self, key: &FlowKey, stats: &FlowStats) -> bool {
-        let Some(held) = self.flows.get(key).map(|t| t.held.first_seen_ns) else {
+        let Some(later) = self
+            .flows
+            .get(key)
+            .filter(|t| !t.held.same_entry(stats))
+            .map(|t| stats.first_seen_ns > t.held.first_seen_ns)
+        else {
             return true;
         };
-        let first = stats.first_seen_ns;
-        if held == 0 || first == 0 || first == held {
-            return true;
-        }
-        if first > held {
-            if let Some(old) = self.flows.remove(key) {
-                self.retire(old);
+        let ended = if later {
+            self.flows.remove(key)
+        } else {
+            Some(self.new_flow(*key, stats, 0))
+        };
+        if let Some(t) = ended {
+            let recordable = self.recordable(t.class.as_deref());
+            if evict(t, recordable, &mut self.retired_out) {
+                self.retired_evicted += 1;
+            } else {
+                self.retired_unrecorded += 1;
             }
-            return true;
         }
-        let stale = Box::new(Tracked {
-            key: *key,
-            flow_id: self.next_flow_id,
-            last_report_ns: 0,
+        later
+    }
+
+    /// A new flow with the next flow id, not yet in the table.
+    fn new_flow(&mut self, key: FlowKey, stats: &FlowStats, now_ns: u64) -> Box<Tracked> {
+        let flow_id = self.next_flow_id;
+        self.next_flow_id += 1;
+        Box::new(Tracked {
+            key,
+            flow_id,
+            last_report_ns: now_ns,
             held: Held::of(stats),
             class: None,
             seen: self.epoch,
             recorded: false,
             class_final: false,
-        });
-        self.next_flow_id += 1;
-        self.retire(stale);
-        false
+        })
     }
 
-    /// Ends a flow the kernel table no longer holds: a recorded (or recordable)
-    /// flow gets its `flow_end` (lack of resources), preceded by its `flow_start`
-    /// if it was still waiting for its classification; any other flow leaves
-    /// unrecorded.
-    fn evict(&self, mut t: Box<Tracked>, out: &mut Vec<FlowOut>) -> bool {
-        if !t.recorded && self.recordable(t.class.as_deref()) {
-            out.push(start(&mut t));
-        }
-        if t.recorded {
-            out.push(self::out(
-                &t,
-                RecordKind::FlowEnd,
-                FlowEndReason::LackOfResources,
-            ));
-        }
-        t.recorded
-    }
-
-    fn retire(&mut self, t: Box<Tracked>) {
-        let mut out = std::mem::take(&mut self.retired_out);
-        if self.evict(t, &mut out) {
-            self.retired_evicted += 1;
-        } else {
-            self.retired_unrecorded += 1;
-        }
-        self.retired_out = out;
-    }
-
-    /// The flow's entry, created if there is room.
+    /// The flow's entry, created if there is room. Callers [`FlowTracker::renew`]
+    /// first, so an entry found is the same flow.
     fn track(&mut self, key: FlowKey, stats: FlowStats, now_ns: u64) -> Option<&mut Tracked> {
-        if !self.renew(&key, &stats) {
-            return None;
-        }
         if self.flows.contains(&key) {
             return self.flows.get_mut(&key);
         }
         if self.flows.len() >= self.opts.max_flows {
             return None;
         }
-        let flow_id = self.next_flow_id;
-        self.next_flow_id += 1;
-        Some(self.flows.insert_new(Box::new(Tracked {
-            key,
-            flow_id,
-            last_report_ns: now_ns,
-            held: Held::of(&stats),
-            class: None,
-            seen: self.epoch,
-            recorded: false,
-            class_final: false,
-        })))
+        let t = self.new_flow(key, &stats, now_ns);
+        Some(self.flows.insert_new(t))
     }
 
     /// A new flow reported by the kernel. Its `flow_start` waits for the
@@ -661,7 +639,8 @@ impl FlowTracker {
         sweep.unrecorded_ended += std::mem::take(&mut self.retired_unrecorded);
         for key in gone {
             if let Some(t) = self.flows.remove(&key) {
-                if self.evict(t, &mut sweep.out) {
+                let recordable = self.recordable(t.class.as_deref());
+                if evict(t, recordable, &mut sweep.out) {
                     sweep.evicted += 1;
                 } else {
                     sweep.unrecorded_ended += 1;
@@ -673,7 +652,7 @@ impl FlowTracker {
     /// Takes the latest totals of a flow (final snapshot before a drain).
     pub fn update_stats(&mut self, key: &FlowKey, stats: &FlowStats) {
         if let Some(t) = self.flows.get_mut(key)
-            && (t.held.first_seen_ns == stats.first_seen_ns || stats.first_seen_ns == 0)
+            && t.held.same_entry(stats)
         {
             t.held.merge(stats);
         }
@@ -724,6 +703,20 @@ impl Drained {
         outs.push(out(&t, RecordKind::FlowEnd, FlowEndReason::ForcedEnd));
         outs
     }
+}
+
+/// Ends a flow the kernel table no longer holds: a recorded (or recordable) flow
+/// gets its `flow_end` (lack of resources), preceded by its `flow_start` if it was
+/// still waiting for its classification. Returns whether it has records (else it
+/// leaves unrecorded).
+fn evict(mut t: Box<Tracked>, recordable: bool, records: &mut Vec<FlowOut>) -> bool {
+    if !t.recorded && recordable {
+        records.push(start(&mut t));
+    }
+    if t.recorded {
+        records.push(out(&t, RecordKind::FlowEnd, FlowEndReason::LackOfResources));
+    }
+    t.recorded
 }
 
 fn start(t: &mut Tracked) -> FlowOut {
