@@ -33,23 +33,62 @@ fn wait_port(port: u16) -> bool {
 }
 
 /// nats-server with JetStream on a free port (None, with a SKIP line: not installed).
+/// Ready means a connection on the port reads this server's `INFO` greeting; a server
+/// that lost the port to a parallel test exits, and is started again on another.
 fn start_nats(dir: &Path) -> Option<(Proc, String)> {
     if !has_binary("nats-server") {
         println!("SKIP: nats-server not installed");
         return None;
     }
-    let port = free_port();
-    let proc = Proc(
-        Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(dir.join("js"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server"),
-    );
-    assert!(wait_port(port), "nats-server did not listen");
-    Some((proc, format!("nats://127.0.0.1:{port}")))
+    for _ in 0..3 {
+        let port = free_port();
+        let mut proc = Proc(
+            Command::new("nats-server")
+                .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+                .arg(dir.join("js"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("nats-server"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if proc.0.try_wait().expect("nats-server status").is_some() {
+                break;
+            }
+            if greets_as_nats(port) {
+                return Some((proc, format!("nats://127.0.0.1:{port}")));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    panic!("nats-server did not become ready on three ports");
+}
+
+fn greets_as_nats(port: u16) -> bool {
+    use std::io::Read as _;
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut head = [0u8; 5];
+    s.read_exact(&mut head).is_ok() && &head == b"INFO "
+}
+
+/// A client of the test's server; connecting is retried up to a deadline because a
+/// loaded machine can reset a connection the server has not accepted yet.
+async fn nats_client(url: &str) -> async_nats::Client {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match async_nats::connect(url).await {
+            Ok(c) => return c,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("nats connect: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("nats connect: {e}"),
+        }
+    }
 }
 
 fn rsyslogd() -> Option<&'static str> {
@@ -217,7 +256,7 @@ async fn nats_jetstream_receives_every_record_once() {
     let mut up = Uplink::start(uplink_opts(&c.url("http"), SENSOR), &spool);
     up.wait_acked(head, Duration::from_secs(60)).await;
 
-    let client = async_nats::connect(&url).await.expect("nats connect");
+    let client = nats_client(&url).await;
     let js = async_nats::jetstream::new(client);
     let count = |js: async_nats::jetstream::Context| async move {
         let mut total = 0;
@@ -285,7 +324,7 @@ async fn nats_sites_are_canonical_and_a_failing_chain_does_not_stall_the_others(
     let Some((_nats, url)) = start_nats(tmp.path()) else {
         return;
     };
-    let client = async_nats::connect(&url).await.expect("nats connect");
+    let client = nats_client(&url).await;
     let js = async_nats::jetstream::new(client);
     // A stream named like site `broken`'s, but not holding its subjects.
     js.create_stream(async_nats::jetstream::stream::Config {
