@@ -24,6 +24,7 @@ use prost::Message as _;
 
 fn flow(i: u64, t: i64) -> v1::Record {
     v1::Record {
+        software_version: String::new(),
         kind: RecordKind::FlowEnd as i32,
         time_unix_nano: t,
         sensor_id: String::new(),

@@ -67,6 +67,7 @@ impl Alarms {
 
     fn append(&self, kind: &str, sensor_id: &str, seq: u64, detail: &str) {
         let record = v1::Record {
+            software_version: String::new(),
             kind: RecordKind::Alarm as i32,
             time_unix_nano: 0,
             sensor_id: String::new(),

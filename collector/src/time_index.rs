@@ -275,6 +275,7 @@ mod tests {
             (RecordKind::Unspecified, 0),
         ] {
             let r = Record {
+                software_version: String::new(),
                 kind: kind as i32,
                 time_unix_nano: time,
                 sensor_id: "gw-01".into(),

@@ -33,11 +33,13 @@ const BATCH: u64 = 64;
 
 fn flow_end(i: u64, now: i64) -> v1::Record {
     v1::Record {
+        software_version: String::new(),
         kind: RecordKind::FlowEnd as i32,
         time_unix_nano: now,
         sensor_id: String::new(),
         site: "plant-01".to_owned(),
         body: Some(Body::Flow(v1::Flow {
+            attribution: String::new(),
             flow_id: 0x9e37_79b9_7f4a_7c15 ^ i,
             start_unix_nano: now - 61_000_000_000,
             end_unix_nano: now - 1_000_000,

@@ -32,7 +32,7 @@ use conduit_uplink::UplinkOptions;
 
 use crate::{
     completion::{CLASSIFICATION_DEADLINE, Completed, Completion},
-    config::{self, AppProto, ConduitMap, DefaultAction},
+    config::{self, AppProto, Attribution, ConduitMap, DefaultAction},
     flows::{Classification, FlowOut, FlowTracker, TrackerOptions},
     kernel::BootClock,
     kernel::{self, Kernel, KernelEvent, KernelOptions},
@@ -591,6 +591,7 @@ impl Agent {
             );
             class.zone = c.zone.as_ref().map(|z| z.id.clone());
             class.endpoint = c.endpoint.as_ref().map(|e| e.id.clone());
+            class.attribution = c.endpoint.as_ref().map(|e| e.by);
             class.conduit_id = c.conduit.as_ref().map(|c| c.id.clone());
             class.verdict = proto_verdict(c.verdict);
             class.policy_hash = map.policy_hash().to_vec();
@@ -1129,6 +1130,12 @@ fn kernel_classification(policy: Option<&ConduitMap>, s: &FlowStats) -> Option<C
         },
         zone: map.zone_by_index(s.zone_id).map(|z| z.id.clone()),
         endpoint: map.endpoint_by_index(s.endpoint_id).map(|e| e.id.clone()),
+        // The kernel matched by the SNI's hash when it had one, else by address.
+        attribution: Some(if s.sni_hash != 0 {
+            Attribution::Sni
+        } else {
+            Attribution::Address
+        }),
         conduit_id: map.conduit_by_index(s.conduit_id).map(|c| c.id.clone()),
         verdict: proto_verdict(sensor_common::Verdict::from_u8(s.verdict)),
         policy_hash: map.policy_hash().to_vec(),

@@ -10,6 +10,7 @@ use conduit_proto::v1::{FlowEndReason, RecordKind, Verdict};
 use sensor_common::{FLOW_TABLE_SIZE, FlowKey, FlowStats, flow_state, sni_state};
 
 use crate::completion::CLASSIFICATION_DEADLINE;
+use crate::config::Attribution;
 
 /// Default bound of the tracker: as many flows as the default kernel table holds.
 pub const DEFAULT_TRACKED_FLOWS: u32 = FLOW_TABLE_SIZE;
@@ -57,6 +58,8 @@ pub struct Classification {
     pub ech: bool,
     pub zone: Option<String>,
     pub endpoint: Option<String>,
+    /// What matched the endpoint (None: no endpoint).
+    pub attribution: Option<Attribution>,
     pub conduit_id: Option<String>,
     pub verdict: Verdict,
     pub policy_hash: Vec<u8>,

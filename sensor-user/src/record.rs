@@ -93,6 +93,10 @@ pub fn flow_record(flow: &FlowOut, clock: &BootClock, ifname: &str) -> Record {
             ech: c.ech,
             zone: c.zone.clone().unwrap_or_default(),
             endpoint: c.endpoint.clone().unwrap_or_default(),
+            attribution: c
+                .attribution
+                .map(|a| a.as_str().to_owned())
+                .unwrap_or_default(),
             conduit_id: c.conduit_id.clone().unwrap_or_default(),
             verdict: if c.verdict == Verdict::Unspecified {
                 Verdict::Unclassified as i32

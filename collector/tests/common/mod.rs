@@ -126,6 +126,7 @@ fn spawn(args: &[String], log: &Path) -> Child {
 
 pub fn flow(i: u64) -> v1::Record {
     v1::Record {
+        software_version: String::new(),
         kind: RecordKind::FlowStart as i32,
         time_unix_nano: 0,
         sensor_id: String::new(),

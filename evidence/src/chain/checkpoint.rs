@@ -69,6 +69,7 @@ pub fn checkpoint_record(
     let time = unix_nanos(now);
     let sig = key.sign(&signing_bytes(sensor_id, seq, hash, time));
     v1::Record {
+        software_version: String::new(),
         kind: RecordKind::Checkpoint as i32,
         time_unix_nano: time,
         sensor_id: sensor_id.to_owned(),
@@ -96,6 +97,7 @@ pub fn chain_restart_record(
     let time = unix_nanos(now);
     let sig = key.sign(&signing_bytes(sensor_id, 0, &ZERO_HASH, time));
     v1::Record {
+        software_version: String::new(),
         kind: RecordKind::ChainRestart as i32,
         time_unix_nano: time,
         sensor_id: sensor_id.to_owned(),

@@ -98,6 +98,9 @@ pub struct RecorderOptions {
     /// Where the durable head is witnessed outside the spool (see head_witness);
     /// None: not witnessed.
     pub head_witness: Option<PathBuf>,
+    /// `software_version` stamped on every record that has none (ECS
+    /// `observer.version`); defaults to the workspace's version.
+    pub software_version: String,
 }
 
 impl RecorderOptions {
@@ -113,6 +116,7 @@ impl RecorderOptions {
             checkpoint_every: checkpoint::DEFAULT_EVERY,
             clock: SystemTime::now,
             head_witness: None,
+            software_version: env!("CARGO_PKG_VERSION").to_owned(),
         }
     }
 }
@@ -142,6 +146,7 @@ pub struct Recorder {
     full_episode: bool,
     refused_unreported: u64,
     checkpoints_skipped: u64,
+    software_version: String,
     clock: fn() -> SystemTime,
     head_witness: Option<PathBuf>,
 }
@@ -192,6 +197,7 @@ impl Recorder {
             checkpoints_skipped: 0,
             clock: opts.clock,
             head_witness: opts.head_witness.clone(),
+            software_version: opts.software_version.clone(),
         };
         let mut out = Vec::new();
         if recovery.head.is_none() {
@@ -290,6 +296,7 @@ impl Recorder {
     /// further refusals when space is available again).
     pub fn append(&mut self, mut record: v1::Record) -> Result<Vec<Appended>, Error> {
         check_kind(&record)?;
+        self.stamp_version(&mut record);
         if record.sensor_id.is_empty() {
             record.sensor_id.clone_from(&self.sensor_id);
         } else if record.sensor_id != self.sensor_id {
@@ -368,6 +375,7 @@ impl Recorder {
                 });
             };
         for mut record in records {
+            self.stamp_version(&mut record);
             if record.sensor_id.is_empty() {
                 record.sensor_id.clone_from(&self.sensor_id);
             }
@@ -378,7 +386,7 @@ impl Recorder {
             made_here.push(false);
             since += 1;
             if self.policy.due_by_count(since) {
-                let record = checkpoint::checkpoint_record(
+                let mut record = checkpoint::checkpoint_record(
                     &self.key,
                     &self.sensor_id,
                     seq,
@@ -387,6 +395,7 @@ impl Recorder {
                     since,
                     self.policy.every,
                 );
+                self.stamp_version(&mut record);
                 link(&mut seq, &mut hash, record, &mut out);
                 made_here.push(true);
                 since = 0;
@@ -518,7 +527,14 @@ impl Recorder {
         self.checkpoints_skipped
     }
 
-    fn write(&mut self, record: v1::Record, class: Class) -> Result<Appended, Error> {
+    fn stamp_version(&self, record: &mut v1::Record) {
+        if record.software_version.is_empty() {
+            record.software_version.clone_from(&self.software_version);
+        }
+    }
+
+    fn write(&mut self, mut record: v1::Record, class: Class) -> Result<Appended, Error> {
+        self.stamp_version(&mut record);
         let record_bytes = record.encode_to_vec();
         let seq = self.seq + 1;
         let hash = record_hash(seq, &self.hash, &record_bytes);
@@ -551,6 +567,7 @@ impl Recorder {
         now: SystemTime,
     ) -> Result<Appended, Error> {
         let r = v1::Record {
+            software_version: String::new(),
             kind: kind as i32,
             time_unix_nano: checkpoint::unix_nanos(now),
             sensor_id: self.sensor_id.clone(),
@@ -587,6 +604,7 @@ impl Recorder {
 
     fn loss_record(&self, count: u64, detail: String) -> v1::Record {
         v1::Record {
+            software_version: String::new(),
             kind: RecordKind::Loss as i32,
             time_unix_nano: checkpoint::unix_nanos((self.clock)()),
             sensor_id: self.sensor_id.clone(),

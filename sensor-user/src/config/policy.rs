@@ -16,6 +16,25 @@ pub struct ZoneRef {
 pub struct EndpointRef {
     pub id: String,
     pub index: u16,
+    pub by: Attribution,
+}
+
+/// What matched a flow to its AI endpoint (`conduit.attribution`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attribution {
+    /// The TLS/QUIC server name.
+    Sni,
+    /// The destination address alone.
+    Address,
+}
+
+impl Attribution {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Attribution::Sni => "sni",
+            Attribution::Address => "address",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,7 +91,7 @@ impl ConduitMap {
                         .cmp(&pb.specificity())
                         .then(eb.index.cmp(&ea.index))
                 })
-                .map(|(_, e)| e)
+                .map(|(_, e)| (e, Attribution::Sni))
         });
         let found = by_sni.or_else(|| {
             self.endpoints
@@ -86,11 +105,12 @@ impl ConduitMap {
                         .map(|len| (len, e))
                 })
                 .max_by(|(la, ea), (lb, eb)| la.cmp(lb).then(eb.index.cmp(&ea.index)))
-                .map(|(_, e)| e)
+                .map(|(_, e)| (e, Attribution::Address))
         });
-        found.map(|e| EndpointRef {
+        found.map(|(e, by)| EndpointRef {
             id: e.id.clone(),
             index: e.index,
+            by,
         })
     }
 
