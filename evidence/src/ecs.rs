@@ -97,19 +97,83 @@ fn prune(v: Value) -> Value {
     }
 }
 
+/// The ECS release the JSON lines follow (`ecs.version`); its field definitions are
+/// vendored in `evidence/schema/ecs-<version>/` and the tests check every line against
+/// them.
+pub const ECS_VERSION: &str = "9.4.0";
+
+/// `observer.product` and `observer.vendor`.
+pub const PRODUCT: &str = "Conduit Sensor";
+
+/// ECS `event.kind`: `alert` for a flow the conduit map does not authorize (a
+/// violation, or blocked), else `event`. Loss records and collector alarms are
+/// events about the evidence, not detections: SIEM content keys on their
+/// `event.action`.
+fn event_kind(record: &Record) -> &'static str {
+    match &record.body {
+        Some(Body::Flow(f))
+            if matches!(
+                Verdict::try_from(f.verdict),
+                Ok(Verdict::Violation | Verdict::Blocked)
+            ) =>
+        {
+            "alert"
+        }
+        _ => "event",
+    }
+}
+
+/// ECS `event.category` and `event.type` (arrays of ECS's allowed values). A flow is
+/// `network`/`connection` with `start`, `end` or `info` (an update), and `allowed`
+/// or `denied` once the conduit map decided: a violation in monitoring mode went
+/// through (`allowed`; `event.kind: alert` flags it), a blocked flow did not. A
+/// policy change is `configuration`/`change`. Records about the evidence itself
+/// (checkpoints, loss, restarts, alarms) have no ECS category.
+fn categorization(kind: RecordKind, record: &Record) -> (Value, Value) {
+    match &record.body {
+        Some(Body::Flow(f)) => {
+            let mut types = vec!["connection"];
+            types.push(match kind {
+                RecordKind::FlowStart => "start",
+                RecordKind::FlowEnd => "end",
+                _ => "info",
+            });
+            match Verdict::try_from(f.verdict).unwrap_or(Verdict::Unspecified) {
+                Verdict::Authorized | Verdict::Violation => types.push("allowed"),
+                Verdict::Blocked => types.push("denied"),
+                Verdict::Unclassified | Verdict::Unspecified => {}
+            }
+            (json!(["network"]), json!(types))
+        }
+        Some(Body::PolicyChange(_)) => (json!(["configuration"]), json!(["change"])),
+        _ => (Value::Null, Value::Null),
+    }
+}
+
 /// The JSON-lines view of a chained record (ECS names; contract in DESIGN.md).
 pub fn ecs_json(record: &Record, pos: &ChainPosition) -> Value {
     let kind = RecordKind::try_from(record.kind).unwrap_or(RecordKind::Unspecified);
+    let (category, types) = categorization(kind, record);
     let mut event = json!({
         "action": action_name(kind),
         "sequence": pos.seq,
         "hash": hex::encode(pos.hash),
-        "kind": if matches!(kind, RecordKind::Loss | RecordKind::Alarm) { "alert" } else { "event" },
+        "kind": event_kind(record),
+        "category": category,
+        "type": types,
     });
     let mut doc = json!({
         "@timestamp": rfc3339(record.time_unix_nano),
+        "ecs": {"version": ECS_VERSION},
         "chain": {"prev_hash": hex::encode(pos.prev_hash)},
-        "observer": {"id": non_empty(&record.sensor_id)},
+        "observer": {
+            "id": non_empty(&record.sensor_id),
+            "name": non_empty(&record.sensor_id),
+            "type": "sensor",
+            "product": PRODUCT,
+            "vendor": PRODUCT,
+            "version": non_empty(&record.software_version),
+        },
     });
     let mut conduit = json!({ "site": non_empty(&record.site) });
 
@@ -117,6 +181,7 @@ pub fn ecs_json(record: &Record, pos: &ChainPosition) -> Value {
         Some(Body::Flow(f)) => {
             event["start"] = json!(rfc3339(f.start_unix_nano));
             event["end"] = json!(rfc3339(f.end_unix_nano));
+            event["duration"] = json!(f.end_unix_nano.saturating_sub(f.start_unix_nano).max(0));
             if let Some(reason) = end_reason_name(f.end_reason) {
                 event["reason"] = json!(reason);
             }
@@ -125,7 +190,7 @@ pub fn ecs_json(record: &Record, pos: &ChainPosition) -> Value {
             let counts = |c: &Option<Counts>| c.unwrap_or_default();
             let (s, d) = (counts(&f.source), counts(&f.destination));
             doc["source"] = json!({"ip": ip_text(&f.source_ip), "port": f.source_port, "bytes": s.bytes, "packets": s.packets});
-            doc["destination"] = json!({"ip": ip_text(&f.destination_ip), "port": f.destination_port, "bytes": d.bytes, "packets": d.packets});
+            doc["destination"] = json!({"ip": ip_text(&f.destination_ip), "port": f.destination_port, "bytes": d.bytes, "packets": d.packets, "domain": non_empty(&f.server_name)});
             let transport = match f.ip_protocol {
                 6 => "tcp".to_string(),
                 17 => "udp".to_string(),
@@ -138,7 +203,8 @@ pub fn ecs_json(record: &Record, pos: &ChainPosition) -> Value {
                 "community_id": non_empty(&f.community_id),
                 "bytes": s.bytes + d.bytes,
                 "packets": s.packets + d.packets,
-                "vlan": if f.vlan_id != 0 { json!({"id": f.vlan_id}) } else { Value::Null },
+                // ECS types the VLAN id as a keyword.
+                "vlan": if f.vlan_id != 0 { json!({"id": f.vlan_id.to_string()}) } else { Value::Null },
             });
             if !f.server_name.is_empty() || !f.ja4.is_empty() || !f.tls_version.is_empty() {
                 doc["tls"] = json!({
@@ -147,12 +213,14 @@ pub fn ecs_json(record: &Record, pos: &ChainPosition) -> Value {
                     "version_protocol": if f.tls_version.is_empty() { Value::Null } else { json!("tls") },
                     "next_protocol": f.alpn.first().map(|a| json!(a)).unwrap_or(Value::Null),
                 });
-                if f.ech {
-                    doc["tls"]["client"]["ech"] = json!(true);
-                }
+            }
+            // ECS has no field for Encrypted Client Hello.
+            if f.ech {
+                conduit["ech"] = json!(true);
             }
             conduit["zone"] = non_empty(&f.zone);
             conduit["endpoint"] = non_empty(&f.endpoint);
+            conduit["attribution"] = non_empty(&f.attribution);
             conduit["verdict"] = json!(verdict_name(f.verdict));
             conduit["policy_hash"] = if f.policy_hash.is_empty() {
                 Value::Null

@@ -173,6 +173,14 @@ mod tests {
         assert_eq!(j["event"]["hash"], hex::encode([1; 32]));
         assert_eq!(j["chain"]["prev_hash"], hex::encode([2; 32]));
         assert_eq!(j["observer"]["id"], "gw-01");
+        assert_eq!(j["observer"]["name"], "gw-01");
+        assert_eq!(j["event"]["kind"], "alert");
+        assert_eq!(
+            j["event"]["type"],
+            serde_json::json!(["connection", "start", "allowed"])
+        );
+        assert_eq!(j["event"]["duration"], 1_000);
+        assert_eq!(j["destination"]["domain"], "api.openai.com");
         assert_eq!(j["observer"]["ingress"]["interface"]["name"], "eth1");
         assert_eq!(j["source"]["ip"], "192.0.2.10");
         assert_eq!(j["source"]["port"], 51514);
@@ -181,7 +189,7 @@ mod tests {
         assert_eq!(j["destination"]["bytes"], 200);
         assert_eq!(j["network"]["transport"], "tcp");
         assert_eq!(j["network"]["protocol"], "tls");
-        assert_eq!(j["network"]["vlan"]["id"], 101);
+        assert_eq!(j["network"]["vlan"]["id"], "101");
         assert!(
             j["network"]["community_id"]
                 .as_str()
