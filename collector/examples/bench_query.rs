@@ -9,8 +9,11 @@
 //! narrow_cold_s=… (builds the index) narrow_warm_s=… narrow_matched=… ratio=…`
 //! (ratio: warm narrow query time / full decode time), then the auditor's report
 //! over the same minute: `bench report minute_s=… minute_flows=… ratio=…` (ratio:
-//! the report's time / full decode time). Not over the whole store: the report
-//! keeps every violation row in memory, and ten million of them exhaust 24 GiB.
+//! the report's time / full decode time), and over the whole store (every record a
+//! violation): `bench report whole_s=… whole_flows=… listed=… ratio=…
+//! peak_rss_mib_before=… peak_rss_mib_after=…` (the process's peak resident size
+//! before and after the whole-store report: its memory is a small tally per flow,
+//! and at most `DEFAULT_MAX_ROWS` listed rows per list).
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -141,20 +144,50 @@ fn main() -> anyhow::Result<()> {
 
     // The report (summary and HTML) over that minute.
     let now = unix_nanos(SystemTime::now());
-    let report = |since: i64, until: i64| -> anyhow::Result<(f64, u64)> {
+    let report = |since: i64, until: i64| -> anyhow::Result<(f64, u64, usize)> {
         let started = Instant::now();
-        let summary = conduit_collector::report::build(&store, since, until, now)?;
+        let summary = conduit_collector::report::build(
+            &store,
+            since,
+            until,
+            now,
+            conduit_collector::report::DEFAULT_MAX_ROWS,
+        )?;
         let html = conduit_collector::report::render_html(&summary)?;
         anyhow::ensure!(
             summary.verified && !html.is_empty(),
             "the report did not verify the store"
         );
-        Ok((started.elapsed().as_secs_f64(), summary.flows))
+        Ok((
+            started.elapsed().as_secs_f64(),
+            summary.flows,
+            summary.violation_list.len(),
+        ))
     };
-    let (minute_s, minute_flows) = report(mid, mid + 60_000_000_000)?;
+    let (minute_s, minute_flows, _) = report(mid, mid + 60_000_000_000)?;
     println!(
         "bench report minute_s={minute_s:.3} minute_flows={minute_flows} ratio={:.4}",
         minute_s / full
     );
+    let before = peak_rss_mib();
+    let (whole_s, whole_flows, listed) = report(0, i64::MAX / 2)?;
+    println!(
+        "bench report whole_s={whole_s:.2} whole_flows={whole_flows} listed={listed} ratio={:.3} \
+         peak_rss_mib_before={before} peak_rss_mib_after={}",
+        whole_s / full,
+        peak_rss_mib()
+    );
     Ok(())
+}
+
+/// The process's peak resident set (VmHWM), MiB.
+fn peak_rss_mib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024)
 }

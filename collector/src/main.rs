@@ -130,6 +130,10 @@ struct ReportArgs {
     /// Also print it to PDF with headless Chromium (`chromium` on PATH, or $CHROMIUM).
     #[arg(long, value_name = "FILE.pdf")]
     pdf: Option<PathBuf>,
+    /// The most rows each list (violations, blocked flows, loss records, alarms)
+    /// shows; the counts and the summary stay exact, `query` lists every record.
+    #[arg(long, value_name = "N", default_value_t = conduit_collector::report::DEFAULT_MAX_ROWS)]
+    max_rows: usize,
 }
 
 fn parse_time(s: &str) -> Result<i64, String> {
@@ -525,15 +529,16 @@ fn report(args: &ReportArgs) -> ExitCode {
         return ExitCode::from(EXIT_USAGE);
     }
     let now = conduit_evidence::chain::checkpoint::unix_nanos(std::time::SystemTime::now());
-    let written = report::build(&args.store, args.since, args.until, now).and_then(|s| {
-        let html = report::render_html(&s)?;
-        std::fs::write(&args.out, html)
-            .with_context(|| format!("writing {}", args.out.display()))?;
-        if let Some(pdf) = &args.pdf {
-            report::print_pdf(&args.out, pdf)?;
-        }
-        Ok(s)
-    });
+    let written =
+        report::build(&args.store, args.since, args.until, now, args.max_rows).and_then(|s| {
+            let html = report::render_html(&s)?;
+            std::fs::write(&args.out, html)
+                .with_context(|| format!("writing {}", args.out.display()))?;
+            if let Some(pdf) = &args.pdf {
+                report::print_pdf(&args.out, pdf)?;
+            }
+            Ok(s)
+        });
     match written {
         Ok(s) => {
             for x in &s.sensors {

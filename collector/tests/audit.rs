@@ -571,3 +571,94 @@ async fn retention_prunes_old_exported_segments_and_the_rest_still_verifies() {
     let report = verify_dir(&dir, None);
     assert_eq!(report.first_bad.map(|b| b.seq), Some(a.seq + 1));
 }
+
+/// A report over more violations and loss records than it lists: the counts and the
+/// summary stay exact, each flow is counted and listed once (with its last record's
+/// totals), and the report says how to list the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_lists_a_bounded_number_of_rows_and_counts_every_one() {
+    init_tracing();
+    let tmp = tempfile::tempdir().expect("test step");
+    let (spool, store) = (tmp.path().join("spool"), tmp.path().join("store"));
+    let t0 = SystemTime::now() + Duration::from_secs(3600);
+    let head = {
+        let mut rec = recorder(&spool, SENSOR);
+        let at = |ms: u64| unix_nanos(t0 + Duration::from_millis(ms));
+        for i in 0..30u64 {
+            for (kind, bytes) in [(RecordKind::FlowStart, 10), (RecordKind::FlowEnd, 5000 + i)] {
+                let mut r = flow(i);
+                r.kind = kind as i32;
+                r.time_unix_nano = at(100 * i + if kind == RecordKind::FlowEnd { 50 } else { 0 });
+                if let Some(Body::Flow(f)) = &mut r.body {
+                    f.source = Some(v1::Counts { bytes, packets: 2 });
+                }
+                rec.append(r).expect("append");
+            }
+        }
+        for i in 0..12u64 {
+            rec.append(v1::Record {
+                kind: RecordKind::Loss as i32,
+                time_unix_nano: at(3000 + i),
+                body: Some(Body::Loss(v1::Loss {
+                    reason: "ringbuf_full".to_owned(),
+                    count: 2,
+                    unit: "event".to_owned(),
+                    origin: "kernel".to_owned(),
+                    detail: String::new(),
+                })),
+                ..v1::Record::default()
+            })
+            .expect("append");
+        }
+        rec.sync().expect("sync");
+        rec.head().0
+    };
+    let c = Collector::start(&store, &tmp.path().join("collector.log"), &["--tofu"]);
+    let mut up = Uplink::start(uplink_opts(&c.url("http"), SENSOR), &spool);
+    up.wait_acked(head, Duration::from_secs(30)).await;
+    up.stop().await;
+
+    let html = tmp.path().join("r.html");
+    let (since, until) = (rfc(t0), rfc(t0 + Duration::from_secs(10)));
+    let out = collector(&[
+        "report",
+        "--store",
+        store.to_str().expect("test step"),
+        "--since",
+        &since,
+        "--until",
+        &until,
+        "--out",
+        html.to_str().expect("test step"),
+        "--max-rows",
+        "5",
+    ]);
+    // No heartbeats cover the window: verified, incomplete.
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let html = std::fs::read_to_string(&html).expect("test step");
+    let s = summary(&html);
+    assert_eq!(s["flows"], 30, "{s}");
+    assert_eq!(s["violations"], 30);
+    assert_eq!(s["loss"], 24);
+    let table = &html[html.find(r#"<table id="violations">"#).expect("table")..];
+    let table = &table[..table.find("</table>").expect("table end")];
+    assert_eq!(table.matches("<b>violation</b>").count(), 5, "{table}");
+    // Listed with the totals of their flow_end: 5000 + i (i = 0..5), start bytes + end bytes.
+    for i in 0..5 {
+        assert!(
+            table.contains(&format!(">{}</td></tr>", 5000 + i)),
+            "{table}"
+        );
+    }
+    assert!(
+        html.contains("the first 5 of 30 violations"),
+        "truncation note"
+    );
+    assert!(html.contains("the first 5 of 12 loss records"), "loss note");
+    assert!(html.contains("--verdict violation"));
+}

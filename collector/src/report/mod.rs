@@ -99,6 +99,8 @@ pub struct FlowRow {
     pub sensor: String,
     pub seq: u64,
     pub verdict: String,
+    #[serde(skip)]
+    pub flow_id: u64,
     pub source: String,
     pub destination: String,
     pub server_name: String,
@@ -176,6 +178,12 @@ pub struct Summary {
     pub blocked_list: Vec<FlowRow>,
     pub loss_list: Vec<LossRow>,
     pub alarms: Vec<AlarmRow>,
+    /// Loss records and collector alarms in the window (the lists hold at most
+    /// `max_rows` of each).
+    pub loss_records: u64,
+    pub alarm_count: u64,
+    /// The most rows each list holds; the counts stay exact and `query` lists the rest.
+    pub max_rows: usize,
     /// zone -> endpoint -> flows and bytes per verdict.
     pub matrix: BTreeMap<String, BTreeMap<String, Cell>>,
 }
@@ -193,6 +201,39 @@ impl Summary {
     }
 }
 
+/// What the report keeps of a flow (about 40 bytes, whatever the store's size).
+struct FlowTally {
+    verdict: &'static str,
+    zone: u32,
+    endpoint: u32,
+    bytes: u64,
+    /// Its row in the violation or blocked list, if listed.
+    listed: Option<u32>,
+}
+
+/// Zone and endpoint names, each kept once.
+#[derive(Default)]
+struct Names {
+    ids: HashMap<String, u32>,
+    names: Vec<String>,
+}
+
+impl Names {
+    fn id(&mut self, name: &str) -> u32 {
+        if let Some(&id) = self.ids.get(name) {
+            return id;
+        }
+        let id = u32::try_from(self.names.len()).unwrap_or(u32::MAX);
+        self.names.push(name.to_owned());
+        self.ids.insert(name.to_owned(), id);
+        id
+    }
+
+    fn name(&self, id: u32) -> &str {
+        self.names.get(id as usize).map_or("", String::as_str)
+    }
+}
+
 struct Heartbeat {
     time: i64,
     interval: Duration,
@@ -200,8 +241,19 @@ struct Heartbeat {
     hash: String,
 }
 
-/// Builds the report of `store` for `since <= t < until` (Unix nanoseconds).
-pub fn build(store: &Path, since: i64, until: i64, now: i64) -> anyhow::Result<Summary> {
+/// How many rows each list of the report holds by default: the report stays
+/// readable and its memory bounded on any store, while every count stays exact.
+pub const DEFAULT_MAX_ROWS: usize = 10_000;
+
+/// Builds the report of `store` for `since <= t < until` (Unix nanoseconds), listing
+/// at most `max_rows` violations and blocked flows, loss records and alarms each.
+pub fn build(
+    store: &Path,
+    since: i64,
+    until: i64,
+    now: i64,
+    max_rows: usize,
+) -> anyhow::Result<Summary> {
     let mut s = Summary {
         verified: true,
         complete: true,
@@ -220,6 +272,9 @@ pub fn build(store: &Path, since: i64, until: i64, now: i64) -> anyhow::Result<S
         blocked_list: Vec::new(),
         loss_list: Vec::new(),
         alarms: Vec::new(),
+        loss_records: 0,
+        alarm_count: 0,
+        max_rows,
         matrix: BTreeMap::new(),
     };
     for (chain, dir) in chain_dirs(store)? {
@@ -262,6 +317,10 @@ fn alarms(
                 if let Ok(r) = v1::Record::decode(&f.record_bytes[..])
                     && let Some(Body::Alarm(a)) = r.body
                 {
+                    s.alarm_count += 1;
+                    if s.alarms.len() >= s.max_rows {
+                        continue;
+                    }
                     s.alarms.push(AlarmRow {
                         time: rfc3339(t),
                         seq: f.seq,
@@ -336,8 +395,11 @@ fn sensor(
     }
     let mut beats: Vec<Heartbeat> = Vec::new();
     let mut policy_before: Option<PolicyRow> = None;
-    // The latest record of each flow in the window: its verdict and totals.
-    let mut flows: HashMap<u64, FlowRow> = HashMap::new();
+    // Each flow in the window, as its latest record has it; the rows of violations
+    // and blocked flows are kept only up to the list's bound.
+    let mut flows: HashMap<u64, FlowTally> = HashMap::new();
+    let mut names = Names::default();
+    let (first_violation, first_blocked) = (s.violation_list.len(), s.blocked_list.len());
     // An unreadable chain shows as not verified (verify_dir names why).
     for seg in time_index::chain_index(store, chain, dir).unwrap_or_default() {
         for block in &seg.blocks {
@@ -412,11 +474,28 @@ fn sensor(
                     Some(Body::Flow(fl)) => {
                         let bytes = fl.source.map_or(0, |c| c.bytes)
                             + fl.destination.map_or(0, |c| c.bytes);
-                        let row = FlowRow {
+                        let verdict = verdict_name(fl.verdict);
+                        let (zone, endpoint) = (names.id(&fl.zone), names.id(&fl.endpoint));
+                        let tally = flows.entry(fl.flow_id).or_insert(FlowTally {
+                            verdict,
+                            zone,
+                            endpoint,
+                            bytes,
+                            listed: None,
+                        });
+                        (tally.verdict, tally.zone, tally.endpoint, tally.bytes) =
+                            (verdict, zone, endpoint, bytes);
+                        let list = match verdict {
+                            "violation" => &mut s.violation_list,
+                            "blocked" => &mut s.blocked_list,
+                            _ => continue,
+                        };
+                        let row = || FlowRow {
                             time: rfc3339(t),
                             sensor: chain.to_owned(),
                             seq: f.seq,
-                            verdict: verdict_name(fl.verdict).to_owned(),
+                            verdict: verdict.to_owned(),
+                            flow_id: fl.flow_id,
                             source: format!(
                                 "{}:{}",
                                 ip_text(&fl.source_ip).unwrap_or_default(),
@@ -427,16 +506,24 @@ fn sensor(
                                 ip_text(&fl.destination_ip).unwrap_or_default(),
                                 fl.destination_port
                             ),
-                            server_name: fl.server_name,
-                            zone: fl.zone,
-                            endpoint: fl.endpoint,
-                            conduit: fl.conduit_id,
+                            server_name: fl.server_name.clone(),
+                            zone: fl.zone.clone(),
+                            endpoint: fl.endpoint.clone(),
+                            conduit: fl.conduit_id.clone(),
                             bytes,
                         };
-                        flows.insert(fl.flow_id, row);
+                        match tally.listed {
+                            Some(i) => list[i as usize] = row(),
+                            None if list.len() < s.max_rows => {
+                                tally.listed = u32::try_from(list.len()).ok();
+                                list.push(row());
+                            }
+                            None => {}
+                        }
                     }
                     Some(Body::Loss(l)) => {
                         s.loss += l.count;
+                        s.loss_records += 1;
                         // Records the sensor itself lost (damaged spool): the window
                         // is not complete, whatever the heartbeats say.
                         if crate::store::SPOOL_DAMAGE_REASONS.contains(&l.reason.as_str()) {
@@ -449,6 +536,9 @@ fn sensor(
                                 ),
                                 seconds: 0.0,
                             });
+                        }
+                        if s.loss_list.len() >= s.max_rows {
+                            continue;
                         }
                         s.loss_list.push(LossRow {
                             time: rfc3339(t),
@@ -469,40 +559,34 @@ fn sensor(
     if let Some(p) = policy_before {
         s.policies.insert(0, p);
     }
-    let mut rows: Vec<FlowRow> = flows.into_values().collect();
-    rows.sort_by(|a, b| (a.time.as_str(), a.seq).cmp(&(b.time.as_str(), b.seq)));
-    for row in rows {
+    for f in flows.into_values() {
         s.flows += 1;
-        let zone = if row.zone.is_empty() {
-            "(no zone)".to_owned()
-        } else {
-            row.zone.clone()
+        let zone = match names.name(f.zone) {
+            "" => "(no zone)",
+            z => z,
         };
-        let endpoint = if row.endpoint.is_empty() {
-            "(no AI endpoint)".to_owned()
-        } else {
-            row.endpoint.clone()
+        let endpoint = match names.name(f.endpoint) {
+            "" => "(no AI endpoint)",
+            e => e,
         };
         let cell = s
             .matrix
-            .entry(zone)
+            .entry(zone.to_owned())
             .or_default()
-            .entry(endpoint)
+            .entry(endpoint.to_owned())
             .or_default();
-        *cell.flows.entry(row.verdict.clone()).or_default() += 1;
-        *cell.bytes.entry(row.verdict.clone()).or_default() += row.bytes;
-        match row.verdict.as_str() {
-            "violation" => {
-                s.violations += 1;
-                s.violation_list.push(row);
-            }
-            "blocked" => {
-                s.blocked += 1;
-                s.blocked_list.push(row);
-            }
+        *cell.flows.entry(f.verdict.to_owned()).or_default() += 1;
+        *cell.bytes.entry(f.verdict.to_owned()).or_default() += f.bytes;
+        match f.verdict {
+            "violation" => s.violations += 1,
+            "blocked" => s.blocked += 1,
             _ => {}
         }
     }
+    let by_time =
+        |a: &FlowRow, b: &FlowRow| (a.time.as_str(), a.seq).cmp(&(b.time.as_str(), b.seq));
+    s.violation_list[first_violation..].sort_by(by_time);
+    s.blocked_list[first_blocked..].sort_by(by_time);
     heartbeat_gaps(&beats, since, until, &mut out);
     if let Some(a) = anchor.filter(|a| a.pruned_until >= since) {
         out.gaps.insert(
