@@ -74,6 +74,18 @@ pub fn ip_text(bytes: &[u8]) -> Option<String> {
     }
 }
 
+/// A MAC address as ECS writes it: upper-case hex pairs joined by `-` (None unless
+/// 6 bytes).
+pub fn mac_text(bytes: &[u8]) -> Option<String> {
+    (bytes.len() == 6).then(|| {
+        bytes
+            .iter()
+            .map(|b| format!("{b:02X}"))
+            .collect::<Vec<_>>()
+            .join("-")
+    })
+}
+
 fn non_empty(s: &str) -> Value {
     if s.is_empty() {
         Value::Null
@@ -189,7 +201,7 @@ pub fn ecs_json(record: &Record, pos: &ChainPosition) -> Value {
                 json!({"interface": {"name": non_empty(&f.ingress_interface)}});
             let counts = |c: &Option<Counts>| c.unwrap_or_default();
             let (s, d) = (counts(&f.source), counts(&f.destination));
-            doc["source"] = json!({"ip": ip_text(&f.source_ip), "port": f.source_port, "bytes": s.bytes, "packets": s.packets});
+            doc["source"] = json!({"ip": ip_text(&f.source_ip), "port": f.source_port, "bytes": s.bytes, "packets": s.packets, "mac": mac_text(&f.source_mac)});
             doc["destination"] = json!({"ip": ip_text(&f.destination_ip), "port": f.destination_port, "bytes": d.bytes, "packets": d.packets, "domain": non_empty(&f.server_name)});
             let transport = match f.ip_protocol {
                 6 => "tcp".to_string(),

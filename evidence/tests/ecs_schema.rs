@@ -200,6 +200,7 @@ fn flow(verdict: Verdict) -> Flow {
         verdict: verdict as i32,
         policy_hash: vec![9; 32],
         attribution: "sni".into(),
+        source_mac: vec![0x02, 0x00, 0x5e, 0x10, 0x00, 0x01],
     }
 }
 
@@ -334,6 +335,7 @@ fn categorization_is_what_siem_content_keys_on() {
     assert_eq!(start["observer"]["type"], "sensor");
     assert_eq!(start["observer"]["version"], "0.1.0");
     assert_eq!(start["conduit"]["attribution"], "sni");
+    assert_eq!(start["source"]["mac"], "02-00-5E-10-00-01");
     assert_eq!(start["conduit"]["ech"], true);
     let end = find("flow_end", "blocked");
     assert_eq!(end["event"]["kind"], "alert");

@@ -217,7 +217,9 @@ pub struct FlowStats {
     /// Forward payload packets copied to the agent so far (bounded by
     /// [`MAX_PAYLOAD_COPIES`]).
     pub payload_copies: u8,
-    pub _pad: [u8; 6],
+    /// Ethernet source address of the flow's first packet when the initiator sent
+    /// it (zero when the first packet seen came from the responder).
+    pub initiator_mac: [u8; 6],
 }
 
 /// Most forward payload packets of one flow the kernel copies to the agent while

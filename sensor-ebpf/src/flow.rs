@@ -244,6 +244,9 @@ pub fn account<F: FlowOps>(
     s.bytes[dir] = bytes;
     s.tcp_flags[dir] = p.tcp_flags;
     s.state = state_bits(p.tcp_flags, dir);
+    if dir == DIR_FORWARD {
+        s.initiator_mac = p.src_mac;
+    }
     if FLOWS.insert(key, s, BPF_NOEXIST).is_err() {
         // Lost a race with another CPU (EEXIST): account on the winner's entry.
         if let Some(v) = FLOWS.get_ptr_mut(key) {

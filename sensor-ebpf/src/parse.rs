@@ -78,6 +78,8 @@ pub struct Packet {
     pub protocol: u8,
     pub family: u8,
     pub tcp_flags: u8,
+    /// Ethernet source address.
+    pub src_mac: [u8; 6],
     /// IP total length (IPv4 tot_len, IPv6 payload_len + 40).
     pub ip_len: u32,
     /// IP header (incl. options / extension headers) + L4 header length.
@@ -146,6 +148,7 @@ struct UdpHdr {
 #[inline(always)]
 pub fn parse(b: &Bounds, p: &mut Packet) -> Result<(), Counter> {
     let mut ethertype = be16(b.read::<[u8; 2]>(12).ok_or(Counter::ErrEthTruncated)?);
+    let src_mac = b.read::<[u8; 6]>(6).ok_or(Counter::ErrEthTruncated)?;
     let mut off = 14usize;
     let mut vlan = 0u16;
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
@@ -172,6 +175,7 @@ pub fn parse(b: &Bounds, p: &mut Packet) -> Result<(), Counter> {
         w(&raw mut p.sport, 0);
         w(&raw mut p.dport, 0);
         w(&raw mut p.vlan, vlan);
+        w(&raw mut p.src_mac, src_mac);
         w(&raw mut p.tcp_flags, 0);
         w(&raw mut p.hdr_len, 0);
         w(&raw mut p.payload_off, 0);

@@ -67,6 +67,11 @@ pub fn flow_record(flow: &FlowOut, clock: &BootClock, ifname: &str) -> Record {
             destination_port: u32::from(ep.dst_port),
             ip_protocol: u32::from(flow.key.protocol),
             vlan_id: u32::from(flow.key.vlan),
+            source_mac: if s.initiator_mac == [0; 6] {
+                Vec::new()
+            } else {
+                s.initiator_mac.to_vec()
+            },
             source: Some(Counts {
                 bytes: s.bytes[DIR_FORWARD],
                 packets: s.packets[DIR_FORWARD],

@@ -213,7 +213,9 @@ fn header_combinations() {
 
     // Untagged.
     counted(&run_xdp(&k, &eth(&[], 0x0800, &tcp4)));
-    assert!(k.flow(&v4key(C4, 40000, S4, 443, 6, 0)).unwrap().is_some());
+    let s = k.flow(&v4key(C4, 40000, S4, 443, 6, 0)).unwrap().unwrap();
+    // The initiator's Ethernet source address (the frame's bytes 6..12).
+    assert_eq!(s.initiator_mac, [2, 0, 0, 0, 0, 2]);
     // 802.1Q.
     counted(&run_xdp(&k, &eth(&[(0x8100, 101)], 0x0800, &tcp4)));
     assert!(
@@ -531,6 +533,8 @@ fn synack_first_and_rst() {
     let s = k.flow(&key).unwrap().unwrap();
     assert_eq!(s.initiator_is_lo, 1, "client 10.0.0.9 is lo and initiated");
     assert_eq!(s.packets, [0, 1]);
+    // The responder's frame is not the initiator's address.
+    assert_eq!(s.initiator_mac, [0; 6]);
     let rst = Tcp {
         rst: true,
         ..Tcp::default()

@@ -113,6 +113,38 @@ fn check(records: &[Value], e: &Expect<'_>) -> Result<()> {
             "conduit.verdict: {what}"
         );
         ensure!(r["conduit"]["site"] == "lab-plant", "conduit.site: {what}");
+        // ECS categorization and the sensor's own fields (DESIGN.md, JSON line additions).
+        let alert = matches!(e.verdict, "violation" | "blocked");
+        ensure!(
+            r["event"]["kind"] == if alert { "alert" } else { "event" },
+            "event.kind: {what}"
+        );
+        ensure!(
+            r["event"]["category"] == serde_json::json!(["network"]),
+            "event.category: {what}"
+        );
+        ensure!(r["ecs"]["version"].is_string(), "ecs.version: {what}");
+        ensure!(r["observer"]["type"] == "sensor", "observer.type: {what}");
+        ensure!(
+            r["observer"]["version"].is_string(),
+            "observer.version: {what}"
+        );
+        ensure!(
+            r["destination"]["domain"] == e.sni,
+            "destination.domain: {what}"
+        );
+        ensure!(
+            r["conduit"]["attribution"] == "sni",
+            "conduit.attribution: {what}"
+        );
+        // The client's veth address, as ECS writes MACs (AA-BB-CC-DD-EE-FF).
+        ensure!(
+            r["source"]["mac"].as_str().is_some_and(|m| m.len() == 17
+                && m.split('-').all(|x| x.len() == 2
+                    && x.chars()
+                        .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase()))),
+            "source.mac: {what}"
+        );
         match e.conduit {
             Some(id) => ensure!(r["conduit"]["id"] == id, "conduit.id: {what}"),
             None => ensure!(
