@@ -230,6 +230,11 @@ pub fn ecs_json(record: &Record, pos: &ChainPosition) -> Value {
             if f.ech {
                 conduit["ech"] = json!(true);
             }
+            // Post-quantum key exchange, known once the ClientHello was parsed (the
+            // ServerHello's choice is not parsed yet: no `negotiated`).
+            if !f.ja4.is_empty() {
+                conduit["pq"] = json!({"offered": f.pq_offered});
+            }
             conduit["zone"] = non_empty(&f.zone);
             conduit["endpoint"] = non_empty(&f.endpoint);
             conduit["attribution"] = non_empty(&f.attribution);

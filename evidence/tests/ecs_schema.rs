@@ -201,6 +201,7 @@ fn flow(verdict: Verdict) -> Flow {
         policy_hash: vec![9; 32],
         attribution: "sni".into(),
         source_mac: vec![0x02, 0x00, 0x5e, 0x10, 0x00, 0x01],
+        pq_offered: true,
     }
 }
 
@@ -336,6 +337,7 @@ fn categorization_is_what_siem_content_keys_on() {
     assert_eq!(start["observer"]["version"], "0.1.0");
     assert_eq!(start["conduit"]["attribution"], "sni");
     assert_eq!(start["source"]["mac"], "02-00-5E-10-00-01");
+    assert_eq!(start["conduit"]["pq"]["offered"], true);
     assert_eq!(start["conduit"]["ech"], true);
     let end = find("flow_end", "blocked");
     assert_eq!(end["event"]["kind"], "alert");

@@ -576,6 +576,7 @@ impl Agent {
             tls_version: Some(info.tls_version.clone()),
             alpn: info.alpn.clone(),
             ech: info.ech,
+            pq_offered: info.offers_post_quantum(),
             ..Classification::default()
         };
         if let Some(map) = &self.policy {

@@ -56,6 +56,8 @@ pub struct Classification {
     pub tls_version: Option<String>,
     pub alpn: Vec<String>,
     pub ech: bool,
+    /// The ClientHello offers a post-quantum key-exchange group.
+    pub pq_offered: bool,
     pub zone: Option<String>,
     pub endpoint: Option<String>,
     /// What matched the endpoint (None: no endpoint).

@@ -96,6 +96,7 @@ pub fn flow_record(flow: &FlowOut, clock: &BootClock, ifname: &str) -> Record {
             tls_version: c.tls_version.clone().unwrap_or_default(),
             alpn: c.alpn.clone(),
             ech: c.ech,
+            pq_offered: c.pq_offered,
             zone: c.zone.clone().unwrap_or_default(),
             endpoint: c.endpoint.clone().unwrap_or_default(),
             attribution: c

@@ -294,6 +294,14 @@ fn real_clients_are_classified(chromium: bool) -> Result<()> {
                 "openai",
             ),
         )?;
+        // Chromium offers X25519MLKEM768; bookworm's curl (OpenSSL 3.0) offers no
+        // post-quantum group.
+        for r in flows_to(&records, OT1_V4, AI_V4[2], "chat.openai.com") {
+            ensure!(r["conduit"]["pq"]["offered"] == true, "chromium pq: {r:#}");
+        }
+    }
+    for r in flows_to(&records, OT1_V4, AI_V4[0], "api.openai.com") {
+        ensure!(r["conduit"]["pq"]["offered"] == false, "curl pq: {r:#}");
     }
     check(
         &records,

@@ -82,6 +82,30 @@ pub struct ClientHelloInfo {
     pub ja4_r: String,
 }
 
+/// Post-quantum key-exchange groups by IANA TLS Supported Groups code point: the
+/// hybrids (X25519MLKEM768 and its kin, and the Kyber drafts browsers shipped
+/// before it) and pure ML-KEM.
+pub const POST_QUANTUM_GROUPS: &[(u16, &str)] = &[
+    (0x11ec, "X25519MLKEM768"),
+    (0x11eb, "SecP256r1MLKEM768"),
+    (0x11ed, "SecP384r1MLKEM1024"),
+    (0x6399, "X25519Kyber768Draft00"),
+    (0x639a, "SecP256r1Kyber768Draft00"),
+    (0x0200, "MLKEM512"),
+    (0x0201, "MLKEM768"),
+    (0x0202, "MLKEM1024"),
+];
+
+impl ClientHelloInfo {
+    /// Whether the client offers a post-quantum group (every key share it sends
+    /// is one of its supported_groups, RFC 8446 4.2.8).
+    pub fn offers_post_quantum(&self) -> bool {
+        self.supported_groups
+            .iter()
+            .any(|g| POST_QUANTUM_GROUPS.iter().any(|(code, _)| code == g))
+    }
+}
+
 fn nom_incomplete<E>(e: &tls_parser::Err<E>) -> Option<Option<usize>> {
     match e {
         tls_parser::Err::Incomplete(tls_parser::nom::Needed::Size(n)) => Some(Some(n.get())),
@@ -339,6 +363,17 @@ pub(crate) mod tests {
                 0x0039
             ]
         );
+    }
+
+    #[test]
+    fn post_quantum_offer_is_told_by_the_group_code_point() {
+        let mut info = parse_handshake(&rfc_client_hello()).expect("parse");
+        // RFC 9001's client offers x25519, secp256r1, ... and no PQ group.
+        assert!(!info.supported_groups.is_empty());
+        assert!(!info.offers_post_quantum());
+        // Chromium's order: GREASE, X25519MLKEM768, x25519, secp256r1, secp384r1.
+        info.supported_groups = vec![0x4a4a, 0x11ec, 0x001d, 0x0017, 0x0018];
+        assert!(info.offers_post_quantum());
     }
 
     #[test]
