@@ -39,6 +39,7 @@ fn flow_end(i: u64, now: i64) -> v1::Record {
         sensor_id: String::new(),
         site: "plant-01".to_owned(),
         body: Some(Body::Flow(v1::Flow {
+            anomalies: Vec::new(),
             pq_offered: false,
             source_mac: Vec::new(),
             attribution: String::new(),

@@ -235,6 +235,9 @@ pub fn ecs_json(record: &Record, pos: &ChainPosition) -> Value {
             if !f.ja4.is_empty() {
                 conduit["pq"] = json!({"offered": f.pq_offered});
             }
+            if !f.anomalies.is_empty() {
+                conduit["anomalies"] = json!(f.anomalies);
+            }
             conduit["zone"] = non_empty(&f.zone);
             conduit["endpoint"] = non_empty(&f.endpoint);
             conduit["attribution"] = non_empty(&f.attribution);

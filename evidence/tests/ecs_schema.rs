@@ -202,6 +202,7 @@ fn flow(verdict: Verdict) -> Flow {
         attribution: "sni".into(),
         source_mac: vec![0x02, 0x00, 0x5e, 0x10, 0x00, 0x01],
         pq_offered: true,
+        anomalies: vec!["reassembly_limit".into()],
     }
 }
 

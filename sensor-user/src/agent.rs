@@ -33,7 +33,7 @@ use conduit_uplink::UplinkOptions;
 use crate::{
     completion::{CLASSIFICATION_DEADLINE, Completed, Completion},
     config::{self, AppProto, Attribution, ConduitMap, DefaultAction},
-    flows::{Classification, FlowOut, FlowTracker, TrackerOptions},
+    flows::{Classification, FlowOut, FlowTracker, TrackerOptions, anomaly},
     kernel::BootClock,
     kernel::{self, Kernel, KernelEvent, KernelOptions},
     kernel_policy::kernel_policy,
@@ -544,9 +544,12 @@ impl Agent {
                 match self.completion.push(&pe, Instant::now()) {
                     Completed::Hello(info, proto) => self.classified(key, *info, proto)?,
                     Completed::NeedMore => {}
-                    Completed::NotTls => self.finish_unclassified(key)?,
+                    Completed::NotTls => self.finish_unclassified(key, None)?,
+                    Completed::Malformed => {
+                        self.finish_unclassified(key, Some(anomaly::MALFORMED_CLIENT_HELLO))?;
+                    }
                     Completed::Limit => {
-                        self.finish_unclassified(key)?;
+                        self.finish_unclassified(key, Some(anomaly::REASSEMBLY_LIMIT))?;
                         self.write_loss(
                             "reassembly_limit",
                             1,
@@ -624,11 +627,11 @@ impl Agent {
 
     /// Not TLS/QUIC after all: tell the kernel to stop copying payload. The
     /// kernel's classification is final, so the flow_start can be written.
-    fn finish_unclassified(&mut self, key: FlowKey) -> Result<()> {
+    fn finish_unclassified(&mut self, key: FlowKey, anomaly: Option<&'static str>) -> Result<()> {
         if let Some(s) = self.kernel.flow(&key)? {
             self.kernel.update_classification(&key, &class_update(&s))?;
             let s = self.sink.clock.stats(s);
-            let start = self.tracker.on_unclassified(key, s);
+            let start = self.tracker.on_unclassified(key, s, anomaly);
             self.write_retired()?;
             if let Some(out) = start {
                 self.write_flow(out)?;
@@ -685,6 +688,25 @@ impl Agent {
     /// nothing is tracked any more, so unannounced flows the full tracker could not
     /// take are lost now (`tracker_full`).
     fn sweep_table(&mut self, last: bool) -> Result<()> {
+        // ClientHellos that gave up are recorded first, so the walk ends their
+        // flows like any other; the last walk gives up whatever is still pending.
+        let expired = self.completion.expire(if last {
+            Instant::now() + CLASSIFICATION_DEADLINE
+        } else {
+            Instant::now()
+        });
+        if !expired.is_empty() {
+            self.write_loss(
+                "reassembly_limit",
+                expired.len() as u64,
+                "classification",
+                "agent",
+                "ClientHello reassembly gave up (time or memory bound); the flows are recorded with conduit.anomalies client_hello_incomplete",
+            )?;
+        }
+        for key in expired {
+            self.finish_unclassified(key, Some(anomaly::CLIENT_HELLO_INCOMPLETE))?;
+        }
         let now = self.sink.clock.now_ns();
         // Counters before the table: every flow the kernel counted as unannounced
         // by now is in this snapshot unless it is gone (see `report_unannounced`).
@@ -726,16 +748,6 @@ impl Agent {
                 "incomplete_flow",
                 "kernel",
                 "recorded flows evicted from the kernel flow table before they ended; their flow_end carries the last counts seen, later packets are not counted",
-            )?;
-        }
-        let expired = self.completion.expire(Instant::now());
-        if expired > 0 {
-            self.write_loss(
-                "reassembly_limit",
-                expired as u64,
-                "classification",
-                "agent",
-                "ClientHello reassembly gave up (time or memory bound); the flows keep the kernel's classification",
             )?;
         }
         if last {

@@ -26,8 +26,11 @@ pub enum Completed {
     Hello(Box<ClientHelloInfo>, AppProto),
     /// More segments or packets are needed.
     NeedMore,
-    /// Not TLS/QUIC, or malformed: stop copying payload.
+    /// Not TLS/QUIC: stop copying payload.
     NotTls,
+    /// A TLS handshake record or QUIC Initial that does not parse: stop copying
+    /// payload; the flow is recorded with the anomaly.
+    Malformed,
     /// A memory bound was hit: the agent writes a `loss` record.
     Limit,
 }
@@ -75,7 +78,8 @@ impl Completion {
         match push {
             Push::Done(info) => Completed::Hello(info, proto),
             Push::NeedMore => Completed::NeedMore,
-            Push::NotTls | Push::Failed(_) => Completed::NotTls,
+            Push::NotTls => Completed::NotTls,
+            Push::Failed(_) => Completed::Malformed,
             Push::Limit => Completed::Limit,
         }
     }
@@ -85,8 +89,10 @@ impl Completion {
         self.tcp.len() + self.quic.len()
     }
 
-    /// Drops entries past their time bound; returns how many gave up.
-    pub fn expire(&mut self, now: Instant) -> usize {
-        self.tcp.expire(now) + self.quic.expire(now)
+    /// Drops entries past their time bound; returns the flows that gave up.
+    pub fn expire(&mut self, now: Instant) -> Vec<FlowKey> {
+        let mut gone = self.tcp.expire(now);
+        gone.extend(self.quic.expire(now));
+        gone
     }
 }

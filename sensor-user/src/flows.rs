@@ -65,12 +65,33 @@ pub struct Classification {
     pub conduit_id: Option<String>,
     pub verdict: Verdict,
     pub policy_hash: Vec<u8>,
+    /// Why the flow's ClientHello could not be read unambiguously
+    /// (`conduit.anomalies`, see [`anomaly`]).
+    pub anomalies: Vec<&'static str>,
+}
+
+/// `conduit.anomalies` values: a flow with one is recorded in every mode, so a
+/// ClientHello crafted to defeat parsing does not make its flow invisible.
+pub mod anomaly {
+    /// A reassembly bound (bytes or fragments per flow, flows at once) was reached.
+    pub const REASSEMBLY_LIMIT: &str = "reassembly_limit";
+    /// It starts as a TLS handshake but does not parse as a ClientHello.
+    pub const MALFORMED_CLIENT_HELLO: &str = "malformed_client_hello";
+    /// The ClientHello began but did not complete within the classification
+    /// deadline (more segments than the kernel copies, or never sent in full).
+    pub const CLIENT_HELLO_INCOMPLETE: &str = "client_hello_incomplete";
 }
 
 impl Classification {
     /// Whether the flow goes to an AI endpoint (anything but unclassified).
     pub fn is_ai(&self) -> bool {
         !matches!(self.verdict, Verdict::Unspecified | Verdict::Unclassified)
+    }
+
+    /// Whether the flow is recorded when only AI flows are: an AI flow, or one whose
+    /// classification met an anomaly.
+    pub fn must_record(&self) -> bool {
+        self.is_ai() || !self.anomalies.is_empty()
     }
 }
 
@@ -196,8 +217,8 @@ struct Tracked {
 }
 
 impl Tracked {
-    fn is_ai(&self) -> bool {
-        self.class.as_ref().is_some_and(|c| c.is_ai())
+    fn must_record(&self) -> bool {
+        self.class.as_ref().is_some_and(|c| c.must_record())
     }
 }
 
@@ -351,7 +372,9 @@ impl FlowTracker {
     }
 
     fn recordable(&self, class: Option<&Classification>) -> bool {
-        !self.policy_loaded || self.opts.record_all || class.is_some_and(|c| c.is_ai())
+        !self.policy_loaded
+            || self.opts.record_all
+            || class.is_some_and(Classification::must_record)
     }
 
     /// Records of earlier incarnations ended since the last call (see
@@ -478,7 +501,13 @@ impl FlowTracker {
 
     /// The agent found the flow is not TLS/QUIC (or gave up): its classification is
     /// final as the kernel has it. Returns the `flow_start` if it is recorded.
-    pub fn on_unclassified(&mut self, key: FlowKey, stats: FlowStats) -> Option<FlowOut> {
+    /// With an `anomaly`, the flow is recorded in every mode and carries it.
+    pub fn on_unclassified(
+        &mut self,
+        key: FlowKey,
+        stats: FlowStats,
+        anomaly: Option<&'static str>,
+    ) -> Option<FlowOut> {
         let policy_loaded = self.policy_loaded;
         let record_all = self.opts.record_all;
         if !self.renew(&key, &stats) {
@@ -487,7 +516,17 @@ impl FlowTracker {
         let t = self.flows.get_mut(&key)?;
         t.held.merge(&stats);
         t.class_final = true;
-        if t.recorded || !(!policy_loaded || record_all || t.is_ai()) {
+        if let Some(a) = anomaly {
+            let class = t.class.get_or_insert_with(Box::default);
+            // Only a TLS record or QUIC Initial gets this far.
+            class
+                .app_protocol
+                .get_or_insert_with(|| if key.protocol == 17 { "quic" } else { "tls" }.to_owned());
+            if !class.anomalies.contains(&a) {
+                class.anomalies.push(a);
+            }
+        }
+        if t.recorded || !(!policy_loaded || record_all || t.must_record()) {
             return None;
         }
         Some(start(t))
@@ -576,7 +615,7 @@ impl FlowTracker {
         {
             t.class = Some(Box::new(class));
         }
-        let recordable = !policy_loaded || record_all || t.is_ai();
+        let recordable = !policy_loaded || record_all || t.must_record();
         // Classification is over when the agent finished it, the kernel marked it
         // done (not TLS/QUIC, or the agent's result merged), or its deadline passed.
         let classified = t.class_final
@@ -679,7 +718,7 @@ impl FlowTracker {
         let before = all.len();
         let mut keep: Vec<Drained> = all
             .into_iter()
-            .filter(|t| t.recorded || !policy_loaded || record_all || t.is_ai())
+            .filter(|t| t.recorded || !policy_loaded || record_all || t.must_record())
             .map(Drained)
             .collect();
         keep.sort_unstable_by_key(|d| d.0.flow_id);
@@ -894,8 +933,35 @@ mod tests {
 
         // The agent found no TLS: the flow_start is written at once.
         tr.on_new(key(10), stats(S, 1, 0), S);
-        let out = tr.on_unclassified(key(10), stats(S, 1, 0));
+        let out = tr.on_unclassified(key(10), stats(S, 1, 0), None);
         assert_eq!(out.map(|o| o.kind), Some(RecordKind::FlowStart));
+    }
+
+    #[test]
+    fn a_client_hello_that_defeats_parsing_is_recorded_with_its_anomaly() {
+        // The default mode: a map is loaded, only AI flows are recorded.
+        let mut tr = FlowTracker::new(opts(), true);
+        tr.on_new(key(11), stats(S, 1, 0), S);
+        tr.on_new(key(12), stats(S, 1, 0), S);
+        // Not TLS at all: not AI traffic, not recorded.
+        assert!(tr.on_unclassified(key(11), stats(S, 1, 0), None).is_none());
+        // A hello over the reassembly bound: recorded, with why its SNI is unknown.
+        let out = tr
+            .on_unclassified(key(12), stats(S, 2, 0), Some(anomaly::REASSEMBLY_LIMIT))
+            .expect("recorded");
+        assert_eq!(out.kind, RecordKind::FlowStart);
+        assert_eq!(out.class.anomalies, vec![anomaly::REASSEMBLY_LIMIT]);
+        assert_eq!(out.class.app_protocol.as_deref(), Some("tls"));
+        assert_eq!(out.class.verdict, Verdict::Unspecified);
+        // It ends like any recorded flow.
+        let mut ended = stats(S, 2, 0);
+        ended.state = flow_state::RST;
+        let sw = tr.sweep(20 * S, &[(key(12), ended)], &none);
+        assert!(
+            sw.out
+                .iter()
+                .any(|o| o.key == key(12) && o.kind == RecordKind::FlowEnd)
+        );
     }
 
     #[test]

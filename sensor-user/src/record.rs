@@ -97,6 +97,7 @@ pub fn flow_record(flow: &FlowOut, clock: &BootClock, ifname: &str) -> Record {
             alpn: c.alpn.clone(),
             ech: c.ech,
             pq_offered: c.pq_offered,
+            anomalies: c.anomalies.iter().map(|a| (*a).to_owned()).collect(),
             zone: c.zone.clone().unwrap_or_default(),
             endpoint: c.endpoint.clone().unwrap_or_default(),
             attribution: c

@@ -159,3 +159,106 @@ fn replay_classifies_split_tls_and_quic() {
         .unwrap_or_else(|| panic!("no QUIC record for example.com: {records:#?}\n{log}"));
     assert_eq!(quic["conduit"]["endpoint"], "example", "{quic:#}");
 }
+
+/// A handshake from CLIENT:`port` to OPENAI:443 whose client payload is `parts`, one
+/// segment each.
+fn tls_flow(port: u16, parts: &[&[u8]]) -> Vec<Vec<u8>> {
+    let (cs, ss) = (7000u32, 9000u32);
+    let mut out = vec![
+        tcp_frame(
+            eth()
+                .ipv4(CLIENT, OPENAI, 64)
+                .tcp(port, 443, cs, 64240)
+                .syn(),
+            &[],
+        ),
+        tcp_frame(
+            eth()
+                .ipv4(OPENAI, CLIENT, 64)
+                .tcp(443, port, ss, 64240)
+                .syn()
+                .ack(cs + 1),
+            &[],
+        ),
+    ];
+    let mut seq = cs + 1;
+    for p in parts {
+        out.push(tcp_frame(
+            eth()
+                .ipv4(CLIENT, OPENAI, 64)
+                .tcp(port, 443, seq, 64240)
+                .ack(ss + 1)
+                .psh(),
+            p,
+        ));
+        seq += p.len() as u32;
+    }
+    out
+}
+
+/// Issue 10's evasions in the default mode (only AI flows recorded): a ClientHello in
+/// more segments than the kernel copies, and a handshake record that is no
+/// ClientHello, are recorded with the anomaly, not left out.
+#[test]
+fn replay_records_client_hellos_that_defeat_parsing_with_their_anomaly() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIP: needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pcap, conduits, jsonl) = (
+        dir.path().join("capture.pcap"),
+        dir.path().join("conduits.yaml"),
+        dir.path().join("out.jsonl"),
+    );
+    let hello = client_hello(&[
+        ext(10, &[0, 4, 0, 0x1d, 0, 0x17]),
+        sni_ext("api.openai.com"),
+        ext(43, &[4, 3, 4, 3, 3]),
+    ]);
+    // 16 segments: twice MAX_PAYLOAD_COPIES.
+    let chunk = hello.len().div_ceil(16);
+    let parts: Vec<&[u8]> = hello.chunks(chunk).collect();
+    assert!(parts.len() > usize::from(sensor_common::MAX_PAYLOAD_COPIES));
+    let mut packets = tls_flow(40010, &parts);
+    // A TLS handshake record whose body is not a ClientHello.
+    let mut bogus = vec![0x16, 0x03, 0x01, 0x00, 0x20, 0x01, 0x00, 0x00, 0x1c];
+    bogus.extend_from_slice(&[0xff; 28]);
+    packets.extend(tls_flow(40011, &[&bogus]));
+    write_pcap(&pcap, &packets);
+    std::fs::write(&conduits, CONDUITS).unwrap();
+
+    let out = Command::new(env!("CARGO_BIN_EXE_conduit-sensor"))
+        .args(["replay", "--conduits"])
+        .arg(&conduits)
+        .arg(&pcap)
+        .arg("--jsonl")
+        .arg(&jsonl)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "replay failed: {out:?}");
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&jsonl)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let anomalies = |port: u16| {
+        let starts: Vec<_> = records
+            .iter()
+            .filter(|r| r["event"]["action"] == "flow_start" && r["source"]["port"] == port)
+            .collect();
+        assert_eq!(starts.len(), 1, "port {port}: {records:#?}\n{log}");
+        assert_eq!(starts[0]["network"]["protocol"], "tls", "{:#}", starts[0]);
+        starts[0]["conduit"]["anomalies"].clone()
+    };
+    assert_eq!(
+        anomalies(40010),
+        serde_json::json!(["client_hello_incomplete"])
+    );
+    assert_eq!(
+        anomalies(40011),
+        serde_json::json!(["malformed_client_hello"])
+    );
+}

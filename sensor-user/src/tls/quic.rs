@@ -546,7 +546,7 @@ pub struct QuicInitialTable<K> {
     table: BoundedTable<K, QuicInitialAssembler>,
 }
 
-impl<K: Hash + Eq> QuicInitialTable<K> {
+impl<K: Hash + Eq + Clone> QuicInitialTable<K> {
     pub fn new(limits: Limits) -> Self {
         QuicInitialTable {
             table: BoundedTable::new(limits),
@@ -567,7 +567,8 @@ impl<K: Hash + Eq> QuicInitialTable<K> {
 
     /// Drop entries older than the timeout; returns how many were dropped
     /// (including ones dropped to make room since the last call).
-    pub fn expire(&mut self, now: Instant) -> usize {
+    /// The flows whose Initials gave up (past the timeout) since the last call.
+    pub fn expire(&mut self, now: Instant) -> Vec<K> {
         self.table.expire(now)
     }
 
@@ -816,7 +817,7 @@ pub(crate) mod tests {
         // CRYPTO data up to offset 241 does not fit in 120 bytes.
         assert_eq!(t.push(1u8, &a, now), Push::Limit);
         assert_eq!(t.push(3u8, &b, now), Push::NeedMore);
-        assert_eq!(t.expire(now + limits.timeout), 1);
+        assert_eq!(t.expire(now + limits.timeout), vec![3u8]);
     }
 
     #[test]

@@ -241,16 +241,16 @@ struct Entry<T> {
 pub(crate) struct BoundedTable<K, T> {
     flows: HashMap<K, Entry<T>>,
     pub(crate) limits: Limits,
-    /// Entries expired while making room, reported by the next `expire`.
-    expired_pending: usize,
+    /// Keys of entries expired while making room, reported by the next `expire`.
+    expired_pending: Vec<K>,
 }
 
-impl<K: Hash + Eq, T> BoundedTable<K, T> {
+impl<K: Hash + Eq + Clone, T> BoundedTable<K, T> {
     pub(crate) fn new(limits: Limits) -> Self {
         BoundedTable {
             flows: HashMap::new(),
             limits,
-            expired_pending: 0,
+            expired_pending: Vec::new(),
         }
     }
 
@@ -264,7 +264,7 @@ impl<K: Hash + Eq, T> BoundedTable<K, T> {
         f: impl FnOnce(&mut T) -> Push,
     ) -> Push {
         if !self.flows.contains_key(&key) && self.flows.len() >= self.limits.max_flows {
-            self.expired_pending += self.expire_now(now);
+            self.expire_now(now);
             if self.flows.len() >= self.limits.max_flows {
                 // Refuse the newcomer rather than evict: a flood of new flows
                 // must not push out flows that are about to complete.
@@ -293,18 +293,23 @@ impl<K: Hash + Eq, T> BoundedTable<K, T> {
         }
     }
 
-    fn expire_now(&mut self, now: Instant) -> usize {
-        let before = self.flows.len();
+    /// Moves the keys of entries past their lifetime to `expired_pending`.
+    fn expire_now(&mut self, now: Instant) {
         let timeout = self.limits.timeout;
-        self.flows
-            .retain(|_, e| now.saturating_duration_since(e.created) < timeout);
-        before - self.flows.len()
+        let gone = &mut self.expired_pending;
+        self.flows.retain(|k, e| {
+            let keep = now.saturating_duration_since(e.created) < timeout;
+            if !keep {
+                gone.push(k.clone());
+            }
+            keep
+        });
     }
 
-    pub(crate) fn expire(&mut self, now: Instant) -> usize {
-        let n = self.expire_now(now) + self.expired_pending;
-        self.expired_pending = 0;
-        n
+    /// The keys of the entries that gave up (past their lifetime) since the last call.
+    pub(crate) fn expire(&mut self, now: Instant) -> Vec<K> {
+        self.expire_now(now);
+        std::mem::take(&mut self.expired_pending)
     }
 
     pub(crate) fn remove(&mut self, key: &K) -> bool {
@@ -322,7 +327,7 @@ pub struct ReassemblyTable<K> {
     table: BoundedTable<K, ClientHelloAssembler>,
 }
 
-impl<K: Hash + Eq> ReassemblyTable<K> {
+impl<K: Hash + Eq + Clone> ReassemblyTable<K> {
     pub fn new(limits: Limits) -> Self {
         ReassemblyTable {
             table: BoundedTable::new(limits),
@@ -344,7 +349,8 @@ impl<K: Hash + Eq> ReassemblyTable<K> {
     /// Drop entries older than the timeout; returns how many were dropped
     /// (including ones dropped to make room since the last call). Each is a
     /// `reassembly_limit` loss.
-    pub fn expire(&mut self, now: Instant) -> usize {
+    /// The flows whose ClientHello gave up (past the timeout) since the last call.
+    pub fn expire(&mut self, now: Instant) -> Vec<K> {
         self.table.expire(now)
     }
 
@@ -483,8 +489,11 @@ mod tests {
         assert_eq!(t.push(5u8, 0, &s[..10], later), Push::NeedMore);
         // Full table: the stale entry is expired to admit the new one.
         assert_eq!(t.push(6u8, 0, &s[..10], later), Push::NeedMore);
-        assert_eq!(t.expire(later), 1);
-        assert_eq!(t.expire(later + Duration::from_secs(6)), 2);
+        // The keys come back, so each flow that gave up is recorded as such.
+        assert_eq!(t.expire(later), vec![4u8]);
+        let mut rest = t.expire(later + Duration::from_secs(6));
+        rest.sort_unstable();
+        assert_eq!(rest, vec![5u8, 6]);
         assert!(t.is_empty());
     }
 
