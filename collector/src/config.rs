@@ -14,8 +14,15 @@
 //!   client_ca: /etc/conduit-collector/tls/sensors-ca.crt
 //! export:
 //!   jsonl: /var/lib/conduit-collector/export/records.jsonl
-//!   syslog: { url: "syslog+tls://siem:6514", ca: /etc/conduit-collector/tls/siem-ca.crt }
+//!   syslog:
+//!     url: "syslog+tls://siem:6514"
+//!     ca: /etc/conduit-collector/tls/siem-ca.crt
+//!     cert: /etc/conduit-collector/tls/siem-client.crt   # client certificate, with key
+//!     key: /etc/conduit-collector/tls/siem-client.key
+//!     enterprise_number: 0          # your organization's IANA PEN: SD-ID conduit@PEN
+//!     max_message_bytes: 8192
 //!   nats: nats://127.0.0.1:4222
+//!   heartbeats: false               # checkpoints to syslog and NATS too
 //! metrics: "127.0.0.1:9465"
 //! ```
 
@@ -62,6 +69,9 @@ pub struct ExportConfig {
     pub jsonl: Option<PathBuf>,
     pub syslog: Option<SyslogConfig>,
     pub nats: Option<String>,
+    /// Send checkpoint records (heartbeats) to syslog and NATS too.
+    #[serde(default)]
+    pub heartbeats: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -69,6 +79,10 @@ pub struct ExportConfig {
 pub struct SyslogConfig {
     pub url: String,
     pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub enterprise_number: Option<u32>,
+    pub max_message_bytes: Option<usize>,
 }
 
 /// A bad configuration: `file:line:column: message` (line and column when known).
@@ -144,8 +158,16 @@ impl CollectorConfig {
                 wanted.push(("tls.client_ca", ca.clone()));
             }
         }
-        if let Some(ca) = self.export.syslog.as_ref().and_then(|s| s.ca.clone()) {
-            wanted.push(("export.syslog.ca", ca));
+        if let Some(s) = &self.export.syslog {
+            for (what, path) in [
+                ("export.syslog.ca", &s.ca),
+                ("export.syslog.cert", &s.cert),
+                ("export.syslog.key", &s.key),
+            ] {
+                if let Some(p) = path {
+                    wanted.push((what, p.clone()));
+                }
+            }
         }
         for (what, path) in wanted {
             if let Err(err) = std::fs::File::open(&path) {

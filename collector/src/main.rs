@@ -175,6 +175,24 @@ struct RunArgs {
     /// CA certificate (PEM) for syslog over TLS [default: export.syslog.ca].
     #[arg(long, value_name = "FILE")]
     syslog_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for syslog over TLS, with --syslog-key [default: export.syslog.cert].
+    #[arg(long, value_name = "FILE")]
+    syslog_cert: Option<PathBuf>,
+    /// Client key (PEM) for --syslog-cert [default: export.syslog.key].
+    #[arg(long, value_name = "FILE")]
+    syslog_key: Option<PathBuf>,
+    /// IANA private enterprise number of the SD-ID conduit@N: your organization's
+    /// [default: export.syslog.enterprise_number, else 0].
+    #[arg(long, value_name = "N")]
+    syslog_enterprise_number: Option<u32>,
+    /// Longest syslog message; a longer JSON line is replaced by a short one naming the
+    /// record (at least 1024) [default: export.syslog.max_message_bytes, else 8192].
+    #[arg(long, value_name = "BYTES")]
+    syslog_max_message_bytes: Option<usize>,
+    /// Send checkpoint records (the chains' heartbeats) to syslog and NATS too
+    /// [default: export.heartbeats, else off].
+    #[arg(long)]
+    export_heartbeats: bool,
     /// NATS server for JetStream export, e.g. nats://127.0.0.1:4222 [default: export.nats].
     #[arg(long, value_name = "URL")]
     nats: Option<String>,
@@ -262,7 +280,8 @@ struct Settings {
     store: PathBuf,
     jsonl: Option<PathBuf>,
     syslog: Option<String>,
-    syslog_ca: Option<PathBuf>,
+    syslog_opts: syslog::SyslogOptions,
+    selection: export::Selection,
     nats: Option<String>,
     trusted_keys: Option<PathBuf>,
     tofu: bool,
@@ -277,6 +296,47 @@ struct Settings {
 
 fn credentials_dir() -> Option<PathBuf> {
     std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from)
+}
+
+/// The syslog options: each flag, else collector.yaml, else the defaults in
+/// [`syslog::SyslogOptions`].
+fn syslog_options(
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    enterprise_number: Option<u32>,
+    max_message_bytes: Option<usize>,
+    file: Option<&config::SyslogConfig>,
+) -> Result<syslog::SyslogOptions, ConfigError> {
+    let d = syslog::SyslogOptions::default();
+    let cert = cert.or_else(|| file.and_then(|f| f.cert.clone()));
+    let key = key.or_else(|| file.and_then(|f| f.key.clone()));
+    let client_cert = match (cert, key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => {
+            return Err(ConfigError::single(
+                "syslog client certificate: give both --syslog-cert and --syslog-key (export.syslog.cert and key), or neither",
+            ));
+        }
+    };
+    let max_message_bytes = max_message_bytes
+        .or_else(|| file.and_then(|f| f.max_message_bytes))
+        .unwrap_or(d.max_message_bytes);
+    if max_message_bytes < syslog::MIN_MESSAGE_BYTES {
+        return Err(ConfigError::single(format!(
+            "syslog max_message_bytes {max_message_bytes}: at least {} bytes",
+            syslog::MIN_MESSAGE_BYTES
+        )));
+    }
+    Ok(syslog::SyslogOptions {
+        enterprise_number: enterprise_number
+            .or_else(|| file.and_then(|f| f.enterprise_number))
+            .unwrap_or(d.enterprise_number),
+        max_message_bytes,
+        ca: ca.or_else(|| file.and_then(|f| f.ca.clone())),
+        client_cert,
+    })
 }
 
 fn settings(args: RunArgs) -> Result<Settings, ConfigError> {
@@ -299,7 +359,17 @@ fn settings(args: RunArgs) -> Result<Settings, ConfigError> {
         })?,
         jsonl: args.jsonl.or(file.export.jsonl.clone()),
         syslog: args.syslog.or(syslog.as_ref().map(|s| s.url.clone())),
-        syslog_ca: args.syslog_ca.or(syslog.and_then(|s| s.ca)),
+        syslog_opts: syslog_options(
+            args.syslog_ca,
+            args.syslog_cert,
+            args.syslog_key,
+            args.syslog_enterprise_number,
+            args.syslog_max_message_bytes,
+            syslog.as_ref(),
+        )?,
+        selection: export::Selection {
+            heartbeats: args.export_heartbeats || file.export.heartbeats,
+        },
         nats: args.nats.or(file.export.nats.clone()),
         trusted_keys: args.trusted_keys.or(file.trusted_keys.clone()),
         tofu: args.tofu || file.tofu,
@@ -604,13 +674,16 @@ async fn run(args: Settings) -> anyhow::Result<()> {
             shared.clone(),
             shutdown_rx.clone(),
         );
-        tasks.spawn(async move { export::run(sink, sh, rx).await });
+        // The JSON-lines file is the complete record stream (as `query` prints it).
+        let all = export::Selection { heartbeats: true };
+        tasks.spawn(async move { export::run(sink, all, sh, rx).await });
     }
+    let selection = args.selection;
     if let Some(url) = &args.syslog {
         let target = syslog::parse_url(url)?;
-        let sink = syslog::SyslogSink::new(target, args.syslog_ca.clone())?;
+        let sink = syslog::SyslogSink::new(target, args.syslog_opts.clone())?;
         let (sh, rx) = (shared.clone(), shutdown_rx.clone());
-        tasks.spawn(async move { export::run(sink, sh, rx).await });
+        tasks.spawn(async move { export::run(sink, selection, sh, rx).await });
     }
     if let Some(url) = &args.nats {
         let (sink, sh, rx) = (
@@ -618,7 +691,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
             shared.clone(),
             shutdown_rx.clone(),
         );
-        tasks.spawn(async move { export::run(sink, sh, rx).await });
+        tasks.spawn(async move { export::run(sink, selection, sh, rx).await });
     }
     {
         let (sh, mut rx) = (shared.clone(), shutdown_rx.clone());

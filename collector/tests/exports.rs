@@ -91,6 +91,20 @@ async fn nats_client(url: &str) -> async_nats::Client {
     }
 }
 
+/// Records of a spool that the SIEM exports send by default (all but checkpoints).
+fn events_in(spool: &Path) -> u64 {
+    use prost::Message as _;
+    conduit_evidence::spool::SpoolReader::new(spool, 1)
+        .map(|f| f.expect("frame"))
+        .filter(|f| {
+            conduit_proto::v1::Record::decode(&f.record_bytes[..])
+                .expect("record")
+                .kind
+                != conduit_proto::v1::RecordKind::Checkpoint as i32
+        })
+        .count() as u64
+}
+
 fn rsyslogd() -> Option<&'static str> {
     ["/usr/sbin/rsyslogd", "/sbin/rsyslogd"]
         .into_iter()
@@ -103,7 +117,7 @@ fn start_rsyslog(dir: &Path, port: u16, tls: Option<(&Path, &Path, &Path)>) -> P
         Some((ca, cert, key)) => (
             format!(
                 "global(workDirectory=\"{d}\" DefaultNetstreamDriver=\"gtls\" DefaultNetstreamDriverCAFile=\"{}\" DefaultNetstreamDriverCertFile=\"{}\" DefaultNetstreamDriverKeyFile=\"{}\")\n\
-                 module(load=\"imtcp\" StreamDriver.Name=\"gtls\" StreamDriver.Mode=\"1\" StreamDriver.AuthMode=\"anon\")\n",
+                 module(load=\"imtcp\" StreamDriver.Name=\"gtls\" StreamDriver.Mode=\"1\" StreamDriver.AuthMode=\"x509/certvalid\")\n",
                 ca.display(),
                 cert.display(),
                 key.display(),
@@ -189,21 +203,54 @@ async fn syslog_case(tls: bool) {
         format!("syslog+tcp://127.0.0.1:{port}")
     };
     let ca = pki.ca_path();
+    // rsyslog requires a client certificate signed by the CA (x509/certvalid).
+    let (client_cert, client_key) = pki.issue("siem-client", "conduit-collector", &["collector"]);
     let metrics = format!("127.0.0.1:{}", free_port());
-    let mut args = vec!["--tofu", "--syslog", url.as_str(), "--metrics", &metrics];
+    let mut args = vec![
+        "--tofu",
+        "--syslog",
+        url.as_str(),
+        "--metrics",
+        &metrics,
+        "--syslog-enterprise-number",
+        "55555",
+    ];
     if tls {
-        args.extend(["--syslog-ca", ca.to_str().expect("utf8")]);
+        args.extend([
+            "--syslog-ca",
+            ca.to_str().expect("utf8"),
+            "--syslog-cert",
+            client_cert.to_str().expect("utf8"),
+            "--syslog-key",
+            client_key.to_str().expect("utf8"),
+        ]);
     }
     let c = Collector::start(&store, &tmp.path().join("collector.log"), &args);
     let mut up = Uplink::start(uplink_opts(&c.url("http"), SENSOR), &spool);
     up.wait_acked(head, Duration::from_secs(60)).await;
-    let lines = syslog_lines(&rdir, head as usize).await;
-    assert_eq!(lines.len() as u64, head, "collector log:\n{}", c.log_text());
+    // Checkpoints stay out of the SIEM by default: every other record arrives.
+    let events = events_in(&spool);
+    assert!(events < head, "the spool has checkpoints");
+    let lines = syslog_lines(&rdir, events as usize).await;
+    assert_eq!(
+        lines.len() as u64,
+        events,
+        "collector log:\n{}",
+        c.log_text()
+    );
+    assert!(
+        lines.iter().all(|l| !l.contains(" checkpoint [")),
+        "a checkpoint was exported"
+    );
     let first = &lines[0];
     assert!(first.starts_with('<'), "{first}");
-    assert!(first.contains(" conduit-collector - "), "{first}");
+    // HOSTNAME is the sensor, APP-NAME the sensor's software.
     assert!(
-        first.contains("[conduit@32473 seq=\"1\" sensor=\"gw-01\"]"),
+        first.contains(&format!(" {SENSOR} conduit-sensor - ")),
+        "{first}"
+    );
+    assert!(
+        first.contains("[conduit@55555 seq=\"1\" sensor=\"gw-01\"]"),
         "{first}"
     );
     let json = &first[first.find("] {").expect("json") + 2..];
@@ -251,7 +298,8 @@ async fn nats_jetstream_receives_every_record_once() {
     let mut c = Collector::start(
         &store,
         &tmp.path().join("collector.log"),
-        &["--tofu", "--nats", &url],
+        // Every record, checkpoints too.
+        &["--tofu", "--nats", &url, "--export-heartbeats"],
     );
     let mut up = Uplink::start(uplink_opts(&c.url("http"), SENSOR), &spool);
     up.wait_acked(head, Duration::from_secs(60)).await;
@@ -339,7 +387,7 @@ async fn nats_sites_are_canonical_and_a_failing_chain_does_not_stall_the_others(
     let c = Collector::start(
         &store,
         &tmp.path().join("collector.log"),
-        &["--tofu", "--nats", &url],
+        &["--tofu", "--nats", &url, "--export-heartbeats"],
     );
     // Chains sort as gw-a (broken) < gw-b (plant) < gw-c (PLANT).
     let mut heads = Vec::new();

@@ -86,6 +86,22 @@ impl Item {
     }
 }
 
+/// Which records a SIEM export sends. The evidence is every record (the store, the
+/// JSON-lines file); a SIEM wants the events: flows, loss, policy changes, alarms,
+/// chain restarts and spool recoveries. Checkpoints (each chain's signed heartbeat,
+/// every 10 s) would be a third of the messages and carry nothing to detect on;
+/// `--export-heartbeats` sends them too.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Selection {
+    pub heartbeats: bool,
+}
+
+impl Selection {
+    pub fn selects(&self, record: &v1::Record) -> bool {
+        self.heartbeats || record.kind != v1::RecordKind::Checkpoint as i32
+    }
+}
+
 /// A SIEM target. `send` returns only when the target has the records (as far as
 /// its protocol can tell); on error the same items are sent again later.
 pub trait Sink: Send {
@@ -142,9 +158,11 @@ impl Cursor {
     }
 }
 
-/// Runs one export until shutdown.
+/// Runs one export of the records `selection` picks until shutdown (its cursor
+/// passes the others).
 pub async fn run<S: Sink>(
     mut sink: S,
+    selection: Selection,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ExportError> {
@@ -193,11 +211,13 @@ pub async fn run<S: Sink>(
                 .iter()
                 .filter_map(|f| {
                     let record = v1::Record::decode(&f.record_bytes[..]).ok()?;
-                    Some(Item::new(&chain, f, record))
+                    selection
+                        .selects(&record)
+                        .then(|| Item::new(&chain, f, record))
                 })
                 .collect();
             let sent = tokio::select! {
-                r = sink.send(&items) => r,
+                r = async { if items.is_empty() { Ok(()) } else { sink.send(&items).await } } => r,
                 _ = shutdown.changed() => return Ok(()),
             };
             if let Err(e) = sent {
