@@ -23,6 +23,8 @@ pub const ALARM_SENSOR_ID: &str = "collector";
 
 pub struct Alarms {
     recorder: Mutex<Recorder>,
+    /// Sensors whose silence is alarmed and not yet over.
+    silent: Mutex<std::collections::HashSet<String>>,
     /// The alarm chain's key, which also cosigns the sensors' checkpoints (its
     /// public half is `<store>/_collector/signing.pub`; docs/witness.md).
     witness: SigningKey,
@@ -37,6 +39,7 @@ impl Alarms {
         let witness = keys::load_signing_key(&store.join(ALARM_DIR).join(keys::KEY_FILE))?;
         Ok(Alarms {
             recorder: Mutex::new(recorder),
+            silent: Mutex::default(),
             witness,
             metrics: Arc::default(),
         })
@@ -85,6 +88,47 @@ impl Alarms {
         };
         if let Err(e) = rec.append(record).and_then(|_| rec.sync()) {
             tracing::error!(error = %e, "could not write the alarm record");
+        }
+    }
+
+    /// Timer: a sensor that streamed and then sent nothing for `after` raises
+    /// `sensor_silent` once; when it speaks again, `sensor_resumed` is noted. Only
+    /// sensors seen since this collector started are watched.
+    pub fn check_silence(&self, after: std::time::Duration) {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        for (sensor, head, last_seen) in self.metrics.last_seen() {
+            let quiet = now - last_seen;
+            let was = match self.silent.lock() {
+                Ok(s) => s.contains(&sensor),
+                Err(p) => p.into_inner().contains(&sensor),
+            };
+            let is = quiet >= after.as_secs_f64();
+            if is == was {
+                continue;
+            }
+            let mut set = match self.silent.lock() {
+                Ok(s) => s,
+                Err(p) => p.into_inner(),
+            };
+            if is {
+                set.insert(sensor.clone());
+                drop(set);
+                self.raise(
+                    "sensor_silent",
+                    &sensor,
+                    head,
+                    &format!(
+                        "no message for {quiet:.0} s (threshold {} s); its stored chain ends at seq {head}",
+                        after.as_secs()
+                    ),
+                );
+            } else {
+                set.remove(&sensor);
+                drop(set);
+                self.note("sensor_resumed", &sensor, head, "the sensor sends again");
+            }
         }
     }
 

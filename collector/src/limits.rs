@@ -23,6 +23,9 @@ pub struct Limits {
     pub store_idle_timeout: Duration,
     /// Pause after a failed accept (EMFILE and the like) so the loop cannot spin.
     pub accept_backoff: Duration,
+    /// A sensor that streamed and then sent nothing for this long raises the alarm
+    /// `sensor_silent` (three missed 10-second heartbeats).
+    pub silent_after: Duration,
 }
 
 impl Default for Limits {
@@ -36,6 +39,7 @@ impl Default for Limits {
             stream_idle_timeout: Duration::from_secs(120),
             store_idle_timeout: Duration::from_secs(300),
             accept_backoff: Duration::from_millis(100),
+            silent_after: Duration::from_secs(30),
         }
     }
 }

@@ -238,6 +238,10 @@ struct RunArgs {
     /// Seconds a sensor stream may send nothing before it is evicted [default: 120].
     #[arg(long, value_name = "SECS")]
     stream_idle_timeout: Option<f64>,
+    /// Seconds without a message from a sensor that streamed before it raises the
+    /// alarm `sensor_silent` (once; `sensor_resumed` when it speaks again) [default: 30].
+    #[arg(long, value_name = "SECS")]
+    silent_after: Option<f64>,
 }
 
 impl RunArgs {
@@ -269,6 +273,7 @@ impl RunArgs {
                 d.stream_idle_timeout,
                 "stream-idle-timeout",
             )?,
+            silent_after: secs(self.silent_after, d.silent_after, "silent-after")?,
             ..d
         })
     }
@@ -723,6 +728,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
                         }
                         let _ = tokio::task::spawn_blocking(move || {
                             sh.alarms.tick();
+                            sh.alarms.check_silence(sh.limits().silent_after);
                             sh.close_idle_stores();
                             if let Some(policy) = prune {
                                 conduit_collector::retention::prune_store(&sh, &policy, std::time::SystemTime::now());

@@ -96,6 +96,15 @@ impl Metrics {
         );
     }
 
+    /// Each sensor seen since the start with its stored head and the Unix seconds of
+    /// its last message.
+    pub fn last_seen(&self) -> Vec<(String, u64, f64)> {
+        lock(&self.sensors)
+            .iter()
+            .map(|(id, p)| (id.clone(), p.head, p.last_seen))
+            .collect()
+    }
+
     /// The export `export` runs (its lag is reported for every sensor).
     pub fn export_started(&self, export: &str) {
         lock(&self.exports).insert(export.to_owned());

@@ -662,3 +662,59 @@ async fn a_report_lists_a_bounded_number_of_rows_and_counts_every_one() {
     assert!(html.contains("the first 5 of 12 loss records"), "loss note");
     assert!(html.contains("--verdict violation"));
 }
+
+/// A sensor that streamed and then went quiet raises `sensor_silent` once, as a signed
+/// alarm record that the exports carry; when it streams again, `sensor_resumed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_sensor_raises_an_alarm_once_and_its_return_is_noted() {
+    init_tracing();
+    let tmp = tempfile::tempdir().expect("test step");
+    let (spool, store) = (tmp.path().join("spool"), tmp.path().join("store"));
+    let export = tmp.path().join("export.jsonl");
+    let head = write_spool(&spool, SENSOR, 20);
+    let c = Collector::start(
+        &store,
+        &tmp.path().join("collector.log"),
+        &[
+            "--tofu",
+            "--silent-after",
+            "1",
+            "--jsonl",
+            export.to_str().expect("test step"),
+        ],
+    );
+    let mut up = Uplink::start(uplink_opts(&c.url("http"), SENSOR), &spool);
+    up.wait_acked(head, Duration::from_secs(30)).await;
+    up.stop().await;
+    let alarms = |kind: &str| {
+        std::fs::read_to_string(&export)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["event"]["action"] == "alarm" && v["conduit"]["alarm"]["kind"] == kind)
+            .count()
+    };
+    let wait_for = |kind: &'static str| async move {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while alarms(kind) == 0 {
+            assert!(std::time::Instant::now() < deadline, "no {kind} alarm");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    wait_for("sensor_silent").await;
+    // Once per silence, however long it lasts.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(alarms("sensor_silent"), 1);
+    let line = std::fs::read_to_string(&export).expect("test step");
+    assert!(line.contains(r#""sensor_id":"gw-01""#), "{line}");
+
+    let mut rec = recorder(&spool, SENSOR);
+    rec.append(flow(99)).expect("append");
+    rec.sync().expect("sync");
+    let head = rec.head().0;
+    drop(rec);
+    let mut up = Uplink::start(uplink_opts(&c.url("http"), SENSOR), &spool);
+    up.wait_acked(head, Duration::from_secs(30)).await;
+    wait_for("sensor_resumed").await;
+    up.stop().await;
+}

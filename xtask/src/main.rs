@@ -105,6 +105,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "rsyslog",
     "rsyslog-gnutls",
     "nats-server",
+    // promtool checks deploy/prometheus (collector/tests/siem_content.rs).
+    "prometheus",
 ];
 
 /// Python packages the tests use as real peers (aioquic: QUIC client and server;
@@ -226,7 +228,7 @@ fn setup() -> Result<()> {
     }
     // The lab starts its own nginx/rsyslog/nats processes; the distribution's
     // services are not needed and would hold the ports.
-    for service in ["nginx", "rsyslog", "nats-server"] {
+    for service in ["nginx", "rsyslog", "nats-server", "prometheus"] {
         let _ = Command::new("systemctl")
             .args(["disable", "--now", "--quiet", service])
             .stderr(std::process::Stdio::null())
