@@ -313,6 +313,38 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
 mod tests {
     use super::*;
 
+    /// The Prometheus rules and the Grafana dashboard in deploy/ use only metrics the
+    /// sensor exports (the collector's are checked in collector/tests/siem_content.rs).
+    #[test]
+    fn the_deployed_rules_and_dashboard_use_only_sensor_metrics() {
+        let m = Arc::new(Metrics::default());
+        // Labelled families show once they have a series.
+        m.count_loss("ringbuf_full", "event", "kernel", 1);
+        m.attached("eth1", crate::kernel::XdpAttachMode::Driver);
+        let text = m.render();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        let mut used = 0;
+        for file in [
+            "prometheus/conduit-rules.yml",
+            "grafana/conduit-dashboard.json",
+        ] {
+            let content = std::fs::read_to_string(root.join(file)).unwrap_or_default();
+            for (i, _) in content.match_indices("conduit_sensor_") {
+                let name: String = content[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                used += 1;
+                assert!(
+                    text.lines().any(|l| l.starts_with(&format!("{name} "))
+                        || l.starts_with(&format!("{name}{{"))),
+                    "{file}: {name} is not a sensor metric:\n{text}"
+                );
+            }
+        }
+        assert!(used >= 8, "the content uses sensor metrics");
+    }
+
     #[test]
     fn renders_labels_the_uplink_gauges_and_the_spool_bound() {
         let m = Arc::new(Metrics::default());

@@ -129,6 +129,51 @@ const PACKAGES: &[Package] = &[
                 "docs/collector.md",
                 "usr/share/doc/conduit-collector/collector.md",
             ),
+            f(
+                "deploy/sigma/conduit_blocked_flow.yml",
+                "usr/share/conduit-collector/siem/sigma/conduit_blocked_flow.yml",
+            ),
+            f(
+                "deploy/sigma/conduit_chain_restart.yml",
+                "usr/share/conduit-collector/siem/sigma/conduit_chain_restart.yml",
+            ),
+            f(
+                "deploy/sigma/conduit_collector_alarm.yml",
+                "usr/share/conduit-collector/siem/sigma/conduit_collector_alarm.yml",
+            ),
+            f(
+                "deploy/sigma/conduit_loss_record.yml",
+                "usr/share/conduit-collector/siem/sigma/conduit_loss_record.yml",
+            ),
+            f(
+                "deploy/sigma/conduit_sensor_silent.yml",
+                "usr/share/conduit-collector/siem/sigma/conduit_sensor_silent.yml",
+            ),
+            f(
+                "deploy/sigma/conduit_violation_seen.yml",
+                "usr/share/conduit-collector/siem/sigma/conduit_violation_seen.yml",
+            ),
+            f(
+                "deploy/prometheus/conduit-rules.test.yml",
+                "usr/share/conduit-collector/siem/prometheus/conduit-rules.test.yml",
+            ),
+            f(
+                "deploy/prometheus/conduit-rules.yml",
+                "usr/share/conduit-collector/siem/prometheus/conduit-rules.yml",
+            ),
+            f(
+                "deploy/grafana/conduit-dashboard.json",
+                "usr/share/conduit-collector/siem/grafana/conduit-dashboard.json",
+            ),
+            f(
+                "deploy/elasticsearch/conduit-index-template.json",
+                "usr/share/conduit-collector/siem/elasticsearch/conduit-index-template.json",
+            ),
+            f(
+                "deploy/elasticsearch/conduit-ingest-pipeline.json",
+                "usr/share/conduit-collector/siem/elasticsearch/conduit-ingest-pipeline.json",
+            ),
+            f("docs/siem.md", "usr/share/doc/conduit-collector/siem.md"),
         ],
         conffiles: &["/etc/conduit-collector/collector.yaml"],
         dirs: &[
@@ -379,4 +424,29 @@ fn dir_size(dir: &Path) -> Result<u64> {
         };
     }
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every file of the SIEM content in deploy/ is in the collector's package.
+    #[test]
+    fn the_collector_package_ships_all_siem_content() {
+        let root = crate::workspace_root();
+        let collector = PACKAGES
+            .iter()
+            .find(|p| p.name == "conduit-collector")
+            .expect("collector package");
+        for dir in ["sigma", "prometheus", "grafana", "elasticsearch"] {
+            for entry in std::fs::read_dir(root.join("deploy").join(dir)).expect("deploy dir") {
+                let name = entry.expect("entry").file_name();
+                let from = format!("deploy/{dir}/{}", name.to_string_lossy());
+                assert!(
+                    collector.files.iter().any(|f| f.from == from),
+                    "{from} is not in the package"
+                );
+            }
+        }
+    }
 }
