@@ -23,6 +23,7 @@
 //!     max_message_bytes: 8192
 //!   nats: nats://127.0.0.1:4222
 //!   heartbeats: false               # checkpoints to syslog and NATS too
+//!   format: ecs                     # or ocsf, for the JSON-lines and NATS exports
 //! metrics: "127.0.0.1:9465"
 //! ```
 
@@ -72,6 +73,8 @@ pub struct ExportConfig {
     /// Send checkpoint records (heartbeats) to syslog and NATS too.
     #[serde(default)]
     pub heartbeats: bool,
+    /// `ecs` (default) or `ocsf`: the JSON of the JSON-lines and NATS exports.
+    pub format: Option<crate::export::Format>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -196,6 +199,26 @@ fn strip_location(message: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn export_format_heartbeats_and_syslog_keys() {
+        let cfg = CollectorConfig::parse(
+            "c.yaml",
+            "export:\n  format: ocsf\n  heartbeats: true\n  syslog:\n    url: tcp://h:514\n    enterprise_number: 55555\n    max_message_bytes: 4096\n",
+        )
+        .expect("parses");
+        assert_eq!(cfg.export.format, Some(crate::export::Format::Ocsf));
+        assert!(cfg.export.heartbeats);
+        let syslog = cfg.export.syslog.expect("syslog");
+        assert_eq!(
+            (syslog.enterprise_number, syslog.max_message_bytes),
+            (Some(55555), Some(4096))
+        );
+        // An unknown format is an error at its position.
+        let err =
+            CollectorConfig::parse("c.yaml", "export:\n  format: xml\n").expect_err("bad format");
+        assert!(err.to_string().starts_with("c.yaml:2:"), "{err}");
+    }
 
     #[test]
     fn the_shipped_example_parses() {

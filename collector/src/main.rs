@@ -193,6 +193,10 @@ struct RunArgs {
     /// [default: export.heartbeats, else off].
     #[arg(long)]
     export_heartbeats: bool,
+    /// The JSON of the JSON-lines and NATS exports: ECS lines, or OCSF events
+    /// (Network Activity 4001 for flows) [default: export.format, else ecs].
+    #[arg(long, value_enum)]
+    format: Option<export::Format>,
     /// NATS server for JetStream export, e.g. nats://127.0.0.1:4222 [default: export.nats].
     #[arg(long, value_name = "URL")]
     nats: Option<String>,
@@ -287,6 +291,7 @@ struct Settings {
     syslog: Option<String>,
     syslog_opts: syslog::SyslogOptions,
     selection: export::Selection,
+    format: export::Format,
     nats: Option<String>,
     trusted_keys: Option<PathBuf>,
     tofu: bool,
@@ -375,6 +380,7 @@ fn settings(args: RunArgs) -> Result<Settings, ConfigError> {
         selection: export::Selection {
             heartbeats: args.export_heartbeats || file.export.heartbeats,
         },
+        format: args.format.or(file.export.format).unwrap_or_default(),
         nats: args.nats.or(file.export.nats.clone()),
         trusted_keys: args.trusted_keys.or(file.trusted_keys.clone()),
         tofu: args.tofu || file.tofu,
@@ -675,7 +681,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
                 .with_context(|| format!("creating the export directory {}", dir.display()))?;
         }
         let (sink, sh, rx) = (
-            JsonlSink::new(path.clone()),
+            JsonlSink::new(path.clone(), args.format),
             shared.clone(),
             shutdown_rx.clone(),
         );
@@ -692,7 +698,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
     }
     if let Some(url) = &args.nats {
         let (sink, sh, rx) = (
-            NatsSink::new(url.clone()),
+            NatsSink::new(url.clone(), args.format),
             shared.clone(),
             shutdown_rx.clone(),
         );

@@ -438,3 +438,59 @@ async fn nats_sites_are_canonical_and_a_failing_chain_does_not_stall_the_others(
     }
     assert!(c.log_text().contains("export of this chain failed"));
 }
+
+/// `--format ocsf`: the NATS messages are OCSF events, flows as Network Activity
+/// (4001) with the record's chain hash as `metadata.uid`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_receives_ocsf_events_with_format_ocsf() {
+    init_tracing();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let Some((_nats, url)) = start_nats(tmp.path()) else {
+        return;
+    };
+    let spool = tmp.path().join("spool");
+    let store = tmp.path().join("store");
+    let head = write_spool(&spool, SENSOR, 50);
+    let c = Collector::start(
+        &store,
+        &tmp.path().join("collector.log"),
+        &["--tofu", "--nats", &url, "--format", "ocsf"],
+    );
+    let mut up = Uplink::start(uplink_opts(&c.url("http"), SENSOR), &spool);
+    up.wait_acked(head, Duration::from_secs(60)).await;
+    let js = async_nats::jetstream::new(nats_client(&url).await);
+    let subject = format!("conduit.plant-01.{SENSOR}.flow_start");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let message = loop {
+        if let Ok(stream) = js.get_stream("CONDUIT_PLANT-01").await
+            && let Ok(m) = stream.get_last_raw_message_by_subject(&subject).await
+        {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no OCSF flow event; collector log:\n{}",
+            c.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let event: serde_json::Value = serde_json::from_slice(&message.payload).expect("OCSF JSON");
+    assert_eq!(event["class_uid"], 4001, "{event:#}");
+    assert_eq!(event["activity_id"], 1, "{event:#}");
+    assert_eq!(
+        event["metadata"]["version"],
+        conduit_evidence::ocsf::OCSF_VERSION
+    );
+    let seq = event["unmapped"]["chain"]["seq"].as_u64().expect("seq");
+    let frame = conduit_evidence::spool::SpoolReader::new(&spool, seq)
+        .next()
+        .expect("frame")
+        .expect("frame");
+    assert_eq!(frame.seq, seq);
+    assert_eq!(
+        event["metadata"]["uid"],
+        hex::encode(frame.hash),
+        "{event:#}"
+    );
+    up.stop().await;
+}

@@ -1,21 +1,24 @@
-//! `--jsonl FILE`: one ECS JSON line per record, fsynced before the cursor moves.
+//! `--jsonl FILE`: one JSON line per record (ECS, or OCSF with `--format ocsf`),
+//! fsynced before the cursor moves.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::path::PathBuf;
 
-use super::{ExportError, Item, Sink};
+use super::{ExportError, Format, Item, Sink};
 
 pub struct JsonlSink {
     path: PathBuf,
+    format: Format,
     file: Option<File>,
     buf: Vec<u8>,
 }
 
 impl JsonlSink {
-    pub fn new(path: PathBuf) -> JsonlSink {
+    pub fn new(path: PathBuf, format: Format) -> JsonlSink {
         JsonlSink {
             path,
+            format,
             file: None,
             buf: Vec::new(),
         }
@@ -28,7 +31,7 @@ impl JsonlSink {
         };
         self.buf.clear();
         for item in items {
-            serde_json::to_writer(&mut self.buf, &item.ecs())
+            serde_json::to_writer(&mut self.buf, &item.render(self.format))
                 .map_err(|e| ExportError::Target(e.to_string()))?;
             self.buf.push(b'\n');
         }

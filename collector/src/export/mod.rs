@@ -69,6 +69,14 @@ impl Item {
         ecs_json(&self.record, &self.pos)
     }
 
+    /// The record as `format` has it.
+    pub fn render(&self, format: Format) -> serde_json::Value {
+        match format {
+            Format::Ecs => self.ecs(),
+            Format::Ocsf => conduit_evidence::ocsf::ocsf_json(&self.record, &self.pos),
+        }
+    }
+
     pub fn action(&self) -> &'static str {
         conduit_evidence::ecs::action_name(
             v1::RecordKind::try_from(self.record.kind).unwrap_or(v1::RecordKind::Unspecified),
@@ -84,6 +92,16 @@ impl Item {
             &self.record.sensor_id
         }
     }
+}
+
+/// The shape of the JSON the JSON-lines and NATS exports write: the ECS line of the
+/// contract (default), or OCSF (Network Activity 4001 for flows; docs/siem.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    #[default]
+    Ecs,
+    Ocsf,
 }
 
 /// Which records a SIEM export sends. The evidence is every record (the store, the

@@ -7,10 +7,11 @@ use std::collections::{HashMap, HashSet};
 
 use async_nats::jetstream;
 
-use super::{ExportError, Item, Sink};
+use super::{ExportError, Format, Item, Sink};
 
 pub struct NatsSink {
     url: String,
+    format: Format,
     js: Option<jetstream::Context>,
     streams: HashSet<String>,
     /// Last site seen per chain: checkpoints and restarts carry no site, they go to
@@ -69,9 +70,10 @@ pub fn msg_id(item: &Item) -> String {
 }
 
 impl NatsSink {
-    pub fn new(url: String) -> NatsSink {
+    pub fn new(url: String, format: Format) -> NatsSink {
         NatsSink {
             url,
+            format,
             js: None,
             streams: HashSet::new(),
             chain_site: HashMap::new(),
@@ -123,7 +125,7 @@ impl NatsSink {
             self.ensure_stream(&js, &site).await?;
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("Nats-Msg-Id", msg_id(item).as_str());
-            let payload = item.ecs().to_string();
+            let payload = item.render(self.format).to_string();
             let ack = js
                 .publish_with_headers(subject(item, &site), headers, payload.into())
                 .await
