@@ -225,7 +225,7 @@ pub struct FlowStats {
 /// Most forward payload packets of one flow the kernel copies to the agent while
 /// the flow is [`sni_state::PENDING`] (a ClientHello over several TCP segments, or
 /// CRYPTO frames over several QUIC Initials).
-pub const MAX_PAYLOAD_COPIES: u8 = 8;
+pub const MAX_PAYLOAD_COPIES: u8 = 48;
 
 /// Capacity of `CLASS_UPDATES`.
 pub const MAX_CLASS_UPDATES: u32 = 4096;

@@ -268,6 +268,10 @@ fn try_xdp<F: flow::FlowOps>(ctx: &XdpContext) -> Result<u32, Counter> {
         bump(Counter::PacketsDropped);
         return Ok(xdp_action::XDP_DROP);
     }
+    // A segment that arrives with TTL (hop limit) 1 or 0 dies at this gateway's
+    // forwarding step: it never reaches the server, so it must not decide the SNI
+    // (a decoy ClientHello sent with TTL 1 ahead of the real one). It is counted.
+    let first_payload = first_payload && p.ttl > 1;
     if first_payload {
         // Does not return on success; on failure (not installed) count and pass.
         // SAFETY: ctx is this program's context.

@@ -80,6 +80,8 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// Ethernet source address.
     pub src_mac: [u8; 6],
+    /// IPv4 TTL or IPv6 hop limit.
+    pub ttl: u8,
     /// IP total length (IPv4 tot_len, IPv6 payload_len + 40).
     pub ip_len: u32,
     /// IP header (incl. options / extension headers) + L4 header length.
@@ -203,6 +205,7 @@ pub fn parse(b: &Bounds, p: &mut Packet) -> Result<(), Counter> {
             }
             p.family = FAMILY_IPV4;
             p.protocol = ip.proto;
+            p.ttl = ip.ttl;
             // Via u128 so the zero tail is two stores, not a memset call.
             p.src = (u32::from_ne_bytes(ip.src) as u128).to_ne_bytes();
             p.dst = (u32::from_ne_bytes(ip.dst) as u128).to_ne_bytes();
@@ -214,6 +217,7 @@ pub fn parse(b: &Bounds, p: &mut Packet) -> Result<(), Counter> {
         ETH_P_IPV6 => {
             let ip = b.read::<Ipv6Hdr>(off).ok_or(Counter::ErrIpv6Truncated)?;
             p.family = FAMILY_IPV6;
+            p.ttl = ip.hop;
             set_addr(&mut p.src, &ip.src);
             set_addr(&mut p.dst, &ip.dst);
             let plen = be16(ip.payload_len) as usize;

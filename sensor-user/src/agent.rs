@@ -580,6 +580,11 @@ impl Agent {
             alpn: info.alpn.clone(),
             ech: info.ech,
             pq_offered: info.offers_post_quantum(),
+            anomalies: if info.conflicting_retransmission {
+                vec![anomaly::CONFLICTING_RETRANSMISSION]
+            } else {
+                Vec::new()
+            },
             ..Classification::default()
         };
         if let Some(map) = &self.policy {

@@ -80,6 +80,9 @@ pub mod anomaly {
     /// The ClientHello began but did not complete within the classification
     /// deadline (more segments than the kernel copies, or never sent in full).
     pub const CLIENT_HELLO_INCOMPLETE: &str = "client_hello_incomplete";
+    /// Parts of the hello arrived twice with different bytes (a decoy overlapped by
+    /// the real hello, or the reverse): the recorded name is the first copy's.
+    pub const CONFLICTING_RETRANSMISSION: &str = "conflicting_retransmission";
 }
 
 impl Classification {

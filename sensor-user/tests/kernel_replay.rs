@@ -161,8 +161,8 @@ fn replay_classifies_split_tls_and_quic() {
 }
 
 /// A handshake from CLIENT:`port` to OPENAI:443 whose client payload is `parts`, one
-/// segment each.
-fn tls_flow(port: u16, parts: &[&[u8]]) -> Vec<Vec<u8>> {
+/// segment each, as (TTL, sequence offset from the first payload byte, bytes).
+fn tls_flow(port: u16, parts: &[(u8, u32, &[u8])]) -> Vec<Vec<u8>> {
     let (cs, ss) = (7000u32, 9000u32);
     let mut out = vec![
         tcp_frame(
@@ -181,24 +181,56 @@ fn tls_flow(port: u16, parts: &[&[u8]]) -> Vec<Vec<u8>> {
             &[],
         ),
     ];
-    let mut seq = cs + 1;
-    for p in parts {
+    for (ttl, off, p) in parts {
         out.push(tcp_frame(
             eth()
-                .ipv4(CLIENT, OPENAI, 64)
-                .tcp(port, 443, seq, 64240)
+                .ipv4(CLIENT, OPENAI, *ttl)
+                .tcp(port, 443, cs + 1 + off, 64240)
                 .ack(ss + 1)
                 .psh(),
             p,
         ));
-        seq += p.len() as u32;
     }
     out
 }
 
-/// Issue 10's evasions in the default mode (only AI flows recorded): a ClientHello in
-/// more segments than the kernel copies, and a handshake record that is no
-/// ClientHello, are recorded with the anomaly, not left out.
+/// `bytes` cut into `n` in-order segments with TTL 64.
+fn segments(bytes: &[u8], n: usize) -> Vec<(u8, u32, &[u8])> {
+    let chunk = bytes.len().div_ceil(n);
+    bytes
+        .chunks(chunk)
+        .enumerate()
+        .map(|(i, c)| (64, (i * chunk) as u32, c))
+        .collect()
+}
+
+fn hello_for(name: &str, padding: usize) -> Vec<u8> {
+    let mut exts = vec![
+        ext(10, &[0, 4, 0, 0x1d, 0, 0x17]),
+        sni_ext(name),
+        ext(43, &[4, 3, 4, 3, 3]),
+    ];
+    if padding > 0 {
+        exts.push(ext(21, &vec![0; padding]));
+    }
+    let record = client_hello(&exts);
+    // Re-cut the handshake into records of at most 16 KiB, as TLS must.
+    let hs = &record[5..];
+    let mut out = Vec::new();
+    for part in hs.chunks(16_000) {
+        out.extend_from_slice(&[22, 3, 1]);
+        out.extend_from_slice(&u16::try_from(part.len()).unwrap().to_be_bytes());
+        out.extend_from_slice(part);
+    }
+    out
+}
+
+/// Issue 10's evasions in the default mode (only AI flows recorded):
+/// - a ClientHello in more segments than the kernel copies, and a handshake record
+///   that is no ClientHello, are recorded with the anomaly, not left out;
+/// - a 20 KiB hello in 15 segments is read whole;
+/// - a decoy hello with TTL 1 (it dies at the gateway) does not decide the SNI;
+/// - a hello whose bytes arrive twice with different values is flagged.
 #[test]
 fn replay_records_client_hellos_that_defeat_parsing_with_their_anomaly() {
     if !nix::unistd::geteuid().is_root() {
@@ -211,20 +243,25 @@ fn replay_records_client_hellos_that_defeat_parsing_with_their_anomaly() {
         dir.path().join("conduits.yaml"),
         dir.path().join("out.jsonl"),
     );
-    let hello = client_hello(&[
-        ext(10, &[0, 4, 0, 0x1d, 0, 0x17]),
-        sni_ext("api.openai.com"),
-        ext(43, &[4, 3, 4, 3, 3]),
-    ]);
-    // 16 segments: twice MAX_PAYLOAD_COPIES.
-    let chunk = hello.len().div_ceil(16);
-    let parts: Vec<&[u8]> = hello.chunks(chunk).collect();
-    assert!(parts.len() > usize::from(sensor_common::MAX_PAYLOAD_COPIES));
-    let mut packets = tls_flow(40010, &parts);
+    let hello = hello_for("api.openai.com", 0);
+    // More segments than the kernel copies (of at least 6 bytes each: the kernel
+    // waits for a first payload that long to tell TLS).
+    let padded = hello_for("api.openai.com", 800);
+    let too_many = usize::from(sensor_common::MAX_PAYLOAD_COPIES) + 12;
+    let mut packets = tls_flow(40010, &segments(&padded, too_many));
     // A TLS handshake record whose body is not a ClientHello.
     let mut bogus = vec![0x16, 0x03, 0x01, 0x00, 0x20, 0x01, 0x00, 0x00, 0x1c];
     bogus.extend_from_slice(&[0xff; 28]);
-    packets.extend(tls_flow(40011, &[&bogus]));
+    packets.extend(tls_flow(40011, &[(64, 0, &bogus)]));
+    let big = hello_for("api.openai.com", 20_000);
+    assert!(big.len() > 20_000);
+    packets.extend(tls_flow(40012, &segments(&big, 15)));
+    // Same length as the real name, so the decoys cover the same sequence range.
+    let decoy = hello_for("api.example.co", 0);
+    assert_eq!(decoy.len(), hello.len());
+    packets.extend(tls_flow(40013, &[(1, 0, &decoy), (64, 0, &hello)]));
+    let cut = decoy.len() - 3;
+    packets.extend(tls_flow(40014, &[(64, 0, &decoy[..cut]), (64, 0, &hello)]));
     write_pcap(&pcap, &packets);
     std::fs::write(&conduits, CONDUITS).unwrap();
 
@@ -244,15 +281,16 @@ fn replay_records_client_hellos_that_defeat_parsing_with_their_anomaly() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let anomalies = |port: u16| {
+    let start = |port: u16| {
         let starts: Vec<_> = records
             .iter()
             .filter(|r| r["event"]["action"] == "flow_start" && r["source"]["port"] == port)
             .collect();
         assert_eq!(starts.len(), 1, "port {port}: {records:#?}\n{log}");
         assert_eq!(starts[0]["network"]["protocol"], "tls", "{:#}", starts[0]);
-        starts[0]["conduit"]["anomalies"].clone()
+        starts[0].clone()
     };
+    let anomalies = |port: u16| start(port)["conduit"]["anomalies"].clone();
     assert_eq!(
         anomalies(40010),
         serde_json::json!(["client_hello_incomplete"])
@@ -260,5 +298,16 @@ fn replay_records_client_hellos_that_defeat_parsing_with_their_anomaly() {
     assert_eq!(
         anomalies(40011),
         serde_json::json!(["malformed_client_hello"])
+    );
+    for port in [40012, 40013] {
+        let r = start(port);
+        assert_eq!(r["tls"]["client"]["server_name"], "api.openai.com", "{r:#}");
+        assert!(r["conduit"]["anomalies"].is_null(), "{r:#}");
+    }
+    let r = start(40014);
+    assert_eq!(
+        r["conduit"]["anomalies"],
+        serde_json::json!(["conflicting_retransmission"]),
+        "{r:#}"
     );
 }

@@ -14,7 +14,7 @@ use super::ja4::{self, Ja4Input, Transport};
 const HS_CLIENT_HELLO: u8 = 1;
 /// Largest ClientHello we accept. Real ones are < 2 KiB (8 KiB with big PQ key
 /// shares); the record layer allows 2^24 which we never want to buffer.
-pub const MAX_CLIENT_HELLO_LEN: usize = 16 * 1024;
+pub const MAX_CLIENT_HELLO_LEN: usize = 64 * 1024;
 /// RFC 8446 5.1: TLSPlaintext.length must not exceed 2^14.
 const MAX_RECORD_LEN: usize = 1 << 14;
 const EXT_ECH: u16 = 0xfe0d;
@@ -80,6 +80,9 @@ pub struct ClientHelloInfo {
     pub ja4: String,
     /// JA4_r (unhashed) fingerprint.
     pub ja4_r: String,
+    /// Bytes of the hello arrived twice with different values (TCP): which copy the
+    /// server took is unknown, so the name is not certain.
+    pub conflicting_retransmission: bool,
 }
 
 /// Post-quantum key-exchange groups by IANA TLS Supported Groups code point: the
@@ -245,6 +248,7 @@ pub fn parse_handshake_for(
         transport,
         ja4: String::new(),
         ja4_r: String::new(),
+        conflicting_retransmission: false,
     };
     let mut first_alpn: Option<&[u8]> = None;
     let mut sni_present = false;

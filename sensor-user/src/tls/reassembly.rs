@@ -38,6 +38,8 @@ pub struct Limits {
     pub max_bytes_per_flow: usize,
     /// Disjoint byte ranges per flow (bounds work against tiny-segment floods).
     pub max_fragments: usize,
+    /// Bytes buffered by all flows together.
+    pub max_total_bytes: usize,
     /// Lifetime of an incomplete entry.
     pub timeout: Duration,
 }
@@ -46,8 +48,10 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_flows: 1024,
-            max_bytes_per_flow: 16 * 1024,
+            // A 64 KiB ClientHello in records of at most 16 KiB, with their headers.
+            max_bytes_per_flow: 65 * 1024,
             max_fragments: 64,
+            max_total_bytes: 8 << 20,
             timeout: Duration::from_secs(5),
         }
     }
@@ -70,6 +74,9 @@ pub(crate) struct RangeBuf {
     ranges: Vec<(usize, usize)>,
     cap: usize,
     max_fragments: usize,
+    /// Some byte arrived twice with different values (a retransmission that
+    /// rewrites what was sent: two hellos claiming the same sequence range).
+    pub(crate) conflict: bool,
 }
 
 impl RangeBuf {
@@ -79,6 +86,7 @@ impl RangeBuf {
             ranges: Vec::new(),
             cap,
             max_fragments: max_fragments.max(1),
+            conflict: false,
         }
     }
 
@@ -97,7 +105,7 @@ impl RangeBuf {
         if self.data.len() < end {
             self.data.resize(end, 0);
         }
-        // Copy only into the holes of [start, end).
+        // Copy only into the holes of [start, end); compare what overlaps.
         let mut cursor = start;
         for &(s, e) in &self.ranges {
             if e <= cursor {
@@ -105,6 +113,13 @@ impl RangeBuf {
             }
             if s >= end {
                 break;
+            }
+            let (from, to) = (s.max(start), e.min(end));
+            if from < to
+                && self.data.get(from..to)
+                    != bytes.get(from.saturating_sub(start)..to.saturating_sub(start))
+            {
+                self.conflict = true;
             }
             if s > cursor {
                 copy_part(&mut self.data, bytes, start, cursor, s);
@@ -216,7 +231,10 @@ impl ClientHelloAssembler {
         if data.len() > self.parsed_len {
             self.parsed_len = data.len();
             match parse_client_hello(data) {
-                Ok(info) => return Push::Done(Box::new(info)),
+                Ok(mut info) => {
+                    info.conflicting_retransmission = self.buf.conflict;
+                    return Push::Done(Box::new(info));
+                }
                 Err(ParseError::Incomplete { .. }) => {}
                 Err(ParseError::NotHandshake(_)) => return Push::NotTls,
                 Err(ParseError::TooLarge(_)) => return Push::Limit,
@@ -338,18 +356,26 @@ impl<K: Hash + Eq + Clone> ReassemblyTable<K> {
     /// number. Any result other than [`Push::NeedMore`] releases the entry.
     pub fn push(&mut self, key: K, seq: u32, payload: &[u8], now: Instant) -> Push {
         let limits = self.table.limits;
-        self.table.with_entry(
-            key,
+        let pushed = self.table.with_entry(
+            key.clone(),
             now,
             || ClientHelloAssembler::new(seq, &limits),
             |asm| asm.push(seq, payload),
-        )
+        );
+        // The global bound: all pending hellos together (a flood of large hellos
+        // must not take the agent's memory; the flow that crossed it gives up).
+        if pushed == Push::NeedMore {
+            let total: usize = self.table.flows.values().map(|e| e.state.buffered()).sum();
+            if total > limits.max_total_bytes {
+                self.table.remove(&key);
+                return Push::Limit;
+            }
+        }
+        pushed
     }
 
-    /// Drop entries older than the timeout; returns how many were dropped
-    /// (including ones dropped to make room since the last call). Each is a
-    /// `reassembly_limit` loss.
-    /// The flows whose ClientHello gave up (past the timeout) since the last call.
+    /// The flows whose ClientHello gave up (past the timeout, or dropped to make room)
+    /// since the last call.
     pub fn expire(&mut self, now: Instant) -> Vec<K> {
         self.table.expire(now)
     }
@@ -464,11 +490,42 @@ mod tests {
     }
 
     #[test]
+    fn a_retransmission_with_other_bytes_is_a_conflict_and_the_first_copy_stays() {
+        let mut b = RangeBuf::new(64, 8);
+        assert_eq!(b.insert(0, b"abcdef"), Insert::Ok);
+        // The same bytes again (an honest retransmission): no conflict.
+        assert_eq!(b.insert(2, b"cd"), Insert::Ok);
+        assert!(!b.conflict);
+        // Other bytes for the same range: flagged; the first write wins.
+        assert_eq!(b.insert(3, b"XYZ"), Insert::Ok);
+        assert!(b.conflict);
+        assert_eq!(b.contiguous(), b"abcdef");
+    }
+
+    #[test]
+    fn pending_hellos_share_one_memory_bound() {
+        let limits = Limits {
+            max_bytes_per_flow: 4096,
+            max_total_bytes: 5000,
+            ..Limits::default()
+        };
+        let mut t = ReassemblyTable::new(limits);
+        let now = Instant::now();
+        // A record header announcing a 4000-byte hello, and 3000 of its bytes.
+        let mut part = vec![0x16, 0x03, 0x01, 0x0f, 0xa0, 0x01, 0x00, 0x0f, 0x9c];
+        part.resize(3000, 0);
+        assert_eq!(t.push(1u8, 0, &part, now), Push::NeedMore);
+        assert_eq!(t.push(2u8, 0, &part, now), Push::Limit);
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
     fn limits_and_expiry() {
         let limits = Limits {
             max_flows: 2,
             max_bytes_per_flow: 64,
             max_fragments: 4,
+            max_total_bytes: 1 << 20,
             timeout: Duration::from_secs(5),
         };
         let mut t = ReassemblyTable::new(limits);
