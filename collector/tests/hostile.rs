@@ -155,10 +155,18 @@ struct Raw {
 
 /// Opens a stream whose first message is `first`; returns the first answer (or the
 /// status the stream ended with).
-async fn open(port: u16, first: SensorMessage) -> (Raw, Result<collector_message::Msg, String>) {
-    let mut client = CollectorClient::connect(format!("http://127.0.0.1:{port}"))
-        .await
-        .expect("connect");
+async fn open(
+    c: &Collector,
+    first: SensorMessage,
+) -> (Raw, Result<collector_message::Msg, String>) {
+    let mut client = match CollectorClient::connect(c.url("http")).await {
+        Ok(client) => client,
+        Err(e) => panic!(
+            "connect: {e:?}; collector {}; log:\n{}",
+            c.status(),
+            c.log_text()
+        ),
+    };
     let (tx, rx) = mpsc::channel(4);
     tx.send(first).await.expect("first message");
     let rx = client
@@ -280,9 +288,9 @@ async fn hostile_messages_are_refused_cheaply() {
 
     // Failure 2: a 20 MB sensor id is refused at decoding; 100 KB is refused by
     // the grammar with a bounded message and a bounded alarm.
-    let (_, a) = open(c.port, hello(&"A".repeat(20 << 20), &key)).await;
+    let (_, a) = open(&c, hello(&"A".repeat(20 << 20), &key)).await;
     assert!(a.is_err(), "a 20 MB Hello was accepted: {a:?}");
-    let (_, a) = open(c.port, hello(&"B".repeat(100 << 10), &key)).await;
+    let (_, a) = open(&c, hello(&"B".repeat(100 << 10), &key)).await;
     let (code, len) = rejected(&a).unwrap_or_else(|| panic!("not rejected: {a:?}"));
     assert_eq!(code, RejectCode::Identity);
     assert!(len < 4096, "reject message of {len} bytes");
@@ -291,7 +299,7 @@ async fn hostile_messages_are_refused_cheaply() {
     // and under it but over the frame count: refused before decoding.
     let before = peak_rss(c.child.id());
     for n in [2_000_000usize, 500_000] {
-        let (_, a) = open(c.port, batch(vec![v1::Frame::default(); n])).await;
+        let (_, a) = open(&c, batch(vec![v1::Frame::default(); n])).await;
         assert!(
             a.is_err() || rejected(&a).is_some(),
             "{n} empty frames accepted: {a:?}"
@@ -302,7 +310,7 @@ async fn hostile_messages_are_refused_cheaply() {
 
     // Failure 6: the collector's own names cannot be claimed.
     for id in ["collector", "exports", "EXPORTS", "_collector"] {
-        let (_, a) = open(c.port, hello(id, &key)).await;
+        let (_, a) = open(&c, hello(id, &key)).await;
         assert_eq!(
             rejected(&a).map(|r| r.0),
             Some(RejectCode::Identity),
@@ -329,7 +337,7 @@ async fn hostile_messages_are_refused_cheaply() {
     let forger_key = keys::read_public_key(&spool.join(keys::PUB_FILE)).expect("key");
     let forger_signer = keys::load_signing_key(&spool.join(keys::KEY_FILE)).expect("key");
     let frames = spool_frames(&spool, 1);
-    let (mut raw, a) = open(c.port, hello("gw-forger", &forger_key)).await;
+    let (mut raw, a) = open(&c, hello("gw-forger", &forger_key)).await;
     assert!(matches!(a, Ok(collector_message::Msg::Welcome(_))), "{a:?}");
     raw.tx
         .send(signed_batch(frames, Some(&forger_signer), "gw-forger"))
@@ -343,16 +351,16 @@ async fn hostile_messages_are_refused_cheaply() {
     );
 
     // Failure 7: Hello then disconnect leaves nothing on disk.
-    let (raw, a) = open(c.port, hello("gw-ghost", &key)).await;
+    let (raw, a) = open(&c, hello("gw-ghost", &key)).await;
     assert!(matches!(a, Ok(collector_message::Msg::Welcome(_))), "{a:?}");
     drop(raw);
 
     // A silent stream is evicted, and the sensor can connect again (not BUSY).
-    let (mut raw, a) = open(c.port, hello("gw-silent", &key)).await;
+    let (mut raw, a) = open(&c, hello("gw-silent", &key)).await;
     assert!(matches!(a, Ok(collector_message::Msg::Welcome(_))), "{a:?}");
     let end = next(&mut raw.rx).await;
     assert!(end.is_err(), "silent stream got {end:?}");
-    let (_raw2, a) = open(c.port, hello("gw-silent", &key)).await;
+    let (_raw2, a) = open(&c, hello("gw-silent", &key)).await;
     assert!(matches!(a, Ok(collector_message::Msg::Welcome(_))), "{a:?}");
 
     // The honest sensor still streams.
@@ -381,7 +389,7 @@ async fn hostile_messages_are_refused_cheaply() {
     };
     let other = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
     for signer in [None, Some(&other)] {
-        let (mut raw, a) = open(c.port, hello("gw-honest", &honest_key)).await;
+        let (mut raw, a) = open(&c, hello("gw-honest", &honest_key)).await;
         assert!(matches!(a, Ok(collector_message::Msg::Welcome(_))), "{a:?}");
         raw.tx
             .send(signed_batch(vec![forged.clone()], signer, "gw-honest"))

@@ -81,6 +81,16 @@ impl Collector {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Whether the process still runs, or how it ended (for failure messages).
+    pub fn status(&self) -> String {
+        // `try_wait` needs `&mut`; /proc answers without reaping the child.
+        match std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())) {
+            Ok(stat) if !stat.contains(") Z ") => "running".to_owned(),
+            Ok(_) => "exited (zombie, not yet reaped)".to_owned(),
+            Err(_) => "gone".to_owned(),
+        }
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
