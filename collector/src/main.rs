@@ -40,6 +40,8 @@ struct Cli {
 const EXIT_USAGE: u8 = 2;
 /// Exit code for a bad configuration.
 const EXIT_CONFIG: u8 = 64;
+/// Exit code when everything stored verifies but records are missing (declared gaps).
+const EXIT_INCOMPLETE: u8 = 3;
 
 #[derive(Subcommand)]
 #[expect(
@@ -518,10 +520,15 @@ fn verify(store: &std::path::Path) -> ExitCode {
     }
     let total: u64 = reports.iter().map(|r| r.records).sum();
     println!("{} chains, {total} records verified", reports.len());
+    let declared: usize = reports.iter().map(|r| r.declared_gaps.len()).sum();
     match bad {
         Some(seq) => {
             println!("first bad sequence number: {seq}");
             ExitCode::FAILURE
+        }
+        None if declared > 0 => {
+            println!("verified but INCOMPLETE: {declared} declared gaps");
+            ExitCode::from(EXIT_INCOMPLETE)
         }
         None => ExitCode::SUCCESS,
     }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use conduit_evidence::chain::checkpoint::{batch_signing_bytes, signing_bytes, verify_signature};
 use conduit_evidence::chain::cosignature::{self, Consistency, Cosignature};
+use conduit_evidence::chain::declared_gap::{self, DeclaredGap};
 use conduit_evidence::chain::keys;
 use conduit_evidence::chain::{ZERO_HASH, record_hash};
 use conduit_evidence::spool::{
@@ -93,6 +94,8 @@ impl Rejection {
 /// Loss reasons with which a sensor reports damage to its own spool (a gap in the
 /// middle, records missing at its head): each stored one becomes an alarm.
 pub const SPOOL_DAMAGE_REASONS: [&str; 2] = ["spool_gap", "spool_head_lost"];
+/// Reason of the damage a sensor's gap declaration reports.
+pub const DECLARED_GAP: &str = "declared_gap";
 
 /// A stored record that reports spool damage.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -321,7 +324,73 @@ impl SensorStore {
                 ),
             )
         })?;
-        self.apply(&batch.frames)
+        let Some(gap) = &batch.gap else {
+            return self.apply(&batch.frames);
+        };
+        let gap = self.accept_gap(gap, &batch.frames[0])?;
+        // The chain continues from the declared hash; a refused batch restores it.
+        let before = (self.head, self.recent.clone(), self.recent_first);
+        self.head = (gap.to, gap.resume_prev_hash);
+        self.recent.clear();
+        self.remember(gap.to, gap.resume_prev_hash);
+        match self.apply(&batch.frames) {
+            Ok(applied) => {
+                self.damage.push(Damage {
+                    seq: gap.from,
+                    reason: DECLARED_GAP.to_owned(),
+                    detail: format!(
+                        "seqs {}..={} declared lost by the sensor: {}",
+                        gap.from, gap.to, gap.reason
+                    ),
+                });
+                Ok(applied)
+            }
+            Err(r) => {
+                (self.head, self.recent, self.recent_first) = before;
+                Err(r)
+            }
+        }
+    }
+
+    /// Checks a gap declaration against the head, the batch's first frame and the
+    /// pinned key, and keeps it durably beside the chain before any frame after it
+    /// is stored (a crash in between leaves a declaration that nothing reaches yet;
+    /// the sensor declares it again).
+    fn accept_gap(
+        &mut self,
+        g: &v1::GapDeclaration,
+        first: &v1::Frame,
+    ) -> Result<DeclaredGap, Rejection> {
+        let bad = |code, what: String| Rejection::new(code, g.from_seq, what);
+        let gap = DeclaredGap::from_proto(g).map_err(|e| bad(RejectCode::BadRecord, e))?;
+        gap.verify(&self.key, &self.sensor_id)
+            .map_err(|e| bad(RejectCode::BadSignature, format!("gap declaration: {e}")))?;
+        if gap.from != self.head.0 + 1 {
+            return Err(bad(
+                RejectCode::Gap,
+                format!(
+                    "gap declared from seq {}, the stored chain ends at seq {}",
+                    gap.from, self.head.0
+                ),
+            ));
+        }
+        if first.seq != gap.to + 1 || first.prev_hash[..] != gap.resume_prev_hash {
+            return Err(bad(
+                RejectCode::BadLink,
+                format!(
+                    "the batch after the gap {}..={} must start at seq {} linking to the declared hash",
+                    gap.from,
+                    gap.to,
+                    gap.to + 1
+                ),
+            ));
+        }
+        if self.spool.is_none() {
+            self.spool()
+                .map_err(|e| bad(RejectCode::Storage, format!("store: {e}")))?;
+        }
+        declared_gap::append(&self.dir, &gap).map_err(|e| bad(RejectCode::Storage, e))?;
+        Ok(gap)
     }
 
     /// Verifies the whole batch, then appends its new frames (nothing of a refused
@@ -549,7 +618,8 @@ impl SensorStore {
             return Some(*h);
         }
         let frame = SpoolReader::new(&self.dir, seq).next_frame().ok()??;
-        Some(frame.hash)
+        // A seq inside a declared gap reads as the frame after it.
+        (frame.seq == seq).then_some(frame.hash)
     }
 
     /// Record-level checks: decodes, names this sensor, signatures verify with the

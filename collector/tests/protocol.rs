@@ -71,6 +71,7 @@ impl Conn {
                 msg: Some(sensor_message::Msg::Batch(v1::Batch {
                     frames: frames.to_vec(),
                     signature: sign(frames),
+                    gap: None,
                 })),
             })
             .await

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -69,21 +70,7 @@ async fn a_lost_middle_segment_is_named_by_the_sensor_and_alarmed_by_the_collect
     let mut up = Uplink::start(uplink_opts(&c.url("http"), SENSOR), &spool);
     up.wait_acked(new_head, Duration::from_secs(60)).await;
     up.stop().await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let alarm = loop {
-        if let Some(a) = alarms(&store)
-            .into_iter()
-            .find(|a| a.kind == "sensor_spool_damage")
-        {
-            break a;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no sensor_spool_damage alarm; log:\n{}",
-            c.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let alarm = wait_alarm(&c, "sensor_spool_damage", "spool_gap: seqs ").await;
     assert_eq!(alarm.sensor_id, SENSOR);
     assert!(
         alarm.detail.starts_with("spool_gap: seqs "),
@@ -93,14 +80,23 @@ async fn a_lost_middle_segment_is_named_by_the_sensor_and_alarmed_by_the_collect
     assert!(alarm.seq > head, "{}", alarm.seq);
     assert_eq!(verified_records(&store.join(SENSOR)), new_head);
     // The auditor's report over that time: verified, but incomplete, the loss named.
-    let html = tmp.path().join("report.html");
+    let (code, text) = report_last_hour(&store, &tmp.path().join("report.html"));
+    assert_eq!(code, Some(3), "{text}");
+    assert!(
+        text.contains("records lost from the sensor's spool (spool_gap)"),
+        "{text}"
+    );
+}
+
+/// `conduit-collector report` over the last hour: exit code and what it printed.
+fn report_last_hour(store: &Path, html: &Path) -> (Option<i32>, String) {
     let now = std::time::SystemTime::now();
     let t = |d: std::time::SystemTime| {
         conduit_evidence::ecs::rfc3339(conduit_evidence::chain::checkpoint::unix_nanos(d))
     };
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_conduit-collector"))
         .args(["report", "--store"])
-        .arg(&store)
+        .arg(store)
         .args([
             "--since",
             &t(now - Duration::from_secs(3600)),
@@ -108,13 +104,127 @@ async fn a_lost_middle_segment_is_named_by_the_sensor_and_alarmed_by_the_collect
             &t(now),
             "--out",
         ])
-        .arg(&html)
+        .arg(html)
         .output()
         .expect("report");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(3), "{text}");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// Waits for the first alarm of `kind` whose detail starts with `detail` in the
+/// collector's alarm chain.
+async fn wait_alarm(c: &Collector, kind: &str, detail: &str) -> v1::Alarm {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(a) = alarms(&c.store)
+            .into_iter()
+            .find(|a| a.kind == kind && a.detail.starts_with(detail))
+        {
+            return a;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {kind} alarm {detail:?}; log:\n{}",
+            c.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Failure 9, the link side: a middle segment lost before the collector stored it.
+/// The uplink declares the gap (signed), streams on past it, and the collector keeps
+/// the declaration, raises the alarm, exports what follows, and its verify and report
+/// say "verified but incomplete" (exit 3) naming the seqs; a changed declaration is a
+/// break (exit 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_lost_before_the_collector_stored_them_are_declared_and_streamed_past() {
+    init_tracing();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let spool = tmp.path().join("spool");
+    let store = tmp.path().join("store");
+    let jsonl = tmp.path().join("export.jsonl");
+    let (mut rec, _) = Recorder::open(options(&spool)).expect("open");
+    for i in 0..400 {
+        rec.append(flow(i)).expect("append");
+    }
+    rec.sync().expect("sync");
+    drop(rec);
+    let segs = conduit_evidence::spool::segment::list(&spool).expect("list");
+    assert!(segs.len() >= 3, "{segs:?}");
+    let (from, to) = (segs[1].0, segs[2].0 - 1);
+    std::fs::remove_file(&segs[1].1).expect("delete");
+    let (mut rec, _) = Recorder::open(options(&spool)).expect("reopen past the damage");
+    rec.append(flow(1000)).expect("recording goes on");
+    rec.sync().expect("sync");
+    let head = rec.head().0;
+    drop(rec);
+
+    let c = Collector::start(
+        &store,
+        &tmp.path().join("collector.log"),
+        &["--tofu", "--jsonl", &jsonl.display().to_string()],
+    );
+    let mut up = Uplink::start(uplink_opts(&c.url("http"), SENSOR), &spool);
+    up.wait_acked(head, Duration::from_secs(60)).await;
+    up.stop().await;
+
+    let declared = format!("declared_gap: seqs {from}..={to} declared lost by the sensor: ");
+    let alarm = wait_alarm(&c, "sensor_spool_damage", &declared).await;
+    assert_eq!(alarm.seq, from, "{}", alarm.detail);
+    let report = conduit_evidence::chain::verify::verify_dir(&store.join(SENSOR), None);
+    assert!(report.ok(), "{report}");
+    assert_eq!(report.records, head - (to - from + 1), "{report}");
+    assert_eq!(report.declared_gaps.len(), 1, "{report}");
+    assert_eq!(
+        (report.declared_gaps[0].from, report.declared_gaps[0].to),
+        (from, to)
+    );
+
+    let (code, text) = collector_verify(&store);
+    assert_eq!(code, Some(3), "{text}");
     assert!(
-        text.contains("records lost from the sensor's spool (spool_gap)"),
+        text.contains(&format!("declared gap: seqs {from}..={to} are missing")),
         "{text}"
     );
+    let (code, text) = report_last_hour(&store, &tmp.path().join("report.html"));
+    assert_eq!(code, Some(3), "{text}");
+    assert!(
+        text.contains(&format!("records seq {from}..={to} lost")),
+        "{text}"
+    );
+
+    // The export steps over the gap too: the head record reaches the SIEM.
+    let exported = |seq: u64| {
+        std::fs::read_to_string(&jsonl)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|v| v["event"]["sequence"].as_u64() == Some(seq))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !exported(head) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "seq {head} not exported; log:\n{}",
+            c.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!exported(from), "a declared-lost seq was exported");
+
+    // A declaration changed after the fact (a wider range) no longer verifies.
+    let file = store.join(SENSOR).join("gaps.declared");
+    let text = std::fs::read_to_string(&file).expect("declaration");
+    std::fs::write(
+        &file,
+        text.replace(
+            &format!("\"from\":{from}"),
+            &format!("\"from\":{}", from - 1),
+        ),
+    )
+    .expect("rewrite");
+    let (code, text) = collector_verify(&store);
+    assert_eq!(code, Some(1), "{text}");
 }

@@ -103,22 +103,6 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-fn collector_verify(store: &Path) -> (Option<i32>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_conduit-collector"))
-        .args(["verify", "--store"])
-        .arg(store)
-        .output()
-        .expect("verify");
-    (
-        out.status.code(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 /// Writes the report of the last hour and returns its embedded summary.
 fn report_summary(store: &Path, html: &Path) -> serde_json::Value {
     let now = conduit_evidence::chain::checkpoint::unix_nanos(std::time::SystemTime::now());

@@ -160,6 +160,7 @@ mod tests {
             msg: Some(Msg::Batch(Batch {
                 frames: vec![Frame::default(); n],
                 signature: Vec::new(),
+                gap: None,
             })),
         }
         .encode_to_vec()

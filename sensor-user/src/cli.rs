@@ -11,6 +11,9 @@ pub const EXIT_CONFIG: u8 = 64;
 pub const EXIT_CHAIN_BROKEN: u8 = 1;
 /// Exit code for usage errors and missing paths (clap's own usage errors are 2 too).
 pub const EXIT_USAGE: u8 = 2;
+/// Exit code when verify-chain verifies everything stored but records are declared
+/// missing (a collector store with a sensor's signed gap declaration).
+pub const EXIT_INCOMPLETE: u8 = 3;
 /// sensor.yaml where the package installs it; `check-config` without arguments checks it.
 pub const DEFAULT_CONFIG: &str = "/etc/conduit-sensor/sensor.yaml";
 

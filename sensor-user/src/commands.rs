@@ -14,8 +14,9 @@ use conduit_uplink::{UplinkOptions, UplinkTls};
 use crate::{
     agent::{AgentSettings, ConfigExit},
     cli::{
-        CheckConfigArgs, Cli, Command, DEFAULT_CONFIG, EXIT_CHAIN_BROKEN, EXIT_CONFIG, EXIT_USAGE,
-        KeygenArgs, ProbeArgs, ReloadArgs, ReplayArgs, RunArgs, VerifyChainArgs,
+        CheckConfigArgs, Cli, Command, DEFAULT_CONFIG, EXIT_CHAIN_BROKEN, EXIT_CONFIG,
+        EXIT_INCOMPLETE, EXIT_USAGE, KeygenArgs, ProbeArgs, ReloadArgs, ReplayArgs, RunArgs,
+        VerifyChainArgs,
     },
     config::{ConduitMap, ConfigError, SensorConfig},
     flows::TrackerOptions,
@@ -357,8 +358,10 @@ fn verify_chain(args: VerifyChainArgs) -> Result<ExitCode> {
     };
     let report = verify_dir_witnessed(&args.dir, key, witness);
     print!("{report}");
-    Ok(if report.ok() {
+    Ok(if report.complete() {
         ExitCode::SUCCESS
+    } else if report.ok() {
+        ExitCode::from(EXIT_INCOMPLETE)
     } else {
         ExitCode::from(EXIT_CHAIN_BROKEN)
     })

@@ -24,6 +24,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 use conduit_evidence::chain::checkpoint::sign_batch;
 use conduit_evidence::chain::cosignature::{self, Cosignature};
+use conduit_evidence::chain::declared_gap::DeclaredGap;
 use conduit_evidence::chain::keys;
 use conduit_evidence::spool::{ReadError, SpoolReader, StoredFrame};
 
@@ -472,6 +473,8 @@ async fn session(
     let mut sent_seq = acked;
     let mut idle = false;
     let mut frames = Vec::new();
+    // Declared for the next batch, which starts right after it.
+    let mut gap: Option<DeclaredGap> = None;
     loop {
         let can_send = in_flight.len() < opts.window.max(1);
         let wait = if idle {
@@ -522,7 +525,16 @@ async fn session(
             _ = tokio::time::sleep(wait), if can_send => {
                 frames.clear();
                 // Page-cache reads of at most a chunk: short enough to do inline.
-                spool.poll(opts.batch_max_frames, opts.batch_max_bytes, &mut frames)?;
+                if let Err(e) = spool.poll(opts.batch_max_frames, opts.batch_max_bytes, &mut frames)
+                    && frames.is_empty()
+                {
+                    // Damage where nothing was stored: declare it and go on after it
+                    // (frames read before it go first; the reader stops at it again).
+                    let (next, g) = declare_gap(spool_dir, &opts.sensor_id, &signing_key, sent_seq + 1, e)?;
+                    spool = next;
+                    gap = Some(g);
+                    continue;
+                }
                 let Some(last) = frames.last().map(|f| f.seq) else {
                     idle = true;
                     continue;
@@ -532,6 +544,7 @@ async fn session(
                 let batch = v1::Batch {
                     signature: sign_batch(&signing_key, &opts.sensor_id, last, &last_hash),
                     frames: frames.drain(..).map(frame_msg).collect(),
+                    gap: gap.take().map(|g| g.to_proto()),
                 };
                 tx.send(SensorMessage { msg: Some(sensor_message::Msg::Batch(batch)) })
                     .await
@@ -545,6 +558,46 @@ async fn session(
             }
         }
     }
+}
+
+/// The spool cannot give `wanted` (a deleted or cut segment, records the collector
+/// never stored): the records up to the next segment are lost. Returns a reader from
+/// that segment and the signed declaration of `wanted..` up to it. With no segment
+/// after the damage (the newest one is the writer's to recover), the read error stays.
+fn declare_gap(
+    spool_dir: &Path,
+    sensor_id: &str,
+    key: &ed25519_dalek::SigningKey,
+    wanted: u64,
+    error: ReadError,
+) -> Result<(SpoolReader, DeclaredGap), UplinkError> {
+    // An I/O error may pass; only damage in what is stored makes records lost.
+    if matches!(error, ReadError::Io { .. }) {
+        return Err(error.into());
+    }
+    let segments =
+        conduit_evidence::spool::segment::list(spool_dir).map_err(|e| UplinkError::Io {
+            path: spool_dir.to_owned(),
+            source: e,
+        })?;
+    let Some(&(resume, _)) = segments.iter().find(|(first, _)| *first > wanted) else {
+        return Err(error.into());
+    };
+    let first = match SpoolReader::new(spool_dir, resume).next_frame() {
+        Ok(Some(f)) if f.seq == resume => f,
+        _ => return Err(error.into()),
+    };
+    let g = DeclaredGap::sign(
+        key,
+        sensor_id,
+        wanted,
+        resume - 1,
+        &first.prev_hash,
+        &error.to_string(),
+    );
+    tracing::error!(from = g.from, to = g.to, reason = %g.reason,
+        "spool records lost before the collector stored them: declaring the gap and streaming on");
+    Ok((SpoolReader::follow(spool_dir, resume), g))
 }
 
 fn rejected(r: v1::Reject) -> UplinkError {

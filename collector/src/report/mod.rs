@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use conduit_evidence::chain::checkpoint::DEFAULT_EVERY;
 use conduit_evidence::chain::cosignature;
+use conduit_evidence::chain::declared_gap::{self, DeclaredGap};
 use conduit_evidence::chain::verify::verify_dir_witnessed;
 use conduit_evidence::ecs::{ip_text, rfc3339, verdict_name};
 use conduit_proto::v1::{self, RecordKind, record::Body};
@@ -400,6 +401,10 @@ fn sensor(
     let mut flows: HashMap<u64, FlowTally> = HashMap::new();
     let mut names = Names::default();
     let (first_violation, first_blocked) = (s.violation_list.len(), s.blocked_list.len());
+    // Ranges the sensor declared lost (signed; the verification checks them), and
+    // the seq and time of the record before the current one, which bound their time.
+    let declared = declared_gap::read(dir).unwrap_or_default();
+    let mut before: (u64, i64) = (0, i64::MIN);
     // An unreadable chain shows as not verified (verify_dir names why).
     for seg in time_index::chain_index(store, chain, dir).unwrap_or_default() {
         for block in &seg.blocks {
@@ -409,6 +414,14 @@ fn sensor(
             };
             for f in frames {
                 let (kind, t) = time_index::kind_and_time(&f.record_bytes);
+                if let Some(g) = declared.get(&(before.0 + 1))
+                    && g.to + 1 == f.seq
+                    && t >= since
+                    && before.1 < until
+                {
+                    out.gaps.push(declared_gap_row(g, before.1, t));
+                }
+                before = (f.seq, t);
                 let in_window = t >= since && t < until;
                 let wanted = in_window
                     || kind == RecordKind::Checkpoint as i32
@@ -633,6 +646,21 @@ fn witnessed_heads(dir: &Path, since: i64, until: i64, out: &mut SensorSummary) 
 
 /// Every silence longer than the heartbeat (plus its grace) that meets the window,
 /// and the checkpoints that bracket it.
+/// A declared gap as the report lists it: its records were made between the
+/// record before it (`after`; none: the chain's start) and the one after it.
+fn declared_gap_row(g: &DeclaredGap, after: i64, until: i64) -> Gap {
+    let from = if after == i64::MIN { until } else { after };
+    Gap {
+        from: rfc3339(from),
+        to: rfc3339(until),
+        reason: format!(
+            "records seq {}..={} lost from the sensor's spool before the collector stored them (declared and signed by the sensor): {}",
+            g.from, g.to, g.reason
+        ),
+        seconds: (until - from) as f64 / 1e9,
+    }
+}
+
 fn heartbeat_gaps(beats: &[Heartbeat], since: i64, until: i64, out: &mut SensorSummary) {
     let nanos = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
     let secs = |a: i64, b: i64| (b - a) as f64 / 1e9;

@@ -287,6 +287,23 @@ pub fn verified_records(dir: &Path) -> u64 {
     report.records
 }
 
+/// `conduit-collector verify --store`: its exit code and what it printed.
+pub fn collector_verify(store: &Path) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_conduit-collector"))
+        .args(["verify", "--store"])
+        .arg(store)
+        .output()
+        .expect("verify");
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 pub fn has_binary(name: &str) -> bool {
     Command::new("sh")
         .arg("-c")

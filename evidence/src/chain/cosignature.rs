@@ -8,7 +8,7 @@
 //! Threat model: docs/witness.md; format: docs/spool-format.md.
 
 use std::fs;
-use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 
@@ -16,6 +16,7 @@ use conduit_proto::v1;
 use ed25519_dalek::{Signer as _, SigningKey};
 
 use super::checkpoint::verify_signature;
+use super::line_file;
 
 pub const COSIGNATURE_DOMAIN: &[u8] = b"conduit-collector cosignature v1\0";
 /// File of cosignatures in a spool or store chain directory, one per line.
@@ -166,58 +167,22 @@ impl Witnessed {
 /// Reads `dir/witness.cosig` (none: empty). A complete line that does not parse is an
 /// error naming the line: the file was changed.
 pub fn read(dir: &Path) -> Result<Witnessed, String> {
-    let path = dir.join(COSIG_FILE);
-    let text = match fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Witnessed::default()),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
+    let (lines, torn_tail) = line_file::read(dir, COSIG_FILE)?;
+    let mut out = Witnessed {
+        torn_tail,
+        ..Witnessed::default()
     };
-    let mut out = Witnessed::default();
-    let complete = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-    out.torn_tail = complete < text.len();
-    let text = std::str::from_utf8(&text[..complete])
-        .map_err(|e| format!("{}: not text: {e}", path.display()))?;
-    for (i, line) in text.lines().enumerate() {
+    for (i, line) in lines.iter().enumerate() {
         let c = Cosignature::parse_line(line)
-            .map_err(|e| format!("{} line {}: {e}", path.display(), i + 1))?;
+            .map_err(|e| format!("{} line {}: {e}", dir.join(COSIG_FILE).display(), i + 1))?;
         out.cosignatures.push(c);
     }
     Ok(out)
 }
 
-/// Appends one cosignature durably: a torn last line (a crash mid-append) is cut
-/// first, the line is written with one `write(2)`, then `fdatasync`. The file is
-/// created 0644 and never followed through a symlink.
+/// Appends one cosignature durably ([`line_file::append`]).
 pub fn append(dir: &Path, c: &Cosignature) -> std::io::Result<()> {
-    let path = dir.join(COSIG_FILE);
-    let created = !path.exists();
-    let mut f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .mode(0o644)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&path)?;
-    let len = f.seek(SeekFrom::End(0))?;
-    if len > 0 {
-        let mut last = [0u8; 1];
-        f.seek(SeekFrom::Start(len - 1))?;
-        f.read_exact(&mut last)?;
-        if last[0] != b'\n' {
-            let mut all = Vec::new();
-            f.seek(SeekFrom::Start(0))?;
-            f.read_to_end(&mut all)?;
-            let keep = all.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-            f.set_len(keep as u64)?;
-        }
-    }
-    f.seek(SeekFrom::End(0))?;
-    f.write_all(c.to_line().as_bytes())?;
-    f.sync_data()?;
-    if created {
-        fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    line_file::append(dir, COSIG_FILE, &c.to_line())
 }
 
 /// Keeps only the newest `keep` cosignatures once the file is larger than

@@ -5,10 +5,12 @@
 pub mod anchor;
 pub mod checkpoint;
 pub mod cosignature;
+pub mod declared_gap;
 pub mod hashing;
 pub mod head_witness;
 pub mod key_check;
 pub mod keys;
+pub mod line_file;
 pub mod verify;
 
 use std::path::PathBuf;

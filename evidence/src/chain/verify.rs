@@ -12,8 +12,10 @@ use prost::Message as _;
 use super::anchor::{self, Anchor};
 use super::checkpoint::{signing_bytes, verify_signature};
 use super::cosignature::{self, Cosignature};
+use super::declared_gap::{self, DeclaredGap};
 use super::hashing::{ZERO_HASH, record_hash};
 use super::keys;
+use crate::spool::damage::Gap;
 use crate::spool::{Entry, ReadError, SpoolReader};
 
 /// Where the trusted public key came from.
@@ -66,11 +68,19 @@ pub struct Report {
     pub witness_key: Option<[u8; 32]>,
     /// The newest witnessed head that matched: seq and the witness's time.
     pub last_witnessed: Option<(u64, i64)>,
+    /// Ranges the sensor declared lost, signed by the chain's key
+    /// ([`super::declared_gap`]): verified, but the chain is incomplete there.
+    pub declared_gaps: Vec<Gap>,
 }
 
 impl Report {
     pub fn ok(&self) -> bool {
         self.first_bad.is_none()
+    }
+
+    /// Verified, and no record is declared missing.
+    pub fn complete(&self) -> bool {
+        self.ok() && self.declared_gaps.is_empty()
     }
 }
 
@@ -124,6 +134,13 @@ impl fmt::Display for Report {
             }
             writeln!(f)?;
         }
+        for g in &self.declared_gaps {
+            writeln!(
+                f,
+                "declared gap: seqs {}..={} are missing, declared lost by the sensor (signed by the chain's key): {}",
+                g.from, g.to, g.why
+            )?;
+        }
         for w in &self.warnings {
             writeln!(f, "warning: {w}")?;
         }
@@ -144,6 +161,8 @@ struct State {
     anchor: Option<Anchor>,
     /// Witnessed heads by seq, checked as the walk reaches them.
     cosigs: BTreeMap<u64, Vec<Cosignature>>,
+    /// Declared gaps by first missing seq, taken as the walk reaches them.
+    declared: BTreeMap<u64, DeclaredGap>,
 }
 
 impl State {
@@ -169,6 +188,48 @@ impl State {
     }
     fn next_seq(&self) -> u64 {
         self.expected.unwrap_or(1)
+    }
+
+    /// The walk found `seq` (linking to `prev_hash`) where `expected` was due: fine
+    /// only if the sensor declared exactly `expected..seq` lost, with its key, and
+    /// `seq` links to the hash the declaration names.
+    fn declared_step(
+        &mut self,
+        expected: u64,
+        seq: u64,
+        prev_hash: &[u8; 32],
+    ) -> Option<Result<(), String>> {
+        let g = self.declared.remove(&expected)?;
+        let checked = (|| {
+            if g.to + 1 != seq {
+                return Err(format!(
+                    "the sensor declared seqs {}..={} lost, but the chain resumes at seq {seq}",
+                    g.from, g.to
+                ));
+            }
+            let key = self.trusted.ok_or_else(|| {
+                "a declared gap needs the chain's key (none given and no signing.pub)".to_owned()
+            })?;
+            let sensor = self.sensor_id.clone().unwrap_or_default();
+            g.verify(&key, &sensor)
+                .map_err(|e| format!("declared gap ({}): {e}", declared_gap::GAPS_FILE))?;
+            if g.resume_prev_hash != *prev_hash {
+                return Err(format!(
+                    "seq {seq} does not link to the hash the declared gap {}..={} names",
+                    g.from, g.to
+                ));
+            }
+            Ok(())
+        })();
+        if checked.is_ok() {
+            self.prev_hash = *prev_hash;
+            self.report.declared_gaps.push(Gap {
+                from: g.from,
+                to: g.to,
+                why: g.reason,
+            });
+        }
+        Some(checked)
     }
 
     /// The break a read error is: at the seq that would have come next.
@@ -249,12 +310,15 @@ impl State {
                         ),
                     ));
                 }
-                _ => {
-                    self.report.warnings.push(format!(
-                        "chain starts at seq {seq} (earlier segments deleted after acknowledgement?); the prev_hash of seq {seq} is not checked"
-                    ));
-                    self.prev_hash = *prev_hash;
-                }
+                _ => match self.declared_step(1, seq, prev_hash) {
+                    Some(checked) => checked.map_err(|what| bad(1, what))?,
+                    None => {
+                        self.report.warnings.push(format!(
+                            "chain starts at seq {seq} (earlier segments deleted after acknowledgement?); the prev_hash of seq {seq} is not checked"
+                        ));
+                        self.prev_hash = *prev_hash;
+                    }
+                },
             },
             Some(exp) if seq == exp => {}
             Some(exp) if seq < exp => {
@@ -265,14 +329,17 @@ impl State {
                     ),
                 ));
             }
-            Some(exp) => {
-                return Err(bad(
-                    exp,
-                    format!(
-                        "missing: found seq {seq} where {exp} was expected (deleted or reordered records)"
-                    ),
-                ));
-            }
+            Some(exp) => match self.declared_step(exp, seq, prev_hash) {
+                Some(checked) => checked.map_err(|what| bad(exp, what))?,
+                None => {
+                    return Err(bad(
+                        exp,
+                        format!(
+                            "missing: found seq {seq} where {exp} was expected (deleted or reordered records)"
+                        ),
+                    ));
+                }
+            },
         }
         if *prev_hash != self.prev_hash {
             return Err(bad(
@@ -467,6 +534,7 @@ pub fn verify_dir_witnessed(
         cosignatures_before: 0,
         witness_key,
         last_witnessed: None,
+        declared_gaps: Vec::new(),
     };
     if public_key.is_none() {
         let pub_path = dir.join(keys::PUB_FILE);
@@ -494,7 +562,15 @@ pub fn verify_dir_witnessed(
         sensor_id: None,
         anchor: None,
         cosigs: BTreeMap::new(),
+        declared: BTreeMap::new(),
     };
+    match declared_gap::read(dir) {
+        Ok(d) => st.declared = d,
+        Err(what) => {
+            st.report.first_bad = Some(Break { seq: 0, what });
+            return st.report;
+        }
+    }
     match anchor::read(dir) {
         Ok(a) => st.anchor = a,
         Err(what) => {
@@ -525,6 +601,16 @@ pub fn verify_dir_witnessed(
         .and_then(|()| st.unreached_cosignatures())
     {
         st.report.first_bad = Some(b);
+    }
+    if st.report.first_bad.is_none() {
+        // Declarations before the first stored record were pruned with their segments.
+        let last = st.report.last_seq;
+        for g in st.declared.values().filter(|g| g.from > last) {
+            st.report.warnings.push(format!(
+                "declared gap {}..={} is not reached by the stored chain (its records after it not stored yet?)",
+                g.from, g.to
+            ));
+        }
     }
     let mut report = st.report;
     if report.first_bad.is_none() {

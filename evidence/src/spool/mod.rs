@@ -348,8 +348,12 @@ impl Spool {
     pub fn append(&mut self, frame: &FrameRef<'_>, class: Class) -> Result<(), Error> {
         check_record_len(frame)?;
         let len = frame::encoded_len(frame.record.len()) as u64;
+        // A segment holds consecutive seqs and is named by its first: a frame after a
+        // declared gap (a collector store) starts a new one.
+        let follows = self.head.is_none_or(|(seq, _)| seq + 1 == frame.seq);
         let rotate = match self.segments.last() {
             None => true,
+            Some(_) if !follows => true,
             Some(seg) => seg.len > self.header_len() && seg.len + len > self.opts.segment_bytes,
         };
         let need = len + if rotate { self.header_len() } else { 0 };

@@ -4,9 +4,10 @@
 //! exports), and walking every frame as stored (`chain::verify`). It never writes or
 //! truncates; recovery is the writer's job.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Read as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::frame::{self, FrameError, StoredFrame};
 use super::segment::{self, HeaderError};
@@ -108,6 +109,9 @@ pub struct SpoolReader {
     bad_reads: u32,
     /// The iterator stops after an error.
     failed: bool,
+    /// Declared gaps of the directory (first missing seq to last), read when a jump
+    /// first shows: the only seqs an ordered reader steps over.
+    declared: Option<BTreeMap<u64, u64>>,
 }
 
 impl SpoolReader {
@@ -138,6 +142,7 @@ impl SpoolReader {
             off: 0,
             bad_reads: 0,
             failed: false,
+            declared: None,
         }
     }
 
@@ -234,7 +239,9 @@ impl SpoolReader {
                     self.off += n;
                     continue;
                 }
-                if f.seq != wanted {
+                let stepped = f.seq > wanted
+                    && declared_missing(&mut self.declared, &self.dir, wanted, f.seq);
+                if f.seq != wanted && !stepped {
                     return Err(ReadError::OutOfOrder {
                         path: cur.path.clone(),
                         offset,
@@ -242,7 +249,7 @@ impl SpoolReader {
                         expected: wanted,
                     });
                 }
-                self.wanted = Some(wanted + 1);
+                self.wanted = Some(f.seq + 1);
             }
             self.off += n;
             self.started = true;
@@ -340,7 +347,7 @@ impl SpoolReader {
 
     /// The segment after the last one finished; at the start, the oldest one, or the
     /// one holding the wanted seq (the last one starting at or before it).
-    fn pick(&self) -> Result<Option<(u64, PathBuf)>, ReadError> {
+    fn pick(&mut self) -> Result<Option<(u64, PathBuf)>, ReadError> {
         let mut list = self.list()?;
         if let Some(after) = self.finished {
             return Ok(list.into_iter().find(|(s, _)| *s > after));
@@ -351,6 +358,12 @@ impl SpoolReader {
         match list.iter().rposition(|(s, _)| *s <= wanted) {
             Some(i) => Ok(Some(list.swap_remove(i))),
             None => match list.first() {
+                // The chain's first records are declared lost: it starts there.
+                Some((oldest, _))
+                    if declared_missing(&mut self.declared, &self.dir, wanted, *oldest) =>
+                {
+                    Ok(Some(list.swap_remove(0)))
+                }
                 Some((oldest, _)) => Err(ReadError::Missing {
                     dir: self.dir.clone(),
                     wanted,
@@ -385,6 +398,26 @@ impl Iterator for SpoolReader {
         self.failed = matches!(next, Some(Err(_)));
         next
     }
+}
+
+/// Whether `dir`'s declared gaps ([`crate::chain::declared_gap`]) say that every seq
+/// from `wanted` to `found - 1` is gone. Read again at each jump not yet known: a
+/// collector store gains declarations while its exports follow it.
+fn declared_missing(
+    declared: &mut Option<BTreeMap<u64, u64>>,
+    dir: &Path,
+    wanted: u64,
+    found: u64,
+) -> bool {
+    let covers = |m: &BTreeMap<u64, u64>| {
+        m.range(..=wanted)
+            .next_back()
+            .is_some_and(|(_, to)| *to >= wanted && to + 1 == found)
+    };
+    if declared.as_ref().is_some_and(covers) {
+        return true;
+    }
+    covers(declared.insert(crate::chain::declared_gap::ranges(dir)))
 }
 
 /// Appends up to one chunk of the file to `buf`; false at end of file.
@@ -535,6 +568,42 @@ mod tests {
         let err = (0..=BAD_FRAME_PATIENCE).find_map(|_| tail.poll(10, 1 << 20, &mut out).err());
         assert!(matches!(err, Some(ReadError::Frame { .. })), "{err:?}");
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn ordered_readers_step_over_declared_gaps_only() {
+        use crate::chain::declared_gap::{self, DeclaredGap};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut spool = spool(dir.path(), 3);
+        for seq in 7..=9 {
+            append(&mut spool, seq, &[seq as u8; 50]);
+        }
+        let follower = |from| {
+            let mut out = Vec::new();
+            SpoolReader::follow(dir.path(), from)
+                .poll(100, 1 << 20, &mut out)
+                .map(|_| out.iter().map(|f| f.seq).collect::<Vec<_>>())
+        };
+        assert!(follower(1).is_err(), "an undeclared jump is an error");
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        // A declaration that does not cover the whole jump changes nothing.
+        let short = DeclaredGap::sign(&key, "gw", 4, 5, &[6; 32], "cut");
+        declared_gap::append(dir.path(), &short).expect("declare");
+        assert!(seqs_checked(SpoolReader::new(dir.path(), 1)).is_err());
+        let whole = DeclaredGap::sign(&key, "gw", 4, 6, &[6; 32], "deleted");
+        std::fs::remove_file(dir.path().join(declared_gap::GAPS_FILE)).expect("rm");
+        declared_gap::append(dir.path(), &whole).expect("declare");
+        assert_eq!(
+            seqs(SpoolReader::new(dir.path(), 1)),
+            vec![1, 2, 3, 7, 8, 9]
+        );
+        assert_eq!(follower(2).expect("follow"), vec![2, 3, 7, 8, 9]);
+        // From inside the gap, the reader starts after it.
+        assert_eq!(seqs(SpoolReader::new(dir.path(), 5)), vec![7, 8, 9]);
+    }
+
+    fn seqs_checked(reader: SpoolReader) -> Result<Vec<u64>, ReadError> {
+        reader.map(|f| f.map(|f| f.seq)).collect()
     }
 
     #[test]
