@@ -356,11 +356,26 @@ pub fn on_first_payload<C: LoadBytes, V: Variant>(
     } else {
         // The mask gives the verifier a bound; parse() never yields offsets above it
         // (6 IPv6 extension headers of 2 KiB at most).
-        let Some(head) = b.read::<[u8; 6]>(p.payload_off as usize & 0x3fff) else {
-            // Payload shorter than 6 bytes: wait for a later packet.
-            // SAFETY: live flow-table value.
-            unsafe { (*s).payload_copies = (*s).payload_copies.saturating_sub(1) };
-            return;
+        let off = p.payload_off as usize & 0x3fff;
+        let short = p.payload_len < 6;
+        // A TLS record cut after fewer than 6 bytes (an evasion: no client does it)
+        // is told by its first byte; the agent reassembles the rest. The IP length
+        // says how short: the frame may carry Ethernet padding after the payload.
+        // Read through the copy helpers: a direct 1-byte read's bounds check is one
+        // LLVM folds into a form the verifier learns nothing from.
+        let first_is_handshake = short && p.protocol == IPPROTO_TCP && {
+            let mut h = 0u8;
+            V::copy(ctx, b, p.payload_off, &raw mut h, 1) == 0 && h == 22
+        };
+        let head = match b.read::<[u8; 6]>(off) {
+            Some(h) if !short => h,
+            _ if first_is_handshake => [22, 3, 0, 0, 0, 1],
+            _ => {
+                // Too short to tell: wait for a later packet.
+                // SAFETY: live flow-table value.
+                unsafe { (*s).payload_copies = (*s).payload_copies.saturating_sub(1) };
+                return;
+            }
         };
         let app = if p.protocol == IPPROTO_TCP {
             // TLS record: handshake (22), version 3.x, then handshake type ClientHello (1).

@@ -230,7 +230,9 @@ fn hello_for(name: &str, padding: usize) -> Vec<u8> {
 ///   that is no ClientHello, are recorded with the anomaly, not left out;
 /// - a 20 KiB hello in 15 segments is read whole;
 /// - a decoy hello with TTL 1 (it dies at the gateway) does not decide the SNI;
-/// - a hello whose bytes arrive twice with different values is flagged.
+/// - a hello whose bytes arrive twice with different values is flagged;
+/// - a hello whose first segment is shorter than a TLS record header is read, and one
+///   sent a byte a segment is recorded with the anomaly.
 #[test]
 fn replay_records_client_hellos_that_defeat_parsing_with_their_anomaly() {
     if !nix::unistd::geteuid().is_root() {
@@ -244,8 +246,7 @@ fn replay_records_client_hellos_that_defeat_parsing_with_their_anomaly() {
         dir.path().join("out.jsonl"),
     );
     let hello = hello_for("api.openai.com", 0);
-    // More segments than the kernel copies (of at least 6 bytes each: the kernel
-    // waits for a first payload that long to tell TLS).
+    // More segments than the kernel copies.
     let padded = hello_for("api.openai.com", 800);
     let too_many = usize::from(sensor_common::MAX_PAYLOAD_COPIES) + 12;
     let mut packets = tls_flow(40010, &segments(&padded, too_many));
@@ -262,6 +263,13 @@ fn replay_records_client_hellos_that_defeat_parsing_with_their_anomaly() {
     packets.extend(tls_flow(40013, &[(1, 0, &decoy), (64, 0, &hello)]));
     let cut = decoy.len() - 3;
     packets.extend(tls_flow(40014, &[(64, 0, &decoy[..cut]), (64, 0, &hello)]));
+    // The hello's first byte alone, then the rest (a DPI evasion): read whole. Every
+    // byte in its own segment: more than the kernel copies, recorded with the anomaly.
+    packets.extend(tls_flow(
+        40015,
+        &[(64, 0, &hello[..1]), (64, 1, &hello[1..])],
+    ));
+    packets.extend(tls_flow(40016, &segments(&hello, hello.len())));
     write_pcap(&pcap, &packets);
     std::fs::write(&conduits, CONDUITS).unwrap();
 
@@ -299,7 +307,11 @@ fn replay_records_client_hellos_that_defeat_parsing_with_their_anomaly() {
         anomalies(40011),
         serde_json::json!(["malformed_client_hello"])
     );
-    for port in [40012, 40013] {
+    assert_eq!(
+        anomalies(40016),
+        serde_json::json!(["client_hello_incomplete"])
+    );
+    for port in [40012, 40013, 40015] {
         let r = start(port);
         assert_eq!(r["tls"]["client"]["server_name"], "api.openai.com", "{r:#}");
         assert!(r["conduit"]["anomalies"].is_null(), "{r:#}");
