@@ -107,7 +107,7 @@ pub async fn run(settings: AgentSettings) -> Result<()> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let link = uplink.map(|mut opts| {
         opts.public_key = Some(agent.sink.recorder.public_key());
-        tracing::info!(collector = %opts.collector, "streaming the spool to the collector");
+        tracing::info!(collectors = ?opts.collectors, "streaming the spool to the collector");
         let (status_tx, status_rx) = conduit_uplink::status_channel();
         let task = tokio::spawn(conduit_uplink::stream_spool(
             opts,

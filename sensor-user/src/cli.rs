@@ -87,10 +87,11 @@ pub struct RunArgs {
     /// [default: /var/lib/conduit-sensor/spool].
     #[arg(long, value_name = "DIR")]
     pub spool: Option<PathBuf>,
-    /// Collector URL: https:// (with --tls-*) or http:// (plain text, warned)
-    /// [default: none, standalone: records stay in the spool].
+    /// Collector URL: https:// (with --tls-*) or http:// (plain text, warned);
+    /// repeatable, in order of preference: the sensor sticks to one and fails over
+    /// to the next [default: collector.url, else none: records stay in the spool].
     #[arg(long, value_name = "URL")]
-    pub collector: Option<String>,
+    pub collector: Vec<String>,
     /// Client certificate (PEM) for mTLS to the collector [default: collector.tls.cert].
     #[arg(long, value_name = "FILE")]
     pub tls_cert: Option<PathBuf>,

@@ -145,14 +145,19 @@ fn uplink_options(
     sensor_id: &str,
 ) -> Result<Option<UplinkOptions>, ConfigError> {
     let file_tls = cfg.collector.as_ref().and_then(|c| c.tls.clone());
-    let Some(url) = args
-        .collector
-        .clone()
-        .or(cfg.collector.as_ref().map(|c| c.url.clone()))
-    else {
+    let urls = if args.collector.is_empty() {
+        cfg.collector
+            .as_ref()
+            .map(|c| c.urls.clone())
+            .unwrap_or_default()
+    } else {
+        args.collector.clone()
+    };
+    let Some(first) = urls.first() else {
         return Ok(None);
     };
-    let mut opts = UplinkOptions::new(url.clone(), sensor_id);
+    let mut opts = UplinkOptions::new(first.clone(), sensor_id);
+    opts.collectors.clone_from(&urls);
     // The recorder's key signs every batch too (None: `<spool>/signing.key`).
     opts.signing_key = cfg.signing_key.clone();
     let pick = |flag: &Option<PathBuf>, file: Option<PathBuf>| flag.clone().or(file);
@@ -162,7 +167,13 @@ fn uplink_options(
     );
     let key = pick(&args.tls_key, file_tls.as_ref().and_then(|t| t.key.clone()));
     let ca = pick(&args.tls_ca, file_tls.as_ref().and_then(|t| t.ca.clone()));
-    if url.starts_with("https://") {
+    // One set of TLS files for every collector: each is verified by its own name.
+    if urls.iter().any(|u| u.starts_with("https://")) {
+        let url = urls
+            .iter()
+            .find(|u| u.starts_with("https://"))
+            .cloned()
+            .unwrap_or_default();
         match (cert, key, ca) {
             (Some(cert), Some(key), Some(ca)) => {
                 opts.tls = Some(UplinkTls {
@@ -181,7 +192,11 @@ fn uplink_options(
                 ));
             }
         }
-    } else if !url.starts_with("http://") {
+    }
+    if let Some(url) = urls
+        .iter()
+        .find(|u| !u.starts_with("https://") && !u.starts_with("http://"))
+    {
         return Err(ConfigError::single(
             "--collector",
             format!(
@@ -201,10 +216,10 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         ))
         .into());
     }
-    if let Some(url) = settings.uplink.as_ref().map(|u| &u.collector)
-        && url.starts_with("http://")
-    {
-        tracing::warn!(%url, "PLAIN-TEXT collector link: records travel unencrypted and unauthenticated; use https:// with --tls-cert/--tls-key/--tls-ca");
+    for url in settings.uplink.iter().flat_map(|u| &u.collectors) {
+        if url.starts_with("http://") {
+            tracing::warn!(%url, "PLAIN-TEXT collector link: records travel unencrypted and unauthenticated; use https:// with --tls-cert/--tls-key/--tls-ca");
+        }
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

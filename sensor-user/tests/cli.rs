@@ -300,6 +300,26 @@ fn run_without_an_interface_exits_64() {
 }
 
 #[test]
+fn every_repeated_collector_url_is_checked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = bin()
+        .arg("run")
+        .arg("--spool")
+        .arg(dir.path())
+        .args(["--iface", "lo"])
+        .args(["--collector", "http://127.0.0.1:4317"])
+        .args(["--collector", "ftp://second.example"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(
+        text(&out).contains("ftp://second.example: the collector URL must start with"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
 fn check_config_names_missing_interfaces_and_files() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = dir.path().join("sensor.yaml");

@@ -49,8 +49,10 @@ pub struct UplinkTls {
 
 #[derive(Debug, Clone)]
 pub struct UplinkOptions {
-    /// `https://host:port` (needs `tls`) or `http://host:port` (plain text, warned).
-    pub collector: String,
+    /// Collectors in order of preference, each `https://host:port` (needs `tls`) or
+    /// `http://host:port` (plain text, warned). The uplink sticks to one and moves
+    /// to the next when its stream fails; each resumes from what it has stored.
+    pub collectors: Vec<String>,
     pub sensor_id: String,
     pub tls: Option<UplinkTls>,
     /// Signing public key; None: read `<spool>/signing.pub`.
@@ -72,7 +74,7 @@ pub struct UplinkOptions {
 impl UplinkOptions {
     pub fn new(collector: impl Into<String>, sensor_id: impl Into<String>) -> UplinkOptions {
         UplinkOptions {
-            collector: collector.into(),
+            collectors: vec![collector.into()],
             sensor_id: sensor_id.into(),
             tls: None,
             public_key: None,
@@ -92,6 +94,8 @@ impl UplinkOptions {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UplinkStatus {
     pub connected: bool,
+    /// The collector streamed to (or last tried).
+    pub collector: String,
     /// Highest seq the collector has stored durably.
     pub acked_seq: u64,
     /// Records read from the spool and not yet acknowledged.
@@ -279,16 +283,30 @@ pub async fn stream_spool(
     status: watch::Sender<UplinkStatus>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), UplinkError> {
-    let endpoint = endpoint(&opts).await?;
+    let mut endpoints = Vec::with_capacity(opts.collectors.len());
+    for url in &opts.collectors {
+        endpoints.push((url.as_str(), endpoint(&opts, url).await?));
+    }
+    if endpoints.is_empty() {
+        return Err(UplinkError::Config {
+            url: String::new(),
+            what: "no collector URL".to_owned(),
+        });
+    }
     let mut delay = opts.backoff_min;
+    // The collector in use, and how many failed in turn since the last progress.
+    let (mut at, mut failed_in_turn) = (0, 0);
     loop {
         if *shutdown.borrow() {
             return Ok(());
         }
+        let (url, endpoint) = &endpoints[at];
+        status.send_modify(|s| s.collector = (*url).to_owned());
         let mut progressed = false;
         let result = session(
             &opts,
-            &endpoint,
+            url,
+            endpoint,
             &spool_dir,
             &status,
             &mut shutdown,
@@ -302,9 +320,14 @@ pub async fn stream_spool(
         };
         if progressed {
             delay = opts.backoff_min;
+            failed_in_turn = 0;
         }
+        // Fail over to the next collector; it resumes from what it has stored.
+        at = (at + 1) % endpoints.len();
+        failed_in_turn += 1;
         let jittered = delay.mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..1.5));
-        tracing::warn!(error = %err, retry_in_ms = jittered.as_millis() as u64, "collector uplink down");
+        tracing::warn!(collector = %url, error = %err, next = %endpoints[at].0,
+            retry_in_ms = jittered.as_millis() as u64, "collector uplink down");
         status.send_modify(|s| {
             s.connected = false;
             s.reconnects += 1;
@@ -314,23 +337,27 @@ pub async fn stream_spool(
             _ = tokio::time::sleep(jittered) => {}
             _ = shutdown.changed() => return Ok(()),
         }
-        delay = (delay * 2).min(opts.backoff_max);
+        // Back off further only once every collector has failed in turn.
+        if failed_in_turn >= endpoints.len() {
+            failed_in_turn = 0;
+            delay = (delay * 2).min(opts.backoff_max);
+        }
     }
 }
 
-async fn endpoint(opts: &UplinkOptions) -> Result<Endpoint, UplinkError> {
+async fn endpoint(opts: &UplinkOptions, url: &str) -> Result<Endpoint, UplinkError> {
     let cfg_err = |what: String| UplinkError::Config {
-        url: opts.collector.clone(),
+        url: url.to_owned(),
         what,
     };
-    let mut ep = Endpoint::from_shared(opts.collector.clone())
+    let mut ep = Endpoint::from_shared(url.to_owned())
         .map_err(|e| cfg_err(e.to_string()))?
         .connect_timeout(opts.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true);
-    let https = opts.collector.starts_with("https://");
+    let https = url.starts_with("https://");
     match (&opts.tls, https) {
         (Some(tls), true) => {
             let cert = read_file(&tls.cert).await?;
@@ -356,7 +383,7 @@ async fn endpoint(opts: &UplinkOptions) -> Result<Endpoint, UplinkError> {
         }
         (None, false) => {
             tracing::warn!(
-                collector = %opts.collector,
+                collector = %url,
                 "uplink uses plain text (http://): records and the sensor identity are not protected in transit; use https:// with mTLS"
             );
         }
@@ -383,6 +410,7 @@ fn frame_msg(f: StoredFrame) -> v1::Frame {
 /// One connection: Hello, Welcome, then batches until an error or shutdown.
 async fn session(
     opts: &UplinkOptions,
+    url: &str,
     endpoint: &Endpoint,
     spool_dir: &Path,
     status: &watch::Sender<UplinkStatus>,
@@ -400,7 +428,7 @@ async fn session(
     let signing_key = keys::load_signing_key(&key_path)?;
     if signing_key.verifying_key().to_bytes() != public_key {
         return Err(UplinkError::Config {
-            url: opts.collector.clone(),
+            url: url.to_owned(),
             what: format!(
                 "the signing key {} is not the chain's public key {}",
                 key_path.display(),
@@ -444,10 +472,13 @@ async fn session(
             welcome.protocol_version
         )));
     }
+    // What an earlier stream (maybe to another collector) had acknowledged: records
+    // up to there may be gone from the spool without being lost.
+    let acked_before = read_acked(spool_dir).unwrap_or(0);
     // A rogue or broken collector must not make us count unsent records as stored.
     let mut acked = check_welcome(spool_dir, &welcome)?;
     tracing::info!(
-        collector = %opts.collector,
+        collector = %url,
         last_stored_seq = acked,
         "connected to the collector"
     );
@@ -530,7 +561,9 @@ async fn session(
                 {
                     // Damage where nothing was stored: declare it and go on after it
                     // (frames read before it go first; the reader stops at it again).
-                    let (next, g) = declare_gap(spool_dir, &opts.sensor_id, &signing_key, sent_seq + 1, e)?;
+                    let (next, g) = declare_gap(
+                        spool_dir, &opts.sensor_id, &signing_key, sent_seq + 1, acked_before, e,
+                    )?;
                     spool = next;
                     gap = Some(g);
                     continue;
@@ -560,15 +593,18 @@ async fn session(
     }
 }
 
-/// The spool cannot give `wanted` (a deleted or cut segment, records the collector
-/// never stored): the records up to the next segment are lost. Returns a reader from
-/// that segment and the signed declaration of `wanted..` up to it. With no segment
-/// after the damage (the newest one is the writer's to recover), the read error stays.
+/// The spool cannot give `wanted` (a deleted or cut segment, records this collector
+/// never stored): the records up to the next segment are lost to it. Returns a reader
+/// from that segment and the signed declaration of `wanted..` up to it. With no
+/// segment after the damage (the newest one is the writer's to recover), the read
+/// error stays. Records up to `acked_before` were acknowledged by an earlier stream
+/// (another collector, or this one before it lost its store), and the reason says so.
 fn declare_gap(
     spool_dir: &Path,
     sensor_id: &str,
     key: &ed25519_dalek::SigningKey,
     wanted: u64,
+    acked_before: u64,
     error: ReadError,
 ) -> Result<(SpoolReader, DeclaredGap), UplinkError> {
     // An I/O error may pass; only damage in what is stored makes records lost.
@@ -587,13 +623,20 @@ fn declare_gap(
         Ok(Some(f)) if f.seq == resume => f,
         _ => return Err(error.into()),
     };
+    let reason = if resume - 1 <= acked_before {
+        format!(
+            "acknowledged earlier (up to seq {acked_before}) and deleted from the spool since: {error}"
+        )
+    } else {
+        error.to_string()
+    };
     let g = DeclaredGap::sign(
         key,
         sensor_id,
         wanted,
         resume - 1,
         &first.prev_hash,
-        &error.to_string(),
+        &reason,
     );
     tracing::error!(from = g.from, to = g.to, reason = %g.reason,
         "spool records lost before the collector stored them: declaring the gap and streaming on");

@@ -153,7 +153,13 @@ pub fn sensor_schema() -> Value {
             "collector": {
                 "type": "object", "additionalProperties": false, "required": ["url"],
                 "properties": {
-                    "url": {"type": "string", "pattern": "^https?://"},
+                    "url": {
+                        "description": "Collector URL, or a list of them in order of preference: the sensor sticks to one and fails over to the next.",
+                        "oneOf": [
+                            {"type": "string", "pattern": "^https?://"},
+                            {"type": "array", "minItems": 1, "items": {"type": "string", "pattern": "^https?://"}}
+                        ]
+                    },
                     "tls": {"type": "object", "additionalProperties": false, "properties": {
                         "cert": {"type": "string"}, "key": {"type": "string"}, "ca": {"type": "string"}
                     }}

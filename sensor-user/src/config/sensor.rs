@@ -113,7 +113,9 @@ pub struct SyncConfig {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct CollectorConfig {
-    pub url: String,
+    /// Collectors in order of preference (`url:` is one URL or a list): the uplink
+    /// sticks to one and fails over to the next.
+    pub urls: Vec<String>,
     pub tls: Option<TlsFiles>,
 }
 
@@ -318,9 +320,12 @@ impl SensorConfig {
         if let Some(v) = get("CONDUIT_SENSOR_COLLECTOR_URL").filter(|v| !v.is_empty()) {
             match check_url(&v) {
                 Ok(()) => match &mut self.collector {
-                    Some(c) => c.url = v,
+                    Some(c) => c.urls = vec![v],
                     None => {
-                        self.collector = Some(CollectorConfig { url: v, tls: None });
+                        self.collector = Some(CollectorConfig {
+                            urls: vec![v],
+                            tls: None,
+                        });
                     }
                 },
                 Err(fix) => bad(
@@ -522,7 +527,7 @@ fn decode(ctx: &mut Ctx, root: &Node, cfg: &mut SensorConfig) {
     if let Some(n) = top.get("collector")
         && let Some(f) = ctx.fields(n, "collector", COLLECTOR_KEYS)
     {
-        let url = f.required(ctx, "url", "collector").and_then(|n| {
+        let one_url = |ctx: &mut Ctx, n: &Node| {
             let u = ctx.nonempty_str(n, "collector.url")?;
             match check_url(&u) {
                 Ok(()) => Some(u),
@@ -531,7 +536,25 @@ fn decode(ctx: &mut Ctx, root: &Node, cfg: &mut SensorConfig) {
                     None
                 }
             }
-        });
+        };
+        // One URL, or a list of them in order of preference (failover).
+        let urls = f
+            .required(ctx, "url", "collector")
+            .and_then(|n| match &n.value {
+                yaml::Value::Seq(items) if items.is_empty() => {
+                    ctx.err(
+                        n.pos,
+                        "`collector.url` is an empty list",
+                        "give at least one URL",
+                    );
+                    None
+                }
+                yaml::Value::Seq(items) => {
+                    let urls: Vec<String> = items.iter().filter_map(|i| one_url(ctx, i)).collect();
+                    (urls.len() == items.len()).then_some(urls)
+                }
+                _ => one_url(ctx, n).map(|u| vec![u]),
+            });
         let tls = f.get("tls").and_then(|n| {
             let t = ctx.fields(n, "collector.tls", TLS_KEYS)?;
             let files = TlsFiles {
@@ -550,8 +573,8 @@ fn decode(ctx: &mut Ctx, root: &Node, cfg: &mut SensorConfig) {
             }
             Some(files)
         });
-        if let Some(url) = url {
-            cfg.collector = Some(CollectorConfig { url, tls });
+        if let Some(urls) = urls {
+            cfg.collector = Some(CollectorConfig { urls, tls });
         }
     }
     if let Some(n) = top.get("metrics")
@@ -688,6 +711,32 @@ mod tests {
     }
 
     #[test]
+    fn collector_url_is_one_or_a_list_in_order() {
+        let urls = |text: &str| {
+            SensorConfig::from_bytes("s.yaml", text.as_bytes())
+                .map(|c| c.collector.map(|c| c.urls).unwrap_or_default())
+        };
+        assert_eq!(
+            urls("collector: {url: \"https://a:4317\"}\n").expect("one"),
+            ["https://a:4317"]
+        );
+        assert_eq!(
+            urls("collector:\n  url:\n    - https://a:4317\n    - https://b:4317\n").expect("two"),
+            ["https://a:4317", "https://b:4317"]
+        );
+        let err = urls("collector:\n  url: [https://a:4317, \"ftp://b\"]\n").expect_err("bad");
+        let d = &err.diagnostics[0];
+        assert_eq!((d.line, d.column), (2, 25), "{d:?}");
+        assert!(
+            d.message.contains("invalid collector URL `ftp://b`"),
+            "{}",
+            d.message
+        );
+        let err = urls("collector: {url: []}\n").expect_err("empty");
+        assert!(err.to_string().contains("empty list"), "{err}");
+    }
+
+    #[test]
     fn missing_file_gives_defaults() {
         let cfg = SensorConfig::load_or_default(Path::new("/nonexistent/sensor.yaml"));
         assert!(cfg.is_ok());
@@ -742,8 +791,8 @@ mod tests {
         assert!(cfg.enforcement);
         assert_eq!(cfg.interfaces, ["eth1", "eth2"]);
         assert_eq!(
-            cfg.collector.as_ref().map(|c| c.url.as_str()),
-            Some("https://c.example:4317")
+            cfg.collector.as_ref().map(|c| c.urls.as_slice()),
+            Some(&["https://c.example:4317".to_owned()][..])
         );
         let err = cfg
             .apply_env(|k| (k == "CONDUIT_SENSOR_RECORD_ALL").then(|| "maybe".to_owned()))
