@@ -116,21 +116,20 @@ fn report_last_hour(store: &Path, html: &Path) -> (Option<i32>, String) {
 /// Waits for the first alarm of `kind` whose detail starts with `detail` in the
 /// collector's alarm chain.
 async fn wait_alarm(c: &Collector, kind: &str, detail: &str) -> v1::Alarm {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(a) = alarms(&c.store)
+    let find = || {
+        alarms(&c.store)
             .into_iter()
             .find(|a| a.kind == kind && a.detail.starts_with(detail))
-        {
-            return a;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no {kind} alarm {detail:?}; log:\n{}",
-            c.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    };
+    let what = format!("a {kind} alarm {detail:?}");
+    wait_until(
+        &what,
+        Duration::from_secs(10),
+        || find().is_some(),
+        || c.log_text(),
+    )
+    .await;
+    find().expect("found")
 }
 
 /// Failure 9, the link side: a middle segment lost before the collector stored it.
@@ -203,15 +202,14 @@ async fn records_lost_before_the_collector_stored_them_are_declared_and_streamed
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .any(|v| v["event"]["sequence"].as_u64() == Some(seq))
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !exported(head) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "seq {head} not exported; log:\n{}",
-            c.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let what = format!("seq {head} exported");
+    wait_until(
+        &what,
+        Duration::from_secs(20),
+        || exported(head),
+        || c.log_text(),
+    )
+    .await;
     assert!(!exported(from), "a declared-lost seq was exported");
 
     // A declaration changed after the fact (a wider range) no longer verifies.

@@ -287,6 +287,25 @@ pub fn verified_records(dir: &Path) -> u64 {
     report.records
 }
 
+/// Waits until `cond` holds, checking every 50 ms; panics after `timeout` with
+/// `what` and `context()` (a log, say).
+pub async fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut cond: impl FnMut() -> bool,
+    context: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} not within {timeout:?}:\n{}",
+            context()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// `conduit-collector verify --store`: its exit code and what it printed.
 pub fn collector_verify(store: &Path) -> (Option<i32>, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_conduit-collector"))
