@@ -346,7 +346,11 @@ impl SensorStore {
                 Ok(applied)
             }
             Err(r) => {
-                (self.head, self.recent, self.recent_first) = before;
+                // Nothing after the gap stored: the chain ends where it did. (A
+                // storage error after some frames leaves the head at the last one.)
+                if self.head == (gap.to, gap.resume_prev_hash) {
+                    (self.head, self.recent, self.recent_first) = before;
+                }
                 Err(r)
             }
         }

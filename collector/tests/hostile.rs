@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use conduit_evidence::chain::keys;
-use conduit_evidence::spool::SpoolReader;
 use conduit_proto::v1::{
     self, CollectorMessage, RejectCode, SensorMessage, collector_client::CollectorClient,
     collector_message, sensor_message,
@@ -228,20 +227,6 @@ fn signed_batch(
             gap: None,
         })),
     }
-}
-
-fn spool_frames(spool: &Path, from: u64) -> Vec<v1::Frame> {
-    SpoolReader::new(spool, from)
-        .map(|f| {
-            let f = f.expect("frame");
-            v1::Frame {
-                seq: f.seq,
-                prev_hash: f.prev_hash.to_vec().into(),
-                hash: f.hash.to_vec().into(),
-                record: f.record_bytes.clone().into(),
-            }
-        })
-        .collect()
 }
 
 fn rejected(answer: &Result<collector_message::Msg, String>) -> Option<(RejectCode, usize)> {

@@ -226,3 +226,95 @@ async fn records_lost_before_the_collector_stored_them_are_declared_and_streamed
     let (code, text) = collector_verify(&store);
     assert_eq!(code, Some(1), "{text}");
 }
+
+/// Gap declarations a sensor did not sign, or that do not fit the stored head or the
+/// batch, are refused and leave the store as it was; a refused batch after a valid
+/// declaration leaves the head where it was too; the valid one is stored once.
+#[test]
+fn gap_declarations_that_do_not_fit_are_refused_and_change_nothing() {
+    use conduit_collector::store::{DECLARED_GAP, SensorStore};
+    use conduit_evidence::chain::checkpoint::sign_batch;
+    use conduit_evidence::chain::declared_gap::{DeclaredGap, GAPS_FILE};
+    use conduit_evidence::chain::keys;
+    use conduit_proto::v1::RejectCode;
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (spool, store) = (tmp.path().join("spool"), tmp.path().join("store"));
+    let (mut rec, _) = Recorder::open(options(&spool)).expect("open");
+    for i in 0..60 {
+        rec.append(flow(i)).expect("append");
+    }
+    rec.sync().expect("sync");
+    drop(rec);
+    let key = keys::read_public_key(&spool.join(keys::PUB_FILE)).expect("pub");
+    let signer = keys::load_signing_key(&spool.join(keys::KEY_FILE)).expect("key");
+    let frames = spool_frames(&spool, 1);
+    let batch = |frames: &[v1::Frame], gap: Option<&DeclaredGap>| {
+        let last = frames.last().expect("frames");
+        let hash: [u8; 32] = last.hash[..].try_into().expect("32");
+        v1::Batch {
+            frames: frames.to_vec(),
+            signature: sign_batch(&signer, SENSOR, last.seq, &hash),
+            gap: gap.map(DeclaredGap::to_proto),
+        }
+    };
+    let mut st = SensorStore::open(&store, SENSOR, key, 1 << 20).expect("store");
+    st.apply_batch(&batch(&frames[..10], None))
+        .expect("seqs 1..=10");
+    // Seqs 11..=20 are lost; the batch resumes at 21.
+    let after = &frames[20..];
+    let resume: [u8; 32] = after[0].prev_hash[..].try_into().expect("32");
+    let other = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+    let refused = [
+        (
+            DeclaredGap::sign(&other, SENSOR, 11, 20, &resume, "forged"),
+            RejectCode::BadSignature,
+        ),
+        (
+            DeclaredGap::sign(&signer, SENSOR, 12, 20, &resume, "not after the head"),
+            RejectCode::Gap,
+        ),
+        (
+            DeclaredGap::sign(&signer, SENSOR, 11, 19, &resume, "not up to the batch"),
+            RejectCode::BadLink,
+        ),
+        (
+            DeclaredGap::sign(&signer, SENSOR, 11, 20, &[7; 32], "another hash"),
+            RejectCode::BadLink,
+        ),
+    ];
+    for (g, code) in &refused {
+        let r = st.apply_batch(&batch(after, Some(g))).expect_err(&g.reason);
+        assert_eq!(r.code, *code, "{}: {}", g.reason, r.message);
+        assert_eq!(st.head().0, 10, "{}", g.reason);
+    }
+    assert!(!store.join(SENSOR).join(GAPS_FILE).exists());
+
+    let valid = DeclaredGap::sign(&signer, SENSOR, 11, 20, &resume, "segment deleted");
+    // A frame after the gap whose hash does not match: refused, the head stays.
+    let mut broken = after.to_vec();
+    broken[3].record = b"rewritten".to_vec().into();
+    let r = st
+        .apply_batch(&batch(&broken, Some(&valid)))
+        .expect_err("bad hash");
+    assert_eq!(r.code, RejectCode::BadHash, "{}", r.message);
+    assert_eq!(st.head().0, 10);
+    assert!(st.take_damage().is_empty());
+
+    let applied = st.apply_batch(&batch(after, Some(&valid))).expect("valid");
+    assert_eq!(applied.appended, after.len() as u64);
+    assert_eq!(st.head().0, frames.last().expect("frames").seq);
+    let damage = st.take_damage();
+    assert_eq!(damage.len(), 1);
+    assert_eq!(
+        (damage[0].seq, damage[0].reason.as_str()),
+        (11, DECLARED_GAP)
+    );
+    drop(st);
+    let lines = std::fs::read_to_string(store.join(SENSOR).join(GAPS_FILE)).expect("declared");
+    assert_eq!(lines.lines().count(), 1, "{lines}");
+    let report = conduit_evidence::chain::verify::verify_dir(&store.join(SENSOR), None);
+    assert!(report.ok(), "{report}");
+    assert_eq!(report.declared_gaps.len(), 1, "{report}");
+    assert_eq!(report.records, frames.len() as u64 - 10, "{report}");
+}

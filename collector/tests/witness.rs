@@ -297,20 +297,6 @@ async fn a_rewritten_or_forged_witnessed_head_is_caught() {
 }
 
 /// The spool's frames from `from` on, as the uplink sends them.
-fn frames_from(spool: &Path, from: u64) -> Vec<v1::Frame> {
-    conduit_evidence::spool::SpoolReader::new(spool, from)
-        .map(|f| {
-            let f = f.expect("frame");
-            v1::Frame {
-                seq: f.seq,
-                prev_hash: f.prev_hash.to_vec().into(),
-                hash: f.hash.to_vec().into(),
-                record: f.record_bytes.into(),
-            }
-        })
-        .collect()
-}
-
 fn record_flows(spool: &Path, from: u64, n: u64) -> u64 {
     let mut o = RecorderOptions::new(spool, SENSOR);
     o.sync = SyncPolicy::OsOnly;
@@ -334,7 +320,7 @@ fn the_store_cosigns_only_durable_heads_that_extend_what_it_witnessed() {
     let head = record_flows(&spool, 0, 30);
     let key = keys::read_public_key(&spool.join(keys::PUB_FILE)).expect("pub");
     let witness = SigningKey::from_bytes(&[9; 32]);
-    let frames = frames_from(&spool, 1);
+    let frames = spool_frames(&spool, 1);
     let mut st = SensorStore::open(&store, SENSOR, key, 1 << 20).expect("open");
     st.apply(&frames[..15]).expect("apply");
     let first = st
@@ -365,7 +351,7 @@ fn the_store_cosigns_only_durable_heads_that_extend_what_it_witnessed() {
     cosignature::append(&store.join(SENSOR), &planted).expect("append");
     let mut st = SensorStore::open(&store, SENSOR, key, 1 << 20).expect("reopen");
     let new_head = record_flows(&spool, 100, 15);
-    st.apply(&frames_from(&spool, head + 1)).expect("apply");
+    st.apply(&spool_frames(&spool, head + 1)).expect("apply");
     match st.cosign(new_head, &witness, 6) {
         Err(WitnessError::Conflict(why)) => {
             assert!(why.contains("was witnessed with hash"), "{why}")

@@ -165,6 +165,21 @@ pub fn recorder(dir: &Path, sensor_id: &str) -> Recorder {
     Recorder::open(opts).expect("recorder").0
 }
 
+/// The frames of a spool from `from` on, as a sensor sends them.
+pub fn spool_frames(spool: &Path, from: u64) -> Vec<v1::Frame> {
+    conduit_evidence::spool::SpoolReader::new(spool, from)
+        .map(|f| {
+            let f = f.expect("frame");
+            v1::Frame {
+                seq: f.seq,
+                prev_hash: f.prev_hash.to_vec().into(),
+                hash: f.hash.to_vec().into(),
+                record: f.record_bytes.into(),
+            }
+        })
+        .collect()
+}
+
 /// Writes `n` flow records to a spool; returns the head seq.
 pub fn write_spool(dir: &Path, sensor_id: &str, n: u64) -> u64 {
     let mut rec = recorder(dir, sensor_id);
