@@ -41,6 +41,9 @@ fn flow_end(i: u64, now: i64) -> v1::Record {
         body: Some(Body::Flow(v1::Flow {
             anomalies: Vec::new(),
             pq_offered: false,
+            tls_cipher: String::new(),
+            tls_curve: String::new(),
+            pq_negotiated: false,
             source_mac: Vec::new(),
             attribution: String::new(),
             flow_id: 0x9e37_79b9_7f4a_7c15 ^ i,

@@ -224,16 +224,21 @@ pub fn ecs_json(record: &Record, pos: &ChainPosition) -> Value {
                     "version": non_empty(&f.tls_version),
                     "version_protocol": if f.tls_version.is_empty() { Value::Null } else { json!("tls") },
                     "next_protocol": f.alpn.first().map(|a| json!(a)).unwrap_or(Value::Null),
+                    "cipher": non_empty(&f.tls_cipher),
+                    "curve": non_empty(&f.tls_curve),
                 });
             }
             // ECS has no field for Encrypted Client Hello.
             if f.ech {
                 conduit["ech"] = json!(true);
             }
-            // Post-quantum key exchange, known once the ClientHello was parsed (the
-            // ServerHello's choice is not parsed yet: no `negotiated`).
-            if !f.ja4.is_empty() {
-                conduit["pq"] = json!({"offered": f.pq_offered});
+            // Post-quantum key exchange: offered, known once the ClientHello was
+            // parsed; negotiated, once the ServerHello was.
+            if !f.ja4.is_empty() || !f.tls_cipher.is_empty() {
+                conduit["pq"] = json!({
+                    "offered": if f.ja4.is_empty() { Value::Null } else { json!(f.pq_offered) },
+                    "negotiated": if f.tls_cipher.is_empty() { Value::Null } else { json!(f.pq_negotiated) },
+                });
             }
             if !f.anomalies.is_empty() {
                 conduit["anomalies"] = json!(f.anomalies);

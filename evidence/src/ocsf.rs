@@ -194,10 +194,17 @@ pub fn ocsf_json(record: &Record, pos: &ChainPosition) -> Value {
         if !f.server_name.is_empty() {
             tls["sni"] = json!(f.server_name);
         }
+        if !f.tls_cipher.is_empty() {
+            tls["cipher"] = json!(f.tls_cipher);
+        }
         doc["tls"] = tls;
     }
     if !f.ja4.is_empty() {
         doc["unmapped"]["tls"] = json!({"ja4": f.ja4, "alpn": f.alpn});
+    }
+    // OCSF's tls object has no key-exchange group (conduit.pq is in unmapped.conduit).
+    if !f.tls_curve.is_empty() {
+        doc["unmapped"]["tls"]["curve"] = json!(f.tls_curve);
     }
     doc
 }

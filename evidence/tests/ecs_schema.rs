@@ -203,6 +203,9 @@ fn flow(verdict: Verdict) -> Flow {
         source_mac: vec![0x02, 0x00, 0x5e, 0x10, 0x00, 0x01],
         pq_offered: true,
         anomalies: vec!["reassembly_limit".into()],
+        tls_cipher: "TLS_AES_128_GCM_SHA256".into(),
+        tls_curve: "X25519MLKEM768".into(),
+        pq_negotiated: true,
     }
 }
 

@@ -191,6 +191,8 @@ fn flow(kind: RecordKind, verdict: Verdict) -> Record {
             attribution: "sni".into(),
             source_mac: vec![2, 0, 0x5e, 0x10, 0, 1],
             pq_offered: true,
+            tls_cipher: "TLS_AES_128_GCM_SHA256".into(),
+            tls_curve: "x25519".into(),
             ..Flow::default()
         })),
     }

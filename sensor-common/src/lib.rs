@@ -86,6 +86,9 @@ pub mod flow_state {
     /// [`super::Counter::LossNewFlowEvent`]); the agent learns of the flow from a
     /// sweep of the table instead and counts it as recovered.
     pub const UNANNOUNCED: u8 = 0x08;
+    /// The responder's first payload of a TLS flow (its ServerHello) was copied to
+    /// the agent, once per flow, for the negotiated version, cipher and group.
+    pub const REPLY_COPIED: u8 = 0x10;
 }
 
 /// Classification progress, [`FlowStats::sni_state`].

@@ -9,8 +9,8 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use sensor_common::{
-    CONDUIT_KEY_BITS, ConduitKey, Counter, DIR_FORWARD, EVENT_PAYLOAD, FAMILY_IPV4, FlowKey,
-    FlowStats, KernelConfig, PAYLOAD_COPY_MAX, POLICY_GEN_BITS, PayloadEvent, PolicyKey,
+    CONDUIT_KEY_BITS, ConduitKey, Counter, DIR_FORWARD, DIR_REVERSE, EVENT_PAYLOAD, FAMILY_IPV4,
+    FlowKey, FlowStats, KernelConfig, PAYLOAD_COPY_MAX, POLICY_GEN_BITS, PayloadEvent, PolicyKey,
     SNI_HASH_INIT, SniKey, Verdict, ZONE_KEY_VLAN_BITS, ZoneKeyV4, ZoneKeyV6, app_protocol,
     conduit_proto, sni_hash_step, sni_state,
 };
@@ -332,8 +332,10 @@ pub fn on_new_flow(p: &Packet, dir: usize, s: *mut FlowStats, cfg: &KernelConfig
     decide(s, zone, endpoint, port, proto, cfg);
 }
 
-/// First forward payload packet of a flow: TLS ClientHello or QUIC Initial.
-/// Called only while `sni_state == NONE`.
+/// First forward payload packet of a flow: TLS ClientHello or QUIC Initial (and
+/// later segments while the agent needs them); or, with `dir` DIR_REVERSE, the
+/// responder's first payload of a TLS flow, copied as it is (its ServerHello).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn on_first_payload<C: LoadBytes, V: Variant>(
     ctx: &C,
@@ -342,14 +344,19 @@ pub fn on_first_payload<C: LoadBytes, V: Variant>(
     key: &FlowKey,
     s: *mut FlowStats,
     ifindex: u32,
+    dir: u32,
     cfg: &KernelConfig,
 ) {
+    let reply = dir != DIR_FORWARD as u32;
     // SAFETY: live flow-table value.
-    let continuation = unsafe {
-        (*s).payload_copies = (*s).payload_copies.saturating_add(1);
-        (*s).sni_state == sni_state::PENDING
-    };
-    let app = if continuation {
+    let continuation = !reply
+        && unsafe {
+            (*s).payload_copies = (*s).payload_copies.saturating_add(1);
+            (*s).sni_state == sni_state::PENDING
+        };
+    let app = if reply {
+        app_protocol::TLS
+    } else if continuation {
         // A later segment of a ClientHello (or a later Initial): copy it as it is.
         // SAFETY: live flow-table value.
         unsafe { (*s).app_protocol }
@@ -450,7 +457,7 @@ pub fn on_first_payload<C: LoadBytes, V: Variant>(
     // SAFETY: header fields of the reservation.
     unsafe {
         (*ev).header.kind = EVENT_PAYLOAD;
-        (*ev).header.direction = DIR_FORWARD as u8;
+        (*ev).header.direction = if reply { DIR_REVERSE } else { DIR_FORWARD } as u8;
         (*ev).header._pad = [0; 2];
         (*ev).header.ifindex = ifindex;
         (*ev).header.ts_ns = bpf_ktime_get_boot_ns();
@@ -460,7 +467,7 @@ pub fn on_first_payload<C: LoadBytes, V: Variant>(
         (*ev).copied_len = copied as u32;
         (*ev)._pad = 0;
     }
-    if app == app_protocol::TLS && !continuation {
+    if app == app_protocol::TLS && !continuation && !reply {
         // SAFETY: the data array of the reservation; bytes past `copied` are never read.
         let data = unsafe { &(*ev).data };
         if let Some((name_off, name_len)) = client_hello_sni(data, copied)

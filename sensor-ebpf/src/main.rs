@@ -24,8 +24,8 @@ use sensor_common::{
     ClassUpdate, ConduitKey, ConduitValue, Counter, DIR_FORWARD, EVENTS_RINGBUF_BYTES,
     FLOW_TABLE_SIZE, FlowKey, FlowStats, KernelConfig, LocalAddr, LpmV4, LpmV6, MAX_CLASS_UPDATES,
     MAX_LOCAL_ADDRS, MAX_PAYLOAD_COPIES, MAX_POLICY_CIDRS, MAX_POLICY_CONDUITS, MAX_POLICY_SNI,
-    MAX_WATCHED_IFACES, POLICY_GENERATIONS, PolicyKey, SniKey, ZoneKeyV4, ZoneKeyV6, sni_state,
-    verdict,
+    MAX_WATCHED_IFACES, POLICY_GENERATIONS, PolicyKey, SniKey, ZoneKeyV4, ZoneKeyV6, app_protocol,
+    flow_state, sni_state, verdict,
 };
 
 use crate::parse::{Bounds, IPPROTO_TCP, Packet};
@@ -304,7 +304,28 @@ fn after_account<F: flow::FlowOps>(
         flow::announce_new::<F>(acc, ifindex, key);
     }
     if acc.dir != DIR_FORWARD {
-        return (false, false);
+        // The responder's first payload of a TLS flow, once: its ServerHello says
+        // what was negotiated (the crypto posture the records carry).
+        // SAFETY: live flow-table value.
+        let (app, state) = unsafe { ((*acc.stats).app_protocol, (*acc.stats).state) };
+        let reply =
+            p.payload_len > 0 && app == app_protocol::TLS && state & flow_state::REPLY_COPIED == 0;
+        if reply {
+            // SAFETY: offset 56..64 of FlowStats is the 8-byte word `ifindex ..=
+            // state` (layout test in sensor-common); `state` is its top byte.
+            unsafe {
+                let word = (&raw mut (*acc.stats).ifindex).cast::<u64>();
+                F::or_word(word, (flow_state::REPLY_COPIED as u64) << 56);
+            }
+            if let Some(job) = PAYLOAD_JOB.get_ptr_mut(0) {
+                // SAFETY: per-CPU slot handed to the tail-called program.
+                unsafe {
+                    (*job).ifindex = ifindex;
+                    (*job).dir = acc.dir as u32;
+                }
+            }
+        }
+        return (false, reply);
     }
     // SAFETY: as above.
     let (state, copies) = unsafe { ((*acc.stats).sni_state, (*acc.stats).payload_copies) };
@@ -319,7 +340,10 @@ fn after_account<F: flow::FlowOps>(
     if first_payload && let Some(job) = PAYLOAD_JOB.get_ptr_mut(0) {
         // SAFETY: per-CPU slot handed to the tail-called program on this CPU; `p`
         // and `key` already live in it.
-        unsafe { (*job).ifindex = ifindex };
+        unsafe {
+            (*job).ifindex = ifindex;
+            (*job).dir = DIR_FORWARD as u32;
+        }
     }
     (v == verdict::BLOCKED, first_payload)
 }
@@ -351,6 +375,8 @@ pub struct PayloadJob {
     pkt: Packet,
     key: FlowKey,
     ifindex: u32,
+    /// DIR_FORWARD: a ClientHello / Initial to classify; DIR_REVERSE: a reply to copy.
+    dir: u32,
 }
 
 #[map]
@@ -375,7 +401,16 @@ fn classify_job<C: classify::LoadBytes, V: classify::Variant>(ctx: &C, start: us
         return;
     };
     let b = Bounds { start, end };
-    classify::on_first_payload::<C, V>(ctx, &b, &job.pkt, &job.key, s, job.ifindex, &config());
+    classify::on_first_payload::<C, V>(
+        ctx,
+        &b,
+        &job.pkt,
+        &job.key,
+        s,
+        job.ifindex,
+        job.dir,
+        &config(),
+    );
 }
 
 /// First forward payload packet of a flow (XDP): TLS ClientHello / QUIC Initial.

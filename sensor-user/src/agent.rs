@@ -22,7 +22,9 @@ use anyhow::{Context as _, Result};
 use conduit_evidence::chain::{Appended, Recorder, RecorderOptions};
 use conduit_evidence::ecs::{ChainPosition, ecs_json};
 use conduit_proto::v1::{Loss, Record, RecordKind, Verdict, record::Body};
-use sensor_common::{ClassUpdate, Counter, FlowKey, FlowStats, app_protocol, sni_state, verdict};
+use sensor_common::{
+    ClassUpdate, Counter, DIR_REVERSE, FlowKey, FlowStats, app_protocol, sni_state, verdict,
+};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -537,6 +539,15 @@ impl Agent {
                     let stats = self.sink.clock.stats(fe.stats);
                     self.tracker.on_new(fe.header.key, stats, now);
                     self.write_retired()?;
+                }
+            }
+            // The responder's first payload of a TLS flow: what it negotiated.
+            KernelEvent::Payload(pe) if usize::from(pe.header.direction) == DIR_REVERSE => {
+                let copied = (pe.copied_len as usize).min(pe.data.len());
+                let negotiated = crate::tls::parse_server_hello(&pe.data[..copied]);
+                tracing::debug!(copied, ?negotiated, "responder first payload");
+                if let Some(n) = negotiated {
+                    self.tracker.on_server_hello(&pe.header.key, n);
                 }
             }
             KernelEvent::Payload(pe) => {

@@ -58,6 +58,8 @@ pub struct Classification {
     pub ech: bool,
     /// The ClientHello offers a post-quantum key-exchange group.
     pub pq_offered: bool,
+    /// What the ServerHello negotiated, once the agent read it.
+    pub negotiated: Option<crate::tls::Negotiated>,
     pub zone: Option<String>,
     pub endpoint: Option<String>,
     /// What matched the endpoint (None: no endpoint).
@@ -495,6 +497,11 @@ impl FlowTracker {
         if t.recorded {
             return None;
         }
+        let mut class = class;
+        // A ServerHello read before the ClientHello was done stays.
+        if class.negotiated.is_none() {
+            class.negotiated = t.class.as_mut().and_then(|c| c.negotiated.take());
+        }
         t.class = Some(Box::new(class));
         if !recordable {
             return None;
@@ -533,6 +540,13 @@ impl FlowTracker {
             return None;
         }
         Some(start(t))
+    }
+
+    /// The flow's ServerHello was read: its later records carry what it negotiated.
+    pub fn on_server_hello(&mut self, key: &FlowKey, negotiated: crate::tls::Negotiated) {
+        if let Some(t) = self.flows.get_mut(key) {
+            t.class.get_or_insert_with(Box::default).negotiated = Some(negotiated);
+        }
     }
 
     /// Current classification of a flow, if tracked.

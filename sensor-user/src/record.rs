@@ -93,7 +93,28 @@ pub fn flow_record(flow: &FlowOut, clock: &BootClock, ifname: &str) -> Record {
             app_protocol: c.app_protocol.clone().unwrap_or_default(),
             server_name: c.server_name.clone().unwrap_or_default(),
             ja4: c.ja4.clone().unwrap_or_default(),
-            tls_version: c.tls_version.clone().unwrap_or_default(),
+            // The version the server chose, once known; else the hello's.
+            tls_version: c
+                .negotiated
+                .as_ref()
+                .and_then(|n| n.version)
+                .map(str::to_owned)
+                .or_else(|| c.tls_version.clone())
+                .unwrap_or_default(),
+            tls_cipher: c
+                .negotiated
+                .as_ref()
+                .map(|n| n.cipher.clone())
+                .unwrap_or_default(),
+            tls_curve: c
+                .negotiated
+                .as_ref()
+                .and_then(crate::tls::Negotiated::curve)
+                .unwrap_or_default(),
+            pq_negotiated: c
+                .negotiated
+                .as_ref()
+                .is_some_and(crate::tls::Negotiated::post_quantum),
             alpn: c.alpn.clone(),
             ech: c.ech,
             pq_offered: c.pq_offered,

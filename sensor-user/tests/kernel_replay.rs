@@ -239,12 +239,6 @@ fn replay_records_client_hellos_that_defeat_parsing_with_their_anomaly() {
         println!("SKIP: needs root");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let (pcap, conduits, jsonl) = (
-        dir.path().join("capture.pcap"),
-        dir.path().join("conduits.yaml"),
-        dir.path().join("out.jsonl"),
-    );
     let hello = hello_for("api.openai.com", 0);
     // More segments than the kernel copies.
     let padded = hello_for("api.openai.com", 800);
@@ -270,25 +264,7 @@ fn replay_records_client_hellos_that_defeat_parsing_with_their_anomaly() {
         &[(64, 0, &hello[..1]), (64, 1, &hello[1..])],
     ));
     packets.extend(tls_flow(40016, &segments(&hello, hello.len())));
-    write_pcap(&pcap, &packets);
-    std::fs::write(&conduits, CONDUITS).unwrap();
-
-    let out = Command::new(env!("CARGO_BIN_EXE_conduit-sensor"))
-        .args(["replay", "--conduits"])
-        .arg(&conduits)
-        .arg(&pcap)
-        .arg("--jsonl")
-        .arg(&jsonl)
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "replay failed: {out:?}");
-    let records: Vec<serde_json::Value> = std::fs::read_to_string(&jsonl)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let (records, log) = replay(&packets);
     let start = |port: u16| {
         let starts: Vec<_> = records
             .iter()
@@ -322,4 +298,118 @@ fn replay_records_client_hellos_that_defeat_parsing_with_their_anomaly() {
         serde_json::json!(["conflicting_retransmission"]),
         "{r:#}"
     );
+}
+
+/// Runs `conduit-sensor replay` over `packets` with [`CONDUITS`]; returns the JSON
+/// lines it wrote and its log.
+fn replay(packets: &[Vec<u8>]) -> (Vec<serde_json::Value>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let (pcap, conduits, jsonl) = (
+        dir.path().join("capture.pcap"),
+        dir.path().join("conduits.yaml"),
+        dir.path().join("out.jsonl"),
+    );
+    write_pcap(&pcap, packets);
+    std::fs::write(&conduits, CONDUITS).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_conduit-sensor"))
+        .args(["replay", "--conduits"])
+        .arg(&conduits)
+        .arg(&pcap)
+        .arg("--jsonl")
+        .arg(&jsonl)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "replay failed: {out:?}");
+    let records = std::fs::read_to_string(&jsonl)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (records, log)
+}
+
+/// A TLS 1.3 ServerHello record choosing `cipher` and key-share `group` (with a
+/// key of `key_len` bytes), then the ChangeCipherSpec that follows it.
+fn server_hello(cipher: u16, group: u16, key_len: usize) -> Vec<u8> {
+    let mut exts = vec![0, 43, 0, 2, 3, 4, 0, 51];
+    exts.extend_from_slice(&u16::try_from(key_len + 4).unwrap().to_be_bytes());
+    exts.extend_from_slice(&group.to_be_bytes());
+    exts.extend_from_slice(&u16::try_from(key_len).unwrap().to_be_bytes());
+    exts.extend(std::iter::repeat_n(7u8, key_len));
+    let mut body = vec![3, 3];
+    body.extend_from_slice(&[0x11; 32]);
+    body.push(32);
+    body.extend_from_slice(&[0x22; 32]);
+    body.extend_from_slice(&cipher.to_be_bytes());
+    body.push(0);
+    body.extend_from_slice(&u16::try_from(exts.len()).unwrap().to_be_bytes());
+    body.extend_from_slice(&exts);
+    let mut hs = vec![2];
+    hs.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes()[1..]);
+    hs.extend_from_slice(&body);
+    let mut rec = vec![22, 3, 3];
+    rec.extend_from_slice(&u16::try_from(hs.len()).unwrap().to_be_bytes());
+    rec.extend_from_slice(&hs);
+    rec.extend_from_slice(&[20, 3, 3, 0, 1, 1]);
+    rec
+}
+
+/// The server's reply in a [`tls_flow`] to CLIENT:`port`, after a client payload
+/// of `sent` bytes.
+fn server_reply(port: u16, sent: usize, payload: &[u8]) -> Vec<u8> {
+    let (cs, ss) = (7000u32, 9000u32);
+    tcp_frame(
+        eth()
+            .ipv4(OPENAI, CLIENT, 64)
+            .tcp(443, port, ss + 1, 64240)
+            .ack(cs + 1 + u32::try_from(sent).unwrap())
+            .psh(),
+        payload,
+    )
+}
+
+/// The crypto posture (issue 17): the ServerHello the responder sends first is copied
+/// once, and the flow's records then carry the negotiated version, cipher and group,
+/// and whether that group is post-quantum.
+#[test]
+fn replay_records_what_the_server_hello_negotiated() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIP: needs root");
+        return;
+    }
+    let hello = hello_for("api.openai.com", 0);
+    let mut packets = tls_flow(40020, &[(64, 0, &hello)]);
+    packets.push(server_reply(
+        40020,
+        hello.len(),
+        &server_hello(0x1302, 0x001d, 32),
+    ));
+    packets.extend(tls_flow(40021, &[(64, 0, &hello)]));
+    let pq = server_hello(0x1301, 0x11ec, 1088);
+    packets.push(server_reply(40021, hello.len(), &pq));
+    // Only the first reply is read: a later one does not change the record.
+    packets.push(server_reply(
+        40021,
+        hello.len(),
+        &server_hello(0x1303, 0x0017, 65),
+    ));
+    let (records, log) = replay(&packets);
+    let last = |port: u16| {
+        records
+            .iter()
+            .rfind(|r| r["source"]["port"] == port && r["event"]["action"] == "flow_end")
+            .unwrap_or_else(|| panic!("no flow_end for {port}: {records:#?}\n{log}"))
+            .clone()
+    };
+    let r = last(40020);
+    assert_eq!(r["tls"]["version"], "1.3", "{r:#}");
+    assert_eq!(r["tls"]["cipher"], "TLS_AES_256_GCM_SHA384", "{r:#}");
+    assert_eq!(r["tls"]["curve"], "x25519", "{r:#}");
+    assert_eq!(r["conduit"]["pq"]["negotiated"], false, "{r:#}");
+    let r = last(40021);
+    assert_eq!(r["tls"]["cipher"], "TLS_AES_128_GCM_SHA256", "{r:#}");
+    assert_eq!(r["tls"]["curve"], "X25519MLKEM768", "{r:#}");
+    assert_eq!(r["conduit"]["pq"]["negotiated"], true, "{r:#}");
 }

@@ -303,6 +303,20 @@ fn real_clients_are_classified(chromium: bool) -> Result<()> {
     for r in flows_to(&records, OT1_V4, AI_V4[0], "api.openai.com") {
         ensure!(r["conduit"]["pq"]["offered"] == false, "curl pq: {r:#}");
     }
+    // What nginx's ServerHello negotiated with curl (both OpenSSL 3.0: TLS 1.3 over
+    // x25519, no post-quantum group), on the flow's last record.
+    let ends: Vec<_> = flows_to(&records, OT1_V4, AI_V4[0], "api.openai.com")
+        .into_iter()
+        .filter(|r| r["event"]["action"] == "flow_end")
+        .collect();
+    ensure!(!ends.is_empty(), "no flow_end of curl's flow");
+    for r in ends {
+        let cipher = r["tls"]["cipher"].as_str().unwrap_or_default();
+        ensure!(cipher.starts_with("TLS_AES_"), "curl cipher: {r:#}");
+        ensure!(r["tls"]["version"] == "1.3", "curl version: {r:#}");
+        ensure!(r["tls"]["curve"] == "x25519", "curl curve: {r:#}");
+        ensure!(r["conduit"]["pq"]["negotiated"] == false, "curl pq: {r:#}");
+    }
     check(
         &records,
         &violation(
