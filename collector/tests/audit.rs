@@ -50,7 +50,17 @@ fn write_timeline(spool: &Path, t0: SystemTime) -> u64 {
         rec.tick(at(s)).expect("tick");
         let mut r = match s {
             5 => flow(s, v1::Verdict::Violation, ""),
-            7 => flow(s, v1::Verdict::Authorized, "cell1-copilot"),
+            7 => {
+                // Its ServerHello was read: a post-quantum TLS 1.3 handshake.
+                let mut r = flow(s, v1::Verdict::Authorized, "cell1-copilot");
+                if let Some(Body::Flow(f)) = &mut r.body {
+                    f.tls_version = "1.3".to_owned();
+                    f.tls_cipher = "TLS_AES_128_GCM_SHA256".to_owned();
+                    f.tls_curve = "X25519MLKEM768".to_owned();
+                    f.pq_negotiated = true;
+                }
+                r
+            }
             _ => {
                 let mut r = flow(s, v1::Verdict::Unclassified, "");
                 r.kind = RecordKind::FlowUpdate as i32;
@@ -242,6 +252,22 @@ async fn query_agrees_with_the_export_and_the_report_proves_the_window() {
         sensor["first_seq"].as_u64().expect("test step")
             < sensor["last_seq"].as_u64().expect("test step")
     );
+    // The crypto section: per conduit, what the handshakes negotiated.
+    let crypto = s["crypto"].as_array().expect("crypto rows");
+    assert!(
+        crypto.contains(&serde_json::json!({
+            "conduit": "cell1-copilot", "version": "1.3", "cipher": "TLS_AES_128_GCM_SHA256",
+            "curve": "X25519MLKEM768", "pq_negotiated": true, "flows": 1,
+        })),
+        "{crypto:?}"
+    );
+    assert!(
+        crypto
+            .iter()
+            .any(|c| c["conduit"] == "(no conduit) openai" && c["pq_negotiated"].is_null()),
+        "{crypto:?}"
+    );
+    assert!(ok_html.contains("Cryptography per conduit") && ok_html.contains("X25519MLKEM768"));
     assert!(ok_html.contains("VERIFIED AND COMPLETE"));
     assert!(ok_html.contains("SR 3.9") && ok_html.contains("Art. 23"));
 

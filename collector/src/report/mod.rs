@@ -187,6 +187,33 @@ pub struct Summary {
     pub max_rows: usize,
     /// zone -> endpoint -> flows and bytes per verdict.
     pub matrix: BTreeMap<String, BTreeMap<String, Cell>>,
+    /// Per conduit, the flows by what their TLS handshake negotiated.
+    pub crypto: Vec<CryptoRow>,
+}
+
+/// Flows of one conduit (or of an AI endpoint no conduit allowed) that negotiated
+/// the same TLS version, cipher suite and key-exchange group.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CryptoRow {
+    pub conduit: String,
+    pub version: String,
+    pub cipher: String,
+    pub curve: String,
+    /// A post-quantum group was negotiated (None: the ServerHello was not seen).
+    pub pq_negotiated: Option<bool>,
+    pub flows: u64,
+}
+
+/// A flow's negotiated posture as one interned string: version, cipher, curve and
+/// post-quantum, tab-separated; empty when no ServerHello was read.
+fn posture(f: &v1::Flow) -> String {
+    if f.tls_cipher.is_empty() {
+        return String::new();
+    }
+    format!(
+        "{}\t{}\t{}\t{}",
+        f.tls_version, f.tls_cipher, f.tls_curve, f.pq_negotiated
+    )
 }
 
 impl Summary {
@@ -207,6 +234,10 @@ struct FlowTally {
     verdict: &'static str,
     zone: u32,
     endpoint: u32,
+    /// The conduit that allowed it, or the endpoint it went to without one.
+    conduit: u32,
+    /// What its ServerHello negotiated (see [`posture`]).
+    posture: u32,
     bytes: u64,
     /// Its row in the violation or blocked list, if listed.
     listed: Option<u32>,
@@ -277,6 +308,7 @@ pub fn build(
         alarm_count: 0,
         max_rows,
         matrix: BTreeMap::new(),
+        crypto: Vec::new(),
     };
     for (chain, dir) in chain_dirs(store)? {
         if chain == ALARM_DIR {
@@ -489,15 +521,28 @@ fn sensor(
                             + fl.destination.map_or(0, |c| c.bytes);
                         let verdict = verdict_name(fl.verdict);
                         let (zone, endpoint) = (names.id(&fl.zone), names.id(&fl.endpoint));
+                        let conduit = if fl.conduit_id.is_empty() {
+                            names.id(&format!("(no conduit) {}", fl.endpoint))
+                        } else {
+                            names.id(&fl.conduit_id)
+                        };
+                        let posture = names.id(&posture(&fl));
                         let tally = flows.entry(fl.flow_id).or_insert(FlowTally {
                             verdict,
                             zone,
                             endpoint,
+                            conduit,
+                            posture,
                             bytes,
                             listed: None,
                         });
                         (tally.verdict, tally.zone, tally.endpoint, tally.bytes) =
                             (verdict, zone, endpoint, bytes);
+                        tally.conduit = conduit;
+                        // A later record without it (none) keeps what an earlier had.
+                        if !fl.tls_cipher.is_empty() {
+                            tally.posture = posture;
+                        }
                         let list = match verdict {
                             "violation" => &mut s.violation_list,
                             "blocked" => &mut s.blocked_list,
@@ -572,8 +617,12 @@ fn sensor(
     if let Some(p) = policy_before {
         s.policies.insert(0, p);
     }
+    let mut crypto: BTreeMap<(u32, u32), u64> = BTreeMap::new();
     for f in flows.into_values() {
         s.flows += 1;
+        if !names.name(f.endpoint).is_empty() {
+            *crypto.entry((f.conduit, f.posture)).or_default() += 1;
+        }
         let zone = match names.name(f.zone) {
             "" => "(no zone)",
             z => z,
@@ -596,6 +645,20 @@ fn sensor(
             _ => {}
         }
     }
+    for ((conduit, posture), flows) in crypto {
+        let mut p = names.name(posture).split('\t');
+        let mut field = || p.next().unwrap_or_default().to_owned();
+        let (version, cipher, curve, pq) = (field(), field(), field(), field());
+        s.crypto.push(CryptoRow {
+            conduit: names.name(conduit).to_owned(),
+            version,
+            cipher,
+            curve,
+            pq_negotiated: (!pq.is_empty()).then(|| pq == "true"),
+            flows,
+        });
+    }
+    s.crypto.sort();
     let by_time =
         |a: &FlowRow, b: &FlowRow| (a.time.as_str(), a.seq).cmp(&(b.time.as_str(), b.seq));
     s.violation_list[first_violation..].sort_by(by_time);
