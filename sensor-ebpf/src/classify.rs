@@ -355,7 +355,8 @@ pub fn on_first_payload<C: LoadBytes, V: Variant>(
             (*s).sni_state == sni_state::PENDING
         };
     let app = if reply {
-        app_protocol::TLS
+        // SAFETY: live flow-table value.
+        unsafe { (*s).app_protocol }
     } else if continuation {
         // A later segment of a ClientHello (or a later Initial): copy it as it is.
         // SAFETY: live flow-table value.

@@ -304,12 +304,13 @@ fn after_account<F: flow::FlowOps>(
         flow::announce_new::<F>(acc, ifindex, key);
     }
     if acc.dir != DIR_FORWARD {
-        // The responder's first payload of a TLS flow, once: its ServerHello says
-        // what was negotiated (the crypto posture the records carry).
+        // The responder's first payload of a TLS or QUIC flow, once: its ServerHello
+        // (in QUIC, inside the server's Initial) says what was negotiated.
         // SAFETY: live flow-table value.
         let (app, state) = unsafe { ((*acc.stats).app_protocol, (*acc.stats).state) };
-        let reply =
-            p.payload_len > 0 && app == app_protocol::TLS && state & flow_state::REPLY_COPIED == 0;
+        let reply = p.payload_len > 0
+            && (app == app_protocol::TLS || app == app_protocol::QUIC)
+            && state & flow_state::REPLY_COPIED == 0;
         if reply {
             // SAFETY: offset 56..64 of FlowStats is the 8-byte word `ifindex ..=
             // state` (layout test in sensor-common); `state` is its top byte.

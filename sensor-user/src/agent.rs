@@ -544,10 +544,23 @@ impl Agent {
             // The responder's first payload of a TLS flow: what it negotiated.
             KernelEvent::Payload(pe) if usize::from(pe.header.direction) == DIR_REVERSE => {
                 let copied = (pe.copied_len as usize).min(pe.data.len());
-                let negotiated = crate::tls::parse_server_hello(&pe.data[..copied]);
+                let data = &pe.data[..copied];
+                let key = pe.header.key;
+                let negotiated = match self
+                    .tracker
+                    .classification(&key)
+                    .and_then(|c| c.quic_initial.as_ref())
+                {
+                    // QUIC: the ServerHello is in the server's Initial.
+                    Some((version, dcid)) => {
+                        crate::tls::server_initial_crypto(data, *version, dcid)
+                            .and_then(|hs| crate::tls::parse_server_hello_handshake(&hs))
+                    }
+                    None => crate::tls::parse_server_hello(data),
+                };
                 tracing::debug!(copied, ?negotiated, "responder first payload");
                 if let Some(n) = negotiated {
-                    self.tracker.on_server_hello(&pe.header.key, n);
+                    self.tracker.on_server_hello(&key, n);
                 }
             }
             KernelEvent::Payload(pe) => {
@@ -591,6 +604,7 @@ impl Agent {
             alpn: info.alpn.clone(),
             ech: info.ech,
             pq_offered: info.offers_post_quantum(),
+            quic_initial: info.quic_initial.clone(),
             anomalies: if info.conflicting_retransmission {
                 vec![anomaly::CONFLICTING_RETRANSMISSION]
             } else {

@@ -60,6 +60,8 @@ pub struct Classification {
     pub pq_offered: bool,
     /// What the ServerHello negotiated, once the agent read it.
     pub negotiated: Option<crate::tls::Negotiated>,
+    /// QUIC: version and the client's first DCID, to read the server's Initial.
+    pub quic_initial: Option<(u32, Vec<u8>)>,
     pub zone: Option<String>,
     pub endpoint: Option<String>,
     /// What matched the endpoint (None: no endpoint).

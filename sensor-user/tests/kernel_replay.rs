@@ -370,9 +370,9 @@ fn server_reply(port: u16, sent: usize, payload: &[u8]) -> Vec<u8> {
     )
 }
 
-/// The crypto posture (issue 17): the ServerHello the responder sends first is copied
-/// once, and the flow's records then carry the negotiated version, cipher and group,
-/// and whether that group is post-quantum.
+/// The crypto posture (issue 17): the ServerHello the responder sends first (for QUIC,
+/// inside the server's Initial) is copied once, and the flow's records then carry the
+/// negotiated version, cipher and group, and whether that group is post-quantum.
 #[test]
 fn replay_records_what_the_server_hello_negotiated() {
     if !nix::unistd::geteuid().is_root() {
@@ -395,6 +395,17 @@ fn replay_records_what_the_server_hello_negotiated() {
         hello.len(),
         &server_hello(0x1303, 0x0017, 65),
     ));
+    // QUIC: RFC 9001's client Initial, and a server Initial aioquic encrypted for it.
+    packets.push(quic_packet());
+    let initial = include_str!("../src/tls/testdata/aioquic_server_initial.hex");
+    let initial = hex::decode(initial.split_whitespace().collect::<String>()).unwrap();
+    let mut reply = Vec::new();
+    eth()
+        .ipv4(EXAMPLE, CLIENT, 64)
+        .udp(443, 40001)
+        .write(&mut reply, &initial)
+        .unwrap();
+    packets.push(reply);
     let (records, log) = replay(&packets);
     let last = |port: u16| {
         records
@@ -412,4 +423,10 @@ fn replay_records_what_the_server_hello_negotiated() {
     assert_eq!(r["tls"]["cipher"], "TLS_AES_128_GCM_SHA256", "{r:#}");
     assert_eq!(r["tls"]["curve"], "X25519MLKEM768", "{r:#}");
     assert_eq!(r["conduit"]["pq"]["negotiated"], true, "{r:#}");
+    let r = last(40001);
+    assert_eq!(r["network"]["protocol"], "quic", "{r:#}");
+    assert_eq!(r["tls"]["version"], "1.3", "{r:#}");
+    assert_eq!(r["tls"]["cipher"], "TLS_AES_128_GCM_SHA256", "{r:#}");
+    assert_eq!(r["tls"]["curve"], "x25519", "{r:#}");
+    assert_eq!(r["conduit"]["pq"]["negotiated"], false, "{r:#}");
 }

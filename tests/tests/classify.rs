@@ -317,6 +317,24 @@ fn real_clients_are_classified(chromium: bool) -> Result<()> {
         ensure!(r["tls"]["curve"] == "x25519", "curl curve: {r:#}");
         ensure!(r["conduit"]["pq"]["negotiated"] == false, "curl pq: {r:#}");
     }
+    // QUIC: the ServerHello in aioquic's server Initial, decrypted with the keys of the
+    // client's first DCID.
+    let quic_ends: Vec<_> = flows_to(&records, OT2_V4, AI_V4[1], "api.openai.com")
+        .into_iter()
+        .filter(|r| r["event"]["action"] == "flow_end" && r["network"]["protocol"] == "quic")
+        .collect();
+    ensure!(!quic_ends.is_empty(), "no flow_end of aioquic's flow");
+    for r in quic_ends {
+        let cipher = r["tls"]["cipher"].as_str().unwrap_or_default();
+        ensure!(cipher.starts_with("TLS_"), "aioquic cipher: {r:#}");
+        ensure!(r["tls"]["version"] == "1.3", "aioquic version: {r:#}");
+        let curve = r["tls"]["curve"].as_str().unwrap_or_default();
+        ensure!(!curve.is_empty(), "aioquic curve: {r:#}");
+        ensure!(
+            r["conduit"]["pq"]["negotiated"] == curve.contains("MLKEM"),
+            "aioquic pq: {r:#}"
+        );
+    }
     check(
         &records,
         &violation(

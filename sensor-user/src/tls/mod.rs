@@ -13,6 +13,9 @@ pub mod server_hello;
 
 pub use client_hello::{ClientHelloInfo, ParseError, parse_client_hello, parse_handshake};
 pub use ja4::Transport;
-pub use quic::{QuicError, QuicInitialTable, protect_client_initial};
+pub use quic::{
+    QuicError, QuicInitialTable, protect_client_initial, protect_server_initial,
+    server_initial_crypto,
+};
 pub use reassembly::{ClientHelloAssembler, Limits, Push, ReassemblyTable};
-pub use server_hello::{Negotiated, parse_server_hello};
+pub use server_hello::{Negotiated, parse_server_hello, parse_server_hello_handshake};

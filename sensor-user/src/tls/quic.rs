@@ -34,6 +34,9 @@ const SALT_V2: [u8; 20] = [
 /// RFC 9000 17.2: connection IDs are at most 20 bytes in v1 (and v2).
 const MAX_CID_LEN: usize = 20;
 const TAG_LEN: usize = 16;
+/// CRYPTO bytes kept of a server's first datagram: its ServerHello (about 1.2 KiB
+/// with a hybrid post-quantum key share) fits; one datagram holds no more anyway.
+const MAX_SERVER_HELLO_CRYPTO: usize = 4096;
 
 /// Why a datagram could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -105,10 +108,16 @@ fn expand_label(prk: &Hkdf<Sha256>, label: &[u8], out: &mut [u8]) -> Option<()> 
 
 /// `client_initial_secret` for a version and client Destination Connection ID.
 pub fn client_initial_secret(version: u32, dcid: &[u8]) -> Option<[u8; 32]> {
+    initial_secret(version, dcid, b"client in")
+}
+
+/// The Initial secret of one side (`client in` / `server in`, RFC 9001 5.2); both
+/// derive from the client's first Destination Connection ID.
+fn initial_secret(version: u32, dcid: &[u8], label: &[u8]) -> Option<[u8; 32]> {
     let (salt, _) = version_params(version)?;
     let initial = Hkdf::<Sha256>::new(Some(salt), dcid);
     let mut secret = [0u8; 32];
-    expand_label(&initial, b"client in", &mut secret)?;
+    expand_label(&initial, label, &mut secret)?;
     Some(secret)
 }
 
@@ -130,6 +139,40 @@ pub fn keys_from_secret(version: u32, secret: &[u8; 32]) -> Option<InitialKeys> 
 /// Client Initial keys for a version and Destination Connection ID.
 pub fn client_initial_keys(version: u32, dcid: &[u8]) -> Option<InitialKeys> {
     keys_from_secret(version, &client_initial_secret(version, dcid)?)
+}
+
+/// Server Initial keys for a version and the client's first Destination Connection ID.
+pub fn server_initial_keys(version: u32, client_dcid: &[u8]) -> Option<InitialKeys> {
+    keys_from_secret(
+        version,
+        &initial_secret(version, client_dcid, b"server in")?,
+    )
+}
+
+/// The CRYPTO bytes from offset 0 of the server Initials in `datagram` (the server's
+/// first datagram of a connection whose client's first Destination Connection ID was
+/// `client_dcid`): there the ServerHello, a handshake message without a record
+/// layer. Coalesced Handshake packets after them are not readable and end the walk.
+pub fn server_initial_crypto(datagram: &[u8], version: u32, client_dcid: &[u8]) -> Option<Vec<u8>> {
+    let keys = server_initial_keys(version, client_dcid)?;
+    let mut crypto = RangeBuf::new(MAX_SERVER_HELLO_CRYPTO, 16);
+    let mut pos = 0usize;
+    while let Some(rest) = datagram.get(pos..).filter(|r| !r.is_empty()) {
+        let Ok(hdr) = parse_long_header(rest) else {
+            break;
+        };
+        if hdr.ty != LongType::Initial || hdr.version != version {
+            break;
+        }
+        let p = decrypt_initial(rest.get(..hdr.end)?, hdr.pn_offset, &keys).ok()?;
+        for_each_crypto_frame(&p.payload, |off, data| {
+            let _ = crypto.insert(off, data);
+        })
+        .ok()?;
+        pos += hdr.end;
+    }
+    let data = crypto.contiguous();
+    (!data.is_empty()).then(|| data.to_vec())
 }
 
 /// QUIC variable-length integer (RFC 9000 16).
@@ -319,6 +362,38 @@ pub fn protect_client_initial(
     payload: &[u8],
 ) -> Option<Vec<u8>> {
     let keys = client_initial_keys(version, dcid)?;
+    protect_initial(&keys, version, dcid, scid, packet_number, payload)
+}
+
+/// The server's Initial answering a client whose first Destination Connection ID was
+/// `client_dcid`, sent to the client's `client_scid` from `server_scid`. For tests.
+pub fn protect_server_initial(
+    version: u32,
+    client_dcid: &[u8],
+    client_scid: &[u8],
+    server_scid: &[u8],
+    packet_number: u32,
+    payload: &[u8],
+) -> Option<Vec<u8>> {
+    let keys = server_initial_keys(version, client_dcid)?;
+    protect_initial(
+        &keys,
+        version,
+        client_scid,
+        server_scid,
+        packet_number,
+        payload,
+    )
+}
+
+fn protect_initial(
+    keys: &InitialKeys,
+    version: u32,
+    dcid: &[u8],
+    scid: &[u8],
+    packet_number: u32,
+    payload: &[u8],
+) -> Option<Vec<u8>> {
     let type_bits: u8 = if version == QUIC_V2 { 1 } else { 0 };
     let mut pkt = vec![0xc0 | (type_bits << 4) | 0x03];
     pkt.extend_from_slice(&version.to_be_bytes());
@@ -520,7 +595,10 @@ impl QuicInitialAssembler {
         if data.len() > self.parsed_len {
             self.parsed_len = data.len();
             match parse_handshake(data) {
-                Ok(info) => return Push::Done(Box::new(info)),
+                Ok(mut info) => {
+                    info.quic_initial = self.keys.as_ref().map(|(v, dcid, _)| (*v, dcid.clone()));
+                    return Push::Done(Box::new(info));
+                }
                 Err(ParseError::Incomplete { .. }) => {}
                 Err(ParseError::TooLarge(_)) => return Push::Limit,
                 Err(e) => return Push::Failed(e),
@@ -619,6 +697,31 @@ pub(crate) mod tests {
         assert_eq!(k.key.to_vec(), h("1f369613dd76d5467730efcbe3b1a22d"));
         assert_eq!(k.iv.to_vec(), h("fa044b2f42a3fd3b46fb255c"));
         assert_eq!(k.hp.to_vec(), h("9f50449e04a0e810283a1e9933adedd2"));
+    }
+
+    /// A server Initial made and encrypted by aioquic (1.2, `CryptoPair.setup_initial`
+    /// with is_client=False) for the RFC 9001 client's DCID: an ACK and a CRYPTO frame
+    /// with a TLS 1.3 ServerHello (TLS_AES_128_GCM_SHA256, x25519). Our server keys
+    /// read it; a client's keys or another DCID do not.
+    #[test]
+    fn aioquic_server_initial_gives_the_server_hello() {
+        let pkt = hexfile(include_str!("testdata/aioquic_server_initial.hex"));
+        let hs = server_initial_crypto(&pkt, QUIC_V1, &DCID).expect("decrypts");
+        let n = crate::tls::parse_server_hello_handshake(&hs).expect("ServerHello");
+        assert_eq!(n.version, Some("1.3"));
+        assert_eq!(n.cipher, "TLS_AES_128_GCM_SHA256");
+        assert_eq!(n.curve().as_deref(), Some("x25519"));
+        assert_eq!(server_initial_crypto(&pkt, QUIC_V1, &[1, 2, 3, 4]), None);
+        // The same ServerHello through our own protection, for QUIC v2 too.
+        for version in [QUIC_V1, QUIC_V2] {
+            let frame = crypto_frame(0, &hs);
+            let ours = protect_server_initial(version, &DCID, &[9; 8], &[5; 4], 0, &frame)
+                .expect("protect");
+            assert_eq!(
+                server_initial_crypto(&ours, version, &DCID),
+                Some(hs.clone())
+            );
+        }
     }
 
     #[test]

@@ -81,8 +81,13 @@ pub fn parse_server_hello(bytes: &[u8]) -> Option<Negotiated> {
     if *ct != TlsRecordType::Handshake.0 {
         return None;
     }
-    let fragment = rest.get(..usize::from(u16::from_be_bytes([*l0, *l1])))?;
-    let [2, h0, h1, h2, body @ ..] = fragment else {
+    parse_server_hello_handshake(rest.get(..usize::from(u16::from_be_bytes([*l0, *l1])))?)
+}
+
+/// Reads a ServerHello handshake message (type, 24-bit length, body) at the start of
+/// `handshake`: the TLS record's fragment, or QUIC's CRYPTO stream.
+pub fn parse_server_hello_handshake(handshake: &[u8]) -> Option<Negotiated> {
+    let [2, h0, h1, h2, body @ ..] = handshake else {
         return None;
     };
     let body = body.get(..usize::try_from(u32::from_be_bytes([0, *h0, *h1, *h2])).ok()?)?;
