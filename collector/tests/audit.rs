@@ -69,6 +69,17 @@ fn write_timeline(spool: &Path, t0: SystemTime) -> u64 {
         };
         r.time_unix_nano = unix_nanos(at(s)) + 500_000_000;
         rec.append(r).expect("append");
+        if s == 55 {
+            // The violation of second 5 ends here, after the first report's window:
+            // what its handshake negotiated (TLS 1.2) still reaches that report.
+            let mut r = flow(5, v1::Verdict::Violation, "");
+            if let Some(Body::Flow(f)) = &mut r.body {
+                f.tls_version = "1.2".to_owned();
+                f.tls_cipher = "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256".to_owned();
+            }
+            r.time_unix_nano = unix_nanos(at(s)) + 600_000_000;
+            rec.append(r).expect("append");
+        }
     }
     rec.tick(at(121)).expect("tick");
     rec.tick(at(135)).expect("tick");
@@ -158,8 +169,14 @@ async fn query_agrees_with_the_export_and_the_report_proves_the_window() {
     // Narrow filters.
     let out = collector(&["query", "--store", store_s, "--verdict", "violation"]);
     let lines = String::from_utf8(out.stdout).expect("test step");
-    assert_eq!(lines.lines().count(), 1, "{lines}");
-    assert!(lines.contains(r#""verdict":"violation""#), "{lines}");
+    // The violation of second 5 and its end at second 55: one flow, two records.
+    assert_eq!(lines.lines().count(), 2, "{lines}");
+    assert!(
+        lines
+            .lines()
+            .all(|l| l.contains(r#""verdict":"violation""#) && l.contains(r#""flow_id":5,"#)),
+        "{lines}"
+    );
     let out = collector(&[
         "query",
         "--store",
@@ -265,6 +282,14 @@ async fn query_agrees_with_the_export_and_the_report_proves_the_window() {
         crypto
             .iter()
             .any(|c| c["conduit"] == "(no conduit) openai" && c["pq_negotiated"].is_null()),
+        "{crypto:?}"
+    );
+    assert!(
+        crypto.contains(&serde_json::json!({
+            "conduit": "(no conduit) openai", "version": "1.2",
+            "cipher": "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256", "curve": "",
+            "pq_negotiated": false, "flows": 1,
+        })),
         "{crypto:?}"
     );
     assert!(ok_html.contains("Cryptography per conduit") && ok_html.contains("X25519MLKEM768"));

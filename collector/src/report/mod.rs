@@ -204,6 +204,11 @@ pub struct CryptoRow {
     pub flows: u64,
 }
 
+/// How far past the window the report looks for what a flow of the window
+/// negotiated: two active timeouts (60 s by default), so its next flow_update or
+/// flow_end is there.
+const POSTURE_HORIZON_NS: i64 = 120_000_000_000;
+
 /// A flow's negotiated posture as one interned string: version, cipher, curve and
 /// post-quantum, tab-separated; empty when no ServerHello was read.
 fn posture(f: &v1::Flow) -> String {
@@ -455,7 +460,15 @@ fn sensor(
                 }
                 before = (f.seq, t);
                 let in_window = t >= since && t < until;
+                // A flow's ServerHello comes after its flow_start: its next record,
+                // within an active timeout of the window's end, tells the crypto
+                // section what a flow of the window negotiated (nothing else).
+                let late = t >= until
+                    && t < until.saturating_add(POSTURE_HORIZON_NS)
+                    && (kind == RecordKind::FlowUpdate as i32
+                        || kind == RecordKind::FlowEnd as i32);
                 let wanted = in_window
+                    || late
                     || kind == RecordKind::Checkpoint as i32
                     || kind == RecordKind::PolicyChange as i32;
                 if !wanted {
@@ -514,6 +527,13 @@ fn sensor(
                                 in_force_at_start: true,
                                 ..row
                             });
+                        }
+                    }
+                    Some(Body::Flow(fl)) if late => {
+                        if !fl.tls_cipher.is_empty()
+                            && let Some(tally) = flows.get_mut(&fl.flow_id)
+                        {
+                            tally.posture = names.id(&posture(&fl));
                         }
                     }
                     Some(Body::Flow(fl)) => {
