@@ -421,8 +421,15 @@ pub fn on_first_payload<C: LoadBytes, V: Variant>(
     }
 
     // Copy the payload into a ring-buffer record; the agent parses SNI, ALPN, JA4.
+    // A reply it cannot copy whole is no loss: it classifies nothing (its record
+    // then shows no negotiated posture), and its first bytes are what is read.
+    let lost = |c: Counter| {
+        if !reply {
+            bump(c);
+        }
+    };
     let Some(mut e) = EVENTS.reserve::<PayloadEvent>(0) else {
-        bump(Counter::LossPayloadEvent);
+        lost(Counter::LossPayloadEvent);
         return;
     };
     let ev = e.as_mut_ptr();
@@ -431,7 +438,7 @@ pub fn on_first_payload<C: LoadBytes, V: Variant>(
     let mut n = p.payload_len as usize;
     if n > PAYLOAD_COPY_MAX {
         n = PAYLOAD_COPY_MAX;
-        bump(Counter::LossPayloadTruncated);
+        lost(Counter::LossPayloadTruncated);
     }
     let in_frame = ((b.end - b.start) as u32).saturating_sub(p.payload_off) as usize;
     // SAFETY: `ev` is a reservation of size_of::<PayloadEvent>(); every length passed
@@ -445,11 +452,11 @@ pub fn on_first_payload<C: LoadBytes, V: Variant>(
                 Some(part)
                     if (part as usize) < n && V::copy(ctx, b, p.payload_off, data, part) == 0 =>
                 {
-                    bump(Counter::LossPayloadPartial);
+                    lost(Counter::LossPayloadPartial);
                     in_frame
                 }
                 _ => {
-                    bump(Counter::LossPayloadLoad);
+                    lost(Counter::LossPayloadLoad);
                     0
                 }
             },

@@ -381,11 +381,12 @@ fn replay_records_what_the_server_hello_negotiated() {
     }
     let hello = hello_for("api.openai.com", 0);
     let mut packets = tls_flow(40020, &[(64, 0, &hello)]);
-    packets.push(server_reply(
-        40020,
-        hello.len(),
-        &server_hello(0x1302, 0x001d, 32),
-    ));
+    // The ServerHello with 2 KB of encrypted records after it in one packet (as a
+    // GSO packet carries it): more than the copy bound, and no loss.
+    let mut long = server_hello(0x1302, 0x001d, 32);
+    long.extend_from_slice(&[23, 3, 3, 0x07, 0xd0]);
+    long.extend(std::iter::repeat_n(0x5a, 2000));
+    packets.push(server_reply(40020, hello.len(), &long));
     packets.extend(tls_flow(40021, &[(64, 0, &hello)]));
     let pq = server_hello(0x1301, 0x11ec, 1088);
     packets.push(server_reply(40021, hello.len(), &pq));
@@ -414,6 +415,15 @@ fn replay_records_what_the_server_hello_negotiated() {
             .unwrap_or_else(|| panic!("no flow_end for {port}: {records:#?}\n{log}"))
             .clone()
     };
+    let payload_losses: Vec<_> = records
+        .iter()
+        .filter(|r| {
+            r["conduit"]["loss"]["reason"]
+                .as_str()
+                .is_some_and(|x| x.starts_with("payload_"))
+        })
+        .collect();
+    assert!(payload_losses.is_empty(), "{payload_losses:#?}");
     let r = last(40020);
     assert_eq!(r["tls"]["version"], "1.3", "{r:#}");
     assert_eq!(r["tls"]["cipher"], "TLS_AES_256_GCM_SHA384", "{r:#}");
