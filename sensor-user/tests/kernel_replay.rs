@@ -86,15 +86,24 @@ fn tls_packets() -> Vec<Vec<u8>> {
 
 /// The client Initial of RFC 9001 A.2 (SNI example.com), CLIENT:40001 to EXAMPLE:443.
 fn quic_packet() -> Vec<u8> {
-    let hex = include_str!("../src/tls/testdata/rfc9001_a2_client_initial.hex");
-    let initial = hex::decode(hex.split_whitespace().collect::<String>()).unwrap();
+    let initial = include_str!("../src/tls/testdata/rfc9001_a2_client_initial.hex");
+    udp_frame((CLIENT, 40001), (EXAMPLE, 443), &unhex(initial))
+}
+
+/// A UDP datagram carrying `payload` from `src` to `dst` (address, port).
+fn udp_frame(src: ([u8; 4], u16), dst: ([u8; 4], u16), payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     eth()
-        .ipv4(CLIENT, EXAMPLE, 64)
-        .udp(40001, 443)
-        .write(&mut out, &initial)
+        .ipv4(src.0, dst.0, 64)
+        .udp(src.1, dst.1)
+        .write(&mut out, payload)
         .unwrap();
     out
+}
+
+/// The bytes of a hex test vector (white space ignored).
+fn unhex(text: &str) -> Vec<u8> {
+    hex::decode(text.split_whitespace().collect::<String>()).unwrap()
 }
 
 /// A classic pcap (microsecond timestamps, Ethernet), one packet per millisecond.
@@ -399,14 +408,7 @@ fn replay_records_what_the_server_hello_negotiated() {
     // QUIC: RFC 9001's client Initial, and a server Initial aioquic encrypted for it.
     packets.push(quic_packet());
     let initial = include_str!("../src/tls/testdata/aioquic_server_initial.hex");
-    let initial = hex::decode(initial.split_whitespace().collect::<String>()).unwrap();
-    let mut reply = Vec::new();
-    eth()
-        .ipv4(EXAMPLE, CLIENT, 64)
-        .udp(443, 40001)
-        .write(&mut reply, &initial)
-        .unwrap();
-    packets.push(reply);
+    packets.push(udp_frame((EXAMPLE, 443), (CLIENT, 40001), &unhex(initial)));
     let (records, log) = replay(&packets);
     let last = |port: u16| {
         records
