@@ -389,10 +389,9 @@ impl SensorStore {
                 ),
             ));
         }
-        if self.spool.is_none() {
-            self.spool()
-                .map_err(|e| bad(RejectCode::Storage, format!("store: {e}")))?;
-        }
+        // The chain directory (and the pinned key) exist before the declaration.
+        self.spool()
+            .map_err(|e| bad(RejectCode::Storage, format!("store: {e}")))?;
         declared_gap::append(&self.dir, &gap).map_err(|e| bad(RejectCode::Storage, e))?;
         Ok(gap)
     }

@@ -168,12 +168,7 @@ fn uplink_options(
     let key = pick(&args.tls_key, file_tls.as_ref().and_then(|t| t.key.clone()));
     let ca = pick(&args.tls_ca, file_tls.as_ref().and_then(|t| t.ca.clone()));
     // One set of TLS files for every collector: each is verified by its own name.
-    if urls.iter().any(|u| u.starts_with("https://")) {
-        let url = urls
-            .iter()
-            .find(|u| u.starts_with("https://"))
-            .cloned()
-            .unwrap_or_default();
+    if let Some(url) = urls.iter().find(|u| u.starts_with("https://")) {
         match (cert, key, ca) {
             (Some(cert), Some(key), Some(ca)) => {
                 opts.tls = Some(UplinkTls {

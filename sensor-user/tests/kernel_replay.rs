@@ -131,31 +131,9 @@ fn replay_classifies_split_tls_and_quic() {
         println!("SKIP: needs root");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let pcap = dir.path().join("capture.pcap");
-    let conduits = dir.path().join("conduits.yaml");
-    let jsonl = dir.path().join("out.jsonl");
     let mut packets = tls_packets();
     packets.push(quic_packet());
-    write_pcap(&pcap, &packets);
-    std::fs::write(&conduits, CONDUITS).unwrap();
-
-    let out = Command::new(env!("CARGO_BIN_EXE_conduit-sensor"))
-        .args(["replay", "--record-all", "--conduits"])
-        .arg(&conduits)
-        .arg(&pcap)
-        .arg("--jsonl")
-        .arg(&jsonl)
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "replay failed: {out:?}");
-    let records: Vec<serde_json::Value> = std::fs::read_to_string(&jsonl)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let (records, log) = replay(&packets, &["--record-all"]);
     let find = |protocol: &str, name: &str| {
         records.iter().find(|r| {
             r["network"]["protocol"] == protocol && r["tls"]["client"]["server_name"] == name
@@ -273,7 +251,7 @@ fn replay_records_client_hellos_that_defeat_parsing_with_their_anomaly() {
         &[(64, 0, &hello[..1]), (64, 1, &hello[1..])],
     ));
     packets.extend(tls_flow(40016, &segments(&hello, hello.len())));
-    let (records, log) = replay(&packets);
+    let (records, log) = replay(&packets, &[]);
     let start = |port: u16| {
         let starts: Vec<_> = records
             .iter()
@@ -309,9 +287,9 @@ fn replay_records_client_hellos_that_defeat_parsing_with_their_anomaly() {
     );
 }
 
-/// Runs `conduit-sensor replay` over `packets` with [`CONDUITS`]; returns the JSON
-/// lines it wrote and its log.
-fn replay(packets: &[Vec<u8>]) -> (Vec<serde_json::Value>, String) {
+/// Runs `conduit-sensor replay` over `packets` with [`CONDUITS`] and `extra` flags;
+/// returns the JSON lines it wrote and its log.
+fn replay(packets: &[Vec<u8>], extra: &[&str]) -> (Vec<serde_json::Value>, String) {
     let dir = tempfile::tempdir().unwrap();
     let (pcap, conduits, jsonl) = (
         dir.path().join("capture.pcap"),
@@ -321,7 +299,9 @@ fn replay(packets: &[Vec<u8>]) -> (Vec<serde_json::Value>, String) {
     write_pcap(&pcap, packets);
     std::fs::write(&conduits, CONDUITS).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_conduit-sensor"))
-        .args(["replay", "--conduits"])
+        .arg("replay")
+        .args(extra)
+        .arg("--conduits")
         .arg(&conduits)
         .arg(&pcap)
         .arg("--jsonl")
@@ -409,7 +389,7 @@ fn replay_records_what_the_server_hello_negotiated() {
     packets.push(quic_packet());
     let initial = include_str!("../src/tls/testdata/aioquic_server_initial.hex");
     packets.push(udp_frame((EXAMPLE, 443), (CLIENT, 40001), &unhex(initial)));
-    let (records, log) = replay(&packets);
+    let (records, log) = replay(&packets, &[]);
     let last = |port: u16| {
         records
             .iter()
