@@ -112,6 +112,7 @@ async fn stream_once(
             trusted_keys: None,
             tofu: true,
             segment_bytes: conduit_evidence::spool::DEFAULT_SEGMENT_BYTES,
+            jetstream: None,
         },
         alarms,
         conduit_collector::limits::Limits::default(),

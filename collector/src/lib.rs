@@ -5,6 +5,7 @@
 pub mod alarms;
 pub mod config;
 pub mod export;
+pub mod jetstream;
 pub mod limits;
 pub mod listener;
 pub mod metrics;

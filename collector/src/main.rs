@@ -42,6 +42,10 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_CONFIG: u8 = 64;
 /// Exit code when everything stored verifies but records are missing (declared gaps).
 const EXIT_INCOMPLETE: u8 = 3;
+/// Site of `--jetstream` when none is given.
+const DEFAULT_SITE: &str = "default";
+/// Where `run --jetstream` keeps the collector's own alarm chain without `--store`.
+const DEFAULT_STATE_DIR: &str = "/var/lib/conduit-collector/state";
 
 #[derive(Subcommand)]
 #[expect(
@@ -51,11 +55,23 @@ const EXIT_INCOMPLETE: u8 = 3;
 enum Cmd {
     /// Accept sensor streams, verify, store, export.
     Run(RunArgs),
-    /// Verify every chain in the store; exit 1 at the first bad sequence number.
+    /// Verify every chain in the store (or in JetStream); exit 1 at the first bad
+    /// sequence number, 3 if records are declared missing.
     Verify {
         /// Store directory (as `run --store`).
-        #[arg(long, value_name = "DIR")]
-        store: PathBuf,
+        #[arg(
+            long,
+            value_name = "DIR",
+            required_unless_present = "jetstream",
+            conflicts_with = "jetstream"
+        )]
+        store: Option<PathBuf>,
+        /// NATS server of the chains kept in JetStream (as `run --jetstream`).
+        #[arg(long, value_name = "URL")]
+        jetstream: Option<String>,
+        /// The site whose chains to verify (as `run --site`).
+        #[arg(long, value_name = "ID", default_value = DEFAULT_SITE, requires = "jetstream")]
+        site: String,
     },
     /// Print the stored records that match, as JSON lines of the export (or a table).
     Query(QueryArgs),
@@ -164,9 +180,18 @@ struct RunArgs {
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
     /// Store directory, one sub-directory per sensor [default: `store:` of collector.yaml;
-    /// one is required].
+    /// one is required without --jetstream]. With --jetstream it keeps only the
+    /// collector's own alarm chain [default there: /var/lib/conduit-collector/state].
     #[arg(long, value_name = "DIR")]
     store: Option<PathBuf>,
+    /// Keep sensor chains in NATS JetStream at URL (e.g. nats://10.0.0.5:4222) instead
+    /// of the store, so several collectors serve the same sensors; R3 on a cluster.
+    #[arg(long, value_name = "URL")]
+    jetstream: Option<String>,
+    /// The site: the JetStream stream CONDUIT_CHAIN_<SITE> and bucket conduit_heads_<site>
+    /// [default: default].
+    #[arg(long, value_name = "ID", requires = "jetstream")]
+    site: Option<String>,
     /// Also write every record as one ECS JSON line to FILE [default: export.jsonl].
     #[arg(long, value_name = "FILE")]
     jsonl: Option<PathBuf>,
@@ -289,6 +314,8 @@ impl RunArgs {
 struct Settings {
     listen: SocketAddr,
     store: PathBuf,
+    jetstream: Option<String>,
+    site: String,
     jsonl: Option<PathBuf>,
     syslog: Option<String>,
     syslog_opts: syslog::SyslogOptions,
@@ -366,9 +393,15 @@ fn settings(args: RunArgs) -> Result<Settings, ConfigError> {
         listen: args.listen.or(file.listen).ok_or_else(|| {
             ConfigError::single("--listen: no address to listen on: give --listen ADDR or `listen:` in collector.yaml")
         })?,
-        store: args.store.or(file.store.clone()).ok_or_else(|| {
-            ConfigError::single("--store: no store directory: give --store DIR or `store:` in collector.yaml")
-        })?,
+        store: args
+            .store
+            .or(file.store.clone())
+            .or_else(|| args.jetstream.as_ref().map(|_| PathBuf::from(DEFAULT_STATE_DIR)))
+            .ok_or_else(|| {
+                ConfigError::single("--store: no store directory: give --store DIR or `store:` in collector.yaml")
+            })?,
+        jetstream: args.jetstream.clone(),
+        site: args.site.clone().unwrap_or_else(|| DEFAULT_SITE.to_owned()),
         jsonl: args.jsonl.or(file.export.jsonl.clone()),
         syslog: args.syslog.or(syslog.as_ref().map(|s| s.url.clone())),
         syslog_opts: syslog_options(
@@ -399,6 +432,18 @@ fn settings(args: RunArgs) -> Result<Settings, ConfigError> {
             .unwrap_or(conduit_evidence::spool::DEFAULT_SEGMENT_BYTES),
         limits,
     };
+    if settings.jetstream.is_some()
+        && (settings.jsonl.is_some() || settings.syslog.is_some() || settings.nats.is_some())
+    {
+        return Err(ConfigError::single(
+            "--jetstream with an export (--jsonl, --syslog, --nats): exports follow the file store; with JetStream, SIEM consumers read the stream CONDUIT_CHAIN_<SITE>",
+        ));
+    }
+    if settings.jetstream.is_some() && settings.retention_days.is_some() {
+        return Err(ConfigError::single(
+            "--jetstream with --retention: retention prunes the file store; set the stream's limits in JetStream instead",
+        ));
+    }
     match (&settings.tls_cert, &settings.tls_key) {
         (Some(_), None) => Err(ConfigError::single(
             "--tls-cert without a key: give --tls-key, tls.key, or the credential tls.key",
@@ -445,7 +490,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     conduit_ops::logging::init(cli.log.log_format);
     match cli.cmd {
-        Cmd::Verify { store } => verify(&store),
+        Cmd::Verify {
+            store: Some(store), ..
+        } => verify(&store),
+        Cmd::Verify {
+            jetstream: Some(url),
+            site,
+            ..
+        } => verify_jetstream(&url, &site),
+        Cmd::Verify { .. } => ExitCode::from(EXIT_USAGE),
         Cmd::Query(args) => query(&args),
         Cmd::Report(args) => report(&args),
         Cmd::CheckConfig { config } => check_config(config),
@@ -501,15 +554,44 @@ fn verify(store: &std::path::Path) -> ExitCode {
         );
         return ExitCode::from(EXIT_USAGE);
     }
-    let reports = match conduit_collector::verify_store(store) {
-        Ok(r) => r,
+    match conduit_collector::verify_store(store) {
+        Ok(reports) => print_verified(&reports),
         Err(e) => {
             eprintln!("error: {}: {e}", store.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn verify_jetstream(url: &str, site: &str) -> ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
+    let reports = rt.block_on(async {
+        let chains = conduit_collector::jetstream::JetChains::connect(url, site).await?;
+        chains.verify().await
+    });
+    match reports {
+        Ok(reports) => print_verified(&reports),
+        Err(e) => {
+            eprintln!("conduit-collector verify: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints each chain's report and the totals; the exit status of `verify`.
+fn print_verified(reports: &[conduit_evidence::chain::verify::Report]) -> ExitCode {
     let mut bad = None;
-    for r in &reports {
+    for r in reports {
         println!("== {}", r.dir.display());
         print!("{r}");
         if bad.is_none()
@@ -670,12 +752,19 @@ async fn run(args: Settings) -> anyhow::Result<()> {
     }
     let limits = args.limits.clone();
     let alarms = Alarms::open(&args.store).context("opening the alarm chain")?;
+    let jetstream = match &args.jetstream {
+        Some(url) => Some(Arc::new(
+            conduit_collector::jetstream::JetChains::connect(url, &args.site).await?,
+        )),
+        None => None,
+    };
     let shared = Shared::new(
         ServerOptions {
             store: args.store.clone(),
             trusted_keys: args.trusted_keys.clone(),
             tofu: args.tofu,
             segment_bytes: args.store_segment_bytes,
+            jetstream,
         },
         alarms,
         limits.clone(),

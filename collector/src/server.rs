@@ -16,6 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::alarms::Alarms;
+use crate::jetstream::{JetChains, JetError};
 use crate::limits::Limits;
 use crate::listener::{Gate, StreamGuard};
 use crate::store::{self, Rejection, SensorStore};
@@ -38,6 +39,9 @@ pub struct ServerOptions {
     pub tofu: bool,
     /// Size at which a sensor's store segment is sealed: the unit of retention.
     pub segment_bytes: u64,
+    /// Sensor chains in NATS JetStream instead of `store` (which then keeps only the
+    /// collector's own alarm chain and export cursors).
+    pub jetstream: Option<Arc<JetChains>>,
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<SensorStore>>>;
@@ -110,9 +114,14 @@ impl Shared {
         map.entry(sensor_id.to_owned()).or_default().clone()
     }
 
-    /// The key this sensor must use: trusted-keys file, else the key pinned in the
-    /// store, else (with --tofu) the key it presents.
-    fn resolve_key(&self, sensor_id: &str, presented: &[u8]) -> Result<[u8; 32], Rejection> {
+    /// The key this sensor must use: trusted-keys file, else the key `pinned` for it
+    /// (in the store, or in JetStream), else (with --tofu) the key it presents.
+    fn resolve_key(
+        &self,
+        sensor_id: &str,
+        presented: &[u8],
+        pinned: Option<[u8; 32]>,
+    ) -> Result<[u8; 32], Rejection> {
         let reject = |code, message: String| Rejection {
             code,
             seq: 0,
@@ -137,8 +146,6 @@ impl Shared {
             }
             None => None,
         };
-        let pinned = store::pinned_key(&self.opts.store.join(sensor_id))
-            .map_err(|e| reject(RejectCode::Storage, e.to_string()))?;
         let key = match (trusted, pinned) {
             (Some(t), Some(p)) if t != p => {
                 return Err(reject(
@@ -251,6 +258,50 @@ fn msg(m: collector_message::Msg) -> Result<CollectorMessage, Status> {
     Ok(CollectorMessage { msg: Some(m) })
 }
 
+/// A reader task keeps the next batches decoded while earlier ones are stored.
+fn spawn_reader(
+    mut inbound: Streaming<SensorMessage>,
+) -> (
+    tokio::task::JoinHandle<()>,
+    mpsc::Receiver<Result<v1::Batch, Status>>,
+) {
+    let (btx, brx) = mpsc::channel::<Result<v1::Batch, Status>>(GROUP_BATCHES);
+    let reader = tokio::spawn(async move {
+        loop {
+            let m = match inbound.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) => return,
+                Err(e) => {
+                    let _ = btx.send(Err(e)).await;
+                    return;
+                }
+            };
+            let item = match m.msg {
+                Some(sensor_message::Msg::Batch(b)) => Ok(b),
+                _ => Err(Status::invalid_argument("expected Batch")),
+            };
+            if btx.send(item).await.is_err() {
+                return;
+            }
+        }
+    });
+    (reader, brx)
+}
+
+/// Receives up to [`GROUP_BATCHES`] batches: the first awaited, the rest as ready.
+fn group_after(
+    first: Result<v1::Batch, Status>,
+    brx: &mut mpsc::Receiver<Result<v1::Batch, Status>>,
+) -> Vec<Result<v1::Batch, Status>> {
+    let mut group = vec![first];
+    while group.len() < GROUP_BATCHES
+        && let Ok(b) = brx.try_recv()
+    {
+        group.push(b);
+    }
+    group
+}
+
 impl Session {
     /// Cosigns the newest checkpoint that `durable_seq` made durable, if it extends
     /// what this collector witnessed before (docs/witness.md). A contradiction is an
@@ -310,6 +361,204 @@ impl Session {
                 seq: r.seq,
             })))
             .await;
+    }
+
+    /// Verifies and applies a group of batches in order, raising the alarms for the
+    /// spool damage they report; stops at the first refused batch (the rejection) or
+    /// at the end of the stream (true).
+    fn apply_group(
+        &self,
+        st: &mut SensorStore,
+        sensor_id: &str,
+        group: &[Result<v1::Batch, Status>],
+    ) -> (store::Applied, Option<Rejection>, bool) {
+        let mut applied = store::Applied::default();
+        for item in group {
+            match item {
+                Ok(batch) => match st.apply_batch(batch) {
+                    Ok(a) => {
+                        applied.appended += a.appended;
+                        applied.duplicates += a.duplicates;
+                        // The sensor's own signed word that its spool lost records:
+                        // an alarm for the SIEM.
+                        for d in st.take_damage() {
+                            self.shared.alarms.raise(
+                                "sensor_spool_damage",
+                                sensor_id,
+                                d.seq,
+                                &format!("{}: {}", d.reason, d.detail),
+                            );
+                        }
+                    }
+                    Err(r) => return (applied, Some(r), false),
+                },
+                Err(status) => {
+                    tracing::info!(sensor = %sensor_id, %status, "sensor stream ended");
+                    return (applied, None, true);
+                }
+            }
+        }
+        (applied, None, false)
+    }
+
+    /// A sensor stream whose chain is kept in JetStream: the head is read from the
+    /// cluster under this collector's slot for the sensor, every group of batches is
+    /// verified, published and the head moved by compare-and-set before the Ack. If
+    /// another collector stored records of the sensor meanwhile, the stream ends
+    /// (Busy) and the sensor resumes from the stored head on its next stream.
+    async fn run_jetstream(
+        self,
+        js: Arc<JetChains>,
+        sensor_id: &str,
+        hello: &v1::Hello,
+        inbound: Streaming<SensorMessage>,
+        peer: Option<std::net::SocketAddr>,
+    ) {
+        let slot = self.shared.slot(sensor_id);
+        let Ok(_guard) = tokio::time::timeout(BUSY_WAIT, slot.lock_owned()).await else {
+            let r = Rejection {
+                code: RejectCode::Busy,
+                seq: 0,
+                message: format!("another stream of sensor {sensor_id:?} is active"),
+            };
+            return self.reject(sensor_id, &r).await;
+        };
+        let storage = |e: JetError| Rejection {
+            code: RejectCode::Storage,
+            seq: 0,
+            message: format!("JetStream: {e}"),
+        };
+        let stored = match js.head(sensor_id).await {
+            Ok(h) => h,
+            Err(e) => return self.reject(sensor_id, &storage(e)).await,
+        };
+        let key = match self.shared.resolve_key(
+            sensor_id,
+            &hello.public_key,
+            stored.as_ref().map(|h| h.key),
+        ) {
+            Ok(k) => k,
+            Err(r) => return self.reject(sensor_id, &r).await,
+        };
+        let mut head = match stored {
+            Some(h) => h,
+            None => match js.pin(sensor_id, key).await {
+                Ok(h) if h.key == key => h,
+                Ok(h) => {
+                    let r = Rejection {
+                        code: RejectCode::KeyMismatch,
+                        seq: 0,
+                        message: format!(
+                            "sensor presents key {}, another collector pinned key {} for it",
+                            hex::encode(key),
+                            hex::encode(h.key)
+                        ),
+                    };
+                    return self.reject(sensor_id, &r).await;
+                }
+                Err(e) => return self.reject(sensor_id, &storage(e)).await,
+            },
+        };
+        let mut st = SensorStore::detached(sensor_id, key, (head.seq, head.hash), &head.recent);
+        self.shared.alarms.metrics.sensor_seen(sensor_id, head.seq);
+        tracing::info!(sensor = %sensor_id, ?peer, stored_seq = head.seq, sensor_head = hello.head_seq,
+            site = js.site(), "sensor connected (JetStream)");
+        let welcome = v1::Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            last_stored_seq: head.seq,
+            last_stored_hash: if head.seq == 0 {
+                Vec::new()
+            } else {
+                head.hash.to_vec()
+            },
+            last_cosignature: None,
+        };
+        if self
+            .out
+            .send(msg(collector_message::Msg::Welcome(welcome)))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let (reader, mut brx) = spawn_reader(inbound);
+        let mut stop = self.shared.shutdown.subscribe();
+        let idle_timeout = self.shared.limits().stream_idle_timeout;
+        let silence = tokio::time::sleep(idle_timeout);
+        tokio::pin!(silence);
+        loop {
+            let first = tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => {
+                    tracing::info!(sensor = %sensor_id, "collector shutting down: ending the stream");
+                    break;
+                }
+                () = &mut silence => {
+                    tracing::warn!(sensor = %sensor_id, timeout = ?idle_timeout,
+                        "sensor stream silent: evicting it");
+                    self.shared.alarms.metrics.streams_evicted.inc();
+                    break;
+                }
+                first = brx.recv() => first,
+            };
+            silence
+                .as_mut()
+                .reset(tokio::time::Instant::now() + idle_timeout);
+            let Some(first) = first else {
+                break;
+            };
+            let group = group_after(first, &mut brx);
+            let (applied, rejection, ended) =
+                tokio::task::block_in_place(|| self.apply_group(&mut st, sensor_id, &group));
+            // What verified before a refused batch is stored, as with files.
+            let pending = st.take_outbox();
+            if !pending.is_empty() {
+                match js.commit(sensor_id, &mut head, pending).await {
+                    Ok(()) => {}
+                    Err(e @ JetError::Conflict(_)) => {
+                        let r = Rejection {
+                            code: RejectCode::Busy,
+                            seq: head.seq + 1,
+                            message: format!("{e}; reconnect to resume from the stored head"),
+                        };
+                        self.reject(sensor_id, &r).await;
+                        break;
+                    }
+                    Err(e) => {
+                        let mut r = storage(e);
+                        r.seq = head.seq + 1;
+                        self.reject(sensor_id, &r).await;
+                        break;
+                    }
+                }
+            }
+            let m = &self.shared.alarms.metrics;
+            m.records_stored.inc_by(applied.appended);
+            m.records_duplicate.inc_by(applied.duplicates);
+            m.sensor_seen(sensor_id, head.seq);
+            self.shared.committed.notify_waiters();
+            let ack = v1::Ack {
+                stored_seq: head.seq,
+                cosignature: None,
+            };
+            if self
+                .out
+                .send(msg(collector_message::Msg::Ack(ack)))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            if let Some(r) = rejection {
+                self.reject(sensor_id, &r).await;
+                break;
+            }
+            if ended {
+                break;
+            }
+        }
+        reader.abort();
+        tracing::info!(sensor = %sensor_id, stored_seq = head.seq, "sensor disconnected");
     }
 
     async fn run(self, mut inbound: Streaming<SensorMessage>, peer: Option<std::net::SocketAddr>) {
@@ -377,7 +626,27 @@ impl Session {
             self.reject(&sensor_id, &r).await;
             return;
         }
-        let key = match self.shared.resolve_key(&sensor_id, &hello.public_key) {
+        if let Some(js) = self.shared.opts.jetstream.clone() {
+            return self
+                .run_jetstream(js, &sensor_id, &hello, inbound, peer)
+                .await;
+        }
+        let pinned = match store::pinned_key(&self.shared.opts.store.join(&sensor_id)) {
+            Ok(k) => k,
+            Err(e) => {
+                let r = Rejection {
+                    code: RejectCode::Storage,
+                    seq: 0,
+                    message: e.to_string(),
+                };
+                self.reject(&sensor_id, &r).await;
+                return;
+            }
+        };
+        let key = match self
+            .shared
+            .resolve_key(&sensor_id, &hello.public_key, pinned)
+        {
             Ok(k) => k,
             Err(r) => {
                 self.reject(&sensor_id, &r).await;
@@ -447,27 +716,7 @@ impl Session {
         {
             return;
         }
-        // A reader task keeps the next batches decoded while this one is stored.
-        let (btx, mut brx) = mpsc::channel::<Result<v1::Batch, Status>>(GROUP_BATCHES);
-        let reader = tokio::spawn(async move {
-            loop {
-                let m = match inbound.message().await {
-                    Ok(Some(m)) => m,
-                    Ok(None) => return,
-                    Err(e) => {
-                        let _ = btx.send(Err(e)).await;
-                        return;
-                    }
-                };
-                let item = match m.msg {
-                    Some(sensor_message::Msg::Batch(b)) => Ok(b),
-                    _ => Err(Status::invalid_argument("expected Batch")),
-                };
-                if btx.send(item).await.is_err() {
-                    return;
-                }
-            }
-        });
+        let (reader, mut brx) = spawn_reader(inbound);
         // Pipeline: while one fdatasync runs on a blocking thread, the next batches are
         // verified and appended; each Ack names what the finished sync covered.
         let mut acked = head_seq;
@@ -569,47 +818,10 @@ impl Session {
                         closing = Some(None);
                         continue;
                     };
-                    let mut group = vec![first];
-                    while group.len() < GROUP_BATCHES
-                        && let Ok(b) = brx.try_recv()
-                    {
-                        group.push(b);
-                    }
-                    let mut applied = store::Applied::default();
-                    let mut rejection = None;
-                    let mut ended = false;
+                    let group = group_after(first, &mut brx);
                     // Verification and appends are CPU and disk work: off the async workers.
-                    tokio::task::block_in_place(|| {
-                        for item in &group {
-                            match item {
-                                Ok(batch) => match st.apply_batch(batch) {
-                                    Ok(a) => {
-                                        applied.appended += a.appended;
-                                        applied.duplicates += a.duplicates;
-                                        // The sensor's own signed word that its spool
-                                        // lost records: an alarm for the SIEM.
-                                        for d in st.take_damage() {
-                                            self.shared.alarms.raise(
-                                                "sensor_spool_damage",
-                                                &sensor_id,
-                                                d.seq,
-                                                &format!("{}: {}", d.reason, d.detail),
-                                            );
-                                        }
-                                    }
-                                    Err(r) => {
-                                        rejection = Some(r);
-                                        break;
-                                    }
-                                },
-                                Err(status) => {
-                                    tracing::info!(sensor = %sensor_id, %status, "sensor stream ended");
-                                    ended = true;
-                                    break;
-                                }
-                            }
-                        }
-                    });
+                    let (applied, rejection, ended) =
+                        tokio::task::block_in_place(|| self.apply_group(st, &sensor_id, &group));
                     let m = &self.shared.alarms.metrics;
                     m.records_stored.inc_by(applied.appended);
                     m.records_duplicate.inc_by(applied.duplicates);

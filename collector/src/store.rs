@@ -23,6 +23,8 @@ use conduit_evidence::spool::{
 use conduit_proto::v1::{self, RecordKind, RejectCode, record::Body};
 use prost::Message as _;
 
+pub use crate::jetstream::Pending;
+
 /// Recent hashes kept in memory to de-duplicate re-sent frames without reading disk.
 const RECENT_HASHES: usize = 1 << 16;
 /// Directory of the collector's own alarm chain inside the store.
@@ -175,6 +177,9 @@ pub struct SensorStore {
     witnessed: Option<Cosignature>,
     /// Why the stored chain contradicts a witnessed head: nothing more is cosigned.
     witness_conflict: Option<String>,
+    /// Detached ([`SensorStore::detached`]): verified frames wait here for the caller
+    /// to store them elsewhere (JetStream) instead of going to files.
+    outbox: Option<Vec<Pending>>,
 }
 
 impl SensorStore {
@@ -226,7 +231,54 @@ impl SensorStore {
             last_checkpoint: None,
             witnessed,
             witness_conflict: None,
+            outbox: None,
         })
+    }
+
+    /// A chain verified here and stored by the caller: no directory; the head and
+    /// the hashes of the newest stored frames (oldest first) come from the caller,
+    /// and what [`SensorStore::apply_batch`] accepts is taken with
+    /// [`SensorStore::take_outbox`]. Nothing is witnessed.
+    pub fn detached(
+        sensor_id: &str,
+        key: [u8; 32],
+        head: (u64, [u8; 32]),
+        recent: &[(u64, [u8; 32])],
+    ) -> SensorStore {
+        let mut st = SensorStore {
+            sensor_id: sensor_id.to_owned(),
+            dir: PathBuf::new(),
+            spool: None,
+            key,
+            segment_bytes: 0,
+            recent_first: head.0.max(1),
+            head,
+            recent: VecDeque::new(),
+            unsynced: false,
+            newest: None,
+            idle_since: Instant::now(),
+            damage: Vec::new(),
+            last_checkpoint: None,
+            witnessed: None,
+            witness_conflict: None,
+            outbox: Some(Vec::new()),
+        };
+        // Only a run that ends at the head is usable (seq i at recent_first + i).
+        if recent.last().map(|r| r.0) == Some(head.0)
+            && recent.windows(2).all(|w| w[1].0 == w[0].0 + 1)
+        {
+            for &(seq, hash) in recent {
+                st.remember(seq, hash);
+            }
+        } else if head.0 > 0 {
+            st.remember(head.0, head.1);
+        }
+        st
+    }
+
+    /// What was verified since the last call, in chain order (detached stores only).
+    pub fn take_outbox(&mut self) -> Vec<Pending> {
+        self.outbox.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// The last head this collector witnessed for the sensor.
@@ -350,6 +402,9 @@ impl SensorStore {
                 // storage error after some frames leaves the head at the last one.)
                 if self.head == (gap.to, gap.resume_prev_hash) {
                     (self.head, self.recent, self.recent_first) = before;
+                    if let Some(outbox) = self.outbox.as_mut() {
+                        outbox.pop();
+                    }
                 }
                 Err(r)
             }
@@ -388,6 +443,10 @@ impl SensorStore {
                     gap.to + 1
                 ),
             ));
+        }
+        if let Some(outbox) = self.outbox.as_mut() {
+            outbox.push(Pending::Gap(g.clone()));
+            return Ok(gap);
         }
         // The chain directory (and the pinned key) exist before the declaration.
         self.spool()
@@ -510,7 +569,22 @@ impl SensorStore {
         let first_seq = refs.first().map_or(0, |f| f.seq);
         let opened =
             |e: StoreError| Rejection::new(RejectCode::Storage, first_seq, format!("store: {e}"));
-        if self
+        if let Some(outbox) = self.outbox.as_mut() {
+            // The verified frames themselves (their bytes are shared, not copied).
+            let mut next = first_seq;
+            for f in &frames[start..] {
+                if f.seq == next {
+                    outbox.push(Pending::Frame(f.clone()));
+                    next += 1;
+                }
+            }
+            for f in &refs {
+                self.remember(f.seq, f.hash);
+            }
+            if let Some(last) = refs.last() {
+                self.head = (last.seq, last.hash);
+            }
+        } else if self
             .spool()
             .map_err(opened)?
             .append_batch(&refs)
@@ -619,6 +693,9 @@ impl SensorStore {
             && let Some(h) = self.recent.get((seq - self.recent_first) as usize)
         {
             return Some(*h);
+        }
+        if self.outbox.is_some() {
+            return None; // detached: only what the caller handed over
         }
         let frame = SpoolReader::new(&self.dir, seq).next_frame().ok()??;
         // A seq inside a declared gap reads as the frame after it.

@@ -74,6 +74,30 @@ pub struct Report {
 }
 
 impl Report {
+    /// Nothing verified yet, with a given key.
+    fn new(dir: &Path, public_key: Option<[u8; 32]>, witness_key: Option<[u8; 32]>) -> Report {
+        Report {
+            dir: dir.to_owned(),
+            sensor_id: None,
+            key_source: KeySource::Given,
+            public_key,
+            segments: 0,
+            records: 0,
+            checkpoints: 0,
+            first_seq: 0,
+            last_seq: 0,
+            last_checkpoint_seq: 0,
+            unsigned_tail: 0,
+            first_bad: None,
+            warnings: Vec::new(),
+            cosignatures: 0,
+            cosignatures_before: 0,
+            witness_key,
+            last_witnessed: None,
+            declared_gaps: Vec::new(),
+        }
+    }
+
     pub fn ok(&self) -> bool {
         self.first_bad.is_none()
     }
@@ -516,26 +540,7 @@ pub fn verify_dir_witnessed(
     public_key: Option<[u8; 32]>,
     witness_key: Option<[u8; 32]>,
 ) -> Report {
-    let mut report = Report {
-        dir: dir.to_owned(),
-        sensor_id: None,
-        key_source: KeySource::Given,
-        public_key,
-        segments: 0,
-        records: 0,
-        checkpoints: 0,
-        first_seq: 0,
-        last_seq: 0,
-        last_checkpoint_seq: 0,
-        unsigned_tail: 0,
-        first_bad: None,
-        warnings: Vec::new(),
-        cosignatures: 0,
-        cosignatures_before: 0,
-        witness_key,
-        last_witnessed: None,
-        declared_gaps: Vec::new(),
-    };
+    let mut report = Report::new(dir, public_key, witness_key);
     if public_key.is_none() {
         let pub_path = dir.join(keys::PUB_FILE);
         if pub_path.exists() {
@@ -602,35 +607,103 @@ pub fn verify_dir_witnessed(
     {
         st.report.first_bad = Some(b);
     }
-    if st.report.first_bad.is_none() {
-        // Declarations before the first stored record were pruned with their segments.
-        let last = st.report.last_seq;
-        for g in st.declared.values().filter(|g| g.from > last) {
-            st.report.warnings.push(format!(
-                "declared gap {}..={} is not reached by the stored chain (its records after it not stored yet?)",
-                g.from, g.to
-            ));
+    st.finish()
+}
+
+impl State {
+    /// The report once the walk is over: declarations it did not reach, the unsigned
+    /// tail, and the warnings about both.
+    fn finish(mut self) -> Report {
+        if self.report.first_bad.is_none() {
+            // Declarations before the first stored record were pruned with their segments.
+            let last = self.report.last_seq;
+            for g in self.declared.values().filter(|g| g.from > last) {
+                self.report.warnings.push(format!(
+                    "declared gap {}..={} is not reached by the stored chain (its records after it not stored yet?)",
+                    g.from, g.to
+                ));
+            }
+        }
+        let mut report = self.report;
+        if report.first_bad.is_none() {
+            report.unsigned_tail = report.last_seq
+                - report
+                    .last_checkpoint_seq
+                    .max(report.first_seq.saturating_sub(1));
+            if report.records > 0 && report.checkpoints == 0 {
+                report
+                    .warnings
+                    .push("no checkpoint: no record is covered by a signature".to_owned());
+            } else if report.unsigned_tail > 0 {
+                report.warnings.push(format!(
+                    "unsigned tail: {} records after the last checkpoint (seq {}) are not covered by a signature yet",
+                    report.unsigned_tail, report.last_checkpoint_seq
+                ));
+            }
+        }
+        report.sensor_id = self.sensor_id;
+        report
+    }
+}
+
+/// Verifies one chain fed frame by frame, for chains kept outside a directory (NATS
+/// JetStream): the checks of [`verify_dir`], with the chain's key given. `name` only
+/// labels the report. Each unit of storage (a stream message) counts as a segment.
+pub struct ChainVerifier {
+    st: State,
+}
+
+impl ChainVerifier {
+    pub fn new(name: &Path, sensor_id: &str, key: [u8; 32]) -> ChainVerifier {
+        ChainVerifier {
+            st: State {
+                trusted: Some(key),
+                report: Report::new(name, Some(key), None),
+                expected: None,
+                prev_hash: ZERO_HASH,
+                sensor_id: Some(sensor_id.to_owned()),
+                anchor: None,
+                cosigs: BTreeMap::new(),
+                declared: BTreeMap::new(),
+            },
         }
     }
-    let mut report = st.report;
-    if report.first_bad.is_none() {
-        report.unsigned_tail = report.last_seq
-            - report
-                .last_checkpoint_seq
-                .max(report.first_seq.saturating_sub(1));
-        if report.records > 0 && report.checkpoints == 0 {
-            report
-                .warnings
-                .push("no checkpoint: no record is covered by a signature".to_owned());
-        } else if report.unsigned_tail > 0 {
-            report.warnings.push(format!(
-                "unsigned tail: {} records after the last checkpoint (seq {}) are not covered by a signature yet",
-                report.unsigned_tail, report.last_checkpoint_seq
-            ));
+
+    /// Whether a break was found (later input is ignored).
+    pub fn failed(&self) -> bool {
+        self.st.report.first_bad.is_some()
+    }
+
+    /// The next unit of storage begins; `gap` is a declaration it carries, which the
+    /// frames after it must match.
+    pub fn segment(&mut self, gap: Option<DeclaredGap>) {
+        self.st.report.segments += 1;
+        if let Some(g) = gap {
+            self.st.declared.insert(g.from, g);
         }
     }
-    report.sensor_id = st.sensor_id;
-    report
+
+    /// Checks the next frame; after the first break, nothing more is checked.
+    pub fn frame(&mut self, seq: u64, prev_hash: &[u8; 32], hash: &[u8; 32], bytes: &[u8]) {
+        if self.failed() {
+            return;
+        }
+        if let Err(b) = self.st.frame(seq, prev_hash, hash, bytes) {
+            self.st.report.first_bad = Some(b);
+        }
+    }
+
+    /// A break found outside the frames (storage that cannot be read or decoded).
+    pub fn broken(&mut self, what: String) {
+        if !self.failed() {
+            let seq = self.st.next_seq();
+            self.st.report.first_bad = Some(Break { seq, what });
+        }
+    }
+
+    pub fn finish(self) -> Report {
+        self.st.finish()
+    }
 }
 
 fn walk(dir: &Path, st: &mut State) -> Result<(), Break> {

@@ -1,0 +1,572 @@
+//! `--jetstream URL`: sensor chains kept in NATS JetStream, so that several collectors
+//! serve the same sensors (DESIGN "Scale"). Per site:
+//! - the stream `CONDUIT_CHAIN_<SITE>`, subject `conduit_chain.<site>.<sensor>` per
+//!   sensor (a `.` in the id is written `=`), one message per verified run of frames:
+//!   a `Batch` with those frames and the gap declaration they follow, if any;
+//! - the key-value bucket `conduit_heads_<site>`: per sensor its pinned key and the
+//!   head (seq, hash, and the stream sequence of the message that holds it).
+//!
+//! No chain forks and nothing is stored twice, however collectors race:
+//! - every publish carries `Nats-Expected-Last-Subject-Sequence`: the stream refuses
+//!   it unless the sensor's subject still ends where this collector read its head;
+//! - `Nats-Msg-Id` `<sensor>:<first>-<last>` makes a re-publish a no-op (duplicate
+//!   window);
+//! - the bucket's head moves by compare-and-set on its revision, after the PubAck.
+//!
+//! A collector acknowledges to the sensor only after both. The stream is the truth:
+//! a head that lags it (a collector died between PubAck and compare-and-set) is
+//! rolled forward from the sensor's last message when it is next read.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, stream};
+use conduit_evidence::chain::ZERO_HASH;
+use conduit_evidence::chain::declared_gap::DeclaredGap;
+use conduit_evidence::chain::verify::{ChainVerifier, Report};
+use conduit_proto::v1;
+use prost::Message as _;
+use serde::{Deserialize, Serialize};
+use tokio_stream::StreamExt as _;
+
+use crate::export::nats::canonical_site;
+
+/// Replicas of the stream and the bucket on a cluster (R3); a single server gets 1.
+const CLUSTER_REPLICAS: usize = 3;
+/// Room left under the server's max_payload for headers and the Batch's framing.
+const PAYLOAD_MARGIN: usize = 4096;
+/// How long a publish or a bucket operation may take (a cluster electing a leader).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum JetError {
+    #[error("NATS {what}: {detail}")]
+    Nats { what: &'static str, detail: String },
+    /// Another collector stored this sensor's records since its head was read.
+    #[error("another collector advanced the chain of sensor {0:?}")]
+    Conflict(String),
+    #[error("stored head of sensor {sensor:?}: {detail}")]
+    Corrupt { sensor: String, detail: String },
+    #[error(
+        "one frame of {bytes} bytes does not fit the NATS server's max_payload ({max} bytes); raise max_payload"
+    )]
+    TooLarge { bytes: usize, max: usize },
+}
+
+fn nats(what: &'static str) -> impl FnOnce(String) -> JetError {
+    move |detail| JetError::Nats { what, detail }
+}
+
+/// One sensor's head as the cluster stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    pub key: [u8; 32],
+    pub seq: u64,
+    pub hash: [u8; 32],
+    /// Stream sequence of the sensor's last message (0: none yet).
+    pub stream_seq: u64,
+    /// Revision of the sensor's entry in the bucket.
+    pub revision: u64,
+    /// Seq and hash of the frames of the sensor's last message, oldest first, so a
+    /// re-sent frame is recognized without reading the stream.
+    pub recent: Vec<(u64, [u8; 32])>,
+}
+
+/// The bucket's value: hex, so an operator can read it with `nats kv get`.
+#[derive(Debug, Serialize, Deserialize)]
+struct HeadValue {
+    key: String,
+    seq: u64,
+    hash: String,
+    stream_seq: u64,
+}
+
+/// What a verified batch adds to the chain, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Pending {
+    Gap(v1::GapDeclaration),
+    Frame(v1::Frame),
+}
+
+/// A site's chains in JetStream.
+pub struct JetChains {
+    js: jetstream::Context,
+    stream: stream::Stream,
+    heads: kv::Store,
+    site: String,
+    max_payload: usize,
+}
+
+/// Creates (or binds) a stream with [`CLUSTER_REPLICAS`] replicas, or one on a
+/// server that is not part of a cluster; returns it and its replica count.
+async fn create_replicated(
+    js: &jetstream::Context,
+    mut config: stream::Config,
+) -> Result<(stream::Stream, usize), JetError> {
+    let name = config.name.clone();
+    let failed = |e: jetstream::context::CreateStreamError| nats("stream")(format!("{name}: {e}"));
+    config.num_replicas = CLUSTER_REPLICAS;
+    match js.get_or_create_stream(config.clone()).await {
+        Ok(s) => Ok((s, CLUSTER_REPLICAS)),
+        Err(e)
+            if matches!(e.kind(), jetstream::context::CreateStreamErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED) =>
+        {
+            tracing::warn!(stream = %name, "NATS is a single server, not a cluster: one replica");
+            config.num_replicas = 1;
+            let s = js.get_or_create_stream(config).await.map_err(failed)?;
+            Ok((s, 1))
+        }
+        Err(e) => Err(failed(e)),
+    }
+}
+
+impl std::fmt::Debug for JetChains {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetChains")
+            .field("site", &self.site)
+            .field("max_payload", &self.max_payload)
+            .finish_non_exhaustive()
+    }
+}
+
+pub fn stream_name(site: &str) -> String {
+    format!("CONDUIT_CHAIN_{}", site.to_ascii_uppercase())
+}
+
+pub fn bucket_name(site: &str) -> String {
+    format!("conduit_heads_{site}")
+}
+
+/// The sensor's subject token and bucket key: sensor ids are `[A-Za-z0-9._-]`, and a
+/// `.` would split a subject token, so it is written `=` (which ids never contain).
+pub fn sensor_token(sensor_id: &str) -> String {
+    sensor_id.replace('.', "=")
+}
+
+fn sensor_from_token(token: &str) -> String {
+    token.replace('=', ".")
+}
+
+impl JetChains {
+    /// Connects (`url` may list several servers, comma-separated; a cluster also
+    /// tells the client its other members) and creates the site's stream and bucket
+    /// if missing (R3 when the server is part of a cluster).
+    pub async fn connect(url: &str, site: &str) -> Result<JetChains, JetError> {
+        let site = canonical_site(site);
+        let servers: Vec<&str> = url.split(',').map(str::trim).collect();
+        let client = async_nats::ConnectOptions::new()
+            .name("conduit-collector")
+            .connect(servers)
+            .await
+            .map_err(|e| nats("connect")(format!("{url}: {e}")))?;
+        // Connected: the server's INFO is known.
+        let max_payload = client.server_info().max_payload;
+        let mut js = jetstream::new(client);
+        js.set_timeout(REQUEST_TIMEOUT);
+        let chains = stream::Config {
+            name: stream_name(&site),
+            description: Some(format!("Conduit Sensor chains of site {site}")),
+            subjects: vec![format!("conduit_chain.{site}.>")],
+            storage: stream::StorageType::File,
+            // Evidence: nothing expires or is discarded by the stream itself.
+            retention: stream::RetentionPolicy::Limits,
+            discard: stream::DiscardPolicy::New,
+            duplicate_window: Duration::from_secs(120),
+            allow_direct: true,
+            ..Default::default()
+        };
+        // The heads: a key-value bucket as JetStream lays one out (stream
+        // KV_<bucket>, one message per key). Made here rather than with
+        // create_key_value, which needs an account-info reply that nats-server 2.9
+        // (Debian bookworm's) words differently from what async-nats parses.
+        let bucket = bucket_name(&site);
+        let heads = stream::Config {
+            name: format!("KV_{bucket}"),
+            description: Some(format!("Conduit Sensor chain heads of site {site}")),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: 1,
+            storage: stream::StorageType::File,
+            discard: stream::DiscardPolicy::New,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        };
+        let (stream, replicas) = create_replicated(&js, chains).await?;
+        create_replicated(&js, heads).await?;
+        let heads = js
+            .get_key_value(&bucket)
+            .await
+            .map_err(|e| nats("key-value bucket")(format!("{bucket}: {e}")))?;
+        tracing::info!(%url, site = %site, replicas, max_payload, "JetStream chains ready");
+        Ok(JetChains {
+            js,
+            stream,
+            heads,
+            site,
+            max_payload,
+        })
+    }
+
+    pub fn site(&self) -> &str {
+        &self.site
+    }
+
+    fn subject(&self, sensor_id: &str) -> String {
+        format!("conduit_chain.{}.{}", self.site, sensor_token(sensor_id))
+    }
+
+    /// The sensor's head, rolled forward to the stream's last message if the bucket
+    /// lags it. None: the cluster does not know the sensor (no key pinned).
+    pub async fn head(&self, sensor_id: &str) -> Result<Option<Head>, JetError> {
+        let corrupt = |detail: String| JetError::Corrupt {
+            sensor: sensor_id.to_owned(),
+            detail,
+        };
+        let Some(entry) = self
+            .heads
+            .entry(sensor_token(sensor_id))
+            .await
+            .map_err(|e| nats("head")(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        if entry.operation != kv::Operation::Put {
+            return Ok(None);
+        }
+        let v: HeadValue =
+            serde_json::from_slice(&entry.value).map_err(|e| corrupt(e.to_string()))?;
+        let mut head = Head {
+            key: hex32(&v.key).ok_or_else(|| corrupt("key is not 32 hex bytes".to_owned()))?,
+            seq: v.seq,
+            hash: hex32(&v.hash).ok_or_else(|| corrupt("hash is not 32 hex bytes".to_owned()))?,
+            stream_seq: v.stream_seq,
+            revision: entry.revision,
+            recent: Vec::new(),
+        };
+        let last = match self
+            .stream
+            .get_last_raw_message_by_subject(&self.subject(sensor_id))
+            .await
+        {
+            Ok(m) => m,
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                if head.stream_seq != 0 {
+                    return Err(corrupt(format!(
+                        "the bucket names stream message {}, the stream has none of this sensor",
+                        head.stream_seq
+                    )));
+                }
+                return Ok(Some(head));
+            }
+            Err(e) => return Err(nats("last message")(e.to_string())),
+        };
+        if last.sequence < head.stream_seq {
+            return Err(corrupt(format!(
+                "the bucket names stream message {}, the sensor's last is {}",
+                head.stream_seq, last.sequence
+            )));
+        }
+        let batch = v1::Batch::decode(&last.payload[..])
+            .map_err(|e| corrupt(format!("stream message {}: {e}", last.sequence)))?;
+        for f in &batch.frames {
+            let hash = f.hash[..]
+                .try_into()
+                .map_err(|_| corrupt(format!("stream message {}: hash size", last.sequence)))?;
+            head.recent.push((f.seq, hash));
+        }
+        if last.sequence > head.stream_seq
+            && let Some(&(seq, hash)) = head.recent.last()
+        {
+            tracing::warn!(
+                sensor = sensor_id,
+                bucket = head.seq,
+                stream = seq,
+                "the head in the bucket lags the stream (a collector stopped between the two): rolled forward"
+            );
+            (head.seq, head.hash, head.stream_seq) = (seq, hash, last.sequence);
+        }
+        Ok(Some(head))
+    }
+
+    /// Pins `key` for a sensor the cluster does not know (an empty head). If another
+    /// collector pinned one first, returns its head instead.
+    pub async fn pin(&self, sensor_id: &str, key: [u8; 32]) -> Result<Head, JetError> {
+        let value = head_value(&key, 0, &ZERO_HASH, 0);
+        match self.heads.create(sensor_token(sensor_id), value).await {
+            Ok(revision) => Ok(Head {
+                key,
+                seq: 0,
+                hash: ZERO_HASH,
+                stream_seq: 0,
+                revision,
+                recent: Vec::new(),
+            }),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => self
+                .head(sensor_id)
+                .await?
+                .ok_or_else(|| JetError::Conflict(sensor_id.to_owned())),
+            Err(e) => Err(nats("pin key")(e.to_string())),
+        }
+    }
+
+    /// Stores verified records after `head` and moves `head` past them: each message
+    /// only if the sensor's subject still ends at `head`, then the bucket by
+    /// compare-and-set. Err(Conflict): another collector got there first; reload.
+    pub async fn commit(
+        &self,
+        sensor_id: &str,
+        head: &mut Head,
+        pending: Vec<Pending>,
+    ) -> Result<(), JetError> {
+        let subject = self.subject(sensor_id);
+        for batch in pack(pending, self.max_payload.saturating_sub(PAYLOAD_MARGIN))? {
+            let (Some(first), Some(last)) = (batch.frames.first(), batch.frames.last()) else {
+                continue;
+            };
+            let (first_seq, last_seq) = (first.seq, last.seq);
+            let last_hash: [u8; 32] = last.hash[..].try_into().unwrap_or(ZERO_HASH);
+            let recent: Vec<(u64, [u8; 32])> = batch
+                .frames
+                .iter()
+                .map(|f| (f.seq, f.hash[..].try_into().unwrap_or(ZERO_HASH)))
+                .collect();
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(
+                async_nats::header::NATS_MESSAGE_ID,
+                format!("{sensor_id}:{first_seq}-{last_seq}").as_str(),
+            );
+            headers.insert(
+                async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                head.stream_seq.to_string().as_str(),
+            );
+            let ack = self
+                .js
+                .publish_with_headers(subject.clone(), headers, batch.encode_to_vec().into())
+                .await
+                .map_err(|e| nats("publish")(e.to_string()))?
+                .await;
+            let ack = match ack {
+                Ok(a) if a.duplicate => return Err(JetError::Conflict(sensor_id.to_owned())),
+                Ok(a) => a,
+                Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                    return Err(JetError::Conflict(sensor_id.to_owned()));
+                }
+                Err(e) => return Err(nats("publish ack")(e.to_string())),
+            };
+            (head.seq, head.hash, head.stream_seq) = (last_seq, last_hash, ack.sequence);
+            head.recent = recent;
+        }
+        let value = head_value(&head.key, head.seq, &head.hash, head.stream_seq);
+        match self
+            .heads
+            .update(sensor_token(sensor_id), value, head.revision)
+            .await
+        {
+            Ok(revision) => {
+                head.revision = revision;
+                Ok(())
+            }
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                // The records are in the stream; whoever moved the bucket read them.
+                Err(JetError::Conflict(sensor_id.to_owned()))
+            }
+            Err(e) => Err(nats("head update")(e.to_string())),
+        }
+    }
+
+    /// Verifies every sensor chain in the site's stream, in stream order, with the
+    /// keys pinned in the bucket. Reports are sorted by sensor id.
+    pub async fn verify(&self) -> Result<Vec<Report>, JetError> {
+        let mut stream = self.stream.clone();
+        let last = stream
+            .info()
+            .await
+            .map_err(|e| nats("stream info")(e.to_string()))?
+            .state
+            .last_sequence;
+        let mut chains: std::collections::BTreeMap<String, ChainVerifier> = Default::default();
+        if last > 0 {
+            let consumer = self
+                .stream
+                .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                    filter_subject: format!("conduit_chain.{}.>", self.site),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| nats("consumer")(e.to_string()))?;
+            let mut messages = consumer
+                .messages()
+                .await
+                .map_err(|e| nats("consumer")(e.to_string()))?;
+            let prefix = format!("conduit_chain.{}.", self.site);
+            while let Some(m) = messages.next().await {
+                let m = m.map_err(|e| nats("read")(e.to_string()))?;
+                let seq = m
+                    .info()
+                    .map_err(|e| nats("read")(e.to_string()))?
+                    .stream_sequence;
+                let Some(token) = m.subject.as_str().strip_prefix(&prefix) else {
+                    continue;
+                };
+                let sensor = sensor_from_token(token);
+                if !chains.contains_key(&sensor) {
+                    let name = std::path::PathBuf::from(format!(
+                        "nats:{}/{}",
+                        stream_name(&self.site),
+                        sensor
+                    ));
+                    let key = self.head(&sensor).await?.map(|h| h.key);
+                    let mut v = ChainVerifier::new(&name, &sensor, key.unwrap_or_default());
+                    if key.is_none() {
+                        v.broken(format!(
+                            "no key pinned for sensor {sensor:?} in {}",
+                            bucket_name(&self.site)
+                        ));
+                    }
+                    chains.insert(sensor.clone(), v);
+                }
+                let Some(v) = chains.get_mut(&sensor) else {
+                    continue;
+                };
+                feed(v, seq, &m.payload);
+                if seq >= last {
+                    break;
+                }
+            }
+        }
+        Ok(chains.into_values().map(ChainVerifier::finish).collect())
+    }
+}
+
+/// One stream message into a chain's verifier.
+fn feed(v: &mut ChainVerifier, stream_seq: u64, payload: &[u8]) {
+    let batch = match v1::Batch::decode(payload) {
+        Ok(b) => b,
+        Err(e) => return v.broken(format!("stream message {stream_seq} does not decode: {e}")),
+    };
+    let gap = match batch.gap.as_ref().map(DeclaredGap::from_proto).transpose() {
+        Ok(g) => g,
+        Err(e) => return v.broken(format!("stream message {stream_seq}: gap declaration: {e}")),
+    };
+    v.segment(gap);
+    for f in &batch.frames {
+        let (Ok(prev), Ok(hash)) = (
+            <[u8; 32]>::try_from(&f.prev_hash[..]),
+            <[u8; 32]>::try_from(&f.hash[..]),
+        ) else {
+            return v.broken(format!(
+                "stream message {stream_seq}: seq {}: hash size",
+                f.seq
+            ));
+        };
+        v.frame(f.seq, &prev, &hash, &f.record);
+    }
+}
+
+fn head_value(key: &[u8; 32], seq: u64, hash: &[u8; 32], stream_seq: u64) -> bytes::Bytes {
+    serde_json::to_vec(&HeadValue {
+        key: hex::encode(key),
+        seq,
+        hash: hex::encode(hash),
+        stream_seq,
+    })
+    .unwrap_or_default()
+    .into()
+}
+
+fn hex32(s: &str) -> Option<[u8; 32]> {
+    hex::decode(s).ok()?.try_into().ok()
+}
+
+/// Packs pending records into messages of at most `max` encoded bytes: a gap
+/// declaration opens a message, frames fill it in order.
+fn pack(pending: Vec<Pending>, max: usize) -> Result<Vec<v1::Batch>, JetError> {
+    let mut out: Vec<v1::Batch> = Vec::new();
+    let mut size = 0;
+    for p in pending {
+        match p {
+            Pending::Gap(g) => {
+                size = g.encoded_len();
+                out.push(v1::Batch {
+                    gap: Some(g),
+                    ..Default::default()
+                });
+            }
+            Pending::Frame(f) => {
+                let len = f.encoded_len() + 8;
+                if len + 64 > max {
+                    return Err(JetError::TooLarge { bytes: len, max });
+                }
+                match out.last_mut() {
+                    Some(b) if size + len <= max => b.frames.push(f),
+                    _ => {
+                        out.push(v1::Batch {
+                            frames: vec![f],
+                            ..Default::default()
+                        });
+                        size = 0;
+                    }
+                }
+                size += len;
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(seq: u64, bytes: usize) -> Pending {
+        Pending::Frame(v1::Frame {
+            seq,
+            prev_hash: vec![0; 32].into(),
+            hash: vec![1; 32].into(),
+            record: vec![7; bytes].into(),
+        })
+    }
+
+    #[test]
+    fn packing_keeps_order_opens_a_message_at_a_gap_and_respects_the_size() {
+        let gap = Pending::Gap(v1::GapDeclaration {
+            from_seq: 3,
+            to_seq: 9,
+            ..Default::default()
+        });
+        let pending = vec![
+            frame(1, 600),
+            frame(2, 600),
+            gap,
+            frame(10, 600),
+            frame(11, 600),
+        ];
+        let out = pack(pending, 1000).expect("pack");
+        let seqs: Vec<Vec<u64>> = out
+            .iter()
+            .map(|b| b.frames.iter().map(|f| f.seq).collect())
+            .collect();
+        assert_eq!(seqs, vec![vec![1], vec![2], vec![10], vec![11]]);
+        assert!(out[2].gap.is_some() && out.iter().filter(|b| b.gap.is_some()).count() == 1);
+        for b in &out {
+            assert!(b.encoded_len() <= 1000, "{}", b.encoded_len());
+        }
+        let big = pack(vec![frame(1, 10), frame(2, 10), frame(3, 10)], 1000).expect("pack");
+        assert_eq!(big.len(), 1);
+        assert!(matches!(
+            pack(vec![frame(1, 5000)], 1000),
+            Err(JetError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn sensor_ids_map_to_one_subject_token_and_back() {
+        for id in ["gw-01", "plant.1_gw", "a..b", "x."] {
+            let t = sensor_token(id);
+            assert!(!t.contains('.'), "{t}");
+            assert_eq!(sensor_from_token(&t), id);
+        }
+    }
+}
