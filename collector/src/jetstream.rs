@@ -36,6 +36,8 @@ const CLUSTER_REPLICAS: usize = 3;
 const PAYLOAD_MARGIN: usize = 4096;
 /// How long a publish or a bucket operation may take (a cluster electing a leader).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requests asked again after a timeout while a stream elects a leader.
+const ELECTION_RETRIES: u32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JetError {
@@ -98,14 +100,29 @@ pub struct JetChains {
 
 /// Creates (or binds) a stream with [`CLUSTER_REPLICAS`] replicas, or one on a
 /// server that is not part of a cluster; returns it and its replica count.
-async fn create_replicated(
+pub async fn create_replicated(
     js: &jetstream::Context,
     mut config: stream::Config,
 ) -> Result<(stream::Stream, usize), JetError> {
     let name = config.name.clone();
     let failed = |e: jetstream::context::CreateStreamError| nats("stream")(format!("{name}: {e}"));
     config.num_replicas = CLUSTER_REPLICAS;
-    match js.get_or_create_stream(config.clone()).await {
+    // A stream whose leader was on a node that just died answers nothing until its
+    // replicas elect another (seconds): a timed-out request is asked again.
+    let mut attempts = 0;
+    let first = loop {
+        match js.get_or_create_stream(config.clone()).await {
+            Err(e)
+                if e.kind() == jetstream::context::CreateStreamErrorKind::TimedOut
+                    && attempts < ELECTION_RETRIES =>
+            {
+                attempts += 1;
+                tracing::warn!(stream = %name, attempt = attempts, "no answer (a leader election?): asking again");
+            }
+            r => break r,
+        }
+    };
+    match first {
         Ok(s) => Ok((s, CLUSTER_REPLICAS)),
         Err(e)
             if matches!(e.kind(), jetstream::context::CreateStreamErrorKind::JetStream(j)
@@ -388,14 +405,23 @@ impl JetChains {
             .last_sequence;
         let mut chains: std::collections::BTreeMap<String, ChainVerifier> = Default::default();
         if last > 0 {
-            let consumer = self
-                .stream
-                .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                    filter_subject: format!("conduit_chain.{}.>", self.site),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| nats("consumer")(e.to_string()))?;
+            // A cluster that just lost a node may be electing its meta leader:
+            // creating the reader is retried for a while.
+            let config = jetstream::consumer::pull::OrderedConfig {
+                filter_subject: format!("conduit_chain.{}.>", self.site),
+                ..Default::default()
+            };
+            let mut attempts = 0;
+            let consumer = loop {
+                match self.stream.create_consumer(config.clone()).await {
+                    Ok(c) => break c,
+                    Err(e) if attempts < ELECTION_RETRIES => {
+                        attempts += 1;
+                        tracing::warn!(error = %e, attempt = attempts, "creating the stream reader: retrying");
+                    }
+                    Err(e) => return Err(nats("consumer")(e.to_string())),
+                }
+            };
             let mut messages = consumer
                 .messages()
                 .await
@@ -437,6 +463,113 @@ impl JetChains {
             }
         }
         Ok(chains.into_values().map(ChainVerifier::finish).collect())
+    }
+}
+
+/// An export's durable consumer of the site's chains, shared by every collector of
+/// the site: each stored message goes to one of them, and is acknowledged after the
+/// export's target took its records; unacknowledged ones are delivered again.
+pub struct ExportFeed {
+    consumer: jetstream::consumer::Consumer<jetstream::consumer::pull::Config>,
+    prefix: String,
+}
+
+/// How long a collector may hold an export's message before the cluster gives it to
+/// another (a collector that died mid-send).
+const EXPORT_ACK_WAIT: Duration = Duration::from_secs(30);
+/// Messages an export takes per fetch (each holds up to a sensor batch of records),
+/// few enough to be sent well within [`EXPORT_ACK_WAIT`].
+pub const EXPORT_FETCH: usize = 16;
+/// How long one fetch waits for messages.
+const EXPORT_FETCH_WAIT: Duration = Duration::from_millis(500);
+
+impl JetChains {
+    /// The durable consumer `export-<name>` (created if missing).
+    pub async fn export_feed(&self, name: &str) -> Result<ExportFeed, JetError> {
+        let durable = format!("export-{}", crate::export::nats::token(name));
+        let consumer = self
+            .stream
+            .get_or_create_consumer(
+                &durable,
+                jetstream::consumer::pull::Config {
+                    durable_name: Some(durable.clone()),
+                    description: Some(format!("Conduit collector export {name}")),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: EXPORT_ACK_WAIT,
+                    filter_subject: format!("conduit_chain.{}.>", self.site),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| nats("export consumer")(format!("{durable}: {e}")))?;
+        Ok(ExportFeed {
+            consumer,
+            prefix: format!("conduit_chain.{}.", self.site),
+        })
+    }
+}
+
+/// Messages of an export, with the records they hold.
+pub struct Fetched {
+    pub messages: Vec<jetstream::Message>,
+    /// (sensor id, frame, decoded record) of every frame, in order.
+    pub records: Vec<(String, v1::Frame, v1::Record)>,
+}
+
+impl ExportFeed {
+    /// Up to `max` messages no collector exported yet: what arrives within
+    /// [`EXPORT_FETCH_WAIT`]. (A pull request that expires always ends; a no-wait one
+    /// that finds fewer than `max` messages can leave the batch open on nats-server
+    /// 2.9.)
+    pub async fn fetch(&self, max: usize) -> Result<Fetched, JetError> {
+        let mut batch = self
+            .consumer
+            .batch()
+            .max_messages(max)
+            .expires(EXPORT_FETCH_WAIT)
+            .messages()
+            .await
+            .map_err(|e| nats("export fetch")(e.to_string()))?;
+        let mut out = Fetched {
+            messages: Vec::new(),
+            records: Vec::new(),
+        };
+        // The server ends the request at its expiry; the deadline guards against a
+        // reply lost in a reconnect.
+        let deadline = tokio::time::Instant::now() + EXPORT_FETCH_WAIT * 4;
+        while let Ok(Some(m)) = tokio::time::timeout_at(deadline, batch.next()).await {
+            let m = m.map_err(|e| nats("export fetch")(e.to_string()))?;
+            if let Some(token) = m.subject.as_str().strip_prefix(&self.prefix)
+                && let Ok(b) = v1::Batch::decode(&m.payload[..])
+            {
+                let sensor = sensor_from_token(token);
+                for f in b.frames {
+                    // Verified before it was published: a record decodes.
+                    if let Ok(r) = v1::Record::decode(&f.record[..]) {
+                        out.records.push((sensor.clone(), f, r));
+                    }
+                }
+            }
+            out.messages.push(m);
+        }
+        Ok(out)
+    }
+
+    /// The target took them: acknowledged, no collector sends them again.
+    pub async fn done(&self, messages: &[jetstream::Message]) -> Result<(), JetError> {
+        for m in messages {
+            m.ack()
+                .await
+                .map_err(|e| nats("export ack")(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// The target failed: delivered again after `delay` (to any collector).
+    pub async fn retry(&self, messages: &[jetstream::Message], delay: Duration) {
+        for m in messages {
+            let _ = m.ack_with(jetstream::AckKind::Nak(Some(delay))).await;
+        }
     }
 }
 

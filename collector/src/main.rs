@@ -432,13 +432,6 @@ fn settings(args: RunArgs) -> Result<Settings, ConfigError> {
             .unwrap_or(conduit_evidence::spool::DEFAULT_SEGMENT_BYTES),
         limits,
     };
-    if settings.jetstream.is_some()
-        && (settings.jsonl.is_some() || settings.syslog.is_some() || settings.nats.is_some())
-    {
-        return Err(ConfigError::single(
-            "--jetstream with an export (--jsonl, --syslog, --nats): exports follow the file store; with JetStream, SIEM consumers read the stream CONDUIT_CHAIN_<SITE>",
-        ));
-    }
     if settings.jetstream.is_some() && settings.retention_days.is_some() {
         return Err(ConfigError::single(
             "--jetstream with --retention: retention prunes the file store; set the stream's limits in JetStream instead",
@@ -783,14 +776,14 @@ async fn run(args: Settings) -> anyhow::Result<()> {
         );
         // The JSON-lines file is the complete record stream (as `query` prints it).
         let all = export::Selection { heartbeats: true };
-        tasks.spawn(async move { export::run(sink, all, sh, rx).await });
+        tasks.spawn(export::run_logged(sink, all, sh, rx));
     }
     let selection = args.selection;
     if let Some(url) = &args.syslog {
         let target = syslog::parse_url(url)?;
         let sink = syslog::SyslogSink::new(target, args.syslog_opts.clone())?;
         let (sh, rx) = (shared.clone(), shutdown_rx.clone());
-        tasks.spawn(async move { export::run(sink, selection, sh, rx).await });
+        tasks.spawn(export::run_logged(sink, selection, sh, rx));
     }
     if let Some(url) = &args.nats {
         let (sink, sh, rx) = (
@@ -798,7 +791,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
             shared.clone(),
             shutdown_rx.clone(),
         );
-        tasks.spawn(async move { export::run(sink, selection, sh, rx).await });
+        tasks.spawn(export::run_logged(sink, selection, sh, rx));
     }
     {
         let (sh, mut rx) = (shared.clone(), shutdown_rx.clone());

@@ -107,6 +107,20 @@ impl Cluster {
         Some(c)
     }
 
+    /// The nodes' logs, for failure messages.
+    fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| {
+                format!(
+                    "{}:\n{}",
+                    n.log.display(),
+                    std::fs::read_to_string(&n.log).unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+
     fn urls(&self) -> String {
         self.nodes
             .iter()
@@ -143,11 +157,114 @@ impl Cluster {
 }
 
 fn start_collector(dir: &Path, name: &str, nats: &str) -> Collector {
+    start_exporting(dir, name, nats, &[])
+}
+
+fn start_exporting(dir: &Path, name: &str, nats: &str, export: &[&str]) -> Collector {
+    let mut args = vec!["--tofu", "--jetstream", nats, "--site", SITE];
+    args.extend(export);
     Collector::start(
         &dir.join(format!("{name}-local")),
         &dir.join(format!("{name}.log")),
-        &["--tofu", "--jetstream", nats, "--site", SITE],
+        &args,
     )
+}
+
+/// The export consumer's state, for failure messages.
+async fn export_state(nats: &str) -> String {
+    let Ok(client) = async_nats::connect(nats).await else {
+        return "no connection".to_owned();
+    };
+    let js = async_nats::jetstream::new(client);
+    let Ok(stream) = js
+        .get_stream(format!("CONDUIT_CHAIN_{}", SITE.to_uppercase()))
+        .await
+    else {
+        return "no chain stream".to_owned();
+    };
+    match stream
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>("export-nats")
+        .await
+    {
+        Ok(mut c) => match c.info().await {
+            Ok(i) => format!(
+                "export consumer: pending {} ack_pending {} redelivered {} delivered {:?} ack_floor {:?} waiting {}",
+                i.num_pending,
+                i.num_ack_pending,
+                i.num_redelivered,
+                i.delivered,
+                i.ack_floor,
+                i.num_waiting
+            ),
+            Err(e) => format!("consumer info: {e}"),
+        },
+        Err(e) => format!("consumer: {e}"),
+    }
+}
+
+/// The `event.sequence` of every message of `sensor` in the SIEM export's streams
+/// (`--nats`; sites as records name them, `default` before a chain's first site).
+/// Err: a stream could not be read (yet: a leader election after a node loss).
+async fn exported(nats: &str, sensor: &str) -> Result<Vec<u64>, String> {
+    let client = async_nats::connect(nats).await.map_err(|e| e.to_string())?;
+    let js = async_nats::jetstream::new(client);
+    let mut seqs = Vec::new();
+    for site in ["plant-01", "default"] {
+        let name = format!("CONDUIT_{}", site.to_uppercase());
+        let Ok(stream) = js.get_stream(&name).await else {
+            continue;
+        };
+        let config = async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: format!("conduit.{site}.{}.>", sensor.replace('.', "_")),
+            ..Default::default()
+        };
+        let consumer = stream
+            .create_consumer(config)
+            .await
+            .map_err(|e| format!("reading {name}: {e}"))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| format!("reading {name}: {e}"))?;
+        while let Ok(Some(Ok(m))) = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio_stream::StreamExt::next(&mut messages),
+        )
+        .await
+        {
+            let doc: serde_json::Value = serde_json::from_slice(&m.payload).expect("json");
+            seqs.push(doc["event"]["sequence"].as_u64().expect("event.sequence"));
+            if m.info().map(|i| i.pending).unwrap_or(0) == 0 {
+                break;
+            }
+        }
+    }
+    Ok(seqs)
+}
+
+/// Waits until the SIEM export holds every seq 1..=`head` of `sensor`; returns how
+/// many messages were duplicates.
+async fn wait_exported(nats: &str, sensor: &str, head: u64, b: &Collector) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (seqs, error) = match exported(nats, sensor).await {
+            Ok(seqs) => (seqs, String::new()),
+            Err(e) => (Vec::new(), e),
+        };
+        let distinct: std::collections::BTreeSet<u64> = seqs.iter().copied().collect();
+        let whole = distinct.len() as u64 == head && distinct.last() == Some(&head);
+        if whole {
+            return seqs.len() - distinct.len();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{sensor}: the SIEM export holds {} distinct of seqs 1..={head} {error}; {}\nb's log:\n{}",
+            distinct.len(),
+            export_state(nats).await,
+            b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// `conduit-collector verify --jetstream`: exit code and output.
@@ -204,13 +321,16 @@ async fn next(rx: &mut tonic::Streaming<v1::CollectorMessage>) -> collector_mess
         .expect("message")
 }
 
-/// Waits until `f` holds; panics with `what` after `timeout`.
-async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+/// Waits until `f` holds, at most `timeout`; whether it did.
+async fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if Instant::now() >= deadline {
+            return false;
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    true
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -222,8 +342,13 @@ async fn collectors_share_sensors_through_a_collector_kill_and_a_nats_node_kill(
     };
     let a_nats = cluster.nodes[0].url();
     let b_nats = cluster.nodes[1].url();
-    let mut a = start_collector(tmp.path(), "a", &a_nats);
-    let b = start_collector(tmp.path(), "b", &b_nats);
+    // Both export every record (checkpoints too) to NATS through one durable
+    // consumer: each record reaches the SIEM stream once, whichever collector
+    // stored it and whichever exported it.
+    let siem = cluster.nodes[2].url();
+    let export = ["--nats", &siem, "--export-heartbeats"];
+    let mut a = start_exporting(tmp.path(), "a", &a_nats, &export);
+    let b = start_exporting(tmp.path(), "b", &b_nats, &export);
     let sensors = ["gw-js-1", "gw-js-2", "plant.gw-3"];
     let mut recs: Vec<Recorder> = Vec::new();
     let mut uplinks = Vec::new();
@@ -247,27 +372,38 @@ async fn collectors_share_sensors_through_a_collector_kill_and_a_nats_node_kill(
 
     // Collector a dies (SIGKILL) while its sensors stream: they move to b, which
     // resumes each from what the cluster stored, whoever stored it.
+    let started = uplinks[0].status.borrow().acked_seq;
     let heads: Vec<u64> = recs
         .iter_mut()
         .enumerate()
         .map(|(i, r)| append(r, 10_000 * (i as u64 + 1), 3000))
         .collect();
-    let started = uplinks[0].status.borrow().acked_seq;
-    wait_for(
-        "sensor 1 to stream past its first records",
-        Duration::from_secs(60),
-        || uplinks[0].status.borrow().acked_seq > started,
-    )
+    let moving = wait_for(Duration::from_secs(60), || {
+        uplinks[0].status.borrow().acked_seq > started
+    })
     .await;
+    assert!(
+        moving,
+        "sensor 1 does not stream on: {:?}\na's log:\n{}",
+        *uplinks[0].status.borrow(),
+        a.log_text()
+    );
     a.kill();
     for (u, h) in uplinks.iter_mut().zip(&heads) {
         u.wait_acked(*h, Duration::from_secs(120)).await;
     }
     assert_eq!(uplinks[0].status.borrow().collector, b.url("http"));
+    // The records a's export had taken when it died are delivered again to b's:
+    // the SIEM stream holds each record once (de-duplicated by Nats-Msg-Id).
+    for (s, h) in sensors.iter().zip(&heads) {
+        let duplicates = wait_exported(&siem, s, *h, &b).await;
+        assert_eq!(duplicates, 0, "{s}: duplicates in the SIEM export");
+    }
 
     // A NATS node dies (the one b is connected to): b's client moves to another
     // node and the R3 stream keeps its quorum; nothing is lost or doubled.
     cluster.nodes[1].kill();
+    cluster.wait_ready().await;
     let heads: Vec<u64> = recs
         .iter_mut()
         .enumerate()
@@ -281,7 +417,13 @@ async fn collectors_share_sensors_through_a_collector_kill_and_a_nats_node_kill(
     }
 
     let (code, out) = verify_jetstream(&cluster.nodes[2].url());
-    assert_eq!(code, Some(0), "{out}\nb's log:\n{}", b.log_text());
+    assert_eq!(
+        code,
+        Some(0),
+        "{out}\nb's log:\n{}\n{}",
+        b.log_text(),
+        cluster.logs()
+    );
     let want: u64 = heads.iter().sum();
     assert_eq!(totals(&out), (3, want), "{out}");
     for s in sensors {
@@ -289,6 +431,15 @@ async fn collectors_share_sensors_through_a_collector_kill_and_a_nats_node_kill(
             out.contains(&format!("CONDUIT_CHAIN_PLANT-JS/{s}")),
             "{out}"
         );
+    }
+    // Every record reaches the SIEM export. Exactly once is not asserted here: a
+    // stream leader elected after a node loss may not know every recent
+    // Nats-Msg-Id in nats-server before 2.11 (nats-server PRs 6415, 6485, 6486),
+    // so a record delivered again can be stored twice; the chains themselves are
+    // guarded by the expected subject sequence, which `verify` proved above.
+    for (s, h) in sensors.iter().zip(&heads) {
+        let duplicates = wait_exported(&siem, s, *h, &b).await;
+        println!("{s}: {duplicates} duplicates in the SIEM export after the node loss");
     }
     // Nothing went to the local stores but the collectors' own alarm chains.
     for dir in [tmp.path().join("a-local"), tmp.path().join("b-local")] {

@@ -176,6 +176,88 @@ impl Cursor {
     }
 }
 
+/// Sends one fetch of the JetStream chains: Some(messages handled), None at
+/// shutdown; a failed send is delivered again later (to any collector).
+async fn export_feed<S: Sink>(
+    sink: &mut S,
+    selection: Selection,
+    feed: &crate::jetstream::ExportFeed,
+    shutdown: &mut watch::Receiver<bool>,
+    metrics: &crate::metrics::Metrics,
+) -> Result<Option<usize>, ExportError> {
+    let target = |e: crate::jetstream::JetError| ExportError::Target(e.to_string());
+    let fetched = feed
+        .fetch(crate::jetstream::EXPORT_FETCH)
+        .await
+        .map_err(target)?;
+    tracing::debug!(
+        export = sink.name(),
+        messages = fetched.messages.len(),
+        records = fetched.records.len(),
+        "fetched from JetStream"
+    );
+    if fetched.messages.is_empty() {
+        return Ok(Some(0));
+    }
+    let mut last: BTreeMap<&str, u64> = BTreeMap::new();
+    let items: Vec<Item> = fetched
+        .records
+        .iter()
+        .filter(|(_, _, r)| selection.selects(r))
+        .map(|(sensor, f, r)| {
+            let hash = |b: &[u8]| b.try_into().unwrap_or([0; 32]);
+            Item {
+                chain: sensor.clone(),
+                pos: ChainPosition {
+                    seq: f.seq,
+                    hash: hash(&f.hash),
+                    prev_hash: hash(&f.prev_hash),
+                },
+                record: r.clone(),
+            }
+        })
+        .collect();
+    for (sensor, f, _) in &fetched.records {
+        let seq = last.entry(sensor).or_default();
+        *seq = (*seq).max(f.seq);
+    }
+    let sent = tokio::select! {
+        r = async { if items.is_empty() { Ok(()) } else { sink.send(&items).await } } => r,
+        _ = shutdown.changed() => return Ok(None),
+    };
+    tracing::debug!(
+        export = sink.name(),
+        ok = sent.is_ok(),
+        "sent the records from JetStream"
+    );
+    if let Err(e) = sent {
+        feed.retry(&fetched.messages, Duration::from_secs(1)).await;
+        return Err(e);
+    }
+    feed.done(&fetched.messages).await.map_err(target)?;
+    tracing::debug!(export = sink.name(), "acknowledged to JetStream");
+    for (sensor, seq) in last {
+        metrics.exported(sink.name(), sensor, seq);
+    }
+    Ok(Some(fetched.messages.len()))
+}
+
+/// [`run`], with its end logged when it is an error (the collector reports it only
+/// at shutdown; the export must not stop unnoticed before).
+pub async fn run_logged<S: Sink>(
+    sink: S,
+    selection: Selection,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), ExportError> {
+    let name = sink.name().to_owned();
+    let r = run(sink, selection, shared, shutdown).await;
+    if let Err(e) = &r {
+        tracing::error!(export = %name, error = %e, "export stopped");
+    }
+    r
+}
+
 /// Runs one export of the records `selection` picks until shutdown (its cursor
 /// passes the others).
 pub async fn run<S: Sink>(
@@ -191,6 +273,10 @@ pub async fn run<S: Sink>(
     for (chain, seq) in &cursor.seqs {
         metrics.exported(sink.name(), chain, *seq);
     }
+    // With JetStream, the sensors' chains come from the cluster (the store keeps
+    // only this collector's alarm chain), through a consumer made on first use.
+    let mut feed: Option<crate::jetstream::ExportFeed> = None;
+    let mut feed_delay = Duration::from_millis(100);
     let mut readers: BTreeMap<String, SpoolReader> = BTreeMap::new();
     let mut frames = Vec::new();
     // Chains whose last send failed: when to try again, and the next delay. A
@@ -256,10 +342,44 @@ pub async fn run<S: Sink>(
             metrics.exported(sink.name(), &chain, last);
             progressed = true;
         }
+        if let Some(js) = &shared.opts.jetstream {
+            let fed = match &feed {
+                Some(f) => export_feed(&mut sink, selection, f, &mut shutdown, metrics).await,
+                None => match js.export_feed(sink.name()).await {
+                    Ok(f) => {
+                        feed = Some(f);
+                        Ok(Some(0))
+                    }
+                    Err(e) => Err(ExportError::Target(e.to_string())),
+                },
+            };
+            match fed {
+                Ok(Some(n)) => {
+                    progressed |= n > 0;
+                    feed_delay = Duration::from_millis(100);
+                }
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(export = sink.name(), error = %e, retry_ms = feed_delay.as_millis() as u64,
+                        "export of the JetStream chains failed; their records wait in the cluster");
+                    tokio::select! {
+                        _ = tokio::time::sleep(feed_delay) => {}
+                        _ = shutdown.changed() => return Ok(()),
+                    }
+                    feed_delay = (feed_delay * 2).min(MAX_RETRY);
+                }
+            }
+        }
         if !progressed {
+            // With JetStream, the fetch itself waited for new records.
+            let idle = if shared.opts.jetstream.is_some() {
+                Duration::ZERO
+            } else {
+                Duration::from_secs(1)
+            };
             tokio::select! {
                 _ = &mut notified => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(idle) => {}
                 _ = shutdown.changed() => return Ok(()),
             }
         }

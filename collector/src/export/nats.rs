@@ -9,6 +9,9 @@ use async_nats::jetstream;
 
 use super::{ExportError, Format, Item, Sink};
 
+/// Publishes in flight before their acks are awaited (below async-nats's limit).
+const ACK_WINDOW: usize = 1000;
+
 pub struct NatsSink {
     url: String,
     format: Format,
@@ -102,18 +105,31 @@ impl NatsSink {
         if self.streams.contains(site) {
             return Ok(());
         }
-        js.get_or_create_stream(jetstream::stream::Config {
-            name: stream_name(site),
-            subjects: vec![format!("conduit.{site}.>")],
-            ..Default::default()
-        })
+        // Replicated on a cluster: the SIEM's copy survives a node as the chains do.
+        crate::jetstream::create_replicated(
+            js,
+            jetstream::stream::Config {
+                name: stream_name(site),
+                subjects: vec![format!("conduit.{site}.>")],
+                ..Default::default()
+            },
+        )
         .await
-        .map_err(|e| ExportError::Target(format!("nats stream {}: {e}", stream_name(site))))?;
+        .map_err(|e| ExportError::Target(e.to_string()))?;
         self.streams.insert(site.to_owned());
         Ok(())
     }
 
     async fn publish(&mut self, items: &[Item]) -> Result<(), ExportError> {
+        // async-nats holds at most 5,000 unacknowledged publishes per context and
+        // makes the next one wait: acks are awaited per window, never all at the end.
+        for window in items.chunks(ACK_WINDOW) {
+            self.publish_window(window).await?;
+        }
+        Ok(())
+    }
+
+    async fn publish_window(&mut self, items: &[Item]) -> Result<(), ExportError> {
         let js = self.context().await?;
         let mut acks = Vec::with_capacity(items.len());
         for item in items {

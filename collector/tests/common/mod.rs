@@ -127,7 +127,11 @@ fn spawn(args: &[String], log: &Path) -> Child {
         .expect("log file");
     Command::new(env!("CARGO_BIN_EXE_conduit-collector"))
         .args(args)
-        .env("RUST_LOG", "info")
+        // CONDUIT_TEST_COLLECTOR_LOG: another filter when a test needs more.
+        .env(
+            "RUST_LOG",
+            std::env::var("CONDUIT_TEST_COLLECTOR_LOG").unwrap_or_else(|_| "info".to_owned()),
+        )
         .stdout(Stdio::null())
         .stderr(out)
         .spawn()
