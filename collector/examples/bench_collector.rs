@@ -1,14 +1,26 @@
 //! Records per second from a sensor spool to a verified collector store over loopback,
-//! with mTLS and in plain text, next to the raw spool append rate.
+//! with mTLS and in plain text, next to the raw spool append rate; and, when
+//! nats-server is installed, to verified JetStream (R3 on a 3-node cluster on this
+//! machine) next to the file store.
 //!
 //! `cargo run --release -p conduit-collector --example bench_collector [RECORDS [WINDOW]]`
 //! prints `bench collector mtls_records_per_sec=… plain_records_per_sec=…
-//! spool_append_per_sec=… ratio=…` (ratio: mTLS stream rate / spool append rate).
+//! spool_append_per_sec=… ratio=…` (ratio: mTLS stream rate / spool append rate) and
+//! `bench collector_jetstream r3_records_per_sec=… file_records_per_sec=… ratio=…`.
+
+#[path = "../tests/common/nats_cluster.rs"]
+#[expect(
+    dead_code,
+    reason = "the tests' cluster helper; the benchmark needs a part"
+)]
+mod nats_cluster;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use conduit_collector::alarms::Alarms;
+use conduit_collector::jetstream::JetChains;
 use conduit_collector::server::{CollectorService, ServerOptions, Shared};
 use conduit_evidence::chain::{Recorder, RecorderOptions};
 use conduit_proto::v1::{self, RecordKind, collector_server::CollectorServer, record::Body};
@@ -104,6 +116,7 @@ async fn stream_once(
     head: u64,
     tls: Option<&Tls>,
     window: usize,
+    jetstream: Option<Arc<JetChains>>,
 ) -> f64 {
     let alarms = Alarms::open(store).expect("alarms");
     let shared = Shared::new(
@@ -112,7 +125,7 @@ async fn stream_once(
             trusted_keys: None,
             tofu: true,
             segment_bytes: conduit_evidence::spool::DEFAULT_SEGMENT_BYTES,
-            jetstream: None,
+            jetstream: jetstream.clone(),
         },
         alarms,
         conduit_collector::limits::Limits::default(),
@@ -172,7 +185,16 @@ async fn stream_once(
     let _ = task.await;
     let _ = stop_tx.send(true);
     let _ = server.await;
-    let report = conduit_evidence::chain::verify::verify_dir(&store.join("bench-gw"), None);
+    let report = match &jetstream {
+        Some(js) => js
+            .verify()
+            .await
+            .expect("verify JetStream")
+            .into_iter()
+            .find(|r| r.sensor_id.as_deref() == Some("bench-gw"))
+            .expect("the chain in JetStream"),
+        None => conduit_evidence::chain::verify::verify_dir(&store.join("bench-gw"), None),
+    };
     assert!(report.ok() && report.records == head, "store: {report}");
     rate
 }
@@ -192,17 +214,51 @@ async fn main() {
     let spool = tmp.path().join("spool");
     let (head, append_rate) = write_spool(&spool, n);
     let tls = pki(tmp.path());
-    let plain = stream_once(&spool, &tmp.path().join("store-plain"), head, None, window).await;
+    let plain = stream_once(
+        &spool,
+        &tmp.path().join("store-plain"),
+        head,
+        None,
+        window,
+        None,
+    )
+    .await;
     let mtls = stream_once(
         &spool,
         &tmp.path().join("store-mtls"),
         head,
         Some(&tls),
         window,
+        None,
     )
     .await;
     println!(
         "bench collector mtls_records_per_sec={mtls:.0} plain_records_per_sec={plain:.0} spool_append_per_sec={append_rate:.0} ratio={:.2} records={head} window={window}",
         mtls / append_rate
+    );
+    // The same spool into JetStream, in plain text as `plain` above.
+    let nats = tmp.path().join("nats");
+    std::fs::create_dir_all(&nats).expect("nats dir");
+    let Some(cluster) = nats_cluster::Cluster::start(&nats).await else {
+        println!("bench collector_jetstream SKIPPED: nats-server not installed");
+        return;
+    };
+    let js = Arc::new(
+        JetChains::connect(&cluster.urls(), "bench")
+            .await
+            .expect("JetStream"),
+    );
+    let jet = stream_once(
+        &spool,
+        &tmp.path().join("store-js"),
+        head,
+        None,
+        window,
+        Some(js),
+    )
+    .await;
+    println!(
+        "bench collector_jetstream r3_records_per_sec={jet:.0} file_records_per_sec={plain:.0} ratio={:.2} records={head} nodes=3",
+        jet / plain
     );
 }

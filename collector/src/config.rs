@@ -25,6 +25,8 @@
 //!   heartbeats: false               # checkpoints to syslog and NATS too
 //!   format: ecs                     # or ocsf, for the JSON-lines and NATS exports
 //! metrics: "127.0.0.1:9465"
+//! jetstream: nats://10.0.0.5:4222,nats://10.0.0.6:4222   # instead of the store's chains
+//! site: plant-01
 //! ```
 
 use std::net::SocketAddr;
@@ -54,6 +56,11 @@ pub struct CollectorConfig {
     pub retention_days: Option<u64>,
     /// Bytes at which a sensor's store segment is sealed (the unit of retention).
     pub store_segment_bytes: Option<u64>,
+    /// NATS server(s) whose JetStream keeps the sensor chains instead of `store`
+    /// (comma-separated URLs; docs/jetstream.md).
+    pub jetstream: Option<String>,
+    /// The site of the JetStream stream and bucket (`default` when none).
+    pub site: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]

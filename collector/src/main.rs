@@ -184,13 +184,14 @@ struct RunArgs {
     /// collector's own alarm chain [default there: /var/lib/conduit-collector/state].
     #[arg(long, value_name = "DIR")]
     store: Option<PathBuf>,
-    /// Keep sensor chains in NATS JetStream at URL (e.g. nats://10.0.0.5:4222) instead
-    /// of the store, so several collectors serve the same sensors; R3 on a cluster.
+    /// Keep sensor chains in NATS JetStream at URL (e.g. nats://10.0.0.5:4222; several
+    /// comma-separated) instead of the store, so several collectors serve the same
+    /// sensors; R3 on a cluster [default: `jetstream:` of collector.yaml].
     #[arg(long, value_name = "URL")]
     jetstream: Option<String>,
     /// The site: the JetStream stream CONDUIT_CHAIN_<SITE> and bucket conduit_heads_<site>
-    /// [default: default].
-    #[arg(long, value_name = "ID", requires = "jetstream")]
+    /// [default: `site:` of collector.yaml, else default].
+    #[arg(long, value_name = "ID")]
     site: Option<String>,
     /// Also write every record as one ECS JSON line to FILE [default: export.jsonl].
     #[arg(long, value_name = "FILE")]
@@ -396,12 +397,19 @@ fn settings(args: RunArgs) -> Result<Settings, ConfigError> {
         store: args
             .store
             .or(file.store.clone())
-            .or_else(|| args.jetstream.as_ref().map(|_| PathBuf::from(DEFAULT_STATE_DIR)))
+            .or_else(|| {
+                (args.jetstream.is_some() || file.jetstream.is_some())
+                    .then(|| PathBuf::from(DEFAULT_STATE_DIR))
+            })
             .ok_or_else(|| {
                 ConfigError::single("--store: no store directory: give --store DIR or `store:` in collector.yaml")
             })?,
-        jetstream: args.jetstream.clone(),
-        site: args.site.clone().unwrap_or_else(|| DEFAULT_SITE.to_owned()),
+        jetstream: args.jetstream.clone().or(file.jetstream.clone()),
+        site: args
+            .site
+            .clone()
+            .or(file.site.clone())
+            .unwrap_or_else(|| DEFAULT_SITE.to_owned()),
         jsonl: args.jsonl.or(file.export.jsonl.clone()),
         syslog: args.syslog.or(syslog.as_ref().map(|s| s.url.clone())),
         syslog_opts: syslog_options(

@@ -2,6 +2,8 @@
 //! loopback, sensor spools written with the chain library, the uplink in-process.
 #![expect(dead_code, reason = "each test binary uses a different subset")]
 
+pub mod nats_cluster;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
