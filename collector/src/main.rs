@@ -526,15 +526,9 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let rt = match runtime() {
                 Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::FAILURE;
-                }
+                Err(code) => return code,
             };
             match rt.block_on(run(args)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -564,17 +558,22 @@ fn verify(store: &std::path::Path) -> ExitCode {
     }
 }
 
-fn verify_jetstream(url: &str, site: &str) -> ExitCode {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+/// The tokio runtime of `run` and `verify --jetstream` (its error printed).
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
+        .map_err(|e| {
             eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
+            ExitCode::FAILURE
+        })
+}
+
+fn verify_jetstream(url: &str, site: &str) -> ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
     };
     let reports = rt.block_on(async {
         let chains = conduit_collector::jetstream::JetChains::connect(url, site).await?;

@@ -258,6 +258,19 @@ fn msg(m: collector_message::Msg) -> Result<CollectorMessage, Status> {
     Ok(CollectorMessage { msg: Some(m) })
 }
 
+/// The Welcome: what is stored of the sensor's chain ((0, zero): nothing).
+fn welcome(
+    (seq, hash): (u64, [u8; 32]),
+    cosignature: Option<v1::Cosignature>,
+) -> collector_message::Msg {
+    collector_message::Msg::Welcome(v1::Welcome {
+        protocol_version: PROTOCOL_VERSION,
+        last_stored_seq: seq,
+        last_stored_hash: if seq == 0 { Vec::new() } else { hash.to_vec() },
+        last_cosignature: cosignature,
+    })
+}
+
 /// A reader task keeps the next batches decoded while earlier ones are stored.
 fn spawn_reader(
     mut inbound: Streaming<SensorMessage>,
@@ -303,6 +316,11 @@ fn group_after(
 }
 
 impl Session {
+    /// Sends a message to the sensor; false when the stream is gone.
+    async fn send(&self, m: collector_message::Msg) -> bool {
+        self.out.send(msg(m)).await.is_ok()
+    }
+
     /// Cosigns the newest checkpoint that `durable_seq` made durable, if it extends
     /// what this collector witnessed before (docs/witness.md). A contradiction is an
     /// alarm; a failure to store the cosignature only delays it to the next one.
@@ -463,22 +481,7 @@ impl Session {
         self.shared.alarms.metrics.sensor_seen(sensor_id, head.seq);
         tracing::info!(sensor = %sensor_id, ?peer, stored_seq = head.seq, sensor_head = hello.head_seq,
             site = js.site(), "sensor connected (JetStream)");
-        let welcome = v1::Welcome {
-            protocol_version: PROTOCOL_VERSION,
-            last_stored_seq: head.seq,
-            last_stored_hash: if head.seq == 0 {
-                Vec::new()
-            } else {
-                head.hash.to_vec()
-            },
-            last_cosignature: None,
-        };
-        if self
-            .out
-            .send(msg(collector_message::Msg::Welcome(welcome)))
-            .await
-            .is_err()
-        {
+        if !self.send(welcome((head.seq, head.hash), None)).await {
             return;
         }
         let (reader, mut brx) = spawn_reader(inbound);
@@ -541,12 +544,7 @@ impl Session {
                 stored_seq: head.seq,
                 cosignature: None,
             };
-            if self
-                .out
-                .send(msg(collector_message::Msg::Ack(ack)))
-                .await
-                .is_err()
-            {
+            if !self.send(collector_message::Msg::Ack(ack)).await {
                 break;
             }
             if let Some(r) = rejection {
@@ -698,22 +696,8 @@ impl Session {
         self.shared.alarms.metrics.sensor_seen(&sensor_id, head_seq);
         tracing::info!(sensor = %sensor_id, ?peer, stored_seq = head_seq, sensor_head = hello.head_seq,
             "sensor connected");
-        let welcome = v1::Welcome {
-            protocol_version: PROTOCOL_VERSION,
-            last_stored_seq: head_seq,
-            last_stored_hash: if head_seq == 0 {
-                Vec::new()
-            } else {
-                head_hash.to_vec()
-            },
-            last_cosignature: st.witnessed().map(|c| c.to_proto()),
-        };
-        if self
-            .out
-            .send(msg(collector_message::Msg::Welcome(welcome)))
-            .await
-            .is_err()
-        {
+        let cosignature = st.witnessed().map(|c| c.to_proto());
+        if !self.send(welcome((head_seq, head_hash), cosignature)).await {
             return;
         }
         let (reader, mut brx) = spawn_reader(inbound);
