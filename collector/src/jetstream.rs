@@ -573,6 +573,102 @@ impl ExportFeed {
     }
 }
 
+impl JetChains {
+    /// Copies every sensor chain of the site, as stored, into `root` in the file
+    /// store's layout (segments, pinned key, declared gaps), for `query` and
+    /// `report`: they then read and verify it as a store, so a chain broken in the
+    /// stream is reported broken, not repaired. Returns the messages read.
+    pub async fn copy_to_store(&self, root: &std::path::Path) -> Result<u64, JetError> {
+        use conduit_evidence::spool::{Class, FrameRef, Spool, SpoolOptions, SyncPolicy};
+        let mut stream = self.stream.clone();
+        let last = stream
+            .info()
+            .await
+            .map_err(|e| nats("stream info")(e.to_string()))?
+            .state
+            .last_sequence;
+        if last == 0 {
+            return Ok(0);
+        }
+        let consumer = self
+            .stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: format!("conduit_chain.{}.>", self.site),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats("consumer")(e.to_string()))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| nats("consumer")(e.to_string()))?;
+        let prefix = format!("conduit_chain.{}.", self.site);
+        let mut spools: std::collections::HashMap<String, Spool> = Default::default();
+        let mut read = 0;
+        let copy = |sensor: &str, what: String| JetError::Corrupt {
+            sensor: sensor.to_owned(),
+            detail: what,
+        };
+        while let Some(m) = messages.next().await {
+            let m = m.map_err(|e| nats("read")(e.to_string()))?;
+            let seq = m
+                .info()
+                .map_err(|e| nats("read")(e.to_string()))?
+                .stream_sequence;
+            read += 1;
+            if let Some(token) = m.subject.as_str().strip_prefix(&prefix) {
+                let sensor = sensor_from_token(token);
+                let dir = root.join(&sensor);
+                if !spools.contains_key(&sensor) {
+                    let Some(head) = self.head(&sensor).await? else {
+                        return Err(copy(&sensor, "no key pinned in the bucket".to_owned()));
+                    };
+                    std::fs::create_dir_all(&dir).map_err(|e| copy(&sensor, e.to_string()))?;
+                    crate::store::pin_key(&dir, &head.key)
+                        .map_err(|e| copy(&sensor, e.to_string()))?;
+                    let mut o = SpoolOptions::new(&dir, &sensor);
+                    o.max_bytes = u64::MAX / 4;
+                    o.sync = SyncPolicy::OsOnly;
+                    let (spool, _) = Spool::open(o).map_err(|e| copy(&sensor, e.to_string()))?;
+                    spools.insert(sensor.clone(), spool);
+                }
+                let batch = v1::Batch::decode(&m.payload[..])
+                    .map_err(|e| copy(&sensor, format!("stream message {seq}: {e}")))?;
+                if let Some(g) = &batch.gap {
+                    let g = DeclaredGap::from_proto(g)
+                        .map_err(|e| copy(&sensor, format!("stream message {seq}: {e}")))?;
+                    conduit_evidence::chain::declared_gap::append(&dir, &g)
+                        .map_err(|e| copy(&sensor, e))?;
+                }
+                let Some(spool) = spools.get_mut(&sensor) else {
+                    continue;
+                };
+                for f in &batch.frames {
+                    let hash = |b: &[u8]| <[u8; 32]>::try_from(b).unwrap_or(ZERO_HASH);
+                    spool
+                        .append(
+                            &FrameRef {
+                                seq: f.seq,
+                                prev_hash: hash(&f.prev_hash),
+                                hash: hash(&f.hash),
+                                record: &f.record,
+                            },
+                            Class::Data,
+                        )
+                        .map_err(|e| copy(&sensor, format!("stream message {seq}: {e}")))?;
+                }
+            }
+            if seq >= last {
+                break;
+            }
+        }
+        for (sensor, mut spool) in spools {
+            spool.sync().map_err(|e| copy(&sensor, e.to_string()))?;
+        }
+        Ok(read)
+    }
+}
+
 /// One stream message into a chain's verifier.
 fn feed(v: &mut ChainVerifier, stream_seq: u64, payload: &[u8]) {
     let batch = match v1::Batch::decode(payload) {

@@ -93,11 +93,58 @@ enum Cmd {
     },
 }
 
+/// Where `query` and `report` read: a store, or the chains in JetStream.
+#[derive(clap::Args)]
+struct Source {
+    /// Store directory (as `run --store`).
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "jetstream",
+        conflicts_with = "jetstream"
+    )]
+    store: Option<PathBuf>,
+    /// NATS server of the chains kept in JetStream (as `run --jetstream`): read into a
+    /// temporary store first (time and space grow with the stream).
+    #[arg(long, value_name = "URL")]
+    jetstream: Option<String>,
+    /// The site whose chains to read (as `run --site`).
+    #[arg(long, value_name = "ID", default_value = DEFAULT_SITE, requires = "jetstream")]
+    site: String,
+}
+
+impl Source {
+    /// The store directory to read, and the temporary copy of the JetStream chains
+    /// that must live as long as it is read.
+    fn open(&self, cmd: &str) -> Result<(PathBuf, Option<tempfile::TempDir>), ExitCode> {
+        let (Some(url), None) = (&self.jetstream, &self.store) else {
+            let store = self.store.clone().unwrap_or_default();
+            store_dir_or_usage(cmd, &store)?;
+            return Ok((store, None));
+        };
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let tmp = tempfile::tempdir().map_err(|e| {
+            eprintln!("conduit-collector {cmd}: temporary directory: {e}");
+            ExitCode::FAILURE
+        })?;
+        let copied = runtime()?.block_on(async {
+            let chains = conduit_collector::jetstream::JetChains::connect(url, &self.site).await?;
+            chains.copy_to_store(tmp.path()).await
+        });
+        match copied {
+            Ok(_) => Ok((tmp.path().to_owned(), Some(tmp))),
+            Err(e) => {
+                eprintln!("conduit-collector {cmd}: {e}");
+                Err(ExitCode::FAILURE)
+            }
+        }
+    }
+}
+
 #[derive(clap::Args)]
 struct QueryArgs {
-    /// Store directory (as `run --store`).
-    #[arg(long, value_name = "DIR")]
-    store: PathBuf,
+    #[command(flatten)]
+    source: Source,
     /// Only this sensor's chain (`collector` for the collector's alarms) [default: all].
     #[arg(long, value_name = "ID")]
     sensor: Option<String>,
@@ -133,9 +180,8 @@ struct QueryArgs {
 
 #[derive(clap::Args)]
 struct ReportArgs {
-    /// Store directory (as `run --store`).
-    #[arg(long, value_name = "DIR")]
-    store: PathBuf,
+    #[command(flatten)]
+    source: Source,
     /// Window start, inclusive (RFC 3339).
     #[arg(long, value_name = "T", value_parser = parse_time)]
     since: i64,
@@ -630,9 +676,10 @@ fn store_dir_or_usage(cmd: &str, store: &std::path::Path) -> Result<(), ExitCode
 fn query(args: &QueryArgs) -> ExitCode {
     use conduit_collector::query::{Filter, query, table_row};
     use std::io::Write as _;
-    if let Err(code) = store_dir_or_usage("query", &args.store) {
-        return code;
-    }
+    let (store, _copy) = match args.source.open("query") {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
     let sensor = args.sensor.as_ref().map(|s| {
         if s == "collector" {
             conduit_collector::store::ALARM_DIR.to_owned()
@@ -652,7 +699,7 @@ fn query(args: &QueryArgs) -> ExitCode {
     };
     let table = args.format == "table";
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let result = query(&args.store, &filter, |item| {
+    let result = query(&store, &filter, |item| {
         if table {
             writeln!(out, "{}", table_row(&item))?;
         } else {
@@ -691,24 +738,24 @@ fn query(args: &QueryArgs) -> ExitCode {
 
 fn report(args: &ReportArgs) -> ExitCode {
     use conduit_collector::report;
-    if let Err(code) = store_dir_or_usage("report", &args.store) {
-        return code;
-    }
     if args.until <= args.since {
         eprintln!("conduit-collector report: --until must be after --since");
         return ExitCode::from(EXIT_USAGE);
     }
+    let (store, _copy) = match args.source.open("report") {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
     let now = conduit_evidence::chain::checkpoint::unix_nanos(std::time::SystemTime::now());
-    let written =
-        report::build(&args.store, args.since, args.until, now, args.max_rows).and_then(|s| {
-            let html = report::render_html(&s)?;
-            std::fs::write(&args.out, html)
-                .with_context(|| format!("writing {}", args.out.display()))?;
-            if let Some(pdf) = &args.pdf {
-                report::print_pdf(&args.out, pdf)?;
-            }
-            Ok(s)
-        });
+    let written = report::build(&store, args.since, args.until, now, args.max_rows).and_then(|s| {
+        let html = report::render_html(&s)?;
+        std::fs::write(&args.out, html)
+            .with_context(|| format!("writing {}", args.out.display()))?;
+        if let Some(pdf) = &args.pdf {
+            report::print_pdf(&args.out, pdf)?;
+        }
+        Ok(s)
+    });
     match written {
         Ok(s) => {
             for x in &s.sensors {

@@ -348,6 +348,61 @@ async fn two_collectors_racing_for_one_sensor_store_each_record_once() {
     let (code, out) = verify_jetstream(&cluster.urls());
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(totals(&out), (1, head), "{out}");
+
+    // query and report read the chains from JetStream as from a store.
+    let nats = cluster.nodes[2].url();
+    let collector = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_conduit-collector"))
+            .args(args)
+            .output()
+            .expect("conduit-collector")
+    };
+    let js = ["--jetstream", nats.as_str(), "--site", SITE];
+    let mut args = vec!["query", "--action", "flow_start"];
+    args.extend(js);
+    let out = collector(&args);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seqs: std::collections::BTreeSet<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let doc: serde_json::Value = serde_json::from_str(l).expect("json line");
+            doc["event"]["sequence"].as_u64().expect("event.sequence")
+        })
+        .collect();
+    assert_eq!(seqs.len(), 4000, "flow_start records from JetStream");
+    let html = tmp.path().join("report.html");
+    let mut args = vec![
+        "report",
+        "--since",
+        "1970-01-01T00:00:00Z",
+        "--until",
+        "1970-01-01T00:01:00Z",
+        "--out",
+        html.to_str().expect("path"),
+    ];
+    args.extend(js);
+    let out = collector(&args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(matches!(out.status.code(), Some(0 | 3)), "{text}");
+    let page = std::fs::read_to_string(&html).expect("report");
+    let start = page
+        .find(r#"<script type="application/json" id="summary">"#)
+        .expect("summary element");
+    let rest = &page[start..];
+    let summary: serde_json::Value = serde_json::from_str(
+        &rest[rest.find('>').expect("tag") + 1..rest.find("</script>").expect("end")],
+    )
+    .expect("summary JSON");
+    // The report verified the whole chain it read from the stream.
+    assert_eq!(summary["verified"], true, "{summary}");
+    assert_eq!(summary["sensors"][0]["id"], SENSOR, "{summary}");
+    assert_eq!(summary["sensors"][0]["chain_records"], head, "{summary}");
+    assert_eq!(summary["sensors"][0]["chain_last_seq"], head, "{summary}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
