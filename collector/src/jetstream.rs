@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
 use conduit_evidence::chain::ZERO_HASH;
+use conduit_evidence::chain::cosignature::Cosignature;
 use conduit_evidence::chain::declared_gap::DeclaredGap;
 use conduit_evidence::chain::verify::{ChainVerifier, Report};
 use conduit_proto::v1;
@@ -30,6 +31,10 @@ use tokio_stream::StreamExt as _;
 
 use crate::export::nats::canonical_site;
 
+/// Subject prefix of the chains' messages.
+const CHAIN: &str = "conduit_chain";
+/// Subject prefix of the collectors' cosignatures (a line of `witness.cosig` each).
+const WITNESS: &str = "conduit_witness";
 /// Replicas of the stream and the bucket on a cluster (R3); a single server gets 1.
 const CLUSTER_REPLICAS: usize = 3;
 /// Room left under the server's max_payload for headers and the Batch's framing.
@@ -71,6 +76,8 @@ pub struct Head {
     /// Seq and hash of the frames of the sensor's last message, oldest first, so a
     /// re-sent frame is recognized without reading the stream.
     pub recent: Vec<(u64, [u8; 32])>,
+    /// The last cosignature a collector stored for the sensor.
+    pub witnessed: Option<Cosignature>,
 }
 
 /// The bucket's value: hex, so an operator can read it with `nats kv get`.
@@ -183,7 +190,7 @@ impl JetChains {
         let chains = stream::Config {
             name: stream_name(&site),
             description: Some(format!("Conduit Sensor chains of site {site}")),
-            subjects: vec![format!("conduit_chain.{site}.>")],
+            subjects: vec![format!("{CHAIN}.{site}.>"), format!("{WITNESS}.{site}.>")],
             storage: stream::StorageType::File,
             // Evidence: nothing expires or is discarded by the stream itself.
             retention: stream::RetentionPolicy::Limits,
@@ -231,7 +238,86 @@ impl JetChains {
     }
 
     fn subject(&self, sensor_id: &str) -> String {
-        format!("conduit_chain.{}.{}", self.site, sensor_token(sensor_id))
+        format!("{CHAIN}.{}.{}", self.site, sensor_token(sensor_id))
+    }
+
+    fn witness_subject(&self, sensor_id: &str) -> String {
+        format!("{WITNESS}.{}.{}", self.site, sensor_token(sensor_id))
+    }
+
+    /// The last cosignature stored for a sensor.
+    async fn last_cosignature(&self, sensor_id: &str) -> Result<Option<Cosignature>, JetError> {
+        match self
+            .stream
+            .get_last_raw_message_by_subject(&self.witness_subject(sensor_id))
+            .await
+        {
+            Ok(m) => Cosignature::parse_line(&String::from_utf8_lossy(&m.payload))
+                .map(Some)
+                .map_err(|e| JetError::Corrupt {
+                    sensor: sensor_id.to_owned(),
+                    detail: format!("cosignature at stream message {}: {e}", m.sequence),
+                }),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(nats("last cosignature")(e.to_string())),
+        }
+    }
+
+    /// Stores a cosignature this collector made for a sensor's durable head.
+    pub async fn publish_cosignature(
+        &self,
+        sensor_id: &str,
+        c: &Cosignature,
+    ) -> Result<(), JetError> {
+        self.js
+            .publish(self.witness_subject(sensor_id), c.to_line().into())
+            .await
+            .map_err(|e| nats("publish cosignature")(e.to_string()))?
+            .await
+            .map_err(|e| nats("cosignature ack")(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Every message under `prefix` of this site, in stream order: (stream sequence,
+    /// sensor id, payload). A cluster that just lost a node may be electing its meta
+    /// leader: creating the reader is retried for a while.
+    async fn read_all(&self, prefix: &str) -> Result<Vec<(u64, String, bytes::Bytes)>, JetError> {
+        let config = jetstream::consumer::pull::OrderedConfig {
+            filter_subject: format!("{prefix}.{}.>", self.site),
+            ..Default::default()
+        };
+        let mut attempts = 0;
+        let consumer = loop {
+            match self.stream.create_consumer(config.clone()).await {
+                Ok(c) => break c,
+                Err(e) if attempts < ELECTION_RETRIES => {
+                    attempts += 1;
+                    tracing::warn!(error = %e, attempt = attempts, "creating the stream reader: retrying");
+                }
+                Err(e) => return Err(nats("consumer")(e.to_string())),
+            }
+        };
+        let mut out = Vec::new();
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(out);
+        }
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| nats("consumer")(e.to_string()))?;
+        let token_at = format!("{prefix}.{}.", self.site);
+        while let Some(m) = messages.next().await {
+            let m = m.map_err(|e| nats("read")(e.to_string()))?;
+            let info = m.info().map_err(|e| nats("read")(e.to_string()))?;
+            let (seq, pending) = (info.stream_sequence, info.pending);
+            if let Some(token) = m.subject.as_str().strip_prefix(&token_at) {
+                out.push((seq, sensor_from_token(token), m.payload.clone()));
+            }
+            if pending == 0 {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     /// The sensor's head, rolled forward to the stream's last message if the bucket
@@ -261,6 +347,7 @@ impl JetChains {
             stream_seq: v.stream_seq,
             revision: entry.revision,
             recent: Vec::new(),
+            witnessed: self.last_cosignature(sensor_id).await?,
         };
         let last = match self
             .stream
@@ -319,6 +406,7 @@ impl JetChains {
                 stream_seq: 0,
                 revision,
                 recent: Vec::new(),
+                witnessed: None,
             }),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => self
                 .head(sensor_id)
@@ -394,72 +482,43 @@ impl JetChains {
     }
 
     /// Verifies every sensor chain in the site's stream, in stream order, with the
-    /// keys pinned in the bucket. Reports are sorted by sensor id.
+    /// keys pinned in the bucket and the collectors' cosignatures. Reports are sorted
+    /// by sensor id.
     pub async fn verify(&self) -> Result<Vec<Report>, JetError> {
-        let mut stream = self.stream.clone();
-        let last = stream
-            .info()
-            .await
-            .map_err(|e| nats("stream info")(e.to_string()))?
-            .state
-            .last_sequence;
+        let mut cosigs: std::collections::BTreeMap<String, Vec<Cosignature>> = Default::default();
         let mut chains: std::collections::BTreeMap<String, ChainVerifier> = Default::default();
-        if last > 0 {
-            // A cluster that just lost a node may be electing its meta leader:
-            // creating the reader is retried for a while.
-            let config = jetstream::consumer::pull::OrderedConfig {
-                filter_subject: format!("conduit_chain.{}.>", self.site),
-                ..Default::default()
-            };
-            let mut attempts = 0;
-            let consumer = loop {
-                match self.stream.create_consumer(config.clone()).await {
-                    Ok(c) => break c,
-                    Err(e) if attempts < ELECTION_RETRIES => {
-                        attempts += 1;
-                        tracing::warn!(error = %e, attempt = attempts, "creating the stream reader: retrying");
-                    }
-                    Err(e) => return Err(nats("consumer")(e.to_string())),
+        let mut bad_cosig: Vec<(String, String)> = Vec::new();
+        for (seq, sensor, payload) in self.read_all(WITNESS).await? {
+            match Cosignature::parse_line(&String::from_utf8_lossy(&payload)) {
+                Ok(c) => cosigs.entry(sensor).or_default().push(c),
+                Err(e) => {
+                    bad_cosig.push((sensor, format!("cosignature at stream message {seq}: {e}")))
                 }
-            };
-            let mut messages = consumer
-                .messages()
-                .await
-                .map_err(|e| nats("consumer")(e.to_string()))?;
-            let prefix = format!("conduit_chain.{}.", self.site);
-            while let Some(m) = messages.next().await {
-                let m = m.map_err(|e| nats("read")(e.to_string()))?;
-                let seq = m
-                    .info()
-                    .map_err(|e| nats("read")(e.to_string()))?
-                    .stream_sequence;
-                let Some(token) = m.subject.as_str().strip_prefix(&prefix) else {
-                    continue;
-                };
-                let sensor = sensor_from_token(token);
-                if !chains.contains_key(&sensor) {
-                    let name = std::path::PathBuf::from(format!(
-                        "nats:{}/{}",
-                        stream_name(&self.site),
-                        sensor
+            }
+        }
+        for (seq, sensor, payload) in self.read_all(CHAIN).await? {
+            if !chains.contains_key(&sensor) {
+                let name = std::path::PathBuf::from(format!(
+                    "nats:{}/{}",
+                    stream_name(&self.site),
+                    sensor
+                ));
+                let key = self.head(&sensor).await?.map(|h| h.key);
+                let mut v = ChainVerifier::new(&name, &sensor, key.unwrap_or_default());
+                if key.is_none() {
+                    v.broken(format!(
+                        "no key pinned for sensor {sensor:?} in {}",
+                        bucket_name(&self.site)
                     ));
-                    let key = self.head(&sensor).await?.map(|h| h.key);
-                    let mut v = ChainVerifier::new(&name, &sensor, key.unwrap_or_default());
-                    if key.is_none() {
-                        v.broken(format!(
-                            "no key pinned for sensor {sensor:?} in {}",
-                            bucket_name(&self.site)
-                        ));
-                    }
-                    chains.insert(sensor.clone(), v);
                 }
-                let Some(v) = chains.get_mut(&sensor) else {
-                    continue;
-                };
-                feed(v, seq, &m.payload);
-                if seq >= last {
-                    break;
+                v.cosignatures(cosigs.remove(&sensor).unwrap_or_default());
+                for (_, what) in bad_cosig.iter().filter(|(s, _)| *s == sensor) {
+                    v.broken(what.clone());
                 }
+                chains.insert(sensor.clone(), v);
+            }
+            if let Some(v) = chains.get_mut(&sensor) {
+                feed(v, seq, &payload);
             }
         }
         Ok(chains.into_values().map(ChainVerifier::finish).collect())
@@ -496,7 +555,7 @@ impl JetChains {
                     description: Some(format!("Conduit collector export {name}")),
                     ack_policy: jetstream::consumer::AckPolicy::Explicit,
                     ack_wait: EXPORT_ACK_WAIT,
-                    filter_subject: format!("conduit_chain.{}.>", self.site),
+                    filter_subject: format!("{CHAIN}.{}.>", self.site),
                     ..Default::default()
                 },
             )
@@ -504,7 +563,7 @@ impl JetChains {
             .map_err(|e| nats("export consumer")(format!("{durable}: {e}")))?;
         Ok(ExportFeed {
             consumer,
-            prefix: format!("conduit_chain.{}.", self.site),
+            prefix: format!("{CHAIN}.{}.", self.site),
         })
     }
 }
@@ -575,95 +634,69 @@ impl ExportFeed {
 
 impl JetChains {
     /// Copies every sensor chain of the site, as stored, into `root` in the file
-    /// store's layout (segments, pinned key, declared gaps), for `query` and
-    /// `report`: they then read and verify it as a store, so a chain broken in the
-    /// stream is reported broken, not repaired. Returns the messages read.
+    /// store's layout (segments, pinned key, declared gaps, cosignatures), for `query`
+    /// and `report`: they then read and verify it as a store, so a chain broken in
+    /// the stream is reported broken, not repaired. Returns the messages read.
     pub async fn copy_to_store(&self, root: &std::path::Path) -> Result<u64, JetError> {
         use conduit_evidence::spool::{Class, FrameRef, Spool, SpoolOptions, SyncPolicy};
-        let mut stream = self.stream.clone();
-        let last = stream
-            .info()
-            .await
-            .map_err(|e| nats("stream info")(e.to_string()))?
-            .state
-            .last_sequence;
-        if last == 0 {
-            return Ok(0);
-        }
-        let consumer = self
-            .stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                filter_subject: format!("conduit_chain.{}.>", self.site),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| nats("consumer")(e.to_string()))?;
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| nats("consumer")(e.to_string()))?;
-        let prefix = format!("conduit_chain.{}.", self.site);
-        let mut spools: std::collections::HashMap<String, Spool> = Default::default();
-        let mut read = 0;
         let copy = |sensor: &str, what: String| JetError::Corrupt {
             sensor: sensor.to_owned(),
             detail: what,
         };
-        while let Some(m) = messages.next().await {
-            let m = m.map_err(|e| nats("read")(e.to_string()))?;
-            let seq = m
-                .info()
-                .map_err(|e| nats("read")(e.to_string()))?
-                .stream_sequence;
-            read += 1;
-            if let Some(token) = m.subject.as_str().strip_prefix(&prefix) {
-                let sensor = sensor_from_token(token);
-                let dir = root.join(&sensor);
-                if !spools.contains_key(&sensor) {
-                    let Some(head) = self.head(&sensor).await? else {
-                        return Err(copy(&sensor, "no key pinned in the bucket".to_owned()));
-                    };
-                    std::fs::create_dir_all(&dir).map_err(|e| copy(&sensor, e.to_string()))?;
-                    crate::store::pin_key(&dir, &head.key)
-                        .map_err(|e| copy(&sensor, e.to_string()))?;
-                    let mut o = SpoolOptions::new(&dir, &sensor);
-                    o.max_bytes = u64::MAX / 4;
-                    o.sync = SyncPolicy::OsOnly;
-                    let (spool, _) = Spool::open(o).map_err(|e| copy(&sensor, e.to_string()))?;
-                    spools.insert(sensor.clone(), spool);
-                }
-                let batch = v1::Batch::decode(&m.payload[..])
-                    .map_err(|e| copy(&sensor, format!("stream message {seq}: {e}")))?;
-                if let Some(g) = &batch.gap {
-                    let g = DeclaredGap::from_proto(g)
-                        .map_err(|e| copy(&sensor, format!("stream message {seq}: {e}")))?;
-                    conduit_evidence::chain::declared_gap::append(&dir, &g)
-                        .map_err(|e| copy(&sensor, e))?;
-                }
-                let Some(spool) = spools.get_mut(&sensor) else {
-                    continue;
+        let mut spools: std::collections::HashMap<String, Spool> = Default::default();
+        let chain = self.read_all(CHAIN).await?;
+        let witness = self.read_all(WITNESS).await?;
+        let read = (chain.len() + witness.len()) as u64;
+        for (seq, sensor, payload) in chain {
+            let dir = root.join(&sensor);
+            if !spools.contains_key(&sensor) {
+                let Some(head) = self.head(&sensor).await? else {
+                    return Err(copy(&sensor, "no key pinned in the bucket".to_owned()));
                 };
-                for f in &batch.frames {
-                    let hash = |b: &[u8]| <[u8; 32]>::try_from(b).unwrap_or(ZERO_HASH);
-                    spool
-                        .append(
-                            &FrameRef {
-                                seq: f.seq,
-                                prev_hash: hash(&f.prev_hash),
-                                hash: hash(&f.hash),
-                                record: &f.record,
-                            },
-                            Class::Data,
-                        )
-                        .map_err(|e| copy(&sensor, format!("stream message {seq}: {e}")))?;
-                }
+                std::fs::create_dir_all(&dir).map_err(|e| copy(&sensor, e.to_string()))?;
+                crate::store::pin_key(&dir, &head.key).map_err(|e| copy(&sensor, e.to_string()))?;
+                let mut o = SpoolOptions::new(&dir, &sensor);
+                o.max_bytes = u64::MAX / 4;
+                o.sync = SyncPolicy::OsOnly;
+                let (spool, _) = Spool::open(o).map_err(|e| copy(&sensor, e.to_string()))?;
+                spools.insert(sensor.clone(), spool);
             }
-            if seq >= last {
-                break;
+            let batch = v1::Batch::decode(&payload[..])
+                .map_err(|e| copy(&sensor, format!("stream message {seq}: {e}")))?;
+            if let Some(g) = &batch.gap {
+                let g = DeclaredGap::from_proto(g)
+                    .map_err(|e| copy(&sensor, format!("stream message {seq}: {e}")))?;
+                conduit_evidence::chain::declared_gap::append(&dir, &g)
+                    .map_err(|e| copy(&sensor, e))?;
+            }
+            let Some(spool) = spools.get_mut(&sensor) else {
+                continue;
+            };
+            for f in &batch.frames {
+                let hash = |b: &[u8]| <[u8; 32]>::try_from(b).unwrap_or(ZERO_HASH);
+                spool
+                    .append(
+                        &FrameRef {
+                            seq: f.seq,
+                            prev_hash: hash(&f.prev_hash),
+                            hash: hash(&f.hash),
+                            record: &f.record,
+                        },
+                        Class::Data,
+                    )
+                    .map_err(|e| copy(&sensor, format!("stream message {seq}: {e}")))?;
             }
         }
         for (sensor, mut spool) in spools {
             spool.sync().map_err(|e| copy(&sensor, e.to_string()))?;
+        }
+        for (seq, sensor, payload) in witness {
+            let dir = root.join(&sensor);
+            let c = Cosignature::parse_line(&String::from_utf8_lossy(&payload))
+                .map_err(|e| copy(&sensor, format!("cosignature at stream message {seq}: {e}")))?;
+            std::fs::create_dir_all(&dir).map_err(|e| copy(&sensor, e.to_string()))?;
+            conduit_evidence::chain::cosignature::append(&dir, &c)
+                .map_err(|e| copy(&sensor, e.to_string()))?;
         }
         Ok(read)
     }

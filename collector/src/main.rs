@@ -841,7 +841,10 @@ async fn run(args: Settings) -> anyhow::Result<()> {
     }
     if let Some(url) = &args.nats {
         let (sink, sh, rx) = (
-            NatsSink::new(url.clone(), args.format),
+            match &args.jetstream {
+                Some(_) => NatsSink::new(url.clone(), args.format).site_less_to(&args.site),
+                None => NatsSink::new(url.clone(), args.format),
+            },
             shared.clone(),
             shutdown_rx.clone(),
         );

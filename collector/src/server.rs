@@ -477,11 +477,18 @@ impl Session {
                 Err(e) => return self.reject(sensor_id, &storage(e)).await,
             },
         };
-        let mut st = SensorStore::detached(sensor_id, key, (head.seq, head.hash), &head.recent);
+        let mut st = SensorStore::detached(
+            sensor_id,
+            key,
+            (head.seq, head.hash),
+            &head.recent,
+            head.witnessed,
+        );
         self.shared.alarms.metrics.sensor_seen(sensor_id, head.seq);
         tracing::info!(sensor = %sensor_id, ?peer, stored_seq = head.seq, sensor_head = hello.head_seq,
             site = js.site(), "sensor connected (JetStream)");
-        if !self.send(welcome((head.seq, head.hash), None)).await {
+        let cosignature = head.witnessed.map(|c| c.to_proto());
+        if !self.send(welcome((head.seq, head.hash), cosignature)).await {
             return;
         }
         let (reader, mut brx) = spawn_reader(inbound);
@@ -540,9 +547,17 @@ impl Session {
             m.records_duplicate.inc_by(applied.duplicates);
             m.sensor_seen(sensor_id, head.seq);
             self.shared.committed.notify_waiters();
+            // The head is durable at the cluster: witnessed like a store's.
+            let mut cosignature = self.witness(&mut st, sensor_id, head.seq);
+            if let Some(c) = &cosignature
+                && let Err(e) = js.publish_cosignature(sensor_id, c).await
+            {
+                tracing::error!(sensor = %sensor_id, error = %e, "cosignature not stored");
+                cosignature = None;
+            }
             let ack = v1::Ack {
                 stored_seq: head.seq,
-                cosignature: None,
+                cosignature: cosignature.map(|c| c.to_proto()),
             };
             if !self.send(collector_message::Msg::Ack(ack)).await {
                 break;

@@ -238,12 +238,14 @@ impl SensorStore {
     /// A chain verified here and stored by the caller: no directory; the head and
     /// the hashes of the newest stored frames (oldest first) come from the caller,
     /// and what [`SensorStore::apply_batch`] accepts is taken with
-    /// [`SensorStore::take_outbox`]. Nothing is witnessed.
+    /// [`SensorStore::take_outbox`]; [`SensorStore::cosign`] returns cosignatures
+    /// for the caller to store.
     pub fn detached(
         sensor_id: &str,
         key: [u8; 32],
         head: (u64, [u8; 32]),
         recent: &[(u64, [u8; 32])],
+        witnessed: Option<Cosignature>,
     ) -> SensorStore {
         let mut st = SensorStore {
             sensor_id: sensor_id.to_owned(),
@@ -259,7 +261,7 @@ impl SensorStore {
             idle_since: Instant::now(),
             damage: Vec::new(),
             last_checkpoint: None,
-            witnessed: None,
+            witnessed,
             witness_conflict: None,
             outbox: Some(Vec::new()),
         };
@@ -314,6 +316,11 @@ impl SensorStore {
             }
             Consistency::Extends => {
                 let c = Cosignature::sign(key, &self.sensor_id, head.0, &head.1, now_unix_nano);
+                if self.outbox.is_some() {
+                    // Detached: the caller stores it.
+                    self.witnessed = Some(c);
+                    return Ok(Some(c));
+                }
                 cosignature::append(&self.dir, &c).map_err(|e| {
                     WitnessError::Storage(format!(
                         "{}: {e}",

@@ -70,13 +70,14 @@ async fn export_state(nats: &str) -> String {
 }
 
 /// The `event.sequence` of every message of `sensor` in the SIEM export's streams
-/// (`--nats`; sites as records name them, `default` before a chain's first site).
+/// (`--nats`; sites as records name them).
 /// Err: a stream could not be read (yet: a leader election after a node loss).
 async fn exported(nats: &str, sensor: &str) -> Result<Vec<u64>, String> {
     let client = async_nats::connect(nats).await.map_err(|e| e.to_string())?;
     let js = async_nats::jetstream::new(client);
     let mut seqs = Vec::new();
-    for site in ["plant-01", "default"] {
+    // Checkpoints name no site: with JetStream they go to the collectors' --site.
+    for site in ["plant-01", SITE] {
         let name = format!("CONDUIT_{}", site.to_uppercase());
         let Ok(stream) = js.get_stream(&name).await else {
             continue;
@@ -298,7 +299,23 @@ async fn collectors_share_sensors_through_a_collector_kill_and_a_nats_node_kill(
             out.contains(&format!("CONDUIT_CHAIN_PLANT-JS/{s}")),
             "{out}"
         );
+        // The collectors witnessed the durable heads, and the uplink kept what it got.
+        let cosigs =
+            std::fs::read_to_string(tmp.path().join(s).join("witness.cosig")).unwrap_or_default();
+        assert!(
+            cosigs.lines().count() > 0,
+            "{s}: no cosignature in its spool"
+        );
     }
+    let witnessed = out
+        .lines()
+        .filter(|l| l.contains("witness cosignatures match the chain"))
+        .filter(|l| !l.starts_with('0'))
+        .count();
+    assert_eq!(
+        witnessed, 3,
+        "every chain carries verified cosignatures:\n{out}"
+    );
     // Every record reaches the SIEM export. Exactly once is not asserted here: a
     // stream leader elected after a node loss may not know every recent
     // Nats-Msg-Id in nats-server before 2.11 (nats-server PRs 6415, 6485, 6486),
@@ -403,6 +420,13 @@ async fn two_collectors_racing_for_one_sensor_store_each_record_once() {
     assert_eq!(summary["sensors"][0]["id"], SENSOR, "{summary}");
     assert_eq!(summary["sensors"][0]["chain_records"], head, "{summary}");
     assert_eq!(summary["sensors"][0]["chain_last_seq"], head, "{summary}");
+    assert!(
+        summary["sensors"][0]["cosignatures_verified"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "cosignatures from JetStream in the report: {summary}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

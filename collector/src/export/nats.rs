@@ -20,6 +20,8 @@ pub struct NatsSink {
     /// Last site seen per chain: checkpoints and restarts carry no site, they go to
     /// the site of the chain's flows.
     chain_site: HashMap<String, String>,
+    /// Where records without a site go, when set ([`NatsSink::site_less_to`]).
+    fixed_site: Option<String>,
 }
 
 /// A subject token: no dots, wildcards or whitespace.
@@ -80,7 +82,17 @@ impl NatsSink {
             js: None,
             streams: HashSet::new(),
             chain_site: HashMap::new(),
+            fixed_site: None,
         }
+    }
+
+    /// Records that name no site go to `site`, not to their chain's last one: with
+    /// JetStream the collectors of a site share the export, and what one collector
+    /// saw of a chain must not decide where another sends a record (a record given
+    /// to both would land in two streams, past their message-id de-duplication).
+    pub fn site_less_to(mut self, site: &str) -> NatsSink {
+        self.fixed_site = Some(canonical_site(site));
+        self
     }
 
     async fn context(&mut self) -> Result<jetstream::Context, ExportError> {
@@ -137,7 +149,12 @@ impl NatsSink {
                 self.chain_site
                     .insert(item.chain.clone(), canonical_site(&item.record.site));
             }
-            let site = site(item, self.chain_site.get(&item.chain));
+            let site = site(
+                item,
+                self.fixed_site
+                    .as_ref()
+                    .or_else(|| self.chain_site.get(&item.chain)),
+            );
             self.ensure_stream(&js, &site).await?;
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("Nats-Msg-Id", msg_id(item).as_str());

@@ -693,6 +693,15 @@ impl ChainVerifier {
         }
     }
 
+    /// Witness cosignatures of the chain, checked as the frames reach their seqs and,
+    /// at [`ChainVerifier::finish`], for heads the chain never reached. Before the
+    /// frames.
+    pub fn cosignatures(&mut self, cosignatures: impl IntoIterator<Item = Cosignature>) {
+        for c in cosignatures {
+            self.st.cosigs.entry(c.seq).or_default().push(c);
+        }
+    }
+
     /// A break found outside the frames (storage that cannot be read or decoded).
     pub fn broken(&mut self, what: String) {
         if !self.failed() {
@@ -701,7 +710,12 @@ impl ChainVerifier {
         }
     }
 
-    pub fn finish(self) -> Report {
+    pub fn finish(mut self) -> Report {
+        if !self.failed()
+            && let Err(b) = self.st.unreached_cosignatures()
+        {
+            self.st.report.first_bad = Some(b);
+        }
         self.st.finish()
     }
 }
