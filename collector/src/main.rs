@@ -58,20 +58,8 @@ enum Cmd {
     /// Verify every chain in the store (or in JetStream); exit 1 at the first bad
     /// sequence number, 3 if records are declared missing.
     Verify {
-        /// Store directory (as `run --store`).
-        #[arg(
-            long,
-            value_name = "DIR",
-            required_unless_present = "jetstream",
-            conflicts_with = "jetstream"
-        )]
-        store: Option<PathBuf>,
-        /// NATS server of the chains kept in JetStream (as `run --jetstream`).
-        #[arg(long, value_name = "URL")]
-        jetstream: Option<String>,
-        /// The site whose chains to verify (as `run --site`).
-        #[arg(long, value_name = "ID", default_value = DEFAULT_SITE, requires = "jetstream")]
-        site: String,
+        #[command(flatten)]
+        source: Source,
     },
     /// Print the stored records that match, as JSON lines of the export (or a table).
     Query(QueryArgs),
@@ -93,7 +81,7 @@ enum Cmd {
     },
 }
 
-/// Where `query` and `report` read: a store, or the chains in JetStream.
+/// Where `verify`, `query` and `report` read: a store, or the chains in JetStream.
 #[derive(clap::Args)]
 struct Source {
     /// Store directory (as `run --store`).
@@ -104,8 +92,9 @@ struct Source {
         conflicts_with = "jetstream"
     )]
     store: Option<PathBuf>,
-    /// NATS server of the chains kept in JetStream (as `run --jetstream`): read into a
-    /// temporary store first (time and space grow with the stream).
+    /// NATS server of the chains kept in JetStream (as `run --jetstream`); `query` and
+    /// `report` read them into a temporary store first (time and space grow with the
+    /// stream).
     #[arg(long, value_name = "URL")]
     jetstream: Option<String>,
     /// The site whose chains to read (as `run --site`).
@@ -537,15 +526,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     conduit_ops::logging::init(cli.log.log_format);
     match cli.cmd {
-        Cmd::Verify {
-            store: Some(store), ..
-        } => verify(&store),
-        Cmd::Verify {
-            jetstream: Some(url),
-            site,
-            ..
-        } => verify_jetstream(&url, &site),
-        Cmd::Verify { .. } => ExitCode::from(EXIT_USAGE),
+        Cmd::Verify { source } => match (&source.jetstream, &source.store) {
+            (Some(url), _) => verify_jetstream(url, &source.site),
+            (None, Some(store)) => verify(store),
+            (None, None) => ExitCode::from(EXIT_USAGE),
+        },
         Cmd::Query(args) => query(&args),
         Cmd::Report(args) => report(&args),
         Cmd::CheckConfig { config } => check_config(config),

@@ -204,10 +204,6 @@ impl SensorStore {
         } else {
             (None, (0, ZERO_HASH))
         };
-        let mut recent = VecDeque::with_capacity(1024);
-        if head.0 > 0 {
-            recent.push_back(head.1);
-        }
         let witnessed = cosignature::read(&dir)
             .map_err(|e| StoreError::Io {
                 path: dir.join(cosignature::COSIG_FILE),
@@ -215,15 +211,30 @@ impl SensorStore {
             })?
             .last()
             .copied();
-        Ok(SensorStore {
+        let mut st = SensorStore::empty(sensor_id, dir, key, head, witnessed);
+        st.spool = spool;
+        st.segment_bytes = segment_bytes;
+        Ok(st)
+    }
+
+    /// A store of `sensor_id` at `head` with nothing opened and nothing remembered
+    /// but the head's own hash.
+    fn empty(
+        sensor_id: &str,
+        dir: PathBuf,
+        key: [u8; 32],
+        head: (u64, [u8; 32]),
+        witnessed: Option<Cosignature>,
+    ) -> SensorStore {
+        let mut st = SensorStore {
             sensor_id: sensor_id.to_owned(),
             dir,
-            spool,
+            spool: None,
             key,
-            segment_bytes,
+            segment_bytes: 0,
             recent_first: head.0.max(1),
             head,
-            recent,
+            recent: VecDeque::with_capacity(1024),
             unsynced: false,
             newest: None,
             idle_since: Instant::now(),
@@ -232,7 +243,11 @@ impl SensorStore {
             witnessed,
             witness_conflict: None,
             outbox: None,
-        })
+        };
+        if head.0 > 0 {
+            st.remember(head.0, head.1);
+        }
+        st
     }
 
     /// A chain verified here and stored by the caller: no directory; the head and
@@ -247,33 +262,16 @@ impl SensorStore {
         recent: &[(u64, [u8; 32])],
         witnessed: Option<Cosignature>,
     ) -> SensorStore {
-        let mut st = SensorStore {
-            sensor_id: sensor_id.to_owned(),
-            dir: PathBuf::new(),
-            spool: None,
-            key,
-            segment_bytes: 0,
-            recent_first: head.0.max(1),
-            head,
-            recent: VecDeque::new(),
-            unsynced: false,
-            newest: None,
-            idle_since: Instant::now(),
-            damage: Vec::new(),
-            last_checkpoint: None,
-            witnessed,
-            witness_conflict: None,
-            outbox: Some(Vec::new()),
-        };
+        let mut st = SensorStore::empty(sensor_id, PathBuf::new(), key, head, witnessed);
+        st.outbox = Some(Vec::new());
         // Only a run that ends at the head is usable (seq i at recent_first + i).
         if recent.last().map(|r| r.0) == Some(head.0)
             && recent.windows(2).all(|w| w[1].0 == w[0].0 + 1)
         {
+            st.recent.clear();
             for &(seq, hash) in recent {
                 st.remember(seq, hash);
             }
-        } else if head.0 > 0 {
-            st.remember(head.0, head.1);
         }
         st
     }

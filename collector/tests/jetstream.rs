@@ -137,18 +137,7 @@ async fn wait_exported(nats: &str, sensor: &str, head: u64, b: &Collector) -> us
 
 /// `conduit-collector verify --jetstream`: exit code and output.
 fn verify_jetstream(nats: &str) -> (Option<i32>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_conduit-collector"))
-        .args(["verify", "--jetstream", nats, "--site", SITE])
-        .output()
-        .expect("verify");
-    (
-        out.status.code(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    collector_output(&["verify", "--jetstream", nats, "--site", SITE])
 }
 
 /// The line `N chains, M records verified`.

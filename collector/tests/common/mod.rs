@@ -329,11 +329,16 @@ pub async fn wait_until(
 
 /// `conduit-collector verify --store`: its exit code and what it printed.
 pub fn collector_verify(store: &Path) -> (Option<i32>, String) {
+    let store = store.display().to_string();
+    collector_output(&["verify", "--store", &store])
+}
+
+/// `conduit-collector ARGS`: its exit code and what it printed (stdout, then stderr).
+pub fn collector_output(args: &[&str]) -> (Option<i32>, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_conduit-collector"))
-        .args(["verify", "--store"])
-        .arg(store)
+        .args(args)
         .output()
-        .expect("verify");
+        .expect("conduit-collector");
     (
         out.status.code(),
         format!(
