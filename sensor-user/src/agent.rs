@@ -352,6 +352,7 @@ impl Agent {
                 ifnames,
                 site,
                 clock,
+                pending: Vec::with_capacity(GROUP_COMMIT),
             },
             settings,
             kernel,
@@ -368,6 +369,7 @@ impl Agent {
         if let Some(map) = policy {
             agent.install_policy(map, "startup")?;
         }
+        agent.sink.flush()?;
         Ok(agent)
     }
 }
@@ -436,7 +438,8 @@ impl Agent {
                 _ = term.recv() => break Ok(()),
                 _ = int.recv() => break Ok(()),
             };
-            if let Err(err) = step {
+            // Group commit: what this step wrote goes to the spool in one write(2).
+            if let Err(err) = step.and_then(|()| self.sink.flush()) {
                 break Err(err);
             }
         };
@@ -526,6 +529,7 @@ impl Agent {
     }
 
     fn tick(&mut self) -> Result<()> {
+        self.sink.flush()?;
         self.acknowledge_collector()?;
         let written = self.sink.recorder.tick(self.sink.clock.wall_now())?;
         self.emit_appended(written)
@@ -976,6 +980,7 @@ impl Agent {
                 self.write_flow(out)?;
             }
         }
+        self.sink.flush()?;
         let last = self.sink.recorder.checkpoint_now()?;
         self.emit_appended(last)?;
         self.sink.recorder.sync()?;
@@ -1000,7 +1005,12 @@ struct Sink {
     ifnames: HashMap<u32, String>,
     site: String,
     clock: Clock,
+    /// Records of the current step, chained and stored together by [`Sink::flush`].
+    pending: Vec<Record>,
 }
+
+/// A step that writes more records (a sweep ending many flows) stores them in groups.
+const GROUP_COMMIT: usize = conduit_evidence::chain::GROUP_COMMIT_RECORDS;
 
 impl Sink {
     fn write_flow(&mut self, out: FlowOut) -> Result<()> {
@@ -1049,7 +1059,21 @@ impl Sink {
         if let Some(t) = self.clock.record_time() {
             record.time_unix_nano = t;
         }
-        let written = self.recorder.append(record)?;
+        self.pending.push(record);
+        if self.pending.len() >= GROUP_COMMIT {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Chains, signs and stores the step's records (group commit): one `write(2)`
+    /// for the lot, with the checkpoints that come due among them.
+    fn flush(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let records = std::mem::replace(&mut self.pending, Vec::with_capacity(GROUP_COMMIT));
+        let written = self.recorder.append_batch(records)?;
         self.emit_appended(written)
     }
 

@@ -53,6 +53,11 @@ fn check_kind(record: &v1::Record) -> Result<(), Error> {
 /// Loss reason of a gap in the middle of the spool.
 pub const SPOOL_GAP: &str = "spool_gap";
 
+/// Most records a writer hands to [`Recorder::append_batch`] at once (group commit):
+/// one `write(2)` per group. The agent flushes after every step of its event loop, so
+/// a group is also never older than that step.
+pub const GROUP_COMMIT_RECORDS: usize = 512;
+
 /// The gaps in `dir` that no `spool_gap` loss record in it names yet.
 fn unreported_gaps(dir: &std::path::Path) -> Vec<spool::damage::Gap> {
     let mut reported = std::collections::HashSet::new();
