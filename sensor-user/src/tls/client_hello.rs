@@ -347,6 +347,22 @@ pub(crate) mod tests {
         hex::decode(hex).unwrap_or_default()
     }
 
+    /// A ClientHello record as Chromium 156 sent it to `api.openai.com` (captured on
+    /// this project's machine with socat: 1,922 bytes, an X25519MLKEM768 key share).
+    /// `bench_kernel` measures with it.
+    #[test]
+    fn chromium_hello_parses_with_its_post_quantum_share() {
+        let hex: String = include_str!("testdata/chromium156_client_hello.hex")
+            .split_whitespace()
+            .collect();
+        let bytes = hex::decode(hex).unwrap_or_default();
+        assert_eq!(bytes.len(), 1922);
+        let info = parse_client_hello(&bytes).expect("Chromium's hello parses");
+        assert_eq!(info.sni.as_deref(), Some("api.openai.com"));
+        assert_eq!(info.tls_version, "1.3");
+        assert!(info.offers_post_quantum());
+    }
+
     /// Wrap a handshake message in TLS records of at most `chunk` bytes each.
     pub(crate) fn records(hs: &[u8], chunk: usize) -> Vec<u8> {
         let mut out = Vec::new();
