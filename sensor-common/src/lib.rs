@@ -446,7 +446,7 @@ pub struct LocalAddr {
     pub _pad: [u8; 3],
 }
 
-/// Per-CPU counters (index into the `COUNTERS` per-CPU array).
+/// Per-CPU counters (index into [`Counters::values`]).
 ///
 /// Every place where the kernel drops information has one; the agent turns increases
 /// into signed `loss` records and metrics.
@@ -509,8 +509,16 @@ pub enum Counter {
     LossTailCall,
 }
 
+/// The value of the `COUNTERS` per-CPU array's one entry: every counter of one CPU,
+/// so that a program bumps several after one map lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Counters {
+    pub values: [u64; Counter::COUNT as usize],
+}
+
 impl Counter {
-    /// Number of counters (size of the per-CPU array).
+    /// Number of counters.
     pub const COUNT: u32 = Counter::LossTailCall as u32 + 1;
 
     /// Every counter in index order.
@@ -668,6 +676,7 @@ mod pod {
     unsafe impl aya::Pod for super::SniKey {}
     unsafe impl aya::Pod for super::ConduitValue {}
     unsafe impl aya::Pod for super::KernelConfig {}
+    unsafe impl aya::Pod for super::Counters {}
 }
 
 #[cfg(test)]

@@ -600,17 +600,18 @@ fn forget(v: usize) -> usize {
 struct SniLoop {
     hash: u64,
     suffixes: u64,
+    /// The per-CPU scratch, looked up once by the caller (not once per byte).
+    sc: *mut SniScratch,
 }
 
 /// One step of the SNI hash, right to left over the right-aligned name.
 #[inline(never)]
 extern "C" fn sni_step(i: u64, ctx: *mut c_void) -> i64 {
-    let Some(sc) = crate::SNI_SCRATCH.get_ptr_mut(0) else {
-        return 1;
-    };
-    // SAFETY: `ctx` is the `SniLoop` on sni_lookup's stack; `sc` is the per-CPU scratch.
+    // SAFETY: `ctx` is the `SniLoop` on sni_lookup's stack; `st.sc` is the per-CPU
+    // scratch it looked up.
     unsafe {
         let st = &mut *ctx.cast::<SniLoop>();
+        let sc = st.sc;
         let c = (*sc).name[255 - (i as usize & 0xff)];
         st.hash = sni_hash_step(st.hash, c);
         if c == b'.' && st.suffixes < MAX_SUFFIXES as u64 {
@@ -647,6 +648,7 @@ fn sni_lookup<C: LoadBytes>(ctx: &C, pkt_off: u32, len: u32, generation: u8) -> 
     let mut st = SniLoop {
         hash: SNI_HASH_INIT,
         suffixes: 0,
+        sc,
     };
     // SAFETY: `sni_step` has the callback signature bpf_loop expects; `st` lives on
     // this stack frame for the whole call.

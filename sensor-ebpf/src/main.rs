@@ -21,7 +21,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use sensor_common::{
-    ClassUpdate, ConduitKey, ConduitValue, Counter, DIR_FORWARD, EVENTS_RINGBUF_BYTES,
+    ClassUpdate, ConduitKey, ConduitValue, Counter, Counters, DIR_FORWARD, EVENTS_RINGBUF_BYTES,
     FLOW_TABLE_SIZE, FlowKey, FlowStats, KernelConfig, LocalAddr, LpmV4, LpmV6, MAX_CLASS_UPDATES,
     MAX_LOCAL_ADDRS, MAX_PAYLOAD_COPIES, MAX_POLICY_CIDRS, MAX_POLICY_CONDUITS, MAX_POLICY_SNI,
     MAX_WATCHED_IFACES, POLICY_GENERATIONS, PolicyKey, SniKey, ZoneKeyV4, ZoneKeyV6, app_protocol,
@@ -38,9 +38,9 @@ static FLOWS: LruHashMap<FlowKey, FlowStats> = LruHashMap::with_max_entries(FLOW
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RINGBUF_BYTES, 0);
 
-/// Per-CPU counters indexed by [`Counter`].
+/// Per-CPU counters: one [`Counters`] entry.
 #[map]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
 
 /// ifindex -> 1 for every interface the agent attached to.
 #[map]
@@ -134,9 +134,20 @@ fn bump(c: Counter) {
 
 #[inline(always)]
 fn bump_by(c: Counter, n: u64) {
-    if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe { *p += n };
+    bump_in(counters(), c, n);
+}
+
+/// This CPU's counters, for a hot path that bumps several of them.
+#[inline(always)]
+fn counters() -> Option<*mut Counters> {
+    COUNTERS.get_ptr_mut(0)
+}
+
+#[inline(always)]
+fn bump_in(counters: Option<*mut Counters>, c: Counter, n: u64) {
+    if let Some(p) = counters {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU; `c` < COUNT.
+        unsafe { (*p).values[c as usize] += n };
     }
 }
 
@@ -229,7 +240,8 @@ fn xdp_main<F: flow::FlowOps>(ctx: &XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_xdp<F: flow::FlowOps>(ctx: &XdpContext) -> Result<u32, Counter> {
-    bump(Counter::PacketsSeen);
+    let ctr = counters();
+    bump_in(ctr, Counter::PacketsSeen, 1);
     let b = Bounds {
         start: ctx.data(),
         end: ctx.data_end(),
@@ -241,17 +253,20 @@ fn try_xdp<F: flow::FlowOps>(ctx: &XdpContext) -> Result<u32, Counter> {
     let job = unsafe { &mut *job };
     parse::parse(&b, &mut job.pkt)?;
     let src_lo = flow::key_of(&job.pkt, &mut job.key);
-    let (p, key) = (&job.pkt, &job.key);
+    let (p, key) = (&job.pkt, &job.key.0);
     let ifindex = ctx.ingress_ifindex() as u32;
     let cfg = config();
 
     // Known flow: count it. Unknown flow to a gateway-local address: the masqueraded
-    // return path of a flow that TC egress will see de-NATed; leave it to TC.
-    if cfg.has_local_addrs != 0 && FLOWS.get_ptr(key).is_none() && hand_off_if_local(p) {
+    // return path of a flow that TC egress will see de-NATed; leave it to TC. One
+    // flow-table lookup serves both.
+    let found = FLOWS.get_ptr_mut(key);
+    if found.is_none() && cfg.has_local_addrs != 0 && hand_off_if_local(p) {
         bump(Counter::HandedOffLocal);
         return Ok(xdp_action::XDP_PASS);
     }
     let Some(acc) = flow::account::<F>(
+        found,
         p,
         key,
         src_lo,
@@ -262,7 +277,7 @@ fn try_xdp<F: flow::FlowOps>(ctx: &XdpContext) -> Result<u32, Counter> {
     ) else {
         return Ok(xdp_action::XDP_PASS);
     };
-    bump(Counter::PacketsCounted);
+    bump_in(ctr, Counter::PacketsCounted, 1);
     let (blocked, first_payload) = after_account::<F>(p, key, &acc, ifindex, &cfg);
     if blocked && cfg.enforce != 0 {
         bump(Counter::PacketsDropped);
@@ -374,7 +389,7 @@ fn merge_class_update(key: &FlowKey, s: *mut FlowStats) {
 #[repr(C)]
 pub struct PayloadJob {
     pkt: Packet,
-    key: FlowKey,
+    key: flow::AlignedKey,
     ifindex: u32,
     /// DIR_FORWARD: a ClientHello / Initial to classify; DIR_REVERSE: a reply to copy.
     dir: u32,
@@ -398,7 +413,7 @@ fn classify_job<C: classify::LoadBytes, V: classify::Variant>(ctx: &C, start: us
     };
     // SAFETY: per-CPU slot written by the program that tail-called us.
     let job = unsafe { &*job };
-    let Some(s) = FLOWS.get_ptr_mut(job.key) else {
+    let Some(s) = FLOWS.get_ptr_mut(job.key.0) else {
         return;
     };
     let b = Bounds { start, end };
@@ -406,7 +421,7 @@ fn classify_job<C: classify::LoadBytes, V: classify::Variant>(ctx: &C, start: us
         ctx,
         &b,
         &job.pkt,
-        &job.key,
+        &job.key.0,
         s,
         job.ifindex,
         job.dir,
@@ -464,12 +479,23 @@ fn tc_main<F: flow::FlowOps>(ctx: &TcContext) -> i32 {
     }
 }
 
-/// Headers we want in the linear area for direct access.
+/// Headers (and a payload's first bytes) we want in the linear area for direct
+/// access, when they are not there.
 const TC_PULL_LEN: u32 = 128;
 
 #[inline(always)]
+fn pull_len(skb_len: u32) -> u32 {
+    if skb_len < TC_PULL_LEN {
+        skb_len
+    } else {
+        TC_PULL_LEN
+    }
+}
+
+#[inline(always)]
 fn try_tc<F: flow::FlowOps>(ctx: &TcContext) -> Result<i32, Counter> {
-    bump(Counter::PacketsSeen);
+    let ctr = counters();
+    bump_in(ctr, Counter::PacketsSeen, 1);
     // SAFETY: reading plain fields of the __sk_buff context.
     let (ingress_ifindex, ifindex, gso_segs, skb_len) = unsafe {
         let skb = ctx.skb.skb;
@@ -480,45 +506,46 @@ fn try_tc<F: flow::FlowOps>(ctx: &TcContext) -> Result<i32, Counter> {
             (*skb).len,
         )
     };
-    let mut b = Bounds {
-        start: ctx.data(),
-        end: ctx.data_end(),
-    };
-    // Headers of GSO / paged skbs may not be in the linear area; pull them once.
-    let want = if skb_len < TC_PULL_LEN {
-        skb_len
-    } else {
-        TC_PULL_LEN
-    };
-    if ((b.end - b.start) as u32) < want {
-        let _ = ctx.pull_data(want);
-        b = Bounds {
-            start: ctx.data(),
-            end: ctx.data_end(),
-        };
-    }
     let Some(job) = PAYLOAD_JOB.get_ptr_mut(0) else {
         return Ok(TC_ACT_OK);
     };
     // SAFETY: per-CPU scratch, used by this invocation (and its tail call) only.
     let job = unsafe { &mut *job };
-    parse::parse(&b, &mut job.pkt)?;
+    let b = Bounds {
+        start: ctx.data(),
+        end: ctx.data_end(),
+    };
+    // The headers of a GSO or paged skb may lie beyond its linear area: pull them, but
+    // only then. A pull can copy (linearize) the skb, and most packets here are
+    // forwarded ones that XDP already counted and that need nothing more.
+    if let Err(c) = parse::parse(&b, &mut job.pkt) {
+        let want = pull_len(skb_len);
+        if ((b.end - b.start) as u32) >= want || ctx.pull_data(want).is_err() {
+            return Err(c);
+        }
+        let b = Bounds {
+            start: ctx.data(),
+            end: ctx.data_end(),
+        };
+        parse::parse(&b, &mut job.pkt)?;
+    }
     let p = &job.pkt;
 
     // Count once: skip what XDP already counted on a watched ingress interface,
     // unless XDP handed it over (addressed to the gateway before de-NAT).
     if counted_by_xdp(p, ingress_ifindex) {
-        bump(Counter::SkippedAlreadyCounted);
+        bump_in(ctr, Counter::SkippedAlreadyCounted, 1);
         return Ok(TC_ACT_OK);
     }
 
     let src_lo = flow::key_of(&job.pkt, &mut job.key);
-    let (p, key) = (&job.pkt, &job.key);
+    let (p, key) = (&job.pkt, &job.key.0);
     let segs = if gso_segs > 1 { gso_segs } else { 1 };
     // A GSO aggregate carries one set of headers for `segs` wire packets.
     let bytes = p.ip_len as u64 + (segs as u64 - 1) * p.hdr_len as u64;
     let cfg = config();
     let Some(acc) = flow::account::<F>(
+        FLOWS.get_ptr_mut(key),
         p,
         key,
         src_lo,
@@ -529,10 +556,12 @@ fn try_tc<F: flow::FlowOps>(ctx: &TcContext) -> Result<i32, Counter> {
     ) else {
         return Ok(TC_ACT_OK);
     };
-    bump_by(Counter::PacketsCounted, segs as u64);
+    bump_in(ctr, Counter::PacketsCounted, segs as u64);
     // Egress never drops: enforcement is XDP's job.
     let (_, first_payload) = after_account::<F>(p, key, &acc, ifindex, &cfg);
     if first_payload {
+        // The classifier reads the payload's first bytes directly: make them linear.
+        let _ = ctx.pull_data(pull_len(skb_len));
         // SAFETY: ctx is this program's context.
         unsafe { JUMP_TC.tail_call(ctx, 0) };
         bump(Counter::LossTailCall);

@@ -89,9 +89,13 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let mut k = Kernel::load(&KernelOptions::default()).context("loading the kernel programs")?;
-    let gateway: Vec<std::net::IpAddr> = GATEWAY.iter().map(|a| a.parse()).collect::<Result<_, _>>()?;
+    let gateway: Vec<std::net::IpAddr> = GATEWAY
+        .iter()
+        .map(|a| a.parse())
+        .collect::<Result<_, _>>()?;
     k.set_local_addrs(&gateway)?;
-    let lab_map = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/lab/conduits.yaml");
+    let lab_map =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/lab/conduits.yaml");
     let map = ConduitMap::load(&lab_map, None).map_err(|e| anyhow::anyhow!("{e}"))?;
     k.install_policy(&kernel_policy(&map, false)?)?;
     println!(
@@ -129,7 +133,9 @@ fn main() -> anyhow::Result<()> {
         k.remove_flow(&key)?;
     }
 
-    let hello = unhex(include_str!("../src/tls/testdata/chromium156_client_hello.hex"))?;
+    let hello = unhex(include_str!(
+        "../src/tls/testdata/chromium156_client_hello.hex"
+    ))?;
     let (first, second) = hello.split_at(1448);
     let mut ch = Vec::new();
     for i in 0..5_000u16 {
@@ -145,7 +151,9 @@ fn main() -> anyhow::Result<()> {
     let client_hello_ns = median(ch);
     k.drain_events();
 
-    let initial = unhex(include_str!("../src/tls/testdata/rfc9001_a2_client_initial.hex"))?;
+    let initial = unhex(include_str!(
+        "../src/tls/testdata/rfc9001_a2_client_initial.hex"
+    ))?;
     let mut quic = Vec::new();
     for i in 0..5_000u16 {
         let r = k.test_run_opts(Program::Xdp, &udp(30_000 + i, &initial)?, 1, None)?;

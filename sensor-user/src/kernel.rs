@@ -796,13 +796,14 @@ impl Kernel {
     /// Counters summed over CPUs, indexed by [`Counter`].
     pub fn counters(&self) -> Result<[u64; Counter::COUNT as usize]> {
         let name = map_names::COUNTERS;
-        let m: PerCpuArray<&MapData, u64> =
+        let m: PerCpuArray<&MapData, sensor_common::Counters> =
             PerCpuArray::try_from(self.ebpf.map(name).ok_or(KernelError::Missing(name))?)
                 .map_err(map_err(name))?;
         let mut out = [0u64; Counter::COUNT as usize];
-        for (i, slot) in out.iter_mut().enumerate() {
-            let v = m.get(&(i as u32), 0).map_err(map_err(name))?;
-            *slot = v.iter().sum();
+        for cpu in m.get(&0, 0).map_err(map_err(name))?.iter() {
+            for (sum, v) in out.iter_mut().zip(cpu.values) {
+                *sum += v;
+            }
         }
         Ok(out)
     }
