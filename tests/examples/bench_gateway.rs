@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! cargo build --release --workspace --exclude sensor-ebpf --bins
-//! cargo run --release -p conduit-tests --example bench_gateway [-- --rounds 3 --seconds 5 --perf DIR]
+//! cargo run --release -p conduit-tests --example bench_gateway \
+//!     [-- --rounds 3 --seconds 5 --perf DIR --control xdp --control xdpgeneric --control tc]
 //! ```
 //!
 //! The lab is the tests' gateway (tests/src/topology.rs) with masquerading on the
@@ -19,6 +20,12 @@
 //! With `--perf DIR`, one more round of each kind runs under `perf record -a -g`
 //! (DIR/without.data, DIR/with.data); their figures are printed but left out of the
 //! medians, since sampling with call graphs slows them down.
+//!
+//! Each `--control MODE` adds to every round a run with only a program that passes
+//! every packet (tests/lab/pass.ll, compiled with `llc`, or `$LLC`) on the three
+//! interfaces: what the hook itself costs before the sensor's programs do anything.
+//! MODE is `xdp` (native XDP, as the sensor attaches), `xdpgeneric` (XDP on the
+//! skb), or `tc` (clsact ingress and egress).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -45,9 +52,32 @@ struct Opts {
     rounds: usize,
     seconds: u32,
     perf: Option<PathBuf>,
+    controls: Vec<Control>,
 }
 
-const USAGE: &str = "usage: bench_gateway [--rounds N] [--seconds S] [--perf DIR]";
+const USAGE: &str = "usage: bench_gateway [--rounds N] [--seconds S] [--perf DIR] \
+                     [--control xdp|xdpgeneric|tc]...";
+
+/// Where a control run's pass-everything program attaches.
+#[derive(Clone, Copy, PartialEq)]
+enum Control {
+    Xdp,
+    XdpGeneric,
+    Tc,
+}
+
+impl Control {
+    fn name(self) -> &'static str {
+        match self {
+            Control::Xdp => "xdp",
+            Control::XdpGeneric => "xdpgeneric",
+            Control::Tc => "tc",
+        }
+    }
+}
+
+/// The gateway's interfaces, where the sensor (or the control program) attaches.
+const GW_IFS: [&str; 3] = [GW_OT1_IF, GW_OT2_IF, GW_UPLINK_IF];
 
 impl Opts {
     fn parse() -> Result<Opts> {
@@ -55,6 +85,7 @@ impl Opts {
             rounds: 3,
             seconds: 5,
             perf: None,
+            controls: Vec::new(),
         };
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
@@ -63,6 +94,17 @@ impl Opts {
                 "--rounds" => opts.rounds = value()?.parse().context("--rounds")?,
                 "--seconds" => opts.seconds = value()?.parse().context("--seconds")?,
                 "--perf" => opts.perf = Some(PathBuf::from(value()?)),
+                "--control" => {
+                    let control = match value()?.as_str() {
+                        "xdp" => Control::Xdp,
+                        "xdpgeneric" => Control::XdpGeneric,
+                        "tc" => Control::Tc,
+                        other => bail!("unknown control {other:?}; {USAGE}"),
+                    };
+                    if !opts.controls.contains(&control) {
+                        opts.controls.push(control);
+                    }
+                }
                 "-h" | "--help" => {
                     println!("{USAGE}");
                     std::process::exit(0);
@@ -134,6 +176,11 @@ fn main() -> Result<()> {
     // The lab's namespaces and processes go with `lab` on return, error or panic.
     let mut lab = GatewayLab::build("bench", GatewayLabOptions { masquerade: true })?;
     check_offloads_off(&lab)?;
+    let pass_obj = if opts.controls.is_empty() {
+        None
+    } else {
+        Some(compile_pass(&lab.lab)?)
+    };
     let net = lab.net.clone();
     let port = IPERF_PORT.to_string();
     lab.lab.spawn(
@@ -156,6 +203,7 @@ fn main() -> Result<()> {
     println!("warm-up (not counted): {warm}");
 
     let (mut without, mut with) = (Vec::new(), Vec::new());
+    let mut controls: Vec<Vec<f64>> = vec![Vec::new(); opts.controls.len()];
     for round in 1..=opts.rounds {
         let r = iperf(&lab, opts.seconds)?;
         println!("round {round} without sensor: {r}");
@@ -166,6 +214,14 @@ fn main() -> Result<()> {
         print_counters(&c);
         check_counters(&r, &c)?;
         with.push(r.gbps);
+
+        if let Some(obj) = &pass_obj {
+            for (control, gbps) in opts.controls.iter().zip(&mut controls) {
+                let r = with_pass(&lab, *control, obj, opts.seconds)?;
+                println!("round {round} pass-only {}: {r}", control.name());
+                gbps.push(r.gbps);
+            }
+        }
     }
 
     if let Some(dir) = &opts.perf {
@@ -189,6 +245,18 @@ fn main() -> Result<()> {
         check_counters(&r, &c)?;
     }
 
+    for (control, gbps) in opts.controls.iter().zip(&controls) {
+        let (name, gbps) = (control.name(), median(gbps));
+        let ratio = gbps / median(&without);
+        println!(
+            "median with only a pass program ({name}) on the three interfaces {gbps:.2} Gbit/s, \
+             ratio {ratio:.3}"
+        );
+        println!(
+            "bench gateway control={name} gbps={gbps:.2} ratio={ratio:.3} rounds={}",
+            opts.rounds
+        );
+    }
     let (without_gbps, with_gbps) = (median(&without), median(&with));
     let ratio = with_gbps / without_gbps;
     println!(
@@ -220,11 +288,11 @@ fn with_sensor(
         label,
         &[
             "--iface",
-            GW_OT1_IF,
+            GW_IFS[0],
             "--iface",
-            GW_OT2_IF,
+            GW_IFS[1],
             "--iface",
-            GW_UPLINK_IF,
+            GW_IFS[2],
             "--conduits",
             &conduits,
             // The iperf3 flows match no AI endpoint: recorded, so they can be checked.
@@ -346,6 +414,80 @@ fn check_counters(run: &Iperf, c: &SensorCounters) -> Result<()> {
         run.bytes_received
     );
     Ok(())
+}
+
+/// Compiles tests/lab/pass.ll into the lab's directory; returns the object.
+fn compile_pass(lab: &Lab) -> Result<PathBuf> {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("lab")
+        .join("pass.ll");
+    let obj = lab.workdir.join("pass.o");
+    let llc = std::env::var("LLC").unwrap_or_else(|_| "llc".into());
+    conduit_lab::sh(
+        std::process::Command::new(&llc)
+            .args(["-march=bpf", "-filetype=obj", "-o"])
+            .arg(&obj)
+            .arg(&source),
+    )
+    .with_context(|| format!("{llc} (set LLC to another llc)"))?;
+    Ok(obj)
+}
+
+/// One control run: the pass program attached as `control` on the gateway's
+/// three interfaces, detached afterwards whatever happened.
+fn with_pass(lab: &GatewayLab, control: Control, obj: &Path, seconds: u32) -> Result<Iperf> {
+    let obj = obj.display().to_string();
+    let gw = |args: &[&str]| -> Result<()> {
+        lab.lab.exec(&lab.gw, args)?;
+        Ok(())
+    };
+    let attach = |ifname: &str| -> Result<()> {
+        match control {
+            Control::Xdp | Control::XdpGeneric => gw(&[
+                "ip",
+                "link",
+                "set",
+                "dev",
+                ifname,
+                control.name(),
+                "obj",
+                &obj,
+                "sec",
+                "xdp",
+            ]),
+            Control::Tc => {
+                gw(&["tc", "qdisc", "add", "dev", ifname, "clsact"])?;
+                for hook in ["ingress", "egress"] {
+                    gw(&[
+                        "tc", "filter", "add", "dev", ifname, hook, "bpf", "da", "obj", &obj,
+                        "sec", "tc",
+                    ])?;
+                }
+                Ok(())
+            }
+        }
+    };
+    let detach = |ifname: &str| -> Result<()> {
+        match control {
+            Control::Xdp | Control::XdpGeneric => {
+                gw(&["ip", "link", "set", "dev", ifname, control.name(), "off"])
+            }
+            Control::Tc => gw(&["tc", "qdisc", "del", "dev", ifname, "clsact"]),
+        }
+    };
+    let run = GW_IFS
+        .iter()
+        .try_for_each(|ifname| attach(ifname))
+        .and_then(|()| check_offloads_off(lab))
+        .and_then(|()| iperf(lab, seconds));
+    for ifname in GW_IFS {
+        // An interface the attach never reached has nothing to detach.
+        let detached = detach(ifname);
+        if run.is_ok() {
+            detached?;
+        }
+    }
+    run
 }
 
 /// Runs the iperf3 client in OT host 1 for `seconds`.
