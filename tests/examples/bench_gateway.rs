@@ -383,7 +383,11 @@ fn print_counters(c: &SensorCounters) {
         c.data_flow_bytes
     );
     let kernel: Vec<String> = c.kernel.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    println!("    kernel counters: {}", kernel.join(" "));
+    // The metrics show the counters as of the agent's last sweep, not of the scrape.
+    println!(
+        "    kernel counters (agent's last sweep): {}",
+        kernel.join(" ")
+    );
     for line in &c.attached {
         println!("    {line}");
     }
