@@ -315,9 +315,10 @@ pub fn sh(cmd: &mut Command) -> Result<Output> {
 /// Path of a binary of this workspace, from the same profile as the running test.
 pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
-    // target/<profile>/deps/test-xxxx or target/<profile>/demo
+    // target/<profile>/deps/test-xxxx, target/<profile>/examples/bench-xxxx or
+    // target/<profile>/demo
     let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
-    if dir.ends_with("deps") {
+    if dir.ends_with("deps") || dir.ends_with("examples") {
         dir.pop();
     }
     dir.join(name)

@@ -105,9 +105,16 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "rsyslog",
     "rsyslog-gnutls",
     "nats-server",
+    // bench_gateway's TCP throughput through the lab gateway; its package asks
+    // whether to start a daemon: preseeded to no (the bench runs its own server).
+    "iperf3",
     // promtool checks deploy/prometheus (collector/tests/siem_content.rs).
     "prometheus",
 ];
+
+/// Answers to the packages' install-time questions (debconf-set-selections lines).
+/// iperf3 would otherwise offer to run a server as a service on port 5201.
+const DEBCONF_PRESEED: &str = "iperf3 iperf3/start_daemon boolean false\n";
 
 /// Python packages the tests use as real peers (aioquic: QUIC client and server;
 /// scapy), each pinned with its dependencies.
@@ -221,6 +228,7 @@ fn setup() -> Result<()> {
                 .join(" ")
         );
         run(Command::new("apt-get").args(["update", "-qq"]))?;
+        preseed_debconf(DEBCONF_PRESEED)?;
         run(Command::new("apt-get")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(&missing)
@@ -228,7 +236,7 @@ fn setup() -> Result<()> {
     }
     // The lab starts its own nginx/rsyslog/nats processes; the distribution's
     // services are not needed and would hold the ports.
-    for service in ["nginx", "rsyslog", "nats-server", "prometheus"] {
+    for service in ["nginx", "rsyslog", "nats-server", "prometheus", "iperf3"] {
         let _ = Command::new("systemctl")
             .args(["disable", "--now", "--quiet", service])
             .stderr(std::process::Stdio::null())
@@ -272,6 +280,29 @@ fn debian_package_installed(pkg: &str) -> bool {
         .args(["-W", "-f=${Status}", pkg])
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+/// Feeds `selections` to debconf-set-selections, before the packages that ask.
+fn preseed_debconf(selections: &str) -> Result<()> {
+    use std::io::Write as _;
+    println!(
+        "    $ debconf-set-selections <<< {:?}",
+        selections.trim_end()
+    );
+    let mut child = Command::new("debconf-set-selections")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot start debconf-set-selections")?;
+    child
+        .stdin
+        .take()
+        .context("debconf-set-selections stdin")?
+        .write_all(selections.as_bytes())?;
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("debconf-set-selections failed with {status}");
+    }
+    Ok(())
 }
 
 fn build_release() -> Result<()> {
@@ -478,11 +509,17 @@ fn fuzz(seconds: u32) -> Result<()> {
 }
 
 fn bench() -> Result<()> {
+    // bench_gateway runs the release conduit-sensor; a lab left by a killed run
+    // would hold its namespaces.
+    build_release()?;
+    remove_stale_labs();
     for (package, example) in [
         ("sensor-user", "bench_kernel"),
         ("conduit-evidence", "bench_chain"),
         ("sensor-user", "bench_tls"),
         ("conduit-collector", "bench_collector"),
+        // TCP through the lab gateway, sensor vs none (needs root and the release bins).
+        ("conduit-tests", "bench_gateway"),
         // A 10-million-record store (about 2.3 GB in a temporary directory).
         ("conduit-collector", "bench_query"),
     ] {
