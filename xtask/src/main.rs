@@ -513,18 +513,33 @@ fn bench() -> Result<()> {
     // would hold its namespaces.
     build_release()?;
     remove_stale_labs();
-    for (package, example) in [
-        ("sensor-user", "bench_kernel"),
-        ("conduit-evidence", "bench_chain"),
-        ("sensor-user", "bench_tls"),
-        ("conduit-collector", "bench_collector"),
+    // The gateway benchmark's baselines: a program that only passes packets, attached
+    // as the sensor attaches (native XDP) and at TC, built with the toolchain's llc.
+    let llc = format!("/usr/lib/llvm-{}/bin/llc", toolchain::LLVM_MAJOR);
+    let gateway_args: &[&str] = &["--control", "xdp", "--control", "tc"];
+    for (package, example, args) in [
+        ("sensor-user", "bench_kernel", &[][..]),
+        ("conduit-evidence", "bench_chain", &[]),
+        ("sensor-user", "bench_tls", &[]),
+        ("conduit-collector", "bench_collector", &[]),
         // TCP through the lab gateway, sensor vs none (needs root and the release bins).
-        ("conduit-tests", "bench_gateway"),
+        ("conduit-tests", "bench_gateway", gateway_args),
         // A 10-million-record store (about 2.3 GB in a temporary directory).
-        ("conduit-collector", "bench_query"),
+        ("conduit-collector", "bench_query", &[]),
     ] {
         step(example);
-        run(cargo().args(["run", "--release", "-p", package, "--example", example]))?;
+        run(cargo()
+            .args([
+                "run",
+                "--release",
+                "-p",
+                package,
+                "--example",
+                example,
+                "--",
+            ])
+            .args(args)
+            .env("LLC", &llc))?;
     }
     Ok(())
 }
