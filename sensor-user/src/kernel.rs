@@ -88,6 +88,8 @@ pub enum KernelError {
     },
     #[error("the eBPF object has no {0}")]
     Missing(&'static str),
+    #[error("reading the flow table in batches: {0}")]
+    BatchLookup(std::io::Error),
     #[error("interface {name}: {source}")]
     Interface {
         name: String,
@@ -447,6 +449,8 @@ pub struct Kernel {
     events: Option<RingBuf<MapData>>,
     flow_variant: FlowVariant,
     classifiers: Classifiers,
+    /// Whether the flow table is read with batch lookups (until the kernel refuses).
+    batch_flows: std::cell::Cell<bool>,
 }
 
 impl std::fmt::Debug for Kernel {
@@ -499,6 +503,7 @@ impl Kernel {
             events: Some(events),
             flow_variant,
             classifiers,
+            batch_flows: std::cell::Cell::new(true),
         };
         k.config.enforce = opts.enforce as u8;
         k.config.record_all = opts.record_all as u8;
@@ -743,8 +748,37 @@ impl Kernel {
         Ok(out)
     }
 
-    /// Calls `f` for every flow in the table without holding a copy of it.
+    /// Reads the flow table entry by entry from now on (`false`), as on kernels
+    /// without batch lookups; `bench_kernel` compares the two.
+    pub fn set_batch_lookups(&self, on: bool) {
+        self.batch_flows.set(on);
+    }
+
+    /// Calls `f` for every flow in the table without holding a copy of it: in chunks
+    /// of entries per system call where the kernel has batch lookups (5.6+), else
+    /// entry by entry.
     pub fn for_each_flow(&self, mut f: impl FnMut(FlowKey, FlowStats)) -> Result<()> {
+        let name = map_names::FLOWS;
+        if self.batch_flows.get()
+            && let Some(aya::maps::Map::LruHashMap(data)) = self.ebpf.map(name)
+        {
+            // SAFETY: FLOWS holds FlowKey keys and FlowStats values (sensor-common),
+            // plain integers and byte arrays.
+            match unsafe {
+                crate::map_batch::lookup_all(std::os::fd::AsFd::as_fd(data.fd()), &mut f)
+            } {
+                Ok(()) => return Ok(()),
+                Err(crate::map_batch::BatchError::Unsupported) => {
+                    tracing::info!(
+                        "no batch lookups on this kernel: the sweep walks the flow table entry by entry"
+                    );
+                    self.batch_flows.set(false);
+                }
+                Err(crate::map_batch::BatchError::Io(e)) => {
+                    return Err(KernelError::BatchLookup(e));
+                }
+            }
+        }
         let flows = self.flows()?;
         for r in flows.iter() {
             match r {

@@ -35,6 +35,7 @@ const FULL_TESTS: &[&str] = &[
     "kernel_agree",
     "kernel_attach",
     "kernel_traffic",
+    "kernel_sweep",
 ];
 
 /// The kernels `--kernel` selects (all of [`KERNELS`] when none is given); an
