@@ -519,6 +519,8 @@ fn bench() -> Result<()> {
     let gateway_args: &[&str] = &["--control", "xdp", "--control", "tc"];
     for (package, example, args) in [
         ("sensor-user", "bench_kernel", &[][..]),
+        // Cost against flows and SNI patterns; rewrites docs/scaling.{svg,png}.
+        ("sensor-user", "bench_scaling", &[]),
         ("conduit-evidence", "bench_chain", &[]),
         ("sensor-user", "bench_tls", &[]),
         ("conduit-collector", "bench_collector", &[]),
