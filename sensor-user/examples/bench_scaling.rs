@@ -202,6 +202,9 @@ fn main() -> anyhow::Result<()> {
     write_chart(&by_flows, &by_patterns)
 }
 
+/// A chart panel: title, unit, and (label, value) bars.
+type Panel = (&'static str, &'static str, Vec<(String, f64)>);
+
 /// Three small panels: packet cost and sweep time against flows (log scale), hello
 /// cost against SNI patterns.
 fn write_chart(by_flows: &[(u32, f64, f64)], by_patterns: &[(usize, f64)]) -> anyhow::Result<()> {
@@ -210,7 +213,7 @@ fn write_chart(by_flows: &[(u32, f64, f64)], by_patterns: &[(usize, f64)]) -> an
     let mut svg = format!(
         "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'><rect width='100%' height='100%' fill='white'/>"
     );
-    let panels: [(&str, &str, Vec<(String, f64)>); 3] = [
+    let panels: [Panel; 3] = [
         (
             "Established packet, random flow",
             "ns",
