@@ -107,10 +107,13 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nats-server",
     // promtool checks deploy/prometheus (collector/tests/siem_content.rs).
     "prometheus",
+    // bench_replay's second peer (SNIs of a capture); its debconf question about
+    // non-root capture takes the default under DEBIAN_FRONTEND=noninteractive.
+    "tshark",
 ];
 
 /// Python packages the tests use as real peers (aioquic: QUIC client and server;
-/// scapy), each pinned with its dependencies.
+/// scapy; nfstream for bench_replay), each pinned with its dependencies.
 const PYTHON_REQUIREMENTS: &str = "tests/requirements.txt";
 
 /// cargo-fuzz release `cargo xtask fuzz` installs.
@@ -482,6 +485,8 @@ fn bench() -> Result<()> {
         ("sensor-user", "bench_kernel"),
         ("conduit-evidence", "bench_chain"),
         ("sensor-user", "bench_tls"),
+        // `conduit-sensor replay` against nfstream and tshark on one synthetic capture.
+        ("sensor-user", "bench_replay"),
         ("conduit-collector", "bench_collector"),
         // A 10-million-record store (about 2.3 GB in a temporary directory).
         ("conduit-collector", "bench_query"),
