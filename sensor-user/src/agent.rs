@@ -332,6 +332,8 @@ impl Agent {
             Clock::Replay { .. } => {
                 // BPF_PROG_TEST_RUN runs XDP as if the packet arrived on loopback.
                 kernel.watch_ifindex(1)?;
+                // The ring is read after every test run: nobody waits to be woken.
+                kernel.set_ring_wakeups(false)?;
                 ifnames.insert(1, "replay".to_string());
             }
         }

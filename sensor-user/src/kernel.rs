@@ -13,6 +13,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use crate::mapped_config::MappedConfig;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
@@ -447,6 +448,9 @@ pub struct Kernel {
     events: Option<RingBuf<MapData>>,
     flow_variant: FlowVariant,
     classifiers: Classifiers,
+    /// `CONFIG` mapped for `replay`'s per-packet stamps (see [`Kernel::stamp_replay_packet`]);
+    /// `Err` once mapping failed: stamps then go through the syscall.
+    mapped_config: Option<std::result::Result<MappedConfig, ()>>,
 }
 
 impl std::fmt::Debug for Kernel {
@@ -499,6 +503,7 @@ impl Kernel {
             events: Some(events),
             flow_variant,
             classifiers,
+            mapped_config: None,
         };
         k.config.enforce = opts.enforce as u8;
         k.config.record_all = opts.record_all as u8;
@@ -520,9 +525,45 @@ impl Kernel {
     /// the capture time of packet `index`. The kernel stamps with the coarse
     /// monotonic clock plus the configured offset; the clock moves by far less than
     /// 2^32 ns (4.3 s) during one test run.
+    ///
+    /// The store goes into the mapped `CONFIG` (one memory write, no syscall);
+    /// where the map cannot be mapped, through `BPF_MAP_UPDATE_ELEM`.
     pub fn stamp_replay_packet(&mut self, index: u32) -> Result<()> {
         let coarse = clock_ns(libc::CLOCK_MONOTONIC_COARSE) as u64;
         self.config.boot_offset_ns = (u64::from(index) << 32).wrapping_sub(coarse);
+        if self.mapped_config.is_none() {
+            self.mapped_config = Some(self.map_config());
+        }
+        match &mut self.mapped_config {
+            Some(Ok(m)) => {
+                m.set_boot_offset(self.config.boot_offset_ns);
+                Ok(())
+            }
+            _ => self.write_config(),
+        }
+    }
+
+    fn map_config(&self) -> std::result::Result<MappedConfig, ()> {
+        use std::os::fd::AsFd as _;
+        let name = map_names::CONFIG;
+        let mapped = match self.ebpf.map(name) {
+            Some(aya::maps::Map::Array(data)) => {
+                MappedConfig::map(data.fd().as_fd()).map_err(|e| e.to_string())
+            }
+            _ => Err("not an array map".to_string()),
+        };
+        mapped.map_err(|err| {
+            tracing::warn!(
+                "mapping {name} failed ({err}); replay stamps each packet with a map update"
+            );
+        })
+    }
+
+    /// Whether the programs' ring-buffer submits wake a waiting reader (the
+    /// default). `replay` turns them off: it reads the ring after each test run
+    /// and never waits on it, and each wakeup costs a self-interrupt.
+    pub fn set_ring_wakeups(&mut self, on: bool) -> Result<()> {
+        self.config.ring_no_wakeup = u8::from(!on);
         self.write_config()
     }
 

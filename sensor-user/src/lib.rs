@@ -11,6 +11,7 @@ pub mod crash_recovery;
 pub mod flows;
 pub mod kernel;
 pub mod kernel_policy;
+pub mod mapped_config;
 pub mod metrics;
 pub mod pcap;
 pub mod policy_change;
