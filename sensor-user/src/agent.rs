@@ -7,8 +7,8 @@
 
 use std::{
     collections::HashMap,
-    fs::{File, OpenOptions},
-    io::{BufWriter, Write as _},
+    fs::OpenOptions,
+    io::BufWriter,
     net::IpAddr,
     path::PathBuf,
     sync::{
@@ -20,7 +20,6 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use conduit_evidence::chain::{Appended, Recorder, RecorderOptions};
-use conduit_evidence::ecs::{ChainPosition, ecs_json};
 use conduit_proto::v1::{Loss, Record, RecordKind, Verdict, record::Body};
 use sensor_common::{
     ClassUpdate, Counter, DIR_REVERSE, FlowKey, FlowStats, app_protocol, sni_state, verdict,
@@ -36,6 +35,7 @@ use crate::{
     completion::{CLASSIFICATION_DEADLINE, Completed, Completion},
     config::{self, AppProto, Attribution, ConduitMap, DefaultAction},
     flows::{Classification, FlowOut, FlowTracker, TrackerOptions, anomaly},
+    jsonl::{JsonlOut, JsonlThread},
     kernel::BootClock,
     kernel::{self, Kernel, KernelEvent, KernelOptions},
     kernel_policy::kernel_policy,
@@ -338,10 +338,18 @@ impl Agent {
             }
         }
 
-        let jsonl = settings
+        let mut jsonl = settings
             .jsonl
             .as_deref()
             .and_then(|path| open_jsonl(path, &metrics));
+        // A replay is bound by time: its JSON is encoded beside the test runs.
+        if let (Clock::Replay { .. }, Some(JsonlOut::Inline(_))) = (&clock, &jsonl)
+            && let Some(JsonlOut::Inline(out)) = jsonl.take()
+        {
+            jsonl = Some(JsonlOut::Thread(
+                JsonlThread::spawn(out).context("starting the JSON-lines writer")?,
+            ));
+        }
 
         let site = policy.as_ref().map(|p| p.site.clone()).unwrap_or_default();
         let mut agent = Agent {
@@ -863,7 +871,7 @@ impl Agent {
         conduit_ops::notify::reloading();
         if let Some(path) = self.settings.jsonl.clone() {
             if let Some(mut old) = self.sink.jsonl.take() {
-                let _ = old.flush();
+                let _ = old.finish();
             }
             self.sink.jsonl = open_jsonl(&path, &self.metrics);
         }
@@ -987,7 +995,7 @@ impl Agent {
         self.emit_appended(last)?;
         self.sink.recorder.sync()?;
         if let Some(out) = &mut self.sink.jsonl
-            && let Err(err) = out.flush().and_then(|()| out.get_ref().sync_all())
+            && let Err(err) = out.finish()
         {
             self.metrics.jsonl_errors.fetch_add(1, Ordering::Relaxed);
             tracing::error!("JSONL side file: {err}");
@@ -1001,7 +1009,7 @@ impl Agent {
 /// rest of the agent so a table walk can write records as it goes.
 struct Sink {
     recorder: Recorder,
-    jsonl: Option<BufWriter<File>>,
+    jsonl: Option<JsonlOut>,
     jsonl_path: Option<PathBuf>,
     metrics: Arc<Metrics>,
     ifnames: HashMap<u32, String>,
@@ -1095,7 +1103,7 @@ impl Sink {
             .spool_bytes
             .store(stats.bytes, Ordering::Relaxed);
         if let Some(out) = &mut self.jsonl
-            && let Err(err) = write_jsonl(out, &written)
+            && let Err(err) = out.write(written)
         {
             // The spool is the evidence; the side file is a convenience. A full
             // disk here must not stop the recorder: count, log, and drop the file
@@ -1139,28 +1147,15 @@ fn peak_rss_kib() -> Option<u64> {
 
 /// Opens the JSONL side file for appending; a failure is counted and logged, not
 /// fatal (the spool holds the records).
-fn open_jsonl(path: &std::path::Path, metrics: &Metrics) -> Option<BufWriter<File>> {
+fn open_jsonl(path: &std::path::Path, metrics: &Metrics) -> Option<JsonlOut> {
     match OpenOptions::new().create(true).append(true).open(path) {
-        Ok(file) => Some(BufWriter::new(file)),
+        Ok(file) => Some(JsonlOut::Inline(BufWriter::new(file))),
         Err(err) => {
             metrics.jsonl_errors.fetch_add(1, Ordering::Relaxed);
             tracing::error!(path = %path.display(), "JSONL side file: {err}; records stay in the spool; retried on SIGHUP");
             None
         }
     }
-}
-
-fn write_jsonl(out: &mut BufWriter<File>, written: &[Appended]) -> std::io::Result<()> {
-    for a in written {
-        let pos = ChainPosition {
-            seq: a.seq,
-            hash: a.hash,
-            prev_hash: a.prev_hash,
-        };
-        serde_json::to_writer(&mut *out, &ecs_json(&a.record, &pos))?;
-        out.write_all(b"\n")?;
-    }
-    out.flush()
 }
 
 /// The classification fields of a flow, for the kernel to merge (it sets DONE).

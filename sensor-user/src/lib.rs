@@ -9,6 +9,7 @@ pub mod completion;
 pub mod config;
 pub mod crash_recovery;
 pub mod flows;
+pub mod jsonl;
 pub mod kernel;
 pub mod kernel_policy;
 pub mod mapped_config;
