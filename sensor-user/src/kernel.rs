@@ -363,6 +363,9 @@ impl BootClock {
     }
 }
 
+/// Flow-table entries read per BPF_MAP_LOOKUP_BATCH call in a sweep.
+const SWEEP_CHUNK: usize = 4096;
+
 /// The packet index a timestamp written after [`Kernel::stamp_replay_packet`]
 /// carries.
 pub fn replay_stamp_index(stamp_ns: u64) -> u32 {
@@ -784,8 +787,27 @@ impl Kernel {
         Ok(out)
     }
 
-    /// Calls `f` for every flow in the table without holding a copy of it.
+    /// Calls `f` for every flow in the table without holding a copy of it: in
+    /// chunks of [`SWEEP_CHUNK`] (BPF_MAP_LOOKUP_BATCH), else key by key.
     pub fn for_each_flow(&self, mut f: impl FnMut(FlowKey, FlowStats)) -> Result<()> {
+        use std::os::fd::AsFd as _;
+        let name = map_names::FLOWS;
+        if let Some(aya::maps::Map::LruHashMap(data) | aya::maps::Map::HashMap(data)) =
+            self.ebpf.map(name)
+        {
+            match crate::map_batch::for_each(data.fd().as_fd(), SWEEP_CHUNK, &mut f) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {}
+                Err(io_error) => {
+                    return Err(map_err(name)(MapError::SyscallError(
+                        aya::sys::SyscallError {
+                            call: "bpf_map_lookup_batch",
+                            io_error,
+                        },
+                    )));
+                }
+            }
+        }
         let flows = self.flows()?;
         for r in flows.iter() {
             match r {

@@ -12,6 +12,7 @@ pub mod flows;
 pub mod jsonl;
 pub mod kernel;
 pub mod kernel_policy;
+pub mod map_batch;
 pub mod mapped_config;
 pub mod metrics;
 pub mod pcap;
