@@ -92,19 +92,19 @@ fn main() -> Result<()> {
     let sensor_run = median_run(runs, "conduit-sensor replay", |i| {
         let jsonl = dir.join(format!("replay-{i}.jsonl"));
         let spool = dir.join(format!("spool-{i}"));
-        let out = Command::new(&sensor)
-            .arg("replay")
-            .arg("--conduits")
-            .arg(&conduits)
-            .arg("--jsonl")
-            .arg(&jsonl)
-            .arg("--spool")
-            .arg(&spool)
-            .arg(&pcap)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output()
-            .context("running conduit-sensor replay")?;
+        let (took, out) = timed(
+            Command::new(&sensor)
+                .arg("replay")
+                .arg("--conduits")
+                .arg(&conduits)
+                .arg("--jsonl")
+                .arg(&jsonl)
+                .arg("--spool")
+                .arg(&spool)
+                .arg(&pcap)
+                .stdout(Stdio::null()),
+        )
+        .context("running conduit-sensor replay")?;
         ensure!(
             out.status.success(),
             "conduit-sensor replay failed ({}):\n{}",
@@ -114,17 +114,17 @@ fn main() -> Result<()> {
         let snis = sensor_snis(&jsonl)?;
         let _ = std::fs::remove_file(&jsonl);
         let _ = std::fs::remove_dir_all(&spool);
-        Ok(snis)
+        Ok((took, snis))
     })?;
 
     let nfstream_run = if peer_present("python3", &["-c", "import nfstream"]) {
         Some(median_run(runs, "nfstream", |_| {
-            let out = Command::new("python3")
-                .args(["-c", NFSTREAM_SCRIPT])
-                .arg(&pcap)
-                .stderr(Stdio::piped())
-                .output()
-                .context("running nfstream")?;
+            let (took, out) = timed(
+                Command::new("python3")
+                    .args(["-c", NFSTREAM_SCRIPT])
+                    .arg(&pcap),
+            )
+            .context("running nfstream")?;
             ensure!(
                 out.status.success(),
                 "nfstream failed ({}):\n{}",
@@ -137,7 +137,7 @@ fn main() -> Result<()> {
                 .nth(1)
                 .and_then(|n| n.parse().ok())
                 .with_context(|| format!("nfstream printed {text:?}"))?;
-            Ok(snis)
+            Ok((took, snis))
         })?)
     } else {
         println!(
@@ -148,13 +148,13 @@ fn main() -> Result<()> {
 
     let tshark_run = if peer_present("tshark", &["--version"]) {
         Some(median_run(runs, "tshark", |_| {
-            let out = Command::new("tshark")
-                .args(["-n", "-r"])
-                .arg(&pcap)
-                .args(["-T", "fields", "-e", "tls.handshake.extensions_server_name"])
-                .stderr(Stdio::piped())
-                .output()
-                .context("running tshark")?;
+            let (took, out) = timed(Command::new("tshark").args(["-n", "-r"]).arg(&pcap).args([
+                "-T",
+                "fields",
+                "-e",
+                "tls.handshake.extensions_server_name",
+            ]))
+            .context("running tshark")?;
             ensure!(
                 out.status.success(),
                 "tshark failed ({}):\n{}",
@@ -166,7 +166,7 @@ fn main() -> Result<()> {
                 .split(|b| *b == b'\n')
                 .filter(|l| !l.is_empty())
                 .collect();
-            Ok(names.len())
+            Ok((took, names.len()))
         })?)
     } else {
         println!("tshark: not installed (apt-get install tshark); skipped");
@@ -207,19 +207,25 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
     }
 }
 
-/// Runs `f` `runs` times; prints each time; returns the median time and the
-/// last SNI count (every run must count the same).
+/// Runs `cmd` to its end (stderr captured); the time is the process's alone,
+/// from spawn to exit, without the counting that follows.
+fn timed(cmd: &mut Command) -> std::io::Result<(Duration, std::process::Output)> {
+    let start = Instant::now();
+    let out = cmd.stderr(Stdio::piped()).output()?;
+    Ok((start.elapsed(), out))
+}
+
+/// Runs `f` (one timed run: its time and SNI count) `runs` times; prints each;
+/// returns the median time and the SNI count (every run must count the same).
 fn median_run(
     runs: usize,
     name: &str,
-    mut f: impl FnMut(usize) -> Result<usize>,
+    mut f: impl FnMut(usize) -> Result<(Duration, usize)>,
 ) -> Result<(Duration, usize)> {
     let mut times = Vec::with_capacity(runs);
     let mut count = None;
     for i in 0..runs {
-        let start = Instant::now();
-        let n = f(i)?;
-        let t = start.elapsed();
+        let (t, n) = f(i)?;
         println!("{name}: run {}: {:.3} s, {n} SNIs", i + 1, t.as_secs_f64());
         if let Some(prev) = count
             && prev != n
