@@ -18,6 +18,10 @@
 //! nfstream_snis=.. ratio=.. tshark_secs=.. tshark_snis=..` (ratio = nfstream
 //! time / sensor time). A peer that is not installed is reported as such and its
 //! fields are `na`. `BENCH_DIR=DIR` writes the capture there and keeps it.
+//!
+//! Before them, in this process: the floor of a replay with one
+//! BPF_PROG_TEST_RUN per packet (programs load; the test runs with stamp and ring
+//! read, no agent), as `bench replay_floor load_secs=.. test_runs_secs=..`.
 
 use std::{
     collections::HashSet,
@@ -87,6 +91,14 @@ fn main() -> Result<()> {
         "capture: {flows} TLS flows, {packets} packets, {:.1} MB ({})",
         size as f64 / 1e6,
         pcap.display()
+    );
+
+    let floor = kernel_floor(&pcap)?;
+    println!(
+        "kernel floor (this process, no agent): programs load {:.3} s; {packets} test runs {:.3} s = {:.2} us a packet",
+        floor.0.as_secs_f64(),
+        floor.1.as_secs_f64(),
+        floor.1.as_secs_f64() * 1e6 / packets.max(1) as f64
     );
 
     let sensor_run = median_run(runs, "conduit-sensor replay", |i| {
@@ -187,6 +199,11 @@ fn main() -> Result<()> {
         secs(&tshark_run)
     );
     println!(
+        "bench replay_floor load_secs={:.3} test_runs_secs={:.3}",
+        floor.0.as_secs_f64(),
+        floor.1.as_secs_f64()
+    );
+    println!(
         "bench replay packets={packets} flows={flows} sensor_secs={:.3} sensor_snis={} nfstream_secs={} nfstream_snis={} ratio={ratio} tshark_secs={} tshark_snis={}",
         sensor_run.0.as_secs_f64(),
         sensor_run.1,
@@ -196,6 +213,29 @@ fn main() -> Result<()> {
         snis(&tshark_run),
     );
     Ok(())
+}
+
+/// What a replay cannot go below with one BPF_PROG_TEST_RUN per packet (its
+/// `repeat` reruns the same packet): the programs' load, and the test runs alone
+/// with the per-packet stamp and the ring read, no agent behind them.
+fn kernel_floor(pcap: &Path) -> Result<(Duration, Duration)> {
+    use sensor_user::kernel::{Kernel, KernelOptions, Program};
+    let packets = sensor_user::pcap::read_packets(pcap)?;
+    let start = Instant::now();
+    let mut kernel = Kernel::load(&KernelOptions::default())?;
+    let load = start.elapsed();
+    kernel.watch_ifindex(1)?;
+    kernel.set_ring_wakeups(false)?;
+    let start = Instant::now();
+    let mut events = 0usize;
+    for (i, (_, packet)) in packets.iter().enumerate() {
+        kernel.stamp_replay_packet(u32::try_from(i + 1)?)?;
+        kernel.test_run(Program::Xdp, packet)?;
+        events += kernel.drain_events().len();
+    }
+    let runs = start.elapsed();
+    ensure!(events > 0, "the test runs produced no events");
+    Ok((load, runs))
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
