@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use conduit_proto::v1::{Counts, FlowEndReason, Record, RecordKind, Verdict, record::Body};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 /// Where a record sits in the chain.
 #[derive(Clone, Copy, Debug)]
@@ -94,18 +94,20 @@ fn non_empty(s: &str) -> Value {
     }
 }
 
-/// Drops null members so absent values are omitted.
-fn prune(v: Value) -> Value {
-    match v {
-        Value::Object(map) => {
-            let pruned: Map<String, Value> = map
-                .into_iter()
-                .map(|(k, v)| (k, prune(v)))
-                .filter(|(_, v)| !v.is_null() && !matches!(v, Value::Object(m) if m.is_empty()))
-                .collect();
-            Value::Object(pruned)
-        }
-        other => other,
+/// Drops null members, and objects that only held nulls, so absent values are
+/// omitted. In place: rebuilding every object (collect into a new map) was a
+/// third of a record's JSON time.
+fn prune(mut v: Value) -> Value {
+    prune_in_place(&mut v);
+    v
+}
+
+fn prune_in_place(v: &mut Value) {
+    if let Value::Object(map) = v {
+        map.retain(|_, v| {
+            prune_in_place(v);
+            !v.is_null() && !matches!(v, Value::Object(m) if m.is_empty())
+        });
     }
 }
 
@@ -300,4 +302,25 @@ fn prune_top(doc: Value) -> Value {
         c["id"] = id;
     }
     doc
+}
+
+#[cfg(test)]
+mod prune_tests {
+    use serde_json::json;
+
+    use super::prune;
+
+    #[test]
+    fn drops_nulls_and_objects_left_empty_keeps_the_rest() {
+        let doc = json!({
+            "a": null,
+            "b": {"c": null, "d": {"e": null}},
+            "f": {"g": 0, "h": null, "i": "", "j": [null, {}], "k": {}},
+            "l": false
+        });
+        assert_eq!(
+            prune(doc),
+            json!({"f": {"g": 0, "i": "", "j": [null, {}]}, "l": false})
+        );
+    }
 }

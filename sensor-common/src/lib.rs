@@ -409,6 +409,22 @@ pub struct ConduitValue {
     pub _pad: u8,
 }
 
+/// `bpf_ringbuf_submit` flag: no wakeup of a reader waiting on the ring (BPF_RB_NO_WAKEUP).
+pub const RINGBUF_NO_WAKEUP: u64 = 1;
+
+impl KernelConfig {
+    /// Flags for `bpf_ringbuf_submit` under this config: 0 is the kernel's
+    /// adaptive wakeup (a reader that has caught up is woken).
+    #[inline(always)]
+    pub fn ringbuf_submit_flags(&self) -> u64 {
+        if self.ring_no_wakeup != 0 {
+            RINGBUF_NO_WAKEUP
+        } else {
+            0
+        }
+    }
+}
+
 /// Runtime switches, the single entry of the `CONFIG` array map (set by the agent).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -425,7 +441,12 @@ pub struct KernelConfig {
     /// first aligned word with `enforce` and `default_action`, so the three switch
     /// together: the program copies the config once per packet.
     pub policy_gen: u8,
-    pub _pad: [u8; 3],
+    /// 1: ring-buffer submits wake no reader ([`RINGBUF_NO_WAKEUP`]). Set by
+    /// `replay`, which reads the ring after each test run and never waits on it:
+    /// every wakeup is an irq_work self-interrupt, which in a VM is an exit to
+    /// the hypervisor (about a quarter of a replay's time before this switch).
+    pub ring_no_wakeup: u8,
+    pub _pad: [u8; 2],
     /// CLOCK_BOOTTIME - CLOCK_MONOTONIC in ns, sampled by the agent. Flow timestamps
     /// are `bpf_ktime_get_coarse_ns() + boot_offset_ns`: boot-clock time at tick
     /// resolution, much cheaper than `bpf_ktime_get_boot_ns`.

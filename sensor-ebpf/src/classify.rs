@@ -494,7 +494,7 @@ pub fn on_first_payload<C: LoadBytes, V: Variant>(
             unsafe { (*s).sni_hash = hash };
         }
     }
-    e.submit(0);
+    e.submit(cfg.ringbuf_submit_flags());
 }
 
 /// Byte `i` of the first `n` bytes of `d`. The index goes through [`opaque`] so that

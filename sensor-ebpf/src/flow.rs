@@ -4,7 +4,8 @@ use core::intrinsics::{AtomicOrdering::Relaxed, atomic_or, atomic_xadd};
 
 use aya_ebpf::helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns};
 use sensor_common::{
-    DIR_FORWARD, DIR_REVERSE, EVENT_FLOW_NEW, FlowEvent, FlowKey, FlowStats, flow_state, tcp_flags,
+    DIR_FORWARD, DIR_REVERSE, EVENT_FLOW_NEW, FlowEvent, FlowKey, FlowStats, KernelConfig,
+    flow_state, tcp_flags,
 };
 
 use crate::{Counter, EVENTS, FLOWS, SCRATCH_STATS, bump, parse::Packet};
@@ -101,6 +102,7 @@ fn emit_flow_event(
     ifindex: u32,
     key: &FlowKey,
     stats: *const FlowStats,
+    submit_flags: u64,
 ) -> bool {
     match EVENTS.reserve::<FlowEvent>(0) {
         Some(mut e) => {
@@ -116,7 +118,7 @@ fn emit_flow_event(
                 copy_words::<_, u16>(&raw mut (*ev).header.key, key);
                 copy_words::<_, u64>(&raw mut (*ev).stats, stats);
             }
-            e.submit(0);
+            e.submit(submit_flags);
             true
         }
         None => false,
@@ -307,8 +309,9 @@ pub fn account<F: FlowOps>(
 /// is full the flow is marked UNANNOUNCED and counted, so the agent can tell the
 /// flows it recovers from the table from those that are gone.
 #[inline(always)]
-pub fn announce_new<F: FlowOps>(acc: &Accounted, ifindex: u32, key: &FlowKey) {
-    if emit_flow_event(EVENT_FLOW_NEW, acc.dir, ifindex, key, acc.stats) {
+pub fn announce_new<F: FlowOps>(acc: &Accounted, ifindex: u32, key: &FlowKey, cfg: &KernelConfig) {
+    let flags = cfg.ringbuf_submit_flags();
+    if emit_flow_event(EVENT_FLOW_NEW, acc.dir, ifindex, key, acc.stats, flags) {
         return;
     }
     bump(Counter::LossNewFlowEvent);

@@ -13,7 +13,7 @@ mod flow;
 mod parse;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, xdp_action},
+    bindings::{BPF_F_MMAPABLE, TC_ACT_OK, xdp_action},
     macros::{classifier, map, xdp},
     maps::{
         Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, ProgramArray, RingBuf,
@@ -50,9 +50,10 @@ static WATCHED_IFACES: HashMap<u32, u8> = HashMap::with_max_entries(MAX_WATCHED_
 #[map]
 static LOCAL_ADDRS: HashMap<LocalAddr, u8> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
 
-/// Runtime switches (one entry).
+/// Runtime switches (one entry). Mmapable (5.5+): `replay` stamps each packet's
+/// index into it with a store instead of a syscall.
 #[map]
-static CONFIG: Array<KernelConfig> = Array::with_max_entries(1, 0);
+static CONFIG: Array<KernelConfig> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 /// Packets to a gateway-local address that XDP saw on a watched interface and left
 /// for the egress program to count after conntrack undid the NAT. Keyed by fields NAT
@@ -316,7 +317,7 @@ fn after_account<F: flow::FlowOps>(
     let v = unsafe { (*acc.stats).verdict };
     if acc.new {
         classify::on_new_flow(p, acc.dir, acc.stats, cfg);
-        flow::announce_new::<F>(acc, ifindex, key);
+        flow::announce_new::<F>(acc, ifindex, key, cfg);
     }
     if acc.dir != DIR_FORWARD {
         // The responder's first payload of a TLS or QUIC flow, once: its ServerHello

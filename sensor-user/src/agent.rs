@@ -7,8 +7,8 @@
 
 use std::{
     collections::HashMap,
-    fs::{File, OpenOptions},
-    io::{BufWriter, Write as _},
+    fs::OpenOptions,
+    io::BufWriter,
     net::IpAddr,
     path::PathBuf,
     sync::{
@@ -20,7 +20,6 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use conduit_evidence::chain::{Appended, Recorder, RecorderOptions};
-use conduit_evidence::ecs::{ChainPosition, ecs_json};
 use conduit_proto::v1::{Loss, Record, RecordKind, Verdict, record::Body};
 use sensor_common::{
     ClassUpdate, Counter, DIR_REVERSE, FlowKey, FlowStats, app_protocol, sni_state, verdict,
@@ -36,6 +35,7 @@ use crate::{
     completion::{CLASSIFICATION_DEADLINE, Completed, Completion},
     config::{self, AppProto, Attribution, ConduitMap, DefaultAction},
     flows::{Classification, FlowOut, FlowTracker, TrackerOptions, anomaly},
+    jsonl::{JsonlOut, JsonlThread},
     kernel::BootClock,
     kernel::{self, Kernel, KernelEvent, KernelOptions},
     kernel_policy::kernel_policy,
@@ -158,30 +158,54 @@ const UPLINK_DRAIN: Duration = Duration::from_secs(5);
 /// those a live sensor would write. Every time is the capture's: each packet's
 /// kernel timestamps carry its index (`Kernel::stamp_replay_packet`), which the
 /// agent maps to the packet's capture time, and the agent's own clock (sweeps,
-/// timeouts, record times) follows the capture. Returns the number of packets run.
-pub fn replay(mut settings: AgentSettings, packets: Vec<crate::pcap::Captured>) -> Result<u64> {
-    let times: Vec<u64> = packets.iter().map(|(t, _)| *t).collect();
-    let first = times.first().copied().unwrap_or_default();
-    let last = times.last().copied().unwrap_or_default();
-    // The chain's own records (chain start, checkpoints) follow the capture too.
+/// timeouts, record times) follows the capture. `packets` come in batches, in
+/// capture order (`pcap::stream_packets`: parsed by a reader thread while the
+/// programs load and run). Returns the number of packets run.
+pub fn replay(
+    mut settings: AgentSettings,
+    packets: impl IntoIterator<Item = Result<Vec<crate::pcap::Captured>, crate::pcap::PcapError>>,
+) -> Result<u64> {
+    let mut batches = packets.into_iter();
+    // The first packet's time is the clock's start: the chain's own records (chain
+    // start, checkpoints) follow the capture too.
+    let head = batches.next().transpose()?.unwrap_or_default();
+    let first = head.first().map_or(0, |(t, _)| *t);
     REPLAY_NOW_NANOS.store(first, Ordering::Relaxed);
     settings.recorder.clock = replay_wall_clock;
-    let clock = Clock::Replay { times, now: first };
+    let clock = Clock::Replay {
+        times: Vec::new(),
+        now: first,
+    };
     let mut agent = Agent::start(settings, Arc::new(Metrics::default()), clock)?;
     let sweep_every = u64::try_from(SWEEP_INTERVAL.as_nanos()).unwrap_or(u64::MAX);
-    let mut last_sweep = first;
-    for (i, (t, packet)) in packets.iter().enumerate() {
-        let index = u32::try_from(i + 1).context("more than 2^32 packets in one capture")?;
-        agent.sink.clock.set_now(*t);
-        agent.kernel.stamp_replay_packet(index)?;
-        agent.kernel.test_run(kernel::Program::Xdp, packet)?;
-        for ev in agent.kernel.drain_events() {
-            agent.on_event(ev)?;
-        }
-        if t.saturating_sub(last_sweep) >= sweep_every {
-            agent.sweep()?;
-            agent.tick()?;
-            last_sweep = *t;
+    let (mut last_sweep, mut last) = (first, first);
+    let mut count = 0u64;
+    // A capture that breaks off (truncated) is replayed up to the break and its
+    // chain closed as usual; the error is returned after the drain.
+    let mut broken = None;
+    for batch in std::iter::once(Ok(head)).chain(batches) {
+        let batch = match batch {
+            Ok(batch) => batch,
+            Err(err) => {
+                broken = Some(err);
+                break;
+            }
+        };
+        for (t, packet) in batch {
+            count += 1;
+            let index = u32::try_from(count).context("more than 2^32 packets in one capture")?;
+            agent.sink.clock.push_packet(t);
+            agent.kernel.stamp_replay_packet(index)?;
+            agent.kernel.test_run(kernel::Program::Xdp, &packet)?;
+            for ev in agent.kernel.drain_events() {
+                agent.on_event(ev)?;
+            }
+            if t.saturating_sub(last_sweep) >= sweep_every {
+                agent.sweep()?;
+                agent.tick()?;
+                last_sweep = t;
+            }
+            last = t;
         }
     }
     for ev in agent.kernel.drain_events() {
@@ -193,7 +217,12 @@ pub fn replay(mut settings: AgentSettings, packets: Vec<crate::pcap::Captured>) 
     agent.sink.clock.set_now(last);
     agent.tracker.capture_over();
     agent.drain()?;
-    Ok(packets.len() as u64)
+    match broken {
+        Some(err) => Err(anyhow::Error::new(err).context(format!(
+            "the capture breaks off after {count} packets (their records are written)"
+        ))),
+        None => Ok(count),
+    }
 }
 
 /// The capture time a replay has reached (one replay per process), for the
@@ -220,6 +249,15 @@ impl Clock {
             Clock::Live => BootClock::boot_now_ns(),
             Clock::Replay { now, .. } => *now,
         }
+    }
+
+    /// `replay`: the next packet of the capture, captured at `t`: its stamp index
+    /// is the number of packets so far, and the clock moves to it.
+    fn push_packet(&mut self, t: u64) {
+        if let Clock::Replay { times, .. } = self {
+            times.push(t);
+        }
+        self.set_now(t);
     }
 
     fn set_now(&mut self, t: u64) {
@@ -332,14 +370,24 @@ impl Agent {
             Clock::Replay { .. } => {
                 // BPF_PROG_TEST_RUN runs XDP as if the packet arrived on loopback.
                 kernel.watch_ifindex(1)?;
+                // The ring is read after every test run: nobody waits to be woken.
+                kernel.set_ring_wakeups(false)?;
                 ifnames.insert(1, "replay".to_string());
             }
         }
 
-        let jsonl = settings
+        let mut jsonl = settings
             .jsonl
             .as_deref()
             .and_then(|path| open_jsonl(path, &metrics));
+        // A replay is bound by time: its JSON is encoded beside the test runs.
+        if let (Clock::Replay { .. }, Some(JsonlOut::Inline(_))) = (&clock, &jsonl)
+            && let Some(JsonlOut::Inline(out)) = jsonl.take()
+        {
+            jsonl = Some(JsonlOut::Thread(
+                JsonlThread::spawn(out).context("starting the JSON-lines writer")?,
+            ));
+        }
 
         let site = policy.as_ref().map(|p| p.site.clone()).unwrap_or_default();
         let mut agent = Agent {
@@ -861,7 +909,7 @@ impl Agent {
         conduit_ops::notify::reloading();
         if let Some(path) = self.settings.jsonl.clone() {
             if let Some(mut old) = self.sink.jsonl.take() {
-                let _ = old.flush();
+                let _ = old.finish();
             }
             self.sink.jsonl = open_jsonl(&path, &self.metrics);
         }
@@ -985,7 +1033,7 @@ impl Agent {
         self.emit_appended(last)?;
         self.sink.recorder.sync()?;
         if let Some(out) = &mut self.sink.jsonl
-            && let Err(err) = out.flush().and_then(|()| out.get_ref().sync_all())
+            && let Err(err) = out.finish()
         {
             self.metrics.jsonl_errors.fetch_add(1, Ordering::Relaxed);
             tracing::error!("JSONL side file: {err}");
@@ -999,7 +1047,7 @@ impl Agent {
 /// rest of the agent so a table walk can write records as it goes.
 struct Sink {
     recorder: Recorder,
-    jsonl: Option<BufWriter<File>>,
+    jsonl: Option<JsonlOut>,
     jsonl_path: Option<PathBuf>,
     metrics: Arc<Metrics>,
     ifnames: HashMap<u32, String>,
@@ -1093,7 +1141,7 @@ impl Sink {
             .spool_bytes
             .store(stats.bytes, Ordering::Relaxed);
         if let Some(out) = &mut self.jsonl
-            && let Err(err) = write_jsonl(out, &written)
+            && let Err(err) = out.write(written)
         {
             // The spool is the evidence; the side file is a convenience. A full
             // disk here must not stop the recorder: count, log, and drop the file
@@ -1137,28 +1185,15 @@ fn peak_rss_kib() -> Option<u64> {
 
 /// Opens the JSONL side file for appending; a failure is counted and logged, not
 /// fatal (the spool holds the records).
-fn open_jsonl(path: &std::path::Path, metrics: &Metrics) -> Option<BufWriter<File>> {
+fn open_jsonl(path: &std::path::Path, metrics: &Metrics) -> Option<JsonlOut> {
     match OpenOptions::new().create(true).append(true).open(path) {
-        Ok(file) => Some(BufWriter::new(file)),
+        Ok(file) => Some(JsonlOut::Inline(BufWriter::new(file))),
         Err(err) => {
             metrics.jsonl_errors.fetch_add(1, Ordering::Relaxed);
             tracing::error!(path = %path.display(), "JSONL side file: {err}; records stay in the spool; retried on SIGHUP");
             None
         }
     }
-}
-
-fn write_jsonl(out: &mut BufWriter<File>, written: &[Appended]) -> std::io::Result<()> {
-    for a in written {
-        let pos = ChainPosition {
-            seq: a.seq,
-            hash: a.hash,
-            prev_hash: a.prev_hash,
-        };
-        serde_json::to_writer(&mut *out, &ecs_json(&a.record, &pos))?;
-        out.write_all(b"\n")?;
-    }
-    out.flush()
 }
 
 /// The classification fields of a flow, for the kernel to merge (it sets DONE).

@@ -13,6 +13,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use crate::mapped_config::MappedConfig;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
@@ -88,8 +89,6 @@ pub enum KernelError {
     },
     #[error("the eBPF object has no {0}")]
     Missing(&'static str),
-    #[error("reading the flow table in batches: {0}")]
-    BatchLookup(std::io::Error),
     #[error("interface {name}: {source}")]
     Interface {
         name: String,
@@ -364,6 +363,9 @@ impl BootClock {
     }
 }
 
+/// Flow-table entries read per BPF_MAP_LOOKUP_BATCH call in a sweep.
+const SWEEP_CHUNK: usize = 4096;
+
 /// The packet index a timestamp written after [`Kernel::stamp_replay_packet`]
 /// carries.
 pub fn replay_stamp_index(stamp_ns: u64) -> u32 {
@@ -451,6 +453,9 @@ pub struct Kernel {
     classifiers: Classifiers,
     /// Whether the flow table is read with batch lookups (until the kernel refuses).
     batch_flows: std::cell::Cell<bool>,
+    /// `CONFIG` mapped for `replay`'s per-packet stamps (see [`Kernel::stamp_replay_packet`]);
+    /// `Err` once mapping failed: stamps then go through the syscall.
+    mapped_config: Option<std::result::Result<MappedConfig, ()>>,
 }
 
 impl std::fmt::Debug for Kernel {
@@ -504,6 +509,7 @@ impl Kernel {
             flow_variant,
             classifiers,
             batch_flows: std::cell::Cell::new(true),
+            mapped_config: None,
         };
         k.config.enforce = opts.enforce as u8;
         k.config.record_all = opts.record_all as u8;
@@ -525,9 +531,45 @@ impl Kernel {
     /// the capture time of packet `index`. The kernel stamps with the coarse
     /// monotonic clock plus the configured offset; the clock moves by far less than
     /// 2^32 ns (4.3 s) during one test run.
+    ///
+    /// The store goes into the mapped `CONFIG` (one memory write, no syscall);
+    /// where the map cannot be mapped, through `BPF_MAP_UPDATE_ELEM`.
     pub fn stamp_replay_packet(&mut self, index: u32) -> Result<()> {
         let coarse = clock_ns(libc::CLOCK_MONOTONIC_COARSE) as u64;
         self.config.boot_offset_ns = (u64::from(index) << 32).wrapping_sub(coarse);
+        if self.mapped_config.is_none() {
+            self.mapped_config = Some(self.map_config());
+        }
+        match &mut self.mapped_config {
+            Some(Ok(m)) => {
+                m.set_boot_offset(self.config.boot_offset_ns);
+                Ok(())
+            }
+            _ => self.write_config(),
+        }
+    }
+
+    fn map_config(&self) -> std::result::Result<MappedConfig, ()> {
+        use std::os::fd::AsFd as _;
+        let name = map_names::CONFIG;
+        let mapped = match self.ebpf.map(name) {
+            Some(aya::maps::Map::Array(data)) => {
+                MappedConfig::map(data.fd().as_fd()).map_err(|e| e.to_string())
+            }
+            _ => Err("not an array map".to_string()),
+        };
+        mapped.map_err(|err| {
+            tracing::warn!(
+                "mapping {name} failed ({err}); replay stamps each packet with a map update"
+            );
+        })
+    }
+
+    /// Whether the programs' ring-buffer submits wake a waiting reader (the
+    /// default). `replay` turns them off: it reads the ring after each test run
+    /// and never waits on it, and each wakeup costs a self-interrupt.
+    pub fn set_ring_wakeups(&mut self, on: bool) -> Result<()> {
+        self.config.ring_no_wakeup = u8::from(!on);
         self.write_config()
     }
 
@@ -754,28 +796,30 @@ impl Kernel {
         self.batch_flows.set(on);
     }
 
-    /// Calls `f` for every flow in the table without holding a copy of it: in chunks
-    /// of entries per system call where the kernel has batch lookups (5.6+), else
-    /// entry by entry.
+    /// Calls `f` for every flow in the table without holding a copy of it: in
+    /// chunks of [`SWEEP_CHUNK`] (BPF_MAP_LOOKUP_BATCH, 5.6+), else key by key.
     pub fn for_each_flow(&self, mut f: impl FnMut(FlowKey, FlowStats)) -> Result<()> {
+        use std::os::fd::AsFd as _;
         let name = map_names::FLOWS;
         if self.batch_flows.get()
-            && let Some(aya::maps::Map::LruHashMap(data)) = self.ebpf.map(name)
+            && let Some(aya::maps::Map::LruHashMap(data) | aya::maps::Map::HashMap(data)) =
+                self.ebpf.map(name)
         {
-            // SAFETY: FLOWS holds FlowKey keys and FlowStats values (sensor-common),
-            // plain integers and byte arrays.
-            match unsafe {
-                crate::map_batch::lookup_all(std::os::fd::AsFd::as_fd(data.fd()), &mut f)
-            } {
+            match crate::map_batch::for_each(data.fd().as_fd(), SWEEP_CHUNK, &mut f) {
                 Ok(()) => return Ok(()),
-                Err(crate::map_batch::BatchError::Unsupported) => {
+                Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
                     tracing::info!(
-                        "no batch lookups on this kernel: the sweep walks the flow table entry by entry"
+                        "no batch lookups on this kernel: the sweep reads the flow table key by key"
                     );
                     self.batch_flows.set(false);
                 }
-                Err(crate::map_batch::BatchError::Io(e)) => {
-                    return Err(KernelError::BatchLookup(e));
+                Err(io_error) => {
+                    return Err(map_err(name)(MapError::SyscallError(
+                        aya::sys::SyscallError {
+                            call: "bpf_map_lookup_batch",
+                            io_error,
+                        },
+                    )));
                 }
             }
         }

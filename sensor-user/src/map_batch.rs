@@ -1,21 +1,16 @@
-//! Reading a whole hash map with `BPF_MAP_LOOKUP_BATCH` (5.6+): one system call per
-//! chunk of entries instead of two per entry (get-next-key, then lookup). The sweep
-//! reads the flow table every half second, and at 250,000 flows the per-entry walk
-//! is half a million system calls. aya has no batch operations, so this is the raw
-//! call; the caller falls back to aya's walk when the kernel refuses it.
+//! Reading a whole BPF hash map with `BPF_MAP_LOOKUP_BATCH` (5.6+): one syscall
+//! per chunk of entries instead of two per entry (`get_next_key` + lookup), which
+//! is what a sweep of the flow table cost.
 
 use std::{
     io,
-    mem::{MaybeUninit, size_of},
     os::fd::{AsRawFd as _, BorrowedFd},
 };
 
-/// `BPF_MAP_LOOKUP_BATCH` in `enum bpf_cmd` (uapi/linux/bpf.h).
+/// `enum bpf_cmd` value of `BPF_MAP_LOOKUP_BATCH`.
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 /// The kernel's ENOTSUPP (not in libc): a map type without batch operations.
 const ENOTSUPP: i32 = 524;
-/// Entries asked for per call; grown when one hash bucket holds more (ENOSPC).
-const CHUNK: usize = 4096;
 
 /// The `batch` member of `union bpf_attr`.
 #[repr(C)]
@@ -31,81 +26,164 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// Why a batch read did not happen.
-#[derive(Debug, thiserror::Error)]
-pub enum BatchError {
-    /// This kernel or map type has no batch lookup: walk the map instead.
-    #[error("batch lookup not supported")]
-    Unsupported,
-    #[error("BPF_MAP_LOOKUP_BATCH: {0}")]
-    Io(#[from] io::Error),
-}
-
-/// Calls `f` with every entry of the hash map `map` (keys `K`, values `V`, both
-/// plain old data of the map's key and value sizes). Entries added or removed
-/// during the read may or may not be seen, as with a per-entry walk; none is seen
-/// twice (the kernel walks bucket by bucket).
-///
-/// # Safety
-/// `K` and `V` must be the map's key and value types: every bit pattern of their
-/// sizes is a valid value of them.
-pub unsafe fn lookup_all<K: Copy, V: Copy>(
-    map: BorrowedFd<'_>,
+/// Calls `f` with every entry of the hash map `fd` (keys `K`, values `V`),
+/// `chunk` entries per syscall. `ErrorKind::Unsupported` when this kernel or map
+/// type has no batch lookup (before any entry was passed to `f`): read the map
+/// key by key instead.
+pub fn for_each<K: aya::Pod, V: aya::Pod>(
+    fd: BorrowedFd<'_>,
+    chunk: usize,
     mut f: impl FnMut(K, V),
-) -> Result<(), BatchError> {
-    let mut chunk = CHUNK;
-    let mut keys: Vec<MaybeUninit<K>> = Vec::new();
-    let mut values: Vec<MaybeUninit<V>> = Vec::new();
-    // The hash map's cursor is a bucket index (u32); `None` starts from the beginning.
-    let mut cursor: Option<u32> = None;
-    let mut next: u32 = 0;
+) -> io::Result<()> {
+    let mut chunk = chunk.max(1);
+    let (ks, vs) = (size_of::<K>(), size_of::<V>());
+    let mut keys = vec![0u8; chunk * ks];
+    let mut values = vec![0u8; chunk * vs];
+    // Hash maps resume from a bucket index (u32); none on the first call.
+    let mut next: Option<u32> = None;
     loop {
-        keys.resize(chunk, MaybeUninit::uninit());
-        values.resize(chunk, MaybeUninit::uninit());
+        let mut in_batch = next.unwrap_or(0);
+        let mut out_batch = 0u32;
         let mut attr = BatchAttr {
-            in_batch: cursor.as_ref().map_or(0, |c| std::ptr::from_ref(c) as u64),
-            out_batch: std::ptr::from_mut(&mut next) as u64,
+            in_batch: next.map_or(0, |_| (&raw mut in_batch) as u64),
+            out_batch: (&raw mut out_batch) as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
             count: u32::try_from(chunk).unwrap_or(u32::MAX),
-            map_fd: u32::try_from(map.as_raw_fd()).unwrap_or(u32::MAX),
+            map_fd: u32::try_from(fd.as_raw_fd()).map_err(io::Error::other)?,
             ..BatchAttr::default()
         };
-        // SAFETY: `attr` is a valid `bpf_attr.batch` whose buffers hold `count`
-        // keys and values of the map's sizes (the caller's contract) and outlive the
-        // call; the kernel writes at most `count` of each and the cursor.
-        let rc = unsafe {
+        // SAFETY: `attr` is a valid bpf_attr prefix for this command; the key and
+        // value buffers hold `count` entries; the batch tokens are live u32s.
+        let r = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
                 BPF_MAP_LOOKUP_BATCH,
-                std::ptr::from_mut(&mut attr),
+                &raw mut attr,
                 size_of::<BatchAttr>(),
             )
         };
-        let err = (rc < 0).then(io::Error::last_os_error);
-        let done = match err.as_ref().and_then(io::Error::raw_os_error) {
-            None => false,
-            // The end of the map; `count` says how many came with it.
-            Some(libc::ENOENT) => true,
-            // A bucket holds more entries than `count`: ask for more at once.
-            Some(libc::ENOSPC) if chunk < 1 << 20 => {
-                chunk *= 4;
+        let err = (r < 0).then(io::Error::last_os_error);
+        let errno = err.as_ref().and_then(io::Error::raw_os_error);
+        match errno {
+            None | Some(libc::ENOENT) => {}
+            // A bucket holds more entries than the chunk: a bigger one.
+            Some(libc::ENOSPC) if attr.count == 0 => {
+                chunk *= 2;
+                keys.resize(chunk * ks, 0);
+                values.resize(chunk * vs, 0);
                 continue;
             }
-            Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP) if cursor.is_none() => {
-                return Err(BatchError::Unsupported);
+            Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP) if next.is_none() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "no BPF_MAP_LOOKUP_BATCH for this map",
+                ));
             }
-            Some(_) => return Err(BatchError::Io(err.unwrap_or_else(io::Error::last_os_error))),
-        };
-        let n = (attr.count as usize).min(chunk);
-        for (k, v) in keys.iter().zip(&values).take(n) {
-            // SAFETY: the kernel filled the first `n` entries; every bit pattern is a
-            // valid K and V (the caller's contract).
-            f(unsafe { k.assume_init() }, unsafe { v.assume_init() });
+            Some(_) => return Err(err.unwrap_or_else(|| io::Error::other("bpf"))),
         }
-        if done {
+        for i in 0..(attr.count as usize).min(chunk) {
+            // SAFETY: the kernel filled `count` entries; K and V are Pod (any bytes
+            // are a value); unaligned reads from the byte buffers.
+            let (k, v) = unsafe {
+                (
+                    keys.as_ptr().add(i * ks).cast::<K>().read_unaligned(),
+                    values.as_ptr().add(i * vs).cast::<V>().read_unaligned(),
+                )
+            };
+            f(k, v);
+        }
+        if errno == Some(libc::ENOENT) {
             return Ok(());
         }
-        cursor = Some(next);
+        next = Some(out_batch);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![expect(clippy::unwrap_used, reason = "tests")]
+
+    use std::os::fd::{AsFd as _, FromRawFd as _, OwnedFd};
+
+    use super::*;
+
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+
+    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> libc::c_long {
+        // SAFETY: `attr` is the bpf_attr prefix `cmd` reads.
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) }
+    }
+
+    /// A map of u64 -> [u64; 2]; None without the privilege to create one.
+    fn create(map_type: u32, max: u32) -> Option<OwnedFd> {
+        #[repr(C)]
+        struct Create {
+            map_type: u32,
+            key_size: u32,
+            value_size: u32,
+            max_entries: u32,
+        }
+        let mut a = Create {
+            map_type,
+            key_size: 8,
+            value_size: 16,
+            max_entries: max,
+        };
+        let fd = bpf(BPF_MAP_CREATE, &mut a);
+        // SAFETY: a new fd this test owns.
+        (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    fn insert(fd: &OwnedFd, k: u64, v: [u64; 2]) {
+        #[repr(C)]
+        struct Update {
+            map_fd: u32,
+            _pad: u32,
+            key: u64,
+            value: u64,
+            flags: u64,
+        }
+        let mut a = Update {
+            map_fd: fd.as_raw_fd() as u32,
+            _pad: 0,
+            key: (&raw const k) as u64,
+            value: (&raw const v) as u64,
+            flags: 0,
+        };
+        assert_eq!(bpf(BPF_MAP_UPDATE_ELEM, &mut a), 0);
+    }
+
+    #[test]
+    fn reads_every_entry_in_chunks() {
+        for map_type in [BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH] {
+            let Some(fd) = create(map_type, 10_000) else {
+                eprintln!("skipped: cannot create BPF maps (needs root)");
+                return;
+            };
+            for k in 0..3000u64 {
+                insert(&fd, k, [k * 3, !k]);
+            }
+            let mut seen = std::collections::HashMap::new();
+            for_each::<u64, [u64; 2]>(fd.as_fd(), 64, |k, v| {
+                assert!(seen.insert(k, v).is_none(), "{k} twice");
+            })
+            .unwrap();
+            assert_eq!(seen.len(), 3000, "map type {map_type}");
+            assert!(seen.iter().all(|(k, v)| *v == [k * 3, !k]));
+        }
+    }
+
+    #[test]
+    fn an_empty_map_has_no_entries() {
+        let Some(fd) = create(BPF_MAP_TYPE_HASH, 16) else {
+            return;
+        };
+        let mut n = 0;
+        for_each::<u64, [u64; 2]>(fd.as_fd(), 4, |_, _| n += 1).unwrap();
+        assert_eq!(n, 0);
     }
 }

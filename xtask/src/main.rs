@@ -110,6 +110,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iperf3",
     // promtool checks deploy/prometheus (collector/tests/siem_content.rs).
     "prometheus",
+    // bench_replay's second peer (SNIs of a capture); its debconf question about
+    // non-root capture takes the default under DEBIAN_FRONTEND=noninteractive.
+    "tshark",
 ];
 
 /// Answers to the packages' install-time questions (debconf-set-selections lines).
@@ -117,7 +120,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
 const DEBCONF_PRESEED: &str = "iperf3 iperf3/start_daemon boolean false\n";
 
 /// Python packages the tests use as real peers (aioquic: QUIC client and server;
-/// scapy), each pinned with its dependencies.
+/// scapy; nfstream for bench_replay), each pinned with its dependencies.
 const PYTHON_REQUIREMENTS: &str = "tests/requirements.txt";
 
 /// cargo-fuzz release `cargo xtask fuzz` installs.
@@ -523,6 +526,8 @@ fn bench() -> Result<()> {
         ("sensor-user", "bench_scaling", &[]),
         ("conduit-evidence", "bench_chain", &[]),
         ("sensor-user", "bench_tls", &[]),
+        // `conduit-sensor replay` against nfstream and tshark on one synthetic capture.
+        ("sensor-user", "bench_replay", &[]),
         ("conduit-collector", "bench_collector", &[]),
         // TCP through the lab gateway, sensor vs none (needs root and the release bins).
         ("conduit-tests", "bench_gateway", gateway_args),
