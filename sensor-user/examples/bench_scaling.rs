@@ -82,6 +82,22 @@ fn map_with_patterns(dir: &Path, n: usize) -> anyhow::Result<ConduitMap> {
     ConduitMap::load(&path, None).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+/// Mean kernel-reported time of [`PROBES`] packets of flows picked in a fixed
+/// pseudo-random order (an LCG) among the first `n`, one test run each.
+fn random_flow_ns(k: &Kernel, program: Program, n: u32) -> anyhow::Result<f64> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut total = 0u128;
+    for _ in 0..PROBES {
+        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        let i = ((x >> 33) % u64::from(n)) as u32;
+        total += k
+            .test_run_opts(program, &tcp(i, false, 2, b"")?, 1, None)?
+            .duration
+            .as_nanos();
+    }
+    Ok(total as f64 / f64::from(PROBES))
+}
+
 fn live_kernel(flow_table_size: u32) -> anyhow::Result<Kernel> {
     let mut k = Kernel::load(&KernelOptions {
         flow_table_size,
@@ -123,27 +139,10 @@ fn main() -> anyhow::Result<()> {
         if flows != n as usize {
             bail!("{flows} flows in the table, {n} created");
         }
-        // A fixed pseudo-random order (LCG) over the flows.
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut total = 0u128;
-        for _ in 0..PROBES {
-            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-            let i = ((x >> 33) % u64::from(n)) as u32;
-            let r = k.test_run_opts(Program::Xdp, &tcp(i, false, 2, b"")?, 1, None)?;
-            total += r.duration.as_nanos();
-        }
-        let packet_ns = total as f64 / f64::from(PROBES);
+        let packet_ns = random_flow_ns(&k, Program::Xdp, n)?;
         // The same packets through a program that only passes them: what a single
         // test run costs by itself (timer, cold packet buffer).
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut empty_total = 0u128;
-        for _ in 0..PROBES {
-            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-            let i = ((x >> 33) % u64::from(n)) as u32;
-            let r = k.test_run_opts(Program::BenchEmpty, &tcp(i, false, 2, b"")?, 1, None)?;
-            empty_total += r.duration.as_nanos();
-        }
-        let empty_ns = empty_total as f64 / f64::from(PROBES);
+        let empty_ns = random_flow_ns(&k, Program::BenchEmpty, n)?;
         let mut sweeps = Vec::new();
         for _ in 0..3 {
             let start = Instant::now();
