@@ -125,7 +125,7 @@ mod tests {
             .map(|seq| Appended {
                 seq,
                 prev_hash: [seq as u8; 32],
-                hash: [seq as u8 + 1; 32],
+                hash: [(seq as u8).wrapping_add(1); 32],
                 record: Record {
                     kind: RecordKind::Loss as i32,
                     site: "s".into(),
