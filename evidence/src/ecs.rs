@@ -205,6 +205,10 @@ pub fn ecs_json(record: &Record, pos: &ChainPosition) -> Value {
             let (s, d) = (counts(&f.source), counts(&f.destination));
             doc["source"] = json!({"ip": ip_text(&f.source_ip), "port": f.source_port, "bytes": s.bytes, "packets": s.packets, "mac": mac_text(&f.source_mac)});
             doc["destination"] = json!({"ip": ip_text(&f.destination_ip), "port": f.destination_port, "bytes": d.bytes, "packets": d.packets, "domain": non_empty(&f.server_name)});
+            // The device that initiated the flow (the map's `assets:`).
+            if !f.host_id.is_empty() {
+                doc["host"] = json!({"id": f.host_id, "name": non_empty(&f.host_name)});
+            }
             let transport = match f.ip_protocol {
                 6 => "tcp".to_string(),
                 17 => "udp".to_string(),

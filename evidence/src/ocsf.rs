@@ -118,6 +118,13 @@ pub fn ocsf_json(record: &Record, pos: &ChainPosition) -> Value {
     if let Some(mac) = mac_text(&f.source_mac) {
         src["mac"] = json!(mac);
     }
+    // The device that initiated the flow (the map's `assets:`).
+    if !f.host_id.is_empty() {
+        src["uid"] = json!(f.host_id);
+    }
+    if !f.host_name.is_empty() {
+        src["name"] = json!(f.host_name);
+    }
     if f.vlan_id != 0 {
         src["vlan_uid"] = json!(f.vlan_id.to_string());
     }

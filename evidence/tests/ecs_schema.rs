@@ -206,6 +206,8 @@ fn flow(verdict: Verdict) -> Flow {
         tls_cipher: "TLS_AES_128_GCM_SHA256".into(),
         tls_curve: "X25519MLKEM768".into(),
         pq_negotiated: true,
+        host_id: "plc-7".into(),
+        host_name: "Press line 7 PLC".into(),
     }
 }
 
@@ -341,6 +343,8 @@ fn categorization_is_what_siem_content_keys_on() {
     assert_eq!(start["observer"]["version"], "0.1.0");
     assert_eq!(start["conduit"]["attribution"], "sni");
     assert_eq!(start["source"]["mac"], "02-00-5E-10-00-01");
+    assert_eq!(start["host"]["id"], "plc-7");
+    assert_eq!(start["host"]["name"], "Press line 7 PLC");
     assert_eq!(start["conduit"]["pq"]["offered"], true);
     assert_eq!(start["conduit"]["ech"], true);
     let end = find("flow_end", "blocked");

@@ -190,6 +190,8 @@ fn flow(kind: RecordKind, verdict: Verdict) -> Record {
             policy_hash: vec![9; 32],
             attribution: "sni".into(),
             source_mac: vec![2, 0, 0x5e, 0x10, 0, 1],
+            host_id: "plc-7".into(),
+            host_name: "Press line 7 PLC".into(),
             pq_offered: true,
             tls_cipher: "TLS_AES_128_GCM_SHA256".into(),
             tls_curve: "x25519".into(),
@@ -304,6 +306,8 @@ fn flows_are_network_activity_with_what_a_soc_keys_on() {
     assert_eq!(start_violation["tls"]["sni"], "api.openai.com");
     assert_eq!(start_violation["dst_endpoint"]["ip"], "2001:db8::10");
     assert_eq!(start_violation["src_endpoint"]["mac"], "02-00-5E-10-00-01");
+    assert_eq!(start_violation["src_endpoint"]["uid"], "plc-7");
+    assert_eq!(start_violation["src_endpoint"]["name"], "Press line 7 PLC");
     assert_eq!(start_violation["traffic"]["bytes_out"], 300);
     assert_eq!(
         start_violation["connection_info"]["community_uid"],

@@ -401,6 +401,7 @@ impl Agent {
                 site,
                 clock,
                 pending: Vec::with_capacity(GROUP_COMMIT),
+                assets: crate::config::Assets::default(),
             },
             settings,
             kernel,
@@ -979,6 +980,7 @@ impl Agent {
             .install_policy(&kernel_policy(&map, self.settings.enforcement)?)
             .context("installing the conduit map into the kernel")?;
         self.sink.site = map.site.clone();
+        self.sink.assets = map.assets.clone();
         let record = policy_change_record(&map, self.settings.enforcement, trigger);
         self.policy = Some(map);
         self.tracker.set_policy_loaded(true);
@@ -1055,6 +1057,8 @@ struct Sink {
     clock: Clock,
     /// Records of the current step, chained and stored together by [`Sink::flush`].
     pending: Vec<Record>,
+    /// The map's devices, which name a flow's initiator (`host.id`, `host.name`).
+    assets: crate::config::Assets,
 }
 
 /// A step that writes more records (a sweep ending many flows) stores them in groups.
@@ -1073,8 +1077,39 @@ impl Sink {
             .get(&out.stats.ifindex)
             .cloned()
             .unwrap_or_default();
-        let record = flow_record(&out, &self.clock.boot_clock(), &ifname);
+        let mut record = flow_record(&out, &self.clock.boot_clock(), &ifname);
+        if let Some(Body::Flow(flow)) = &mut record.body {
+            self.name_the_device(flow, &out);
+        }
         self.append(record)
+    }
+
+    /// The asset that initiated the flow, by Ethernet then IP address; a flow from a
+    /// zone that admits only listed assets and matches none is flagged.
+    fn name_the_device(&self, flow: &mut conduit_proto::v1::Flow, out: &FlowOut) {
+        if self.assets.is_empty() && out.class.zone.is_none() {
+            return;
+        }
+        let src = crate::record::endpoints(&out.key, &out.stats).src;
+        match self.assets.identify(&flow.source_mac, src) {
+            Some(asset) => {
+                flow.host_id.clone_from(&asset.id);
+                flow.host_name = asset.name.clone().unwrap_or_default();
+            }
+            None => {
+                if out
+                    .class
+                    .zone
+                    .as_deref()
+                    .is_some_and(|z| self.assets.required_in(z))
+                {
+                    flow.anomalies.push(anomaly::UNKNOWN_ASSET.to_owned());
+                    self.metrics
+                        .flows_unknown_asset
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
     }
 
     fn write_loss(

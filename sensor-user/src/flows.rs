@@ -87,6 +87,9 @@ pub mod anomaly {
     /// Parts of the hello arrived twice with different bytes (a decoy overlapped by
     /// the real hello, or the reverse): the recorded name is the first copy's.
     pub const CONFLICTING_RETRANSMISSION: &str = "conflicting_retransmission";
+    /// The flow comes from a zone with `assets_only: true`, and no asset of the map
+    /// has its initiator's Ethernet or IP address.
+    pub const UNKNOWN_ASSET: &str = "unknown_asset";
 }
 
 impl Classification {

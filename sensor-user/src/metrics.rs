@@ -53,6 +53,7 @@ pub struct Metrics {
     pub flows_ended: AtomicU64,
     pub flows_unrecorded: AtomicU64,
     pub flows_evicted: AtomicU64,
+    pub flows_unknown_asset: AtomicU64,
     pub verdict_authorized: AtomicU64,
     pub verdict_violation: AtomicU64,
     pub verdict_blocked: AtomicU64,
@@ -188,6 +189,12 @@ impl Collector for Snapshot {
             "flows_evicted",
             "Recorded flows evicted from the kernel flow table before they ended",
             &m.flows_evicted,
+        )?;
+        counter(
+            &mut e,
+            "flow_records_unknown_asset",
+            "Flow records from a zone with assets_only whose initiator matches no asset of the map (conduit.anomalies unknown_asset)",
+            &m.flows_unknown_asset,
         )?;
         {
             let mut family = e.encode_descriptor(

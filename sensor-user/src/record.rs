@@ -132,6 +132,9 @@ pub fn flow_record(flow: &FlowOut, clock: &BootClock, ifname: &str) -> Record {
                 c.verdict as i32
             },
             policy_hash: c.policy_hash.clone(),
+            // Filled by the agent from the map's assets (`Sink::write_flow`).
+            host_id: String::new(),
+            host_name: String::new(),
         })),
         ..Record::default()
     }

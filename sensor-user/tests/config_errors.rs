@@ -99,6 +99,65 @@ fn unknown_zone() {
 }
 
 #[test]
+fn bad_assets() {
+    check(
+        "bad_assets.yaml",
+        &[
+            (6, 18, "assets_only"),
+            (
+                18,
+                10,
+                "`assets[1].mac` is not an Ethernet address: `02:00:5e:10:00`",
+            ),
+            (
+                20,
+                11,
+                "`assets[2].zone` names an unknown zone `cell-9` — use one of the map's zones: cell-1",
+            ),
+            (22, 5, "duplicate asset id `plc-7` (first at line 12)"),
+            (
+                25,
+                10,
+                "asset `plc-8` has the Ethernet address of asset `plc-7` (line 14)",
+            ),
+            (26, 5, "asset assets[5] has neither `mac` nor `addresses`"),
+        ],
+    );
+}
+
+#[test]
+fn assets_load_and_name_devices() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let path = dir.path().join("conduits.yaml");
+    std::fs::write(
+        &path,
+        "version: 1\nsite: p\nzones:\n  - id: cell-1\n    networks: [10.10.1.0/24]\n    assets_only: true\nendpoints: []\nconduits: []\nassets:\n  - id: plc-7\n    name: Press line 7 PLC\n    mac: \"02:00:5E:10:00:07\"\n    zone: cell-1\n  - id: hmis\n    addresses: [10.10.1.64/26]\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let map = ConduitMap::load(&path, None).unwrap_or_else(|e| panic!("{e}"));
+    assert!(map.zones[0].assets_only);
+    assert!(map.assets.required_in("cell-1"));
+    let ip = |s: &str| {
+        s.parse::<std::net::IpAddr>()
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let plc = map
+        .assets
+        .identify(&[2, 0, 0x5e, 0x10, 0, 7], ip("10.10.1.7"));
+    assert_eq!(
+        plc.map(|a| (a.id.as_str(), a.name.as_deref())),
+        Some(("plc-7", Some("Press line 7 PLC")))
+    );
+    assert_eq!(
+        map.assets
+            .identify(&[], ip("10.10.1.70"))
+            .map(|a| a.id.as_str()),
+        Some("hmis")
+    );
+    assert_eq!(map.assets.identify(&[], ip("10.10.1.5")), None);
+}
+
+#[test]
 fn unknown_endpoint() {
     check(
         "unknown_endpoint.yaml",

@@ -290,6 +290,11 @@ fn replay_records_client_hellos_that_defeat_parsing_with_their_anomaly() {
 /// Runs `conduit-sensor replay` over `packets` with [`CONDUITS`] and `extra` flags;
 /// returns the JSON lines it wrote and its log.
 fn replay(packets: &[Vec<u8>], extra: &[&str]) -> (Vec<serde_json::Value>, String) {
+    replay_with(CONDUITS, packets, extra)
+}
+
+/// [`replay`] with another conduit map.
+fn replay_with(map: &str, packets: &[Vec<u8>], extra: &[&str]) -> (Vec<serde_json::Value>, String) {
     let dir = tempfile::tempdir().unwrap();
     let (pcap, conduits, jsonl) = (
         dir.path().join("capture.pcap"),
@@ -297,7 +302,7 @@ fn replay(packets: &[Vec<u8>], extra: &[&str]) -> (Vec<serde_json::Value>, Strin
         dir.path().join("out.jsonl"),
     );
     write_pcap(&pcap, packets);
-    std::fs::write(&conduits, CONDUITS).unwrap();
+    std::fs::write(&conduits, map).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_conduit-sensor"))
         .arg("replay")
         .args(extra)
@@ -421,4 +426,48 @@ fn replay_records_what_the_server_hello_negotiated() {
     assert_eq!(r["tls"]["cipher"], "TLS_AES_128_GCM_SHA256", "{r:#}");
     assert_eq!(r["tls"]["curve"], "x25519", "{r:#}");
     assert_eq!(r["conduit"]["pq"]["negotiated"], false, "{r:#}");
+}
+
+#[test]
+fn replay_names_the_device_or_flags_an_unknown_one() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIP: needs root");
+        return;
+    }
+    let packets = tls_flow(40030, &[(64, 0, &hello_for("api.openai.com", 0))]);
+    let start = |records: &[serde_json::Value], log: &str| {
+        records
+            .iter()
+            .find(|r| r["event"]["action"] == "flow_start" && r["source"]["port"] == 40030)
+            .unwrap_or_else(|| panic!("no flow_start: {records:#?}\n{log}"))
+            .clone()
+    };
+    // The client's Ethernet address (eth()) names the asset.
+    let listed = CONDUITS.replace(
+        "conduits: []\n",
+        "conduits: []\nassets:\n  - id: plc-5\n    name: Press line 5 PLC\n    mac: \"02:00:00:00:00:01\"\n    zone: cell-1\n",
+    );
+    let (records, log) = replay_with(&listed, &packets, &[]);
+    let r = start(&records, &log);
+    assert_eq!(r["host"]["id"], "plc-5", "{r:#}");
+    assert_eq!(r["host"]["name"], "Press line 5 PLC", "{r:#}");
+    assert!(r["conduit"]["anomalies"].is_null(), "{r:#}");
+    // A zone that admits only listed devices, and the client is not one of them.
+    let strict = CONDUITS
+        .replace(
+            "    networks: [10.10.1.0/24]\n",
+            "    networks: [10.10.1.0/24]\n    assets_only: true\n",
+        )
+        .replace(
+            "conduits: []\n",
+            "conduits: []\nassets:\n  - id: hmi-9\n    mac: \"02:00:00:00:00:99\"\n",
+        );
+    let (records, log) = replay_with(&strict, &packets, &[]);
+    let r = start(&records, &log);
+    assert!(r["host"].is_null(), "{r:#}");
+    assert_eq!(
+        r["conduit"]["anomalies"],
+        serde_json::json!(["unknown_asset"]),
+        "{r:#}"
+    );
 }

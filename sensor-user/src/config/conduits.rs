@@ -10,6 +10,7 @@ use std::str::FromStr;
 
 use ipnet::IpNet;
 
+use super::assets::{self, Assets};
 use super::catalogue::Catalogue;
 use super::pattern::{KernelSniKey, SniPattern};
 use super::yaml::{self, Ctx, Node, Pos, Value, describe};
@@ -25,9 +26,18 @@ pub(crate) const TOP_KEYS: &[&str] = &[
     "zones",
     "endpoints",
     "conduits",
+    "assets",
 ];
 pub(crate) const CATALOGUE_KEYS: &[&str] = &["path", "include"];
-pub(crate) const ZONE_KEYS: &[&str] = &["id", "name", "level", "networks", "vlans", "description"];
+pub(crate) const ZONE_KEYS: &[&str] = &[
+    "id",
+    "name",
+    "level",
+    "networks",
+    "vlans",
+    "assets_only",
+    "description",
+];
 pub(crate) const ENDPOINT_KEYS: &[&str] = &[
     "id",
     "provider",
@@ -123,6 +133,8 @@ pub struct Zone {
     pub networks: Vec<IpNet>,
     /// Empty = any VLAN (and untagged).
     pub vlans: Vec<u16>,
+    /// Flows from this zone must come from a listed asset (else `unknown_asset`).
+    pub assets_only: bool,
     pub pos: Pos,
 }
 
@@ -180,6 +192,8 @@ pub struct ConduitMap {
     pub zones: Vec<Zone>,
     pub endpoints: Vec<Endpoint>,
     pub conduits: Vec<Conduit>,
+    /// The `assets:` section (empty when absent).
+    pub assets: Assets,
     /// The file the map was read from.
     pub file: String,
     /// Version of the catalogue used, if the map used it.
@@ -223,6 +237,7 @@ impl ConduitMap {
             zones: Vec::new(),
             endpoints: Vec::new(),
             conduits: Vec::new(),
+            assets: Assets::default(),
             file: file.to_owned(),
             catalogue_version: None,
             catalogue_hash: None,
@@ -447,6 +462,10 @@ fn decode(
                     .collect()
             })
             .unwrap_or_default();
+        let assets_only = f
+            .get("assets_only")
+            .and_then(|n| ctx.bool(n, &format!("{what}.assets_only")))
+            .unwrap_or(false);
         let Some(id) = id else { continue };
         if let Some((_, first)) = zone_ids.get(&id) {
             ctx.err(
@@ -467,11 +486,20 @@ fn decode(
             level,
             networks: nets,
             vlans,
+            assets_only,
             pos: node.pos,
         });
         net_pos.push(positions);
     }
     check_zone_overlaps(ctx, &map.zones, &net_pos);
+
+    // Assets: the devices of the zones.
+    let ids = zone_ids.keys().cloned().collect();
+    let list = match top.get("assets").and_then(|n| ctx.seq(n, "assets")) {
+        Some(nodes) => assets::decode(ctx, nodes, &ids),
+        None => Vec::new(),
+    };
+    map.assets = Assets::new(list, &map.zones);
 
     // Endpoints: the map's own, then catalogue includes.
     let mut endpoint_ids: HashMap<String, Pos> = HashMap::new();

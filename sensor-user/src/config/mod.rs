@@ -5,6 +5,7 @@
 //! bad CIDR, ...) is reported as `FILE:LINE:COLUMN: message — how to fix`, and
 //! all problems of a file are reported at once, not only the first.
 
+pub mod assets;
 pub mod catalogue;
 pub mod conduits;
 pub mod pattern;
@@ -15,6 +16,7 @@ pub mod yaml;
 
 use std::fmt;
 
+pub use assets::{Asset, Assets};
 pub use catalogue::{Catalogue, CatalogueEntry, EMBEDDED_CATALOGUE};
 pub use conduits::{
     Action, AppProto, CatalogueRef, Conduit, ConduitMap, DefaultAction, Endpoint, PortRange, Zone,

@@ -64,6 +64,8 @@ pub fn conduits_schema() -> Value {
                         "networks": cidr_list("Source networks of the zone; must not overlap other zones' (unless their vlans differ)."),
                         "vlans": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 4094},
                             "description": "If set, only these VLANs belong to the zone."},
+                        "assets_only": {"type": "boolean", "default": false,
+                            "description": "Flows from this zone must come from a device listed in `assets`; others get conduit.anomalies unknown_asset."},
                         "description": {"type": "string"}
                     }
                 }
@@ -107,6 +109,24 @@ pub fn conduits_schema() -> Value {
                         "purpose": {"type": "string"},
                         "owner": {"type": "string"},
                         "description": {"type": "string"}
+                    }
+                }
+            },
+            "assets": {
+                "type": "array",
+                "description": "The zones' devices: records name a flow's initiator (host.id, host.name) by Ethernet address, else by IP address.",
+                "items": {
+                    "type": "object",
+                    "additionalProperties": false,
+                    "required": ["id"],
+                    "anyOf": [{"required": ["mac"]}, {"required": ["addresses"]}],
+                    "properties": {
+                        "id": {"type": "string", "pattern": ID_PATTERN},
+                        "name": {"type": "string"},
+                        "mac": {"type": "string", "pattern": "^[0-9A-Fa-f]{2}([:-][0-9A-Fa-f]{2}){5}$"},
+                        "addresses": cidr_list("The device's addresses (or a network of such devices)."),
+                        "zone": {"type": "string", "description": "Zone id"},
+                        "owner": {"type": "string"}
                     }
                 }
             }
@@ -238,6 +258,10 @@ mod tests {
         assert_eq!(
             keys(&c["properties"]["conduits"]["items"]),
             sorted(conduits::CONDUIT_KEYS)
+        );
+        assert_eq!(
+            keys(&c["properties"]["assets"]["items"]),
+            sorted(crate::config::assets::ASSET_KEYS)
         );
         let s = sensor_schema();
         let p = &s["properties"];
