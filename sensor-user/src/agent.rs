@@ -1049,7 +1049,7 @@ impl Sink {
     /// The asset that initiated the flow, by Ethernet then IP address; a flow from a
     /// zone that admits only listed assets and matches none is flagged.
     fn name_the_device(&self, flow: &mut conduit_proto::v1::Flow, out: &FlowOut) {
-        if self.assets.is_empty() && out.class.zone.is_none() {
+        if self.assets.is_empty() {
             return;
         }
         let src = crate::record::endpoints(&out.key, &out.stats).src;

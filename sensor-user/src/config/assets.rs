@@ -10,7 +10,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::conduits::{Zone, check_id, networks};
+use super::conduits::{Zone, check_id, list_or_none, networks};
 use super::yaml::{Ctx, Node, Pos};
 
 pub(crate) const ASSET_KEYS: &[&str] = &["id", "name", "mac", "addresses", "zone", "owner"];
@@ -67,12 +67,9 @@ impl Assets {
         a
     }
 
-    pub fn list(&self) -> &[Asset] {
-        &self.list
-    }
-
+    /// No asset and no `assets_only` zone: records are left as they are.
     pub fn is_empty(&self) -> bool {
-        self.list.is_empty()
+        self.list.is_empty() && self.assets_only.is_empty()
     }
 
     /// The asset that initiated a flow: by Ethernet address (empty: not seen), else
@@ -115,8 +112,8 @@ pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
     Some(mac)
 }
 
-/// Decodes the `assets:` list; `zone_ids` are the map's zones.
-pub(crate) fn decode(ctx: &mut Ctx, nodes: &[Node], zone_ids: &HashSet<String>) -> Vec<Asset> {
+/// Decodes the `assets:` list; `zone_ids` are the map's zones, in file order.
+pub(crate) fn decode(ctx: &mut Ctx, nodes: &[Node], zone_ids: &[&str]) -> Vec<Asset> {
     let mut out: Vec<Asset> = Vec::new();
     let mut ids: HashMap<String, Pos> = HashMap::new();
     let mut macs: HashMap<[u8; 6], (String, Pos)> = HashMap::new();
@@ -152,13 +149,11 @@ pub(crate) fn decode(ctx: &mut Ctx, nodes: &[Node], zone_ids: &HashSet<String>) 
             .unwrap_or_default();
         let zone = f.get("zone").and_then(|n| {
             let z = ctx.nonempty_str(n, &format!("{what}.zone"))?;
-            if !zone_ids.contains(&z) {
-                let mut known: Vec<&str> = zone_ids.iter().map(String::as_str).collect();
-                known.sort_unstable();
+            if !zone_ids.contains(&z.as_str()) {
                 ctx.err(
                     n.pos,
                     format!("`{what}.zone` names an unknown zone `{z}`"),
-                    format!("use one of the map's zones: {}", known.join(", ")),
+                    format!("use one of the map's zones: {}", list_or_none(zone_ids)),
                 );
                 return None;
             }

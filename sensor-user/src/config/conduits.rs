@@ -494,7 +494,7 @@ fn decode(
     check_zone_overlaps(ctx, &map.zones, &net_pos);
 
     // Assets: the devices of the zones.
-    let ids = zone_ids.keys().cloned().collect();
+    let ids: Vec<&str> = map.zones.iter().map(|z| z.id.as_str()).collect();
     let list = match top.get("assets").and_then(|n| ctx.seq(n, "assets")) {
         Some(nodes) => assets::decode(ctx, nodes, &ids),
         None => Vec::new(),
@@ -745,7 +745,7 @@ fn decode(
     }
 }
 
-fn list_or_none(ids: &[&str]) -> String {
+pub(crate) fn list_or_none(ids: &[&str]) -> String {
     if ids.is_empty() {
         "(none defined)".to_owned()
     } else {
