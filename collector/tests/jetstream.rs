@@ -230,11 +230,9 @@ async fn collectors_share_sensors_through_a_collector_kill_and_a_nats_node_kill(
     // Collector a dies (SIGKILL) while its sensors stream: they move to b, which
     // resumes each from what the cluster stored, whoever stored it.
     let started = uplinks[0].status.borrow().acked_seq;
-    let heads: Vec<u64> = recs
-        .iter_mut()
-        .enumerate()
-        .map(|(i, r)| append(r, 10_000 * (i as u64 + 1), 3000))
-        .collect();
+    for (i, r) in recs.iter_mut().enumerate() {
+        append(r, 10_000 * (i as u64 + 1), 3000);
+    }
     let moving = wait_for(Duration::from_secs(60), || {
         uplinks[0].status.borrow().acked_seq > started
     })
@@ -246,6 +244,13 @@ async fn collectors_share_sensors_through_a_collector_kill_and_a_nats_node_kill(
         a.log_text()
     );
     a.kill();
+    // Records written after the kill can only be acknowledged by b: a fast
+    // collector may have taken the whole batch above before it died.
+    let heads: Vec<u64> = recs
+        .iter_mut()
+        .enumerate()
+        .map(|(i, r)| append(r, 20_000 * (i as u64 + 1), 500))
+        .collect();
     for (u, h) in uplinks.iter_mut().zip(&heads) {
         u.wait_acked(*h, Duration::from_secs(120)).await;
     }
