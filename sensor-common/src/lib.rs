@@ -179,7 +179,13 @@ pub mod app_protocol {
     pub const UNKNOWN: u8 = 0;
     pub const TLS: u8 = 1;
     pub const QUIC: u8 = 2;
+    /// UDP to or from port 53: the kernel copies every response to the agent
+    /// ([`super::EVENT_DNS`]) for DNS attribution; nothing else is classified.
+    pub const DNS: u8 = 3;
 }
+
+/// The DNS port: UDP flows to it are marked [`app_protocol::DNS`].
+pub const DNS_PORT: u16 = 53;
 
 /// Per-flow state kept in the kernel flow table (value of the LRU hash).
 #[repr(C)]
@@ -254,6 +260,8 @@ pub struct ClassUpdate {
 pub const EVENT_FLOW_NEW: u8 = 1;
 /// Payload the kernel could not classify on its own ([`PayloadEvent`]).
 pub const EVENT_PAYLOAD: u8 = 3;
+/// A DNS response (UDP from port 53), copied as it is in a [`PayloadEvent`].
+pub const EVENT_DNS: u8 = 5;
 
 /// Common prefix of every ring-buffer event.
 #[repr(C)]
@@ -527,6 +535,13 @@ pub enum Counter {
     LossHandoff,
     /// The tail call to the payload classifier failed; the payload was not read.
     LossTailCall,
+    /// DNS responses copied to the agent ([`EVENT_DNS`]).
+    DnsCopied,
+    /// The ring buffer was full; a DNS response for the agent was lost.
+    LossDnsEvent,
+    /// A DNS response longer than [`PAYLOAD_COPY_MAX`]: only its start was copied
+    /// (the agent uses the answers that fit).
+    LossDnsTruncated,
 }
 
 /// The value of the `COUNTERS` per-CPU array's one entry: every counter of one CPU,
@@ -539,7 +554,7 @@ pub struct Counters {
 
 impl Counter {
     /// Number of counters.
-    pub const COUNT: u32 = Counter::LossTailCall as u32 + 1;
+    pub const COUNT: u32 = Counter::LossDnsTruncated as u32 + 1;
 
     /// Every counter in index order.
     pub const ALL: [Counter; Counter::COUNT as usize] = [
@@ -569,6 +584,9 @@ impl Counter {
         Counter::LossPayloadCopyLimit,
         Counter::LossHandoff,
         Counter::LossTailCall,
+        Counter::DnsCopied,
+        Counter::LossDnsEvent,
+        Counter::LossDnsTruncated,
     ];
 
     /// Stable snake_case name used in metrics and `loss` records.
@@ -600,6 +618,9 @@ impl Counter {
             Counter::LossPayloadCopyLimit => "payload_copy_limit",
             Counter::LossHandoff => "handoff_full",
             Counter::LossTailCall => "tail_call_failed",
+            Counter::DnsCopied => "dns_responses_copied",
+            Counter::LossDnsEvent => "dns_event_lost",
+            Counter::LossDnsTruncated => "dns_truncated",
         }
     }
 
@@ -617,6 +638,8 @@ impl Counter {
                 | Counter::LossPayloadCopyLimit
                 | Counter::LossHandoff
                 | Counter::LossTailCall
+                | Counter::LossDnsEvent
+                | Counter::LossDnsTruncated
         )
     }
 

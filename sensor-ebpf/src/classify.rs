@@ -9,10 +9,10 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use sensor_common::{
-    CONDUIT_KEY_BITS, ConduitKey, Counter, DIR_FORWARD, DIR_REVERSE, EVENT_PAYLOAD, FAMILY_IPV4,
-    FlowKey, FlowStats, KernelConfig, PAYLOAD_COPY_MAX, POLICY_GEN_BITS, PayloadEvent, PolicyKey,
-    SNI_HASH_INIT, SniKey, Verdict, ZONE_KEY_VLAN_BITS, ZoneKeyV4, ZoneKeyV6, app_protocol,
-    conduit_proto, sni_hash_step, sni_state,
+    CONDUIT_KEY_BITS, ConduitKey, Counter, DIR_FORWARD, DIR_REVERSE, DNS_PORT, EVENT_DNS,
+    EVENT_PAYLOAD, FAMILY_IPV4, FlowKey, FlowStats, KernelConfig, PAYLOAD_COPY_MAX,
+    POLICY_GEN_BITS, PayloadEvent, PolicyKey, SNI_HASH_INIT, SniKey, Verdict, ZONE_KEY_VLAN_BITS,
+    ZoneKeyV4, ZoneKeyV6, app_protocol, conduit_proto, sni_hash_step, sni_state,
 };
 
 use crate::{
@@ -318,6 +318,16 @@ fn decide(s: *mut FlowStats, zone: u16, endpoint: u16, port: u16, proto: u8, cfg
 /// Not inlined: the LPM and conduit keys get their own stack frame.
 #[inline(never)]
 pub fn on_new_flow(p: &Packet, dir: usize, s: *mut FlowStats, cfg: &KernelConfig) {
+    // DNS (either side on port 53, so a flow first seen by its response counts too):
+    // its responses go to the agent for DNS attribution, its queries nowhere.
+    if p.protocol != IPPROTO_TCP && (p.sport == DNS_PORT || p.dport == DNS_PORT) {
+        // SAFETY: live flow-table value.
+        unsafe {
+            (*s).app_protocol = app_protocol::DNS;
+            (*s).sni_state = sni_state::DONE;
+        }
+        return;
+    }
     let (init, resp, port) = sides(p, dir);
     let endpoint = endpoint_by_net(cfg.policy_gen, p.family, resp);
     if endpoint == 0 {
@@ -420,11 +430,19 @@ pub fn on_first_payload<C: LoadBytes, V: Variant>(
         return;
     }
 
-    // Copy the payload into a ring-buffer record; the agent parses SNI, ALPN, JA4.
-    // A reply it cannot copy whole is no loss: it classifies nothing (its record
-    // then shows no negotiated posture), and its first bytes are what is read.
+    // Copy the payload into a ring-buffer record; the agent parses SNI, ALPN, JA4,
+    // or the DNS answers. A TLS/QUIC reply it cannot copy whole is no loss: it
+    // classifies nothing (its record then shows no negotiated posture), and its
+    // first bytes are what is read. A DNS response lost is counted: flows it would
+    // have attributed may be left to their address.
+    let dns = app == app_protocol::DNS;
     let lost = |c: Counter| {
-        if !reply {
+        if dns {
+            bump(match c {
+                Counter::LossPayloadEvent => Counter::LossDnsEvent,
+                _ => Counter::LossDnsTruncated,
+            });
+        } else if !reply {
             bump(c);
         }
     };
@@ -464,7 +482,7 @@ pub fn on_first_payload<C: LoadBytes, V: Variant>(
     };
     // SAFETY: header fields of the reservation.
     unsafe {
-        (*ev).header.kind = EVENT_PAYLOAD;
+        (*ev).header.kind = if dns { EVENT_DNS } else { EVENT_PAYLOAD };
         (*ev).header.direction = if reply { DIR_REVERSE } else { DIR_FORWARD } as u8;
         (*ev).header._pad = [0; 2];
         (*ev).header.ifindex = ifindex;
@@ -493,6 +511,9 @@ pub fn on_first_payload<C: LoadBytes, V: Variant>(
             // SAFETY: live flow-table value.
             unsafe { (*s).sni_hash = hash };
         }
+    }
+    if dns {
+        bump(Counter::DnsCopied);
     }
     e.submit(cfg.ringbuf_submit_flags());
 }

@@ -21,11 +21,11 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use sensor_common::{
-    ClassUpdate, ConduitKey, ConduitValue, Counter, Counters, DIR_FORWARD, EVENTS_RINGBUF_BYTES,
-    FLOW_TABLE_SIZE, FlowKey, FlowStats, KernelConfig, LocalAddr, LpmV4, LpmV6, MAX_CLASS_UPDATES,
-    MAX_LOCAL_ADDRS, MAX_PAYLOAD_COPIES, MAX_POLICY_CIDRS, MAX_POLICY_CONDUITS, MAX_POLICY_SNI,
-    MAX_WATCHED_IFACES, POLICY_GENERATIONS, PolicyKey, SniKey, ZoneKeyV4, ZoneKeyV6, app_protocol,
-    flow_state, sni_state, verdict,
+    ClassUpdate, ConduitKey, ConduitValue, Counter, Counters, DIR_FORWARD, DIR_REVERSE, DNS_PORT,
+    EVENTS_RINGBUF_BYTES, FLOW_TABLE_SIZE, FlowKey, FlowStats, KernelConfig, LocalAddr, LpmV4,
+    LpmV6, MAX_CLASS_UPDATES, MAX_LOCAL_ADDRS, MAX_PAYLOAD_COPIES, MAX_POLICY_CIDRS,
+    MAX_POLICY_CONDUITS, MAX_POLICY_SNI, MAX_WATCHED_IFACES, POLICY_GENERATIONS, PolicyKey, SniKey,
+    ZoneKeyV4, ZoneKeyV6, app_protocol, flow_state, sni_state, verdict,
 };
 
 use crate::parse::{Bounds, IPPROTO_TCP, Packet};
@@ -318,6 +318,20 @@ fn after_account<F: flow::FlowOps>(
     if acc.new {
         classify::on_new_flow(p, acc.dir, acc.stats, cfg);
         flow::announce_new::<F>(acc, ifindex, key, cfg);
+    }
+    // SAFETY: live flow-table value.
+    if unsafe { (*acc.stats).app_protocol } == app_protocol::DNS {
+        // Every response goes to the agent (the payload classifier copies it as a
+        // reply); queries carry nothing it needs.
+        let response = p.payload_len > 0 && p.sport == DNS_PORT;
+        if response && let Some(job) = PAYLOAD_JOB.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot handed to the tail-called program.
+            unsafe {
+                (*job).ifindex = ifindex;
+                (*job).dir = DIR_REVERSE as u32;
+            }
+        }
+        return (false, response);
     }
     if acc.dir != DIR_FORWARD {
         // The responder's first payload of a TLS or QUIC flow, once: its ServerHello

@@ -578,6 +578,7 @@ impl Agent {
                     self.tracker.on_server_hello(&key, n);
                 }
             }
+            KernelEvent::Dns(pe) => self.on_dns(&pe),
             KernelEvent::Payload(pe) => {
                 let key = pe.header.key;
                 match self.completion.push(&pe, Instant::now()) {
@@ -602,6 +603,9 @@ impl Agent {
         }
         Ok(())
     }
+
+    /// A DNS response crossed the gateway: learn what it told its client.
+    fn on_dns(&mut self, _pe: &sensor_common::PayloadEvent) {}
 
     /// The ClientHello is known: classify with the conduit map, write the result back
     /// into the kernel (so later packets are attributed and blocked flows dropped) and

@@ -27,8 +27,8 @@ use aya::{
     },
 };
 use sensor_common::{
-    ClassUpdate, ConduitKey, ConduitValue, Counter, EVENT_FLOW_NEW, EVENT_PAYLOAD, FAMILY_IPV4,
-    FAMILY_IPV6, FlowEvent, FlowKey, FlowStats, KernelConfig, LocalAddr, LpmV4, LpmV6,
+    ClassUpdate, ConduitKey, ConduitValue, Counter, EVENT_DNS, EVENT_FLOW_NEW, EVENT_PAYLOAD,
+    FAMILY_IPV4, FAMILY_IPV6, FlowEvent, FlowKey, FlowStats, KernelConfig, LocalAddr, LpmV4, LpmV6,
     POLICY_GEN_BITS, PayloadEvent, PolicyKey, SniKey, ZONE_KEY_VLAN_BITS, ZoneKeyV4, ZoneKeyV6,
 };
 
@@ -289,6 +289,8 @@ pub enum KernelEvent {
     Flow(FlowEvent),
     /// `EVENT_PAYLOAD`.
     Payload(Box<PayloadEvent>),
+    /// `EVENT_DNS`: a DNS response as it crossed the gateway.
+    Dns(Box<PayloadEvent>),
 }
 
 impl KernelEvent {
@@ -305,13 +307,18 @@ impl KernelEvent {
                     bytes.as_ptr().cast::<FlowEvent>().read_unaligned()
                 }))
             }
-            EVENT_PAYLOAD => {
+            kind @ (EVENT_PAYLOAD | EVENT_DNS) => {
                 if bytes.len() < size_of::<PayloadEvent>() {
                     return None;
                 }
                 // SAFETY: as above.
-                let ev = unsafe { bytes.as_ptr().cast::<PayloadEvent>().read_unaligned() };
-                Some(KernelEvent::Payload(Box::new(ev)))
+                let ev =
+                    Box::new(unsafe { bytes.as_ptr().cast::<PayloadEvent>().read_unaligned() });
+                Some(if kind == EVENT_DNS {
+                    KernelEvent::Dns(ev)
+                } else {
+                    KernelEvent::Payload(ev)
+                })
             }
             _ => None,
         }

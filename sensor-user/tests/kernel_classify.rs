@@ -256,7 +256,7 @@ fn quic_initial_v1_v2() {
             .into_iter()
             .filter_map(|e| match e {
                 KernelEvent::Payload(p) => Some(p),
-                KernelEvent::Flow(_) => None,
+                KernelEvent::Flow(_) | KernelEvent::Dns(_) => None,
             })
             .collect();
         assert_eq!(ev.len(), 1);
@@ -355,7 +355,7 @@ fn split_hello_is_copied_until_the_agent_classifies() {
         .into_iter()
         .filter_map(|e| match e {
             KernelEvent::Payload(p) => Some(p),
-            KernelEvent::Flow(_) => None,
+            KernelEvent::Flow(_) | KernelEvent::Dns(_) => None,
         })
         .collect();
     assert_eq!(copies.len(), 2, "both segments must reach the agent");
@@ -391,5 +391,70 @@ fn split_hello_is_copied_until_the_agent_classifies() {
         k.drain_events()
             .iter()
             .all(|e| !matches!(e, KernelEvent::Payload(_)))
+    );
+}
+
+/// DNS over UDP: every response (from port 53) reaches the agent as `EVENT_DNS`,
+/// whichever side the flow was first seen from; queries are not copied; a
+/// response longer than the copy bound is counted as truncated.
+#[test]
+fn dns_responses_are_copied_queries_are_not() {
+    let Some(mut k) = kernel(&policy(action::ALERT, false)) else {
+        return;
+    };
+    let resolver = [10, 10, 1, 53];
+    let counter = |k: &Kernel, c: Counter| k.counters().unwrap()[c as usize];
+    let (copied, truncated) = (
+        counter(&k, Counter::DnsCopied),
+        counter(&k, Counter::LossDnsTruncated),
+    );
+    let query = b"\x12\x34\x01\x00query";
+    let answer = b"\x12\x34\x81\x80answer";
+    for (sp, dp, payload) in [
+        (40053, 53, &query[..]),
+        (53, 40053, &answer[..]),
+        (53, 40053, &answer[..]),
+    ] {
+        let (src, dst) = if dp == 53 {
+            (CLIENT, resolver)
+        } else {
+            (resolver, CLIENT)
+        };
+        let r = k.test_run(Program::Xdp, &udp(src, dst, sp, dp, payload));
+        assert_eq!(r.unwrap(), XDP_PASS);
+    }
+    // A flow first seen from its response (the query took another path).
+    k.test_run(Program::Xdp, &udp(resolver, CLIENT, 53, 40054, answer))
+        .unwrap();
+    let mut long = answer.to_vec();
+    long.resize(sensor_common::PAYLOAD_COPY_MAX + 200, 0);
+    k.test_run(Program::Xdp, &udp(resolver, CLIENT, 53, 40055, &long))
+        .unwrap();
+
+    let events = k.drain_events();
+    let dns: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            KernelEvent::Dns(p) => Some(p),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(dns.len(), 4, "three responses and the long one: {events:?}");
+    assert_eq!(&dns[0].data[..dns[0].copied_len as usize], answer);
+    assert_eq!(dns[0].header.key, key(CLIENT, 40053, resolver, 53, 17));
+    assert_eq!(dns[3].copied_len as usize, sensor_common::PAYLOAD_COPY_MAX);
+    assert!(
+        !events.iter().any(|e| matches!(e, KernelEvent::Payload(_))),
+        "the query is not copied"
+    );
+    assert_eq!(counter(&k, Counter::DnsCopied) - copied, 4);
+    assert_eq!(counter(&k, Counter::LossDnsTruncated) - truncated, 1);
+    let s = k
+        .flow(&key(CLIENT, 40053, resolver, 53, 17))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (s.app_protocol, s.sni_state, s.packets),
+        (app_protocol::DNS, sni_state::DONE, [1, 2])
     );
 }

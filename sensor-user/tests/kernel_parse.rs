@@ -404,7 +404,7 @@ fn ev_kinds(k: &mut Kernel) -> Vec<(u8, FlowKey)> {
         .into_iter()
         .filter_map(|e| match e {
             KernelEvent::Flow(f) => Some((f.header.kind, f.header.key)),
-            KernelEvent::Payload(_) => None,
+            KernelEvent::Payload(_) | KernelEvent::Dns(_) => None,
         })
         .collect()
 }
