@@ -204,7 +204,7 @@ pub fn ecs_json(record: &Record, pos: &ChainPosition) -> Value {
             let counts = |c: &Option<Counts>| c.unwrap_or_default();
             let (s, d) = (counts(&f.source), counts(&f.destination));
             doc["source"] = json!({"ip": ip_text(&f.source_ip), "port": f.source_port, "bytes": s.bytes, "packets": s.packets, "mac": mac_text(&f.source_mac)});
-            doc["destination"] = json!({"ip": ip_text(&f.destination_ip), "port": f.destination_port, "bytes": d.bytes, "packets": d.packets, "domain": non_empty(&f.server_name)});
+            doc["destination"] = json!({"ip": ip_text(&f.destination_ip), "port": f.destination_port, "bytes": d.bytes, "packets": d.packets, "domain": non_empty(if f.destination_domain.is_empty() { &f.server_name } else { &f.destination_domain })});
             // The device that initiated the flow (the map's `assets:`).
             if !f.host_id.is_empty() {
                 doc["host"] = json!({"id": f.host_id, "name": non_empty(&f.host_name)});
@@ -237,6 +237,9 @@ pub fn ecs_json(record: &Record, pos: &ChainPosition) -> Value {
             // ECS has no field for Encrypted Client Hello.
             if f.ech {
                 conduit["ech"] = json!(true);
+            }
+            if f.ech_announced {
+                conduit["ech_announced"] = json!(true);
             }
             // Post-quantum key exchange: offered, known once the ClientHello was
             // parsed; negotiated, once the ServerHello was.

@@ -135,8 +135,14 @@ pub fn ocsf_json(record: &Record, pos: &ChainPosition) -> Value {
     if let Some(ip) = ip_text(&f.destination_ip) {
         dst["ip"] = json!(ip);
     }
-    if !f.server_name.is_empty() {
-        dst["domain"] = json!(f.server_name);
+    // The attributed name (SNI or DNS); records from before it existed carry the SNI.
+    let domain = if f.destination_domain.is_empty() {
+        &f.server_name
+    } else {
+        &f.destination_domain
+    };
+    if !domain.is_empty() {
+        dst["domain"] = json!(domain);
     }
     let mut connection = json!({
         "protocol_num": f.ip_protocol,

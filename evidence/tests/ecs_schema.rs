@@ -208,6 +208,8 @@ fn flow(verdict: Verdict) -> Flow {
         pq_negotiated: true,
         host_id: "plc-7".into(),
         host_name: "Press line 7 PLC".into(),
+        destination_domain: "api.openai.com".into(),
+        ech_announced: true,
     }
 }
 

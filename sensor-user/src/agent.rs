@@ -33,7 +33,8 @@ use conduit_uplink::UplinkOptions;
 
 use crate::{
     completion::{CLASSIFICATION_DEADLINE, Completed, Completion},
-    config::{self, AppProto, Attribution, ConduitMap, DefaultAction},
+    config::{self, AppProto, Attribution, ConduitMap, DefaultAction, Names},
+    dns::{DnsCache, DnsLimits, Resolves},
     flows::{Classification, FlowOut, FlowTracker, TrackerOptions, anomaly},
     jsonl::{JsonlOut, JsonlThread},
     kernel::BootClock,
@@ -76,6 +77,8 @@ struct Agent {
     policy: Option<ConduitMap>,
     metrics: Arc<Metrics>,
     completion: Completion,
+    /// What DNS responses crossing the gateway told each client.
+    dns: DnsCache,
     /// Kernel counter values already reported, to report only increases as loss.
     reported_counters: [u64; Counter::COUNT as usize],
     /// Flows already reported lost because their announcement was lost and no sweep
@@ -370,6 +373,7 @@ impl Agent {
             policy: None,
             metrics,
             completion: Completion::new(),
+            dns: DnsCache::new(DnsLimits::default()),
             reported_counters: [0; Counter::COUNT as usize],
             reported_unannounced: 0,
             reported_refused: 0,
@@ -604,8 +608,40 @@ impl Agent {
         Ok(())
     }
 
-    /// A DNS response crossed the gateway: learn what it told its client.
-    fn on_dns(&mut self, _pe: &sensor_common::PayloadEvent) {}
+    /// A DNS response crossed the gateway: learn what it told its client (the side
+    /// not on port 53; a resolver talking to a resolver teaches nothing here).
+    fn on_dns(&mut self, pe: &sensor_common::PayloadEvent) {
+        let k = &pe.header.key;
+        let client = match (
+            k.port_lo == sensor_common::DNS_PORT,
+            k.port_hi == sensor_common::DNS_PORT,
+        ) {
+            (true, false) => crate::record::ip_of(k.family, &k.addr_hi),
+            (false, true) => crate::record::ip_of(k.family, &k.addr_lo),
+            _ => return,
+        };
+        let copied = (pe.copied_len as usize).min(pe.data.len());
+        match crate::dns::parse_response(&pe.data[..copied]) {
+            Ok(response) => {
+                self.dns.learn(client, &response, self.sink.clock.now_ns());
+                self.metrics
+                    .dns_responses_learned
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Err(err) => {
+                tracing::debug!(%client, copied, "DNS response not used: {err}");
+                self.metrics
+                    .dns_responses_unparsed
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.metrics
+            .dns_cache_entries
+            .store(self.dns.len() as u64, Ordering::Relaxed);
+        self.metrics
+            .dns_cache_evicted
+            .store(self.dns.evicted(), Ordering::Relaxed);
+    }
 
     /// The ClientHello is known: classify with the conduit map, write the result back
     /// into the kernel (so later packets are attributed and blocked flows dropped) and
@@ -631,20 +667,46 @@ impl Agent {
             },
             ..Classification::default()
         };
+        // DNS: the name this client's answers gave for the destination, used when
+        // the SNI names no endpoint (ECH outer name, none, an IP literal); and a
+        // server name whose answers never gave this address may be forged.
+        let now = self.sink.clock.now_ns();
+        let (dns_name, dns_ech) = self
+            .dns
+            .name_for(ep.src, ep.dst, now)
+            .map_or((None, false), |r| (Some(r.name.to_owned()), r.ech_announced));
+        let sni = info.sni.as_deref().filter(|s| !s.is_empty());
+        if let Some(name) = sni
+            && self.dns.resolves(name, ep.dst, now) == Resolves::No
+        {
+            class.anomalies.push(anomaly::SNI_NOT_RESOLVED);
+            self.metrics
+                .flows_sni_not_resolved
+                .fetch_add(1, Ordering::Relaxed);
+        }
         if let Some(map) = &self.policy {
             let vlan = (key.vlan != 0).then_some(key.vlan);
+            let names = Names {
+                sni,
+                dns: dns_name.as_deref(),
+            };
             let c = map.classify(
                 ep.src,
                 vlan,
                 ep.dst,
                 ep.dst_port,
                 proto,
-                info.sni.as_deref(),
+                names,
                 self.settings.enforcement,
             );
             class.zone = c.zone.as_ref().map(|z| z.id.clone());
             class.endpoint = c.endpoint.as_ref().map(|e| e.id.clone());
             class.attribution = c.endpoint.as_ref().map(|e| e.by);
+            if class.attribution == Some(Attribution::Dns) {
+                self.metrics
+                    .flows_dns_attributed
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             class.conduit_id = c.conduit.as_ref().map(|c| c.id.clone());
             class.verdict = proto_verdict(c.verdict);
             class.policy_hash = map.policy_hash().to_vec();
@@ -653,6 +715,15 @@ impl Agent {
             stats.conduit_id = c.conduit.as_ref().map_or(0, |c| c.index);
             stats.verdict = c.verdict as u8;
         }
+        // The name the flow is attributed to: the SNI when it named the endpoint,
+        // else what DNS said, else the SNI as sent.
+        let by_dns = dns_name.is_some() && class.attribution != Some(Attribution::Sni);
+        class.ech_announced = by_dns && dns_ech;
+        class.domain = if by_dns {
+            dns_name
+        } else {
+            sni.map(str::to_owned)
+        };
         stats.sni_state = sni_state::DONE;
         stats.app_protocol = if proto == AppProto::Quic {
             app_protocol::QUIC

@@ -66,6 +66,11 @@ pub struct Classification {
     pub endpoint: Option<String>,
     /// What matched the endpoint (None: no endpoint).
     pub attribution: Option<Attribution>,
+    /// The name the flow is attributed to (`destination.domain`): the SNI, or the
+    /// name a DNS answer to this client gave for the destination.
+    pub domain: Option<String>,
+    /// An HTTPS/SVCB answer for `domain` announced an ECH config.
+    pub ech_announced: bool,
     pub conduit_id: Option<String>,
     pub verdict: Verdict,
     pub policy_hash: Vec<u8>,
@@ -90,6 +95,9 @@ pub mod anomaly {
     /// The flow comes from a zone with `assets_only: true`, and no asset of the map
     /// has its initiator's Ethernet or IP address.
     pub const UNKNOWN_ASSET: &str = "unknown_asset";
+    /// DNS answers for the SNI's name were seen and none gave the destination
+    /// address: the server name may be forged (domain fronting, a decoy name).
+    pub const SNI_NOT_RESOLVED: &str = "sni_not_resolved";
 }
 
 impl Classification {

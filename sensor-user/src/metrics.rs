@@ -54,6 +54,12 @@ pub struct Metrics {
     pub flows_unrecorded: AtomicU64,
     pub flows_evicted: AtomicU64,
     pub flows_unknown_asset: AtomicU64,
+    pub flows_sni_not_resolved: AtomicU64,
+    pub flows_dns_attributed: AtomicU64,
+    pub dns_responses_learned: AtomicU64,
+    pub dns_responses_unparsed: AtomicU64,
+    pub dns_cache_entries: AtomicU64,
+    pub dns_cache_evicted: AtomicU64,
     pub verdict_authorized: AtomicU64,
     pub verdict_violation: AtomicU64,
     pub verdict_blocked: AtomicU64,
@@ -195,6 +201,42 @@ impl Collector for Snapshot {
             "flow_records_unknown_asset",
             "Flow records from a zone with assets_only whose initiator matches no asset of the map (conduit.anomalies unknown_asset)",
             &m.flows_unknown_asset,
+        )?;
+        counter(
+            &mut e,
+            "flow_records_sni_not_resolved",
+            "Flows whose SNI names a host for which DNS answers were seen, none giving the destination address (conduit.anomalies sni_not_resolved)",
+            &m.flows_sni_not_resolved,
+        )?;
+        counter(
+            &mut e,
+            "flows_dns_attributed",
+            "TLS/QUIC flows attributed to their endpoint through a DNS answer to the client (conduit.attribution dns)",
+            &m.flows_dns_attributed,
+        )?;
+        counter(
+            &mut e,
+            "dns_responses_learned",
+            "DNS responses copied by the kernel that the agent parsed into its name cache",
+            &m.dns_responses_learned,
+        )?;
+        counter(
+            &mut e,
+            "dns_responses_unparsed",
+            "DNS responses copied by the kernel that did not parse (malformed, or cut by the copy bound before any answer)",
+            &m.dns_responses_unparsed,
+        )?;
+        counter(
+            &mut e,
+            "dns_cache_evicted",
+            "Unexpired DNS answers dropped to keep the name cache within its bound",
+            &m.dns_cache_evicted,
+        )?;
+        gauge(
+            &mut e,
+            "dns_cache_entries",
+            "(client, name, address) answers in the agent's DNS cache",
+            m.dns_cache_entries.load(Ordering::Relaxed),
         )?;
         {
             let mut family = e.encode_descriptor(

@@ -17,7 +17,7 @@ pub struct Endpoints {
     pub dst_port: u16,
 }
 
-fn ip_of(family: u8, addr: &[u8; 16]) -> IpAddr {
+pub fn ip_of(family: u8, addr: &[u8; 16]) -> IpAddr {
     if family == FAMILY_IPV4 {
         IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))
     } else {
@@ -135,6 +135,8 @@ pub fn flow_record(flow: &FlowOut, clock: &BootClock, ifname: &str) -> Record {
             // Filled by the agent from the map's assets (`Sink::write_flow`).
             host_id: String::new(),
             host_name: String::new(),
+            destination_domain: c.domain.clone().unwrap_or_default(),
+            ech_announced: c.ech_announced,
         })),
         ..Record::default()
     }

@@ -5,7 +5,9 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use sensor_user::config::{AppProto, ConduitMap, KernelSniKey, SensorConfig, Verdict};
+use sensor_user::config::{
+    AppProto, Attribution, ConduitMap, KernelSniKey, Names, SensorConfig, Verdict,
+};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -470,5 +472,59 @@ fn ipv4_mapped_source_is_the_ipv4_host() {
         false,
     );
     assert_eq!(c.zone.map(|z| z.id).as_deref(), Some("mes"));
+    assert_eq!(c.verdict, Verdict::Authorized);
+}
+
+/// The order of attribution: the SNI when it names an endpoint, else the name DNS
+/// gave the client for the destination, else the destination's network.
+#[test]
+fn sni_then_dns_name_then_address() {
+    let m = map(MAP);
+    let classify = |dst: &str, sni: Option<&str>, dns: Option<&str>| {
+        let c = m.classify(
+            ip("10.20.1.1"),
+            None,
+            ip(dst),
+            443,
+            AppProto::Tls,
+            Names { sni, dns },
+            false,
+        );
+        c.endpoint.map(|e| (e.id, e.by))
+    };
+    let openai = Some(("openai".to_string(), Attribution::Sni));
+    // The SNI wins over what DNS said.
+    assert_eq!(
+        classify("198.51.100.7", Some("api.openai.com"), Some("chat.openai.com")),
+        openai
+    );
+    // An ECH outer name names no endpoint: the DNS name does.
+    let by_dns = Some(("openai-chat".to_string(), Attribution::Dns));
+    assert_eq!(
+        classify("198.51.100.7", Some("cloudflare-ech.com"), Some("chat.openai.com")),
+        by_dns
+    );
+    assert_eq!(classify("198.51.100.7", None, Some("CHAT.openai.com.")), by_dns);
+    // The DNS name wins over the address; without a name, the address.
+    assert_eq!(classify("192.0.2.9", None, Some("chat.openai.com")), by_dns);
+    assert_eq!(
+        classify("192.0.2.9", Some("cloudflare-ech.com"), Some("example.org")),
+        Some(("vision".to_string(), Attribution::Address))
+    );
+    assert_eq!(classify("198.51.100.7", None, Some("example.org")), None);
+    // DNS attribution decides the conduit and verdict like any other.
+    let c = m.classify(
+        ip("10.20.1.1"),
+        None,
+        ip("198.51.100.7"),
+        443,
+        AppProto::Tls,
+        Names {
+            sni: Some("cloudflare-ech.com"),
+            dns: Some("api.openai.com"),
+        },
+        false,
+    );
+    assert_eq!(c.conduit.map(|c| c.id).as_deref(), Some("C-MES-OPENAI"));
     assert_eq!(c.verdict, Verdict::Authorized);
 }

@@ -108,6 +108,16 @@ fn unhex(text: &str) -> Vec<u8> {
 
 /// A classic pcap (microsecond timestamps, Ethernet), one packet per millisecond.
 fn write_pcap(path: &Path, packets: &[Vec<u8>]) {
+    let timed: Vec<_> = packets
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (i as u64 * 1000, p.clone()))
+        .collect();
+    write_pcap_timed(path, &timed);
+}
+
+/// A classic pcap of (microseconds after the first packet, frame).
+fn write_pcap_timed(path: &Path, packets: &[(u64, Vec<u8>)]) {
     let mut out = Vec::new();
     out.extend_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
     out.extend_from_slice(&2u16.to_le_bytes());
@@ -115,9 +125,10 @@ fn write_pcap(path: &Path, packets: &[Vec<u8>]) {
     out.extend_from_slice(&[0; 8]);
     out.extend_from_slice(&65535u32.to_le_bytes());
     out.extend_from_slice(&1u32.to_le_bytes());
-    for (i, p) in packets.iter().enumerate() {
-        out.extend_from_slice(&1_800_000_000u32.to_le_bytes());
-        out.extend_from_slice(&(i as u32 * 1000).to_le_bytes());
+    for (at, p) in packets {
+        let secs = 1_800_000_000 + u32::try_from(at / 1_000_000).unwrap();
+        out.extend_from_slice(&secs.to_le_bytes());
+        out.extend_from_slice(&((at % 1_000_000) as u32).to_le_bytes());
         out.extend_from_slice(&(p.len() as u32).to_le_bytes());
         out.extend_from_slice(&(p.len() as u32).to_le_bytes());
         out.extend_from_slice(p);
@@ -295,13 +306,27 @@ fn replay(packets: &[Vec<u8>], extra: &[&str]) -> (Vec<serde_json::Value>, Strin
 
 /// [`replay`] with another conduit map.
 fn replay_with(map: &str, packets: &[Vec<u8>], extra: &[&str]) -> (Vec<serde_json::Value>, String) {
+    let timed: Vec<_> = packets
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (i as u64 * 1000, p.clone()))
+        .collect();
+    replay_timed(map, &timed, extra)
+}
+
+/// [`replay_with`] of packets at given times (microseconds after the first).
+fn replay_timed(
+    map: &str,
+    packets: &[(u64, Vec<u8>)],
+    extra: &[&str],
+) -> (Vec<serde_json::Value>, String) {
     let dir = tempfile::tempdir().unwrap();
     let (pcap, conduits, jsonl) = (
         dir.path().join("capture.pcap"),
         dir.path().join("conduits.yaml"),
         dir.path().join("out.jsonl"),
     );
-    write_pcap(&pcap, packets);
+    write_pcap_timed(&pcap, packets);
     std::fs::write(&conduits, map).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_conduit-sensor"))
         .arg("replay")
@@ -470,4 +495,179 @@ fn replay_names_the_device_or_flags_an_unknown_one() {
         serde_json::json!(["unknown_asset"]),
         "{r:#}"
     );
+}
+
+/// A DNS name in wire form, uncompressed.
+fn dns_name(name: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        out.push(u8::try_from(label.len()).unwrap());
+        out.extend_from_slice(label.as_bytes());
+    }
+    out.push(0);
+    out
+}
+
+/// One resource record.
+fn dns_rr(owner: &str, ty: u16, ttl: u32, rdata: &[u8]) -> Vec<u8> {
+    let mut out = dns_name(owner);
+    out.extend_from_slice(&ty.to_be_bytes());
+    out.extend_from_slice(&1u16.to_be_bytes());
+    out.extend_from_slice(&ttl.to_be_bytes());
+    out.extend_from_slice(&u16::try_from(rdata.len()).unwrap().to_be_bytes());
+    out.extend_from_slice(rdata);
+    out
+}
+
+/// A NOERROR response to `qname`/`qtype` with `answers`, written by hand (the
+/// agent parses it with its DNS library).
+fn dns_response(qname: &str, qtype: u16, answers: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = vec![0x12, 0x34, 0x81, 0x80, 0, 1];
+    out.extend_from_slice(&u16::try_from(answers.len()).unwrap().to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(&dns_name(qname));
+    out.extend_from_slice(&qtype.to_be_bytes());
+    out.extend_from_slice(&1u16.to_be_bytes());
+    for a in answers {
+        out.extend_from_slice(a);
+    }
+    out
+}
+
+const RESOLVER: [u8; 4] = [10, 10, 1, 53];
+/// An address behind Cloudflare, which DNS gives for api.openai.com.
+const CLOUDFLARE: [u8; 4] = [104, 18, 7, 192];
+
+/// A TLS flow from CLIENT:`port` to `server`:443 whose ClientHello names `sni`,
+/// with an outer encrypted_client_hello extension when `ech`.
+fn hello_flow(server: [u8; 4], port: u16, sni: &str, ech: bool) -> Vec<Vec<u8>> {
+    let mut exts = vec![ext(10, &[0, 4, 0, 0x1d, 0, 0x17]), sni_ext(sni)];
+    if ech {
+        // Outer ECH: type 0, HKDF-SHA256/AES-128-GCM, config id, enc, payload.
+        let mut body = vec![0, 0, 1, 0, 1, 7, 0, 32];
+        body.extend_from_slice(&[0x42; 32]);
+        body.extend_from_slice(&[0, 64]);
+        body.extend_from_slice(&[0x17; 64]);
+        exts.push(ext(0xfe0d, &body));
+    }
+    exts.push(ext(43, &[4, 3, 4, 3, 3]));
+    let hello = client_hello(&exts);
+    let (cs, ss) = (7000u32, 9000u32);
+    vec![
+        tcp_frame(
+            eth().ipv4(CLIENT, server, 64).tcp(port, 443, cs, 64240).syn(),
+            &[],
+        ),
+        tcp_frame(
+            eth()
+                .ipv4(server, CLIENT, 64)
+                .tcp(443, port, ss, 64240)
+                .syn()
+                .ack(cs + 1),
+            &[],
+        ),
+        tcp_frame(
+            eth()
+                .ipv4(CLIENT, server, 64)
+                .tcp(port, 443, cs + 1, 64240)
+                .ack(ss + 1)
+                .psh(),
+            &hello,
+        ),
+    ]
+}
+
+/// DNS correlation through the kernel's copies of DNS responses:
+/// - an ECH ClientHello (outer name cloudflare-ech.com) to the address DNS gave for
+///   api.openai.com is attributed to the openai endpoint through DNS, with the
+///   CNAME chain followed and the HTTPS record's ECH announcement noted;
+/// - a ClientHello naming a host DNS resolved elsewhere, sent to the address DNS
+///   gave api.openai.com, is flagged `sni_not_resolved` and attributed by DNS;
+/// - once the answer's TTL has run out, the same ECH flow is no longer attributed.
+#[test]
+fn replay_attributes_hidden_names_through_dns_and_flags_forged_ones() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIP: needs root");
+        return;
+    }
+    let (a, cname, https) = (1u16, 5u16, 65u16);
+    let cdn = "api.openai.com.cdn.cloudflare.net";
+    let answer = dns_response(
+        "api.openai.com",
+        a,
+        &[
+            dns_rr("api.openai.com", cname, 300, &dns_name(cdn)),
+            dns_rr(cdn, a, 300, &CLOUDFLARE),
+        ],
+    );
+    // HTTPS 1 . ech=<config> ipv4hint=104.18.7.192
+    let mut svcb = vec![0, 1, 0];
+    svcb.extend_from_slice(&[0, 4, 0, 4]);
+    svcb.extend_from_slice(&CLOUDFLARE);
+    svcb.extend_from_slice(&[0, 5, 0, 6, 0, 4, 0xfe, 0x0d, 0, 0]);
+    let https_answer = dns_response(
+        "api.openai.com",
+        https,
+        &[dns_rr("api.openai.com", https, 300, &svcb)],
+    );
+    let decoy = dns_response(
+        "harmless.example.org",
+        a,
+        &[dns_rr("harmless.example.org", a, 300, &[192, 0, 2, 99])],
+    );
+    let dns = |port: u16, payload: &[u8]| udp_frame((RESOLVER, 53), (CLIENT, port), payload);
+    let mut packets: Vec<Vec<u8>> = vec![
+        udp_frame((CLIENT, 5300), (RESOLVER, 53), b"\x12\x34\x01\x00query"),
+        dns(5300, &answer),
+        dns(5301, &https_answer),
+        dns(5302, &decoy),
+    ];
+    packets.extend(hello_flow(CLOUDFLARE, 40040, "cloudflare-ech.com", true));
+    packets.extend(hello_flow(CLOUDFLARE, 40041, "harmless.example.org", false));
+    let mut timed: Vec<(u64, Vec<u8>)> = packets
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| (i as u64 * 1000, p))
+        .collect();
+    // Two hours later (past the 300 s TTL, and past the cache's floor).
+    for (i, p) in hello_flow(CLOUDFLARE, 40042, "cloudflare-ech.com", true)
+        .into_iter()
+        .enumerate()
+    {
+        timed.push((7_200_000_000 + i as u64 * 1000, p));
+    }
+    let (records, log) = replay_timed(CONDUITS, &timed, &["--record-all"]);
+    let start = |port: u16| {
+        records
+            .iter()
+            .find(|r| r["event"]["action"] == "flow_start" && r["source"]["port"] == port)
+            .unwrap_or_else(|| panic!("no flow_start for {port}: {records:#?}\n{log}"))
+            .clone()
+    };
+
+    let r = start(40040);
+    assert_eq!(r["conduit"]["attribution"], "dns", "{r:#}");
+    assert_eq!(r["conduit"]["endpoint"], "openai", "{r:#}");
+    assert_eq!(r["conduit"]["verdict"], "violation", "{r:#}");
+    assert_eq!(r["destination"]["domain"], "api.openai.com", "{r:#}");
+    assert_eq!(r["tls"]["client"]["server_name"], "cloudflare-ech.com", "{r:#}");
+    assert_eq!(r["conduit"]["ech"], true, "{r:#}");
+    assert_eq!(r["conduit"]["ech_announced"], true, "{r:#}");
+    assert!(r["conduit"]["anomalies"].is_null(), "{r:#}");
+
+    let r = start(40041);
+    assert_eq!(
+        r["conduit"]["anomalies"],
+        serde_json::json!(["sni_not_resolved"]),
+        "{r:#}"
+    );
+    assert_eq!(r["conduit"]["attribution"], "dns", "{r:#}");
+    assert_eq!(r["conduit"]["endpoint"], "openai", "{r:#}");
+    assert_eq!(r["tls"]["client"]["server_name"], "harmless.example.org", "{r:#}");
+
+    let r = start(40042);
+    assert!(r["conduit"]["attribution"].is_null(), "{r:#}");
+    assert!(r["conduit"]["endpoint"].is_null(), "{r:#}");
+    assert_eq!(r["destination"]["domain"], "cloudflare-ech.com", "{r:#}");
+    assert_eq!(r["conduit"]["verdict"], "unclassified", "{r:#}");
 }

@@ -105,6 +105,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "rsyslog",
     "rsyslog-gnutls",
     "nats-server",
+    // DNS attribution (tests/tests/dns_attribution.rs): a real resolver and client.
+    "dnsmasq-base",
+    "bind9-dnsutils",
     // bench_gateway's TCP throughput through the lab gateway; its package asks
     // whether to start a daemon: preseeded to no (the bench runs its own server).
     "iperf3",

@@ -22,7 +22,7 @@ pub use conduits::{
     Action, AppProto, CatalogueRef, Conduit, ConduitMap, DefaultAction, Endpoint, PortRange, Zone,
 };
 pub use pattern::{KernelSniKey, PatternError, SniPattern};
-pub use policy::{Attribution, Classification, ConduitRef, EndpointRef, Verdict, ZoneRef};
+pub use policy::{Attribution, Classification, ConduitRef, EndpointRef, Names, Verdict, ZoneRef};
 pub use sensor::{Capacity, SensorConfig};
 
 /// One problem found in a configuration file.

@@ -24,6 +24,9 @@ pub struct EndpointRef {
 pub enum Attribution {
     /// The TLS/QUIC server name.
     Sni,
+    /// The name whose DNS answer to the client gave the destination address (the
+    /// SNI was hidden by ECH, absent, an IP literal, or named no endpoint).
+    Dns,
     /// The destination address alone.
     Address,
 }
@@ -32,8 +35,24 @@ impl Attribution {
     pub fn as_str(self) -> &'static str {
         match self {
             Attribution::Sni => "sni",
+            Attribution::Dns => "dns",
             Attribution::Address => "address",
         }
+    }
+}
+
+/// The names a flow can be attributed by: its TLS/QUIC server name, and the name
+/// whose DNS answer to the client gave the destination address.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Names<'a> {
+    pub sni: Option<&'a str>,
+    pub dns: Option<&'a str>,
+}
+
+impl<'a> From<Option<&'a str>> for Names<'a> {
+    /// The server name alone.
+    fn from(sni: Option<&'a str>) -> Self {
+        Names { sni, dns: None }
     }
 }
 
@@ -79,9 +98,13 @@ impl ConduitMap {
 
     /// AI endpoint of a destination: by SNI first (the most specific matching
     /// pattern, as the kernel's exact-then-longest-suffix lookup; ties go to
-    /// the first endpoint), else by the most specific network containing `dst`.
-    pub fn endpoint_of(&self, dst: IpAddr, sni: Option<&str>) -> Option<EndpointRef> {
-        let by_sni = sni.filter(|s| !s.is_empty()).and_then(|name| {
+    /// the first endpoint), then by the DNS name the same way (an ECH outer name,
+    /// an IP literal or a name of no endpoint leaves the SNI unusable), else by
+    /// the most specific network containing `dst`.
+    pub fn endpoint_of<'a>(&self, dst: IpAddr, names: impl Into<Names<'a>>) -> Option<EndpointRef> {
+        let names = names.into();
+        let by_name = |name: Option<&str>, by: Attribution| {
+            let name = name.filter(|s| !s.is_empty())?;
             self.endpoints
                 .iter()
                 .flat_map(|e| e.sni.iter().map(move |p| (p, e)))
@@ -91,9 +114,11 @@ impl ConduitMap {
                         .cmp(&pb.specificity())
                         .then(eb.index.cmp(&ea.index))
                 })
-                .map(|(_, e)| (e, Attribution::Sni))
-        });
-        let found = by_sni.or_else(|| {
+                .map(|(_, e)| (e, by))
+        };
+        let by_names = by_name(names.sni, Attribution::Sni)
+            .or_else(|| by_name(names.dns, Attribution::Dns));
+        let found = by_names.or_else(|| {
             self.endpoints
                 .iter()
                 .filter_map(|e| {
@@ -118,20 +143,20 @@ impl ConduitMap {
         clippy::too_many_arguments,
         reason = "the signature mirrors the flow tuple the kernel classifies on"
     )]
-    pub fn classify(
+    pub fn classify<'a>(
         &self,
         src: IpAddr,
         vlan: Option<u16>,
         dst: IpAddr,
         dst_port: u16,
         proto: AppProto,
-        sni: Option<&str>,
+        names: impl Into<Names<'a>>,
         enforcement: bool,
     ) -> Classification {
         // An IPv4-mapped IPv6 address is the IPv4 host (as the kernel sees it).
         let (src, dst) = (src.to_canonical(), dst.to_canonical());
         let zone = self.zone_of(src, vlan);
-        let Some(endpoint) = self.endpoint_of(dst, sni) else {
+        let Some(endpoint) = self.endpoint_of(dst, names) else {
             return Classification {
                 zone,
                 endpoint: None,

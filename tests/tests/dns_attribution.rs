@@ -1,0 +1,188 @@
+//! DNS attribution end to end: a real resolver (dnsmasq) beyond the masquerading
+//! gateway answers a real client (dig) in an OT zone; the sensor learns the answers
+//! from the kernel's copies of the responses. A TLS call that names no endpoint by
+//! its SNI (curl to an IP literal sends none) is attributed to the endpoint through
+//! the name DNS gave for its destination; a server name whose answers gave another
+//! address is flagged `sni_not_resolved`.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, ensure};
+use conduit_lab::{
+    Lab, Ns, SensorRun,
+    ai::{LabPki, lab_conduits, start_endpoints},
+    skip_unless_root,
+    topology::{AI_V4, GW_OT1_IF, GW_OT2_IF, GatewayLab, GatewayLabOptions, NET_V4, OT1_V4},
+};
+use serde_json::Value;
+
+/// The CNAME the resolver puts in front of api.openai.com, as a CDN would.
+const CDN_NAME: &str = "api.openai.com.cdn.lab.example";
+
+/// HTTPS record data: priority 1, target ".", ipv4hint=AI_V4[0], ech=<a config
+/// list>, in SvcParam key order.
+const HTTPS_RDATA: &str = "0001 00 0004 0004 cb00710a 0005 0006 0004 fe0d 0000";
+
+/// Starts dnsmasq on the `net` side: api.openai.com is a CNAME to a CDN name at
+/// AI_V4[0] (TTL 300) with an HTTPS record announcing ECH; harmless.example.org is
+/// AI_V4[2].
+fn start_resolver(lab: &mut Lab, net: &Ns) -> Result<()> {
+    let args = [
+        "dnsmasq".to_string(),
+        "--keep-in-foreground".into(),
+        "--log-facility=-".into(),
+        "--log-queries".into(),
+        "--conf-file=/dev/null".into(),
+        "--no-resolv".into(),
+        "--no-hosts".into(),
+        "--bind-interfaces".into(),
+        format!("--listen-address={NET_V4}"),
+        "--user=root".into(),
+        "--group=root".into(),
+        "--pid-file=".into(),
+        "--local-ttl=300".into(),
+        format!("--host-record={CDN_NAME},{}", AI_V4[0]),
+        format!("--cname=api.openai.com,{CDN_NAME},300"),
+        format!("--dns-rr=api.openai.com,65,{}", HTTPS_RDATA.replace(' ', "")),
+        format!("--address=/harmless.example.org/{}", AI_V4[2]),
+    ];
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    lab.spawn(net, "dnsmasq", &refs)?;
+    lab.wait_for_port(net, "udp", 53, Duration::from_secs(10))
+}
+
+/// `dig` from `ns` at the lab's resolver; returns its short answer.
+fn dig(lab: &Lab, ns: &Ns, name: &str, ty: &str) -> Result<String> {
+    let out = lab.exec(
+        ns,
+        &["dig", &format!("@{NET_V4}"), name, ty, "+short", "+tries=3"],
+    )?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A TLS call from `ns` to `addr` with `sni` (none: an IP literal, as curl sends it).
+fn tls_call(lab: &Lab, ns: &Ns, addr: &str, sni: Option<&str>) -> Result<()> {
+    let out = match sni {
+        None => lab.exec(
+            ns,
+            &[
+                "curl",
+                "-sS",
+                "-k",
+                "--max-time",
+                "10",
+                "--http1.1",
+                &format!("https://{addr}/"),
+            ],
+        )?,
+        Some(name) => {
+            let cmd = format!(
+                "printf 'GET / HTTP/1.1\\r\\nHost: {name}\\r\\nConnection: close\\r\\n\\r\\n' | timeout 10 openssl s_client -quiet -connect {addr}:443 -servername {name}"
+            );
+            lab.exec(ns, &["sh", "-c", &cmd])?
+        }
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        text.contains("ok from the lab"),
+        "TLS call to {addr} ({sni:?}): {text}"
+    );
+    Ok(())
+}
+
+/// The flow_start of the TLS flow from OT1 to `addr` whose SNI is `sni`.
+fn start_of<'a>(records: &'a [Value], addr: &str, sni: Option<&str>) -> Result<&'a Value> {
+    records
+        .iter()
+        .find(|r| {
+            r["event"]["action"] == "flow_start"
+                && r["source"]["ip"] == OT1_V4
+                && r["destination"]["ip"] == addr
+                && r["destination"]["port"] == 443
+                && r["tls"]["client"]["server_name"].as_str() == sni
+        })
+        .with_context(|| {
+            let all: Vec<String> = records.iter().map(Value::to_string).collect();
+            format!("no flow_start to {addr} with SNI {sni:?}:\n{}", all.join("\n"))
+        })
+}
+
+#[test]
+fn flows_are_attributed_through_real_dns_answers() -> Result<()> {
+    if skip_unless_root("flows_are_attributed_through_real_dns_answers") {
+        return Ok(());
+    }
+    let mut lab = GatewayLab::build("dns", GatewayLabOptions { masquerade: true })?;
+    let pki = LabPki::create(&lab.lab)?;
+    let (gw, ot1, net) = (lab.gw.clone(), lab.ot1.clone(), lab.net.clone());
+    start_endpoints(&mut lab.lab, &net, &pki)?;
+    start_resolver(&mut lab.lab, &net)?;
+    let conduits = lab_conduits().display().to_string();
+    let sensor = SensorRun::start(
+        &mut lab.lab,
+        &gw,
+        "sensor",
+        &[
+            "--iface",
+            GW_OT1_IF,
+            "--iface",
+            GW_OT2_IF,
+            "--conduits",
+            &conduits,
+        ],
+    )?;
+    let l = &lab.lab;
+
+    let a = dig(l, &ot1, "api.openai.com", "A")?;
+    ensure!(
+        a.contains(CDN_NAME) && a.contains(AI_V4[0]),
+        "dig api.openai.com: {a}"
+    );
+    let https = dig(l, &ot1, "api.openai.com", "TYPE65")?;
+    ensure!(!https.trim().is_empty(), "no HTTPS record: {https}");
+    let decoy = dig(l, &ot1, "harmless.example.org", "A")?;
+    ensure!(decoy.contains(AI_V4[2]), "dig harmless.example.org: {decoy}");
+
+    // No SNI: an IP literal.
+    tls_call(l, &ot1, AI_V4[0], None)?;
+    // A name whose DNS answer gave another address, at api.openai.com's address.
+    tls_call(l, &ot1, AI_V4[0], Some("harmless.example.org"))?;
+    // The name DNS gave this address: nothing to flag.
+    tls_call(l, &ot1, AI_V4[0], Some("api.openai.com"))?;
+    let records = sensor.stop(&mut lab.lab)?;
+
+    let r = start_of(&records, AI_V4[0], None)?;
+    let what = format!("{r:#}");
+    ensure!(r["conduit"]["attribution"] == "dns", "attribution: {what}");
+    ensure!(r["conduit"]["endpoint"] == "openai", "endpoint: {what}");
+    ensure!(r["conduit"]["zone"] == "cell-1", "zone: {what}");
+    ensure!(r["conduit"]["verdict"] == "violation", "verdict: {what}");
+    ensure!(
+        r["destination"]["domain"] == "api.openai.com",
+        "domain: {what}"
+    );
+    ensure!(
+        r["conduit"]["ech_announced"] == true,
+        "the HTTPS record's ECH config: {what}"
+    );
+    ensure!(r["conduit"]["anomalies"].is_null(), "anomalies: {what}");
+
+    let r = start_of(&records, AI_V4[0], Some("harmless.example.org"))?;
+    let what = format!("{r:#}");
+    ensure!(
+        r["conduit"]["anomalies"] == serde_json::json!(["sni_not_resolved"]),
+        "anomalies: {what}"
+    );
+    ensure!(r["conduit"]["attribution"] == "dns", "attribution: {what}");
+    ensure!(r["conduit"]["endpoint"] == "openai", "endpoint: {what}");
+
+    let r = start_of(&records, AI_V4[0], Some("api.openai.com"))?;
+    let what = format!("{r:#}");
+    ensure!(r["conduit"]["attribution"] == "sni", "attribution: {what}");
+    ensure!(r["conduit"]["anomalies"].is_null(), "anomalies: {what}");
+    ensure!(
+        r["destination"]["domain"] == "api.openai.com",
+        "domain: {what}"
+    );
+    Ok(())
+}
