@@ -10,6 +10,11 @@
 //! CNAME chains and HTTPS/SVCB records); [`cache`] keeps them per client, bounded
 //! and expiring on the caller's clock (the capture's in replay).
 
+pub mod cache;
 pub mod message;
 
+pub use cache::{
+    DEFAULT_MAX_ENTRIES, DEFAULT_TTL_CAP_S, DEFAULT_TTL_FLOOR_S, DnsCache, DnsLimits, Resolved,
+    Resolves,
+};
 pub use message::{Answer, DnsError, Response, parse_response};
