@@ -8,6 +8,7 @@ pub mod community_id;
 pub mod completion;
 pub mod config;
 pub mod crash_recovery;
+pub mod dns;
 pub mod flows;
 pub mod jsonl;
 pub mod kernel;

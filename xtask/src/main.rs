@@ -496,6 +496,7 @@ fn fuzz(seconds: u32) -> Result<()> {
         "quic_initial",
         "config",
         "stream_decode",
+        "dns_response",
     ] {
         step(&format!("fuzz {target} for {seconds} s"));
         let corpus = dir.join("corpus").join(target);
