@@ -674,7 +674,9 @@ impl Agent {
         let (dns_name, dns_ech) = self
             .dns
             .name_for(ep.src, ep.dst, now)
-            .map_or((None, false), |r| (Some(r.name.to_owned()), r.ech_announced));
+            .map_or((None, false), |r| {
+                (Some(r.name.to_owned()), r.ech_announced)
+            });
         let sni = info.sni.as_deref().filter(|s| !s.is_empty());
         if let Some(name) = sni
             && self.dns.resolves(name, ep.dst, now) == Resolves::No

@@ -495,16 +495,27 @@ fn sni_then_dns_name_then_address() {
     let openai = Some(("openai".to_string(), Attribution::Sni));
     // The SNI wins over what DNS said.
     assert_eq!(
-        classify("198.51.100.7", Some("api.openai.com"), Some("chat.openai.com")),
+        classify(
+            "198.51.100.7",
+            Some("api.openai.com"),
+            Some("chat.openai.com")
+        ),
         openai
     );
     // An ECH outer name names no endpoint: the DNS name does.
     let by_dns = Some(("openai-chat".to_string(), Attribution::Dns));
     assert_eq!(
-        classify("198.51.100.7", Some("cloudflare-ech.com"), Some("chat.openai.com")),
+        classify(
+            "198.51.100.7",
+            Some("cloudflare-ech.com"),
+            Some("chat.openai.com")
+        ),
         by_dns
     );
-    assert_eq!(classify("198.51.100.7", None, Some("CHAT.openai.com.")), by_dns);
+    assert_eq!(
+        classify("198.51.100.7", None, Some("CHAT.openai.com.")),
+        by_dns
+    );
     // The DNS name wins over the address; without a name, the address.
     assert_eq!(classify("192.0.2.9", None, Some("chat.openai.com")), by_dns);
     assert_eq!(

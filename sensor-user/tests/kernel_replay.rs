@@ -106,16 +106,6 @@ fn unhex(text: &str) -> Vec<u8> {
     hex::decode(text.split_whitespace().collect::<String>()).unwrap()
 }
 
-/// A classic pcap (microsecond timestamps, Ethernet), one packet per millisecond.
-fn write_pcap(path: &Path, packets: &[Vec<u8>]) {
-    let timed: Vec<_> = packets
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (i as u64 * 1000, p.clone()))
-        .collect();
-    write_pcap_timed(path, &timed);
-}
-
 /// A classic pcap of (microseconds after the first packet, frame).
 fn write_pcap_timed(path: &Path, packets: &[(u64, Vec<u8>)]) {
     let mut out = Vec::new();
@@ -555,7 +545,10 @@ fn hello_flow(server: [u8; 4], port: u16, sni: &str, ech: bool) -> Vec<Vec<u8>> 
     let (cs, ss) = (7000u32, 9000u32);
     vec![
         tcp_frame(
-            eth().ipv4(CLIENT, server, 64).tcp(port, 443, cs, 64240).syn(),
+            eth()
+                .ipv4(CLIENT, server, 64)
+                .tcp(port, 443, cs, 64240)
+                .syn(),
             &[],
         ),
         tcp_frame(
@@ -650,7 +643,10 @@ fn replay_attributes_hidden_names_through_dns_and_flags_forged_ones() {
     assert_eq!(r["conduit"]["endpoint"], "openai", "{r:#}");
     assert_eq!(r["conduit"]["verdict"], "violation", "{r:#}");
     assert_eq!(r["destination"]["domain"], "api.openai.com", "{r:#}");
-    assert_eq!(r["tls"]["client"]["server_name"], "cloudflare-ech.com", "{r:#}");
+    assert_eq!(
+        r["tls"]["client"]["server_name"], "cloudflare-ech.com",
+        "{r:#}"
+    );
     assert_eq!(r["conduit"]["ech"], true, "{r:#}");
     assert_eq!(r["conduit"]["ech_announced"], true, "{r:#}");
     assert!(r["conduit"]["anomalies"].is_null(), "{r:#}");
@@ -663,7 +659,10 @@ fn replay_attributes_hidden_names_through_dns_and_flags_forged_ones() {
     );
     assert_eq!(r["conduit"]["attribution"], "dns", "{r:#}");
     assert_eq!(r["conduit"]["endpoint"], "openai", "{r:#}");
-    assert_eq!(r["tls"]["client"]["server_name"], "harmless.example.org", "{r:#}");
+    assert_eq!(
+        r["tls"]["client"]["server_name"], "harmless.example.org",
+        "{r:#}"
+    );
 
     let r = start(40042);
     assert!(r["conduit"]["attribution"].is_null(), "{r:#}");

@@ -24,7 +24,8 @@ const CDN_NAME: &str = "api.openai.com.cdn.lab.example";
 const HTTPS_RDATA: &str = "0001 00 0004 0004 cb00710a 0005 0006 0004 fe0d 0000";
 
 /// Starts dnsmasq on the `net` side: api.openai.com is a CNAME to a CDN name at
-/// AI_V4[0] (TTL 300) with an HTTPS record announcing ECH; harmless.example.org is
+/// AI_V4[0] (TTL 300) whose HTTPS record announces ECH (on the CNAME's target: a
+/// name with a CNAME has no other records); harmless.example.org is
 /// AI_V4[2].
 fn start_resolver(lab: &mut Lab, net: &Ns) -> Result<()> {
     let args = [
@@ -43,7 +44,7 @@ fn start_resolver(lab: &mut Lab, net: &Ns) -> Result<()> {
         "--local-ttl=300".into(),
         format!("--host-record={CDN_NAME},{}", AI_V4[0]),
         format!("--cname=api.openai.com,{CDN_NAME},300"),
-        format!("--dns-rr=api.openai.com,65,{}", HTTPS_RDATA.replace(' ', "")),
+        format!("--dns-rr={CDN_NAME},65,{}", HTTPS_RDATA.replace(' ', "")),
         format!("--address=/harmless.example.org/{}", AI_V4[2]),
     ];
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -103,7 +104,10 @@ fn start_of<'a>(records: &'a [Value], addr: &str, sni: Option<&str>) -> Result<&
         })
         .with_context(|| {
             let all: Vec<String> = records.iter().map(Value::to_string).collect();
-            format!("no flow_start to {addr} with SNI {sni:?}:\n{}", all.join("\n"))
+            format!(
+                "no flow_start to {addr} with SNI {sni:?}:\n{}",
+                all.join("\n")
+            )
         })
 }
 
@@ -139,9 +143,15 @@ fn flows_are_attributed_through_real_dns_answers() -> Result<()> {
         "dig api.openai.com: {a}"
     );
     let https = dig(l, &ot1, "api.openai.com", "TYPE65")?;
-    ensure!(!https.trim().is_empty(), "no HTTPS record: {https}");
+    ensure!(
+        https.contains(CDN_NAME) && https.lines().count() == 2,
+        "the CNAME and the HTTPS record: {https}"
+    );
     let decoy = dig(l, &ot1, "harmless.example.org", "A")?;
-    ensure!(decoy.contains(AI_V4[2]), "dig harmless.example.org: {decoy}");
+    ensure!(
+        decoy.contains(AI_V4[2]),
+        "dig harmless.example.org: {decoy}"
+    );
 
     // No SNI: an IP literal.
     tls_call(l, &ot1, AI_V4[0], None)?;

@@ -116,8 +116,8 @@ impl ConduitMap {
                 })
                 .map(|(_, e)| (e, by))
         };
-        let by_names = by_name(names.sni, Attribution::Sni)
-            .or_else(|| by_name(names.dns, Attribution::Dns));
+        let by_names =
+            by_name(names.sni, Attribution::Sni).or_else(|| by_name(names.dns, Attribution::Dns));
         let found = by_names.or_else(|| {
             self.endpoints
                 .iter()
