@@ -5,7 +5,7 @@
 //! the name DNS gave for its destination; a server name whose answers gave another
 //! address is flagged `sni_not_resolved`.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result, ensure};
 use conduit_lab::{
@@ -21,7 +21,18 @@ const CDN_NAME: &str = "api.openai.com.cdn.lab.example";
 
 /// HTTPS record data: priority 1, target ".", ipv4hint=AI_V4[0], ech=<a config
 /// list>, in SvcParam key order.
-const HTTPS_RDATA: &str = "0001 00 0004 0004 cb00710a 0005 0006 0004 fe0d 0000";
+const HTTPS_RDATA: &str = concat!(
+    "0001 00",
+    // alpn=h2
+    " 0001 0003 026832",
+    // ipv4hint=203.0.113.10
+    " 0004 0004 cb00710a",
+    // ech: an ECHConfigList of one draft-13 (0xfe0d) config: id 1, X25519 HPKE key,
+    // HKDF-SHA256 / AES-128-GCM, public name cloudflare-ech.com (the outer SNI).
+    " 0005 0047 0045 fe0d 0041 01 0020 0020",
+    " 0102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f20",
+    " 0004 0001 0001 00 12 636c6f7564666c6172652d6563682e636f6d 0000",
+);
 
 /// Starts dnsmasq on the `net` side: api.openai.com is a CNAME to a CDN name at
 /// AI_V4[0] (TTL 300) whose HTTPS record announces ECH (on the CNAME's target: a
@@ -193,6 +204,99 @@ fn flows_are_attributed_through_real_dns_answers() -> Result<()> {
     ensure!(
         r["destination"]["domain"] == "api.openai.com",
         "domain: {what}"
+    );
+    Ok(())
+}
+
+/// `/etc/netns/<ns>/resolv.conf`, which `ip netns exec` mounts over
+/// /etc/resolv.conf: the namespace's clients ask the lab's resolver. Removed on drop.
+struct NsResolvConf(PathBuf);
+
+impl NsResolvConf {
+    fn write(ns: &Ns) -> Result<NsResolvConf> {
+        let dir = PathBuf::from("/etc/netns").join(&ns.name);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("resolv.conf"), format!("nameserver {NET_V4}\n"))?;
+        Ok(NsResolvConf(dir))
+    }
+}
+
+impl Drop for NsResolvConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Chromium resolves api.openai.com through the lab's resolver with its own DNS
+/// client, gets the HTTPS record's ECH config and sends an Encrypted Client Hello
+/// whose outer name is cloudflare-ech.com. The lab's nginx does not speak ECH, so the
+/// call fails; the flow is still recorded, attributed to openai through DNS.
+#[test]
+fn chromium_ech_is_attributed_through_dns() -> Result<()> {
+    if skip_unless_root("chromium_ech_is_attributed_through_dns") {
+        return Ok(());
+    }
+    let mut lab = GatewayLab::build("ech", GatewayLabOptions { masquerade: true })?;
+    let pki = LabPki::create(&lab.lab)?;
+    let (gw, ot1, net) = (lab.gw.clone(), lab.ot1.clone(), lab.net.clone());
+    start_endpoints(&mut lab.lab, &net, &pki)?;
+    start_resolver(&mut lab.lab, &net)?;
+    let _resolv = NsResolvConf::write(&ot1)?;
+    let conduits = lab_conduits().display().to_string();
+    let sensor = SensorRun::start(
+        &mut lab.lab,
+        &gw,
+        "sensor",
+        &[
+            "--iface",
+            GW_OT1_IF,
+            "--iface",
+            GW_OT2_IF,
+            "--conduits",
+            &conduits,
+        ],
+    )?;
+    let profile = lab.lab.workdir.join("chromium-ech");
+    let out = lab.lab.exec_any(
+        &ot1,
+        &[
+            "timeout",
+            "60",
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--enable-features=AsyncDns,EncryptedClientHello,UseDnsHttpsSvcb",
+            &format!("--user-data-dir={}", profile.display()),
+            "--dump-dom",
+            "https://api.openai.com/",
+        ],
+    )?;
+    let records = sensor.stop(&mut lab.lab)?;
+    let log = std::fs::read_to_string(lab.lab.log_path("dnsmasq")).unwrap_or_default();
+    let r = start_of(&records, AI_V4[0], Some("cloudflare-ech.com")).with_context(|| {
+        format!(
+            "chromium: {}\n{}\ndnsmasq:\n{log}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    let what = format!("{r:#}");
+    ensure!(r["conduit"]["ech"] == true, "ech: {what}");
+    ensure!(r["conduit"]["attribution"] == "dns", "attribution: {what}");
+    ensure!(r["conduit"]["endpoint"] == "openai", "endpoint: {what}");
+    ensure!(
+        r["destination"]["domain"] == "api.openai.com",
+        "domain: {what}"
+    );
+    ensure!(
+        r["conduit"]["ech_announced"] == true,
+        "ech_announced: {what}"
     );
     Ok(())
 }
