@@ -2,7 +2,7 @@
 
 use core::intrinsics::{AtomicOrdering::Relaxed, atomic_or, atomic_xadd};
 
-use aya_ebpf::helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns};
+use aya_ebpf::helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use sensor_common::{
     DIR_FORWARD, DIR_REVERSE, EVENT_FLOW_NEW, FlowEvent, FlowKey, FlowStats, KernelConfig,
     flow_state, tcp_flags,
@@ -185,8 +185,8 @@ pub struct Current;
 
 /// 5.10 and 5.11: no atomic OR, so a plain read-modify-write (a packet of the same
 /// flow on another CPU at the same instant can lose its TCP flag bits: a FIN or
-/// RST missed this way ends the flow at the idle timeout instead), and
-/// `bpf_ktime_get_boot_ns` (5.8; about 50 ns more per packet).
+/// RST missed this way ends the flow at the idle timeout instead), and no coarse
+/// clock: the monotonic clock (about 50 ns more per packet) plus the same offset.
 pub struct Legacy;
 
 impl FlowOps for Current {
@@ -208,9 +208,12 @@ impl FlowOps for Current {
 
 impl FlowOps for Legacy {
     #[inline(always)]
-    fn now(_boot_offset_ns: u64) -> u64 {
+    fn now(boot_offset_ns: u64) -> u64 {
+        // Monotonic plus the agent's offset, as `Current`: boot-clock time live,
+        // and in `replay` the packet's index (the boot clock alone would ignore
+        // the offset `replay` stamps, and map every flow to one packet's time).
         // SAFETY: a helper without arguments.
-        unsafe { bpf_ktime_get_boot_ns() }
+        unsafe { bpf_ktime_get_ns() }.wrapping_add(boot_offset_ns)
     }
 
     #[inline(always)]

@@ -183,7 +183,7 @@ pub enum FlowVariant {
     /// `conduit_xdp_510` / `conduit_tc_510`: a plain read-modify-write for the TCP
     /// flags (a flag of a packet handled on another CPU at the same instant can be
     /// lost; a lost FIN or RST ends the flow at the idle timeout) and
-    /// `bpf_ktime_get_boot_ns` (some 50 ns more per packet).
+    /// the fine monotonic clock (some 50 ns more per packet) plus the same offset.
     Legacy,
 }
 
