@@ -151,18 +151,23 @@ fn replay_classifies_split_tls_and_quic() {
 /// A handshake from CLIENT:`port` to OPENAI:443 whose client payload is `parts`, one
 /// segment each, as (TTL, sequence offset from the first payload byte, bytes).
 fn tls_flow(port: u16, parts: &[(u8, u32, &[u8])]) -> Vec<Vec<u8>> {
+    tls_flow_to(OPENAI, port, parts)
+}
+
+/// [`tls_flow`] to `server`.
+fn tls_flow_to(server: [u8; 4], port: u16, parts: &[(u8, u32, &[u8])]) -> Vec<Vec<u8>> {
     let (cs, ss) = (7000u32, 9000u32);
     let mut out = vec![
         tcp_frame(
             eth()
-                .ipv4(CLIENT, OPENAI, 64)
+                .ipv4(CLIENT, server, 64)
                 .tcp(port, 443, cs, 64240)
                 .syn(),
             &[],
         ),
         tcp_frame(
             eth()
-                .ipv4(OPENAI, CLIENT, 64)
+                .ipv4(server, CLIENT, 64)
                 .tcp(443, port, ss, 64240)
                 .syn()
                 .ack(cs + 1),
@@ -172,7 +177,7 @@ fn tls_flow(port: u16, parts: &[(u8, u32, &[u8])]) -> Vec<Vec<u8>> {
     for (ttl, off, p) in parts {
         out.push(tcp_frame(
             eth()
-                .ipv4(CLIENT, OPENAI, *ttl)
+                .ipv4(CLIENT, server, *ttl)
                 .tcp(port, 443, cs + 1 + off, 64240)
                 .ack(ss + 1)
                 .psh(),
@@ -542,32 +547,7 @@ fn hello_flow(server: [u8; 4], port: u16, sni: &str, ech: bool) -> Vec<Vec<u8>> 
     }
     exts.push(ext(43, &[4, 3, 4, 3, 3]));
     let hello = client_hello(&exts);
-    let (cs, ss) = (7000u32, 9000u32);
-    vec![
-        tcp_frame(
-            eth()
-                .ipv4(CLIENT, server, 64)
-                .tcp(port, 443, cs, 64240)
-                .syn(),
-            &[],
-        ),
-        tcp_frame(
-            eth()
-                .ipv4(server, CLIENT, 64)
-                .tcp(443, port, ss, 64240)
-                .syn()
-                .ack(cs + 1),
-            &[],
-        ),
-        tcp_frame(
-            eth()
-                .ipv4(CLIENT, server, 64)
-                .tcp(port, 443, cs + 1, 64240)
-                .ack(ss + 1)
-                .psh(),
-            &hello,
-        ),
-    ]
+    tls_flow_to(server, port, &[(64, 0, &hello)])
 }
 
 /// DNS correlation through the kernel's copies of DNS responses:

@@ -122,30 +122,34 @@ fn start_of<'a>(records: &'a [Value], addr: &str, sni: Option<&str>) -> Result<&
         })
 }
 
+/// The lab gateway (masquerading) with its AI endpoints, the resolver, and the
+/// sensor on the zone-facing interfaces with the lab's map.
+fn start(tag: &str) -> Result<(GatewayLab, SensorRun)> {
+    let mut lab = GatewayLab::build(tag, GatewayLabOptions { masquerade: true })?;
+    let pki = LabPki::create(&lab.lab)?;
+    let (gw, net) = (lab.gw.clone(), lab.net.clone());
+    start_endpoints(&mut lab.lab, &net, &pki)?;
+    start_resolver(&mut lab.lab, &net)?;
+    let conduits = lab_conduits().display().to_string();
+    let args = [
+        "--iface",
+        GW_OT1_IF,
+        "--iface",
+        GW_OT2_IF,
+        "--conduits",
+        &conduits,
+    ];
+    let sensor = SensorRun::start(&mut lab.lab, &gw, "sensor", &args)?;
+    Ok((lab, sensor))
+}
+
 #[test]
 fn flows_are_attributed_through_real_dns_answers() -> Result<()> {
     if skip_unless_root("flows_are_attributed_through_real_dns_answers") {
         return Ok(());
     }
-    let mut lab = GatewayLab::build("dns", GatewayLabOptions { masquerade: true })?;
-    let pki = LabPki::create(&lab.lab)?;
-    let (gw, ot1, net) = (lab.gw.clone(), lab.ot1.clone(), lab.net.clone());
-    start_endpoints(&mut lab.lab, &net, &pki)?;
-    start_resolver(&mut lab.lab, &net)?;
-    let conduits = lab_conduits().display().to_string();
-    let sensor = SensorRun::start(
-        &mut lab.lab,
-        &gw,
-        "sensor",
-        &[
-            "--iface",
-            GW_OT1_IF,
-            "--iface",
-            GW_OT2_IF,
-            "--conduits",
-            &conduits,
-        ],
-    )?;
+    let (mut lab, sensor) = start("dns")?;
+    let ot1 = lab.ot1.clone();
     let l = &lab.lab;
 
     let a = dig(l, &ot1, "api.openai.com", "A")?;
@@ -236,26 +240,9 @@ fn chromium_ech_is_attributed_through_dns() -> Result<()> {
     if skip_unless_root("chromium_ech_is_attributed_through_dns") {
         return Ok(());
     }
-    let mut lab = GatewayLab::build("ech", GatewayLabOptions { masquerade: true })?;
-    let pki = LabPki::create(&lab.lab)?;
-    let (gw, ot1, net) = (lab.gw.clone(), lab.ot1.clone(), lab.net.clone());
-    start_endpoints(&mut lab.lab, &net, &pki)?;
-    start_resolver(&mut lab.lab, &net)?;
+    let (mut lab, sensor) = start("ech")?;
+    let ot1 = lab.ot1.clone();
     let _resolv = NsResolvConf::write(&ot1)?;
-    let conduits = lab_conduits().display().to_string();
-    let sensor = SensorRun::start(
-        &mut lab.lab,
-        &gw,
-        "sensor",
-        &[
-            "--iface",
-            GW_OT1_IF,
-            "--iface",
-            GW_OT2_IF,
-            "--conduits",
-            &conduits,
-        ],
-    )?;
     let profile = lab.lab.workdir.join("chromium-ech");
     let out = lab.lab.exec_any(
         &ot1,
