@@ -37,7 +37,7 @@ const HTTPS_RDATA: &str = concat!(
 /// Starts dnsmasq on the `net` side: api.openai.com is a CNAME to a CDN name at
 /// AI_V4[0] (TTL 300) whose HTTPS record announces ECH (on the CNAME's target: a
 /// name with a CNAME has no other records); harmless.example.org is
-/// AI_V4[2].
+/// AI_V4[2]; api.anthropic.com is AI_V4[1].
 fn start_resolver(lab: &mut Lab, net: &Ns) -> Result<()> {
     let args = [
         "dnsmasq".to_string(),
@@ -57,6 +57,7 @@ fn start_resolver(lab: &mut Lab, net: &Ns) -> Result<()> {
         format!("--cname=api.openai.com,{CDN_NAME},300"),
         format!("--dns-rr={CDN_NAME},65,{}", HTTPS_RDATA.replace(' ', "")),
         format!("--address=/harmless.example.org/{}", AI_V4[2]),
+        format!("--address=/api.anthropic.com/{}", AI_V4[1]),
     ];
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     lab.spawn(net, "dnsmasq", &refs)?;
@@ -123,7 +124,8 @@ fn start_of<'a>(records: &'a [Value], addr: &str, sni: Option<&str>) -> Result<&
 }
 
 /// The lab gateway (masquerading) with its AI endpoints, the resolver, and the
-/// sensor on the zone-facing interfaces with the lab's map.
+/// sensor on the zone-facing interfaces with the lab's map, enforcing (its only
+/// `block` conduit is cell-1 to anthropic).
 fn start(tag: &str) -> Result<(GatewayLab, SensorRun)> {
     let mut lab = GatewayLab::build(tag, GatewayLabOptions { masquerade: true })?;
     let pki = LabPki::create(&lab.lab)?;
@@ -138,6 +140,7 @@ fn start(tag: &str) -> Result<(GatewayLab, SensorRun)> {
         GW_OT2_IF,
         "--conduits",
         &conduits,
+        "--enforce",
     ];
     let sensor = SensorRun::start(&mut lab.lab, &gw, "sensor", &args)?;
     Ok((lab, sensor))
@@ -174,6 +177,17 @@ fn flows_are_attributed_through_real_dns_answers() -> Result<()> {
     tls_call(l, &ot1, AI_V4[0], Some("harmless.example.org"))?;
     // The name DNS gave this address: nothing to flag.
     tls_call(l, &ot1, AI_V4[0], Some("api.openai.com"))?;
+    // A conduit blocks cell-1 from anthropic: a flow attributed through DNS is
+    // dropped like one attributed by its SNI.
+    let anthropic = dig(l, &ot1, "api.anthropic.com", "A")?;
+    ensure!(
+        anthropic.contains(AI_V4[1]),
+        "dig api.anthropic.com: {anthropic}"
+    );
+    ensure!(
+        tls_call(l, &ot1, AI_V4[1], None).is_err(),
+        "a DNS-attributed flow the map blocks went through"
+    );
     let records = sensor.stop(&mut lab.lab)?;
 
     let r = start_of(&records, AI_V4[0], None)?;
@@ -200,6 +214,13 @@ fn flows_are_attributed_through_real_dns_answers() -> Result<()> {
     );
     ensure!(r["conduit"]["attribution"] == "dns", "attribution: {what}");
     ensure!(r["conduit"]["endpoint"] == "openai", "endpoint: {what}");
+
+    let r = start_of(&records, AI_V4[1], None)?;
+    let what = format!("{r:#}");
+    ensure!(r["conduit"]["attribution"] == "dns", "attribution: {what}");
+    ensure!(r["conduit"]["endpoint"] == "anthropic", "endpoint: {what}");
+    ensure!(r["conduit"]["verdict"] == "blocked", "verdict: {what}");
+    ensure!(r["conduit"]["id"] == "C-CELL1-ANTHROPIC", "conduit: {what}");
 
     let r = start_of(&records, AI_V4[0], Some("api.openai.com"))?;
     let what = format!("{r:#}");
