@@ -99,6 +99,12 @@ pub mod sni_state {
     pub const PENDING: u8 = 1;
     /// Classification is final (SNI found, or the flow is not TLS/QUIC).
     pub const DONE: u8 = 2;
+    /// A second ClientHello began at a later forward segment while the flow's
+    /// first one was pending or done (a retransmission with a different name: a
+    /// decoy the server ignored, then the real one). The verdict may still rise,
+    /// never fall: by the kernel's own reading of the later hello, or by the
+    /// agent's updates, which the kernel keeps merging for this flow.
+    pub const CONTESTED: u8 = 3;
 }
 
 /// The verdict of a flow, the one type the kernel and the agent share. The kernel

@@ -170,6 +170,9 @@ fn copy_chunk(b: &Bounds, off: usize, dst: *mut u8, at: usize) -> Option<()> {
 /// How a payload classifier reads the packet and hashes the SNI. The loader loads
 /// the best one the kernel accepts (`sensor-user`'s `kernel::ClassifierVariant`).
 pub trait Variant {
+    /// Whether a contesting hello's name is read in the kernel (see
+    /// [`classify_hello`]); without, the agent's reading raises the verdict.
+    const READS_CONTESTING_HELLO: bool;
     /// Copies `len` packet bytes at `off` into `dst`; 0 on success.
     fn copy<C: LoadBytes>(ctx: &C, b: &Bounds, off: u32, dst: *mut u8, len: u32) -> i64;
     /// Hash and endpoint (in policy generation `generation`) of the host name at
@@ -194,6 +197,8 @@ pub struct Helpers;
 pub struct Bounded;
 
 impl Variant for Helpers {
+    const READS_CONTESTING_HELLO: bool = true;
+
     #[inline(always)]
     fn copy<C: LoadBytes>(ctx: &C, _b: &Bounds, off: u32, dst: *mut u8, len: u32) -> i64 {
         ctx.load_bytes_raw(off, dst, len)
@@ -213,6 +218,10 @@ impl Variant for Helpers {
 }
 
 impl Variant for Bounded {
+    // A second walk of the hello and the name would take 5.10's verifier past its
+    // 1M-instruction limit.
+    const READS_CONTESTING_HELLO: bool = false;
+
     #[inline(always)]
     fn copy<C: LoadBytes>(ctx: &C, b: &Bounds, off: u32, dst: *mut u8, len: u32) -> i64 {
         ctx.load_bytes_bounded(b, off, dst, len)
@@ -287,11 +296,19 @@ fn endpoint_by_net(generation: u8, family: u8, addr: &[u8; 16]) -> u16 {
     }
 }
 
-/// Writes zone, endpoint, conduit and verdict into the flow. The conduit trie holds
-/// each (zone, endpoint, protocol)'s ports as disjoint prefixes, first conduit in the
-/// file winning (see `sensor_common::ConduitKey`); the verdict rule is the shared one.
+/// Writes zone, endpoint, conduit and verdict into the flow.
 #[inline(always)]
 fn decide(s: *mut FlowStats, zone: u16, endpoint: u16, port: u16, proto: u8, cfg: &KernelConfig) {
+    let (conduit, v) = decision(zone, endpoint, port, proto, cfg);
+    write_class(s, zone, endpoint, conduit, v);
+}
+
+/// The conduit and verdict of (zone, endpoint, protocol, port). The conduit trie
+/// holds each (zone, endpoint, protocol)'s ports as disjoint prefixes, first
+/// conduit in the file winning (see `sensor_common::ConduitKey`); the verdict rule
+/// is the shared one.
+#[inline(always)]
+fn decision(zone: u16, endpoint: u16, port: u16, proto: u8, cfg: &KernelConfig) -> (u16, Verdict) {
     let (conduit, act) = if endpoint == 0 {
         (0, None)
     } else {
@@ -305,6 +322,11 @@ fn decide(s: *mut FlowStats, zone: u16, endpoint: u16, port: u16, proto: u8, cfg
         }
     };
     let v = Verdict::decide(endpoint != 0, act, cfg.default_action, cfg.enforce != 0);
+    (conduit, v)
+}
+
+#[inline(always)]
+fn write_class(s: *mut FlowStats, zone: u16, endpoint: u16, conduit: u16, v: Verdict) {
     // SAFETY: live flow-table value; plain stores of classification fields.
     unsafe {
         (*s).zone_id = zone;
@@ -358,17 +380,19 @@ pub fn on_first_payload<C: LoadBytes, V: Variant>(
     cfg: &KernelConfig,
 ) {
     let reply = dir != DIR_FORWARD as u32;
+    // A later forward segment: of a ClientHello still pending, or one sent before
+    // the server spoke after the classification (see `sni_state::CONTESTED`).
     // SAFETY: live flow-table value.
     let continuation = !reply
         && unsafe {
             (*s).payload_copies = (*s).payload_copies.saturating_add(1);
-            (*s).sni_state == sni_state::PENDING
+            (*s).sni_state != sni_state::NONE
         };
     let app = if reply {
         // SAFETY: live flow-table value.
         unsafe { (*s).app_protocol }
     } else if continuation {
-        // A later segment of a ClientHello (or a later Initial): copy it as it is.
+        // A later segment (or a later Initial): copy it as it is.
         // SAFETY: live flow-table value.
         unsafe { (*s).app_protocol }
     } else {
@@ -493,29 +517,83 @@ pub fn on_first_payload<C: LoadBytes, V: Variant>(
         (*ev).copied_len = copied as u32;
         (*ev)._pad = 0;
     }
-    if app == app_protocol::TLS && !continuation && !reply {
+    if app == app_protocol::TLS && !reply {
         // SAFETY: the data array of the reservation; bytes past `copied` are never read.
         let data = unsafe { &(*ev).data };
-        if let Some((name_off, name_len)) = client_hello_sni(data, copied)
-            && let Some((hash, endpoint)) =
-                V::sni(ctx, data, p.payload_off, name_off, name_len, cfg.policy_gen)
-        {
-            let (init, resp, port) = sides(p, DIR_FORWARD);
-            let endpoint = if endpoint != 0 {
-                endpoint
-            } else {
-                endpoint_by_net(cfg.policy_gen, p.family, resp)
-            };
-            let zone = zone_of(cfg.policy_gen, p.family, init, p.vlan);
-            decide(s, zone, endpoint, port, conduit_proto::TLS, cfg);
-            // SAFETY: live flow-table value.
-            unsafe { (*s).sni_hash = hash };
-        }
+        classify_hello::<C, V>(ctx, data, copied, p, s, continuation, cfg);
     }
     if dns {
         bump(Counter::DnsCopied);
     }
     e.submit(cfg.ringbuf_submit_flags());
+}
+
+/// The SNI of a ClientHello at the start of `data` (`copied` bytes) decides the
+/// flow.
+///
+/// A `continuation` segment that begins a ClientHello record of its own contests
+/// the first: a decoy the server ignored (bad checksum) then the real hello at the
+/// same sequence number, or the reverse. Its name may raise the verdict, never
+/// lower it, and the flow becomes [`sni_state::CONTESTED`] so that the agent's
+/// reading of both (which can rise further) still reaches the kernel. The same name
+/// again (a plain retransmission) changes nothing. The [`Bounded`] variant leaves
+/// the contesting name to the agent.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn classify_hello<C: LoadBytes, V: Variant>(
+    ctx: &C,
+    data: &[u8; PAYLOAD_COPY_MAX],
+    copied: usize,
+    p: &Packet,
+    s: *mut FlowStats,
+    continuation: bool,
+    cfg: &KernelConfig,
+) {
+    // TLS record: handshake (22), version 3.x, handshake type ClientHello (1).
+    let begins_hello = at(data, copied, 0) == Some(22)
+        && at(data, copied, 1) == Some(3)
+        && at(data, copied, 5) == Some(1);
+    if continuation && !begins_hello {
+        return;
+    }
+    let named = if continuation && !V::READS_CONTESTING_HELLO {
+        None
+    } else {
+        client_hello_sni(data, copied).and_then(|(name_off, name_len)| {
+            V::sni(ctx, data, p.payload_off, name_off, name_len, cfg.policy_gen)
+        })
+    };
+    let Some((hash, endpoint)) = named else {
+        if continuation {
+            // The name is in a later segment, or this variant does not read it:
+            // the agent does.
+            // SAFETY: live flow-table value.
+            unsafe { (*s).sni_state = sni_state::CONTESTED };
+        }
+        return;
+    };
+    let (init, resp, port) = sides(p, DIR_FORWARD);
+    let endpoint = if endpoint != 0 {
+        endpoint
+    } else {
+        endpoint_by_net(cfg.policy_gen, p.family, resp)
+    };
+    let zone = zone_of(cfg.policy_gen, p.family, init, p.vlan);
+    let (conduit, v) = decision(zone, endpoint, port, conduit_proto::TLS, cfg);
+    // SAFETY: live flow-table value.
+    unsafe {
+        if continuation {
+            if hash == (*s).sni_hash {
+                return;
+            }
+            (*s).sni_state = sni_state::CONTESTED;
+            if (v as u8) <= (*s).verdict {
+                return;
+            }
+        }
+        write_class(s, zone, endpoint, conduit, v);
+        (*s).sni_hash = hash;
+    }
 }
 
 /// Byte `i` of the first `n` bytes of `d`. The index goes through [`opaque`] so that

@@ -309,7 +309,8 @@ fn after_account<F: flow::FlowOps>(
     cfg: &KernelConfig,
 ) -> (bool, bool) {
     // SAFETY: live flow-table value.
-    if unsafe { (*acc.stats).sni_state } == sni_state::PENDING {
+    let sni = unsafe { (*acc.stats).sni_state };
+    if sni == sni_state::PENDING || sni == sni_state::CONTESTED {
         merge_class_update(key, acc.stats);
     }
     // SAFETY: live flow-table value. Read before classifying: enforcement applies
@@ -359,12 +360,26 @@ fn after_account<F: flow::FlowOps>(
         return (false, reply);
     }
     // SAFETY: as above.
-    let (state, copies) = unsafe { ((*acc.stats).sni_state, (*acc.stats).payload_copies) };
+    let (state, copies, app, flags) = unsafe {
+        (
+            (*acc.stats).sni_state,
+            (*acc.stats).payload_copies,
+            (*acc.stats).app_protocol,
+            (*acc.stats).state,
+        )
+    };
+    // Until the server has spoken, a TLS client sends nothing but its hello: what
+    // else it sends before then is copied too, so that a second hello at the same
+    // sequence numbers (a decoy the server ignored, then the real one) is seen.
+    let unanswered_tls = app == app_protocol::TLS && flags & flow_state::REPLY_COPIED == 0;
     // The first payload packet, and later ones while the agent still needs bytes
     // (a ClientHello split over segments, CRYPTO frames over several Initials).
     let first_payload = p.payload_len > 0
         && (state == sni_state::NONE
-            || (state == sni_state::PENDING && copies < MAX_PAYLOAD_COPIES));
+            || (copies < MAX_PAYLOAD_COPIES
+                && (state == sni_state::PENDING
+                    || ((state == sni_state::DONE || state == sni_state::CONTESTED)
+                        && unanswered_tls))));
     if p.payload_len > 0 && state == sni_state::PENDING && copies >= MAX_PAYLOAD_COPIES {
         bump(Counter::LossPayloadCopyLimit);
     }
@@ -386,17 +401,24 @@ fn merge_class_update(key: &FlowKey, s: *mut FlowStats) {
     let Some(u) = (unsafe { CLASS_UPDATES.get(key) }).copied() else {
         return;
     };
+    let _ = CLASS_UPDATES.remove(key);
     // SAFETY: live flow-table value.
     unsafe {
+        // A contested flow's verdict only rises (see `sni_state::CONTESTED`).
+        let contested = (*s).sni_state == sni_state::CONTESTED;
+        if contested && u.verdict < (*s).verdict {
+            return;
+        }
         (*s).sni_hash = u.sni_hash;
         (*s).zone_id = u.zone_id;
         (*s).endpoint_id = u.endpoint_id;
         (*s).conduit_id = u.conduit_id;
         (*s).verdict = u.verdict;
         (*s).app_protocol = u.app_protocol;
-        (*s).sni_state = sni_state::DONE;
+        if !contested {
+            (*s).sni_state = sni_state::DONE;
+        }
     }
-    let _ = CLASS_UPDATES.remove(key);
 }
 
 /// Input of the payload classifiers (tail-called so that the verifier checks the

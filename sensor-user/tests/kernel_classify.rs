@@ -14,7 +14,8 @@ use sensor_common::{
     app_protocol, conduit_proto, sni_hash, sni_state, verdict,
 };
 use sensor_user::kernel::{
-    CidrEntry, ConduitEntry, Kernel, KernelEvent, KernelPolicy, Program, ZoneEntry,
+    CidrEntry, ClassifierVariant, ConduitEntry, Kernel, KernelEvent, KernelPolicy, Program,
+    ZoneEntry,
 };
 
 const XDP_DROP: u32 = 1;
@@ -329,8 +330,9 @@ fn endpoint_cidr_and_enforcement() {
 }
 
 /// A ClientHello over two segments: both are copied to the agent; the agent's
-/// classification (CLASS_UPDATES) is merged on the next packet, which stops the
-/// copying; no packet count is lost to the agent's write.
+/// classification (CLASS_UPDATES) is merged on the next packet; what the client
+/// sends before the server has spoken is still copied (a second hello would be
+/// seen), nothing after; no packet count is lost to the agent's write.
 #[test]
 fn split_hello_is_copied_until_the_agent_classifies() {
     let Some(mut k) = kernel(&policy(action::ALERT, false)) else {
@@ -363,7 +365,7 @@ fn split_hello_is_copied_until_the_agent_classifies() {
     let s = k.flow(&fkey).unwrap().unwrap();
     assert_eq!((s.sni_state, s.payload_copies), (sni_state::PENDING, 2));
 
-    // The agent classifies; the kernel merges on the next packet and stops copying.
+    // The agent classifies; the kernel merges on the next packet.
     let update = sensor_common::ClassUpdate {
         sni_hash: sni_hash(b"api.openai.com"),
         zone_id: 1,
@@ -387,11 +389,134 @@ fn split_hello_is_copied_until_the_agent_classifies() {
         (sni_state::DONE, verdict::BLOCKED)
     );
     assert_eq!(s.packets[0], 4, "every packet counted");
-    assert!(
+    let copied = |k: &mut Kernel| {
         k.drain_events()
             .iter()
-            .all(|e| !matches!(e, KernelEvent::Payload(_)))
+            .filter(|e| matches!(e, KernelEvent::Payload(p) if p.header.direction == 0))
+            .count()
+    };
+    assert_eq!(copied(&mut k), 1, "sent before the server spoke: copied");
+    // The server's first payload; after it, nothing the client sends is copied.
+    let reply = tcp(
+        SERVER,
+        CLIENT,
+        443,
+        sport,
+        false,
+        b"\x16\x03\x03\x00\x01\x02",
     );
+    assert_eq!(k.test_run(Program::Xdp, &reply).unwrap(), XDP_PASS);
+    let data = tcp(CLIENT, SERVER, sport, 443, false, b"data");
+    assert_eq!(k.test_run(Program::Xdp, &data).unwrap(), XDP_PASS);
+    assert_eq!(copied(&mut k), 0);
+}
+
+/// A decoy ClientHello (a harmless name; the server never accepts it: a bad
+/// checksum) and then the real one at the same sequence number: the real hello is
+/// copied too and the flow is `CONTESTED`. The `helpers` classifier reads it in the
+/// kernel, so its blocked endpoint raises the verdict at once (the `bounded` one,
+/// 5.10's, leaves that to the agent's update). An update that would lower the
+/// verdict (the agent's reading of the decoy) is not applied, one that raises it
+/// is. The same hello again (a plain retransmission) changes nothing.
+#[test]
+fn a_second_hello_at_the_same_sequence_contests_and_only_raises_the_verdict() {
+    let Some(mut k) = kernel(&policy(action::BLOCK, true)) else {
+        return;
+    };
+    let hello_for = |name: &str| {
+        let mut exts = filler();
+        exts.push(sni_ext(name));
+        client_hello(&exts)
+    };
+    let (decoy, real) = (hello_for("harmless.example"), hello_for("api.openai.com"));
+    let sport = 40200;
+    let fkey = key(CLIENT, sport, SERVER, 443, 6);
+    let (s, copies) = tls_flow(&mut k, sport, &decoy);
+    assert_eq!(copies.len(), 1);
+    assert_eq!(
+        (s.sni_state, s.verdict),
+        (sni_state::PENDING, verdict::UNCLASSIFIED)
+    );
+    // The same decoy again: a retransmission, nothing contested (unless the
+    // kernel cannot read it: then the agent tells).
+    let reads = k.classifiers().xdp == ClassifierVariant::Helpers;
+    let pkt = |p: &[u8]| tcp(CLIENT, SERVER, sport, 443, false, p);
+    assert_eq!(k.test_run(Program::Xdp, &pkt(&decoy)).unwrap(), XDP_PASS);
+    let s = k.flow(&fkey).unwrap().unwrap();
+    let expected = if reads {
+        sni_state::PENDING
+    } else {
+        sni_state::CONTESTED
+    };
+    assert_eq!(s.sni_state, expected);
+    // The real hello: copied, contested, and (read in the kernel) the verdict rises.
+    assert_eq!(k.test_run(Program::Xdp, &pkt(&real)).unwrap(), XDP_PASS);
+    let s = k.flow(&fkey).unwrap().unwrap();
+    assert_eq!(s.sni_state, sni_state::CONTESTED);
+    if reads {
+        assert_eq!(
+            (s.verdict, s.endpoint_id, s.sni_hash),
+            (verdict::BLOCKED, 5, sni_hash(b"api.openai.com"))
+        );
+    } else {
+        assert_eq!(s.verdict, verdict::UNCLASSIFIED);
+    }
+    let copied = k
+        .drain_events()
+        .iter()
+        .filter(|e| matches!(e, KernelEvent::Payload(_)))
+        .count();
+    assert_eq!(
+        copied, 2,
+        "the retransmission and the real hello reach the agent"
+    );
+    // The agent's reading of the decoy arrives late: it would lower the verdict.
+    let lower = sensor_common::ClassUpdate {
+        sni_hash: sni_hash(b"harmless.example"),
+        zone_id: 1,
+        endpoint_id: 0,
+        conduit_id: 0,
+        verdict: verdict::UNCLASSIFIED,
+        app_protocol: app_protocol::TLS,
+    };
+    let raise = sensor_common::ClassUpdate {
+        verdict: verdict::BLOCKED,
+        endpoint_id: 5,
+        sni_hash: sni_hash(b"api.openai.com"),
+        ..lower
+    };
+    if !reads {
+        // The agent's reading of the real hello.
+        assert!(k.update_classification(&fkey, &raise).unwrap());
+        assert_eq!(k.test_run(Program::Xdp, &pkt(b"next")).unwrap(), XDP_DROP);
+    }
+    assert!(k.update_classification(&fkey, &lower).unwrap());
+    assert_eq!(k.test_run(Program::Xdp, &pkt(b"fin")).unwrap(), XDP_DROP);
+    let s = k.flow(&fkey).unwrap().unwrap();
+    assert_eq!(
+        (s.sni_state, s.verdict, s.sni_hash),
+        (
+            sni_state::CONTESTED,
+            verdict::BLOCKED,
+            sni_hash(b"api.openai.com")
+        )
+    );
+
+    // A contest the kernel cannot read (the real name in a later segment): the
+    // agent's update raises the verdict.
+    let sport = 40201;
+    let fkey = key(CLIENT, sport, SERVER, 443, 6);
+    let pkt = |p: &[u8]| tcp(CLIENT, SERVER, sport, 443, false, p);
+    tls_flow(&mut k, sport, &decoy);
+    let (head, _) = real.split_at(real.len() - 20);
+    assert_eq!(k.test_run(Program::Xdp, &pkt(head)).unwrap(), XDP_PASS);
+    let s = k.flow(&fkey).unwrap().unwrap();
+    assert_eq!(
+        (s.sni_state, s.verdict),
+        (sni_state::CONTESTED, verdict::UNCLASSIFIED)
+    );
+    assert!(k.update_classification(&fkey, &raise).unwrap());
+    assert_eq!(k.test_run(Program::Xdp, &pkt(b"next")).unwrap(), XDP_DROP);
 }
 
 /// DNS over UDP: every response (from port 53) reaches the agent as `EVENT_DNS`,
