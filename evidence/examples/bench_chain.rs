@@ -54,6 +54,7 @@ fn flow_end(i: u64, now: i64) -> v1::Record {
             host_name: String::new(),
             destination_domain: String::new(),
             ech_announced: false,
+            conflicting_server_names: Vec::new(),
             source_mac: Vec::new(),
             attribution: String::new(),
             flow_id: 0x9e37_79b9_7f4a_7c15 ^ i,

@@ -252,6 +252,9 @@ pub fn ecs_json(record: &Record, pos: &ChainPosition) -> Value {
             if !f.anomalies.is_empty() {
                 conduit["anomalies"] = json!(f.anomalies);
             }
+            if !f.conflicting_server_names.is_empty() {
+                conduit["conflicting_server_names"] = json!(f.conflicting_server_names);
+            }
             conduit["zone"] = non_empty(&f.zone);
             conduit["endpoint"] = non_empty(&f.endpoint);
             conduit["attribution"] = non_empty(&f.attribution);

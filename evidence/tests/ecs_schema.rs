@@ -202,7 +202,7 @@ fn flow(verdict: Verdict) -> Flow {
         attribution: "sni".into(),
         source_mac: vec![0x02, 0x00, 0x5e, 0x10, 0x00, 0x01],
         pq_offered: true,
-        anomalies: vec!["reassembly_limit".into()],
+        anomalies: vec!["conflicting_retransmission".into()],
         tls_cipher: "TLS_AES_128_GCM_SHA256".into(),
         tls_curve: "X25519MLKEM768".into(),
         pq_negotiated: true,
@@ -210,6 +210,7 @@ fn flow(verdict: Verdict) -> Flow {
         host_name: "Press line 7 PLC".into(),
         destination_domain: "api.openai.com".into(),
         ech_announced: true,
+        conflicting_server_names: vec!["harmless.example".into()],
     }
 }
 

@@ -578,6 +578,7 @@ impl Agent {
                     None => crate::tls::parse_server_hello(data),
                 };
                 tracing::debug!(copied, ?negotiated, "responder first payload");
+                self.completion.answered(&key);
                 if let Some(n) = negotiated {
                     self.tracker.on_server_hello(&key, n);
                 }
@@ -585,9 +586,15 @@ impl Agent {
             KernelEvent::Dns(pe) => self.on_dns(&pe),
             KernelEvent::Payload(pe) => {
                 let key = pe.header.key;
-                match self.completion.push(&pe, Instant::now()) {
+                let hello_read = self.tracker.hello_read(&key);
+                let completed = self.completion.push(&pe, hello_read, Instant::now());
+                self.metrics
+                    .client_hello_watch_refused
+                    .store(self.completion.watch_refused(), Ordering::Relaxed);
+                match completed {
                     Completed::Hello(info, proto) => self.classified(key, *info, proto)?,
-                    Completed::NeedMore => {}
+                    Completed::Contested(names) => self.contested(key, names)?,
+                    Completed::NeedMore | Completed::Ignored => {}
                     Completed::NotTls => self.finish_unclassified(key, None)?,
                     Completed::Malformed => {
                         self.finish_unclassified(key, Some(anomaly::MALFORMED_CLIENT_HELLO))?;
@@ -650,42 +657,142 @@ impl Agent {
         let Some(mut stats) = self.kernel.flow(&key)? else {
             return Ok(());
         };
-        let ep = endpoints(&key, &stats);
         let mut class = Classification {
             app_protocol: Some(proto.as_str().to_string()),
-            server_name: info.sni.clone(),
             ja4: Some(info.ja4.clone()),
             tls_version: Some(info.tls_version.clone()),
             alpn: info.alpn.clone(),
             ech: info.ech,
             pq_offered: info.offers_post_quantum(),
             quic_initial: info.quic_initial.clone(),
-            anomalies: if info.conflicting_retransmission {
-                vec![anomaly::CONFLICTING_RETRANSMISSION]
-            } else {
-                Vec::new()
-            },
             ..Classification::default()
+        };
+        // Two hellos at the same sequence numbers: the flow takes the more severe
+        // verdict of their names (an ignored decoy must not lower it).
+        let mut attributed = self.attribute(&key, &stats, proto, info.sni.as_deref());
+        if info.conflicting_retransmission || !info.rival_server_names.is_empty() {
+            class.anomalies.push(anomaly::CONFLICTING_RETRANSMISSION);
+            self.metrics
+                .client_hellos_contested
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        for rival in &info.rival_server_names {
+            let other = self.attribute(&key, &stats, proto, Some(rival));
+            attributed = attributed.or_more_severe(other, &mut class.conflicting_server_names);
+        }
+        attributed.apply(&mut class, &mut stats);
+        if class.anomalies.contains(&anomaly::SNI_NOT_RESOLVED) {
+            self.metrics
+                .flows_sni_not_resolved
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        stats.sni_state = sni_state::DONE;
+        stats.app_protocol = if proto == AppProto::Quic {
+            app_protocol::QUIC
+        } else {
+            app_protocol::TLS
+        };
+        self.kernel
+            .update_classification(&key, &class_update(&stats))?;
+        self.count_verdict(class.verdict);
+        let (stats, now) = (self.sink.clock.stats(stats), self.sink.clock.now_ns());
+        let start = self.tracker.on_classified(key, stats, class, now);
+        self.write_retired()?;
+        if let Some(out) = start {
+            self.write_flow(out)?;
+        }
+        Ok(())
+    }
+
+    /// The flow's parsed hello was sent again with other bytes after it was
+    /// classified: flag it, and let the rival names raise the verdict (in the
+    /// record and in the kernel, which keeps merging for a contested flow).
+    fn contested(&mut self, key: FlowKey, names: Vec<String>) -> Result<()> {
+        let Some(mut class) = self.tracker.classification(&key).cloned() else {
+            return Ok(());
+        };
+        let Some(mut stats) = self.kernel.flow(&key)? else {
+            return Ok(());
+        };
+        if !class
+            .anomalies
+            .contains(&anomaly::CONFLICTING_RETRANSMISSION)
+        {
+            class.anomalies.push(anomaly::CONFLICTING_RETRANSMISSION);
+            self.metrics
+                .client_hellos_contested
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let proto = if key.protocol == 17 {
+            AppProto::Quic
+        } else {
+            AppProto::Tls
+        };
+        let before = class.verdict;
+        let mut attributed = Attributed::of(&class, &stats);
+        for name in &names {
+            let other = self.attribute(&key, &stats, proto, Some(name));
+            attributed = attributed.or_more_severe(other, &mut class.conflicting_server_names);
+        }
+        attributed.apply(&mut class, &mut stats);
+        if class.verdict != before {
+            self.kernel
+                .update_classification(&key, &class_update(&stats))?;
+            self.count_verdict(class.verdict);
+        }
+        tracing::info!(
+            flow = ?key,
+            server_name = class.server_name.as_deref().unwrap_or(""),
+            others = ?class.conflicting_server_names,
+            "a second ClientHello at the same sequence numbers"
+        );
+        let start = self.tracker.on_contested(&key, class);
+        self.write_retired()?;
+        if let Some(out) = start {
+            self.write_flow(out)?;
+        }
+        Ok(())
+    }
+
+    /// The flow's classification if its ClientHello named `sni`: by the SNI, else
+    /// the name this client's DNS answers gave for the destination, else its
+    /// address; and whether the name looks forged.
+    fn attribute(
+        &self,
+        key: &FlowKey,
+        stats: &FlowStats,
+        proto: AppProto,
+        sni: Option<&str>,
+    ) -> Attributed {
+        let ep = endpoints(key, stats);
+        let now = self.sink.clock.now_ns();
+        let sni = sni.filter(|s| !s.is_empty());
+        let mut a = Attributed {
+            server_name: sni.map(str::to_owned),
+            zone: None,
+            endpoint: None,
+            attribution: None,
+            conduit_id: None,
+            policy_hash: Vec::new(),
+            domain: None,
+            ech_announced: false,
+            sni_not_resolved: false,
+            zone_index: stats.zone_id,
+            endpoint_index: stats.endpoint_id,
+            conduit_index: stats.conduit_id,
+            kernel_verdict: sensor_common::Verdict::from_u8(stats.verdict),
         };
         // DNS: the name this client's answers gave for the destination, used when
         // the SNI names no endpoint (ECH outer name, none, an IP literal); and a
         // server name whose answers never gave this address may be forged.
-        let now = self.sink.clock.now_ns();
         let (dns_name, dns_ech) = self
             .dns
             .name_for(ep.src, ep.dst, now)
             .map_or((None, false), |r| {
                 (Some(r.name.to_owned()), r.ech_announced)
             });
-        let sni = info.sni.as_deref().filter(|s| !s.is_empty());
-        if let Some(name) = sni
-            && self.dns.resolves(name, ep.dst, now) == Resolves::No
-        {
-            class.anomalies.push(anomaly::SNI_NOT_RESOLVED);
-            self.metrics
-                .flows_sni_not_resolved
-                .fetch_add(1, Ordering::Relaxed);
-        }
+        a.sni_not_resolved =
+            sni.is_some_and(|name| self.dns.resolves(name, ep.dst, now) == Resolves::No);
         if let Some(map) = &self.policy {
             let vlan = (key.vlan != 0).then_some(key.vlan);
             let names = Names {
@@ -701,50 +808,26 @@ impl Agent {
                 names,
                 self.settings.enforcement,
             );
-            class.zone = c.zone.as_ref().map(|z| z.id.clone());
-            class.endpoint = c.endpoint.as_ref().map(|e| e.id.clone());
-            class.attribution = c.endpoint.as_ref().map(|e| e.by);
-            if class.attribution == Some(Attribution::Dns) {
-                self.metrics
-                    .flows_dns_attributed
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-            class.conduit_id = c.conduit.as_ref().map(|c| c.id.clone());
-            class.verdict = proto_verdict(c.verdict);
-            class.policy_hash = map.policy_hash().to_vec();
-            stats.zone_id = c.zone.as_ref().map_or(0, |z| z.index);
-            stats.endpoint_id = c.endpoint.as_ref().map_or(0, |e| e.index);
-            stats.conduit_id = c.conduit.as_ref().map_or(0, |c| c.index);
-            stats.verdict = c.verdict as u8;
+            a.zone = c.zone.as_ref().map(|z| z.id.clone());
+            a.endpoint = c.endpoint.as_ref().map(|e| e.id.clone());
+            a.attribution = c.endpoint.as_ref().map(|e| e.by);
+            a.conduit_id = c.conduit.as_ref().map(|c| c.id.clone());
+            a.policy_hash = map.policy_hash().to_vec();
+            a.zone_index = c.zone.as_ref().map_or(0, |z| z.index);
+            a.endpoint_index = c.endpoint.as_ref().map_or(0, |e| e.index);
+            a.conduit_index = c.conduit.as_ref().map_or(0, |c| c.index);
+            a.kernel_verdict = c.verdict;
         }
         // The name the flow is attributed to: the SNI when it named the endpoint,
         // else what DNS said, else the SNI as sent.
-        let by_dns = dns_name.is_some() && class.attribution != Some(Attribution::Sni);
-        class.ech_announced = by_dns && dns_ech;
-        class.domain = if by_dns {
+        let by_dns = dns_name.is_some() && a.attribution != Some(Attribution::Sni);
+        a.ech_announced = by_dns && dns_ech;
+        a.domain = if by_dns {
             dns_name
         } else {
             sni.map(str::to_owned)
         };
-        stats.sni_state = sni_state::DONE;
-        stats.app_protocol = if proto == AppProto::Quic {
-            app_protocol::QUIC
-        } else {
-            app_protocol::TLS
-        };
-        if let Some(name) = &info.sni {
-            stats.sni_hash = sensor_common::sni_hash(name.as_bytes());
-        }
-        self.kernel
-            .update_classification(&key, &class_update(&stats))?;
-        self.count_verdict(class.verdict);
-        let (stats, now) = (self.sink.clock.stats(stats), self.sink.clock.now_ns());
-        let start = self.tracker.on_classified(key, stats, class, now);
-        self.write_retired()?;
-        if let Some(out) = start {
-            self.write_flow(out)?;
-        }
-        Ok(())
+        a
     }
 
     /// Not TLS/QUIC after all: tell the kernel to stop copying payload. The
@@ -1271,6 +1354,93 @@ fn open_jsonl(path: &std::path::Path, metrics: &Metrics) -> Option<JsonlOut> {
 }
 
 /// The classification fields of a flow, for the kernel to merge (it sets DONE).
+/// A flow's classification by one ClientHello's name ([`Agent::attribute`]).
+#[derive(Debug)]
+struct Attributed {
+    server_name: Option<String>,
+    zone: Option<String>,
+    endpoint: Option<String>,
+    attribution: Option<Attribution>,
+    conduit_id: Option<String>,
+    policy_hash: Vec<u8>,
+    domain: Option<String>,
+    ech_announced: bool,
+    sni_not_resolved: bool,
+    /// The kernel's ids and verdict for the same.
+    zone_index: u16,
+    endpoint_index: u16,
+    conduit_index: u16,
+    kernel_verdict: sensor_common::Verdict,
+}
+
+impl Attributed {
+    /// What `class` (and the kernel's `stats`) already hold.
+    fn of(class: &Classification, stats: &FlowStats) -> Self {
+        Attributed {
+            server_name: class.server_name.clone(),
+            zone: class.zone.clone(),
+            endpoint: class.endpoint.clone(),
+            attribution: class.attribution,
+            conduit_id: class.conduit_id.clone(),
+            policy_hash: class.policy_hash.clone(),
+            domain: class.domain.clone(),
+            ech_announced: class.ech_announced,
+            sni_not_resolved: class.anomalies.contains(&anomaly::SNI_NOT_RESOLVED),
+            zone_index: stats.zone_id,
+            endpoint_index: stats.endpoint_id,
+            conduit_index: stats.conduit_id,
+            kernel_verdict: match class.verdict {
+                Verdict::Authorized => sensor_common::Verdict::Authorized,
+                Verdict::Violation => sensor_common::Verdict::Violation,
+                Verdict::Blocked => sensor_common::Verdict::Blocked,
+                Verdict::Unspecified | Verdict::Unclassified => {
+                    sensor_common::Verdict::Unclassified
+                }
+            },
+        }
+    }
+
+    /// The more severe of the two (`self` on a tie); the other's server name is
+    /// added to `others`.
+    fn or_more_severe(self, other: Attributed, others: &mut Vec<String>) -> Attributed {
+        let (kept, dropped) = if (other.kernel_verdict as u8) > (self.kernel_verdict as u8) {
+            (other, self)
+        } else {
+            (self, other)
+        };
+        if let Some(name) = dropped.server_name
+            && kept.server_name.as_ref() != Some(&name)
+            && !others.contains(&name)
+        {
+            others.push(name);
+        }
+        kept
+    }
+
+    fn apply(self, class: &mut Classification, stats: &mut FlowStats) {
+        if let Some(name) = &self.server_name {
+            stats.sni_hash = sensor_common::sni_hash(name.as_bytes());
+        }
+        class.server_name = self.server_name;
+        class.zone = self.zone;
+        class.endpoint = self.endpoint;
+        class.attribution = self.attribution;
+        class.conduit_id = self.conduit_id;
+        class.policy_hash = self.policy_hash;
+        class.domain = self.domain;
+        class.ech_announced = self.ech_announced;
+        class.verdict = proto_verdict(self.kernel_verdict);
+        class.anomalies.retain(|a| *a != anomaly::SNI_NOT_RESOLVED);
+        if self.sni_not_resolved {
+            class.anomalies.push(anomaly::SNI_NOT_RESOLVED);
+        }
+        stats.zone_id = self.zone_index;
+        stats.endpoint_id = self.endpoint_index;
+        stats.conduit_id = self.conduit_index;
+        stats.verdict = self.kernel_verdict as u8;
+    }
+}
+
 fn class_update(s: &FlowStats) -> ClassUpdate {
     ClassUpdate {
         sni_hash: s.sni_hash,

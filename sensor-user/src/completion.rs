@@ -33,6 +33,11 @@ pub enum Completed {
     Malformed,
     /// A memory bound was hit: the agent writes a `loss` record.
     Limit,
+    /// The parsed hello's bytes came again with other values (TCP): the server
+    /// names of the rival hellos they form, not reported before (may be empty).
+    Contested(Vec<String>),
+    /// A later segment of a flow whose hello was read: nothing to do.
+    Ignored,
 }
 
 /// Per-flow reassembly state for TCP and QUIC.
@@ -65,11 +70,16 @@ impl Completion {
         Completion::default()
     }
 
-    /// Feeds one payload event.
-    pub fn push(&mut self, event: &PayloadEvent, now: Instant) -> Completed {
+    /// Feeds one payload event. `hello_read`: the flow's classification is final
+    /// (a segment after it is only compared with a watched hello, never read as a
+    /// new one).
+    pub fn push(&mut self, event: &PayloadEvent, hello_read: bool, now: Instant) -> Completed {
         let key = event.header.key;
         let copied = (event.copied_len as usize).min(event.data.len());
         let data = &event.data[..copied];
+        if hello_read && (key.protocol == 17 || !self.tcp.watches(&key)) {
+            return Completed::Ignored;
+        }
         let (push, proto) = if key.protocol == 17 {
             (self.quic.push(key, data, now), AppProto::Quic)
         } else {
@@ -81,7 +91,18 @@ impl Completion {
             Push::NotTls => Completed::NotTls,
             Push::Failed(_) => Completed::Malformed,
             Push::Limit => Completed::Limit,
+            Push::Contested { names } => Completed::Contested(names),
         }
+    }
+
+    /// The flow's server spoke: its hello is no longer watched.
+    pub fn answered(&mut self, key: &FlowKey) {
+        self.tcp.answered(key);
+    }
+
+    /// Parsed hellos left unwatched because the watch table was full.
+    pub fn watch_refused(&self) -> u64 {
+        self.tcp.watch_refused()
     }
 
     /// ClientHellos still being reassembled or decrypted.

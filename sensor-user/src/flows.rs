@@ -77,6 +77,10 @@ pub struct Classification {
     /// Why the flow's ClientHello could not be read unambiguously
     /// (`conduit.anomalies`, see [`anomaly`]).
     pub anomalies: Vec<&'static str>,
+    /// Server names of the other ClientHellos sent at the same sequence numbers
+    /// (`conflicting_retransmission`); `server_name` is the one whose verdict
+    /// was the more severe.
+    pub conflicting_server_names: Vec<String>,
 }
 
 /// `conduit.anomalies` values: a flow with one is recorded in every mode, so a
@@ -90,7 +94,9 @@ pub mod anomaly {
     /// deadline (more segments than the kernel copies, or never sent in full).
     pub const CLIENT_HELLO_INCOMPLETE: &str = "client_hello_incomplete";
     /// Parts of the hello arrived twice with different bytes (a decoy overlapped by
-    /// the real hello, or the reverse): the recorded name is the first copy's.
+    /// the real hello, or the reverse): which copy the server took is unknown, so
+    /// the flow takes the more severe verdict of the names and records the others
+    /// in `conflicting_server_names`.
     pub const CONFLICTING_RETRANSMISSION: &str = "conflicting_retransmission";
     /// The flow comes from a zone with `assets_only: true`, and no asset of the map
     /// has its initiator's Ethernet or IP address.
@@ -553,6 +559,25 @@ impl FlowTracker {
             return None;
         }
         Some(start(t))
+    }
+
+    /// Whether the agent's classification of the flow is final.
+    pub fn hello_read(&self, key: &FlowKey) -> bool {
+        self.flows.get(key).is_some_and(|t| t.class_final)
+    }
+
+    /// A second hello contested the flow's first (see `Completed::Contested`): its
+    /// classification is now `class`. Returns the record that says so at once: the
+    /// `flow_start` if this makes the flow recordable, a `flow_update` if it was
+    /// recorded already.
+    pub fn on_contested(&mut self, key: &FlowKey, class: Classification) -> Option<FlowOut> {
+        let recordable = self.recordable(Some(&class));
+        let t = self.flows.get_mut(key)?;
+        t.class = Some(Box::new(class));
+        if t.recorded {
+            return Some(out(t, RecordKind::FlowUpdate, FlowEndReason::Unspecified));
+        }
+        recordable.then(|| start(t))
     }
 
     /// The flow's ServerHello was read: its later records carry what it negotiated.

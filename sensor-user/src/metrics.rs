@@ -55,6 +55,8 @@ pub struct Metrics {
     pub flows_evicted: AtomicU64,
     pub flows_unknown_asset: AtomicU64,
     pub flows_sni_not_resolved: AtomicU64,
+    pub client_hellos_contested: AtomicU64,
+    pub client_hello_watch_refused: AtomicU64,
     pub flows_dns_attributed: AtomicU64,
     pub dns_responses_learned: AtomicU64,
     pub dns_responses_unparsed: AtomicU64,
@@ -207,6 +209,18 @@ impl Collector for Snapshot {
             "flow_records_sni_not_resolved",
             "Flows whose SNI names a host for which DNS answers were seen, none giving the destination address (conduit.anomalies sni_not_resolved)",
             &m.flows_sni_not_resolved,
+        )?;
+        counter(
+            &mut e,
+            "client_hellos_contested",
+            "TLS flows whose ClientHello bytes were sent again with other values, a decoy and the real hello (conduit.anomalies conflicting_retransmission)",
+            &m.client_hellos_contested,
+        )?;
+        counter(
+            &mut e,
+            "client_hello_watch_refused",
+            "Parsed ClientHellos not watched for a second hello at the same sequence numbers because the watch table was full (the kernel still reads a whole second hello itself)",
+            &m.client_hello_watch_refused,
         )?;
         counter(
             &mut e,

@@ -137,6 +137,7 @@ pub fn flow_record(flow: &FlowOut, clock: &BootClock, ifname: &str) -> Record {
             host_name: String::new(),
             destination_domain: c.domain.clone().unwrap_or_default(),
             ech_announced: c.ech_announced,
+            conflicting_server_names: c.conflicting_server_names.clone(),
         })),
         ..Record::default()
     }

@@ -223,7 +223,10 @@ fn hello_for(name: &str, padding: usize) -> Vec<u8> {
 ///   that is no ClientHello, are recorded with the anomaly, not left out;
 /// - a 20 KiB hello in 15 segments is read whole;
 /// - a decoy hello with TTL 1 (it dies at the gateway) does not decide the SNI;
-/// - a hello whose bytes arrive twice with different values is flagged;
+/// - a hello whose bytes arrive twice with different values is flagged, and takes
+///   the more severe name: a complete decoy the server ignores (bad TCP checksum,
+///   normal TTL) before the real hello or after it, and a decoy prefix overlapped
+///   by the real hello, all record api.openai.com and name the decoy;
 /// - a hello whose first segment is shorter than a TLS record header is read, and one
 ///   sent a byte a segment is recorded with the anomaly.
 #[test]
@@ -257,6 +260,15 @@ fn replay_records_client_hellos_that_defeat_parsing_with_their_anomaly() {
         &[(64, 0, &hello[..1]), (64, 1, &hello[1..])],
     ));
     packets.extend(tls_flow(40016, &segments(&hello, hello.len())));
+    // A complete decoy with a bad checksum (a router forwards it, the server drops
+    // it), then the real hello at the same sequence number; and the reverse order.
+    let harmless = hello_for("harmless.example.org", 0);
+    let mut decoy_first = tls_flow(40017, &[(64, 0, &harmless), (64, 0, &hello)]);
+    break_tcp_checksum(&mut decoy_first[2]);
+    packets.extend(decoy_first);
+    let mut decoy_after = tls_flow(40018, &[(64, 0, &hello), (64, 0, &harmless)]);
+    break_tcp_checksum(&mut decoy_after[3]);
+    packets.extend(decoy_after);
     let (records, log) = replay(&packets, &[]);
     let start = |port: u16| {
         let starts: Vec<_> = records
@@ -285,12 +297,45 @@ fn replay_records_client_hellos_that_defeat_parsing_with_their_anomaly() {
         assert_eq!(r["tls"]["client"]["server_name"], "api.openai.com", "{r:#}");
         assert!(r["conduit"]["anomalies"].is_null(), "{r:#}");
     }
-    let r = start(40014);
+    // The last record of each flow: a decoy after the real hello comes once the
+    // flow_start is written, and a flow_update says so.
+    let last = |port: u16| {
+        records
+            .iter()
+            .rfind(|r| r["source"]["port"] == port)
+            .cloned()
+            .unwrap()
+    };
     assert_eq!(
-        r["conduit"]["anomalies"],
-        serde_json::json!(["conflicting_retransmission"]),
-        "{r:#}"
+        start(40018)["tls"]["client"]["server_name"],
+        "api.openai.com"
     );
+    for (port, decoy) in [
+        (40014, "api.example.co"),
+        (40017, "harmless.example.org"),
+        (40018, "harmless.example.org"),
+    ] {
+        let r = last(port);
+        assert_eq!(r["event"]["action"], "flow_end", "{r:#}");
+        assert_eq!(
+            r["conduit"]["anomalies"],
+            serde_json::json!(["conflicting_retransmission"]),
+            "port {port}: {r:#}"
+        );
+        assert_eq!(r["tls"]["client"]["server_name"], "api.openai.com", "{r:#}");
+        assert_eq!(r["conduit"]["endpoint"], "openai", "{r:#}");
+        assert_eq!(r["conduit"]["verdict"], "violation", "{r:#}");
+        assert_eq!(
+            r["conduit"]["conflicting_server_names"],
+            serde_json::json!([decoy]),
+            "port {port}: {r:#}"
+        );
+    }
+}
+
+/// Corrupts the TCP checksum of an Ethernet/IPv4 (no options) frame.
+fn break_tcp_checksum(frame: &mut [u8]) {
+    frame[14 + 20 + 16] ^= 0xff;
 }
 
 /// Runs `conduit-sensor replay` over `packets` with [`CONDUITS`] and `extra` flags;

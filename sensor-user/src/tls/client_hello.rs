@@ -83,6 +83,9 @@ pub struct ClientHelloInfo {
     /// Bytes of the hello arrived twice with different values (TCP): which copy the
     /// server took is unknown, so the name is not certain.
     pub conflicting_retransmission: bool,
+    /// Server names of other complete hellos the same sequence range formed, as
+    /// last sent (the decoy's or the real one's, whichever was not first).
+    pub rival_server_names: Vec<String>,
     /// QUIC: the version and the client's first Destination Connection ID, from
     /// which the server's Initial keys derive (to read its ServerHello).
     pub quic_initial: Option<(u32, Vec<u8>)>,
@@ -252,6 +255,7 @@ pub fn parse_handshake_for(
         ja4: String::new(),
         ja4_r: String::new(),
         conflicting_retransmission: false,
+        rival_server_names: Vec::new(),
         quic_initial: None,
     };
     let mut first_alpn: Option<&[u8]> = None;

@@ -27,6 +27,12 @@ pub enum Push {
     /// A memory bound was hit (bytes or fragments per flow, or the table is
     /// full): the agent reports it as loss reason `reassembly_limit`.
     Limit,
+    /// After the hello was parsed: bytes of its range arrived again with other
+    /// values (a decoy the server ignored and the real hello, in either order).
+    /// `names`: server names of complete hellos the rewritten bytes now form that
+    /// were not reported before (empty: none complete yet). Reported at the first
+    /// difference and at each new name; the flow stays watched.
+    Contested { names: Vec<String> },
 }
 
 /// Bounds for a reassembly table.
@@ -91,6 +97,25 @@ impl RangeBuf {
     }
 
     pub(crate) fn insert(&mut self, off: u64, bytes: &[u8]) -> Insert {
+        self.write(off, bytes, false).0
+    }
+
+    /// Like [`RangeBuf::insert`], but every byte is written (the last write wins);
+    /// also returns whether a byte already held changed.
+    pub(crate) fn overlay(&mut self, off: u64, bytes: &[u8]) -> (Insert, bool) {
+        self.write(off, bytes, true)
+    }
+
+    fn write(&mut self, off: u64, bytes: &[u8], overwrite: bool) -> (Insert, bool) {
+        let before = self.conflict;
+        self.conflict = false;
+        let inserted = self.write_ranges(off, bytes, overwrite);
+        let differed = self.conflict;
+        self.conflict |= before;
+        (inserted, differed)
+    }
+
+    fn write_ranges(&mut self, off: u64, bytes: &[u8], overwrite: bool) -> Insert {
         if bytes.is_empty() {
             return Insert::Ok;
         }
@@ -126,7 +151,9 @@ impl RangeBuf {
             }
             cursor = cursor.max(e);
         }
-        if cursor < end {
+        if overwrite {
+            copy_part(&mut self.data, bytes, start, start, end);
+        } else if cursor < end {
             copy_part(&mut self.data, bytes, start, cursor, end);
         }
         // Merge [start, end) into the range list.
@@ -191,8 +218,32 @@ fn copy_part(data: &mut [u8], bytes: &[u8], base: usize, from: usize, to: usize)
 #[derive(Debug, Clone)]
 pub struct ClientHelloAssembler {
     first_seq: u32,
+    /// Each byte as first sent: what is parsed.
     buf: RangeBuf,
+    /// From the first conflict on, each byte as last sent: what a rival hello
+    /// (the one the server may have taken instead) is read from.
+    latest: Option<RangeBuf>,
     parsed_len: usize,
+}
+
+/// `payload` of the segment at `seq`, as (offset from `first_seq`, bytes), bytes
+/// before `first_seq` cut off; the signed distance handles wrap-around.
+fn relative(first_seq: u32, seq: u32, payload: &[u8]) -> (u64, &[u8]) {
+    let rel = seq.wrapping_sub(first_seq) as i32;
+    if rel < 0 {
+        let skip = usize::try_from(rel.unsigned_abs()).unwrap_or(usize::MAX);
+        (0, payload.get(skip..).unwrap_or(&[]))
+    } else {
+        (u64::from(rel.unsigned_abs()), payload)
+    }
+}
+
+/// The server name of the complete ClientHello at the start of `buf`, if one is
+/// there (`Some(None)`: a hello without one).
+fn hello_name(buf: &RangeBuf) -> Option<Option<String>> {
+    parse_client_hello(buf.contiguous())
+        .ok()
+        .map(|info| info.sni)
 }
 
 impl ClientHelloAssembler {
@@ -201,27 +252,26 @@ impl ClientHelloAssembler {
         ClientHelloAssembler {
             first_seq,
             buf: RangeBuf::new(limits.max_bytes_per_flow, limits.max_fragments),
+            latest: None,
             parsed_len: 0,
         }
     }
 
     /// Bytes buffered (memory accounting).
     pub fn buffered(&self) -> usize {
-        self.buf.buffered()
+        self.buf.buffered() + self.latest.as_ref().map_or(0, RangeBuf::buffered)
     }
 
     /// Feed one segment's payload.
     pub fn push(&mut self, seq: u32, payload: &[u8]) -> Push {
-        // Signed distance handles sequence number wrap-around.
-        let rel = seq.wrapping_sub(self.first_seq) as i32;
-        let (off, bytes) = if rel < 0 {
-            // Starts before the first byte: keep only the part after it.
-            let skip = usize::try_from(rel.unsigned_abs()).unwrap_or(usize::MAX);
-            (0u64, payload.get(skip..).unwrap_or(&[]))
-        } else {
-            (u64::from(rel.unsigned_abs()), payload)
-        };
-        let inserted = self.buf.insert(off, bytes);
+        let (off, bytes) = relative(self.first_seq, seq, payload);
+        let (inserted, differed) = self.buf.write(off, bytes, false);
+        if differed && self.latest.is_none() {
+            self.latest = Some(self.buf.clone());
+        }
+        if let Some(latest) = &mut self.latest {
+            latest.overlay(off, bytes);
+        }
         let data = self.buf.contiguous();
         if let Some(&first) = data.first()
             && first != 0x16
@@ -233,6 +283,11 @@ impl ClientHelloAssembler {
             match parse_client_hello(data) {
                 Ok(mut info) => {
                     info.conflicting_retransmission = self.buf.conflict;
+                    if let Some(Some(name)) = self.latest.as_ref().and_then(hello_name)
+                        && info.sni.as_ref() != Some(&name)
+                    {
+                        info.rival_server_names.push(name);
+                    }
                     return Push::Done(Box::new(info));
                 }
                 Err(ParseError::Incomplete { .. }) => {}
@@ -245,6 +300,57 @@ impl ClientHelloAssembler {
             return Push::Limit;
         }
         Push::NeedMore
+    }
+
+    /// What is watched once the hello is parsed: its bytes as last sent.
+    fn into_watch(self, info: &ClientHelloInfo) -> HelloWatch {
+        let mut names: Vec<String> = info.sni.iter().cloned().collect();
+        names.extend(info.rival_server_names.iter().cloned());
+        HelloWatch {
+            first_seq: self.first_seq,
+            contested: self.buf.conflict,
+            bytes: self.latest.unwrap_or(self.buf),
+            names,
+        }
+    }
+}
+
+/// A parsed ClientHello's sequence range, watched until the server speaks: a TCP
+/// client sends nothing else before then, so bytes of that range sent again with
+/// other values are a second hello (see [`Push::Contested`]).
+#[derive(Debug, Clone)]
+pub struct HelloWatch {
+    first_seq: u32,
+    /// The hello's bytes as last sent.
+    bytes: RangeBuf,
+    /// Server names reported so far (the parsed hello's first).
+    names: Vec<String>,
+    /// A difference was reported.
+    contested: bool,
+}
+
+impl HelloWatch {
+    /// A later segment.
+    pub fn push(&mut self, seq: u32, payload: &[u8]) -> Push {
+        let (off, bytes) = relative(self.first_seq, seq, payload);
+        let (_, differed) = self.bytes.overlay(off, bytes);
+        if !differed {
+            return Push::NeedMore;
+        }
+        let new_name = hello_name(&self.bytes)
+            .flatten()
+            .filter(|name| !self.names.contains(name));
+        if self.contested && new_name.is_none() {
+            return Push::NeedMore;
+        }
+        self.contested = true;
+        let names: Vec<String> = new_name.into_iter().collect();
+        self.names.extend(names.iter().cloned());
+        Push::Contested { names }
+    }
+
+    fn buffered(&self) -> usize {
+        self.bytes.buffered()
     }
 }
 
@@ -330,6 +436,25 @@ impl<K: Hash + Eq + Clone, T> BoundedTable<K, T> {
         std::mem::take(&mut self.expired_pending)
     }
 
+    /// Adds an entry if there is room (after expiring stale ones); false if not.
+    fn insert(&mut self, key: K, state: T, now: Instant) -> bool {
+        if !self.flows.contains_key(&key) && self.flows.len() >= self.limits.max_flows {
+            self.expire_now(now);
+            self.expired_pending.clear();
+            if self.flows.len() >= self.limits.max_flows {
+                return false;
+            }
+        }
+        self.flows.insert(
+            key,
+            Entry {
+                state,
+                created: now,
+            },
+        );
+        true
+    }
+
     pub(crate) fn remove(&mut self, key: &K) -> bool {
         self.flows.remove(key).is_some()
     }
@@ -339,29 +464,54 @@ impl<K: Hash + Eq + Clone, T> BoundedTable<K, T> {
     }
 }
 
-/// Per-flow TCP ClientHello reassembly with bounded memory and time.
+/// Per-flow TCP ClientHello reassembly with bounded memory and time, and the
+/// watch of each parsed hello's range until the server speaks.
 #[derive(Debug)]
 pub struct ReassemblyTable<K> {
     table: BoundedTable<K, ClientHelloAssembler>,
+    watching: BoundedTable<K, HelloWatch>,
+    /// Parsed hellos not watched: the watch table was full.
+    watch_refused: u64,
 }
 
 impl<K: Hash + Eq + Clone> ReassemblyTable<K> {
     pub fn new(limits: Limits) -> Self {
         ReassemblyTable {
             table: BoundedTable::new(limits),
+            watching: BoundedTable::new(limits),
+            watch_refused: 0,
         }
     }
 
     /// Feed a segment. The first push for a key fixes the flow's first sequence
-    /// number. Any result other than [`Push::NeedMore`] releases the entry.
+    /// number. A result other than [`Push::NeedMore`] releases the entry; after
+    /// [`Push::Done`] the hello's range is watched ([`ReassemblyTable::watches`]),
+    /// and later segments give [`Push::Contested`] or `NeedMore`.
     pub fn push(&mut self, key: K, seq: u32, payload: &[u8], now: Instant) -> Push {
+        if let Some(watch) = self.watching.flows.get_mut(&key) {
+            return watch.state.push(seq, payload);
+        }
         let limits = self.table.limits;
+        let mut finished = None;
         let pushed = self.table.with_entry(
             key.clone(),
             now,
             || ClientHelloAssembler::new(seq, &limits),
-            |asm| asm.push(seq, payload),
+            |asm| {
+                let pushed = asm.push(seq, payload);
+                if let Push::Done(info) = &pushed {
+                    finished = Some(
+                        std::mem::replace(asm, ClientHelloAssembler::new(0, &limits))
+                            .into_watch(info),
+                    );
+                }
+                pushed
+            },
         );
+        if let Some(watch) = finished {
+            self.watch(key, watch, now);
+            return pushed;
+        }
         // The global bound: all pending hellos together (a flood of large hellos
         // must not take the agent's memory; the flow that crossed it gives up).
         if pushed == Push::NeedMore {
@@ -374,14 +524,46 @@ impl<K: Hash + Eq + Clone> ReassemblyTable<K> {
         pushed
     }
 
+    /// Watches a parsed hello, within the table's bounds (both flows and bytes).
+    fn watch(&mut self, key: K, watch: HelloWatch, now: Instant) {
+        let total: usize = self
+            .watching
+            .flows
+            .values()
+            .map(|e| e.state.buffered())
+            .sum();
+        if total + watch.buffered() > self.watching.limits.max_total_bytes
+            || !self.watching.insert(key, watch, now)
+        {
+            self.watch_refused += 1;
+        }
+    }
+
+    /// Whether the flow's parsed hello is watched.
+    pub fn watches(&self, key: &K) -> bool {
+        self.watching.flows.contains_key(key)
+    }
+
+    /// The server spoke: nothing the client sends now is a hello.
+    pub fn answered(&mut self, key: &K) {
+        self.watching.remove(key);
+    }
+
+    /// Parsed hellos left unwatched because the watch table was full.
+    pub fn watch_refused(&self) -> u64 {
+        self.watch_refused
+    }
+
     /// The flows whose ClientHello gave up (past the timeout, or dropped to make room)
-    /// since the last call.
+    /// since the last call. Watches past the timeout end quietly.
     pub fn expire(&mut self, now: Instant) -> Vec<K> {
+        self.watching.expire(now);
         self.table.expire(now)
     }
 
     /// Forget a flow (e.g. it ended).
     pub fn remove(&mut self, key: &K) -> bool {
+        self.watching.remove(key);
         self.table.remove(key)
     }
 
@@ -500,6 +682,101 @@ mod tests {
         assert_eq!(b.insert(3, b"XYZ"), Insert::Ok);
         assert!(b.conflict);
         assert_eq!(b.contiguous(), b"abcdef");
+    }
+
+    fn hello(name: &str) -> Vec<u8> {
+        let mut info = rfc_client_hello();
+        // The RFC hello names example.com; a same-length name keeps its framing.
+        let at = info
+            .windows(11)
+            .position(|w| w == b"example.com")
+            .unwrap_or_default();
+        info[at..at + 11].copy_from_slice(name.as_bytes());
+        records(&info, 100)
+    }
+
+    #[test]
+    fn a_decoy_then_the_real_hello_at_the_same_sequence_is_contested_with_its_name() {
+        let (decoy, real) = (hello("harmless.or"), hello("openai.test"));
+        let mut t = ReassemblyTable::new(Limits::default());
+        let now = Instant::now();
+        assert_eq!(
+            done_sni(&t.push(1u8, 100, &decoy, now)),
+            Some("harmless.or")
+        );
+        assert!(t.watches(&1) && t.is_empty());
+        // A plain retransmission of the decoy: nothing.
+        assert_eq!(t.push(1u8, 100, &decoy, now), Push::NeedMore);
+        // The real hello over two segments: its head over the decoy's tail already
+        // forms a whole hello, so the name comes at once; the tail is no news.
+        let (head, tail) = real.split_at(real.len() - 60);
+        assert_eq!(
+            t.push(1u8, 100, head, now),
+            Push::Contested {
+                names: vec!["openai.test".into()]
+            }
+        );
+        assert_eq!(
+            t.push(1u8, 100 + head.len() as u32, tail, now),
+            Push::NeedMore
+        );
+        // A rewrite that forms no whole hello (a longer record header) after the
+        // first report: nothing new to say.
+        let mut longer = real.clone();
+        longer[4] = longer[4].wrapping_add(50);
+        assert_eq!(t.push(1u8, 100, &longer[..5], now), Push::NeedMore);
+        // Both again: nothing new.
+        assert_eq!(t.push(1u8, 100, &decoy, now), Push::NeedMore);
+        assert_eq!(t.push(1u8, 100, &real, now), Push::NeedMore);
+        // A first difference alone, with no whole hello, is reported too.
+        let mut t2 = ReassemblyTable::new(Limits::default());
+        assert!(matches!(t2.push(3u8, 0, &decoy, now), Push::Done(_)));
+        assert_eq!(
+            t2.push(3u8, 0, &longer[..5], now),
+            Push::Contested { names: vec![] }
+        );
+        // The server spoke: the watch ends.
+        t.answered(&1);
+        assert!(!t.watches(&1));
+    }
+
+    #[test]
+    fn rival_bytes_before_the_hello_completes_name_the_rival() {
+        let (decoy, real) = (hello("harmless.or"), hello("openai.test"));
+        let mut t = ReassemblyTable::new(Limits::default());
+        let now = Instant::now();
+        // A decoy prefix, then the whole real hello: the first copy is parsed, the
+        // rewritten bytes name the rival.
+        let cut = decoy.len() - 3;
+        assert_eq!(t.push(2u8, 7, &decoy[..cut], now), Push::NeedMore);
+        let Push::Done(info) = t.push(2u8, 7, &real, now) else {
+            panic!("not done");
+        };
+        assert!(info.conflicting_retransmission);
+        assert_eq!(info.sni.as_deref(), Some("harmless.or"));
+        assert_eq!(info.rival_server_names, vec!["openai.test".to_owned()]);
+        // Watched from the bytes as last sent: the real hello again is no news.
+        assert_eq!(t.push(2u8, 7, &real, now), Push::NeedMore);
+    }
+
+    #[test]
+    fn watches_are_bounded_and_end_quietly() {
+        let limits = Limits {
+            max_flows: 1,
+            timeout: Duration::from_secs(5),
+            ..Limits::default()
+        };
+        let mut t = ReassemblyTable::new(limits);
+        let now = Instant::now();
+        let h = hello("harmless.or");
+        assert!(matches!(t.push(1u8, 0, &h, now), Push::Done(_)));
+        assert!(matches!(t.push(2u8, 0, &h, now), Push::Done(_)));
+        assert_eq!(t.watch_refused(), 1);
+        assert!(t.watches(&1) && !t.watches(&2));
+        // Past the timeout the watch ends and is not reported as a hello that
+        // gave up.
+        assert!(t.expire(now + Duration::from_secs(6)).is_empty());
+        assert!(!t.watches(&1));
     }
 
     #[test]
