@@ -306,6 +306,23 @@ pub fn lab_conduits() -> PathBuf {
         .join("conduits.yaml")
 }
 
+/// The sensor on the lab gateway's zone-facing interfaces with the lab's map, and
+/// `extra` flags (`--enforce`: the map's only `block` conduit is cell-1 to
+/// anthropic).
+pub fn start_lab_sensor(lab: &mut Lab, gw: &Ns, extra: &[&str]) -> Result<crate::SensorRun> {
+    let conduits = lab_conduits().display().to_string();
+    let mut args = vec![
+        "--iface",
+        crate::topology::GW_OT1_IF,
+        "--iface",
+        crate::topology::GW_OT2_IF,
+        "--conduits",
+        &conduits,
+    ];
+    args.extend_from_slice(extra);
+    crate::SensorRun::start(lab, gw, "sensor", &args)
+}
+
 /// Like [`call`] but expects failure (a blocked flow); returns the error text.
 pub fn call_expect_failure(
     lab: &Lab,

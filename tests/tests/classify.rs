@@ -8,8 +8,10 @@ use std::{collections::BTreeSet, time::Duration};
 
 use anyhow::{Context as _, Result, ensure};
 use conduit_lab::{
-    Lab, Ns, SensorRun,
-    ai::{Client, LabPki, call, call_expect_failure, lab_conduits, start_endpoints},
+    SensorRun,
+    ai::{
+        Client, LabPki, call, call_expect_failure, lab_conduits, start_endpoints, start_lab_sensor,
+    },
     skip_unless_root,
     topology::{
         AI_V4, AI_V6, GW_OT1_IF, GW_OT2_IF, GatewayLab, GatewayLabOptions, OT1_V4, OT1_V6, OT2_V4,
@@ -28,20 +30,6 @@ fn setup(tag: &str) -> Result<Classified> {
     let net = lab.net.clone();
     start_endpoints(&mut lab.lab, &net, &pki)?;
     Ok(Classified { lab, pki })
-}
-
-fn start_sensor(lab: &mut Lab, gw: &Ns, extra: &[&str]) -> Result<SensorRun> {
-    let conduits = lab_conduits().display().to_string();
-    let mut args = vec![
-        "--iface",
-        GW_OT1_IF,
-        "--iface",
-        GW_OT2_IF,
-        "--conduits",
-        &conduits,
-    ];
-    args.extend_from_slice(extra);
-    SensorRun::start(lab, gw, "sensor", &args)
 }
 
 /// Flow records (start/update/end) of flows from `src` to `dst` with SNI `sni`.
@@ -201,7 +189,7 @@ fn kernel_matrix_clients_are_classified() -> Result<()> {
 fn real_clients_are_classified(chromium: bool) -> Result<()> {
     let Classified { mut lab, pki } = setup("cls")?;
     let (gw, ot1, ot2) = (lab.gw.clone(), lab.ot1.clone(), lab.ot2.clone());
-    let sensor = start_sensor(&mut lab.lab, &gw, &[])?;
+    let sensor = start_lab_sensor(&mut lab.lab, &gw, &[])?;
     let l = &lab.lab;
     call(l, &ot1, Client::Curl, "api.openai.com", AI_V4[0], &pki)?;
     call(
@@ -398,7 +386,7 @@ fn enforcement_blocks_only_blocked_conduits() -> Result<()> {
     }
     let Classified { mut lab, pki } = setup("blk")?;
     let (gw, ot1) = (lab.gw.clone(), lab.ot1.clone());
-    let sensor = start_sensor(&mut lab.lab, &gw, &["--enforce"])?;
+    let sensor = start_lab_sensor(&mut lab.lab, &gw, &["--enforce"])?;
     let l = &lab.lab;
     call_expect_failure(l, &ot1, Client::Curl, "api.anthropic.com", AI_V4[0], &pki)?;
     // Violations under default_action: alert pass; non-AI traffic passes.
@@ -451,7 +439,7 @@ fn without_enforcement_a_block_conduit_is_a_violation_that_passes() -> Result<()
     }
     let Classified { mut lab, pki } = setup("noenf")?;
     let (gw, ot1) = (lab.gw.clone(), lab.ot1.clone());
-    let sensor = start_sensor(&mut lab.lab, &gw, &[])?;
+    let sensor = start_lab_sensor(&mut lab.lab, &gw, &[])?;
     call(
         &lab.lab,
         &ot1,

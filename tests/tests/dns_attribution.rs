@@ -10,9 +10,9 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Context as _, Result, ensure};
 use conduit_lab::{
     Lab, Ns, SensorRun,
-    ai::{LabPki, lab_conduits, start_endpoints},
+    ai::{LabPki, start_endpoints, start_lab_sensor},
     skip_unless_root,
-    topology::{AI_V4, GW_OT1_IF, GW_OT2_IF, GatewayLab, GatewayLabOptions, NET_V4, OT1_V4},
+    topology::{AI_V4, GatewayLab, GatewayLabOptions, NET_V4, OT1_V4},
 };
 use serde_json::Value;
 
@@ -132,17 +132,7 @@ fn start(tag: &str) -> Result<(GatewayLab, SensorRun)> {
     let (gw, net) = (lab.gw.clone(), lab.net.clone());
     start_endpoints(&mut lab.lab, &net, &pki)?;
     start_resolver(&mut lab.lab, &net)?;
-    let conduits = lab_conduits().display().to_string();
-    let args = [
-        "--iface",
-        GW_OT1_IF,
-        "--iface",
-        GW_OT2_IF,
-        "--conduits",
-        &conduits,
-        "--enforce",
-    ];
-    let sensor = SensorRun::start(&mut lab.lab, &gw, "sensor", &args)?;
+    let sensor = start_lab_sensor(&mut lab.lab, &gw, &["--enforce"])?;
     Ok((lab, sensor))
 }
 
