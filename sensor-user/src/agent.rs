@@ -161,30 +161,54 @@ const UPLINK_DRAIN: Duration = Duration::from_secs(5);
 /// those a live sensor would write. Every time is the capture's: each packet's
 /// kernel timestamps carry its index (`Kernel::stamp_replay_packet`), which the
 /// agent maps to the packet's capture time, and the agent's own clock (sweeps,
-/// timeouts, record times) follows the capture. Returns the number of packets run.
-pub fn replay(mut settings: AgentSettings, packets: Vec<crate::pcap::Captured>) -> Result<u64> {
-    let times: Vec<u64> = packets.iter().map(|(t, _)| *t).collect();
-    let first = times.first().copied().unwrap_or_default();
-    let last = times.last().copied().unwrap_or_default();
-    // The chain's own records (chain start, checkpoints) follow the capture too.
+/// timeouts, record times) follows the capture. `packets` come in batches, in
+/// capture order (`pcap::stream_packets`: parsed by a reader thread while the
+/// programs load and run). Returns the number of packets run.
+pub fn replay(
+    mut settings: AgentSettings,
+    packets: impl IntoIterator<Item = Result<Vec<crate::pcap::Captured>, crate::pcap::PcapError>>,
+) -> Result<u64> {
+    let mut batches = packets.into_iter();
+    // The first packet's time is the clock's start: the chain's own records (chain
+    // start, checkpoints) follow the capture too.
+    let head = batches.next().transpose()?.unwrap_or_default();
+    let first = head.first().map_or(0, |(t, _)| *t);
     REPLAY_NOW_NANOS.store(first, Ordering::Relaxed);
     settings.recorder.clock = replay_wall_clock;
-    let clock = Clock::Replay { times, now: first };
+    let clock = Clock::Replay {
+        times: Vec::new(),
+        now: first,
+    };
     let mut agent = Agent::start(settings, Arc::new(Metrics::default()), clock)?;
     let sweep_every = u64::try_from(SWEEP_INTERVAL.as_nanos()).unwrap_or(u64::MAX);
-    let mut last_sweep = first;
-    for (i, (t, packet)) in packets.iter().enumerate() {
-        let index = u32::try_from(i + 1).context("more than 2^32 packets in one capture")?;
-        agent.sink.clock.set_now(*t);
-        agent.kernel.stamp_replay_packet(index)?;
-        agent.kernel.test_run(kernel::Program::Xdp, packet)?;
-        for ev in agent.kernel.drain_events() {
-            agent.on_event(ev)?;
-        }
-        if t.saturating_sub(last_sweep) >= sweep_every {
-            agent.sweep()?;
-            agent.tick()?;
-            last_sweep = *t;
+    let (mut last_sweep, mut last) = (first, first);
+    let mut count = 0u64;
+    // A capture that breaks off (truncated) is replayed up to the break and its
+    // chain closed as usual; the error is returned after the drain.
+    let mut broken = None;
+    for batch in std::iter::once(Ok(head)).chain(batches) {
+        let batch = match batch {
+            Ok(batch) => batch,
+            Err(err) => {
+                broken = Some(err);
+                break;
+            }
+        };
+        for (t, packet) in batch {
+            count += 1;
+            let index = u32::try_from(count).context("more than 2^32 packets in one capture")?;
+            agent.sink.clock.push_packet(t);
+            agent.kernel.stamp_replay_packet(index)?;
+            agent.kernel.test_run(kernel::Program::Xdp, &packet)?;
+            for ev in agent.kernel.drain_events() {
+                agent.on_event(ev)?;
+            }
+            if t.saturating_sub(last_sweep) >= sweep_every {
+                agent.sweep()?;
+                agent.tick()?;
+                last_sweep = t;
+            }
+            last = t;
         }
     }
     for ev in agent.kernel.drain_events() {
@@ -196,7 +220,12 @@ pub fn replay(mut settings: AgentSettings, packets: Vec<crate::pcap::Captured>) 
     agent.sink.clock.set_now(last);
     agent.tracker.capture_over();
     agent.drain()?;
-    Ok(packets.len() as u64)
+    match broken {
+        Some(err) => Err(anyhow::Error::new(err).context(format!(
+            "the capture breaks off after {count} packets (their records are written)"
+        ))),
+        None => Ok(count),
+    }
 }
 
 /// The capture time a replay has reached (one replay per process), for the
@@ -223,6 +252,15 @@ impl Clock {
             Clock::Live => BootClock::boot_now_ns(),
             Clock::Replay { now, .. } => *now,
         }
+    }
+
+    /// `replay`: the next packet of the capture, captured at `t`: its stamp index
+    /// is the number of packets so far, and the clock moves to it.
+    fn push_packet(&mut self, t: u64) {
+        if let Clock::Replay { times, .. } = self {
+            times.push(t);
+        }
+        self.set_now(t);
     }
 
     fn set_now(&mut self, t: u64) {

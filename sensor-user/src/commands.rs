@@ -226,7 +226,8 @@ fn run(args: RunArgs) -> Result<ExitCode> {
 }
 
 fn replay(args: ReplayArgs) -> Result<ExitCode> {
-    let packets = crate::pcap::read_packets(&args.pcap)?;
+    // Parsed by a reader thread while the programs load and run.
+    let packets = crate::pcap::stream_packets(&args.pcap)?;
     let run_args = RunArgs {
         conduits: Some(args.conduits.clone()),
         jsonl: args.jsonl.clone(),
