@@ -626,6 +626,13 @@ impl Agent {
                 let key = pe.header.key;
                 let hello_read = self.tracker.hello_read(&key);
                 let completed = self.completion.push(&pe, hello_read, Instant::now());
+                tracing::debug!(
+                    seq = pe.tcp_seq,
+                    len = pe.payload_len,
+                    hello_read,
+                    ?completed,
+                    "client payload"
+                );
                 self.metrics
                     .client_hello_watch_refused
                     .store(self.completion.watch_refused(), Ordering::Relaxed);
