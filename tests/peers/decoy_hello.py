@@ -18,6 +18,8 @@ import time
 
 from scapy.all import IP, TCP, Raw, conf, raw, send
 
+from handshake import finish_tls
+
 PORT = 443
 TIMEOUT = 10
 
@@ -89,32 +91,7 @@ def main():
     print(f"port {port}", flush=True)
 
     sock.sendall(hello)
-    while True:
-        try:
-            conn.do_handshake()
-            break
-        except ssl.SSLWantReadError:
-            if out := outgoing.read():
-                sock.sendall(out)
-            data = sock.recv(65536)
-            if not data:
-                sys.exit("connection closed during the handshake")
-            incoming.write(data)
-    conn.write(f"GET / HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n".encode())
-    sock.sendall(outgoing.read())
-    answer = b""
-    while b"\r\n\r\n" not in answer:
-        data = sock.recv(65536)
-        if not data:
-            break
-        incoming.write(data)
-        try:
-            answer += conn.read(65536)
-        except ssl.SSLWantReadError:
-            pass
-    if not answer.startswith(b"HTTP/1.1 200"):
-        sys.exit(f"unexpected answer: {answer[:80]!r}")
-    print(f"done {port}", flush=True)
+    finish_tls(sock, conn, incoming, outgoing, sni, port)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,12 @@ def tls(addr, sni, cafile, held):
     print(f"port {port}", flush=True)
     release(held)
     sock.sendall(hello[cut:])
+    finish_tls(sock, conn, incoming, outgoing, sni, port)
+
+
+def finish_tls(sock, conn, incoming, outgoing, sni, port):
+    """Completes the handshake whose ClientHello was sent on `sock`, then a request;
+    prints "done PORT" when it is answered, exits non-zero otherwise."""
     while True:
         try:
             conn.do_handshake()
