@@ -260,27 +260,17 @@ pub fn call(
         Client::Chromium => {
             let profile = lab.workdir.join(format!("chromium-{}", std::process::id()));
             let _ = fs::remove_dir_all(&profile);
-            lab.exec_any(
-                ns,
+            let mut args = vec!["timeout".to_owned(), limit(40)];
+            args.extend(chromium_args(
+                &profile,
                 &[
-                    "timeout",
-                    &limit(40),
-                    "chromium",
-                    "--headless",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-quic",
-                    "--no-first-run",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--disable-sync",
                     "--ignore-certificate-errors",
-                    &format!("--user-data-dir={}", profile.display()),
                     &format!("--host-resolver-rules=MAP {name} {addr}"),
-                    "--dump-dom",
-                    &format!("https://{name}/"),
                 ],
-            )?
+                &format!("https://{name}/"),
+            ));
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            lab.exec_any(ns, &refs)?
         }
         Client::Aioquic => {
             let script = peer_script("quic.py").display().to_string();
@@ -304,6 +294,29 @@ pub fn lab_conduits() -> PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("lab")
         .join("conduits.yaml")
+}
+
+/// A headless Chromium that prints the DOM of `url` (over TCP: no QUIC), with its
+/// profile in `profile` and `extra` flags.
+pub fn chromium_args(profile: &std::path::Path, extra: &[&str], url: &str) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "chromium",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    args.push(format!("--user-data-dir={}", profile.display()));
+    args.extend(["--dump-dom".to_owned(), url.to_owned()]);
+    args
 }
 
 /// The sensor on the lab gateway's zone-facing interfaces with the lab's map, and

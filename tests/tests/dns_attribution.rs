@@ -10,7 +10,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Context as _, Result, ensure};
 use conduit_lab::{
     Lab, Ns, SensorRun,
-    ai::{LabPki, start_endpoints, start_lab_sensor},
+    ai::{LabPki, chromium_args, start_endpoints, start_lab_sensor},
     skip_unless_root,
     topology::{AI_V4, GatewayLab, GatewayLabOptions, NET_V4, OT1_V4},
 };
@@ -255,26 +255,14 @@ fn chromium_ech_is_attributed_through_dns() -> Result<()> {
     let ot1 = lab.ot1.clone();
     let _resolv = NsResolvConf::write(&ot1)?;
     let profile = lab.lab.workdir.join("chromium-ech");
-    let out = lab.lab.exec_any(
-        &ot1,
-        &[
-            "timeout",
-            "60",
-            "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--enable-features=AsyncDns,EncryptedClientHello,UseDnsHttpsSvcb",
-            &format!("--user-data-dir={}", profile.display()),
-            "--dump-dom",
-            "https://api.openai.com/",
-        ],
-    )?;
+    let mut args = vec!["timeout".to_owned(), "60".to_owned()];
+    args.extend(chromium_args(
+        &profile,
+        &["--enable-features=AsyncDns,EncryptedClientHello,UseDnsHttpsSvcb"],
+        "https://api.openai.com/",
+    ));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = lab.lab.exec_any(&ot1, &refs)?;
     let records = sensor.stop(&mut lab.lab)?;
     let log = std::fs::read_to_string(lab.lab.log_path("dnsmasq")).unwrap_or_default();
     let r = start_of(&records, AI_V4[0], Some("cloudflare-ech.com")).with_context(|| {
