@@ -4,6 +4,7 @@
 //! fresh machine.
 
 mod matrix;
+mod nats;
 mod package;
 mod toolchain;
 
@@ -104,7 +105,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "chromium",
     "rsyslog",
     "rsyslog-gnutls",
-    "nats-server",
+    // nats-server is not here: bookworm's 2.9.10 lacks `sync_interval: always`; the
+    // tests run trixie's, fetched into target/tools by [`nats::ensure`].
     // DNS attribution (tests/tests/dns_attribution.rs): a real resolver and client.
     "dnsmasq-base",
     "bind9-dnsutils",
@@ -200,6 +202,10 @@ fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(workspace_root())
         .env("PATH", toolchain::path_env());
+    // The tests and benchmarks that start a NATS cluster run this binary.
+    if let Some(nats) = nats::cached() {
+        cmd.env(nats::ENV, &nats.binary);
+    }
     cmd
 }
 
@@ -248,6 +254,21 @@ fn setup() -> Result<()> {
             .stderr(std::process::Stdio::null())
             .status();
     }
+
+    step(&format!(
+        "nats-server from Debian {} (at least {}.{}.{})",
+        nats::SUITE,
+        nats::MIN_VERSION.0,
+        nats::MIN_VERSION.1,
+        nats::MIN_VERSION.2
+    ));
+    let server = nats::ensure()?;
+    println!(
+        "    {} (package {}) at {}",
+        server.upstream,
+        server.package_version,
+        server.binary.display()
+    );
 
     toolchain::install()?;
 

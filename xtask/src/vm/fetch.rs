@@ -242,12 +242,12 @@ pub fn mirror() -> String {
 }
 
 /// A private apt configuration for one suite.
-struct Apt {
-    dir: PathBuf,
+pub(crate) struct Apt {
+    pub(crate) dir: PathBuf,
 }
 
 impl Apt {
-    fn new(cache: &Cache, suite: &str) -> Result<Self> {
+    pub(crate) fn new(cache: &Cache, suite: &str) -> Result<Self> {
         let dir = cache.dir.join("apt").join(suite);
         for sub in ["lists/partial", "cache/archives/partial", "sources.list.d"] {
             fs::create_dir_all(dir.join(sub))?;
@@ -277,7 +277,7 @@ impl Apt {
         ]
     }
 
-    fn update(&self) -> Result<()> {
+    pub(crate) fn update(&self) -> Result<()> {
         checked(
             Command::new("apt-get")
                 .args(self.options())
@@ -287,7 +287,7 @@ impl Apt {
         .map(drop)
     }
 
-    fn show(&self, package: &str) -> Result<String> {
+    pub(crate) fn show(&self, package: &str) -> Result<String> {
         checked(
             Command::new("apt-cache").args(self.options()).args([
                 "show",
@@ -298,7 +298,7 @@ impl Apt {
         )
     }
 
-    fn download(&self, package: &str, version: &str, into: &Path) -> Result<PathBuf> {
+    pub(crate) fn download(&self, package: &str, version: &str, into: &Path) -> Result<PathBuf> {
         checked(
             Command::new("apt-get")
                 .current_dir(into)

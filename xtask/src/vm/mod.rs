@@ -12,7 +12,7 @@
 //! virtio-serial ports to Unix sockets this process reads; the kernel console goes
 //! to a log file that is shown only when the VM fails.
 
-mod fetch;
+pub(crate) mod fetch;
 mod initramfs;
 mod qemu;
 mod systemd;
@@ -277,25 +277,30 @@ fn job_env(extra: &[String], systemd: bool) -> Vec<(String, String)> {
     env
 }
 
+/// Cargo's target directory (`CARGO_TARGET_DIR`, else the workspace's `target`),
+/// absolute: the caches live under it.
+pub(crate) fn target_dir() -> Result<PathBuf> {
+    let target = match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => crate::workspace_root().join("target"),
+    };
+    Ok(std::path::absolute(&target)?)
+}
+
 /// The cache under `target/vm`.
 pub struct Cache {
     pub dir: PathBuf,
 }
 
 impl Cache {
-    fn new() -> Result<Self> {
-        let target = match std::env::var_os("CARGO_TARGET_DIR") {
-            Some(dir) => PathBuf::from(dir),
-            None => crate::workspace_root().join("target"),
-        };
-        let target = std::path::absolute(&target)?;
-        let dir = target.join("vm");
+    pub(crate) fn new() -> Result<Self> {
+        let dir = target_dir()?.join("vm");
         fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         Ok(Self { dir })
     }
 
     /// An exclusive lock on one cache entry while it is being filled.
-    fn lock(&self, entry: &str) -> Result<nix::fcntl::Flock<fs::File>> {
+    pub(crate) fn lock(&self, entry: &str) -> Result<nix::fcntl::Flock<fs::File>> {
         let file = fs::File::create(self.dir.join(format!(".lock-{entry}")))?;
         nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
             .map_err(|(_, errno)| anyhow::anyhow!("lock {}: {errno}", self.dir.display()))
