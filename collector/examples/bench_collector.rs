@@ -1,7 +1,8 @@
 //! Records per second from a sensor spool to a verified collector store over loopback,
 //! with mTLS and in plain text, next to the raw spool append rate; and, when
-//! nats-server is installed, to verified JetStream (R3 on a 3-node cluster on this
-//! machine) next to the file store.
+//! `cargo xtask setup` fetched nats-server (`nats_cluster::nats_server`), to verified
+//! JetStream (R3 on a 3-node cluster on this machine, `sync_interval: always`) next
+//! to the file store.
 //!
 //! `cargo run --release -p conduit-collector --example bench_collector [RECORDS [WINDOW]]`
 //! prints `bench collector mtls_records_per_sec=… plain_records_per_sec=…
@@ -240,7 +241,7 @@ async fn main() {
     let nats = tmp.path().join("nats");
     std::fs::create_dir_all(&nats).expect("nats dir");
     let Some(cluster) = nats_cluster::Cluster::start(&nats).await else {
-        println!("bench collector_jetstream SKIPPED: nats-server not installed");
+        println!("bench collector_jetstream SKIPPED: no nats-server (cargo xtask setup)");
         return;
     };
     let js = Arc::new(

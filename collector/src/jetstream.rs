@@ -43,6 +43,26 @@ const PAYLOAD_MARGIN: usize = 4096;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requests asked again after a timeout while a stream elects a leader.
 const ELECTION_RETRIES: u32 = 3;
+/// The first nats-server release with `sync_interval: always`: without it a server
+/// acknowledges a message before it is on disk (fsync every 2 minutes by default),
+/// so a cluster-wide power loss can take acknowledged records (docs/jetstream.md).
+pub const SYNC_ALWAYS_SINCE: (u64, u64, u64) = (2, 10, 0);
+/// The first nats-server release whose new stream leader applies its whole log before
+/// it answers (nats-server PRs 6485, 6486): before it, a publish retried right after a
+/// leader change can pass the `Nats-Msg-Id` check and be stored twice.
+pub const DEDUPE_ACROSS_LEADERS_SINCE: (u64, u64, u64) = (2, 11, 0);
+
+/// `major.minor.patch` of a nats-server version string (`2.10.27`, `v2.11.0-RC.1`).
+pub fn nats_version(s: &str) -> Option<(u64, u64, u64)> {
+    let s = s.trim().trim_start_matches('v');
+    let core = s.split(['-', '+', ' ']).next()?;
+    let mut parts = core.split('.').map(|p| p.parse::<u64>().ok());
+    Some((
+        parts.next()??,
+        parts.next()??,
+        parts.next().flatten().unwrap_or(0),
+    ))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum JetError {
@@ -185,6 +205,13 @@ impl JetChains {
             .map_err(|e| nats("connect")(format!("{url}: {e}")))?;
         // Connected: the server's INFO is known.
         let max_payload = client.server_info().max_payload;
+        let version = client.server_info().version;
+        if nats_version(&version).is_none_or(|v| v < SYNC_ALWAYS_SINCE) {
+            tracing::warn!(
+                %version,
+                "nats-server before 2.10 cannot sync_interval: always: records it acknowledged can be lost if every node loses power at once (docs/jetstream.md)"
+            );
+        }
         let mut js = jetstream::new(client);
         js.set_timeout(REQUEST_TIMEOUT);
         let chains = stream::Config {
@@ -781,6 +808,18 @@ fn pack(pending: Vec<Pending>, max: usize) -> Result<Vec<v1::Batch>, JetError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nats_versions() {
+        assert_eq!(nats_version("2.10.27"), Some((2, 10, 27)));
+        assert_eq!(nats_version("v2.11.0-RC.1"), Some((2, 11, 0)));
+        assert_eq!(nats_version(" v2.9.10 "), Some((2, 9, 10)));
+        assert_eq!(nats_version("2.12"), Some((2, 12, 0)));
+        assert_eq!(nats_version("dev"), None);
+        assert!(nats_version("2.9.10").expect("parses") < SYNC_ALWAYS_SINCE);
+        assert!(nats_version("2.10.27").expect("parses") >= SYNC_ALWAYS_SINCE);
+        assert!(nats_version("2.10.27").expect("parses") < DEDUPE_ACROSS_LEADERS_SINCE);
+    }
 
     fn frame(seq: u64, bytes: usize) -> Pending {
         Pending::Frame(v1::Frame {

@@ -36,14 +36,14 @@ fn wait_port(port: u16) -> bool {
 /// Ready means a connection on the port reads this server's `INFO` greeting; a server
 /// that lost the port to a parallel test exits, and is started again on another.
 fn start_nats(dir: &Path) -> Option<(Proc, String)> {
-    if !has_binary("nats-server") {
-        println!("SKIP: nats-server not installed");
+    let Some(binary) = common::nats_cluster::nats_server() else {
+        println!("SKIP: no nats-server (cargo xtask setup fetches it)");
         return None;
-    }
+    };
     for _ in 0..3 {
         let port = free_port();
         let mut proc = Proc(
-            Command::new("nats-server")
+            Command::new(&binary)
                 .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
                 .arg(dir.join("js"))
                 .stdout(Stdio::null())

@@ -1,10 +1,56 @@
 //! A 3-node nats-server cluster with JetStream on loopback, for the JetStream tests
 //! and the collector benchmark (`#[path]`-included there): each node its own store
-//! and log in the given directory; killed on drop.
+//! and log in the given directory; killed on drop. Also [`nats_server`], the one
+//! place that says which nats-server binary every test and benchmark runs.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+use conduit_collector::jetstream::{SYNC_ALWAYS_SINCE, nats_version};
+
+/// Set by `cargo xtask` to the nats-server it fetched (xtask/src/nats.rs).
+const NATS_SERVER_ENV: &str = "CONDUIT_NATS_SERVER";
+/// Where `cargo xtask setup` keeps that binary, under the target directory.
+const NATS_SERVER_CACHED: &str = "tools/nats-server/nats-server";
+
+/// The nats-server to run: `$CONDUIT_NATS_SERVER`, else the one `cargo xtask setup`
+/// cached under the target directory this test or benchmark was built in (Debian
+/// trixie's, not the system's: bookworm's 2.9 cannot fsync every message). None
+/// when there is none; a binary older than [`SYNC_ALWAYS_SINCE`] is a failure.
+pub fn nats_server() -> Option<PathBuf> {
+    static FOUND: OnceLock<Option<PathBuf>> = OnceLock::new();
+    FOUND
+        .get_or_init(|| {
+            let path = match std::env::var_os(NATS_SERVER_ENV) {
+                Some(p) => {
+                    let p = PathBuf::from(p);
+                    assert!(p.is_file(), "{NATS_SERVER_ENV}={} is no file", p.display());
+                    p
+                }
+                None => std::env::current_exe()
+                    .ok()?
+                    .ancestors()
+                    .map(|d| d.join(NATS_SERVER_CACHED))
+                    .find(|p| p.is_file())?,
+            };
+            let out = Command::new(&path)
+                .arg("--version")
+                .output()
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let said = String::from_utf8_lossy(&out.stdout);
+            let version = nats_version(said.trim().trim_start_matches("nats-server:"));
+            assert!(
+                version.is_some_and(|v| v >= SYNC_ALWAYS_SINCE),
+                "{} says {:?}: at least {SYNC_ALWAYS_SINCE:?} is needed (sync_interval: always); run cargo xtask setup",
+                path.display(),
+                said.trim()
+            );
+            Some(path)
+        })
+        .clone()
+}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -13,17 +59,9 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
-fn installed() -> bool {
-    Command::new("nats-server")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// One nats-server of the cluster; killed on drop.
 pub struct Node {
+    binary: PathBuf,
     child: Option<Child>,
     conf: PathBuf,
     log: PathBuf,
@@ -38,7 +76,7 @@ impl Node {
     pub fn start(&mut self) {
         let log = std::fs::File::create(&self.log).expect("nats log");
         self.child = Some(
-            Command::new("nats-server")
+            Command::new(&self.binary)
                 .arg("-c")
                 .arg(&self.conf)
                 .stdout(Stdio::null())
@@ -68,12 +106,12 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// None (with a SKIP line) when nats-server is not installed.
+    /// None (with a SKIP line) when there is no nats-server ([`nats_server`]).
     pub async fn start(dir: &Path) -> Option<Cluster> {
-        if !installed() {
-            println!("SKIP: nats-server not installed");
+        let Some(binary) = nats_server() else {
+            println!("SKIP: no nats-server (cargo xtask setup fetches it)");
             return None;
-        }
+        };
         let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
         let routes: Vec<String> = ports
             .iter()
@@ -85,8 +123,10 @@ impl Cluster {
             std::fs::write(
                 &conf,
                 format!(
+                    // sync_interval always: a message is on disk at each replica
+                    // before the PubAck, as production should run it (docs/jetstream.md).
                     "server_name: n{i}\nlisten: 127.0.0.1:{port}\nmax_payload: 8MB\n\
-                     jetstream {{ store_dir: \"{}\" }}\n\
+                     jetstream {{ store_dir: \"{}\", sync_interval: always }}\n\
                      cluster {{ name: conduit\n listen: 127.0.0.1:{route}\n routes: [{}] }}\n",
                     dir.join(format!("n{i}")).display(),
                     routes.join(", ")
@@ -94,6 +134,7 @@ impl Cluster {
             )
             .expect("nats conf");
             let mut n = Node {
+                binary: binary.clone(),
                 child: None,
                 conf,
                 log: dir.join(format!("n{i}.log")),
@@ -135,7 +176,7 @@ impl Cluster {
         for n in self.nodes.iter().filter(|n| n.child.is_some()) {
             let mut ok = false;
             while !ok && Instant::now() < deadline {
-                // The raw API: async-nats cannot parse nats-server 2.9's account info.
+                // The raw API, which any server version answers alike.
                 if let Ok(c) = async_nats::connect(n.url()).await
                     && let Ok(m) = c.request("$JS.API.INFO", "".into()).await
                 {
