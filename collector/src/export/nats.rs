@@ -22,6 +22,8 @@ pub struct NatsSink {
     chain_site: HashMap<String, String>,
     /// Where records without a site go, when set ([`NatsSink::site_less_to`]).
     fixed_site: Option<String>,
+    /// Whether the server's version was judged (once per process).
+    version_checked: bool,
 }
 
 /// A subject token: no dots, wildcards or whitespace.
@@ -83,6 +85,7 @@ impl NatsSink {
             streams: HashSet::new(),
             chain_site: HashMap::new(),
             fixed_site: None,
+            version_checked: false,
         }
     }
 
@@ -104,6 +107,17 @@ impl NatsSink {
             .connect(self.url.as_str())
             .await
             .map_err(|e| ExportError::Target(format!("nats {}: {e}", self.url)))?;
+        let version = client.server_info().version;
+        let since = crate::jetstream::DEDUPE_ACROSS_LEADERS_SINCE;
+        if !self.version_checked
+            && crate::jetstream::nats_version(&version).is_none_or(|v| v < since)
+        {
+            tracing::warn!(
+                %version,
+                "nats-server before 2.11: after a stream leader change the NATS export can store a record twice (docs/jetstream.md)"
+            );
+        }
+        self.version_checked = true;
         let js = jetstream::new(client);
         self.js = Some(js.clone());
         Ok(js)

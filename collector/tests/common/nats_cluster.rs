@@ -66,11 +66,27 @@ pub struct Node {
     conf: PathBuf,
     log: PathBuf,
     port: u16,
+    /// The monitoring port (`/varz`).
+    monitor: u16,
 }
 
 impl Node {
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's `/varz` (its effective configuration), or "" if it does not answer.
+    fn varz(&self) -> String {
+        use std::io::{Read as _, Write as _};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.monitor)) else {
+            return String::new();
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut body = String::new();
+        let _ = s
+            .write_all(b"GET /varz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .and_then(|()| s.read_to_string(&mut body));
+        body
     }
 
     pub fn start(&mut self) {
@@ -112,13 +128,15 @@ impl Cluster {
             println!("SKIP: no nats-server (cargo xtask setup fetches it)");
             return None;
         };
-        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let ports: Vec<(u16, u16, u16)> = (0..3)
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
         let routes: Vec<String> = ports
             .iter()
-            .map(|(_, r)| format!("nats-route://127.0.0.1:{r}"))
+            .map(|(_, r, _)| format!("nats-route://127.0.0.1:{r}"))
             .collect();
         let mut nodes = Vec::new();
-        for (i, (port, route)) in ports.iter().enumerate() {
+        for (i, (port, route, monitor)) in ports.iter().enumerate() {
             let conf = dir.join(format!("n{i}.conf"));
             std::fs::write(
                 &conf,
@@ -126,6 +144,7 @@ impl Cluster {
                     // sync_interval always: a message is on disk at each replica
                     // before the PubAck, as production should run it (docs/jetstream.md).
                     "server_name: n{i}\nlisten: 127.0.0.1:{port}\nmax_payload: 8MB\n\
+                     http: 127.0.0.1:{monitor}\n\
                      jetstream {{ store_dir: \"{}\", sync_interval: always }}\n\
                      cluster {{ name: conduit\n listen: 127.0.0.1:{route}\n routes: [{}] }}\n",
                     dir.join(format!("n{i}")).display(),
@@ -139,12 +158,23 @@ impl Cluster {
                 conf,
                 log: dir.join(format!("n{i}.log")),
                 port: *port,
+                monitor: *monitor,
             };
             n.start();
             nodes.push(n);
         }
         let c = Cluster { nodes };
         c.wait_ready().await;
+        c.wait_placement().await;
+        // The setting took: every node syncs each write before acknowledging it.
+        for n in &c.nodes {
+            let varz = n.varz();
+            assert!(
+                varz.contains("\"sync_always\": true"),
+                "{}: sync_interval always not in effect; /varz:\n{varz}",
+                n.url()
+            );
+        }
         Some(c)
     }
 
@@ -170,15 +200,57 @@ impl Cluster {
             .join(",")
     }
 
+    /// Ready for replicated streams: the meta leader knows every peer, proved by
+    /// placing a three-replica stream (then deleted). A meta leader can answer
+    /// requests before that, and refuse R3 streams meanwhile ("no suitable peers for
+    /// placement").
+    async fn wait_placement(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let client = async_nats::connect(self.nodes[0].url())
+            .await
+            .expect("connect");
+        let config = r#"{"name":"CONDUIT_PROBE","subjects":["conduit_probe"],"storage":"memory","num_replicas":3}"#;
+        loop {
+            let reply = tokio::time::timeout(
+                Duration::from_secs(5),
+                client.request("$JS.API.STREAM.CREATE.CONDUIT_PROBE", config.into()),
+            )
+            .await;
+            let body = match reply {
+                Ok(Ok(m)) => String::from_utf8_lossy(&m.payload).into_owned(),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no answer".to_owned(),
+            };
+            if !body.contains("\"error\"") && body.contains("stream_create_response") {
+                let _ = client
+                    .request("$JS.API.STREAM.DELETE.CONDUIT_PROBE", "".into())
+                    .await;
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster places no R3 stream: {body}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Ready: every live node answers a JetStream request (a meta leader is elected).
     pub async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         for n in self.nodes.iter().filter(|n| n.child.is_some()) {
             let mut ok = false;
             while !ok && Instant::now() < deadline {
-                // The raw API, which any server version answers alike.
+                // The raw API, which any server version answers alike; asked again
+                // after a second (a request before the meta leader exists goes
+                // unanswered, and the client's own timeout is 10 s).
                 if let Ok(c) = async_nats::connect(n.url()).await
-                    && let Ok(m) = c.request("$JS.API.INFO", "".into()).await
+                    && let Ok(Ok(m)) = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        c.request("$JS.API.INFO", "".into()),
+                    )
+                    .await
                 {
                     let body = String::from_utf8_lossy(&m.payload);
                     ok = body.contains("account_info_response") && !body.contains("\"error\"");
