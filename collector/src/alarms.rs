@@ -23,12 +23,15 @@ pub const ALARM_SENSOR_ID: &str = "collector";
 
 pub struct Alarms {
     recorder: Mutex<Recorder>,
+    dir: std::path::PathBuf,
     /// Sensors whose silence is alarmed and not yet over.
     silent: Mutex<std::collections::HashSet<String>>,
     /// The alarm chain's key, which also cosigns the sensors' checkpoints (its
     /// public half is `<store>/_collector/signing.pub`; docs/witness.md).
     witness: SigningKey,
     pub metrics: Arc<Metrics>,
+    /// Woken after each record appended, for whoever ships the chain on (JetStream).
+    pub appended: tokio::sync::Notify,
 }
 
 impl Alarms {
@@ -39,9 +42,11 @@ impl Alarms {
         let witness = keys::load_signing_key(&store.join(ALARM_DIR).join(keys::KEY_FILE))?;
         Ok(Alarms {
             recorder: Mutex::new(recorder),
+            dir: store.join(ALARM_DIR),
             silent: Mutex::default(),
             witness,
             metrics: Arc::default(),
+            appended: tokio::sync::Notify::new(),
         })
     }
 
@@ -89,6 +94,13 @@ impl Alarms {
         if let Err(e) = rec.append(record).and_then(|_| rec.sync()) {
             tracing::error!(error = %e, "could not write the alarm record");
         }
+        drop(rec);
+        self.appended.notify_one();
+    }
+
+    /// The alarm chain's directory (`<store>/_collector`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Timer: a sensor that streamed and then sent nothing for `after` raises
@@ -138,8 +150,16 @@ impl Alarms {
             Ok(r) => r,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if let Err(e) = rec.tick(SystemTime::now()).and_then(|_| rec.sync()) {
-            tracing::error!(error = %e, "alarm chain tick failed");
+        match rec
+            .tick(SystemTime::now())
+            .and_then(|t| rec.sync().map(|()| t))
+        {
+            Ok(t) if !t.is_empty() => {
+                drop(rec);
+                self.appended.notify_one();
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "alarm chain tick failed"),
         }
     }
 }

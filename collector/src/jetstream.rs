@@ -29,12 +29,19 @@ use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use tokio_stream::StreamExt as _;
 
+use crate::alarms::ALARM_SENSOR_ID;
 use crate::export::nats::canonical_site;
+use crate::store::ALARM_DIR;
+use conduit_evidence::spool::SpoolReader;
 
 /// Subject prefix of the chains' messages.
 const CHAIN: &str = "conduit_chain";
 /// Subject prefix of the collectors' cosignatures (a line of `witness.cosig` each).
 const WITNESS: &str = "conduit_witness";
+/// Subject prefix of the collectors' own alarm chains: `conduit_alarm.<site>.<key
+/// hex>`, one per collector, named by the public key that signs it. Sensor chains
+/// live under [`CHAIN`], so no sensor id can reach these subjects.
+const ALARMS: &str = "conduit_alarm";
 /// Replicas of the stream and the bucket on a cluster (R3); a single server gets 1.
 const CLUSTER_REPLICAS: usize = 3;
 /// Room left under the server's max_payload for headers and the Batch's framing.
@@ -217,7 +224,11 @@ impl JetChains {
         let chains = stream::Config {
             name: stream_name(&site),
             description: Some(format!("Conduit Sensor chains of site {site}")),
-            subjects: vec![format!("{CHAIN}.{site}.>"), format!("{WITNESS}.{site}.>")],
+            subjects: vec![
+                format!("{CHAIN}.{site}.>"),
+                format!("{WITNESS}.{site}.>"),
+                format!("{ALARMS}.{site}.>"),
+            ],
             storage: stream::StorageType::File,
             // Evidence: nothing expires or is discarded by the stream itself.
             retention: stream::RetentionPolicy::Limits,
@@ -244,7 +255,26 @@ impl JetChains {
             duplicate_window: Duration::from_secs(120),
             ..Default::default()
         };
-        let (stream, replicas) = create_replicated(&js, chains).await?;
+        let subjects = chains.subjects.clone();
+        let (mut stream, replicas) = create_replicated(&js, chains).await?;
+        // A stream made by an older collector lacks the alarm subjects: add them.
+        let config = stream.cached_info().config.clone();
+        if let Some(missing) = subjects.iter().find(|s| !config.subjects.contains(s)) {
+            tracing::info!(stream = %config.name, subject = %missing, "adding subjects to the stream");
+            let mut config = config;
+            for s in &subjects {
+                if !config.subjects.contains(s) {
+                    config.subjects.push(s.clone());
+                }
+            }
+            js.update_stream(&config)
+                .await
+                .map_err(|e| nats("stream update")(format!("{}: {e}", config.name)))?;
+            stream = js
+                .get_stream(&config.name)
+                .await
+                .map_err(|e| nats("stream")(format!("{}: {e}", config.name)))?;
+        }
         create_replicated(&js, heads).await?;
         let heads = js
             .get_key_value(&bucket)
@@ -548,8 +578,180 @@ impl JetChains {
                 feed(v, seq, &payload);
             }
         }
+        // The collectors' alarm chains, each with the key that names it.
+        for (seq, token, payload) in self.read_all(ALARMS).await? {
+            let name = alarm_chain_name(&token);
+            if !chains.contains_key(&name) {
+                let path =
+                    std::path::PathBuf::from(format!("nats:{}/{name}", stream_name(&self.site)));
+                let key = alarm_key(&token);
+                let mut v = ChainVerifier::new(&path, ALARM_SENSOR_ID, key.unwrap_or_default());
+                if key.is_none() {
+                    v.broken(format!("alarm chain subject {token:?} names no key"));
+                }
+                chains.insert(name.clone(), v);
+            }
+            if let Some(v) = chains.get_mut(&name) {
+                feed(v, seq, &payload);
+            }
+        }
         Ok(chains.into_values().map(ChainVerifier::finish).collect())
     }
+
+    /// Publishes the frames of this collector's alarm chain that the stream does not
+    /// hold yet, so that every reader of the site (`verify`, `report`, `query`
+    /// `--jetstream`) sees every collector's alarms. Each message must extend the
+    /// chain's subject where this shipper last saw it end.
+    pub async fn ship_alarms(&self, shipper: &mut AlarmShipper) -> Result<u64, JetError> {
+        let subject = format!("{ALARMS}.{}.{}", self.site, hex::encode(shipper.public));
+        let corrupt = |detail: String| JetError::Corrupt {
+            sensor: ALARM_SENSOR_ID.to_owned(),
+            detail,
+        };
+        let (stream_seq, stored) = match shipper.stored {
+            Some(at) => at,
+            None => {
+                let at = match self.stream.get_last_raw_message_by_subject(&subject).await {
+                    Ok(m) => {
+                        let b = v1::Batch::decode(&m.payload[..]).map_err(|e| {
+                            corrupt(format!("alarm chain message {}: {e}", m.sequence))
+                        })?;
+                        (m.sequence, b.frames.last().map_or(0, |f| f.seq))
+                    }
+                    Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => (0, 0),
+                    Err(e) => return Err(nats("last alarm message")(e.to_string())),
+                };
+                shipper.reader = Some(SpoolReader::follow(&shipper.dir, at.1 + 1));
+                shipper.stored = Some(at);
+                at
+            }
+        };
+        let reader = shipper
+            .reader
+            .get_or_insert_with(|| SpoolReader::follow(&shipper.dir, stored + 1));
+        let mut frames = Vec::new();
+        let read = reader.poll(ALARM_SHIP_FRAMES, usize::MAX, &mut frames);
+        if let Err(e) = read {
+            shipper.reset();
+            return Err(corrupt(format!("{}: {e}", shipper.dir.display())));
+        }
+        let Some(first) = frames.first() else {
+            return Ok(0);
+        };
+        if first.seq != stored + 1 {
+            shipper.reset();
+            return Err(corrupt(format!(
+                "the stream holds the alarm chain to seq {stored}, the local one goes on at {}",
+                first.seq
+            )));
+        }
+        let pending = frames
+            .into_iter()
+            .map(|f| {
+                Pending::Frame(v1::Frame {
+                    seq: f.seq,
+                    prev_hash: f.prev_hash.to_vec().into(),
+                    hash: f.hash.to_vec().into(),
+                    record: f.record_bytes.into(),
+                })
+            })
+            .collect();
+        let (mut stream_seq, mut shipped) = (stream_seq, 0);
+        for mut batch in pack(pending, self.max_payload.saturating_sub(PAYLOAD_MARGIN))? {
+            let (Some(first), Some(last)) = (batch.frames.first(), batch.frames.last()) else {
+                continue;
+            };
+            let (first_seq, last_seq) = (first.seq, last.seq);
+            let hash: [u8; 32] = last.hash[..].try_into().unwrap_or(ZERO_HASH);
+            batch.signature = conduit_evidence::chain::checkpoint::sign_batch(
+                &shipper.key,
+                ALARM_SENSOR_ID,
+                last_seq,
+                &hash,
+            );
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(
+                async_nats::header::NATS_MESSAGE_ID,
+                format!(
+                    "alarm:{}:{first_seq}-{last_seq}",
+                    hex::encode(shipper.public)
+                )
+                .as_str(),
+            );
+            headers.insert(
+                async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                stream_seq.to_string().as_str(),
+            );
+            let ack = self
+                .js
+                .publish_with_headers(subject.clone(), headers, batch.encode_to_vec().into())
+                .await
+                .map_err(|e| nats("publish alarms")(e.to_string()))?
+                .await;
+            match ack {
+                Ok(a) if !a.duplicate => {
+                    stream_seq = a.sequence;
+                    shipped += (last_seq - first_seq) + 1;
+                    shipper.stored = Some((stream_seq, last_seq));
+                }
+                // Stored before (a publish whose ack was lost): read where the
+                // stream ends and go on from there.
+                Ok(_) => {
+                    shipper.reset();
+                    return Err(JetError::Conflict(ALARM_SENSOR_ID.to_owned()));
+                }
+                Err(e) => {
+                    shipper.reset();
+                    return Err(nats("publish alarms ack")(e.to_string()));
+                }
+            }
+        }
+        Ok(shipped)
+    }
+}
+
+/// Frames of the alarm chain one [`JetChains::ship_alarms`] call reads at most.
+const ALARM_SHIP_FRAMES: usize = 1024;
+
+/// This collector's alarm chain on its way into the stream: where the stream ends
+/// (read from it on first use and after any failure) and the local reader past it.
+pub struct AlarmShipper {
+    dir: std::path::PathBuf,
+    key: ed25519_dalek::SigningKey,
+    public: [u8; 32],
+    /// Stream sequence and chain seq of the chain's last message in the stream.
+    stored: Option<(u64, u64)>,
+    reader: Option<SpoolReader>,
+}
+
+impl AlarmShipper {
+    /// The alarm chain in `dir` (`<store>/_collector`), signed by `key`.
+    pub fn new(dir: &std::path::Path, key: &ed25519_dalek::SigningKey) -> AlarmShipper {
+        AlarmShipper {
+            dir: dir.to_owned(),
+            key: key.clone(),
+            public: key.verifying_key().to_bytes(),
+            stored: None,
+            reader: None,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.stored = None;
+        self.reader = None;
+    }
+}
+
+/// The store directory of a collector's alarm chain copied from the stream (its
+/// subject token is the key's hex): `_collector-<hex>`, see
+/// [`crate::store::is_alarm_dir`].
+fn alarm_chain_name(token: &str) -> String {
+    format!("{ALARM_DIR}-{}", token.to_ascii_lowercase())
+}
+
+/// The key an alarm chain's subject token names.
+fn alarm_key(token: &str) -> Option<[u8; 32]> {
+    hex::decode(token).ok()?.try_into().ok()
 }
 
 /// An export's durable consumer of the site's chains, shared by every collector of
@@ -673,16 +875,39 @@ impl JetChains {
         let mut spools: std::collections::HashMap<String, Spool> = Default::default();
         let chain = self.read_all(CHAIN).await?;
         let witness = self.read_all(WITNESS).await?;
-        let read = (chain.len() + witness.len()) as u64;
-        for (seq, sensor, payload) in chain {
+        let alarms = self.read_all(ALARMS).await?;
+        let read = (chain.len() + witness.len() + alarms.len()) as u64;
+        // Sensor chains by sensor id; the collectors' alarm chains by key, each into
+        // `_collector-<key hex>` (the report lists their alarms).
+        let entries = chain
+            .into_iter()
+            .map(|(seq, sensor, payload)| (seq, sensor, false, payload))
+            .chain(
+                alarms
+                    .into_iter()
+                    .map(|(seq, token, payload)| (seq, token, true, payload)),
+            );
+        for (seq, name, alarm, payload) in entries {
+            let (sensor, spool_id) = if alarm {
+                (alarm_chain_name(&name), ALARM_SENSOR_ID.to_owned())
+            } else {
+                (name.clone(), name.clone())
+            };
             let dir = root.join(&sensor);
             if !spools.contains_key(&sensor) {
-                let Some(head) = self.head(&sensor).await? else {
-                    return Err(copy(&sensor, "no key pinned in the bucket".to_owned()));
+                let key = if alarm {
+                    alarm_key(&name).ok_or_else(|| {
+                        copy(&sensor, "the alarm chain's subject names no key".to_owned())
+                    })?
+                } else {
+                    let Some(head) = self.head(&sensor).await? else {
+                        return Err(copy(&sensor, "no key pinned in the bucket".to_owned()));
+                    };
+                    head.key
                 };
                 std::fs::create_dir_all(&dir).map_err(|e| copy(&sensor, e.to_string()))?;
-                crate::store::pin_key(&dir, &head.key).map_err(|e| copy(&sensor, e.to_string()))?;
-                let mut o = SpoolOptions::new(&dir, &sensor);
+                crate::store::pin_key(&dir, &key).map_err(|e| copy(&sensor, e.to_string()))?;
+                let mut o = SpoolOptions::new(&dir, &spool_id);
                 o.max_bytes = u64::MAX / 4;
                 o.sync = SyncPolicy::OsOnly;
                 let (spool, _) = Spool::open(o).map_err(|e| copy(&sensor, e.to_string()))?;
@@ -808,6 +1033,18 @@ fn pack(pending: Vec<Pending>, max: usize) -> Result<Vec<v1::Batch>, JetError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn alarm_chains_are_named_by_their_key() {
+        let key = [0xab_u8; 32];
+        let token = hex::encode(key);
+        assert_eq!(alarm_key(&token), Some(key));
+        assert_eq!(alarm_key("abcd"), None);
+        assert_eq!(alarm_key("gw-01"), None);
+        let name = alarm_chain_name(&token);
+        assert!(crate::store::is_alarm_dir(&name), "{name}");
+        assert!(!crate::store::valid_sensor_id(&name), "{name}");
+    }
 
     #[test]
     fn nats_versions() {

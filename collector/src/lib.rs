@@ -35,7 +35,7 @@ pub fn verify_store(store: &Path) -> std::io::Result<Vec<Report>> {
     Ok(store::chain_dirs(store)?
         .into_iter()
         .map(|(name, dir)| {
-            let w = if name == store::ALARM_DIR {
+            let w = if store::is_alarm_dir(&name) {
                 None
             } else {
                 witness

@@ -774,6 +774,43 @@ fn report(args: &ReportArgs) -> ExitCode {
     }
 }
 
+/// With JetStream, this collector's alarm chain goes into the site's stream as well
+/// (its own subject, named by its key), so that every reader of the site sees every
+/// collector's alarms; shipped after each record, retried with backoff on failure.
+async fn ship_alarms(
+    chains: Arc<conduit_collector::jetstream::JetChains>,
+    shared: Arc<Shared>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    const RETRY_FIRST: Duration = Duration::from_millis(100);
+    const RETRY_MAX: Duration = Duration::from_secs(30);
+    let alarms = &shared.alarms;
+    let mut shipper =
+        conduit_collector::jetstream::AlarmShipper::new(alarms.dir(), alarms.witness_key());
+    let mut retry = RETRY_FIRST;
+    loop {
+        let wait = match chains.ship_alarms(&mut shipper).await {
+            // More may be waiting: read again at once.
+            Ok(n) if n > 0 => continue,
+            Ok(_) => {
+                retry = RETRY_FIRST;
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_ms = retry.as_millis() as u64, "alarm chain not shipped to JetStream yet");
+                let wait = retry;
+                retry = (retry * 2).min(RETRY_MAX);
+                Some(wait)
+            }
+        };
+        tokio::select! {
+            _ = alarms.appended.notified(), if wait.is_none() => {}
+            _ = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
 async fn run(args: Settings) -> anyhow::Result<()> {
     // Both rustls users (tonic, syslog TLS, NATS) use ring; make it the process default.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -803,6 +840,9 @@ async fn run(args: Settings) -> anyhow::Result<()> {
     );
     let shutdown_rx = shared.shutdown.subscribe();
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(chains) = shared.opts.jetstream.clone() {
+        tokio::spawn(ship_alarms(chains, shared.clone(), shutdown_rx.clone()));
+    }
     if let Some(path) = &args.jsonl {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)

@@ -96,7 +96,15 @@ pub fn query(
 ) -> anyhow::Result<QueryStats> {
     let mut stats = QueryStats::default();
     for (chain, dir) in chain_dirs(store)? {
-        if filter.sensor.as_ref().is_some_and(|s| s != &chain) {
+        // `_collector` (`--sensor collector`) selects every collector's alarm chain
+        // (several in a copy from JetStream).
+        let alarms =
+            |s: &String| s == crate::store::ALARM_DIR && crate::store::is_alarm_dir(&chain);
+        if filter
+            .sensor
+            .as_ref()
+            .is_some_and(|s| s != &chain && !alarms(s))
+        {
             continue;
         }
         for seg in time_index::chain_index(store, &chain, &dir)? {

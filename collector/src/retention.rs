@@ -16,7 +16,7 @@ use conduit_proto::v1::RecordKind;
 
 use crate::export::Cursor;
 use crate::server::Shared;
-use crate::store::{ALARM_DIR, chain_dirs};
+use crate::store::{chain_dirs, is_alarm_dir};
 use crate::time_index;
 
 /// How often the collector looks for segments to prune.
@@ -44,7 +44,7 @@ pub fn prune_store(shared: &Shared, policy: &Policy, now: SystemTime) -> Vec<Pru
         return Vec::new();
     };
     let mut out = Vec::new();
-    for (chain, dir) in chains.into_iter().filter(|(c, _)| c != ALARM_DIR) {
+    for (chain, dir) in chains.into_iter().filter(|(c, _)| !is_alarm_dir(c)) {
         match prune_chain(shared, &store, &chain, &dir, policy, now) {
             Ok(Some(p)) => out.push(p),
             Ok(None) => {}

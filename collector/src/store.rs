@@ -840,7 +840,18 @@ fn to_hash(b: &[u8], seq: u64, what: &str) -> Result<[u8; 32], Rejection> {
     })
 }
 
-/// Sensor directories in the store (with the alarm chain), sorted.
+/// Whether a store directory holds a collector's alarm chain: this collector's
+/// (`_collector`), or one copied from JetStream, named after its collector's key
+/// (`_collector-<64 hex>`). Sensor ids start with a letter or digit: never these.
+pub fn is_alarm_dir(name: &str) -> bool {
+    name == ALARM_DIR
+        || name
+            .strip_prefix(ALARM_DIR)
+            .and_then(|rest| rest.strip_prefix('-'))
+            .is_some_and(|key| key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Sensor directories in the store (with the alarm chains), sorted.
 pub fn chain_dirs(root: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
     let mut out = Vec::new();
     for entry in fs::read_dir(root)? {
@@ -849,10 +860,34 @@ pub fn chain_dirs(root: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
         if !entry.file_type()?.is_dir() || name == EXPORTS_DIR {
             continue;
         }
-        if valid_sensor_id(&name) || name == ALARM_DIR {
+        if valid_sensor_id(&name) || is_alarm_dir(&name) {
             out.push((name, entry.path()));
         }
     }
     out.sort();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alarm_dirs_are_never_sensor_ids() {
+        let copied = format!("{ALARM_DIR}-{}", "ab".repeat(32));
+        for name in [ALARM_DIR, copied.as_str()] {
+            assert!(is_alarm_dir(name), "{name}");
+            assert!(!valid_sensor_id(name), "{name}");
+        }
+        for name in [
+            "collector",
+            "_collector-",
+            "_collector-abc",
+            &format!("{ALARM_DIR}-{}", "zz".repeat(32)),
+            &format!("{ALARM_DIR}_{}", "ab".repeat(32)),
+            "gw-01",
+        ] {
+            assert!(!is_alarm_dir(name), "{name}");
+        }
+    }
 }

@@ -82,8 +82,15 @@ async fn exported(nats: &str, sensor: &str) -> Result<Vec<u64>, String> {
         let Ok(stream) = js.get_stream(&name).await else {
             continue;
         };
-        let config = async_nats::jetstream::consumer::pull::OrderedConfig {
+        // An unacknowledged R1 reader that the cluster drops a second after use:
+        // this runs every half second, and readers left for the default 30 s would
+        // pile up as work for the meta leader when a node dies.
+        let config = async_nats::jetstream::consumer::pull::Config {
             filter_subject: format!("conduit.{site}.{}.>", sensor.replace('.', "_")),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
+            inactive_threshold: Duration::from_secs(1),
+            num_replicas: 1,
+            memory_storage: true,
             ..Default::default()
         };
         let consumer = stream
@@ -106,6 +113,8 @@ async fn exported(nats: &str, sensor: &str) -> Result<Vec<u64>, String> {
                 break;
             }
         }
+        drop(messages);
+        let _ = stream.delete_consumer(&consumer.cached_info().name).await;
     }
     Ok(seqs)
 }
@@ -135,22 +144,139 @@ async fn wait_exported(nats: &str, sensor: &str, head: u64, b: &Collector) -> us
     }
 }
 
+/// A stream's info through the raw API (None: no leader answers now).
+async fn stream_info(client: &async_nats::Client, stream: &str) -> Option<serde_json::Value> {
+    let m = tokio::time::timeout(
+        Duration::from_secs(2),
+        client.request(format!("$JS.API.STREAM.INFO.{stream}"), "".into()),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    serde_json::from_slice::<serde_json::Value>(&m.payload)
+        .ok()
+        .filter(|v| v.get("error").is_none())
+}
+
+/// Messages in a stream now (0 while it has no leader).
+async fn siem_messages(nats: &str, stream: &str) -> u64 {
+    let client = async_nats::connect(nats).await.expect("connect");
+    stream_info(&client, stream)
+        .await
+        .and_then(|v| v["state"]["messages"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Moves the leadership of `stream` to the node `name`: its leader steps down until
+/// the cluster elects that node (2.10 cannot name the next leader), so that killing
+/// `name` then forces a leader change.
+async fn lead_on(nats: &str, stream: &str, name: &str) {
+    let client = async_nats::connect(nats).await.expect("connect");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let leader = stream_info(&client, stream)
+            .await
+            .and_then(|v| v["cluster"]["leader"].as_str().map(str::to_owned));
+        if leader.as_deref() == Some(name) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{stream}: leader {leader:?}, not {name}"
+        );
+        if leader.is_some() {
+            let _ = client
+                .request(
+                    format!("$JS.API.STREAM.LEADER.STEPDOWN.{stream}"),
+                    "".into(),
+                )
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// `conduit-collector verify --jetstream`: exit code and output.
 fn verify_jetstream(nats: &str) -> (Option<i32>, String) {
     collector_output(&["verify", "--jetstream", nats, "--site", SITE])
 }
 
-/// The line `N chains, M records verified`.
+/// Each chain `verify --jetstream` reports, with its verified records: the name
+/// after the stream's (a sensor id, or `_collector-<key hex>` for a collector's
+/// alarm chain).
+fn chain_records(out: &str) -> Vec<(String, u64)> {
+    let mut chains = Vec::new();
+    let mut name = None;
+    for line in out.lines() {
+        if let Some(n) = line.strip_prefix("== ") {
+            name = n.rsplit('/').next().map(str::to_owned);
+        } else if let Some((records, _)) = line.split_once(" records verified (")
+            && let Some(n) = name.take()
+        {
+            chains.push((n, records.parse().expect("records")));
+        }
+    }
+    chains
+}
+
+/// The sensors' chains and records in `verify --jetstream` output, the collectors'
+/// alarm chains apart; the line `N chains, M records verified` counts them all.
 fn totals(out: &str) -> (u64, u64) {
     let line = out
         .lines()
         .find(|l| l.ends_with("records verified"))
         .unwrap_or_else(|| panic!("no totals in:\n{out}"));
     let w: Vec<&str> = line.split_whitespace().collect();
-    (
+    let all: (u64, u64) = (
         w[0].parse().expect("chains"),
         w[2].parse().expect("records"),
+    );
+    let chains = chain_records(out);
+    assert_eq!(
+        (chains.len() as u64, chains.iter().map(|c| c.1).sum::<u64>()),
+        all,
+        "{out}"
+    );
+    let sensors: Vec<&(String, u64)> = chains
+        .iter()
+        .filter(|(n, _)| !n.starts_with("_collector-"))
+        .collect();
+    (
+        sensors.len() as u64,
+        sensors.iter().map(|c| c.1).sum::<u64>(),
     )
+}
+
+/// `conduit-collector report --jetstream` over `since..until`: its exit code and the
+/// HTML's machine-readable summary.
+fn report_jetstream(
+    nats: &str,
+    html: &Path,
+    since: &str,
+    until: &str,
+) -> (Option<i32>, serde_json::Value) {
+    let out = Command::new(env!("CARGO_BIN_EXE_conduit-collector"))
+        .args(["report", "--since", since, "--until", until, "--out"])
+        .arg(html)
+        .args(["--jetstream", nats, "--site", SITE])
+        .output()
+        .expect("conduit-collector");
+    let page = std::fs::read_to_string(html).unwrap_or_else(|e| {
+        panic!(
+            "report: {e}\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let start = page
+        .find(r#"<script type="application/json" id="summary">"#)
+        .expect("summary element");
+    let rest = &page[start..];
+    let summary = serde_json::from_str(
+        &rest[rest.find('>').expect("tag") + 1..rest.find("</script>").expect("end")],
+    )
+    .expect("summary JSON");
+    (out.status.code(), summary)
 }
 
 fn recorder(spool: &Path, sensor: &str) -> Recorder {
@@ -262,15 +388,37 @@ async fn collectors_share_sensors_through_a_collector_kill_and_a_nats_node_kill(
         assert_eq!(duplicates, 0, "{s}: duplicates in the SIEM export");
     }
 
-    // A NATS node dies (the one b is connected to): b's client moves to another
-    // node and the R3 stream keeps its quorum; nothing is lost or doubled.
-    cluster.nodes[1].kill();
-    cluster.wait_ready().await;
+    // A NATS node dies (the one b is connected to) while the export publishes, and
+    // it leads the SIEM streams then: they elect another leader mid-export, the
+    // case where a stream may forget recent Nats-Msg-Ids. b's client moves to
+    // another node and the R3 streams keep their quorum; nothing is lost or doubled.
+    let siem_streams = ["CONDUIT_PLANT-01", "CONDUIT_PLANT-JS"];
+    for stream in siem_streams {
+        lead_on(&siem, stream, "n1").await;
+    }
+    let before = siem_messages(&siem, siem_streams[0]).await;
     let heads: Vec<u64> = recs
         .iter_mut()
         .enumerate()
-        .map(|(i, r)| append(r, 100_000 * (i as u64 + 1), 1000))
+        .map(|(i, r)| append(r, 100_000 * (i as u64 + 1), 3000))
         .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let at_kill = loop {
+        let now = siem_messages(&siem, siem_streams[0]).await;
+        if now > before {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "the export does not publish");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    cluster.nodes[1].kill();
+    println!(
+        "NATS node n1 (the SIEM streams' leader) killed with {} of {} new records in {}",
+        at_kill - before,
+        sensors.len() * 3000,
+        siem_streams[0]
+    );
+    cluster.wait_ready().await;
     for (u, h) in uplinks.iter_mut().zip(&heads) {
         u.wait_acked(*h, Duration::from_secs(120)).await;
     }
@@ -386,28 +534,9 @@ async fn two_collectors_racing_for_one_sensor_store_each_record_once() {
         .collect();
     assert_eq!(seqs.len(), 4000, "flow_start records from JetStream");
     let html = tmp.path().join("report.html");
-    let mut args = vec![
-        "report",
-        "--since",
-        "1970-01-01T00:00:00Z",
-        "--until",
-        "1970-01-01T00:01:00Z",
-        "--out",
-        html.to_str().expect("path"),
-    ];
-    args.extend(js);
-    let out = collector(&args);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(matches!(out.status.code(), Some(0 | 3)), "{text}");
-    let page = std::fs::read_to_string(&html).expect("report");
-    let start = page
-        .find(r#"<script type="application/json" id="summary">"#)
-        .expect("summary element");
-    let rest = &page[start..];
-    let summary: serde_json::Value = serde_json::from_str(
-        &rest[rest.find('>').expect("tag") + 1..rest.find("</script>").expect("end")],
-    )
-    .expect("summary JSON");
+    let (code, summary) =
+        report_jetstream(&nats, &html, "1970-01-01T00:00:00Z", "1970-01-01T00:01:00Z");
+    assert!(matches!(code, Some(0 | 3)), "{summary}");
     // The report verified the whole chain it read from the stream.
     assert_eq!(summary["verified"], true, "{summary}");
     assert_eq!(summary["sensors"][0]["id"], SENSOR, "{summary}");
@@ -510,7 +639,48 @@ async fn a_forked_history_is_rejected_with_an_alarm() {
         })
         .collect();
     assert!(alarms.iter().any(|k| k == "equivocation"), "{alarms:?}");
+    // b also keeps its alarm chain in the stream: the report any collector or
+    // auditor makes from JetStream lists the equivocation b saw.
+    let html = tmp.path().join("report.html");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let alarm = loop {
+        let (code, summary) = report_jetstream(
+            &cluster.nodes[0].url(),
+            &html,
+            "2000-01-01T00:00:00Z",
+            "2100-01-01T00:00:00Z",
+        );
+        assert!(matches!(code, Some(0 | 3)), "{summary}");
+        let found = summary["alarms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["kind"] == "equivocation")
+            .cloned();
+        if let Some(a) = found {
+            assert!(summary["alarm_count"].as_u64() >= Some(1), "{summary}");
+            break a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no equivocation alarm in report --jetstream: {summary}\nb's log:\n{}",
+            b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(alarm["sensor"], SENSOR, "{alarm}");
+    // verify --jetstream verifies b's alarm chain with the sensor chains, against the
+    // key its subject names (b's alarm key, as in b's store).
     let (code, out) = verify_jetstream(&cluster.nodes[1].url());
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(totals(&out), (1, head), "{out}");
+    let b_key = std::fs::read_to_string(tmp.path().join("b-local/_collector/signing.pub"))
+        .expect("b's alarm key");
+    let b_chain = format!("_collector-{}", b_key.trim());
+    assert!(
+        chain_records(&out)
+            .iter()
+            .any(|(n, records)| *n == b_chain && *records > 0),
+        "b's alarm chain in:\n{out}"
+    );
 }

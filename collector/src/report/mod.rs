@@ -22,7 +22,7 @@ use prost::Message as _;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::store::{ALARM_DIR, chain_dirs};
+use crate::store::{chain_dirs, is_alarm_dir};
 use crate::time_index;
 
 const TEMPLATE: &str = include_str!("report.html.j2");
@@ -316,7 +316,7 @@ pub fn build(
         crypto: Vec::new(),
     };
     for (chain, dir) in chain_dirs(store)? {
-        if chain == ALARM_DIR {
+        if is_alarm_dir(&chain) {
             alarms(store, &chain, &dir, since, until, &mut s)?;
             continue;
         }
