@@ -78,7 +78,12 @@ fn dir() -> Result<PathBuf> {
 pub fn cached() -> Option<NatsServer> {
     let dir = dir().ok()?;
     let text = fs::read_to_string(dir.join(RECORD)).ok()?;
-    NatsServer::parse_record(&dir, &text).filter(|n| n.binary.is_file())
+    // A cache older than today's minimum is fetched again.
+    NatsServer::parse_record(&dir, &text).filter(|n| {
+        n.binary.is_file()
+            && upstream_version(n.upstream.trim_start_matches('v'))
+                .is_some_and(|v| v >= MIN_VERSION)
+    })
 }
 
 /// The cached binary, downloaded and checked on first use.
