@@ -669,6 +669,18 @@ async fn a_forked_history_is_rejected_with_an_alarm() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(alarm["sensor"], SENSOR, "{alarm}");
+    // query prints it too, as the collectors' records (`--sensor collector`).
+    let out = Command::new(env!("CARGO_BIN_EXE_conduit-collector"))
+        .args(["query", "--sensor", "collector", "--action", "alarm"])
+        .args(["--jetstream", &cluster.nodes[2].url(), "--site", SITE])
+        .output()
+        .expect("conduit-collector");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.lines().any(|l| l.contains("equivocation")),
+        "query --sensor collector --jetstream:\n{text}"
+    );
     // verify --jetstream verifies b's alarm chain with the sensor chains, against the
     // key its subject names (b's alarm key, as in b's store).
     let (code, out) = verify_jetstream(&cluster.nodes[1].url());

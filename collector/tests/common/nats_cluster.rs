@@ -52,11 +52,15 @@ pub fn nats_server() -> Option<PathBuf> {
         .clone()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+/// `n` distinct free ports: every listener is held until all are taken (ports taken
+/// one at a time can repeat: a node once got the same port for clients and routes).
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("free port"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("local address").port())
+        .collect()
 }
 
 /// One nats-server of the cluster; killed on drop.
@@ -128,8 +132,9 @@ impl Cluster {
             println!("SKIP: no nats-server (cargo xtask setup fetches it)");
             return None;
         };
-        let ports: Vec<(u16, u16, u16)> = (0..3)
-            .map(|_| (free_port(), free_port(), free_port()))
+        let ports: Vec<(u16, u16, u16)> = free_ports(9)
+            .chunks(3)
+            .map(|p| (p[0], p[1], p[2]))
             .collect();
         let routes: Vec<String> = ports
             .iter()
