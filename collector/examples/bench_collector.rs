@@ -10,6 +10,10 @@
 //! `bench collector_jetstream r3_records_per_sec=… file_records_per_sec=… ratio=…`.
 
 #[path = "../tests/common/nats_cluster.rs"]
+#[expect(
+    dead_code,
+    reason = "the tests' cluster helper; the benchmark needs a part"
+)]
 mod nats_cluster;
 
 use std::path::Path;
