@@ -50,6 +50,9 @@ const PAYLOAD_MARGIN: usize = 4096;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requests asked again after a timeout while a stream elects a leader.
 const ELECTION_RETRIES: u32 = 3;
+/// How long a collector waits for a cluster that cannot place the replicas yet (a
+/// meta leader that has not heard from every peer answers "no suitable peers").
+const PLACEMENT_WAIT: Duration = Duration::from_secs(120);
 /// The first nats-server release with `sync_interval: always`: without it a server
 /// acknowledges a message before it is on disk (fsync every 2 minutes by default),
 /// so a cluster-wide power loss can take acknowledged records (docs/jetstream.md).
@@ -142,8 +145,11 @@ pub async fn create_replicated(
     let failed = |e: jetstream::context::CreateStreamError| nats("stream")(format!("{name}: {e}"));
     config.num_replicas = CLUSTER_REPLICAS;
     // A stream whose leader was on a node that just died answers nothing until its
-    // replicas elect another (seconds): a timed-out request is asked again.
+    // replicas elect another (seconds): a timed-out request is asked again. A cluster
+    // that just started may not know its peers yet: waited for, with backoff.
     let mut attempts = 0;
+    let placement_deadline = tokio::time::Instant::now() + PLACEMENT_WAIT;
+    let mut backoff = Duration::from_millis(200);
     let first = loop {
         match js.get_or_create_stream(config.clone()).await {
             Err(e)
@@ -152,6 +158,16 @@ pub async fn create_replicated(
             {
                 attempts += 1;
                 tracing::warn!(stream = %name, attempt = attempts, "no answer (a leader election?): asking again");
+            }
+            Err(e)
+                if matches!(e.kind(), jetstream::context::CreateStreamErrorKind::JetStream(j)
+                    if [jetstream::ErrorCode::CLUSTER_NO_PEERS, jetstream::ErrorCode::INSUFFICIENT_RESOURCES]
+                        .contains(&j.error_code()))
+                    && tokio::time::Instant::now() < placement_deadline =>
+            {
+                tracing::warn!(stream = %name, error = %e, retry_in = ?backoff, "the cluster cannot place the replicas yet: waiting");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
             r => break r,
         }

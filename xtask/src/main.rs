@@ -105,8 +105,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "chromium",
     "rsyslog",
     "rsyslog-gnutls",
-    // nats-server is not here: bookworm's 2.9.10 lacks `sync_interval: always`; the
-    // tests run trixie's, fetched into target/tools by [`nats::ensure`].
+    // nats-server is not here: bookworm's 2.9.10 lacks `sync_interval: always` and
+    // the message-id fixes of 2.11; the tests run Debian's 2.15.1-1 (forky), fetched
+    // into target/tools by [`nats::ensure`].
     // DNS attribution (tests/tests/dns_attribution.rs): a real resolver and client.
     "dnsmasq-base",
     "bind9-dnsutils",
@@ -256,17 +257,16 @@ fn setup() -> Result<()> {
     }
 
     step(&format!(
-        "nats-server from Debian {} (at least {}.{}.{})",
-        nats::SUITE,
-        nats::MIN_VERSION.0,
-        nats::MIN_VERSION.1,
-        nats::MIN_VERSION.2
+        "nats-server {} from Debian {}",
+        nats::VERSION,
+        nats::SUITES.join(" or ")
     ));
     let server = nats::ensure()?;
     println!(
-        "    {} (package {}) at {}",
+        "    {} (package {} from {}) at {}",
         server.upstream,
         server.package_version,
+        server.suite,
         server.binary.display()
     );
 

@@ -1,17 +1,21 @@
-//! The nats-server the JetStream tests and the collector benchmark run: Debian
-//! trixie's package, fetched through the VM harness's private apt (signed by the
-//! Debian keyring; the system's sources are left alone) and reduced to its binary in
-//! `target/tools/nats-server/`.
+//! The nats-server the JetStream tests and the collector benchmark run: Debian's
+//! package at one exact version, fetched through the VM harness's private apt
+//! (signed by the Debian keyring; the system's sources are left alone) and reduced
+//! to its binary in `target/tools/nats-server/`.
 //!
 //! Why not bookworm's package: 2.9.10 has no `sync_interval: always` (acknowledged
-//! records can be lost on a cluster-wide power loss), and the tests' cluster runs
-//! with it. trixie's binary needs only libc6 >= 2.34 (bookworm has 2.36).
+//! records can be lost on a cluster-wide power loss), and a stream leader elected
+//! after a node loss may not know recent message ids before 2.11 (nats-server PRs
+//! 6415, 6485, 6486), so a SIEM export could repeat a record. trixie's 2.10.27 has
+//! the first and not the second. Debian's 2.15.1-1 (forky, sid) has both; its
+//! binary needs only libc6 >= 2.34 (bookworm has 2.36).
 //!
-//! As with the VM kernels, the version is resolved once and recorded in
-//! `nats-server.txt`; later runs use the cache and never ask the mirror again.
-//! The tests find the binary through [`ENV`] (set on every cargo command xtask
-//! runs), or at the same path relative to their own executable
-//! (`collector/tests/common/nats_cluster.rs`, `nats_server()`).
+//! The version is pinned ([`VERSION`]) and looked up in each of [`SUITES`]: a
+//! testing suite moves on, and then this pin is what changes, on purpose. As with
+//! the VM kernels, it is fetched once and recorded in `nats-server.txt`; later runs
+//! use the cache and never ask the mirror again. The tests find the binary through
+//! [`ENV`] (set on every cargo command xtask runs), or at the same path relative to
+//! their own executable (`collector/tests/common/nats_cluster.rs`, `nats_server()`).
 
 use std::{
     fs,
@@ -28,10 +32,10 @@ use crate::vm::{
     target_dir,
 };
 
-/// The suite whose nats-server is used.
-pub const SUITE: &str = "trixie";
-/// The oldest upstream release accepted: trixie's (2.10 has `sync_interval: always`).
-pub const MIN_VERSION: (u32, u32, u32) = (2, 10, 27);
+/// Debian's package version used, exactly.
+pub const VERSION: &str = "2.15.1-1";
+/// The suites that carry [`VERSION`], asked in order.
+pub const SUITES: [&str; 2] = ["forky", "sid"];
 /// The variable that tells tests and benchmarks where the binary is.
 pub const ENV: &str = "CONDUIT_NATS_SERVER";
 /// Under the target directory: the binary and its record.
@@ -41,7 +45,9 @@ const RECORD: &str = "nats-server.txt";
 /// The cached nats-server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NatsServer {
-    /// Debian's version of the package, e.g. `2.10.27-1+b2`.
+    /// The suite it came from.
+    pub suite: String,
+    /// Debian's version of the package, e.g. `2.15.1-1`.
     pub package_version: String,
     /// What the binary says (`nats-server --version`), e.g. `v2.10.27`.
     pub upstream: String,
@@ -51,8 +57,8 @@ pub struct NatsServer {
 impl NatsServer {
     fn record(&self) -> String {
         format!(
-            "package=nats-server\nsuite={SUITE}\nversion={}\nupstream={}\n",
-            self.package_version, self.upstream
+            "package=nats-server\nsuite={}\nversion={}\nupstream={}\n",
+            self.suite, self.package_version, self.upstream
         )
     }
 
@@ -63,6 +69,7 @@ impl NatsServer {
                 .map(str::to_owned)
         };
         Some(Self {
+            suite: field("suite")?,
             package_version: field("version")?,
             upstream: field("upstream")?,
             binary: dir.join("nats-server"),
@@ -78,12 +85,9 @@ fn dir() -> Result<PathBuf> {
 pub fn cached() -> Option<NatsServer> {
     let dir = dir().ok()?;
     let text = fs::read_to_string(dir.join(RECORD)).ok()?;
-    // A cache older than today's minimum is fetched again.
-    NatsServer::parse_record(&dir, &text).filter(|n| {
-        n.binary.is_file()
-            && upstream_version(n.upstream.trim_start_matches('v'))
-                .is_some_and(|v| v >= MIN_VERSION)
-    })
+    // A cache of another version (an older pin) is fetched again.
+    NatsServer::parse_record(&dir, &text)
+        .filter(|n| n.binary.is_file() && n.package_version == VERSION)
 }
 
 /// The cached binary, downloaded and checked on first use.
@@ -102,23 +106,33 @@ pub fn ensure() -> Result<NatsServer> {
 
 fn download(cache: &Cache) -> Result<NatsServer> {
     let dir = dir()?;
-    let apt = Apt::new(cache, SUITE)?;
-    println!(
-        "    first use: fetching {SUITE}'s package index into {}",
-        apt.dir.display()
-    );
-    apt.update()?;
-    let show = apt.show("nats-server")?;
-    let version = field(&show, "Version").context("apt-cache show nats-server: no Version")?;
-    let upstream = upstream_version(&version)
-        .with_context(|| format!("unexpected nats-server version {version:?} in {SUITE}"))?;
-    if upstream < MIN_VERSION {
-        bail!(
-            "{SUITE}'s nats-server is {version}; at least {} is needed",
-            dotted(MIN_VERSION)
+    let mut offered = Vec::new();
+    let mut found = None;
+    for suite in SUITES {
+        let apt = Apt::new(cache, suite)?;
+        println!(
+            "    first use: fetching {suite}'s package index into {}",
+            apt.dir.display()
         );
+        apt.update()?;
+        let show = apt.show("nats-server")?;
+        let version = field(&show, "Version").context("apt-cache show nats-server: no Version")?;
+        if version == VERSION {
+            found = Some((suite, apt));
+            break;
+        }
+        offered.push(format!("{suite} has {version}"));
     }
-    println!("    downloading nats-server {version} from {SUITE}");
+    let Some((suite, apt)) = found else {
+        bail!(
+            "Debian's nats-server {VERSION} is in none of {SUITES:?} any more ({}): \
+             pin the version they carry now in xtask/src/nats.rs (2.11 or later)",
+            offered.join(", ")
+        );
+    };
+    let version = VERSION.to_owned();
+    let upstream = upstream_version(&version).context("VERSION is a Debian version")?;
+    println!("    downloading nats-server {version} from {suite}");
     let tmp = dir.with_extension("tmp");
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp)?;
@@ -152,6 +166,7 @@ fn download(cache: &Cache) -> Result<NatsServer> {
         bail!("the package {version} holds a nats-server that says {said:?}");
     }
     let server = NatsServer {
+        suite: suite.to_owned(),
         package_version: version,
         upstream: said,
         binary: dir.join("nats-server"),
@@ -185,10 +200,6 @@ fn upstream_version(debian: &str) -> Option<(u32, u32, u32)> {
     Some(v)
 }
 
-fn dotted((a, b, c): (u32, u32, u32)) -> String {
-    format!("{a}.{b}.{c}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,9 +211,8 @@ mod tests {
         assert_eq!(upstream_version("1:2.11.0~rc1-1"), Some((2, 11, 0)));
         assert_eq!(upstream_version("2.10"), Some((2, 10, 0)));
         assert_eq!(upstream_version("v2"), None);
-        assert!(upstream_version("2.9.10-1").expect("parses") < MIN_VERSION);
-        assert!(upstream_version("2.10.27-1+b2").expect("parses") >= MIN_VERSION);
-        assert!(upstream_version("2.11.1-1").expect("parses") >= MIN_VERSION);
+        // The pin has the fixes named in the module's comment.
+        assert!(upstream_version(VERSION).expect("parses") >= (2, 11, 0));
     }
 
     #[test]
@@ -216,8 +226,9 @@ mod tests {
     #[test]
     fn record_round_trip() {
         let n = NatsServer {
-            package_version: "2.10.27-1+b2".into(),
-            upstream: "v2.10.27".into(),
+            suite: "forky".into(),
+            package_version: "2.15.1-1".into(),
+            upstream: "v2.15.1".into(),
             binary: PathBuf::from("/t/tools/nats-server/nats-server"),
         };
         let back = NatsServer::parse_record(Path::new("/t/tools/nats-server"), &n.record())
