@@ -50,6 +50,13 @@ const PAYLOAD_MARGIN: usize = 4096;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requests asked again after a timeout while a stream elects a leader.
 const ELECTION_RETRIES: u32 = 3;
+/// Bytes a stream reader's pull asks for at most (at least one message's worth).
+const PULL_BYTES: usize = 16 << 20;
+/// Messages a stream reader's pull asks for at most.
+const READER_BATCH: usize = 256;
+/// How often a stream reader starts again (a lost message, a failed consumer) before
+/// it gives up.
+const READER_RESTARTS: u32 = 5;
 /// How long a collector waits for a cluster that cannot place the replicas yet (a
 /// meta leader that has not heard from every peer answers "no suitable peers").
 const PLACEMENT_WAIT: Duration = Duration::from_secs(120);
@@ -184,6 +191,120 @@ pub async fn create_replicated(
             Ok((s, 1))
         }
         Err(e) => Err(failed(e)),
+    }
+}
+
+/// Reads one subject prefix of a site's stream in order, through an ephemeral pull
+/// consumer without acks whose pulls are bounded in bytes ([`JetChains::pull_bytes`]).
+/// Ends at the message that had nothing pending after it. A skipped consumer
+/// sequence (a message lost to the client) or a failed consumer makes it start again
+/// from the stream sequence after the last one returned, so nothing is skipped and
+/// nothing returned twice.
+struct Reader<'a> {
+    chains: &'a JetChains,
+    filter: String,
+    token_at: String,
+    /// The stream sequence to start from when (re)creating the consumer.
+    next_seq: u64,
+    messages: Option<jetstream::consumer::pull::Stream>,
+    /// The consumer sequence of the last message returned by the current consumer.
+    consumer_seq: u64,
+    done: bool,
+    restarts: u32,
+}
+
+impl Reader<'_> {
+    /// The next (stream sequence, sensor id or alarm key, payload), or None at the end.
+    async fn next(&mut self) -> Result<Option<(u64, String, bytes::Bytes)>, JetError> {
+        loop {
+            if self.done {
+                return Ok(None);
+            }
+            let Some(messages) = self.messages.as_mut() else {
+                self.start().await?;
+                continue;
+            };
+            let m = match messages.next().await {
+                Some(Ok(m)) => m,
+                failed => {
+                    let e = failed.map_or("the consumer ended".to_owned(), |r| {
+                        r.err().map(|e| e.to_string()).unwrap_or_default()
+                    });
+                    self.restart(e)?;
+                    continue;
+                }
+            };
+            let info = m.info().map_err(|e| nats("read")(e.to_string()))?;
+            if info.consumer_sequence != self.consumer_seq + 1 {
+                let e = format!(
+                    "consumer sequence {} after {}",
+                    info.consumer_sequence, self.consumer_seq
+                );
+                self.restart(e)?;
+                continue;
+            }
+            self.consumer_seq = info.consumer_sequence;
+            self.next_seq = info.stream_sequence + 1;
+            self.done = info.pending == 0;
+            if let Some(token) = m.subject.as_str().strip_prefix(&self.token_at) {
+                return Ok(Some((
+                    info.stream_sequence,
+                    sensor_from_token(token),
+                    m.payload.clone(),
+                )));
+            }
+        }
+    }
+
+    fn restart(&mut self, why: String) -> Result<(), JetError> {
+        self.restarts += 1;
+        if self.restarts > READER_RESTARTS {
+            return Err(nats("read")(format!("{}: {why}", self.filter)));
+        }
+        tracing::warn!(filter = %self.filter, from = self.next_seq, %why, "stream reader: starting again");
+        self.messages = None;
+        Ok(())
+    }
+
+    /// A consumer from `next_seq` on. A cluster that just lost a node may be electing
+    /// its meta leader: creating it is retried for a while.
+    async fn start(&mut self) -> Result<(), JetError> {
+        let config = jetstream::consumer::pull::Config {
+            filter_subject: self.filter.clone(),
+            deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: self.next_seq,
+            },
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            inactive_threshold: Duration::from_secs(60),
+            num_replicas: 1,
+            memory_storage: true,
+            ..Default::default()
+        };
+        let mut attempts = 0;
+        let consumer = loop {
+            match self.chains.stream.create_consumer(config.clone()).await {
+                Ok(c) => break c,
+                Err(e) if attempts < ELECTION_RETRIES => {
+                    attempts += 1;
+                    tracing::warn!(error = %e, attempt = attempts, "creating the stream reader: retrying");
+                }
+                Err(e) => return Err(nats("consumer")(e.to_string())),
+            }
+        };
+        self.consumer_seq = 0;
+        if consumer.cached_info().num_pending == 0 {
+            self.done = true;
+            return Ok(());
+        }
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(READER_BATCH)
+            .max_bytes_per_batch(self.chains.pull_bytes())
+            .messages()
+            .await
+            .map_err(|e| nats("consumer")(e.to_string()))?;
+        self.messages = Some(messages);
+        Ok(())
     }
 }
 
@@ -351,46 +472,26 @@ impl JetChains {
         Ok(())
     }
 
-    /// Every message under `prefix` of this site, in stream order: (stream sequence,
-    /// sensor id, payload). A cluster that just lost a node may be electing its meta
-    /// leader: creating the reader is retried for a while.
-    async fn read_all(&self, prefix: &str) -> Result<Vec<(u64, String, bytes::Bytes)>, JetError> {
-        let config = jetstream::consumer::pull::OrderedConfig {
-            filter_subject: format!("{prefix}.{}.>", self.site),
-            ..Default::default()
-        };
-        let mut attempts = 0;
-        let consumer = loop {
-            match self.stream.create_consumer(config.clone()).await {
-                Ok(c) => break c,
-                Err(e) if attempts < ELECTION_RETRIES => {
-                    attempts += 1;
-                    tracing::warn!(error = %e, attempt = attempts, "creating the stream reader: retrying");
-                }
-                Err(e) => return Err(nats("consumer")(e.to_string())),
-            }
-        };
-        let mut out = Vec::new();
-        if consumer.cached_info().num_pending == 0 {
-            return Ok(out);
+    /// A reader of every message under `prefix` of this site, in stream order.
+    fn reader(&self, prefix: &str) -> Reader<'_> {
+        Reader {
+            chains: self,
+            filter: format!("{prefix}.{}.>", self.site),
+            token_at: format!("{prefix}.{}.", self.site),
+            next_seq: 1,
+            messages: None,
+            consumer_seq: 0,
+            done: false,
+            restarts: 0,
         }
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| nats("consumer")(e.to_string()))?;
-        let token_at = format!("{prefix}.{}.", self.site);
-        while let Some(m) = messages.next().await {
-            let m = m.map_err(|e| nats("read")(e.to_string()))?;
-            let info = m.info().map_err(|e| nats("read")(e.to_string()))?;
-            let (seq, pending) = (info.stream_sequence, info.pending);
-            if let Some(token) = m.subject.as_str().strip_prefix(&token_at) {
-                out.push((seq, sensor_from_token(token), m.payload.clone()));
-            }
-            if pending == 0 {
-                break;
-            }
-        }
-        Ok(out)
+    }
+
+    /// Bytes a pull may ask for: a bound well under the server's slow-consumer limit
+    /// (64 MiB pending per client by default; an unbounded pull of 500 large batches
+    /// exceeded it and the server dropped the reader's messages), yet room for one
+    /// message of `max_payload`.
+    fn pull_bytes(&self) -> usize {
+        PULL_BYTES.max(self.max_payload + PAYLOAD_MARGIN)
     }
 
     /// The sensor's head, rolled forward to the stream's last message if the bucket
@@ -561,7 +662,8 @@ impl JetChains {
         let mut cosigs: std::collections::BTreeMap<String, Vec<Cosignature>> = Default::default();
         let mut chains: std::collections::BTreeMap<String, ChainVerifier> = Default::default();
         let mut bad_cosig: Vec<(String, String)> = Vec::new();
-        for (seq, sensor, payload) in self.read_all(WITNESS).await? {
+        let mut witness = self.reader(WITNESS);
+        while let Some((seq, sensor, payload)) = witness.next().await? {
             match Cosignature::parse_line(&String::from_utf8_lossy(&payload)) {
                 Ok(c) => cosigs.entry(sensor).or_default().push(c),
                 Err(e) => {
@@ -569,7 +671,8 @@ impl JetChains {
                 }
             }
         }
-        for (seq, sensor, payload) in self.read_all(CHAIN).await? {
+        let mut chain = self.reader(CHAIN);
+        while let Some((seq, sensor, payload)) = chain.next().await? {
             if !chains.contains_key(&sensor) {
                 let name = std::path::PathBuf::from(format!(
                     "nats:{}/{}",
@@ -595,7 +698,8 @@ impl JetChains {
             }
         }
         // The collectors' alarm chains, each with the key that names it.
-        for (seq, token, payload) in self.read_all(ALARMS).await? {
+        let mut alarms = self.reader(ALARMS);
+        while let Some((seq, token, payload)) = alarms.next().await? {
             let name = alarm_chain_name(&token);
             if !chains.contains_key(&name) {
                 let path =
@@ -776,6 +880,8 @@ fn alarm_key(token: &str) -> Option<[u8; 32]> {
 pub struct ExportFeed {
     consumer: jetstream::consumer::Consumer<jetstream::consumer::pull::Config>,
     prefix: String,
+    /// Bytes one fetch may ask for ([`JetChains::pull_bytes`]).
+    pull_bytes: usize,
 }
 
 /// How long a collector may hold an export's message before the cluster gives it to
@@ -809,6 +915,7 @@ impl JetChains {
         Ok(ExportFeed {
             consumer,
             prefix: format!("{CHAIN}.{}.", self.site),
+            pull_bytes: self.pull_bytes(),
         })
     }
 }
@@ -830,6 +937,7 @@ impl ExportFeed {
             .consumer
             .batch()
             .max_messages(max)
+            .max_bytes(self.pull_bytes)
             .expires(EXPORT_FETCH_WAIT)
             .messages()
             .await
@@ -889,76 +997,71 @@ impl JetChains {
             detail: what,
         };
         let mut spools: std::collections::HashMap<String, Spool> = Default::default();
-        let chain = self.read_all(CHAIN).await?;
-        let witness = self.read_all(WITNESS).await?;
-        let alarms = self.read_all(ALARMS).await?;
-        let read = (chain.len() + witness.len() + alarms.len()) as u64;
+        let mut read = 0;
         // Sensor chains by sensor id; the collectors' alarm chains by key, each into
         // `_collector-<key hex>` (the report lists their alarms).
-        let entries = chain
-            .into_iter()
-            .map(|(seq, sensor, payload)| (seq, sensor, false, payload))
-            .chain(
-                alarms
-                    .into_iter()
-                    .map(|(seq, token, payload)| (seq, token, true, payload)),
-            );
-        for (seq, name, alarm, payload) in entries {
-            let (sensor, spool_id) = if alarm {
-                (alarm_chain_name(&name), ALARM_SENSOR_ID.to_owned())
-            } else {
-                (name.clone(), name.clone())
-            };
-            let dir = root.join(&sensor);
-            if !spools.contains_key(&sensor) {
-                let key = if alarm {
-                    alarm_key(&name).ok_or_else(|| {
-                        copy(&sensor, "the alarm chain's subject names no key".to_owned())
-                    })?
+        for (prefix, alarm) in [(CHAIN, false), (ALARMS, true)] {
+            let mut reader = self.reader(prefix);
+            while let Some((seq, name, payload)) = reader.next().await? {
+                read += 1;
+                let (sensor, spool_id) = if alarm {
+                    (alarm_chain_name(&name), ALARM_SENSOR_ID.to_owned())
                 } else {
-                    let Some(head) = self.head(&sensor).await? else {
-                        return Err(copy(&sensor, "no key pinned in the bucket".to_owned()));
-                    };
-                    head.key
+                    (name.clone(), name.clone())
                 };
-                std::fs::create_dir_all(&dir).map_err(|e| copy(&sensor, e.to_string()))?;
-                crate::store::pin_key(&dir, &key).map_err(|e| copy(&sensor, e.to_string()))?;
-                let mut o = SpoolOptions::new(&dir, &spool_id);
-                o.max_bytes = u64::MAX / 4;
-                o.sync = SyncPolicy::OsOnly;
-                let (spool, _) = Spool::open(o).map_err(|e| copy(&sensor, e.to_string()))?;
-                spools.insert(sensor.clone(), spool);
-            }
-            let batch = v1::Batch::decode(&payload[..])
-                .map_err(|e| copy(&sensor, format!("stream message {seq}: {e}")))?;
-            if let Some(g) = &batch.gap {
-                let g = DeclaredGap::from_proto(g)
+                let dir = root.join(&sensor);
+                if !spools.contains_key(&sensor) {
+                    let key = if alarm {
+                        alarm_key(&name).ok_or_else(|| {
+                            copy(&sensor, "the alarm chain's subject names no key".to_owned())
+                        })?
+                    } else {
+                        let Some(head) = self.head(&sensor).await? else {
+                            return Err(copy(&sensor, "no key pinned in the bucket".to_owned()));
+                        };
+                        head.key
+                    };
+                    std::fs::create_dir_all(&dir).map_err(|e| copy(&sensor, e.to_string()))?;
+                    crate::store::pin_key(&dir, &key).map_err(|e| copy(&sensor, e.to_string()))?;
+                    let mut o = SpoolOptions::new(&dir, &spool_id);
+                    o.max_bytes = u64::MAX / 4;
+                    o.sync = SyncPolicy::OsOnly;
+                    let (spool, _) = Spool::open(o).map_err(|e| copy(&sensor, e.to_string()))?;
+                    spools.insert(sensor.clone(), spool);
+                }
+                let batch = v1::Batch::decode(&payload[..])
                     .map_err(|e| copy(&sensor, format!("stream message {seq}: {e}")))?;
-                conduit_evidence::chain::declared_gap::append(&dir, &g)
-                    .map_err(|e| copy(&sensor, e))?;
-            }
-            let Some(spool) = spools.get_mut(&sensor) else {
-                continue;
-            };
-            for f in &batch.frames {
-                let hash = |b: &[u8]| <[u8; 32]>::try_from(b).unwrap_or(ZERO_HASH);
-                spool
-                    .append(
-                        &FrameRef {
-                            seq: f.seq,
-                            prev_hash: hash(&f.prev_hash),
-                            hash: hash(&f.hash),
-                            record: &f.record,
-                        },
-                        Class::Data,
-                    )
-                    .map_err(|e| copy(&sensor, format!("stream message {seq}: {e}")))?;
+                if let Some(g) = &batch.gap {
+                    let g = DeclaredGap::from_proto(g)
+                        .map_err(|e| copy(&sensor, format!("stream message {seq}: {e}")))?;
+                    conduit_evidence::chain::declared_gap::append(&dir, &g)
+                        .map_err(|e| copy(&sensor, e))?;
+                }
+                let Some(spool) = spools.get_mut(&sensor) else {
+                    continue;
+                };
+                for f in &batch.frames {
+                    let hash = |b: &[u8]| <[u8; 32]>::try_from(b).unwrap_or(ZERO_HASH);
+                    spool
+                        .append(
+                            &FrameRef {
+                                seq: f.seq,
+                                prev_hash: hash(&f.prev_hash),
+                                hash: hash(&f.hash),
+                                record: &f.record,
+                            },
+                            Class::Data,
+                        )
+                        .map_err(|e| copy(&sensor, format!("stream message {seq}: {e}")))?;
+                }
             }
         }
         for (sensor, mut spool) in spools {
             spool.sync().map_err(|e| copy(&sensor, e.to_string()))?;
         }
-        for (seq, sensor, payload) in witness {
+        let mut witness = self.reader(WITNESS);
+        while let Some((seq, sensor, payload)) = witness.next().await? {
+            read += 1;
             let dir = root.join(&sensor);
             let c = Cosignature::parse_line(&String::from_utf8_lossy(&payload))
                 .map_err(|e| copy(&sensor, format!("cosignature at stream message {seq}: {e}")))?;

@@ -696,3 +696,92 @@ async fn a_forked_history_is_rejected_with_an_alarm() {
         "b's alarm chain in:\n{out}"
     );
 }
+
+/// A site's stream of large batches (up to the cluster's 8 MB max_payload), larger
+/// than what nats-server lets a client have pending (64 MiB by default), is read
+/// whole by `verify --jetstream` and by the export. Their pulls are bounded in bytes
+/// (an unbounded pull of 500 large batches made the server drop the benchmark's
+/// reader as a slow consumer, and `verify` waited for ever), yet each pull must take
+/// the largest message: with pulls of 1 MiB this test waits out its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_of_large_batches_is_read_whole_by_verify_and_the_export() {
+    init_tracing();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let Some(cluster) = Cluster::start(tmp.path()).await else {
+        return;
+    };
+    let jsonl = tmp.path().join("export.jsonl");
+    let a = start_exporting(
+        tmp.path(),
+        "a",
+        &cluster.nodes[0].url(),
+        &["--jsonl", jsonl.to_str().expect("utf-8 path")],
+    );
+    // About 2 KiB a record, 48,000 records: about 100 MB in the stream, in batches
+    // of up to the cluster's max_payload (8 MB).
+    const SENSOR: &str = "gw-large";
+    let spool = tmp.path().join("spool");
+    let mut rec = recorder(&spool, SENSOR);
+    for i in 0..48_000 {
+        let mut r = flow(i);
+        if let Some(v1::record::Body::Flow(f)) = r.body.as_mut() {
+            f.conflicting_server_names =
+                (0..8).map(|k| format!("{k}{}", "x".repeat(250))).collect();
+        }
+        rec.append(r).expect("append");
+    }
+    rec.sync().expect("sync");
+    let head = rec.head().0;
+    drop(rec);
+    let mut up = Uplink::start(uplink_opts(&a.url("http"), SENSOR), &spool);
+    up.wait_acked(head, Duration::from_secs(300)).await;
+    up.stop().await;
+
+    // verify, with a deadline: a reader that lost messages waits for ever.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_conduit-collector"))
+        .args(["verify", "--jetstream", &cluster.urls(), "--site", SITE])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("conduit-collector verify");
+    let done = wait_for(Duration::from_secs(300), || {
+        child.try_wait().expect("wait").is_some()
+    })
+    .await;
+    if !done {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().expect("verify output");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(done, "verify --jetstream did not finish in 300 s:\n{text}");
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert_eq!(totals(&text), (1, head), "{text}");
+
+    // The export's pulls are bounded too: every record reaches the JSON lines once.
+    let exported = |path: &Path| -> Vec<u64> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|d| d["observer"]["id"] == SENSOR)
+            .filter_map(|d| d["event"]["sequence"].as_u64())
+            .collect()
+    };
+    let whole = wait_for(Duration::from_secs(300), || {
+        exported(&jsonl).len() as u64 >= head
+    })
+    .await;
+    let seqs = exported(&jsonl);
+    let distinct: std::collections::BTreeSet<u64> = seqs.iter().copied().collect();
+    assert!(
+        whole && distinct.len() as u64 == head && seqs.len() == distinct.len(),
+        "the JSON-lines export holds {} lines, {} distinct of 1..={head}\na's log:\n{}",
+        seqs.len(),
+        distinct.len(),
+        a.log_text()
+    );
+}
