@@ -482,8 +482,12 @@ async fn two_collectors_racing_for_one_sensor_store_each_record_once() {
     let Some(cluster) = Cluster::start(tmp.path()).await else {
         return;
     };
-    let a = start_collector(tmp.path(), "a", &cluster.nodes[0].url());
-    let b = start_collector(tmp.path(), "b", &cluster.nodes[1].url());
+    // Both export to NATS through the shared consumer: the race stores each batch
+    // once, so the SIEM stream gets each record once.
+    let siem = cluster.nodes[2].url();
+    let export = ["--nats", siem.as_str(), "--export-heartbeats"];
+    let a = start_exporting(tmp.path(), "a", &cluster.nodes[0].url(), &export);
+    let b = start_exporting(tmp.path(), "b", &cluster.nodes[1].url(), &export);
     // One sensor's spool in two copies, streamed at once to the two collectors: the
     // same chain reaches the cluster twice, in a race, batch against batch.
     const SENSOR: &str = "gw-race";
@@ -506,6 +510,13 @@ async fn two_collectors_racing_for_one_sensor_store_each_record_once() {
     let (code, out) = verify_jetstream(&cluster.urls());
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(totals(&out), (1, head), "{out}");
+    let duplicates = wait_exported(&siem, SENSOR, head, &b).await;
+    assert_eq!(
+        duplicates,
+        0,
+        "duplicates in the SIEM export: {}",
+        a.log_text()
+    );
 
     // query and report read the chains from JetStream as from a store.
     let nats = cluster.nodes[2].url();

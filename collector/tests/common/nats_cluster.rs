@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use conduit_collector::jetstream::{SYNC_ALWAYS_SINCE, nats_version};
+use conduit_collector::jetstream::{DEDUPE_ACROSS_LEADERS_SINCE, nats_version};
 
 /// Set by `cargo xtask` to the nats-server it fetched (xtask/src/nats.rs).
 const NATS_SERVER_ENV: &str = "CONDUIT_NATS_SERVER";
@@ -16,9 +16,10 @@ const NATS_SERVER_ENV: &str = "CONDUIT_NATS_SERVER";
 const NATS_SERVER_CACHED: &str = "tools/nats-server/nats-server";
 
 /// The nats-server to run: `$CONDUIT_NATS_SERVER`, else the one `cargo xtask setup`
-/// cached under the target directory this test or benchmark was built in (Debian
-/// trixie's, not the system's: bookworm's 2.9 cannot fsync every message). None
-/// when there is none; a binary older than [`SYNC_ALWAYS_SINCE`] is a failure.
+/// cached under the target directory this test or benchmark was built in (Debian's
+/// 2.15.1, not the system's: bookworm's 2.9 cannot fsync every message). None when
+/// there is none; a binary older than [`DEDUPE_ACROSS_LEADERS_SINCE`] is a failure
+/// (the tests assert an exactly-once export across a leader change).
 pub fn nats_server() -> Option<PathBuf> {
     static FOUND: OnceLock<Option<PathBuf>> = OnceLock::new();
     FOUND
@@ -42,8 +43,8 @@ pub fn nats_server() -> Option<PathBuf> {
             let said = String::from_utf8_lossy(&out.stdout);
             let version = nats_version(said.trim().trim_start_matches("nats-server:"));
             assert!(
-                version.is_some_and(|v| v >= SYNC_ALWAYS_SINCE),
-                "{} says {:?}: at least {SYNC_ALWAYS_SINCE:?} is needed (sync_interval: always); run cargo xtask setup",
+                version.is_some_and(|v| v >= DEDUPE_ACROSS_LEADERS_SINCE),
+                "{} says {:?}: at least {DEDUPE_ACROSS_LEADERS_SINCE:?} is needed (sync_interval: always, message ids across leader changes); run cargo xtask setup",
                 path.display(),
                 said.trim()
             );
@@ -132,7 +133,7 @@ impl Cluster {
             println!("SKIP: no nats-server (cargo xtask setup fetches it)");
             return None;
         };
-        // A fresh 2.10.27 cluster sometimes never places an R3 stream ("no suitable
+        // A fresh 2.10.27 cluster sometimes never placed an R3 stream ("no suitable
         // peers for placement" for a minute and more; the cause was not found, the
         // placement code skips peers it has no statistics from): such a cluster is
         // started again, on new ports.
