@@ -7,7 +7,10 @@
 //! `cargo run --release -p conduit-collector --example bench_collector [RECORDS [WINDOW]]`
 //! prints `bench collector mtls_records_per_sec=… plain_records_per_sec=…
 //! spool_append_per_sec=… ratio=…` (ratio: mTLS stream rate / spool append rate) and
-//! `bench collector_jetstream r3_records_per_sec=… file_records_per_sec=… ratio=…`.
+//! `bench collector_jetstream r3_records_per_sec=… file_records_per_sec=… ratio=…
+//! wall_s=… collector_cpu_s=… nats_cpu_s=… cpu_busy=…` (CPU seconds of this process
+//! and of the three servers during the JetStream run, upload and verify; cpu_busy:
+//! their sum over the machine's core-seconds).
 
 #[path = "../tests/common/nats_cluster.rs"]
 #[expect(
@@ -63,6 +66,21 @@ fn flow(i: u64) -> v1::Record {
         })),
         ..Default::default()
     }
+}
+
+/// User plus system CPU seconds of a process (`self` or a pid), from /proc.
+fn cpu_seconds(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command's closing parenthesis; utime and stime are the 12th
+    // and 13th of them (14th and 15th of the line).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz
 }
 
 /// Writes the spool; returns (head seq, append rate).
@@ -249,6 +267,13 @@ async fn main() {
             .await
             .expect("JetStream"),
     );
+    // Where the time goes: CPU seconds of this process (uplink and collector) and of
+    // the three servers over the JetStream run (the upload and the verify after it),
+    // against the machine's core-seconds.
+    let pids: Vec<u32> = cluster.nodes.iter().filter_map(|n| n.pid()).collect();
+    let cpu = |pid: &str| cpu_seconds(pid);
+    let nats_cpu = || pids.iter().map(|p| cpu(&p.to_string())).sum::<f64>();
+    let (self0, nats0, wall) = (cpu("self"), nats_cpu(), Instant::now());
     let jet = stream_once(
         &spool,
         &tmp.path().join("store-js"),
@@ -258,8 +283,13 @@ async fn main() {
         Some(js),
     )
     .await;
+    let (self_s, nats_s) = (cpu("self") - self0, nats_cpu() - nats0);
+    let wall = wall.elapsed().as_secs_f64();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     println!(
-        "bench collector_jetstream r3_records_per_sec={jet:.0} file_records_per_sec={plain:.0} ratio={:.2} records={head} nodes=3",
-        jet / plain
+        "bench collector_jetstream r3_records_per_sec={jet:.0} file_records_per_sec={plain:.0} ratio={:.2} records={head} nodes=3 \
+         wall_s={wall:.2} collector_cpu_s={self_s:.2} nats_cpu_s={nats_s:.2} cpu_busy={:.2}",
+        jet / plain,
+        (self_s + nats_s) / (wall * cores)
     );
 }
