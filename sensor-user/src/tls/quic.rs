@@ -16,7 +16,7 @@ use hkdf::Hkdf;
 use sha2::Sha256;
 
 use super::client_hello::{ParseError, parse_handshake};
-use super::reassembly::{BoundedTable, Insert, Limits, Push, RangeBuf};
+use super::reassembly::{BoundedTable, Buffered, Insert, Limits, Push, RangeBuf};
 
 /// QUIC version 1.
 pub const QUIC_V1: u32 = 0x0000_0001;
@@ -618,6 +618,12 @@ impl QuicInitialAssembler {
     }
 }
 
+impl Buffered for QuicInitialAssembler {
+    fn buffered(&self) -> usize {
+        self.crypto.buffered()
+    }
+}
+
 /// Per-flow QUIC Initial reassembly with the same bounds as the TCP table.
 #[derive(Debug)]
 pub struct QuicInitialTable<K> {
@@ -921,6 +927,27 @@ pub(crate) mod tests {
         assert_eq!(t.push(1u8, &a, now), Push::Limit);
         assert_eq!(t.push(3u8, &b, now), Push::NeedMore);
         assert_eq!(t.expire(now + limits.timeout), vec![3u8]);
+    }
+
+    #[test]
+    fn pending_initials_share_one_memory_bound() {
+        let (_, b) = split_packets(QUIC_V1);
+        let now = Instant::now();
+        let mut probe = QuicInitialTable::new(Limits::default());
+        assert_eq!(probe.push(1u8, &b, now), Push::NeedMore);
+        let one = probe.table.bytes();
+        assert!(one > 0);
+        // Room for one flow's CRYPTO bytes, not two: the second flow gives up.
+        let mut t = QuicInitialTable::new(Limits {
+            max_total_bytes: one,
+            ..Limits::default()
+        });
+        assert_eq!(t.push(1u8, &b, now), Push::NeedMore);
+        assert_eq!(t.push(2u8, &b, now), Push::Limit);
+        assert_eq!((t.len(), t.table.bytes()), (1, one));
+        assert!(t.remove(&1));
+        assert_eq!(t.table.bytes(), 0);
+        assert_eq!(t.push(2u8, &b, now), Push::NeedMore);
     }
 
     #[test]

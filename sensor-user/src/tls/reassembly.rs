@@ -354,6 +354,23 @@ impl HelloWatch {
     }
 }
 
+/// What a table entry holds in memory, for the table's byte bound.
+pub(crate) trait Buffered {
+    fn buffered(&self) -> usize;
+}
+
+impl Buffered for ClientHelloAssembler {
+    fn buffered(&self) -> usize {
+        ClientHelloAssembler::buffered(self)
+    }
+}
+
+impl Buffered for HelloWatch {
+    fn buffered(&self) -> usize {
+        HelloWatch::buffered(self)
+    }
+}
+
 #[derive(Debug)]
 struct Entry<T> {
     state: T,
@@ -367,20 +384,46 @@ pub(crate) struct BoundedTable<K, T> {
     pub(crate) limits: Limits,
     /// Keys of entries expired while making room, reported by the next `expire`.
     expired_pending: Vec<K>,
+    /// The entries' buffered bytes together, kept as they change (the byte bound is
+    /// checked on every packet: a sum over the table would cost O(flows)).
+    bytes: usize,
 }
 
-impl<K: Hash + Eq + Clone, T> BoundedTable<K, T> {
+impl<K: Hash + Eq + Clone, T: Buffered> BoundedTable<K, T> {
     pub(crate) fn new(limits: Limits) -> Self {
         BoundedTable {
             flows: HashMap::new(),
             limits,
             expired_pending: Vec::new(),
+            bytes: 0,
         }
     }
 
+    /// The entries' buffered bytes together.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// Run `f` on the flow's state (created by `make` if new); the entry is
-    /// removed unless the result is [`Push::NeedMore`].
+    /// removed unless the result is [`Push::NeedMore`]. A flow that takes the table
+    /// past its byte bound (all pending flows together: a flood of large hellos must
+    /// not take the agent's memory) gives up: [`Push::Limit`].
     pub(crate) fn with_entry(
+        &mut self,
+        key: K,
+        now: Instant,
+        make: impl FnOnce() -> T,
+        f: impl FnOnce(&mut T) -> Push,
+    ) -> Push {
+        let pushed = self.apply(key.clone(), now, make, f);
+        if pushed == Push::NeedMore && self.bytes > self.limits.max_total_bytes {
+            self.remove(&key);
+            return Push::Limit;
+        }
+        pushed
+    }
+
+    fn apply(
         &mut self,
         key: K,
         now: Instant,
@@ -397,8 +440,13 @@ impl<K: Hash + Eq + Clone, T> BoundedTable<K, T> {
         }
         match self.flows.entry(key) {
             std::collections::hash_map::Entry::Occupied(mut o) => {
-                let r = f(&mut o.get_mut().state);
-                if r != Push::NeedMore {
+                let state = &mut o.get_mut().state;
+                let before = state.buffered();
+                let r = f(state);
+                self.bytes -= before;
+                if r == Push::NeedMore {
+                    self.bytes += state.buffered();
+                } else {
                     o.remove();
                 }
                 r
@@ -407,6 +455,7 @@ impl<K: Hash + Eq + Clone, T> BoundedTable<K, T> {
                 let mut state = make();
                 let r = f(&mut state);
                 if r == Push::NeedMore {
+                    self.bytes += state.buffered();
                     v.insert(Entry {
                         state,
                         created: now,
@@ -417,14 +466,26 @@ impl<K: Hash + Eq + Clone, T> BoundedTable<K, T> {
         }
     }
 
+    /// Runs `f` on an existing entry's state, keeping the byte count; None if there
+    /// is no entry.
+    pub(crate) fn update<R>(&mut self, key: &K, f: impl FnOnce(&mut T) -> R) -> Option<R> {
+        let state = &mut self.flows.get_mut(key)?.state;
+        let before = state.buffered();
+        let r = f(state);
+        self.bytes = self.bytes - before + state.buffered();
+        Some(r)
+    }
+
     /// Moves the keys of entries past their lifetime to `expired_pending`.
     fn expire_now(&mut self, now: Instant) {
         let timeout = self.limits.timeout;
         let gone = &mut self.expired_pending;
+        let bytes = &mut self.bytes;
         self.flows.retain(|k, e| {
             let keep = now.saturating_duration_since(e.created) < timeout;
             if !keep {
                 gone.push(k.clone());
+                *bytes -= e.state.buffered();
             }
             keep
         });
@@ -445,18 +506,26 @@ impl<K: Hash + Eq + Clone, T> BoundedTable<K, T> {
                 return false;
             }
         }
-        self.flows.insert(
+        self.bytes += state.buffered();
+        let old = self.flows.insert(
             key,
             Entry {
                 state,
                 created: now,
             },
         );
+        if let Some(old) = old {
+            self.bytes -= old.state.buffered();
+        }
         true
     }
 
     pub(crate) fn remove(&mut self, key: &K) -> bool {
-        self.flows.remove(key).is_some()
+        let Some(old) = self.flows.remove(key) else {
+            return false;
+        };
+        self.bytes -= old.state.buffered();
+        true
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -488,8 +557,8 @@ impl<K: Hash + Eq + Clone> ReassemblyTable<K> {
     /// [`Push::Done`] the hello's range is watched ([`ReassemblyTable::watches`]),
     /// and later segments give [`Push::Contested`] or `NeedMore`.
     pub fn push(&mut self, key: K, seq: u32, payload: &[u8], now: Instant) -> Push {
-        if let Some(watch) = self.watching.flows.get_mut(&key) {
-            return watch.state.push(seq, payload);
+        if let Some(pushed) = self.watching.update(&key, |w| w.push(seq, payload)) {
+            return pushed;
         }
         let limits = self.table.limits;
         let mut finished = None;
@@ -510,29 +579,13 @@ impl<K: Hash + Eq + Clone> ReassemblyTable<K> {
         );
         if let Some(watch) = finished {
             self.watch(key, watch, now);
-            return pushed;
-        }
-        // The global bound: all pending hellos together (a flood of large hellos
-        // must not take the agent's memory; the flow that crossed it gives up).
-        if pushed == Push::NeedMore {
-            let total: usize = self.table.flows.values().map(|e| e.state.buffered()).sum();
-            if total > limits.max_total_bytes {
-                self.table.remove(&key);
-                return Push::Limit;
-            }
         }
         pushed
     }
 
     /// Watches a parsed hello, within the table's bounds (both flows and bytes).
     fn watch(&mut self, key: K, watch: HelloWatch, now: Instant) {
-        let total: usize = self
-            .watching
-            .flows
-            .values()
-            .map(|e| e.state.buffered())
-            .sum();
-        if total + watch.buffered() > self.watching.limits.max_total_bytes
+        if self.watching.bytes() + watch.buffered() > self.watching.limits.max_total_bytes
             || !self.watching.insert(key, watch, now)
         {
             self.watch_refused += 1;
@@ -794,6 +847,45 @@ mod tests {
         assert_eq!(t.push(1u8, 0, &part, now), Push::NeedMore);
         assert_eq!(t.push(2u8, 0, &part, now), Push::Limit);
         assert_eq!(t.len(), 1);
+    }
+
+    /// The running byte counts equal the sums over the entries after every kind of
+    /// change: growth, completion (the hello moves to the watch table), a watched
+    /// range sent again, removal, expiry.
+    #[test]
+    fn byte_counts_follow_every_change() {
+        let mut t = ReassemblyTable::new(Limits::default());
+        let sums = |t: &ReassemblyTable<u8>| {
+            let sum = |flows: &HashMap<u8, Entry<_>>| -> usize {
+                flows
+                    .values()
+                    .map(|e: &Entry<ClientHelloAssembler>| e.state.buffered())
+                    .sum()
+            };
+            let watched: usize = t.watching.flows.values().map(|e| e.state.buffered()).sum();
+            assert_eq!(t.table.bytes(), sum(&t.table.flows));
+            assert_eq!(t.watching.bytes(), watched);
+            (t.table.bytes(), t.watching.bytes())
+        };
+        let now = Instant::now();
+        let h = hello("a.openai.co");
+        let (head, tail) = h.split_at(40);
+        assert_eq!(t.push(1u8, 0, head, now), Push::NeedMore);
+        assert_eq!(t.push(2u8, 0, head, now), Push::NeedMore);
+        assert!(sums(&t).0 > 0);
+        assert!(matches!(t.push(1u8, 40, tail, now), Push::Done(_)));
+        assert!(sums(&t).1 > 0);
+        let decoy = hello("harmless.or");
+        assert!(matches!(
+            t.push(1u8, 0, &decoy, now),
+            Push::Contested { .. }
+        ));
+        sums(&t);
+        assert!(t.remove(&2));
+        assert_eq!(sums(&t).0, 0);
+        assert_eq!(t.push(3u8, 0, head, now), Push::NeedMore);
+        assert!(t.expire(now + Duration::from_secs(3600)).contains(&3));
+        assert_eq!(sums(&t), (0, 0));
     }
 
     #[test]
