@@ -263,7 +263,7 @@ async fn main() {
         return;
     };
     let js = Arc::new(
-        JetChains::connect(&cluster.urls(), "bench")
+        JetChains::connect(&cluster.urls(), "bench", &Default::default())
             .await
             .expect("JetStream"),
     );

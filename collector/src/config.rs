@@ -27,6 +27,10 @@
 //! metrics: "127.0.0.1:9465"
 //! jetstream: nats://10.0.0.5:4222,nats://10.0.0.6:4222   # instead of the store's chains
 //! site: plant-01
+//! nats_tls:                         # every NATS connection: jetstream and export.nats
+//!   ca: /etc/conduit-collector/tls/nats-ca.crt
+//!   cert: /etc/conduit-collector/tls/nats-client.crt   # client certificate, with key
+//!   key: /etc/conduit-collector/tls/nats-client.key
 //! ```
 
 use std::net::SocketAddr;
@@ -61,6 +65,18 @@ pub struct CollectorConfig {
     pub jetstream: Option<String>,
     /// The site of the JetStream stream and bucket (`default` when none).
     pub site: Option<String>,
+    /// TLS of every NATS connection (`jetstream`, `export.nats`).
+    pub nats_tls: Option<NatsTlsConfig>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsTlsConfig {
+    /// CA certificate(s) (PEM) the NATS servers' certificates chain to.
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM), with `key`, for servers that require one.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -173,6 +189,17 @@ impl CollectorConfig {
                 ("export.syslog.ca", &s.ca),
                 ("export.syslog.cert", &s.cert),
                 ("export.syslog.key", &s.key),
+            ] {
+                if let Some(p) = path {
+                    wanted.push((what, p.clone()));
+                }
+            }
+        }
+        if let Some(n) = &self.nats_tls {
+            for (what, path) in [
+                ("nats_tls.ca", &n.ca),
+                ("nats_tls.cert", &n.cert),
+                ("nats_tls.key", &n.key),
             ] {
                 if let Some(p) = path {
                     wanted.push((what, p.clone()));

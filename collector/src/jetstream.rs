@@ -339,14 +339,18 @@ impl JetChains {
     /// Connects (`url` may list several servers, comma-separated; a cluster also
     /// tells the client its other members) and creates the site's stream and bucket
     /// if missing (R3 when the server is part of a cluster).
-    pub async fn connect(url: &str, site: &str) -> Result<JetChains, JetError> {
+    pub async fn connect(
+        url: &str,
+        site: &str,
+        tls: &crate::nats_client::NatsTls,
+    ) -> Result<JetChains, JetError> {
         let site = canonical_site(site);
         let servers: Vec<&str> = url.split(',').map(str::trim).collect();
-        let client = async_nats::ConnectOptions::new()
-            .name("conduit-collector")
+        let client = tls
+            .options("conduit-collector", url)
             .connect(servers)
             .await
-            .map_err(|e| nats("connect")(format!("{url}: {e}")))?;
+            .map_err(|e| nats("connect")(format!("{}: {e}", crate::nats_client::redact(url))))?;
         // Connected: the server's INFO is known.
         let max_payload = client.server_info().max_payload;
         let version = client.server_info().version;
@@ -417,6 +421,7 @@ impl JetChains {
             .get_key_value(&bucket)
             .await
             .map_err(|e| nats("key-value bucket")(format!("{bucket}: {e}")))?;
+        let url = crate::nats_client::redact(url);
         tracing::info!(%url, site = %site, replicas, max_payload, "JetStream chains ready");
         Ok(JetChains {
             js,

@@ -9,6 +9,7 @@ pub mod jetstream;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
+pub mod nats_client;
 pub mod query;
 pub mod report;
 pub mod retention;

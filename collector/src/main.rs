@@ -100,11 +100,61 @@ struct Source {
     /// The site whose chains to read (as `run --site`).
     #[arg(long, value_name = "ID", default_value = DEFAULT_SITE, requires = "jetstream")]
     site: String,
+    #[command(flatten)]
+    nats_tls: NatsTlsArgs,
+}
+
+/// TLS of the collector's NATS connections (JetStream and the NATS export).
+#[derive(clap::Args, Clone, Default)]
+struct NatsTlsArgs {
+    /// CA certificate (PEM) the NATS servers' certificates chain to; TLS is then
+    /// required [default: nats_tls.ca of collector.yaml].
+    #[arg(long, value_name = "FILE")]
+    nats_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for NATS servers that require one, with --nats-key
+    /// [default: nats_tls.cert].
+    #[arg(long, value_name = "FILE")]
+    nats_cert: Option<PathBuf>,
+    /// Client key (PEM) for --nats-cert [default: nats_tls.key].
+    #[arg(long, value_name = "FILE")]
+    nats_key: Option<PathBuf>,
+}
+
+impl NatsTlsArgs {
+    /// The flags over the file's `nats_tls:`.
+    fn resolve(
+        self,
+        file: Option<&config::NatsTlsConfig>,
+    ) -> Result<conduit_collector::nats_client::NatsTls, ConfigError> {
+        let cert = self.nats_cert.or_else(|| file.and_then(|f| f.cert.clone()));
+        let key = self.nats_key.or_else(|| file.and_then(|f| f.key.clone()));
+        let cert = match (cert, key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::single(
+                    "NATS client certificate: give both --nats-cert and --nats-key (nats_tls.cert and key), or neither",
+                ));
+            }
+        };
+        Ok(conduit_collector::nats_client::NatsTls {
+            ca: self.nats_ca.or_else(|| file.and_then(|f| f.ca.clone())),
+            cert,
+        })
+    }
 }
 
 impl Source {
     /// The store directory to read, and the temporary copy of the JetStream chains
     /// that must live as long as it is read.
+    /// The NATS TLS flags; a usage error (64) if they do not go together.
+    fn tls(&self, cmd: &str) -> Result<conduit_collector::nats_client::NatsTls, ExitCode> {
+        self.nats_tls.clone().resolve(None).map_err(|e| {
+            eprintln!("conduit-collector {cmd}: {}", e.0.join("; "));
+            ExitCode::from(EXIT_USAGE)
+        })
+    }
+
     fn open(&self, cmd: &str) -> Result<(PathBuf, Option<tempfile::TempDir>), ExitCode> {
         let (Some(url), None) = (&self.jetstream, &self.store) else {
             let store = self.store.clone().unwrap_or_default();
@@ -112,12 +162,14 @@ impl Source {
             return Ok((store, None));
         };
         let _ = rustls::crypto::ring::default_provider().install_default();
+        let tls = self.tls(cmd)?;
         let tmp = tempfile::tempdir().map_err(|e| {
             eprintln!("conduit-collector {cmd}: temporary directory: {e}");
             ExitCode::FAILURE
         })?;
         let copied = runtime()?.block_on(async {
-            let chains = conduit_collector::jetstream::JetChains::connect(url, &self.site).await?;
+            let chains =
+                conduit_collector::jetstream::JetChains::connect(url, &self.site, &tls).await?;
             chains.copy_to_store(tmp.path()).await
         });
         match copied {
@@ -228,6 +280,8 @@ struct RunArgs {
     /// [default: `site:` of collector.yaml, else default].
     #[arg(long, value_name = "ID")]
     site: Option<String>,
+    #[command(flatten)]
+    nats_tls: NatsTlsArgs,
     /// Also write every record as one ECS JSON line to FILE [default: export.jsonl].
     #[arg(long, value_name = "FILE")]
     jsonl: Option<PathBuf>,
@@ -358,6 +412,8 @@ struct Settings {
     selection: export::Selection,
     format: export::Format,
     nats: Option<String>,
+    /// TLS of every NATS connection (JetStream and the NATS export).
+    nats_tls: conduit_collector::nats_client::NatsTls,
     trusted_keys: Option<PathBuf>,
     tofu: bool,
     tls_cert: Option<PathBuf>,
@@ -460,6 +516,7 @@ fn settings(args: RunArgs) -> Result<Settings, ConfigError> {
         },
         format: args.format.or(file.export.format).unwrap_or_default(),
         nats: args.nats.or(file.export.nats.clone()),
+        nats_tls: args.nats_tls.clone().resolve(file.nats_tls.as_ref())?,
         trusted_keys: args.trusted_keys.or(file.trusted_keys.clone()),
         tofu: args.tofu || file.tofu,
         tls_cert: args.tls_cert.or(tls.as_ref().map(|t| t.cert.clone())),
@@ -527,7 +584,10 @@ fn main() -> ExitCode {
     conduit_ops::logging::init(cli.log.log_format);
     match cli.cmd {
         Cmd::Verify { source } => match (&source.jetstream, &source.store) {
-            (Some(url), _) => verify_jetstream(url, &source.site),
+            (Some(url), _) => match source.tls("verify") {
+                Ok(tls) => verify_jetstream(url, &source.site, &tls),
+                Err(code) => code,
+            },
             (None, Some(store)) => verify(store),
             (None, None) => ExitCode::from(EXIT_USAGE),
         },
@@ -600,14 +660,18 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         })
 }
 
-fn verify_jetstream(url: &str, site: &str) -> ExitCode {
+fn verify_jetstream(
+    url: &str,
+    site: &str,
+    tls: &conduit_collector::nats_client::NatsTls,
+) -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
     };
     let reports = rt.block_on(async {
-        let chains = conduit_collector::jetstream::JetChains::connect(url, site).await?;
+        let chains = conduit_collector::jetstream::JetChains::connect(url, site, tls).await?;
         chains.verify().await
     });
     match reports {
@@ -823,7 +887,8 @@ async fn run(args: Settings) -> anyhow::Result<()> {
     let alarms = Alarms::open(&args.store).context("opening the alarm chain")?;
     let jetstream = match &args.jetstream {
         Some(url) => Some(Arc::new(
-            conduit_collector::jetstream::JetChains::connect(url, &args.site).await?,
+            conduit_collector::jetstream::JetChains::connect(url, &args.site, &args.nats_tls)
+                .await?,
         )),
         None => None,
     };
@@ -867,8 +932,9 @@ async fn run(args: Settings) -> anyhow::Result<()> {
     if let Some(url) = &args.nats {
         let (sink, sh, rx) = (
             match &args.jetstream {
-                Some(_) => NatsSink::new(url.clone(), args.format).site_less_to(&args.site),
-                None => NatsSink::new(url.clone(), args.format),
+                Some(_) => NatsSink::new(url.clone(), args.format, args.nats_tls.clone())
+                    .site_less_to(&args.site),
+                None => NatsSink::new(url.clone(), args.format, args.nats_tls.clone()),
             },
             shared.clone(),
             shutdown_rx.clone(),

@@ -796,3 +796,160 @@ async fn a_stream_of_large_batches_is_read_whole_by_verify_and_the_export() {
         a.log_text()
     );
 }
+
+/// A NATS server that requires TLS with a client certificate and a password: the
+/// collector's chains and export connect with `--nats-ca/--nats-cert/--nats-key`
+/// and the URL's user and password; `verify --jetstream` reads with the same, and is
+/// refused without the client certificate or with a wrong password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_server_that_requires_tls_client_certificates_and_a_password() {
+    init_tracing();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let Some(binary) = common::nats_cluster::nats_server() else {
+        println!("SKIP: no nats-server (cargo xtask setup fetches it)");
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(tmp.path());
+    let (server_cert, server_key) = pki.issue("nats", "nats", &["localhost"]);
+    let (client_cert, client_key) = pki.issue("collector", "collector", &["collector"]);
+    let port = free_port();
+    let conf = tmp.path().join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen: 127.0.0.1:{port}\n\
+             jetstream {{ store_dir: \"{}\", sync_interval: always }}\n\
+             tls {{ cert_file: \"{}\", key_file: \"{}\", ca_file: \"{}\", verify: true, timeout: 5 }}\n\
+             authorization {{ users: [ {{ user: collector, password: s3cret }} ] }}\n",
+            tmp.path().join("js").display(),
+            server_cert.display(),
+            server_key.display(),
+            pki.ca_path().display()
+        ),
+    )
+    .expect("nats conf");
+    let log = std::fs::File::create(tmp.path().join("nats.log")).expect("log");
+    let server = Proc(
+        Command::new(&binary)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("nats-server"),
+    );
+    assert!(
+        wait_for(Duration::from_secs(20), || std::net::TcpStream::connect((
+            "127.0.0.1",
+            port
+        ))
+        .is_ok())
+        .await,
+        "nats-server did not listen"
+    );
+    let url = format!("tls://collector:s3cret@localhost:{port}");
+    let tls = conduit_collector::nats_client::NatsTls {
+        ca: Some(pki.ca_path()),
+        cert: Some((client_cert.clone(), client_key.clone())),
+    };
+    let (ca, cert, key) = (
+        pki.ca_path().display().to_string(),
+        client_cert.display().to_string(),
+        client_key.display().to_string(),
+    );
+    let tls_args = ["--nats-ca", &ca, "--nats-cert", &cert, "--nats-key", &key];
+    let mut args = vec!["--nats", url.as_str(), "--export-heartbeats"];
+    args.extend(tls_args);
+    let a = start_exporting(tmp.path(), "a", &url, &args);
+
+    const SENSOR: &str = "gw-tls";
+    let spool = tmp.path().join("spool");
+    let mut rec = recorder(&spool, SENSOR);
+    let head = append(&mut rec, 0, 500);
+    drop(rec);
+    let mut up = Uplink::start(uplink_opts(&a.url("http"), SENSOR), &spool);
+    up.wait_acked(head, Duration::from_secs(120)).await;
+    up.stop().await;
+
+    let verify = |extra: &[&str], url: &str| {
+        let mut args = vec!["verify", "--jetstream", url, "--site", SITE];
+        args.extend(extra);
+        collector_output(&args)
+    };
+    let (code, out) = verify(&tls_args, &url);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(totals(&out), (1, head), "{out}");
+    // The server refuses a client without a certificate, and a wrong password.
+    let (code, out) = verify(&["--nats-ca", &ca], &url);
+    assert_ne!(
+        code,
+        Some(0),
+        "verified without a client certificate:\n{out}"
+    );
+    let wrong = url.replace("s3cret", "guess");
+    let (code, out) = verify(&tls_args, &wrong);
+    assert_ne!(code, Some(0), "verified with a wrong password:\n{out}");
+    // Passwords never reach logs or errors.
+    assert!(
+        out.contains("collector:***@") && !out.contains("guess"),
+        "{out}"
+    );
+    assert!(!a.log_text().contains("s3cret"), "{}", a.log_text());
+    // A half-given client certificate: a usage error for verify, a configuration
+    // error (64) for run.
+    let (code, out) = verify(&["--nats-ca", &ca, "--nats-cert", &cert], &url);
+    assert_eq!(code, Some(2), "{out}");
+    let store = tmp.path().join("b-local").display().to_string();
+    let (code, out) = collector_output(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        &store,
+        "--jetstream",
+        &url,
+        "--nats-cert",
+        &cert,
+    ]);
+    assert_eq!(code, Some(64), "{out}");
+
+    // The export went over the same TLS: every record is in the SIEM streams.
+    let client = tls
+        .options("test", &url)
+        .connect(url.as_str())
+        .await
+        .expect("connect over TLS");
+    let js = async_nats::jetstream::new(client);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        // The sensor's records (the collector's own alarms are exported too).
+        let mut total = 0;
+        for site in ["plant-01", SITE] {
+            if let Ok(s) = js
+                .get_stream(format!("CONDUIT_{}", site.to_uppercase()))
+                .await
+                && let Ok(c) = s
+                    .create_consumer(async_nats::jetstream::consumer::pull::Config {
+                        filter_subject: format!("conduit.{site}.{SENSOR}.>"),
+                        ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
+                        inactive_threshold: Duration::from_secs(1),
+                        ..Default::default()
+                    })
+                    .await
+            {
+                total += c.cached_info().num_pending;
+            }
+        }
+        if total == head {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the SIEM streams hold {total} of {head} records\n{}",
+            a.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(server);
+}

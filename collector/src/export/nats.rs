@@ -15,6 +15,8 @@ const ACK_WINDOW: usize = 1000;
 pub struct NatsSink {
     url: String,
     format: Format,
+    /// TLS of the connection (the same as the JetStream chains').
+    tls: crate::nats_client::NatsTls,
     js: Option<jetstream::Context>,
     streams: HashSet<String>,
     /// Last site seen per chain: checkpoints and restarts carry no site, they go to
@@ -77,10 +79,11 @@ pub fn msg_id(item: &Item) -> String {
 }
 
 impl NatsSink {
-    pub fn new(url: String, format: Format) -> NatsSink {
+    pub fn new(url: String, format: Format, tls: crate::nats_client::NatsTls) -> NatsSink {
         NatsSink {
             url,
             format,
+            tls,
             js: None,
             streams: HashSet::new(),
             chain_site: HashMap::new(),
@@ -102,11 +105,16 @@ impl NatsSink {
         if let Some(js) = &self.js {
             return Ok(js.clone());
         }
-        let client = async_nats::ConnectOptions::new()
+        let client = self
+            .tls
+            .options("conduit-collector-export", &self.url)
             .connection_timeout(std::time::Duration::from_secs(5))
             .connect(self.url.as_str())
             .await
-            .map_err(|e| ExportError::Target(format!("nats {}: {e}", self.url)))?;
+            .map_err(|e| {
+                let url = crate::nats_client::redact(&self.url);
+                ExportError::Target(format!("nats {url}: {e}"))
+            })?;
         let version = client.server_info().version;
         let since = crate::jetstream::DEDUPE_ACROSS_LEADERS_SINCE;
         if !self.version_checked

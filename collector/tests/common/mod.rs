@@ -15,6 +15,16 @@ use conduit_proto::v1::{self, RecordKind, record::Body};
 use conduit_uplink::{UplinkOptions, UplinkStatus};
 use tokio::sync::watch;
 
+/// A child process killed (and reaped) on drop, also when a test fails.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
