@@ -196,6 +196,11 @@ impl CollectorConfig {
             }
         }
         if let Some(n) = &self.nats_tls {
+            if n.cert.is_some() != n.key.is_some() {
+                problems.push(format!(
+                    "{file}: nats_tls: give cert and key together, or neither"
+                ));
+            }
             for (what, path) in [
                 ("nats_tls.ca", &n.ca),
                 ("nats_tls.cert", &n.cert),

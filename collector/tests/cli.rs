@@ -71,6 +71,17 @@ fn check_config_names_unreadable_files() {
 }
 
 #[test]
+fn check_config_names_nats_tls_files_and_a_lone_certificate() {
+    let (out, _, _dir) = check_config(
+        "listen: \"127.0.0.1:7443\"\njetstream: tls://n1:4222\nnats_tls:\n  ca: /nonexistent/nats-ca.crt\n  cert: /nonexistent/nats.crt\n",
+    );
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    for expected in ["nats_tls.ca", "nats_tls.cert", "cert and key together"] {
+        assert!(text(&out).contains(expected), "{expected}: {}", text(&out));
+    }
+}
+
+#[test]
 fn check_config_accepts_a_good_file() {
     let (out, _, _dir) = check_config("listen: \"127.0.0.1:7443\"\nstore: /tmp/x\n");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
