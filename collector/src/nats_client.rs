@@ -43,11 +43,6 @@ impl NatsTls {
         }
         o
     }
-
-    /// Whether anything is set.
-    pub fn is_set(&self) -> bool {
-        self.ca.is_some() || self.cert.is_some()
-    }
 }
 
 /// `url` with any password or token replaced by `***`, for logs and errors.
