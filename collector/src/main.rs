@@ -126,17 +126,11 @@ impl NatsTlsArgs {
         self,
         file: Option<&config::NatsTlsConfig>,
     ) -> Result<conduit_collector::nats_client::NatsTls, ConfigError> {
-        let cert = self.nats_cert.or_else(|| file.and_then(|f| f.cert.clone()));
-        let key = self.nats_key.or_else(|| file.and_then(|f| f.key.clone()));
-        let cert = match (cert, key) {
-            (Some(c), Some(k)) => Some((c, k)),
-            (None, None) => None,
-            _ => {
-                return Err(ConfigError::single(
-                    "NATS client certificate: give both --nats-cert and --nats-key (nats_tls.cert and key), or neither",
-                ));
-            }
-        };
+        let cert = client_certificate(
+            self.nats_cert.or_else(|| file.and_then(|f| f.cert.clone())),
+            self.nats_key.or_else(|| file.and_then(|f| f.key.clone())),
+            "NATS client certificate: give both --nats-cert and --nats-key (nats_tls.cert and key), or neither",
+        )?;
         Ok(conduit_collector::nats_client::NatsTls {
             ca: self.nats_ca.or_else(|| file.and_then(|f| f.ca.clone())),
             cert,
@@ -431,6 +425,20 @@ fn credentials_dir() -> Option<PathBuf> {
 
 /// The syslog options: each flag, else collector.yaml, else the defaults in
 /// [`syslog::SyslogOptions`].
+/// A client certificate and its key, given together or not at all (`unpaired`: the
+/// error otherwise).
+fn client_certificate(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    unpaired: &str,
+) -> Result<Option<(PathBuf, PathBuf)>, ConfigError> {
+    match (cert, key) {
+        (Some(c), Some(k)) => Ok(Some((c, k))),
+        (None, None) => Ok(None),
+        _ => Err(ConfigError::single(unpaired)),
+    }
+}
+
 fn syslog_options(
     ca: Option<PathBuf>,
     cert: Option<PathBuf>,
@@ -440,17 +448,11 @@ fn syslog_options(
     file: Option<&config::SyslogConfig>,
 ) -> Result<syslog::SyslogOptions, ConfigError> {
     let d = syslog::SyslogOptions::default();
-    let cert = cert.or_else(|| file.and_then(|f| f.cert.clone()));
-    let key = key.or_else(|| file.and_then(|f| f.key.clone()));
-    let client_cert = match (cert, key) {
-        (Some(c), Some(k)) => Some((c, k)),
-        (None, None) => None,
-        _ => {
-            return Err(ConfigError::single(
-                "syslog client certificate: give both --syslog-cert and --syslog-key (export.syslog.cert and key), or neither",
-            ));
-        }
-    };
+    let client_cert = client_certificate(
+        cert.or_else(|| file.and_then(|f| f.cert.clone())),
+        key.or_else(|| file.and_then(|f| f.key.clone())),
+        "syslog client certificate: give both --syslog-cert and --syslog-key (export.syslog.cert and key), or neither",
+    )?;
     let max_message_bytes = max_message_bytes
         .or_else(|| file.and_then(|f| f.max_message_bytes))
         .unwrap_or(d.max_message_bytes);
